@@ -1,0 +1,7 @@
+"""apex-orch: APEX quantization of Mixture-of-Experts GGUF models with llama.cpp.
+
+Kept import-light on purpose: `python -m apex_orch.build` runs before any
+dependency is installed.
+"""
+
+__version__ = "0.1.0"
