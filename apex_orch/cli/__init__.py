@@ -1,0 +1,122 @@
+"""The apex-orch command line: thin Click commands over the library.
+
+Errors raised by the library (apex_orch.errors.ApexError) are translated here, once,
+into `error: ...` + `hint: ...` and the error's exit code. Tracebacks only with
+--debug or APEX_ORCH_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+from apex_orch import __version__
+from apex_orch.errors import ApexError, InterruptedRun
+
+
+def _debug_enabled(ctx: click.Context | None) -> bool:
+    if os.environ.get("APEX_ORCH_DEBUG", "") not in ("", "0"):
+        return True
+    return bool(ctx and ctx.obj and ctx.obj.get("debug"))
+
+
+class ApexGroup(click.Group):
+    """Runs a command and maps ApexError to one clear message and exit code."""
+
+    def invoke(self, ctx: click.Context):
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, then exit
+            raise KeyboardInterrupt
+
+        try:
+            signal.signal(signal.SIGTERM, on_sigterm)
+        except ValueError:  # not in the main thread (e.g. some test runners)
+            previous = None
+        try:
+            return super().invoke(ctx)
+        except ApexError as exc:
+            if _debug_enabled(ctx):
+                raise
+            click.echo(f"error: {exc.render()}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            if _debug_enabled(ctx):
+                raise
+            err = InterruptedRun("interrupted; partial outputs were removed",
+                                 hint="rerun the same command to start again")
+            click.echo(f"error: {err.render()}", err=True)
+            ctx.exit(err.exit_code)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _print_version(ctx: click.Context) -> None:
+    if ctx.resilient_parsing:
+        return
+    from apex_orch.llama import build_label
+    click.echo(f"apex-orch {__version__}\nllama.cpp {build_label()}")
+    ctx.exit()
+
+
+@click.group(cls=ApexGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("--llama-bin-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder holding llama-quantize/llama-imatrix/llama-perplexity and libllama "
+                   "(default: $APEX_LLAMA_BIN_DIR, then the pinned build cache, then PATH).")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, _p, value: _print_version(ctx) if value else None,
+              help="Show apex-orch's version and the llama.cpp build, then exit.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool, llama_bin_dir: str | None) -> None:
+    """APEX quantization of Mixture-of-Experts GGUF models with llama.cpp.
+
+    \b
+    Typical flow:
+      apex-orch inspect MODEL.gguf
+      apex-orch plan --profile compact MODEL.gguf
+      apex-orch quantize --profile compact MODEL.gguf
+      apex-orch imatrix MODEL.gguf --corpus agentic
+      apex-orch eval OUT.gguf --base MODEL.gguf
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if llama_bin_dir:
+        # One place decides where tools come from; library code reads the env var.
+        os.environ["APEX_LLAMA_BIN_DIR"] = llama_bin_dir
+
+
+def _register() -> None:
+    from apex_orch.cli import doctor
+    main.add_command(doctor.doctor)
+    optional = [
+        ("apex_orch.cli.inspect", ["inspect"]),
+        ("apex_orch.cli.profiles", ["profile"]),
+        ("apex_orch.cli.plan", ["plan", "render"]),
+        ("apex_orch.cli.quantize", ["quantize"]),
+        ("apex_orch.cli.corpus", ["corpus"]),
+        ("apex_orch.cli.imatrix", ["imatrix", "imatrix_report"]),
+        ("apex_orch.cli.eval", ["eval_cmd", "compare"]),
+        ("apex_orch.cli.release", ["release"]),
+    ]
+    import importlib
+    for module_name, names in optional:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue  # command group not built yet
+            raise
+        for name in names:
+            main.add_command(getattr(module, name))
+
+
+_register()
+
+
+def run() -> None:  # pragma: no cover - console entry helper
+    sys.exit(main())
