@@ -1,0 +1,88 @@
+# apex-orch: two commands for a newcomer —
+#   make quantize PROFILE=compact   (APEX-quantize the embedded demo model, or MODEL=...)
+#   make test                       (everything the CI runs)
+# Both set up what they need: a virtualenv (.venv unless one is active), the pinned
+# llama.cpp built once into the user cache, the bindings against that same libllama.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := $(CURDIR)/.venv
+endif
+PYTHON := $(VENV)/bin/python
+APEX := $(VENV)/bin/apex-orch
+STAMP_DIR := $(VENV)/.apex-orch
+BOOT_PYTHON ?= python3
+
+PROFILE ?= compact
+MODEL ?=
+IMATRIX ?=
+OUT ?= out
+CORPUS ?= agentic
+RELEASE ?= releases/demo.yaml
+JOBS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help venv llama bindings install quantize imatrix release test test-fast bench bench-quality reference-model doctor clean
+
+help:
+	@echo "make quantize PROFILE=compact [MODEL=path.gguf] [IMATRIX=file] [OUT=dir]"
+	@echo "make imatrix CORPUS=agentic [MODEL=path.gguf]"
+	@echo "make release RELEASE=releases/demo.yaml"
+	@echo "make test | make bench | make bench-quality | make reference-model | make doctor"
+
+$(PYTHON):
+	$(BOOT_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+
+venv: $(PYTHON)
+
+# The pinned llama.cpp (llama-cpp-python 0.3.36's vendored tree), built once per pin into
+# ~/.cache/apex-orch; vendor/llama.cpp links to it. Standard library only: runs before installs.
+llama: $(PYTHON)
+	$(PYTHON) -m apex_orch.build llama
+
+$(STAMP_DIR)/bindings: | $(PYTHON)
+	$(PYTHON) -m apex_orch.build bindings
+	@mkdir -p $(STAMP_DIR) && touch $@
+
+bindings: llama $(STAMP_DIR)/bindings
+
+$(STAMP_DIR)/install: pyproject.toml | $(PYTHON)
+	$(MAKE) --no-print-directory bindings
+	$(PYTHON) -m pip install -q -e ".[test,plot]"
+	@mkdir -p $(STAMP_DIR) && touch $@
+
+install: llama $(STAMP_DIR)/install
+
+doctor: install
+	$(APEX) doctor
+
+quantize: install
+	$(APEX) quantize --profile $(PROFILE) $(if $(MODEL),"$(MODEL)",--demo) \
+	  $(if $(IMATRIX),--imatrix "$(IMATRIX)") --out-dir "$(OUT)" $(if $(JOBS),-j $(JOBS))
+
+imatrix: install
+	$(APEX) imatrix $(if $(MODEL),"$(MODEL)",--demo) --corpus $(CORPUS)
+
+release: install
+	$(APEX) release "$(RELEASE)" $(if $(JOBS),-j $(JOBS))
+
+test: install
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PYTHON) bench/run_all.py
+
+bench-quality: install
+	$(PYTHON) bench/bench_quality.py
+
+reference-model: install
+	$(PYTHON) -m pip install -q "torch==2.13.0"
+	$(PYTHON) bench/reference_model/train.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,64 @@
+"""`apex-orch plan` and `apex-orch render`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from apex_orch.errors import OutputExistsError
+from apex_orch.model import read_model
+from apex_orch.plan import make_plan, render_args, render_file
+from apex_orch.plan_report import format_plan
+from apex_orch.profile import load_profile
+
+
+def _plan(profile: str, model: str, strict: bool = False, imatrix: bool | None = None):
+    return make_plan(read_model(model), load_profile(profile), strict=strict, has_imatrix=imatrix)
+
+
+@click.command()
+@click.option("-p", "--profile", "profile_name", required=True, help="Profile name or .yaml path.")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole plan (every tensor) as JSON.")
+@click.option("--strict", is_flag=True, help="Fail if any tensor needs a row-size fallback or has no role.")
+@click.option("--tensors", "show_tensors", is_flag=True, help="Also list every tensor with its reason.")
+@click.option("--imatrix/--no-imatrix", "imatrix", default=None,
+              help="Plan as if an imatrix is / is not given (default: what the profile requires).")
+def plan(profile_name: str, model: str, as_json: bool, strict: bool, show_tensors: bool,
+         imatrix: bool | None) -> None:
+    """Predict, for every tensor, the type requested by the profile and the type llama-quantize
+    will really write (FTYPE mixture, never-quantized tensors, row-size fallbacks), with a
+    band x role table, bytes per role, total size and bits per weight. Header only; no writing."""
+    p = _plan(profile_name, model, strict, imatrix)
+    click.echo(json.dumps(p.to_json(), indent=2) if as_json else format_plan(p, show_tensors=show_tensors))
+
+
+@click.command()
+@click.option("-p", "--profile", "profile_name", required=True, help="Profile name or .yaml path.")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["args", "file"]), default="file", show_default=True,
+              help="args: --tensor-type arguments, one per line; file: what --tensor-type-file reads.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+def render(profile_name: str, model: str, fmt: str, output: str | None, force: bool) -> None:
+    """Render the plan's overrides for llama-quantize: every rule anchored and escaped so it can
+    only hit the tensors the plan means; a rule that would match nothing is an error."""
+    p = _plan(profile_name, model)
+    if fmt == "file":
+        text = render_file(p)
+    else:
+        args = render_args(p)
+        text = "".join(f"{a} {v}\n" for a, v in zip(args[::2], args[1::2]))
+    if not output:
+        click.echo(text, nl=False)
+        return
+    out = Path(output)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists", hint="pass --force to overwrite")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    click.echo(f"wrote {len(p.rules)} rules to {out}", err=True)

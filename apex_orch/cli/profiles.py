@@ -1,0 +1,87 @@
+"""`apex-orch profile list|show|import`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from apex_orch.errors import OutputExistsError
+from apex_orch.profile import list_profiles, load_profile
+from apex_orch.profile_import import dump_profile, import_tensor_type_file
+
+
+@click.group()
+def profile() -> None:
+    """List, show and import APEX profiles (profiles/*.yaml)."""
+
+
+@profile.command("list")
+def list_cmd() -> None:
+    """List profiles with their tier, base type and imatrix need."""
+    for name in list_profiles():
+        p = load_profile(name)
+        im = f"imatrix ({p.corpus or 'any'})" if p.imatrix_required else "no imatrix"
+        click.echo(f"{name:<12} {p.tier:<11} base {p.base_ftype:<7} {im:<20} {p.best_for}")
+
+
+@profile.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved profile as JSON.")
+def show(name: str, as_json: bool) -> None:
+    """Show a profile (a name or a .yaml path) after `extends` is resolved."""
+    p = load_profile(name)
+    if as_json:
+        click.echo(json.dumps({"name": p.name, "tier": p.tier, "sha256": p.sha256, "chain": p.chain,
+                               **p.raw}, indent=2, default=str))
+        return
+    click.echo(f"profile    {p.name}  (from {p.path}; extends chain: {' <- '.join(p.chain)})")
+    click.echo(f"tier       {p.tier}   best for: {p.best_for}")
+    click.echo(f"base       {p.base_ftype}   imatrix: {'required, corpus ' + str(p.corpus) if p.imatrix_required else 'not required'}")
+    b = p.bands
+    click.echo(f"bands      edge {b.edge}, near {b.near}, attention edge {b.attention_edge} (scale: {b.scale}, reference {b.reference_blocks} blocks)")
+    for role, bands in p.types.items():
+        click.echo(f"  {role:<14} " + ", ".join(f"{band}={t.name}" for band, t in bands.items()))
+    click.echo(f"  {'nextn':<14} {p.nextn if isinstance(p.nextn, str) else p.nextn.name}")
+    for o in p.overrides:
+        sel = f"band {o.band}" if o.band else f"blocks {sorted(o.blocks)}" if o.blocks else "all blocks"
+        click.echo(f"  override     {o.role}{'.' + o.slot if o.slot else ''} {sel} -> {o.type.name}")
+    if p.gates:
+        click.echo("gates      " + ", ".join(f"{k}={v}" for k, v in p.gates.items()))
+    click.echo(f"sha256     {p.sha256}")
+
+
+@profile.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the YAML here (default: stdout).")
+@click.option("--model", type=click.Path(dir_okay=False), help="Use this model's tensor names as the universe.")
+@click.option("--blocks", type=int, default=36, show_default=True, help="Blocks of the canonical layout (without --model).")
+@click.option("--base-ftype", default="Q4_K_M", show_default=True, help="llama-quantize FTYPE the file was used with.")
+@click.option("--tier", default=None, help="Tier name for the new profile.")
+@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+def import_cmd(file: str, output: str | None, model: str | None, blocks: int, base_ftype: str,
+               tier: str | None, force: bool) -> None:
+    """Turn an upstream apex-quant tensor-type file (PATTERN=TYPE lines) into a YAML profile,
+    and report the lines it did not understand."""
+    names = None
+    if model:
+        from apex_orch.model import read_model
+        names = [t.name for t in read_model(model).tensors]
+    rep = import_tensor_type_file(Path(file), names=names, n_blocks=blocks, base_ftype=base_ftype, tier=tier)
+    text = dump_profile(rep.profile)
+    if output:
+        out = Path(output)
+        if out.exists() and not force:
+            raise OutputExistsError(f"{out} exists", hint="pass --force to overwrite")
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(text, nl=False)
+    for title, items in (("not understood", rep.not_understood), ("substring accidents", rep.accidental),
+                         ("matched nothing", rep.unused)):
+        for item in items:
+            click.echo(f"warning: {title}: {item}", err=True)
