@@ -121,6 +121,19 @@ class ToolResult:
 
 LineCallback = Callable[[str], None]
 
+# Children currently running, so an interrupt in the main thread can stop tools that
+# worker threads are waiting on (parallel quantize jobs).
+_ACTIVE: set[subprocess.Popen] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def terminate_all() -> None:
+    """Stop every running tool (used on SIGINT/SIGTERM with parallel jobs)."""
+    with _ACTIVE_LOCK:
+        procs = list(_ACTIVE)
+    for proc in procs:
+        _terminate(proc, grace=2.0)
+
 
 def _terminate(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """Stop the child's whole process group: TERM, then KILL after a grace period."""
@@ -186,6 +199,8 @@ def run_tool(
         raise ToolNotFoundError(f"cannot start {label}: {exc.strerror}: {argv[0]}",
                                 hint="run `make llama` or check --llama-bin-dir") from exc
 
+    with _ACTIVE_LOCK:
+        _ACTIVE.add(proc)
     timed_out = threading.Event()
     timer = None
     if timeout:
@@ -230,6 +245,8 @@ def run_tool(
                                  hint="rerun the same command to start again") from None
         raise
     finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(proc)
         if timer:
             timer.cancel()
         if log_fh:

@@ -1,0 +1,3 @@
+from apex_orch.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""`apex-orch quantize`: one or many APEX tiers, verified, never a broken file."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from apex_orch.errors import UsageError
+from apex_orch.profile import list_profiles, load_profile
+
+
+class _Progress:
+    """One status line on a terminal; sparse lines otherwise (logs, CI)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, msg: str) -> None:
+        if self.quiet:
+            return
+        is_record = msg.startswith("[")
+        if is_record:
+            now = time.monotonic()
+            if self.tty:
+                click.echo(f"\r\033[K  {msg}", nl=False, err=True)
+                return
+            if now - self.last < 5.0:
+                return
+            self.last = now
+            click.echo(f"  {msg}", err=True)
+            return
+        if self.tty:
+            click.echo("\r\033[K", nl=False, err=True)
+        click.echo(msg, err=True)
+
+
+@click.command()
+@click.option("-p", "--profile", "profiles", default=None,
+              help="Profile name(s) or .yaml path(s), comma-separated (e.g. quality,balanced).")
+@click.option("--all", "all_profiles", is_flag=True, help="Every profile in profiles/.")
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@click.option("--demo", is_flag=True, help="Use the embedded synthetic demo model (generated on first use).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one profile only).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="out", show_default=True,
+              help="Folder for <ModelName>-APEX-<Tier>.gguf outputs.")
+@click.option("--name", default=None, help="Model name used in output file names (default: general.name).")
+@click.option("--imatrix", "imatrix_path", type=click.Path(dir_okay=False), help="Importance matrix (GGUF).")
+@click.option("--corpus", default=None,
+              help="Build (or reuse from cache) the imatrix from this corpus; default for I-profiles: "
+                   "the profile's corpus.")
+@click.option("-t", "--threads", type=int, default=None, help="Threads per llama-quantize (default: all cores / jobs).")
+@click.option("-j", "--jobs", type=int, default=None, help="Tiers in parallel (default: from cores and free memory).")
+@click.option("--split-max-size", default=None, help="Split outputs into parts of at most this size (e.g. 48G).")
+@click.option("--force", is_flag=True, help="Redo and replace existing outputs (replaced only once verified).")
+@click.option("--dry-run", is_flag=True, help="Print what would run (outputs, sizes, commands) and stop.")
+@click.option("--timeout", type=float, default=None, help="Stop llama-quantize after this many seconds.")
+@click.option("--eval/--no-eval", "do_eval", default=None,
+              help="After quantizing, print a PPL/KLD table against the source (default: on with --demo).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix_path, corpus, threads, jobs,
+             split_max_size, force, dry_run, timeout, do_eval, quiet) -> None:
+    """Quantize MODEL with one or more APEX profiles into verified GGUF files.
+
+    Outputs go to OUT_DIR/<ModelName>-APEX-<Tier>.gguf, written under a temporary name,
+    checked tensor by tensor against the plan, then renamed; a manifest and the tool log
+    sit beside each file. A rerun with the same inputs is a no-op ("up to date").
+    """
+    from apex_orch import quantize as q
+
+    if demo == bool(model):
+        raise UsageError("give a MODEL path or --demo (not both)")
+    if all_profiles == bool(profiles):
+        raise UsageError("give --profile NAME[,NAME...] or --all")
+    names = list_profiles() if all_profiles else [p.strip() for p in profiles.split(",") if p.strip()]
+    if output and len(names) > 1:
+        raise UsageError("-o/--output names one file; use --out-dir with several profiles")
+    if imatrix_path and corpus:
+        raise UsageError("give --imatrix or --corpus, not both")
+    progress = _Progress(quiet)
+    if demo:
+        from apex_orch.synthetic import demo_model_path
+        model = str(demo_model_path())
+        progress(f"demo model: {model}")
+        if do_eval is None:
+            do_eval = True
+    from apex_orch.model import read_model
+    info = read_model(model)
+    loaded = [load_profile(n) for n in names]
+
+    imatrix = q.resolve_imatrix(info, imatrix_path) if imatrix_path else None
+    if imatrix is None and not dry_run:
+        wanted = corpus or next((p.corpus or "diverse" for p in loaded if p.imatrix_required), None)
+        if wanted:
+            progress(f"imatrix: corpus {wanted} (computed once, cached, shared by every I-tier)")
+            path = q.build_imatrix_for(Path(model), wanted, threads or 0 or None, progress)
+            imatrix = q.resolve_imatrix(info, path)
+    job_list = [q.plan_quantize(model, p, out=Path(output) if output else None, out_dir=Path(out_dir), name=name,
+                                imatrix=imatrix if (p.imatrix_required or corpus or imatrix_path) else None,
+                                threads=threads, split_max_size=split_max_size, model=info)
+                for p in loaded] if not dry_run or imatrix or not any(p.imatrix_required for p in loaded) else []
+    if dry_run:
+        if not job_list:  # I-profiles without an imatrix yet: show plans as if one were given
+            from apex_orch.plan import make_plan
+            for p in loaded:
+                plan = make_plan(info, p, has_imatrix=True)
+                click.echo(f"{p.tier}: {Path(out_dir) / q.output_name(name or info.name, p.tier)} "
+                           f"({plan.total_bytes / 2**30:.2f} GiB predicted, {plan.bpw:.3f} bpw; imatrix from corpus "
+                           f"{corpus or p.corpus or 'diverse'} will be built first)")
+            return
+        for job in job_list:
+            click.echo(job.describe())
+        return
+    results = q.run_many(job_list, parallel=jobs, force=force, progress=progress, timeout=timeout)
+    for r in results:
+        click.echo(f"{r.job.profile.tier}: {r.message}")
+    if do_eval:
+        from apex_orch.cli.quantize_eval import print_eval_table
+        print_eval_table(Path(model), [f for r in results for f in r.files[:1]], progress)

@@ -1,0 +1,160 @@
+"""Outputs that are either complete or absent.
+
+`OutputGuard` owns one final output (and its sidecars):
+- refuses an existing output without `force` (OutputExistsError);
+- takes an exclusive lock `<out>.lock` with flock, so a second run on the same output is
+  refused (LockedError naming the holder); the kernel drops flock when a process dies,
+  even on kill -9, so a leftover lock file from a killed run is recognised as stale;
+- hands out temporary names in the destination folder (`.<name>.partial-<pid>`), removed
+  on any failure, interrupt (SIGINT/SIGTERM) or exit; partials left by a killed run are
+  removed by the next run that takes the lock;
+- `commit()` renames temporaries to their final names only after verification.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from apex_orch.errors import DiskSpaceError, LockedError, OutputExistsError
+
+PARTIAL_TAG = ".partial-"
+
+
+def _partial_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}{PARTIAL_TAG}{os.getpid()}")
+
+
+class OutputGuard:
+    def __init__(self, final: Path, *, force: bool = False, extra_finals: list[Path] | None = None):
+        self.final = Path(final)
+        self.force = force
+        self.extra_finals = list(extra_finals or [])
+        self.lock_path = self.final.with_name(self.final.name + ".lock")
+        self._lock_fh = None
+        self._temps: dict[Path, Path] = {}   # temp -> final
+        self.cleaned_stale: list[Path] = []
+
+    # ---- lifecycle
+    def __enter__(self) -> "OutputGuard":
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.final.parent, os.W_OK):
+            raise OutputExistsError(f"output folder {self.final.parent} is not writable",
+                                    hint="choose another --out-dir or fix its permissions")
+        self._acquire()
+        try:
+            self._clean_stale()
+            if not self.force:
+                for f in [self.final, *self.extra_finals]:
+                    if f.exists():
+                        raise OutputExistsError(f"{f} already exists",
+                                                hint="pass --force to replace it (it is kept until the new "
+                                                     "file is complete and verified)")
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.discard()
+        self._release()
+
+    # ---- lock
+    def _acquire(self) -> None:
+        try:
+            fh = open(self.lock_path, "a+")
+        except PermissionError:
+            raise OutputExistsError(f"cannot create {self.lock_path}: permission denied",
+                                    hint="the output folder must be writable") from None
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise LockedError(f"{self.final} is being written by another apex-orch run ({holder})",
+                              hint="wait for it to finish; if no such process exists, the lock frees itself "
+                                   "when that process is gone") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+        fh.flush()
+        self._lock_fh = fh
+
+    def _release(self) -> None:
+        if self._lock_fh is not None:
+            try:
+                self.lock_path.unlink(missing_ok=True)
+            finally:
+                fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
+                self._lock_fh.close()
+                self._lock_fh = None
+
+    def _clean_stale(self) -> None:
+        """We hold the lock, so any partial of this output belongs to a dead run."""
+        for final in [self.final, *self.extra_finals]:
+            prefix = f".{final.name}{PARTIAL_TAG}"
+            for p in final.parent.glob(f".{final.name}{PARTIAL_TAG}*"):
+                if p.name.startswith(prefix):
+                    p.unlink(missing_ok=True)
+                    self.cleaned_stale.append(p)
+        # split parts written by a dead run
+        stem = self.final.name[:-5] if self.final.name.endswith(".gguf") else self.final.name
+        for p in self.final.parent.glob(f".{stem}-*-of-*.gguf{PARTIAL_TAG}*"):
+            p.unlink(missing_ok=True)
+            self.cleaned_stale.append(p)
+
+    # ---- temporaries
+    def temp_for(self, final: Path | None = None) -> Path:
+        final = Path(final) if final else self.final
+        tmp = _partial_name(final)
+        self._temps[tmp] = final
+        return tmp
+
+    def adopt(self, temp: Path, final: Path) -> None:
+        """Track a temporary created by a tool (e.g. split parts) for commit/cleanup."""
+        self._temps[Path(temp)] = Path(final)
+
+    def discard(self) -> None:
+        for tmp in list(self._temps):
+            tmp.unlink(missing_ok=True)
+            self._temps.pop(tmp, None)
+
+    def commit(self) -> list[Path]:
+        done = []
+        for tmp, final in list(self._temps.items()):
+            if not tmp.exists():
+                continue
+            os.replace(tmp, final)
+            self._temps.pop(tmp)
+            done.append(final)
+        return done
+
+
+def check_free_space(folder: Path, needed: int, *, margin_fraction: float = 0.02,
+                     margin_bytes: int = 64 << 20) -> int:
+    """Refuse before starting when the folder cannot hold `needed` bytes plus a margin."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    want = int(needed * (1 + margin_fraction)) + margin_bytes
+    if free < want:
+        raise DiskSpaceError(
+            f"not enough free disk in {folder}: {free / 1e9:.2f} GB free, the output needs about "
+            f"{needed / 1e9:.2f} GB plus a {want - needed >> 20} MiB margin",
+            hint="free some space or choose another --out-dir")
+    return free
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

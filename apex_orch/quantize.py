@@ -1,0 +1,374 @@
+"""Quantize: plan -> llama-quantize -> verify -> commit, one tier or many.
+
+`plan_quantize(...)` is pure (no writing): the Plan, the output name, the argument list,
+metadata stamps, predicted size, the manifest inputs. `run_quantize(job)` executes it:
+pre-flight disk check, an exclusive lock on the output, llama-quantize into a temporary
+name in the destination folder (stderr parsed by record into progress), header
+verification against the plan, optional split with llama-gguf-split, sha256, manifest,
+and only then the rename. Any failure or interrupt removes the partial file.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from apex_orch import __version__
+from apex_orch.errors import (ApexError, ImatrixError, InterruptedRun, PlanError, ToolFailedError, UsageError,
+                              VerificationError)
+from apex_orch.fingerprint import fast_fingerprint, sha256_file
+from apex_orch.gguf_header import read_header
+from apex_orch.llama import build_label, find_tool, run_tool, terminate_all
+from apex_orch.manifest import inputs_key, manifest_path, up_to_date, write_manifest
+from apex_orch.model import ModelInfo, model_display_name, read_model
+from apex_orch.outputs import OutputGuard, check_free_space
+from apex_orch.plan import Plan, make_plan, render_file
+from apex_orch.profile import Profile, load_profile
+from apex_orch.quantlog import progress_of
+
+Progress = Callable[[str], None]
+SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)$", re.I)
+
+
+def output_name(model_name: str, tier: str) -> str:
+    safe_tier = re.sub(r"[^A-Za-z0-9._-]+", "-", tier).strip("-.")
+    return f"{model_name}-APEX-{safe_tier}.gguf"
+
+
+def parse_size(text: str) -> int:
+    """'48G' -> bytes (decimal units, like llama-gguf-split's --split-max-size)."""
+    m = SIZE_RE.match(text.strip())
+    if not m:
+        raise UsageError(f"--split-max-size {text!r} is not a size like 48G or 500M")
+    mult = {"": 1, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+@dataclass
+class ImatrixSource:
+    path: Path
+    sha256: str
+    corpus: str | None
+    info: object = field(repr=False, default=None)
+
+
+@dataclass
+class QuantizeJob:
+    model: ModelInfo
+    profile: Profile
+    plan: Plan
+    output: Path
+    imatrix: ImatrixSource | None
+    threads: int
+    split_max_size: int | None
+    argv_template: list[str]             # with {OUT} and {RULES} placeholders
+    metadata: dict[str, str]
+    inputs: dict
+    predicted_size: int
+
+    @property
+    def key(self) -> str:
+        return inputs_key(self.inputs)
+
+    def argv(self, out: Path, rules: Path) -> list[str]:
+        return [str(rules) if a == "{RULES}" else str(out) if a == "{OUT}" else a for a in self.argv_template]
+
+    def describe(self) -> str:
+        argv = " ".join(self.argv(self.output, self.output.with_name(self.output.name + ".tensor-types.txt")))
+        return (f"{self.profile.tier}: {self.output} ({self.predicted_size / 2**30:.2f} GiB predicted, "
+                f"{self.plan.bpw:.3f} bpw)\n  {argv}")
+
+
+def resolve_imatrix(model: ModelInfo, path: str | os.PathLike | None) -> ImatrixSource | None:
+    if path is None:
+        return None
+    from apex_orch import imatrix as im
+    p = Path(path)
+    if not p.exists():
+        raise ImatrixError("imatrix file not found", where=str(p), hint="check --imatrix, or use --corpus NAME")
+    info = im.read_imatrix(p)
+    im.check_imatrix_fits(info, model)
+    datasets = getattr(info, "datasets", None) or []
+    return ImatrixSource(p, sha256_file(p), datasets[0] if datasets else None, info)
+
+
+def build_imatrix_for(model_path: Path, corpus: str, threads: int, progress: Progress) -> Path:
+    from apex_orch import imatrix as im
+    ip = im.plan_imatrix(model_path, corpus, threads=threads)
+    return im.run_imatrix(ip, on_progress=progress)
+
+
+def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out: Path | None = None,
+                  out_dir: Path = Path("out"), name: str | None = None, imatrix: ImatrixSource | None = None,
+                  threads: int | None = None, split_max_size: str | None = None,
+                  model: ModelInfo | None = None) -> QuantizeJob:
+    model = model or read_model(model_path)
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    if prof.imatrix_required and imatrix is None:
+        raise ImatrixError(
+            f"profile {prof.name} ({prof.tier}) needs an importance matrix",
+            hint=f"pass --imatrix FILE, or --corpus {prof.corpus or 'diverse'} to build one "
+                 "(cached, shared by every I-tier)")
+    plan = make_plan(model, prof, has_imatrix=imatrix is not None)
+    if plan.needs_imatrix and imatrix is None:
+        names = ", ".join(t.name for t in plan.needs_imatrix[:3])
+        raise ImatrixError(f"{len(plan.needs_imatrix)} planned tensors use types llama-quantize refuses to "
+                           f"write without an imatrix ({names} ...)", hint="pass --imatrix or --corpus")
+    if imatrix is not None:
+        from apex_orch import imatrix as im
+        missing = im.check_plan_coverage(imatrix.info, plan)
+        if missing:
+            raise ImatrixError(
+                f"the imatrix has no data for {len(missing)} planned low-bit tensor(s): "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
+                where=str(imatrix.path),
+                hint="compute the imatrix on a corpus that routes tokens to every expert (more chunks), "
+                     "or use a profile without IQ1/IQ2/IQ3_XXS types for those tensors")
+    display = name or model_display_name(model)
+    output = Path(out) if out else Path(out_dir) / output_name(display, prof.tier)
+    if output.suffix != ".gguf":
+        raise UsageError(f"output {output} must end in .gguf")
+    threads = threads or os.cpu_count() or 1
+    metadata = {
+        "apex.version": __version__,
+        "apex.profile": prof.name,
+        "apex.tier": prof.tier,
+        "apex.profile_sha256": prof.sha256,
+        "apex.llama_cpp": build_label(),
+    }
+    if imatrix is not None:
+        metadata["apex.imatrix.sha256"] = imatrix.sha256
+        metadata["apex.imatrix.corpus"] = imatrix.corpus or "unknown"
+    argv = [str(find_tool("llama-quantize").path)]
+    if imatrix is not None:
+        argv += ["--imatrix", str(imatrix.path)]
+    argv += ["--tensor-type-file", "{RULES}"]
+    for key, value in metadata.items():
+        argv += ["--override-kv", f"{key}=str:{value[:127]}"]
+    if model.is_split:
+        argv += []  # llama-quantize reads every shard from the first; the output is one file
+    argv += [str(model.paths[0]), "{OUT}", prof.base_ftype, str(threads)]
+    inputs = {
+        "source": [fast_fingerprint(p) for p in model.paths],
+        "profile_sha256": prof.sha256,
+        "imatrix_sha256": imatrix.sha256 if imatrix else None,
+        "llama_cpp": build_label(),
+        "apex_orch": __version__,
+        "metadata": metadata,
+        "split_max_size": split_max_size,
+    }
+    return QuantizeJob(model=model, profile=prof, plan=plan, output=output, imatrix=imatrix, threads=threads,
+                       split_max_size=parse_size(split_max_size) if split_max_size else None,
+                       argv_template=argv, metadata=metadata, inputs=inputs,
+                       predicted_size=plan.predicted_file_size(_written_kv(metadata, imatrix)))
+
+
+def _written_kv(metadata: dict[str, str], imatrix: ImatrixSource | None) -> dict[str, object]:
+    """Every key llama-quantize adds to the output header (ours, plus its imatrix notes)."""
+    kv: dict[str, object] = {k: v[:127] for k, v in metadata.items()}
+    if imatrix is not None:
+        kv["quantize.imatrix.file"] = str(imatrix.path)[:127]
+        datasets = getattr(imatrix.info, "datasets", None) or []
+        if datasets:
+            kv["quantize.imatrix.dataset"] = str(datasets[0])[:127]
+        kv["quantize.imatrix.entries_count"] = len(getattr(imatrix.info, "entries", {}) or {})
+        chunks = getattr(imatrix.info, "chunk_count", 0) or 0
+        if chunks > 0:
+            kv["quantize.imatrix.chunks_count"] = int(chunks)
+    return kv
+
+
+# ------------------------------------------------------------------ verification
+
+def verify_output(paths: list[Path], plan: Plan) -> dict:
+    """Compare the written header(s) with the plan: every tensor's type and bytes, file sizes."""
+    found: dict[str, tuple] = {}
+    for p in paths:
+        hdr = read_header(p)   # raises ModelError on a torn file (data shorter than its tensors)
+        for t in hdr.tensors:
+            found[t.name] = (t.ggml_type, t.n_bytes)
+    problems = []
+    planned = plan.by_name()
+    for name, pt in planned.items():
+        got = found.get(name)
+        if got is None:
+            problems.append(f"{name}: missing from the output")
+        elif got[0] != pt.final_type:
+            problems.append(f"{name}: planned {pt.final_type.name}, written {got[0].name}")
+        elif got[1] != pt.n_bytes:
+            problems.append(f"{name}: planned {pt.n_bytes} bytes, written {got[1]}")
+    for name in found.keys() - planned.keys():
+        problems.append(f"{name}: in the output but not in the plan")
+    if problems:
+        raise VerificationError(
+            f"output does not match the plan ({len(problems)} tensor(s)): " + "; ".join(problems[:8])
+            + (" ..." if len(problems) > 8 else ""),
+            hint="the file was not published; check the llama-quantize log beside the output")
+    return {"tensors": len(found), "tensor_bytes": sum(b for _, b in found.values()),
+            "file_bytes": sum(p.stat().st_size for p in paths)}
+
+
+# ------------------------------------------------------------------ running
+
+@dataclass
+class QuantizeResult:
+    job: QuantizeJob
+    files: list[Path]
+    skipped: bool
+    seconds: float
+    message: str
+
+
+def _split_parts_pattern(final: Path) -> str:
+    return final.name[:-5] + "-*-of-*.gguf"
+
+
+def run_quantize(job: QuantizeJob, *, force: bool = False, progress: Progress | None = None,
+                 timeout: float | None = None) -> QuantizeResult:
+    emit = progress or (lambda _m: None)
+    start = time.monotonic()
+    finals = [job.output]
+    existing_parts = sorted(job.output.parent.glob(_split_parts_pattern(job.output))) if job.split_max_size else []
+    if job.split_max_size and existing_parts:
+        finals = existing_parts
+    if not force and all(f.exists() for f in finals):
+        fresh, why = up_to_date(finals, job.key)
+        if fresh:
+            emit(f"{job.output.name}: up to date (manifest matches inputs); --force redoes it")
+            return QuantizeResult(job, finals, True, 0.0, "up to date")
+    with OutputGuard(job.output, force=force, extra_finals=existing_parts) as guard:
+        for stale in guard.cleaned_stale:
+            emit(f"removed a partial file left by an interrupted run: {stale.name}")
+        check_free_space(job.output.parent, job.predicted_size * (2 if job.split_max_size else 1))
+        tmp = guard.temp_for(job.output)
+        rules = guard.temp_for(job.output.with_name(job.output.name + ".tensor-types.txt"))
+        rules.write_text(render_file(job.plan))
+        log_path = job.output.with_name(job.output.name + ".log")
+        argv = job.argv(tmp, rules)
+        emit(f"{job.profile.tier}: llama-quantize -> {job.output.name} ({len(job.plan.tensors)} tensors)")
+
+        def on_line(line: str) -> None:
+            rec = progress_of(line)
+            if rec:
+                i, n, tname = rec
+                emit(f"[{i}/{n}] {tname}")
+        result = run_tool(argv, log_path=log_path, on_line=on_line, timeout=timeout, what="llama-quantize")
+        if not tmp.exists():
+            raise ToolFailedError("llama-quantize exited 0 but wrote no output", log_path=log_path,
+                                  log_tail="\n".join(result.tail))
+        stats = verify_output([tmp], job.plan)
+        if stats["file_bytes"] != job.predicted_size:
+            raise VerificationError(
+                f"{job.output.name}: {stats['file_bytes']:,} bytes written, {job.predicted_size:,} predicted",
+                hint="the header differs from the plan's prediction; check the log beside the output")
+        files = [job.output]
+        if job.split_max_size and tmp.stat().st_size > job.split_max_size:
+            files = _split(job, guard, tmp, emit, timeout)
+            verify_output([guard_tmp for guard_tmp, _ in files], job.plan)
+            tmp.unlink()
+            guard._temps.pop(tmp, None)
+            records = [(final, guard_tmp) for guard_tmp, final in files]
+        else:
+            records = [(job.output, tmp)]
+        file_docs = [{"name": final.name, "size": t.stat().st_size, "sha256": sha256_file(t),
+                      "fingerprint": fast_fingerprint(t)} for final, t in records]
+        seconds = time.monotonic() - start
+        doc = {
+            "kind": "apex-orch quantize",
+            "inputs": job.inputs,
+            "inputs_key": job.key,
+            "source": [str(p) for p in job.model.paths],
+            "profile": {"name": job.profile.name, "tier": job.profile.tier, "sha256": job.profile.sha256,
+                        "base_ftype": job.profile.base_ftype},
+            "imatrix": ({"path": str(job.imatrix.path), "sha256": job.imatrix.sha256, "corpus": job.imatrix.corpus}
+                        if job.imatrix else None),
+            "command": job.argv(job.output, job.output.with_name(job.output.name + ".tensor-types.txt")),
+            "llama_cpp": build_label(),
+            "files": file_docs,
+            "verified": stats,
+            "predicted": {"tensor_bytes": job.plan.total_bytes, "bpw": round(job.plan.bpw, 4)},
+            "roles": {role: s["types"] for role, s in job.plan.role_summary().items()},
+            "timings": {"llama_quantize_s": round(result.seconds, 3), "total_s": round(seconds, 3)},
+        }
+        mpath = manifest_path(records[0][0])
+        if force:
+            mpath.unlink(missing_ok=True)
+        committed = guard.commit()   # data files and the rules file, atomically renamed
+        write_manifest(mpath, doc)
+        if job.split_max_size and len(records) > 1 and job.output.exists() and force:
+            job.output.unlink()  # a previous unsplit output of the same tier
+    final_files = [f for f in committed if f.suffix == ".gguf"]
+    return QuantizeResult(job, final_files, False, time.monotonic() - start,
+                          f"wrote {', '.join(f.name for f in final_files)} "
+                          f"({sum(f.stat().st_size for f in final_files) / 2**30:.2f} GiB, verified)")
+
+
+def _split(job: QuantizeJob, guard: OutputGuard, tmp: Path, emit: Progress, timeout) -> list[tuple[Path, Path]]:
+    """llama-gguf-split the verified temporary into parts, also under temporary names."""
+    stem_tmp = tmp.with_name(f".{job.output.name[:-5]}.split-{os.getpid()}")
+    argv = [str(find_tool("llama-gguf-split").path), "--split", "--split-max-size",
+            str(job.split_max_size // 1000 ** 2) + "M", str(tmp), str(stem_tmp)]
+    emit(f"splitting into parts of at most {job.split_max_size / 1e9:.1f} GB")
+    run_tool(argv, log_path=job.output.with_name(job.output.name + ".split.log"), timeout=timeout,
+             what="llama-gguf-split")
+    parts = sorted(tmp.parent.glob(stem_tmp.name + "-*-of-*.gguf"))
+    out: list[tuple[Path, Path]] = []
+    for part in parts:
+        suffix = part.name[len(stem_tmp.name):]            # -00001-of-00003.gguf
+        final = job.output.with_name(job.output.name[:-5] + suffix)
+        t = guard.temp_for(final)
+        os.replace(part, t)
+        out.append((t, final))
+    return out
+
+
+def default_jobs(jobs: list[QuantizeJob]) -> int:
+    """Parallel tiers: bounded by cores and by memory (largest tensor as f32, twice, + 512 MiB)."""
+    cores = os.cpu_count() or 1
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = 8 << 30
+    biggest = max((t.n_elements for j in jobs for t in j.plan.tensors), default=0)
+    per_job = biggest * 4 * 2 + (512 << 20)
+    return max(1, min(len(jobs), max(1, cores // 2), max(1, avail // per_job)))
+
+
+def run_many(jobs: list[QuantizeJob], *, parallel: int | None = None, force: bool = False,
+             progress: Progress | None = None, timeout: float | None = None) -> list[QuantizeResult]:
+    """Run several tiers with bounded parallelism; the first failure cancels the rest."""
+    if not jobs:
+        return []
+    n = parallel or default_jobs(jobs)
+    if n <= 1:
+        return [run_quantize(j, force=force, progress=progress, timeout=timeout) for j in jobs]
+    per_job_threads = max(1, (os.cpu_count() or 1) // n)
+    for j in jobs:
+        j.threads = per_job_threads
+        j.argv_template[-1] = str(per_job_threads)
+    results: list[QuantizeResult] = []
+    with cf.ThreadPoolExecutor(max_workers=n) as pool:
+        futures = {pool.submit(run_quantize, j, force=force, progress=progress, timeout=timeout): j for j in jobs}
+        try:
+            for fut in cf.as_completed(futures):
+                results.append(fut.result())
+        except BaseException as exc:
+            for f in futures:
+                f.cancel()
+            terminate_all()
+            cf.wait(futures)
+            if isinstance(exc, KeyboardInterrupt):
+                raise InterruptedRun("quantize interrupted; partial outputs were removed",
+                                     hint="rerun the same command: finished tiers are skipped") from None
+            raise
+    order = {id(j): i for i, j in enumerate(jobs)}
+    return sorted(results, key=lambda r: order[id(r.job)])
+
+
+__all__ = ["QuantizeJob", "QuantizeResult", "plan_quantize", "run_quantize", "run_many", "verify_output",
+           "output_name", "resolve_imatrix", "build_imatrix_for", "ApexError", "PlanError"]
