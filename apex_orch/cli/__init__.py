@@ -24,7 +24,18 @@ def _debug_enabled(ctx: click.Context | None) -> bool:
 
 
 class ApexGroup(click.Group):
-    """Runs a command and maps ApexError to one clear message and exit code."""
+    """Lazily loads commands; runs them and maps ApexError to one clear message and exit code."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        import importlib.util
+        return sorted(n for n, (mod, _) in COMMANDS.items() if importlib.util.find_spec(mod) is not None)
+
+    def get_command(self, ctx: click.Context, name: str):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        import importlib
+        return getattr(importlib.import_module(target[0]), target[1])
 
     def invoke(self, ctx: click.Context):
         previous = signal.getsignal(signal.SIGTERM)
@@ -90,32 +101,22 @@ def main(ctx: click.Context, debug: bool, llama_bin_dir: str | None) -> None:
         os.environ["APEX_LLAMA_BIN_DIR"] = llama_bin_dir
 
 
-def _register() -> None:
-    from apex_orch.cli import doctor
-    main.add_command(doctor.doctor)
-    optional = [
-        ("apex_orch.cli.inspect", ["inspect"]),
-        ("apex_orch.cli.profiles", ["profile"]),
-        ("apex_orch.cli.plan", ["plan", "render"]),
-        ("apex_orch.cli.quantize", ["quantize"]),
-        ("apex_orch.cli.corpus", ["corpus"]),
-        ("apex_orch.cli.imatrix", ["imatrix", "imatrix_report"]),
-        ("apex_orch.cli.eval", ["eval_cmd", "compare"]),
-        ("apex_orch.cli.release", ["release"]),
-    ]
-    import importlib
-    for module_name, names in optional:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue  # command group not built yet
-            raise
-        for name in names:
-            main.add_command(getattr(module, name))
-
-
-_register()
+# Command name -> (module, attribute). Modules are imported only when their command runs
+# (or for --help), so `apex-orch quantize` does not pay for the eval stack's imports.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "doctor": ("apex_orch.cli.doctor", "doctor"),
+    "inspect": ("apex_orch.cli.inspect", "inspect"),
+    "profile": ("apex_orch.cli.profiles", "profile"),
+    "plan": ("apex_orch.cli.plan", "plan"),
+    "render": ("apex_orch.cli.plan", "render"),
+    "quantize": ("apex_orch.cli.quantize", "quantize"),
+    "corpus": ("apex_orch.cli.corpus", "corpus"),
+    "imatrix": ("apex_orch.cli.imatrix", "imatrix"),
+    "imatrix-report": ("apex_orch.cli.imatrix", "imatrix_report"),
+    "eval": ("apex_orch.cli.eval", "eval_cmd"),
+    "compare": ("apex_orch.cli.eval", "compare"),
+    "release": ("apex_orch.cli.release", "release"),
+}
 
 
 def run() -> None:  # pragma: no cover - console entry helper

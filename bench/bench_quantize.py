@@ -1,0 +1,81 @@
+"""Overhead of `apex-orch quantize` over raw `llama-quantize` with the same arguments.
+
+Run: .venv/bin/python bench/bench_quantize.py [--repeat N] [--big]   (part of `make bench`)
+For each model (the demo model; with --big also a ~1.6 GB synthetic MoE), alternate:
+  raw:  llama-quantize --tensor-type-file RULES --override-kv ... SRC OUT Q4_K_M THREADS
+  apex: apex-orch quantize -p compact SRC --out-dir D --force --no-eval -q   (a new process)
+and report the medians and their ratio. apex's extra work: Python start-up, header-only
+planning, the rule simulation, header verification, sha256 + fingerprint of the output,
+the manifest, the rename.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_results  # noqa: E402
+
+from apex_orch import synthetic  # noqa: E402
+from apex_orch.plan import render_file  # noqa: E402
+from apex_orch.quantize import plan_quantize  # noqa: E402
+
+BIG = synthetic.SyntheticSpec(n_layer=16, n_embd=1024, n_expert=16, n_expert_used=2, expert_ff=1024,
+                              name="Bench-MoE-1.6G", seed=7)
+
+
+def bench_model(src: Path, repeat: int, threads: int, work: Path) -> dict:
+    job = plan_quantize(src, "compact", out_dir=work / "apex", threads=threads)
+    rules = work / "rules.txt"
+    rules.write_text(render_file(job.plan))
+    raw_out = work / "raw.gguf"
+    raw_argv = job.argv(raw_out, rules)
+    apex_argv = [sys.executable, "-m", "apex_orch.cli", "quantize", "-p", "compact", str(src), "--out-dir",
+                 str(work / "apex"), "--force", "--no-eval", "-q", "-t", str(threads)]
+    raw_t, apex_t = [], []
+    subprocess.run(raw_argv, check=True, capture_output=True)     # warm the page cache once
+    for i in range(repeat):
+        for kind in (("raw", "apex") if i % 2 == 0 else ("apex", "raw")):
+            argv = raw_argv if kind == "raw" else apex_argv
+            t0 = time.perf_counter()
+            subprocess.run(argv, check=True, capture_output=True)
+            (raw_t if kind == "raw" else apex_t).append(time.perf_counter() - t0)
+        raw_out.unlink(missing_ok=True)
+    r, a = statistics.median(raw_t), statistics.median(apex_t)
+    return {"model": src.name, "source_bytes": src.stat().st_size, "output_bytes": job.predicted_size,
+            "threads": threads, "repeat": repeat, "raw_s": [round(x, 3) for x in raw_t],
+            "apex_s": [round(x, 3) for x in apex_t], "raw_median_s": round(r, 3),
+            "apex_median_s": round(a, 3), "ratio": round(a / r, 4), "overhead_s": round(a - r, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--big", action="store_true", help="also the ~1.6 GB model")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows.append(bench_model(synthetic.demo_model_path(), args.repeat, args.threads, work / "demo"))
+        if args.big:
+            big = synthetic.write_model(work / "bench-moe-1.6g.gguf", BIG)
+            rows.append(bench_model(big, max(3, args.repeat // 2), args.threads, work / "big"))
+    data = {"machine": machine(), "results": rows}
+    md = ["# apex-orch quantize vs raw llama-quantize (same arguments, profile compact)", "",
+          "| model | source | raw median | apex-orch median | ratio | overhead | runs |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['model']} | {r['source_bytes'] / 1e9:.2f} GB | {r['raw_median_s']} s | {r['apex_median_s']} s | "
+           f"{r['ratio']} | {r['overhead_s']} s | {r['repeat']} |" for r in rows]
+    write_results("quantize-overhead", data, "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
