@@ -45,7 +45,7 @@ from apex_orch.quantmix import FTYPE_BY_NAME, is_quantized
 from apex_orch.roles import Role
 from apex_orch.yamlio import YamlDoc, load_yaml
 
-PROFILE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+PROFILE_NAME_RE = re.compile(r"^_?[a-z0-9][a-z0-9_-]{0,63}$")
 
 # Types llama-quantize accepts as --tensor-type targets.
 TARGET_TYPES: dict[str, T] = {t.name: t for t in (

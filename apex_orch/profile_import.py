@@ -127,7 +127,7 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
             for (r, slot, tname), blocks in sorted(per_slot.items()):
                 if r == role:
                     overrides.append({"role": role, "slot": slot, "blocks": _ranges(sorted(blocks)), "type": tname})
-    profile = {"extends": "_apex.yaml", "tier": tier or path.stem.replace("_", "-").title(),
+    profile = {"extends": "_apex", "tier": tier or path.stem.replace("_", "-").title(),
                "description": f"Imported from {path.name} by apex-orch profile import",
                "base_ftype": base_ftype, "types": types}
     if overrides:

@@ -1,0 +1,131 @@
+"""The pinned build, tool discovery, doctor, --version, --help staying true to the code."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from apex_orch import __version__, pin
+from apex_orch.cli import COMMANDS, main
+from apex_orch.errors import ToolNotFoundError
+from apex_orch.llama import build_info, find_libllama, find_tool
+
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split")
+
+
+def test_pin_is_the_llama_cpp_python_sdist():
+    assert pin.LLAMA_CPP_PYTHON_VERSION == "0.3.36"
+    assert len(pin.SDIST_SHA256) == 64
+    assert pin.PIN_KEY.endswith(pin.SDIST_SHA256[:12])
+    for flag in ("-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF"):
+        assert flag in pin.CMAKE_FLAGS
+
+
+@pytest.mark.requires_tools(*TOOLS)
+def test_build_cache_holds_every_tool_and_build_info():
+    info = build_info()
+    assert info["targets"] == list(TOOLS)
+    assert info["sdist_sha256"] == pin.SDIST_SHA256
+    for tool in TOOLS:
+        loc = find_tool(tool)
+        assert loc.path.parent == pin.bin_dir() or loc.source in ("env", "flag")
+    assert (Path(__file__).resolve().parent.parent / "vendor" / "llama.cpp" / "tools" / "quantize").is_dir()
+
+
+def test_discovery_error_names_every_place_searched(tmp_path, monkeypatch):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("APEX_LLAMA_BIN_DIR", str(empty))
+    with pytest.raises(ToolNotFoundError) as err:
+        find_tool("llama-quantize")
+    text = err.value.render()
+    assert str(empty / "llama-quantize") in text and "(env)" in text
+    assert "make llama" in text
+
+
+def test_discovery_order_flag_beats_env(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        tool = d / "llama-quantize"
+        tool.write_text("#!/bin/sh\nexit 0\n")
+        tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("APEX_LLAMA_BIN_DIR", str(b))
+    assert find_tool("llama-quantize", a).path == a / "llama-quantize"
+    assert find_tool("llama-quantize").path == b / "llama-quantize"
+
+
+def test_discovery_falls_back_to_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("APEX_LLAMA_BIN_DIR", raising=False)
+    monkeypatch.setenv("APEX_ORCH_CACHE", str(tmp_path / "no-cache"))
+    d = tmp_path / "onpath"
+    d.mkdir()
+    tool = d / "llama-gguf-split"
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ['PATH']}")
+    loc = find_tool("llama-gguf-split")
+    assert loc.source == "PATH" and loc.path == tool
+
+
+@pytest.mark.requires_tools("llama-quantize")
+def test_doctor_reports_one_shared_libllama():
+    r = CliRunner().invoke(main, ["doctor", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["shared_libllama"] is True
+    assert report["bindings"]["ok"] and report["bindings"]["version"] == "0.3.36"
+    assert Path(report["libllama"]) == find_libllama().resolve()
+    assert report["problems"] == []
+    assert report["free_disk_bytes"] > 0
+
+
+def test_doctor_without_build_says_what_to_run(tmp_path):
+    env = dict(os.environ, APEX_ORCH_CACHE=str(tmp_path / "empty-cache"), PATH="/usr/bin:/bin")
+    env.pop("APEX_LLAMA_BIN_DIR", None)
+    proc = subprocess.run([sys.executable, "-m", "apex_orch.cli", "doctor"], capture_output=True, text=True,
+                          env=env)
+    assert proc.returncode == 1
+    assert "llama-quantize missing: run `make llama`" in proc.stdout
+    assert "MISSING" in proc.stdout
+
+
+def test_version_names_apex_and_llama_cpp():
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0
+    assert r.output.splitlines()[0] == f"apex-orch {__version__}"
+    assert "llama-cpp-python-0.3.36" in r.output
+
+
+def test_help_lists_every_command_and_each_command_loads():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    for name in COMMANDS:
+        assert name in r.output, name
+        sub = CliRunner().invoke(main, [name, "--help"])
+        assert sub.exit_code == 0, (name, sub.output)
+
+
+def test_readme_commands_exist():
+    """Every `apex-orch <cmd>` the README shows is a real command (docs can't drift)."""
+    import re
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    used = set(re.findall(r"`apex-orch ([a-z][a-z-]+)", readme))
+    used |= set(re.findall(r"^apex-orch ([a-z][a-z-]+)", readme, flags=re.M))
+    assert {"quantize", "plan", "doctor"} <= used
+    for name in used:
+        assert name in COMMANDS, f"README mentions `apex-orch {name}`, which does not exist"
+
+
+def test_bindings_load_against_the_pinned_libllama():
+    code = ("from apex_orch.bindings import load_llama_cpp, loaded_libllama; m = load_llama_cpp(); "
+            "import llama_cpp; llama_cpp.llama_backend_init(); print(loaded_libllama())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert Path(out.strip()) == find_libllama().resolve()
