@@ -1,0 +1,38 @@
+"""The table `apex-orch quantize --demo` ends with: the APEX file(s) against their source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from apex_orch.outputs import atomic_write_text
+from apex_orch.pin import cache_root
+
+# Small enough to finish in seconds on 2 cores, large enough for stable KLD statistics.
+DEMO_CTX = 256
+DEMO_CHUNKS = 8
+
+
+def demo_eval_text() -> Path:
+    """Held-out text for the demo eval: generated prose, not part of any calibration corpus."""
+    from apex_orch.synthetic import demo_text
+    path = cache_root() / "eval-text" / "demo-prose-v1.txt"
+    if not path.exists():
+        atomic_write_text(path, demo_text())
+    return path
+
+
+def print_eval_table(source: Path, outputs: list[Path], progress: Callable[[str], None]) -> None:
+    from apex_orch.evalreport import eval_table
+    from apex_orch.evaluate import EvalSettings
+
+    if not outputs:
+        return
+    settings = EvalSettings(n_ctx=DEMO_CTX, chunks=DEMO_CHUNKS)
+    progress(f"eval: {len(outputs)} file(s) against {source.name} "
+             f"(ctx {DEMO_CTX}, {DEMO_CHUNKS} chunks, bindings, flash attention on)")
+    table = eval_table(source, outputs, text=demo_eval_text(), settings=settings, speed=True, fmt="md",
+                       progress=progress)
+    click.echo(table)
