@@ -121,6 +121,42 @@ class ToolResult:
 
 LineCallback = Callable[[str], None]
 
+# Credentials no llama.cpp tool needs: removed from every child's environment, and their
+# values masked in logs and error text (a tool that echoes its environment cannot leak them).
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN", "HUGGINGFACE_TOKEN")
+
+# Why a tool may die by a signal it did not send itself, said in words.
+SIGNAL_HINTS = {
+    "SIGKILL": "killed from outside: often the out-of-memory killer (see `dmesg`); lower -j or use a "
+               "machine with more RAM",
+    "SIGXFSZ": "the file size limit (`ulimit -f`) was reached while writing; raise it or write elsewhere",
+    "SIGSEGV": "the tool crashed; the log tail shows how far it got",
+    "SIGABRT": "the tool aborted (a failed assertion); the log tail shows why",
+    "SIGBUS": "the tool crashed reading a memory-mapped file (a file truncated or changed while in use?)",
+}
+
+
+def secret_values(environ: dict | None = None) -> list[str]:
+    """Values of the credential variables set in `environ` (default: this process)."""
+    env = os.environ if environ is None else environ
+    return [env[k] for k in SECRET_ENV_VARS if env.get(k)]
+
+
+def mask_secrets(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every credential value (from the environment, plus `secrets`) replaced by ***."""
+    for s in {*secret_values(), *secrets}:
+        if s and len(s) >= 4:
+            text = text.replace(s, "***")
+    return text
+
+
+def child_env(env: dict | None) -> dict:
+    """The environment a tool gets: the given one (or ours) without credentials."""
+    base = dict(os.environ if env is None else env)
+    for key in SECRET_ENV_VARS:
+        base.pop(key, None)
+    return base
+
 # Children currently running, so an interrupt in the main thread can stop tools that
 # worker threads are waiting on (parallel quantize jobs).
 _ACTIVE: set[subprocess.Popen] = set()
@@ -169,33 +205,33 @@ def run_tool(
 
     Raises ToolFailedError (non-zero exit or signal), ToolTimeoutError, InterruptedRun
     (KeyboardInterrupt / SIGTERM delivered to us: the child is stopped first).
-    `secrets` are masked in the log and in error text.
+    The child never sees credential variables (SECRET_ENV_VARS); their values and
+    `secrets` are masked in the log and in error text. A log that cannot be written
+    (disk full) is noted in the error, never raised over the tool's own result.
     """
-    argv = [os.fspath(a) for a in args]
     if isinstance(args, (str, bytes)):
         raise TypeError("run_tool takes an argument list, never a shell string")
+    argv = [os.fspath(a) for a in args]
     label = what or Path(argv[0]).name
-    masks = [s for s in secrets if s]
+    masks = [s for s in {*secrets, *secret_values(), *secret_values(env or {})} if s and len(s) >= 4]
 
     def mask(text: str) -> str:
         for s in masks:
             text = text.replace(s, "***")
         return text
 
-    log_fh = open(log_path, "w", encoding="utf-8", errors="replace") if log_path else None
+    log = _Log(log_path)
     tail: deque[str] = deque(maxlen=tail_lines)
     start = time.monotonic()
+    log.write("$ " + mask(" ".join(argv)) + "\n")
+    log.flush()
     try:
-        if log_fh:
-            log_fh.write("$ " + mask(" ".join(argv)) + "\n")
-            log_fh.flush()
         proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=cwd, start_new_session=True, bufsize=0,
+            env=child_env(env), cwd=cwd, start_new_session=True, bufsize=0,
         )
-    except FileNotFoundError as exc:
-        if log_fh:
-            log_fh.close()
+    except OSError as exc:   # missing, not executable, wrong format
+        log.close()
         raise ToolNotFoundError(f"cannot start {label}: {exc.strerror}: {argv[0]}",
                                 hint="run `make llama` or check --llama-bin-dir") from exc
 
@@ -224,17 +260,14 @@ def run_tool(
             for raw in lines:
                 line = mask(raw.decode("utf-8", errors="replace"))
                 tail.append(line)
-                if log_fh:
-                    log_fh.write(line + "\n")
+                log.write(line + "\n")
                 if on_line:
                     on_line(line)
-            if log_fh:
-                log_fh.flush()
+            log.flush()
         if pending:
             line = mask(pending.decode("utf-8", errors="replace"))
             tail.append(line)
-            if log_fh:
-                log_fh.write(line + "\n")
+            log.write(line + "\n")
             if on_line:
                 on_line(line)
         returncode = proc.wait()
@@ -249,24 +282,63 @@ def run_tool(
             _ACTIVE.discard(proc)
         if timer:
             timer.cancel()
-        if log_fh:
-            log_fh.close()
+        log.close()
 
     seconds = time.monotonic() - start
     tail_text = "\n".join(tail)
+    if log.error:
+        tail_text += f"\n(apex-orch could not write the log {log_path}: {log.error})"
     if timed_out.is_set():
         raise ToolTimeoutError(f"{label} ran past the {timeout:g} s timeout and was stopped",
                                returncode=returncode, log_path=log_path, log_tail=tail_text,
                                hint="raise --timeout, or check the log for a hang")
     if returncode != 0:
+        hint = "the tool's log (above) says why"
         if returncode < 0:
             try:
                 signame = signal.Signals(-returncode).name
             except ValueError:
                 signame = f"signal {-returncode}"
             msg = f"{label} was killed by {signame}"
+            hint = SIGNAL_HINTS.get(signame, hint)
         else:
             msg = f"{label} failed with exit code {returncode}"
-        raise ToolFailedError(msg, returncode=returncode, log_path=log_path, log_tail=tail_text,
-                              hint="the log tail above says why")
+        raise ToolFailedError(msg, returncode=returncode, log_path=log_path, log_tail=tail_text, hint=hint)
     return ToolResult(argv, returncode, seconds, log_path, list(tail))
+
+
+class _Log:
+    """The tool's log file. A failing log write (disk full) must not hide the tool's own
+    result, so write errors are remembered and logging stops; the tool keeps being drained."""
+
+    def __init__(self, path: Path | None):
+        self.error: str | None = None
+        self._fh = None
+        if path is not None:
+            try:
+                self._fh = open(path, "w", encoding="utf-8", errors="replace")
+            except OSError as exc:
+                self.error = exc.strerror or str(exc)
+
+    def _guard(self, op) -> None:
+        if self._fh is None:
+            return
+        try:
+            op(self._fh)
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+            self.close()
+
+    def write(self, text: str) -> None:
+        self._guard(lambda fh: fh.write(text))
+
+    def flush(self) -> None:
+        self._guard(lambda fh: fh.flush())
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError as exc:
+                self.error = self.error or exc.strerror or str(exc)
