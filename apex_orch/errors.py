@@ -88,11 +88,14 @@ class ToolFailedError(ApexError):
         self.log_tail = log_tail
 
     def render(self) -> str:
-        text = super().render()
+        # what went wrong, then the evidence (log tail), then how to fix it, last, where it is read
+        text = f"{self.where}: {self.message}" if self.where else self.message
         if self.log_tail:
             text += "\n--- last lines of the tool's log ---\n" + self.log_tail.rstrip()
         if self.log_path:
             text += f"\nfull log: {self.log_path}"
+        if self.hint:
+            text += f"\nhint: {self.hint}"
         return text
 
 
@@ -110,6 +113,12 @@ class OutputExistsError(ApexError):
     """The output exists and --force was not given."""
 
     exit_code = 9
+
+
+class OutputNotWritableError(ApexError):
+    """The output folder cannot be created or written (read-only file system, permissions)."""
+
+    exit_code = 17
 
 
 class LockedError(ApexError):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -21,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from apex_orch.errors import DiskSpaceError, LockedError, OutputExistsError
+from apex_orch.errors import DiskSpaceError, LockedError, OutputExistsError, OutputNotWritableError
 
 PARTIAL_TAG = ".partial-"
 
@@ -42,10 +43,7 @@ class OutputGuard:
 
     # ---- lifecycle
     def __enter__(self) -> "OutputGuard":
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.final.parent, os.W_OK):
-            raise OutputExistsError(f"output folder {self.final.parent} is not writable",
-                                    hint="choose another --out-dir or fix its permissions")
+        ensure_writable_folder(self.final.parent)
         self._acquire()
         try:
             self._clean_stale()
@@ -68,9 +66,8 @@ class OutputGuard:
     def _acquire(self) -> None:
         try:
             fh = open(self.lock_path, "a+")
-        except PermissionError:
-            raise OutputExistsError(f"cannot create {self.lock_path}: permission denied",
-                                    hint="the output folder must be writable") from None
+        except OSError as exc:
+            raise translate_os_error(exc, self.lock_path) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -98,11 +95,12 @@ class OutputGuard:
     def _clean_stale(self) -> None:
         """We hold the lock, so any partial of this output belongs to a dead run."""
         for final in [self.final, *self.extra_finals]:
-            prefix = f".{final.name}{PARTIAL_TAG}"
-            for p in final.parent.glob(f".{final.name}{PARTIAL_TAG}*"):
-                if p.name.startswith(prefix):
-                    p.unlink(missing_ok=True)
-                    self.cleaned_stale.append(p)
+            # the output's own partial, and its sidecars' (.X.gguf.tensor-types.txt.partial-N, manifest)
+            for pattern in (f".{final.name}{PARTIAL_TAG}*", f".{final.name}.*{PARTIAL_TAG}*"):
+                for p in final.parent.glob(pattern):
+                    if p not in self.cleaned_stale:
+                        p.unlink(missing_ok=True)
+                        self.cleaned_stale.append(p)
         # split parts written by a dead run
         stem = self.final.name[:-5] if self.final.name.endswith(".gguf") else self.final.name
         for p in self.final.parent.glob(f".{stem}-*-of-*.gguf{PARTIAL_TAG}*"):
@@ -136,10 +134,51 @@ class OutputGuard:
         return done
 
 
+def ensure_writable_folder(folder: Path) -> None:
+    """Create `folder` if needed; refuse one that cannot be written, before any work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise translate_os_error(exc, folder, creating=True) from None
+    # os.access also answers EROFS for a read-only mount, which root's permissions do not override.
+    if not os.access(folder, os.W_OK):
+        ro = _is_read_only_mount(folder)
+        raise OutputNotWritableError(
+            f"output folder {folder} is not writable" + (" (read-only file system)" if ro else " (permission denied)"),
+            hint="choose another --out-dir (or -o)" + ("" if ro else ", or fix the folder's permissions"))
+
+
+def _is_read_only_mount(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def translate_os_error(exc: OSError, path: Path | str | None = None, *, creating: bool = False):
+    """An OSError met while writing outputs, as one actionable ApexError (returned, not raised)."""
+    where = str(path or exc.filename or "")
+    what = "cannot create" if creating else "cannot write"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskSpaceError(f"the disk is full: {what} {where} ({exc.strerror})",
+                              hint="free some space or choose another --out-dir; nothing was published")
+    if exc.errno == errno.EFBIG:
+        return DiskSpaceError(f"file too large: {what} {where} ({exc.strerror}; a file size limit, `ulimit -f`?)",
+                              hint="raise the file size limit or write to another file system")
+    if exc.errno == errno.EROFS:
+        return OutputNotWritableError(f"{what} {where}: {exc.strerror}",
+                                      hint="choose another --out-dir (or -o) on a writable file system")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return OutputNotWritableError(f"{'cannot create' if creating else 'cannot access'} {where}: {exc.strerror}",
+                                      hint="fix the permissions, or choose another --out-dir (or -o)")
+    return OutputNotWritableError(f"{exc.strerror or exc}: {where}" if where else f"{exc.strerror or exc}",
+                                  hint="check that path and its file system, then rerun")
+
+
 def check_free_space(folder: Path, needed: int, *, margin_fraction: float = 0.02,
                      margin_bytes: int = 64 << 20) -> int:
     """Refuse before starting when the folder cannot hold `needed` bytes plus a margin."""
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_writable_folder(folder)
     free = shutil.disk_usage(folder).free
     want = int(needed * (1 + margin_fraction)) + margin_bytes
     if free < want:
