@@ -229,8 +229,8 @@ def _parse(buf, path: Path, size: int, shard: int) -> GGUFHeader:
     hdr = GGUFHeader(path, version, kv, kv_types, tensors, alignment, data_offset, size, header_end, kv_sizes)
     if hdr.data_end > size:
         raise ModelError(
-            f"file is shorter than its tensors: data ends at byte {size:,} but the header "
-            f"describes {hdr.data_end:,} bytes (a torn download or copy)",
+            f"file is shorter than its tensors: it has {size:,} bytes but its header describes "
+            f"{hdr.data_end:,} (an interrupted download, copy or write)",
             where=str(path), hint="fetch or copy the file again; compare its size with the source",
         )
     return hdr

@@ -33,11 +33,17 @@ def _self_hash(doc: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_manifest(path: Path, doc: dict) -> dict:
+def manifest_text(doc: dict) -> str:
+    """The manifest's JSON text, schema and self checksum included (for writing to a temporary)."""
     doc = {"schema": SCHEMA, **doc}
     doc["self_sha256"] = _self_hash(doc)
-    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
-    return doc
+    return json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n"
+
+
+def write_manifest(path: Path, doc: dict) -> dict:
+    text = manifest_text(doc)
+    atomic_write_text(path, text)
+    return json.loads(text)
 
 
 def read_manifest(path: Path) -> dict:

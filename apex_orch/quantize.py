@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Callable
 
 from apex_orch import __version__
-from apex_orch.errors import (ApexError, ImatrixError, InterruptedRun, PlanError, ToolFailedError, UsageError,
-                              VerificationError)
+from apex_orch.errors import (ApexError, DiskSpaceError, ImatrixError, InterruptedRun, ModelError, OutputExistsError,
+                              PlanError, ToolFailedError, ToolTimeoutError, UsageError, VerificationError)
 from apex_orch.fingerprint import fast_fingerprint, sha256_file
 from apex_orch.gguf_header import read_header
 from apex_orch.llama import build_label, find_tool, run_tool, terminate_all
-from apex_orch.manifest import inputs_key, manifest_path, up_to_date, write_manifest
+from apex_orch.manifest import inputs_key, manifest_path, manifest_text, up_to_date
 from apex_orch.model import ModelInfo, model_display_name, read_model
-from apex_orch.outputs import OutputGuard, check_free_space
+from apex_orch.outputs import OutputGuard, check_free_space, translate_os_error
 from apex_orch.plan import Plan, make_plan, render_file
 from apex_orch.profile import Profile, load_profile
 from apex_orch.quantlog import progress_of
@@ -36,8 +36,20 @@ SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)$", re.I)
 
 
 def output_name(model_name: str, tier: str) -> str:
-    safe_tier = re.sub(r"[^A-Za-z0-9._-]+", "-", tier).strip("-.")
-    return f"{model_name}-APEX-{safe_tier}.gguf"
+    """`<Model>-APEX-<Tier>.gguf`; both parts reduced to [A-Za-z0-9._-], so never a path."""
+    safe_model = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name).strip("-.") or "model"
+    safe_tier = re.sub(r"[^A-Za-z0-9._-]+", "-", tier).strip("-.") or "tier"
+    return f"{safe_model}-APEX-{safe_tier}.gguf"
+
+
+def safe_model_name(name: str) -> str:
+    """A user-given --name, refused when it looks like a path (it must not steer where files go)."""
+    if not name.strip() or "/" in name or "\\" in name or ".." in name or name.startswith(".") or "\0" in name:
+        raise UsageError(f"--name {name!r} is not a plain model name: it may not contain '/', '\\', '..', "
+                         "or start with '.'",
+                         hint="--name only names the files inside --out-dir; use -o PATH to choose another "
+                              "place, or --out-dir for the folder")
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 
 
 def parse_size(text: str) -> int:
@@ -129,8 +141,21 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
                 where=str(imatrix.path),
                 hint="compute the imatrix on a corpus that routes tokens to every expert (more chunks), "
                      "or use a profile without IQ1/IQ2/IQ3_XXS types for those tensors")
-    display = name or model_display_name(model)
-    output = Path(out) if out else Path(out_dir) / output_name(display, prof.tier)
+        partial = _partial_coverage(imatrix.info, plan)
+        if partial:
+            plan.warnings.append(
+                f"the imatrix saw no tokens for some experts of {len(partial)} planned low-bit tensor(s) "
+                f"({'; '.join(partial[:4])}{' ...' if len(partial) > 4 else ''}); llama-quantize quantizes "
+                "those experts with flat importance weights (lower quality). Compute the imatrix on more "
+                "chunks or a more diverse corpus")
+    display = safe_model_name(name) if name is not None else model_display_name(model)
+    if out:
+        output = Path(out)   # an explicit file: the user chose where it goes
+    else:
+        output = Path(out_dir) / output_name(display, prof.tier)
+        if output.resolve().parent != Path(out_dir).resolve():   # defence in depth: never outside --out-dir
+            raise UsageError(f"output name {output.name!r} would leave --out-dir {out_dir}",
+                             hint="use a plain --name without path separators")
     if output.suffix != ".gguf":
         raise UsageError(f"output {output} must end in .gguf")
     threads = threads or os.cpu_count() or 1
@@ -168,6 +193,21 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
                        predicted_size=plan.predicted_file_size(_written_kv(metadata, imatrix)))
 
 
+def _partial_coverage(info, plan: Plan) -> list[str]:
+    """'name: experts 3, 7 of 16' for planned imatrix-requiring tensors whose entry has zero-count experts."""
+    out = []
+    entries = getattr(info, "entries", {}) or {}
+    for t in plan.tensors:
+        if not t.requires_imatrix:
+            continue
+        entry = entries.get(t.name)
+        zero = list(getattr(entry, "zero", []) or []) if entry is not None else []
+        if zero and len(zero) < getattr(entry, "n_mat", len(zero) + 1):
+            shown = ", ".join(str(i) for i in zero[:6]) + (" ..." if len(zero) > 6 else "")
+            out.append(f"{t.name}: experts {shown} of {entry.n_mat}")
+    return out
+
+
 def _written_kv(metadata: dict[str, str], imatrix: ImatrixSource | None) -> dict[str, object]:
     """Every key llama-quantize adds to the output header (ours, plus its imatrix notes)."""
     kv: dict[str, object] = {k: v[:127] for k, v in metadata.items()}
@@ -189,7 +229,13 @@ def verify_output(paths: list[Path], plan: Plan) -> dict:
     """Compare the written header(s) with the plan: every tensor's type and bytes, file sizes."""
     found: dict[str, tuple] = {}
     for p in paths:
-        hdr = read_header(p)   # raises ModelError on a torn file (data shorter than its tensors)
+        try:
+            hdr = read_header(p)
+        except ModelError as exc:   # a torn or garbled file the tool claims to have written
+            raise VerificationError(
+                f"the file llama-quantize wrote is incomplete or damaged ({exc.message})",
+                hint="nothing was published; check free disk space and the log beside the output, "
+                     "then rerun") from None
         for t in hdr.tensors:
             found[t.name] = (t.ggml_type, t.n_bytes)
     problems = []
@@ -237,10 +283,36 @@ def run_quantize(job: QuantizeJob, *, force: bool = False, progress: Progress | 
     if job.split_max_size and existing_parts:
         finals = existing_parts
     if not force and all(f.exists() for f in finals):
-        fresh, why = up_to_date(finals, job.key)
+        fresh, why = up_to_date(finals, job.key)   # a damaged manifest raises ManifestError: never trusted
         if fresh:
             emit(f"{job.output.name}: up to date (manifest matches inputs); --force redoes it")
             return QuantizeResult(job, finals, True, 0.0, "up to date")
+        raise OutputExistsError(f"{finals[0]} already exists and is not up to date ({why})",
+                                hint="pass --force to replace it (it is kept until the new file is complete "
+                                     "and verified)")
+    try:
+        return _run_guarded(job, force, emit, timeout, start, existing_parts)
+    except OSError as exc:   # disk full, read-only, quota... while writing our own files
+        raise translate_os_error(exc) from None
+
+
+def _disk_full_error(folder: Path, what: str, log_path: Path | None) -> DiskSpaceError | None:
+    """After a failed write: a DiskSpaceError when the folder's disk is (nearly) full, else None."""
+    import shutil
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free >= 64 << 20:
+        return None
+    return DiskSpaceError(
+        f"the disk holding {folder} filled up while {what} ({free / 1e6:.1f} MB free)",
+        hint="free some space or choose another --out-dir, then rerun; the partial file was removed and "
+             "nothing was published" + (f" (log: {log_path})" if log_path else ""))
+
+
+def _run_guarded(job: QuantizeJob, force: bool, emit: Progress, timeout: float | None, start: float,
+                 existing_parts: list[Path]) -> QuantizeResult:
     with OutputGuard(job.output, force=force, extra_finals=existing_parts) as guard:
         for stale in guard.cleaned_stale:
             emit(f"removed a partial file left by an interrupted run: {stale.name}")
@@ -257,11 +329,25 @@ def run_quantize(job: QuantizeJob, *, force: bool = False, progress: Progress | 
             if rec:
                 i, n, tname = rec
                 emit(f"[{i}/{n}] {tname}")
-        result = run_tool(argv, log_path=log_path, on_line=on_line, timeout=timeout, what="llama-quantize")
+        writing = f"llama-quantize was writing {job.output.name}"
+        try:
+            result = run_tool(argv, log_path=log_path, on_line=on_line, timeout=timeout, what="llama-quantize")
+        except ToolFailedError as exc:
+            if not isinstance(exc, ToolTimeoutError):
+                full = _disk_full_error(job.output.parent, writing, log_path)
+                if full is not None:
+                    raise full from None
+            raise
         if not tmp.exists():
             raise ToolFailedError("llama-quantize exited 0 but wrote no output", log_path=log_path,
                                   log_tail="\n".join(result.tail))
-        stats = verify_output([tmp], job.plan)
+        try:
+            stats = verify_output([tmp], job.plan)
+        except VerificationError:
+            full = _disk_full_error(job.output.parent, writing, log_path)
+            if full is not None:
+                raise full from None
+            raise
         if stats["file_bytes"] != job.predicted_size:
             raise VerificationError(
                 f"{job.output.name}: {stats['file_bytes']:,} bytes written, {job.predicted_size:,} predicted",
@@ -296,10 +382,12 @@ def run_quantize(job: QuantizeJob, *, force: bool = False, progress: Progress | 
             "timings": {"llama_quantize_s": round(result.seconds, 3), "total_s": round(seconds, 3)},
         }
         mpath = manifest_path(records[0][0])
+        # The manifest is written as a temporary too and renamed last, so a failure while writing it
+        # (disk full) publishes nothing, and a published manifest never describes a missing file.
+        guard.temp_for(mpath).write_text(manifest_text(doc), encoding="utf-8")
         if force:
             mpath.unlink(missing_ok=True)
-        committed = guard.commit()   # data files and the rules file, atomically renamed
-        write_manifest(mpath, doc)
+        committed = guard.commit()   # data files, the rules file, then the manifest, atomically renamed
         if job.split_max_size and len(records) > 1 and job.output.exists() and force:
             job.output.unlink()  # a previous unsplit output of the same tier
     final_files = [f for f in committed if f.suffix == ".gguf"]
