@@ -81,6 +81,8 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
         raise UsageError("-o/--output names one file; use --out-dir with several profiles")
     if imatrix_path and corpus:
         raise UsageError("give --imatrix or --corpus, not both")
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     progress = _Progress(quiet)
     if demo:
         from apex_orch.synthetic import demo_model_path
@@ -103,6 +105,9 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
                                 imatrix=imatrix if (p.imatrix_required or corpus or imatrix_path) else None,
                                 threads=threads, split_max_size=split_max_size, model=info)
                 for p in loaded] if not dry_run or imatrix or not any(p.imatrix_required for p in loaded) else []
+    for job in job_list:   # loud, never silent: fallbacks to the mixture, partial imatrix coverage...
+        for w in job.plan.warnings:
+            click.echo(f"warning: {job.profile.tier}: {w}", err=True)
     if dry_run:
         if not job_list:  # I-profiles without an imatrix yet: show plans as if one were given
             from apex_orch.plan import make_plan
