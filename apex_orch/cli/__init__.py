@@ -38,22 +38,30 @@ class ApexGroup(click.Group):
         return getattr(importlib.import_module(target[0]), target[1])
 
     def invoke(self, ctx: click.Context):
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def on_sigterm(signum, frame):  # SIGTERM is handled like Ctrl-C: clean up, then exit
+        def on_sigterm(signum, frame):  # SIGTERM/SIGHUP are handled like Ctrl-C: clean up, then exit
             raise KeyboardInterrupt
 
-        try:
-            signal.signal(signal.SIGTERM, on_sigterm)
-        except ValueError:  # not in the main thread (e.g. some test runners)
-            previous = None
+        previous: dict = {}
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                previous[sig] = signal.signal(sig, on_sigterm)
+            except ValueError:  # not in the main thread (e.g. some test runners)
+                pass
         try:
             return super().invoke(ctx)
         except ApexError as exc:
             if _debug_enabled(ctx):
                 raise
-            click.echo(f"error: {exc.render()}", err=True)
+            click.echo(f"error: {_masked(exc.render())}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:
+            # A file-system failure no library code translated: still one message, never a traceback.
+            if _debug_enabled(ctx):
+                raise
+            from apex_orch.outputs import translate_os_error
+            err = translate_os_error(exc)
+            click.echo(f"error: {_masked(err.render())}", err=True)
+            ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             if _debug_enabled(ctx):
                 raise
@@ -62,8 +70,14 @@ class ApexGroup(click.Group):
             click.echo(f"error: {err.render()}", err=True)
             ctx.exit(err.exit_code)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _masked(text: str) -> str:
+    """Error text with credential values (HF_TOKEN...) replaced by ***."""
+    from apex_orch.llama import mask_secrets
+    return mask_secrets(text)
 
 
 def _print_version(ctx: click.Context) -> None:
