@@ -30,7 +30,18 @@ class YamlDoc:
         return f"{self.path}:{line}"
 
 
+# The only tags a config may carry: YAML's core schema (what SafeLoader resolves implicitly).
+# Anything else (!!python/object, !!binary, custom !tags) is refused with file:line, never
+# constructed and never silently dropped.
+ALLOWED_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
+                         ("map", "seq", "str", "int", "float", "bool", "null", "timestamp"))
+
+
 def _convert(node, path: tuple, lines: dict, src: Path, error_cls):
+    if node.tag not in ALLOWED_TAGS:
+        raise error_cls(f"YAML tag {node.tag!r} is not allowed (configs are plain data: mappings, lists, "
+                        "strings, numbers, booleans)", where=f"{src}:{node.start_mark.line + 1}",
+                        hint="remove the tag; apex-orch loads YAML with safe loading only")
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for key_node, value_node in node.value:
@@ -56,6 +67,9 @@ def _convert(node, path: tuple, lines: dict, src: Path, error_cls):
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:   # e.g. '!!int abc'
+        raise error_cls(f"bad value: {getattr(exc, 'problem', None) or exc}",
+                        where=f"{src}:{node.start_mark.line + 1}") from None
     finally:
         loader.dispose()
 
