@@ -386,7 +386,9 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
                                    hint="allowed: " + ", ".join(sorted(OVERRIDE_KEYS)))
         role = o.get("role")
         if role in NEVER_TYPED:
-            raise ProfileError(f"overrides[{i}]: llama.cpp never quantizes {role} tensors", where=_where(docs, kp + ("role",)))
+            raise ProfileError(f"overrides[{i}]: llama.cpp never quantizes {role} tensors; a type here would be "
+                               "silently ignored", where=_where(docs, kp + ("role",)),
+                               hint=f"remove overrides[{i}] ({role} tensors keep their source type)")
         if role not in BANDED_ROLES and role not in SINGLE_ROLES and role != "nextn":
             raise ProfileError(f"overrides[{i}].role: unknown role {role!r}", where=_where(docs, kp + ("role",)),
                                hint="roles: " + ", ".join(list(BANDED_ROLES) + list(SINGLE_ROLES) + ["nextn"]))
@@ -441,10 +443,13 @@ def check_profile_fits(profile: Profile, n_blocks: int) -> ResolvedBands:
     """Resolve bands for a model; `fixed` bands wider than the model are an error."""
     b = profile.bands
     if b.scale == "fixed":
-        if 2 * (b.edge + b.near) > n_blocks or 2 * b.attention_edge > n_blocks:
+        need = max(2 * (b.edge + b.near), 2 * b.attention_edge)
+        if need > n_blocks:
+            which = (f"edge={b.edge} + near={b.near} from each end need {2 * (b.edge + b.near)} blocks"
+                     if 2 * (b.edge + b.near) >= 2 * b.attention_edge else
+                     f"attention_edge={b.attention_edge} from each end needs {2 * b.attention_edge} blocks")
             raise ProfileError(
-                f"bands edge={b.edge}, near={b.near}, attention_edge={b.attention_edge} (fixed) need "
-                f"{2 * (b.edge + b.near)} blocks but the model has {n_blocks}; the two sides would overlap",
+                f"bands (scale: fixed): {which} but the model has {n_blocks}; the two sides would overlap",
                 where=_where([profile.doc], ("bands",)) if profile.doc else str(profile.path),
                 hint="use `scale: auto` to scale the bands to the model, or smaller counts")
     for o in profile.overrides:
