@@ -1,0 +1,112 @@
+"""Shared pytest fixtures: synthetic GGUF models, an evaluation text, isolation, tool checks.
+
+Models (session-scoped, each written once by `apex_orch.synthetic` into a tmp dir; Path):
+- `mistral4_split`       preset "mistral4-split": 12 MLA blocks, 16 experts (2 used), 1 shared
+                         expert, split ffn_gate_exps/ffn_up_exps; 207 tensors; F16 + F32.
+- `mistral4_fused`       preset "mistral4-fused": same, one ffn_gate_up_exps per block; 195 tensors.
+- `mistral4_dense_lead`  preset "mistral4-dense-lead": block 0 dense (ffn_gate/up/down); 203 tensors.
+- `qwen3moe`             preset "qwen3moe": GQA (4 heads, 2 KV) + q/k norms, 16 experts, no
+                         shared expert; 147 tensors.
+- `dense_model`          preset "dense": llama architecture, no experts; 111 tensors.
+- `ms4_replica`          header-only Mistral-Small-4-119B-2603 (split, 615 tensors, BF16 weights,
+                         sparse data hole ~238 GB apparent); for --dry-run / planning only.
+All presets use the llama-spm tokenizer (32000 tokens) and load in the pinned llama.cpp.
+
+Text:
+- `eval_text`            Path of a deterministic ~20k-word English-like text
+                         (`apex_orch.synthetic.demo_text()`), enough for llama-perplexity /
+                         llama-imatrix with any -c up to ~4096 and several chunks.
+
+Isolation (autouse, session): APEX_ORCH_STATE_DIR points at a fresh tmp dir for the session.
+APEX_ORCH_CACHE is left alone on purpose: the pinned llama.cpp build and source tree (binaries,
+the vocab GGUF) live in the real cache and must keep resolving.
+
+Tools: tests that run llama.cpp binaries call `require_tools("llama-perplexity", ...)` or use
+`@pytest.mark.requires_tools("llama-perplexity", ...)`. A missing build FAILS the test with a
+message saying how to build it; tests never skip silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from apex_orch import synthetic
+from apex_orch.errors import ToolNotFoundError
+from apex_orch.llama import find_tool
+
+
+def require_tools(*names: str) -> dict[str, Path]:
+    """Paths of the named llama.cpp tools; pytest.fail (never skip) when one is missing."""
+    found: dict[str, Path] = {}
+    for name in names:
+        try:
+            found[name] = find_tool(name).path
+        except ToolNotFoundError as exc:
+            pytest.fail(f"llama.cpp tool {name} is missing, so this test cannot run: {exc}\n"
+                        f"build the pinned llama.cpp first (`make llama`)", pytrace=False)
+    return found
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "requires_tools(*names): the test runs these llama.cpp tools; fails if missing")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in item.iter_markers(name="requires_tools"):
+        require_tools(*marker.args)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_state(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APEX_ORCH_STATE_DIR", str(tmp_path_factory.mktemp("apex-state")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("synthetic-models")
+
+
+def _preset(folder: Path, name: str) -> Path:
+    return synthetic.write_preset(name, folder / f"{name}.gguf")
+
+
+@pytest.fixture(scope="session")
+def mistral4_split(synthetic_dir: Path) -> Path:
+    return _preset(synthetic_dir, "mistral4-split")
+
+
+@pytest.fixture(scope="session")
+def mistral4_fused(synthetic_dir: Path) -> Path:
+    return _preset(synthetic_dir, "mistral4-fused")
+
+
+@pytest.fixture(scope="session")
+def mistral4_dense_lead(synthetic_dir: Path) -> Path:
+    return _preset(synthetic_dir, "mistral4-dense-lead")
+
+
+@pytest.fixture(scope="session")
+def qwen3moe(synthetic_dir: Path) -> Path:
+    return _preset(synthetic_dir, "qwen3moe")
+
+
+@pytest.fixture(scope="session")
+def dense_model(synthetic_dir: Path) -> Path:
+    return _preset(synthetic_dir, "dense")
+
+
+@pytest.fixture(scope="session")
+def ms4_replica(synthetic_dir: Path) -> Path:
+    return synthetic.write_mistral_small_4_replica(synthetic_dir / "Mistral-Small-4-replica.gguf")
+
+
+@pytest.fixture(scope="session")
+def eval_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(synthetic.demo_text(20000), encoding="utf-8")
+    return path
