@@ -306,7 +306,7 @@ def _disk_full_error(folder: Path, what: str, log_path: Path | None) -> DiskSpac
     if free >= 64 << 20:
         return None
     return DiskSpaceError(
-        f"the disk holding {folder} filled up while {what} ({free / 1e6:.1f} MB free)",
+        f"the disk holding {folder} is full: it filled up while {what} ({free / 1e6:.1f} MB free)",
         hint="free some space or choose another --out-dir, then rerun; the partial file was removed and "
              "nothing was published" + (f" (log: {log_path})" if log_path else ""))
 
