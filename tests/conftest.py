@@ -21,9 +21,14 @@ Isolation (autouse, session): APEX_ORCH_STATE_DIR points at a fresh tmp dir for 
 APEX_ORCH_CACHE is left alone on purpose: the pinned llama.cpp build and source tree (binaries,
 the vocab GGUF) live in the real cache and must keep resolving.
 
-Tools: tests that run llama.cpp binaries call `require_tools("llama-perplexity", ...)` or use
-`@pytest.mark.requires_tools("llama-perplexity", ...)`. A missing build FAILS the test with a
-message saying how to build it; tests never skip silently.
+Tools: tests that run llama.cpp binaries use `@pytest.mark.requires_tools("llama-perplexity", ...)`
+(also as `pytestmark`), or call the `require_tools` fixture: `require_tools("llama-imatrix")`
+returns {name: Path}. A missing build FAILS the test with a message saying how to build it;
+tests never skip silently. (Do not `from conftest import ...`: tests/reliability has its own
+conftest module, so the name is ambiguous.)
+
+llama.cpp caveat: on CPUs with AMX, pass `--no-repack` to llama-perplexity / llama-imatrix for
+the mistral4 (MLA) models; see the apex_orch.synthetic docstring.
 """
 
 from __future__ import annotations
@@ -57,6 +62,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     for marker in item.iter_markers(name="requires_tools"):
         require_tools(*marker.args)
+
+
+@pytest.fixture(name="require_tools")
+def require_tools_fixture():
+    """The require_tools helper, for tests that decide at run time which tools they need."""
+    return require_tools
 
 
 @pytest.fixture(scope="session", autouse=True)

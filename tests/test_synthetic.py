@@ -15,8 +15,7 @@ import pytest
 
 from apex_orch import synthetic
 from apex_orch.errors import OutputExistsError
-from apex_orch.llama import run_tool
-from conftest import require_tools
+from apex_orch.llama import find_tool, run_tool
 
 F16, F32, BF16 = (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32,
                   gguf.GGMLQuantizationType.BF16)
@@ -394,9 +393,8 @@ def test_replica_fused_layout(tmp_path):
 
 @pytest.mark.requires_tools("llama-quantize")
 def test_replica_dry_run_q4_k_m(ms4_replica, tmp_path):
-    tools = require_tools("llama-quantize")
     lines: list[str] = []
-    run_tool([tools["llama-quantize"], "--dry-run", ms4_replica, tmp_path / "out.gguf", "Q4_K_M", "2"],
+    run_tool([find_tool("llama-quantize").path, "--dry-run", ms4_replica, tmp_path / "out.gguf", "Q4_K_M", "2"],
              log_path=tmp_path / "quantize.log", on_line=lines.append, timeout=120)
     text = "\n".join(lines)
     assert "quant size  = 68808.38 MiB (4.85 BPW)" in text
@@ -413,9 +411,8 @@ NO_REPACK = "--no-repack"
 
 
 def _perplexity(model: Path, text: Path, log: Path) -> float:
-    tools = require_tools("llama-perplexity")
     lines: list[str] = []
-    run_tool([tools["llama-perplexity"], "-m", model, "-f", text, "-c", "128", "--chunks", "2",
+    run_tool([find_tool("llama-perplexity").path, "-m", model, "-f", text, "-c", "128", "--chunks", "2",
               "-t", "2", NO_REPACK], log_path=log, on_line=lines.append, timeout=300)
     found = [m.group(1) for line in lines if (m := re.search(r"Final estimate: PPL = (\S+)", line))]
     assert len(found) == 1, f"no single 'Final estimate' line in {log}:\n" + "\n".join(lines[-40:])
@@ -434,9 +431,8 @@ def test_preset_runs_in_llama_perplexity(request, preset, eval_text, tmp_path):
 @pytest.mark.requires_tools("llama-imatrix")
 @pytest.mark.parametrize("fixture, n_exps_tensors", [("mistral4_fused", 12 * 2), ("qwen3moe", 12 * 3)])
 def test_every_expert_gets_tokens(request, fixture, n_exps_tensors, eval_text, tmp_path):
-    tools = require_tools("llama-imatrix")
     out = tmp_path / "imatrix.gguf"
-    run_tool([tools["llama-imatrix"], "-m", request.getfixturevalue(fixture), "-f", eval_text,
+    run_tool([find_tool("llama-imatrix").path, "-m", request.getfixturevalue(fixture), "-f", eval_text,
               "-o", out, "-c", "128", "--chunks", "2", "-t", "2", NO_REPACK],
              log_path=tmp_path / "imatrix.log", timeout=300)
     counts = {t.name: np.asarray(t.data).ravel() for t in gguf.GGUFReader(out).tensors
