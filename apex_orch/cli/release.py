@@ -1,0 +1,81 @@
+"""`apex-orch release CONFIG`: a model's whole APEX file set, card, LocalAI entries, and the Hub."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from apex_orch.release import PHASES
+
+
+class _Progress:
+    """Tool records ("[i/n] tensor") as one refreshed line on a terminal, sparse otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, msg: str) -> None:
+        if self.quiet:
+            return
+        if msg.startswith("["):
+            if self.tty:
+                click.echo(f"\r\033[K  {msg}", nl=False, err=True)
+                return
+            now = time.monotonic()
+            if now - self.last < 10.0:
+                return
+            self.last = now
+            click.echo(f"  {msg}", err=True)
+            return
+        if self.tty:
+            click.echo("\r\033[K", nl=False, err=True)
+        click.echo(msg, err=True)
+
+
+@click.command("release")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True,
+              help="Print the plan (tiers, predicted sizes, disk needed, commands) and stop; writes nothing.")
+@click.option("--only", default=None, metavar="PHASE[,PHASE]", help=f"Run only these phases ({', '.join(PHASES)}).")
+@click.option("--skip", default=None, metavar="PHASE[,PHASE]", help="Run every phase except these.")
+@click.option("--from", "from_phase", default=None, metavar="PHASE", help="Start at this phase.")
+@click.option("--push", is_flag=True,
+              help="Upload to the config's Hugging Face repo (token from HF_TOKEN or `hf auth login`).")
+@click.option("-j", "--jobs", type=int, default=None, help="Tiers quantized in parallel (default: from cores and memory).")
+@click.option("--source", type=click.Path(dir_okay=False), default=None,
+              help="Use this local GGUF instead of the config's source (e.g. a header-only replica for --dry-run).")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Release folder (default: the config's `output`, else out/release/<name>).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir, quiet) -> None:
+    """Build (and with --push publish) a model's complete APEX release from CONFIG.
+
+    \b
+    Phases: fetch -> convert -> imatrix -> quantize -> eval -> card -> publish.
+    Every phase is idempotent: a rerun skips finished work, and an interrupted
+    release resumes where it stopped. Phases not selected still find their earlier
+    results for the phases after them (they never recompute).
+    """
+    from pathlib import Path
+
+    from apex_orch import release as rel
+    from apex_orch.errors import UsageError
+
+    if jobs is not None and jobs < 1:
+        raise UsageError("-j/--jobs must be at least 1")
+    cfg = rel.load_release(config)
+    phases = rel.select_phases(only, skip, from_phase)
+    if push and "publish" not in phases:
+        raise UsageError("--push given but the publish phase is not selected")
+    out = Path(out_dir) if out_dir else None
+    src = Path(source) if source else None
+    if dry_run:
+        click.echo(rel.describe_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src))
+        return
+    result = rel.run_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src,
+                             progress=_Progress(quiet))
+    click.echo(rel.format_reports(result))

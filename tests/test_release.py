@@ -1,0 +1,596 @@
+"""apex-orch release: config schema, plans, the real pipeline (kill -9 mid-quantize, resume, no-op
+rerun), the model card (golden file), LocalAI entries, and publishing with a fake Hub client.
+
+The pipeline tests run the real llama.cpp tools and bindings on the synthetic demo model, with a
+two-tier config (Compact, I-Compact) and small imatrix/eval settings to stay fast; the seven-tier
+demo config is covered by the golden card (its real plans) and by `make release`.
+Set APEX_UPDATE_GOLDEN=1 to rewrite tests/golden/demo-card.md after an intended change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from apex_orch import __version__, card, localai, publish
+from apex_orch import release as rel
+from apex_orch.cli import main
+from apex_orch.errors import ConfigError, GateFailedError, OutputExistsError, PublishError, UsageError
+from apex_orch.llama import build_label
+from apex_orch.manifest import manifest_path
+from apex_orch.plan import make_plan
+from apex_orch.profile import load_profile
+from apex_orch.quantize import plan_quantize
+
+pytestmark = pytest.mark.requires_tools("llama-quantize", "llama-imatrix")
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden" / "demo-card.md"
+PLANTED_TOKEN = "hf_PLANTEDtestTOKENvalue0123456789abcdef"
+NAME = "Demo-Release"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def write_projector(path: Path) -> Path:
+    """A tiny vision-projector GGUF (general.architecture clip, F16), like convert_hf_to_gguf --mmproj writes."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "clip")
+    w.add_uint32("general.file_type", 1)
+    w.add_string("clip.projector_type", "pixtral")
+    w.add_tensor("v.patch_embd.weight", np.arange(64, dtype=np.float16).reshape(8, 8))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def release_yaml(folder: Path, text: Path, **extra) -> Path:
+    (folder / "corpus.yaml").write_text(
+        "description: Synthetic prose for the release tests\nseed: 1\n"
+        f"sources:\n  - path: {text}\n    split: paragraph\n")
+    doc = {"name": NAME, "base_model": "apex-orch/APEX-Demo-MoE", "license": "mit",
+           "source": {"demo": True}, "tiers": ["compact", "i-compact"],
+           "imatrix": {"corpus": "corpus.yaml", "ctx": 128, "chunks": 4},
+           "eval": {"text": str(text), "ctx": 128, "chunks": 2},
+           "mmproj": {"file": "projector.gguf", "name": "mmproj.gguf"},
+           "publish": {"repo": "apex-test/Demo-Release-APEX-GGUF"}}
+    doc.update(extra)
+    path = folder / "release.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(x) for x in text]
+    return out
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def phase_row(output: str, phase: str) -> list[str]:
+    line = next(l for l in output.splitlines() if re.match(rf"^{phase}\s+\S", l) and "  " in l)
+    return re.split(r"\s{2,}", line.strip())
+
+
+# ----------------------------------------------------------------------------- the real pipeline
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, eval_text):
+    """Run 1 killed with SIGKILL (it and its llama-quantize) while the second tier is being written;
+    run 2 resumes; run 3 is a no-op. Returns what each run left behind."""
+    folder = tmp_path_factory.mktemp("release")
+    write_projector(folder / "projector.gguf")
+    cfg = release_yaml(folder, eval_text)
+    out = folder / "out"
+    argv = [sys.executable, "-m", "apex_orch.cli", "release", str(cfg), "--out-dir", str(out), "-j", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    first = out / f"{NAME}-APEX-Compact.gguf"
+    second = out / f"{NAME}-APEX-I-Compact.gguf"
+    deadline = time.monotonic() + 300
+    partials: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        partials = list(out.glob(f".{second.name}.partial-*")) if out.is_dir() else []
+        if partials and partials[0].stat().st_size > 0:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    tools = children_of(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)          # the whole machine "dies": apex-orch first...
+    for pid in tools:
+        os.kill(pid, signal.SIGKILL)           # ...then the llama-quantize it was running
+    proc.wait()
+    killed = {"first_exists": first.exists(), "first_inode": first.stat().st_ino if first.exists() else None,
+              "second_exists": second.exists(), "partials": [p.name for p in out.glob(f".{second.name}.partial-*")]}
+    resumed = invoke("release", str(cfg), "--out-dir", str(out), "-j", "1")
+    assert resumed.exit_code == 0, resumed.output
+    snapshot = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    again = invoke("release", str(cfg), "--out-dir", str(out))
+    assert again.exit_code == 0, again.output
+    return {"cfg": cfg, "out": out, "folder": folder, "killed": killed, "resumed": resumed.output,
+            "again": again.output, "snapshot": snapshot, "first": first, "second": second}
+
+
+def test_kill_mid_quantize_then_rerun_finishes_only_what_is_missing(pipeline):
+    k = pipeline["killed"]
+    assert k["first_exists"] and not k["second_exists"]
+    assert len(k["partials"]) == 1                              # the dead run's partial file...
+    out = pipeline["out"]
+    assert list(out.glob(".*partial*")) == []                   # ...removed by the resumed run
+    assert f"removed a partial file left by an interrupted run: {k['partials'][0]}" in pipeline["resumed"]
+    assert pipeline["first"].stat().st_ino == k["first_inode"]  # the finished tier was not redone
+    assert phase_row(pipeline["resumed"], "quantize")[1:4:2] == ["ran", "1 written, 1 up to date"]
+    assert phase_row(pipeline["resumed"], "eval")[1:4:2] == ["ran", "2 evaluated, 0 up to date"]
+    assert phase_row(pipeline["resumed"], "imatrix")[1] in ("ran", "up to date")
+
+
+def test_rerun_is_a_noop(pipeline):
+    rows = {p: phase_row(pipeline["again"], p)[1] for p in rel.PHASES}
+    assert rows == {"fetch": "not needed", "convert": "up to date", "imatrix": "up to date",
+                    "quantize": "up to date", "eval": "up to date", "card": "up to date", "publish": "skipped"}
+    now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in pipeline["out"].rglob("*") if p.is_file()}
+    changed = {n for n in now if now[n] != pipeline["snapshot"].get(n)}
+    assert changed == {"release.log", "last-run.json", "lock"}  # only the run's own log, summary and lock
+
+
+def test_release_folder_contents(pipeline):
+    out = pipeline["out"]
+    published = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                       if p.is_file() and not p.relative_to(out).as_posix().startswith(rel.WORK_DIR)
+                       and not p.name.endswith((".manifest.json", ".log", ".tensor-types.txt")))
+    assert published == ["Demo-Release-APEX-Compact.gguf", "Demo-Release-APEX-I-Compact.gguf", "README.md",
+                         "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml",
+                         "mmproj.gguf"]
+    # the projector is included byte for byte, never quantized
+    assert (out / "mmproj.gguf").read_bytes() == (pipeline["folder"] / "projector.gguf").read_bytes()
+    # tier files are exactly what plan_quantize predicted and carry their tier's metadata
+    from apex_orch.gguf_header import read_header
+    for tier, profile in (("Compact", "compact"), ("I-Compact", "i-compact")):
+        f = out / f"{NAME}-APEX-{tier}.gguf"
+        kv = read_header(f).kv
+        assert (kv["apex.tier"], kv["apex.profile"]) == (tier, profile)
+        assert ("quantize.imatrix.file" in kv) == (tier == "I-Compact")
+
+
+def test_card_is_the_render_of_the_release_and_states_real_facts(pipeline):
+    out = pipeline["out"]
+    text = (out / "README.md").read_text()
+    cfg = rel.load_release(pipeline["cfg"])
+    state = rel.ReleaseState(cfg, out, lambda _m: None)
+    for name in ("fetch", "convert", "imatrix", "quantize", "eval"):
+        rel._PHASE_FUNCS[name](state, False)
+    facts = card.facts_from_release(state)
+    assert text == card.render_card(facts)
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.gguf")}
+    for name, digest in sha.items():
+        assert f"sha256 `{digest}`" in text
+    sizes = {p.name: p.stat().st_size for p in out.glob("*.gguf")}
+    assert (f"| {NAME}-APEX-Compact.gguf | Compact | {card.fmt_size(sizes[f'{NAME}-APEX-Compact.gguf'])} "
+            f"| Multi-GPU setups |") in text
+    assert f"| mmproj.gguf | Vision projector | {card.fmt_size(sizes['mmproj.gguf'])} | Required for image understanding |" in text
+    assert "- **Vision**: Pixtral encoder, shipped as a separate projector (mmproj.gguf, F16)" in text
+    assert f"local-ai run apex-test/Demo-Release-APEX-GGUF@{NAME}-APEX-Compact.gguf" in text
+    # eval numbers come from the eval records, one shared base-logits cache for both tiers
+    eval_dir = out / rel.WORK_DIR / "eval"
+    records = {r["tier"]: r for r in (json.loads((eval_dir / f"{NAME}-APEX-{t}.gguf.json").read_text())
+                                      for t in ("Compact", "I-Compact"))}
+    base = json.loads((eval_dir / "base.json").read_text())
+    large = max([base["ppl"]] + [r["summary"]["ppl"] for r in records.values()]) >= 1000
+    assert f"| source (F16) | {card.fmt_size(base['size'])} | {card.fmt_ppl(base['ppl'], base['ppl_err'], large=large)} " \
+           f"| — | — |" in text
+    for rec in records.values():
+        s = rec["summary"]
+        assert f"| {rec['file']} | {card.fmt_size(rec['size'])} | {card.fmt_ppl(s['ppl'], s['ppl_err'], large=large)} | " \
+               f"{card.fmt_kld(s['kld_mean'])} | {card.fmt_pct(s['same_top_p'])} |" in text
+        assert s["n_chunks"] == 2 and s["n_ctx"] == 128 and s["base_ppl"] == base["ppl"]   # one shared base cache
+    # deterministic: no absolute paths, no dates
+    for needle in (str(out), str(pipeline["folder"]), str(Path.home()), "/tmp/"):
+        assert needle not in text
+    assert not re.search(r"\d{4}-\d{2}-\d{2}", text)
+
+
+def test_localai_entries(pipeline):
+    out = pipeline["out"]
+    entry = yaml.safe_load((out / "localai" / "demo-release-apex-i-compact.yaml").read_text())
+    assert len(entry) == 1
+    e = entry[0]
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert e["name"] == "demo-release-apex-i-compact"
+    assert e["overrides"] == {"parameters": {"model": f"{NAME}-APEX-I-Compact.gguf"}, "mmproj": "mmproj.gguf"}
+    assert e["files"] == [
+        {"filename": f"{NAME}-APEX-I-Compact.gguf", "sha256": digest(pipeline["second"]),
+         "uri": f"huggingface://apex-test/Demo-Release-APEX-GGUF/{NAME}-APEX-I-Compact.gguf"},
+        {"filename": "mmproj.gguf", "sha256": digest(out / "mmproj.gguf"),
+         "uri": "huggingface://apex-test/Demo-Release-APEX-GGUF/mmproj.gguf"}]
+    assert e["license"] == "mit" and "apex" in e["tags"] and "multimodal" in e["tags"]
+
+
+def test_gates_stop_the_release_before_card_and_publish(pipeline):
+    doc = yaml.safe_load(pipeline["cfg"].read_text())
+    doc["eval"]["gates"] = {"max_mean_kld": 1e-9}
+    strict = pipeline["folder"] / "strict.yaml"
+    strict.write_text(yaml.safe_dump(doc, sort_keys=False))
+    card_before = (pipeline["out"] / "README.md").read_bytes()
+    res = CliRunner().invoke(main, ["release", str(strict), "--out-dir", str(pipeline["out"]), "--from", "eval"])
+    assert res.exit_code == GateFailedError.exit_code, res.output
+    assert f"{NAME}-APEX-Compact.gguf: mean KLD" in res.output and "fails max_mean_kld 1e-09" in res.output
+    assert f"{NAME}-APEX-I-Compact.gguf: mean KLD" in res.output
+    assert (pipeline["out"] / "README.md").read_bytes() == card_before      # card and publish did not run
+
+
+# ----------------------------------------------------------------------------- publishing
+
+class FakeHfApi:
+    """A FAKE huggingface_hub.HfApi: records what apex-orch hands to the Hub; no network.
+    `remote` maps path_in_repo -> sha256 (LFS) or git blob sha1 (small files) it claims to hold."""
+
+    def __init__(self, token=None, remote=None, fail_with=None):
+        self.token = token
+        self.remote = dict(remote or {})
+        self.fail_with = fail_with
+        self.calls: list[tuple] = []
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+
+    def get_paths_info(self, repo_id, paths, **kw):
+        from types import SimpleNamespace
+        self.calls.append(("get_paths_info", repo_id, tuple(paths), kw))
+        out = []
+        for p in paths:
+            if p in self.remote:
+                v = self.remote[p]
+                out.append(SimpleNamespace(path=p, lfs=SimpleNamespace(sha256=v) if len(v) == 64 else None,
+                                           blob_id=v if len(v) == 40 else None))
+        return out
+
+    def preupload_lfs_files(self, repo_id, additions, **kw):
+        self.calls.append(("preupload", repo_id, tuple(op.path_in_repo for op in additions), kw))
+
+    def create_commit(self, repo_id, operations, **kw):
+        if self.fail_with:
+            raise RuntimeError(self.fail_with)
+        ops = tuple(sorted((op.path_in_repo, str(op.path_or_fileobj)) for op in operations))
+        self.calls.append(("create_commit", repo_id, ops, kw))
+        from types import SimpleNamespace
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123", oid="abc123")
+
+
+def _published_names(out: Path) -> list[str]:
+    return sorted([f"{NAME}-APEX-Compact.gguf", f"{NAME}-APEX-I-Compact.gguf", "mmproj.gguf", "README.md",
+                   "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml"])
+
+
+def test_publish_plan_handed_to_huggingface_hub(pipeline, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    out = pipeline["out"]
+    cfg = rel.load_release(pipeline["cfg"])
+    fake = FakeHfApi()
+    result = rel.run_release(cfg, phases=["publish"], push=True, out_dir=out, api=fake)
+    assert result.reports[-1].status == "ran"
+    names = [c[0] for c in fake.calls]
+    assert names == ["create_repo", "get_paths_info", "preupload", "preupload", "preupload", "create_commit"]
+    repo = "apex-test/Demo-Release-APEX-GGUF"
+    assert fake.calls[0] == ("create_repo", repo, {"repo_type": "model", "private": False, "exist_ok": True})
+    assert sorted(fake.calls[1][2]) == _published_names(out)
+    assert {c[2] for c in fake.calls if c[0] == "preupload"} == {
+        (f"{NAME}-APEX-Compact.gguf",), (f"{NAME}-APEX-I-Compact.gguf",), ("mmproj.gguf",)}
+    commit = fake.calls[-1]
+    assert [p for p, _ in commit[2]] == _published_names(out)
+    assert all(local == str(out / p) for p, local in commit[2])
+    kw = commit[3]
+    assert kw["commit_message"] == f"{NAME} APEX GGUF: 2 tiers (apex-orch {__version__}, {build_label()})"
+    assert f"apex-orch {__version__}" in kw["commit_description"] and build_label() in kw["commit_description"]
+    assert (kw["repo_type"], kw["revision"]) == ("model", "main")
+    record = json.loads((out / rel.WORK_DIR / "publish.json").read_text())
+    assert record["commit_oid"] == "abc123" and sorted(record["uploaded"]) == _published_names(out)
+
+    # the Hub already holds every byte: nothing is uploaded, no commit is made
+    remote = {}
+    for rec_file in [out / n for n in _published_names(out)]:
+        data = rec_file.read_bytes()
+        remote[rec_file.relative_to(out).as_posix()] = (
+            hashlib.sha256(data).hexdigest() if rec_file.suffix == ".gguf" else publish.git_blob_sha1(data))
+    fake2 = FakeHfApi(remote=remote)
+    again = rel.run_release(cfg, phases=["publish"], push=True, out_dir=out, api=fake2)
+    assert [c[0] for c in fake2.calls] == ["create_repo", "get_paths_info"]
+    assert again.reports[-1].status == "up to date"
+
+
+def test_publish_without_push_uploads_nothing(pipeline):
+    res = invoke("release", str(pipeline["cfg"]), "--out-dir", str(pipeline["out"]), "--only", "publish")
+    assert res.exit_code == 0
+    assert phase_row(res.output, "publish")[1] == "skipped"
+
+
+def test_token_is_never_printed_logged_or_written(pipeline, monkeypatch):
+    """The token from the standard location (HF_TOKEN) reaches HfApi and nowhere else, even when the
+    Hub client fails with an error text that echoes it."""
+    monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
+    made: list[FakeHfApi] = []
+
+    def fake_make_api(token):
+        made.append(FakeHfApi(token=token, fail_with=f"401 Unauthorized: Authorization: Bearer {token}"))
+        return made[-1]
+
+    monkeypatch.setattr(publish, "make_api", fake_make_api)
+    res = CliRunner().invoke(main, ["release", str(pipeline["cfg"]), "--out-dir", str(pipeline["out"]),
+                                    "--only", "publish", "--push"])
+    assert res.exit_code == PublishError.exit_code
+    assert made[0].token == PLANTED_TOKEN
+    assert "Bearer ***" in res.output and PLANTED_TOKEN not in res.output
+    monkeypatch.setattr(publish, "make_api", lambda token: made.append(FakeHfApi(token=token)) or made[-1])
+    ok = CliRunner().invoke(main, ["release", str(pipeline["cfg"]), "--out-dir", str(pipeline["out"]),
+                                   "--only", "publish", "--push"])
+    assert ok.exit_code == 0 and made[-1].token == PLANTED_TOKEN and PLANTED_TOKEN not in ok.output
+    leaks = [p for p in pipeline["folder"].rglob("*") if p.is_file() and PLANTED_TOKEN.encode() in p.read_bytes()]
+    assert leaks == []
+
+
+def test_push_needs_a_token(pipeline, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "token"))  # no token file
+    res = CliRunner().invoke(main, ["release", str(pipeline["cfg"]), "--out-dir", str(pipeline["out"]),
+                                    "--only", "publish", "--push"])
+    assert res.exit_code == PublishError.exit_code
+    assert "no Hugging Face token found" in res.output and "hf auth login" in res.output
+
+
+# ----------------------------------------------------------------------------- golden card (seven tiers)
+
+STAND_IN_SHA = "0123456789abcdef" * 4
+
+
+def demo_card_facts(tmp_path: Path) -> card.CardFacts:
+    """The demo release's card facts from its real config, model and plans; the measured values
+    (file sha256, imatrix sha256, eval numbers) are labelled stand-ins so the text is the same on
+    every machine. Sizes are the plans' exact predictions."""
+    cfg = rel.load_release(ROOT / "releases" / "demo.yaml")
+    state = rel.ReleaseState(cfg, tmp_path / "out", lambda _m: None)
+    rel.fetch_source(state, run=False)
+    rel.convert_source(state, run=False)
+    state.jobs = rel.plan_jobs(state, imatrix=rel._preview_imatrix(state, None))
+    from apex_orch.corpus import load_corpus_spec
+    state.imatrix_record = {"corpus": "diverse", "description": load_corpus_spec("diverse").description,
+                            "ctx": 128, "chunks": 8, "sha256": STAND_IN_SHA}
+    for i, job in enumerate(state.jobs):
+        state.evals[job.profile.tier] = {
+            "tier": job.profile.tier, "file": job.output.name, "size": job.predicted_size, "text": "corpus wikipedia",
+            "summary": {"ppl": 12.0 + 0.25 * i, "ppl_err": 0.125, "kld_mean": 0.01 * (i + 1), "same_top_p": 95.0 - 2 * i,
+                        "n_chunks": 4, "n_ctx": 128}}
+    state.base_eval = {"type": "F16", "size": state.model.file_size, "ppl": 11.5, "ppl_err": 0.12}
+
+    def stand_in_files(job, _files):
+        return (card.FileFacts((job.output.name,), job.predicted_size, (STAND_IN_SHA,)),
+                {r: s["types"] for r, s in job.plan.role_summary().items()})
+    return card.facts_from_release(state, file_facts=stand_in_files)
+
+
+def test_demo_card_golden(tmp_path):
+    text = card.render_card(demo_card_facts(tmp_path))
+    if os.environ.get("APEX_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+
+
+def test_demo_card_brief_shape(tmp_path):
+    text = card.render_card(demo_card_facts(tmp_path))
+    assert text.startswith("---\nbase_model: apex-orch/APEX-Demo-MoE\nbase_model_relation: quantized\nlicense: mit\n"
+                           "tags:\n- gguf\n- moe\n- apex\n- quantized\n- mistral4\n---\n")
+    assert "\n# APEX-Demo-MoE APEX GGUF\n" in text
+    assert "| File | Profile | Size | Best For |" in text
+    tiers = [l.split(" | ")[1] for l in text.splitlines() if l.startswith("| APEX-Demo-MoE-APEX-") and " | " in l
+             and l.count("|") == 5]
+    assert tiers == ["I-Balanced", "I-Quality", "Quality", "Balanced", "I-Compact", "Compact", "I-Mini"]
+    assert "- **APEX config**: 2+2 symmetric edge gradient across 12 layers, MLA-aware tensor mapping" in text
+    assert "- **Experts**: 16 routed + 1 shared, 2 routed active per token" in text
+    assert f"- llama.cpp build `{build_label()}`" in text
+    assert "apex-orch release releases/demo.yaml" in text
+
+
+def test_benchmarks_pending_without_eval(tmp_path):
+    facts = demo_card_facts(tmp_path)
+    import dataclasses
+    bare = dataclasses.replace(facts, tiers=tuple(dataclasses.replace(t, eval=None) for t in facts.tiers),
+                               base_eval=None, eval_setup=None)
+    text = card.render_card(bare)
+    section = text.split("## Benchmarks\n\n")[1].split("\n\n##")[0]
+    assert section == "Benchmarks pending: these files have not been evaluated yet."
+
+
+# ----------------------------------------------------------------------------- dry runs
+
+def test_flagship_dry_run_on_the_replica(ms4_replica, monkeypatch):
+    monkeypatch.delenv("APEX_MODELS_DIR", raising=False)
+    cfg = ROOT / "releases" / "mistral-small-4-119b.yaml"
+    res = invoke("release", str(cfg), "--dry-run", "--source", str(ms4_replica))
+    assert res.exit_code == 0, res.output
+    rows = {}
+    for line in res.output.splitlines():
+        cells = line.split()
+        if len(cells) == 8 and cells[1].startswith("Mistral-Small-4-119B-APEX-"):
+            assert (cells[3], cells[7]) == ("GB", "missing")
+            rows[cells[0]] = (cells[1], cells[2], cells[5], cells[6])
+    from apex_orch.model import read_model
+    info = read_model(ms4_replica)
+    expected = {}
+    for prof_name in ("i-balanced", "i-quality", "quality", "balanced", "i-compact", "compact", "i-mini"):
+        prof = load_profile(prof_name)
+        if prof.imatrix_required:
+            plan = make_plan(info, prof, has_imatrix=True)
+            size, bpw = plan.predicted_file_size(), plan.bpw
+        else:
+            job = plan_quantize(ms4_replica, prof, name="Mistral-Small-4-119B", model=info)
+            size, bpw = job.predicted_size, job.plan.bpw
+        parts = str(-(-size // 48_000_000_000))
+        expected[prof.tier] = (f"Mistral-Small-4-119B-APEX-{prof.tier}.gguf", f"{size / 1e9:.2f}", f"{bpw:.3f}", parts)
+    assert rows == expected
+    assert list(rows) == ["I-Balanced", "I-Quality", "Quality", "Balanced", "I-Compact", "Compact", "I-Mini"]
+    assert "split into parts of at most 48G" in res.output
+    assert "publish   mudler/Mistral-Small-4-119B-2603-APEX-GGUF (public); not without --push" in res.output
+    assert "mistral-small-4-119b.yaml:" in res.output and "${APEX_MODELS_DIR}, which is not set" in res.output
+    assert re.search(r"^disk      the release needs [\d.]+ GB", res.output, re.M)
+    assert res.output.count("$ ") == 7                           # one llama-quantize command per tier
+    assert not (ROOT / "out" / "release" / "Mistral-Small-4-119B").exists()   # a dry run writes nothing
+
+
+def test_dry_run_of_a_converted_source_shows_the_pinned_converter(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = tmp_path / "conv.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "Conv", "license": "apache-2.0",
+        "source": {"convert": {"repo": "org/model", "revision": "a" * 40, "mistral_format": True}},
+        "tiers": ["compact"], "mmproj": {"convert": {"outtype": "q8_0"}},
+        "publish": {"repo": "org/Conv-APEX-GGUF"}}))
+    res = invoke("release", str(cfg), "--dry-run", "--out-dir", str(tmp_path / "out"))
+    assert res.exit_code == 0, res.output
+    script = str(rel.converter_script())
+    lines = [l for l in res.output.splitlines() if l.startswith("convert   $ ")]
+    assert lines == [
+        f"convert   $ {sys.executable} {script} '<snapshot>' --outfile {tmp_path}/out/.apex-release/source/Conv-BF16.gguf "
+        "--outtype bf16 --mistral-format --model-name Conv",
+        f"convert   $ {sys.executable} {script} '<snapshot>' --outfile {tmp_path}/out/mmproj.gguf --outtype q8_0 "
+        "--mmproj --mistral-format"]
+    assert "org/model@aaaaaaaaaaaa is not in the Hugging Face cache" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_hf_source_is_fetched_at_the_pinned_revision(tmp_path, monkeypatch, mistral4_split):
+    """huggingface_hub.hf_hub_download replaced by a FAKE that records its arguments (no network)."""
+    import huggingface_hub
+    seen = []
+
+    def fake_download(**kw):
+        seen.append(kw)
+        return str(mistral4_split)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    cfg = tmp_path / "hf.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "Hf", "license": "mit", "tiers": ["compact"],
+                                   "source": {"hf": {"repo": "org/m-GGUF", "revision": "b" * 40, "files": ["m.gguf"]}},
+                                   "publish": {"repo": "org/Hf-APEX-GGUF"}}))
+    state = rel.ReleaseState(rel.load_release(cfg), tmp_path / "out", lambda _m: None)
+    assert rel.phase_fetch(state, run=True).status == "ran"
+    assert seen == [{"repo_id": "org/m-GGUF", "filename": "m.gguf", "revision": "b" * 40, "local_files_only": False}]
+    assert state.source_paths == [mistral4_split]
+
+
+# ----------------------------------------------------------------------------- config schema
+
+BASE = {"name": "X", "license": "mit", "source": {"demo": True}, "tiers": ["compact"], "publish": {"repo": "o/x"}}
+
+
+def write_cfg(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nsplit: 48G\n", 6,
+     "split: unknown key"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\neval:\n  corpus: c\n"
+     "  chunk: 3\n", 8, "eval.chunk: unknown key"),
+    ("name: X\nlicense: mit\nsource:\n  hf: {repo: o/m, revision: main, files: [m.gguf]}\ntiers: [compact]\n"
+     "publish: {repo: o/x}\n", 4, "is not a pinned revision"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmmproj:\n"
+     "  file: p.gguf\n  name: ../mmproj.gguf\n", 8, "is not a plain file name"),
+    ("name: X\nlicense: mit\nsource:\n  hf:\n    repo: o/m\n    revision: " + "c" * 40 + "\n    files: [../m.gguf]\n"
+     "tiers: [compact]\npublish: {repo: o/x}\n", 7, "is not a plain path inside the repo"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers:\n  - compact\n  - compact\npublish: {repo: o/x}\n", 6,
+     "tier Compact is listed twice"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\nimatrix: {corpus: diverse}\n"
+     "publish: {repo: o/x}\n", 5, "no tier needs an imatrix"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nsplit_max_size: big\n", 6,
+     "is not a size like 48G"),
+    ("name: X\nlicense: mit\nsource: {demo: true, gguf: a.gguf}\ntiers: [compact]\npublish: {repo: o/x}\n", 3,
+     "give exactly one of gguf, demo, hf, convert"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [nosuch]\npublish: {repo: o/x}\n", 4,
+     "tiers[0]: unknown profile 'nosuch'"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: not-a-repo}\n", 5,
+     "is not a repo id like owner/name"),
+])
+def test_config_errors_name_file_and_line(tmp_path, text, line, message):
+    p = write_cfg(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        rel.load_release(p)
+    assert err.value.where == f"{p}:{line}"
+    assert message in err.value.message
+
+
+def test_config_error_through_the_cli(tmp_path):
+    p = write_cfg(tmp_path, "name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\n"
+                            "colour: red\n")
+    res = CliRunner().invoke(main, ["release", str(p), "--dry-run"])
+    assert res.exit_code == ConfigError.exit_code
+    assert res.output.startswith(f"error: {p}:6: colour: unknown key\nhint: allowed here: ")
+
+
+def test_unset_variable_is_reported_where_the_path_is_needed(tmp_path, monkeypatch):
+    monkeypatch.delenv("APEX_TEST_UNSET", raising=False)
+    p = write_cfg(tmp_path, "name: X\nlicense: mit\nsource:\n  gguf: ${APEX_TEST_UNSET}/m.gguf\ntiers: [compact]\n"
+                            "publish: {repo: o/x}\n")
+    cfg = rel.load_release(p)            # loading is fine: the variable may be set on the runner
+    with pytest.raises(ConfigError) as err:
+        cfg.source.paths[0].resolve()
+    assert err.value.where == f"{p}:4" and "${APEX_TEST_UNSET}, which is not set" in err.value.message
+
+
+def test_name_is_made_safe_for_file_names(tmp_path):
+    p = write_cfg(tmp_path, "name: My Model/v2\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\n"
+                            "publish: {repo: o/x}\n")
+    cfg = rel.load_release(p)
+    assert cfg.name == "My-Model-v2" and cfg.title == "My-Model-v2 APEX GGUF"
+    assert cfg.warnings == ["name 'My Model/v2' is written as 'My-Model-v2' in file names"]
+
+
+def test_release_folder_must_stay_out_of_the_project(tmp_path):
+    (tmp_path / "releases").mkdir()
+    p = tmp_path / "releases" / "r.yaml"
+    p.write_text("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\noutput: ..\n")
+    cfg = rel.load_release(p)
+    with pytest.raises(ConfigError, match="must not receive release files") as err:
+        rel.check_out_dir(rel.default_out_dir(cfg), cfg)
+    assert err.value.where == f"{p}:6"
+    foreign = tmp_path / "elsewhere"
+    foreign.mkdir()
+    (foreign / "README.md").write_text("# someone else's card\n")
+    with pytest.raises(OutputExistsError, match="was not written by apex-orch"):
+        rel.check_out_dir(foreign, cfg)
+
+
+@pytest.mark.parametrize("only, skip, start, expected", [
+    (None, None, None, list(rel.PHASES)),
+    ("card,quantize", None, None, ["quantize", "card"]),
+    (None, "eval,publish", None, ["fetch", "convert", "imatrix", "quantize", "card"]),
+    (None, "publish", "quantize", ["quantize", "eval", "card"]),
+])
+def test_phase_selection(only, skip, start, expected):
+    assert rel.select_phases(only, skip, start) == expected
+
+
+def test_phase_selection_errors():
+    with pytest.raises(UsageError, match="unknown phase upload"):
+        rel.select_phases(only="upload")
+    with pytest.raises(UsageError, match="--only cannot be combined"):
+        rel.select_phases(only="card", skip="eval")
