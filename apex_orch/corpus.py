@@ -1039,6 +1039,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o644)   # mkstemp's 0600 is for secrets; these are shareable outputs
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -191,6 +191,9 @@ def fit_problems(info: ImatrixInfo, model_info) -> list[str]:
 
 def check_imatrix_fits(info: ImatrixInfo, model_info) -> None:
     """Raise ImatrixError naming the first mismatches when the imatrix is from another model."""
+    if not info.entries:
+        raise ImatrixError("the imatrix holds no entries", where=str(info.path),
+                           hint="recompute it: `apex-orch imatrix MODEL --corpus NAME`")
     problems = fit_problems(info, model_info)
     if not problems:
         if info.entries and not (set(info.entries) & {t.name for t in expected_tensors(model_info)}):
@@ -605,6 +608,7 @@ def _atomic_copy(src: Path, dest: Path) -> None:
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
