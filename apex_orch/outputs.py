@@ -22,7 +22,7 @@ import socket
 import time
 from pathlib import Path
 
-from apex_orch.errors import DiskSpaceError, LockedError, OutputExistsError, OutputNotWritableError
+from apex_orch.errors import ApexError, DiskSpaceError, LockedError, OutputExistsError, OutputNotWritableError
 
 PARTIAL_TAG = ".partial-"
 
@@ -161,7 +161,7 @@ def translate_os_error(exc: OSError, path: Path | str | None = None, *, creating
     what = "cannot create" if creating else "cannot write"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskSpaceError(f"the disk is full: {what} {where} ({exc.strerror})",
-                              hint="free some space or choose another --out-dir; nothing was published")
+                              hint="free some space or write to another folder, then rerun")
     if exc.errno == errno.EFBIG:
         return DiskSpaceError(f"file too large: {what} {where} ({exc.strerror}; a file size limit, `ulimit -f`?)",
                               hint="raise the file size limit or write to another file system")
@@ -171,8 +171,8 @@ def translate_os_error(exc: OSError, path: Path | str | None = None, *, creating
     if exc.errno in (errno.EACCES, errno.EPERM):
         return OutputNotWritableError(f"{'cannot create' if creating else 'cannot access'} {where}: {exc.strerror}",
                                       hint="fix the permissions, or choose another --out-dir (or -o)")
-    return OutputNotWritableError(f"{exc.strerror or exc}: {where}" if where else f"{exc.strerror or exc}",
-                                  hint="check that path and its file system, then rerun")
+    return ApexError(f"{exc.strerror or exc}: {where}" if where else f"{exc.strerror or exc}",
+                     hint="check that path and its file system, then rerun")
 
 
 def check_free_space(folder: Path, needed: int, *, margin_fraction: float = 0.02,
