@@ -185,3 +185,12 @@ def test_output_folder_cannot_be_created(tiny_moe, tmp_path, tripwire):
         assert_failed_cleanly(r.output, 17, r.exit_code, f"cannot create {fs / 'new'}", "Read-only file system",
                               "choose another --out-dir")
         assert not tripwire.exists()
+
+
+def test_unguarded_write_into_read_only_folder_is_one_message(tiny_moe, tmp_path):
+    """`render -o` writes without the quantize guard: the CLI's last line of defence still turns
+    the file-system error into one message (no traceback)."""
+    with tmpfs(tmp_path / "fs", "1m", read_only=True) as fs:
+        r = cli("render", "-p", "compact", tiny_moe, "-o", fs / "rules.txt")
+        assert_failed_cleanly(r.output, 17, r.exit_code, f"cannot write {fs}/.rules.txt.tmp: Read-only file system",
+                              "on a writable file system")
