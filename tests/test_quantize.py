@@ -31,7 +31,7 @@ def model_imatrix(tmp_path_factory, mistral4_split, eval_text):
     """A real imatrix for the synthetic mistral4 model (llama-imatrix, 6 chunks of 128)."""
     out = tmp_path_factory.mktemp("imatrix") / "m4.imatrix.gguf"
     run_tool([find_tool("llama-imatrix").path, "-m", mistral4_split, "-f", eval_text, "-o", out,
-              "-c", "128", "--chunks", "6", "-t", "2"], log_path=out.with_suffix(".log"))
+              "-c", "128", "--chunks", "6", "-t", "2", "--no-repack"], log_path=out.with_suffix(".log"))
     return out
 
 
