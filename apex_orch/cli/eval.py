@@ -1,0 +1,118 @@
+"""`apex-orch eval` (PPL, KL divergence vs a base, speed) and `apex-orch compare` (a table and a
+Pareto plot for several files against one base)."""
+
+from __future__ import annotations
+
+import click
+
+from apex_orch import evaluate as ev
+from apex_orch.errors import UsageError
+
+
+def _settings_options(fn):
+    """Options that change the numbers; shared by eval and compare."""
+    options = [
+        click.option("--text", "text", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Evaluation text file (at least 2 x ctx tokens)."),
+        click.option("--corpus", "corpus", default=None,
+                     help="Build the evaluation text from a corpus (corpora/NAME.yaml or a YAML path)."),
+        click.option("-c", "--ctx", default=512, show_default=True, type=int,
+                     help="Tokens per chunk; the second half of each chunk is scored."),
+        click.option("--chunks", default=None, type=int, help="Evaluate at most N chunks (default: all)."),
+        click.option("-b", "--batch", default=None, type=int,
+                     help="Logical batch (default: = ctx, one decode per chunk)."),
+        click.option("-ub", "--ubatch", default=512, show_default=True, type=int, help="Physical batch."),
+        click.option("-t", "--threads", default=None, type=int, help="CPU threads (default: all cores)."),
+        click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
+                     help="Flash attention (llama-perplexity's `auto` turns it on for CPU)."),
+        click.option("--repack/--no-repack", default=False, show_default=True,
+                     help="llama.cpp extra buffer types (CPU repack/AMX kernels); they change the numbers "
+                          "slightly, and crash MLA models on AMX CPUs in the pinned build."),
+        click.option("--backend", type=click.Choice(ev.BACKENDS), default="bindings", show_default=True,
+                     help="Evaluate in-process, or run the llama-perplexity binary (same result fields)."),
+        click.option("--max-mean-kld", type=float, default=None, help="Gate: fail if mean KLD is above this."),
+        click.option("--max-ppl-ratio", type=float, default=None,
+                     help="Gate: fail if PPL(Q)/PPL(base) is above this."),
+        click.option("--min-same-top-p", type=float, default=None,
+                     help="Gate: fail if 'Same top p' (percent) is below this."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _settings(ctx: int, chunks: int | None, batch: int | None, ubatch: int, threads: int | None,
+              flash_attn: bool, repack: bool) -> ev.EvalSettings:
+    return ev.EvalSettings(n_ctx=ctx, chunks=chunks, n_batch=batch, n_ubatch=ubatch,
+                           n_threads=threads or ev.default_threads(), flash_attn=flash_attn, repack=repack)
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    return lambda msg: click.echo(msg, err=True)
+
+
+@click.command("eval")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--base", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Reference model (the F16/BF16 source) for KL divergence; its log-probs are cached.")
+@_settings_options
+@click.option("--speed/--no-speed", default=False, show_default=True,
+              help="Also measure pp512/tg128 tokens/s through the bindings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (inputs, settings, cache) and stop.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None, ctx: int, chunks: int | None,
+             batch: int | None, ubatch: int, threads: int | None, flash_attn: bool, repack: bool, backend: str,
+             max_mean_kld: float | None, max_ppl_ratio: float | None, min_same_top_p: float | None,
+             speed: bool, as_json: bool, dry_run: bool, quiet: bool) -> None:
+    """Perplexity of MODEL (and, with --base, llama-perplexity's KL-divergence statistics),
+    computed exactly like llama-perplexity: chunks of --ctx tokens, BOS first, second half scored.
+
+    Exits 15 when a gate (--max-mean-kld, --max-ppl-ratio, --min-same-top-p) fails.
+    """
+    gates = ev.Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p)
+    if gates.active and base is None:
+        raise UsageError("gates compare against a base: give --base")
+    settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
+    plan = ev.plan_eval(model, base=base, text=text, corpus=corpus, settings=settings, backend=backend,
+                        speed=speed)
+    if dry_run:
+        click.echo(plan.describe())
+        return
+    result = ev.run_eval(plan, progress=_progress(quiet))
+    for note in result.notes:
+        click.echo(f"warning: {note}", err=True)
+    click.echo(result.to_json() if as_json else ev.format_result(result))
+    ev.check_gates(result, gates)
+
+
+@click.command("compare")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--base", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Reference model (the F16/BF16 source); its log-probs are computed once and shared.")
+@_settings_options
+@click.option("--speed/--no-speed", default=True, show_default=True,
+              help="Measure pp512/tg128 tokens/s of every file (and the base).")
+@click.option("--format", "fmt", type=click.Choice(("md", "json", "csv")), default="md", show_default=True)
+@click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a Pareto plot (mean KLD vs size, log scales) to this PNG/SVG/PDF.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | None, ctx: int,
+            chunks: int | None, batch: int | None, ubatch: int, threads: int | None, flash_attn: bool,
+            repack: bool, backend: str, max_mean_kld: float | None, max_ppl_ratio: float | None,
+            min_same_top_p: float | None, speed: bool, fmt: str, plot: str | None, quiet: bool) -> None:
+    """One table for FILES against --base: tier, size, bpw, PPL, KLD mean/99.9%/max, same top p,
+    speed. Exits 15 (after printing the table) when a gate fails for any file."""
+    from apex_orch import evalreport
+
+    gates = ev.Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p)
+    settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
+    report = evalreport.compare(list(files), base, text=text, corpus=corpus, settings=settings,
+                                backend=backend, speed=speed, gates=gates, progress=_progress(quiet))
+    click.echo(evalreport.format_report(report, fmt), nl=False)
+    if plot:
+        path = evalreport.pareto_plot(report, plot)
+        click.echo(f"plot: {path}", err=True)
+    report.check_gates()
