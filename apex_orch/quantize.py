@@ -109,9 +109,11 @@ def resolve_imatrix(model: ModelInfo, path: str | os.PathLike | None) -> Imatrix
     return ImatrixSource(p, sha256_file(p), datasets[0] if datasets else None, info)
 
 
-def build_imatrix_for(model_path: Path, corpus: str, threads: int, progress: Progress) -> Path:
+def build_imatrix_for(model_path: Path, corpus: str, threads: int | None, progress: Progress, *,
+                      ctx: int = 512, chunks: int | None = None) -> Path:
+    """Build (or reuse from the cache) the imatrix an I-profile needs, on a named corpus."""
     from apex_orch import imatrix as im
-    ip = im.plan_imatrix(model_path, corpus, threads=threads)
+    ip = im.plan_imatrix(model_path, corpus, ctx=ctx, chunks=chunks, threads=threads)
     return im.run_imatrix(ip, on_progress=progress)
 
 

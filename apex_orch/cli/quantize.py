@@ -53,6 +53,10 @@ class _Progress:
 @click.option("--corpus", default=None,
               help="Build (or reuse from cache) the imatrix from this corpus; default for I-profiles: "
                    "the profile's corpus.")
+@click.option("--imatrix-ctx", type=int, default=None,
+              help="Context for a built imatrix (default 512; 256 with --demo).")
+@click.option("--imatrix-chunks", type=int, default=None,
+              help="Chunks for a built imatrix (default: the whole corpus; 16 with --demo).")
 @click.option("-t", "--threads", type=int, default=None, help="Threads per llama-quantize (default: all cores / jobs).")
 @click.option("-j", "--jobs", type=int, default=None, help="Tiers in parallel (default: from cores and free memory).")
 @click.option("--split-max-size", default=None, help="Split outputs into parts of at most this size (e.g. 48G).")
@@ -62,7 +66,8 @@ class _Progress:
 @click.option("--eval/--no-eval", "do_eval", default=None,
               help="After quantizing, print a PPL/KLD table against the source (default: on with --demo).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix_path, corpus, threads, jobs,
+def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix_path, corpus, imatrix_ctx,
+             imatrix_chunks, threads, jobs,
              split_max_size, force, dry_run, timeout, do_eval, quiet) -> None:
     """Quantize MODEL with one or more APEX profiles into verified GGUF files.
 
@@ -90,6 +95,9 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
         progress(f"demo model: {model}")
         if do_eval is None:
             do_eval = True
+        # The demo model is tiny; a few thousand calibration tokens are plenty and take seconds.
+        imatrix_ctx = imatrix_ctx or 256
+        imatrix_chunks = imatrix_chunks or 16
     from apex_orch.model import read_model
     info = read_model(model)
     loaded = [load_profile(n) for n in names]
@@ -99,7 +107,8 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
         wanted = corpus or next((p.corpus or "diverse" for p in loaded if p.imatrix_required), None)
         if wanted:
             progress(f"imatrix: corpus {wanted} (computed once, cached, shared by every I-tier)")
-            path = q.build_imatrix_for(Path(model), wanted, threads or 0 or None, progress)
+            path = q.build_imatrix_for(Path(model), wanted, threads, progress, ctx=imatrix_ctx or 512,
+                                       chunks=imatrix_chunks)
             imatrix = q.resolve_imatrix(info, path)
     job_list = [q.plan_quantize(model, p, out=Path(output) if output else None, out_dir=Path(out_dir), name=name,
                                 imatrix=imatrix if (p.imatrix_required or corpus or imatrix_path) else None,
