@@ -10,7 +10,6 @@ bytes and a golden file can pin the text.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ ROLE_NAMES = {"routed_expert": "Routed experts", "shared_expert": "Shared expert
               "attention": "Attention", "ssm": "SSM", "nextn": "MTP / NextN", "embedding": "Token embedding",
               "output": "Output head", "router": "Router", "norm": "Norms", "unassigned": "Unassigned"}
 BAND_ORDER = ("edge", "near", "middle", "rest")
+ROPE_NAMES = {"yarn": "YaRN", "linear": "linear", "longrope": "LongRoPE"}
 
 
 @dataclass(frozen=True)
@@ -423,7 +423,7 @@ def render_card(f: CardFacts) -> str:
     if a.context:
         ctx = f"{a.context:,} tokens"
         if a.rope_type:
-            ctx += f" ({a.rope_type.upper() if a.rope_type == 'yarn' else a.rope_type} RoPE scaling"
+            ctx += f" ({ROPE_NAMES.get(a.rope_type, a.rope_type)} RoPE scaling"
             if a.rope_factor:
                 ctx += f", factor {a.rope_factor:g}"
             if a.rope_original_context:
@@ -449,9 +449,13 @@ def render_card(f: CardFacts) -> str:
     plain = [t.tier for t in f.tiers if not t.imatrix]
     if f.calibration is not None and i_tiers:
         c = f.calibration
-        text = f"{', '.join(i_tiers)} use an importance matrix computed with llama-imatrix on the `{c.corpus}` corpus"
-        text += f" ({c.description.rstrip('.')})" if c.description else ""
-        text += f": {c.chunks} chunks of {c.ctx} tokens, imatrix sha256 `{c.sha256}`."
+        text = (f"{', '.join(i_tiers)} use an importance matrix computed with llama-imatrix on {c.chunks} chunks "
+                f"of {c.ctx} tokens from the `{c.corpus}` calibration corpus")
+        desc = c.description.rstrip(".")
+        if desc:
+            desc = desc[0].lower() + desc[1:] if len(desc) > 1 and desc[1].islower() else desc
+            text += f": {desc}"
+        text += f". The imatrix file's sha256 is `{c.sha256}`."
         out.append(text)
     if plain:
         if f.calibration is not None and i_tiers:

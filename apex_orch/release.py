@@ -103,7 +103,7 @@ class ConfigPath:
             if not value:
                 raise ConfigError(f"path {self.raw!r} uses ${{{m.group(1)}}}, which is not set", where=self.where,
                                   hint=f"set {m.group(1)} (the nightly workflow sets it from the runner's "
-                                       "variables), or pass --source PATH")
+                                       "variables); for the model itself, --source PATH also works")
             return value
         text = os.path.expanduser(ENV_RE.sub(sub, self.raw))
         p = Path(text)
@@ -1300,6 +1300,17 @@ def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push:
         finally:
             log.close()
     return ReleaseResult(state, state.reports, time.monotonic() - t_all)
+
+
+def resolve_release(config: ReleaseConfig, *, out_dir: Path | None = None, source: Path | None = None,
+                    through: str = "eval") -> ReleaseState:
+    """Find (never compute) every phase's results up to `through`, e.g. to re-render a card."""
+    out = Path(os.path.abspath(out_dir)) if out_dir else default_out_dir(config)
+    state = ReleaseState(config, out, lambda _m: None,
+                         source_override=Path(os.path.abspath(source)) if source else None)
+    for name in PHASES[:PHASES.index(through) + 1]:
+        state.reports.append(_PHASE_FUNCS[name](state, False))
+    return state
 
 
 _PHASE_FUNCS = {
