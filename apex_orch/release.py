@@ -903,6 +903,11 @@ def convert_source(state: ReleaseState, run: bool) -> str:
     else:
         state.model_path = state.source_paths[0]
     state.model = read_model(state.model_path)
+    if len(state.source_paths) > 1 and [Path(os.path.abspath(p)) for p in state.model.paths] != \
+            [Path(os.path.abspath(p)) for p in state.source_paths]:
+        raise ModelError(f"the source lists {len(state.source_paths)} files but they are not the shards of one "
+                         f"split model in order (its shards: {', '.join(p.name for p in state.model.paths)})",
+                         where=state.config.source.where, hint="list every shard, first to last, or only the first")
     return did
 
 

@@ -602,3 +602,16 @@ def test_every_cli_option_is_documented():
         for opt in getattr(param, "opts", []):
             if opt.startswith("-"):
                 assert opt in docs, f"{opt} is not in docs/release.md"
+
+
+def test_a_list_of_source_files_must_be_the_shards_of_one_model(tmp_path, mistral4_split):
+    other = tmp_path / "other.gguf"
+    other.symlink_to(mistral4_split)
+    p = write_cfg(tmp_path, f"name: X\nlicense: mit\nsource:\n  gguf: [{mistral4_split}, {other}]\ntiers: [compact]\n"
+                            "publish: {repo: o/x}\n")
+    state = rel.ReleaseState(rel.load_release(p), tmp_path / "out", lambda _m: None)
+    rel.fetch_source(state, run=True)
+    from apex_orch.errors import ModelError
+    with pytest.raises(ModelError, match="not the shards of one split model") as err:
+        rel.convert_source(state, run=True)
+    assert err.value.where == f"{p}:4"
