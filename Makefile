@@ -31,7 +31,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make quantize PROFILE=compact [MODEL=path.gguf] [IMATRIX=file] [OUT=dir]"
 	@echo "make imatrix CORPUS=agentic [MODEL=path.gguf]"
-	@echo "make release RELEASE=releases/demo.yaml"
+	@echo "make release RELEASE=releases/demo.yaml [PUSH=1] [JOBS=N]"
 	@echo "make test | make bench | make bench-quality | make reference-model | make doctor"
 
 $(PYTHON):
@@ -69,7 +69,7 @@ imatrix: install
 	$(APEX) imatrix $(if $(MODEL),"$(MODEL)",--demo) --corpus $(CORPUS)
 
 release: install
-	$(APEX) release "$(RELEASE)" $(if $(JOBS),-j $(JOBS))
+	$(APEX) release "$(RELEASE)" $(if $(JOBS),-j $(JOBS)) $(if $(filter 1,$(PUSH)),--push)
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
