@@ -33,6 +33,7 @@ BIG = synthetic.SyntheticSpec(n_layer=16, n_embd=1024, n_expert=16, n_expert_use
 
 def bench_model(src: Path, repeat: int, threads: int, work: Path) -> dict:
     job = plan_quantize(src, "compact", out_dir=work / "apex", threads=threads)
+    work.mkdir(parents=True, exist_ok=True)
     rules = work / "rules.txt"
     rules.write_text(render_file(job.plan))
     raw_out = work / "raw.gguf"
