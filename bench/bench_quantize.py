@@ -1,6 +1,7 @@
 """Overhead of `apex-orch quantize` over raw `llama-quantize` with the same arguments.
 
-Run: .venv/bin/python bench/bench_quantize.py [--repeat N] [--big]   (part of `make bench`)
+Run: .venv/bin/python bench/bench_quantize.py [--repeat N] [--big] [--out DIR]   (part of `make bench`)
+     --smoke (CI): a ~43 MB 4-block model instead of the demo model, 1 repeat.
 For each model (the demo model; with --big also a ~1.6 GB synthetic MoE), alternate:
   raw:  llama-quantize --tensor-type-file RULES --override-kv ... SRC OUT Q4_K_M THREADS
   apex: apex-orch quantize -p compact SRC --out-dir D --force --no-eval -q   (a new process)
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_results  # noqa: E402
+from common import machine, write_results, write_smoke_model  # noqa: E402
 
 from apex_orch import synthetic  # noqa: E402
 from apex_orch.plan import render_file  # noqa: E402
@@ -32,8 +33,8 @@ BIG = synthetic.SyntheticSpec(n_layer=16, n_embd=1024, n_expert=16, n_expert_use
 
 
 def bench_model(src: Path, repeat: int, threads: int, work: Path) -> dict:
-    job = plan_quantize(src, "compact", out_dir=work / "apex", threads=threads)
     work.mkdir(parents=True, exist_ok=True)
+    job = plan_quantize(src, "compact", out_dir=work / "apex", threads=threads)
     rules = work / "rules.txt"
     rules.write_text(render_file(job.plan))
     raw_out = work / "raw.gguf"
@@ -61,12 +62,18 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--big", action="store_true", help="also the ~1.6 GB model")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    ap.add_argument("--smoke", action="store_true", help="CI: a tiny model, 1 repeat, no --big")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows.append(bench_model(synthetic.demo_model_path(), args.repeat, args.threads, work / "demo"))
-        if args.big:
+        if args.smoke:
+            src = write_smoke_model(work / "bench-smoke-moe.gguf")
+            rows.append(bench_model(src, 1, args.threads, work / "smoke"))
+        else:
+            rows.append(bench_model(synthetic.demo_model_path(), args.repeat, args.threads, work / "demo"))
+        if args.big and not args.smoke:
             big = synthetic.write_model(work / "bench-moe-1.6g.gguf", BIG)
             rows.append(bench_model(big, max(3, args.repeat // 2), args.threads, work / "big"))
     data = {"machine": machine(), "results": rows}
@@ -74,7 +81,7 @@ def main() -> None:
           "| model | source | raw median | apex-orch median | ratio | overhead | runs |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['source_bytes'] / 1e9:.2f} GB | {r['raw_median_s']} s | {r['apex_median_s']} s | "
            f"{r['ratio']} | {r['overhead_s']} s | {r['repeat']} |" for r in rows]
-    write_results("quantize-overhead", data, "\n".join(md))
+    write_results("quantize-overhead", data, "\n".join(md), args.out)
     print("\n".join(md))
 
 
