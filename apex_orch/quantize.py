@@ -44,8 +44,8 @@ def output_name(model_name: str, tier: str) -> str:
 
 def safe_model_name(name: str) -> str:
     """A user-given --name, refused when it looks like a path (it must not steer where files go)."""
-    if not name.strip() or "/" in name or "\\" in name or ".." in name or name.startswith(".") or "\0" in name:
-        raise UsageError(f"--name {name!r} is not a plain model name: it may not contain '/', '\\', '..', "
+    if not name.strip() or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise UsageError(f"--name {name!r} is not a plain model name: it may not contain '/' or '\\', "
                          "or start with '.'",
                          hint="--name only names the files inside --out-dir; use -o PATH to choose another "
                               "place, or --out-dir for the folder")
