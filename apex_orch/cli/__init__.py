@@ -111,8 +111,17 @@ def main(ctx: click.Context, debug: bool, llama_bin_dir: str | None) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     if llama_bin_dir:
-        # One place decides where tools come from; library code reads the env var.
+        # One place decides where tools come from; library code reads the env var. Restored
+        # when the command ends, so in-process callers (tests, embedding) see no leftover.
+        previous = os.environ.get("APEX_LLAMA_BIN_DIR")
         os.environ["APEX_LLAMA_BIN_DIR"] = llama_bin_dir
+
+        def restore() -> None:
+            if previous is None:
+                os.environ.pop("APEX_LLAMA_BIN_DIR", None)
+            else:
+                os.environ["APEX_LLAMA_BIN_DIR"] = previous
+        ctx.call_on_close(restore)
 
 
 # Command name -> (module, attribute). Modules are imported only when their command runs
