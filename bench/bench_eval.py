@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
 
+    ev.TOOL_LOG_VERBOSITY = 4  # keep llama_perf_context_print's decode timings in the tool's output
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     os.environ["APEX_ORCH_EVAL_CACHE"] = str(work / "cache")
     try:
@@ -119,8 +120,8 @@ def main() -> None:
 
         def summary(runs: dict) -> dict:
             med = {b: statistics.median(x["wall_s"] for x in v) for b, v in runs.items()}
-            dec = {b: statistics.median(x["decode_tokens_per_s"] for x in v if x["decode_tokens_per_s"])
-                   for b, v in runs.items()}
+            dec = {b: statistics.median([x["decode_tokens_per_s"] for x in v if x["decode_tokens_per_s"]]
+                                        or [float("nan")]) for b, v in runs.items()}
             return {"median_wall_s": med, "end_to_end_tokens_per_s": {b: n_tok / t for b, t in med.items()},
                     "median_decode_tokens_per_s": dec,
                     "ratio_end_to_end": med["llama-perplexity"] / med["bindings"],

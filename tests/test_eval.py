@@ -58,18 +58,22 @@ def rel(a: float, b: float) -> float:
 
 # --------------------------------------------------------------------------- agreement
 
-@pytest.mark.parametrize("preset", ["mistral4_split", "qwen3moe"])
-def test_ppl_equals_llama_perplexity(preset: str, request: pytest.FixtureRequest, eval_text: Path) -> None:
+@pytest.mark.parametrize(("preset", "n_batch"), [("mistral4_split", None), ("qwen3moe", 64)])
+def test_ppl_equals_llama_perplexity(preset: str, n_batch: int | None, request: pytest.FixtureRequest,
+                                     eval_text: Path) -> None:
+    """mistral4 with one decode per chunk; qwen3moe with two batches per chunk (-b 64)."""
     model = request.getfixturevalue(preset)
-    ours = ev.evaluate(model, text=eval_text, settings=SETTINGS)
-    tool = ev.evaluate(model, text=eval_text, settings=SETTINGS, backend="llama-perplexity")
+    settings = ev.EvalSettings(n_ctx=128, chunks=4, n_threads=2, n_batch=n_batch)
+    ours = ev.evaluate(model, text=eval_text, settings=settings)
+    tool = ev.evaluate(model, text=eval_text, settings=settings, backend="llama-perplexity")
     assert (ours.backend, tool.backend) == ("bindings", "llama-perplexity")
     assert ours.n_chunks == tool.n_chunks == 4
     assert ours.n_scored == tool.n_scored == 4 * 63
     assert rel(ours.ppl, tool.ppl) < 1e-4            # the issue's bar: 0.01%
     assert rel(ours.ppl_err, tool.ppl_err) < 1e-4
-    assert ours.settings == {**tool.settings, "chunks": 4}
-    assert ours.settings["flash_attn"] is True and ours.settings["n_batch"] == 128
+    assert ours.settings == tool.settings
+    assert ours.settings["n_batch"] == (n_batch or 128) and ours.settings["flash_attn"] is True
+    assert ours.n_tokens > 2 * 128 and tool.n_tokens is None   # the tool does not print it
 
 
 def test_kld_equals_llama_perplexity(kld_pair) -> None:
@@ -88,6 +92,8 @@ def test_kld_equals_llama_perplexity(kld_pair) -> None:
     assert abs(a.rms_dp - b.rms_dp) < 0.001
     assert ours.ppl == a.mean_ppl_q and tool.ppl == b.mean_ppl_q
     assert 0 < a.kld_min <= a.kld_median <= a.kld_p999 <= a.kld_max
+    # results travel as JSON (cards, releases) and come back equal
+    assert ev.EvalResult.from_dict(json.loads(ours.to_json())) == ours
 
 
 def test_base_cache_is_reused_and_readable_by_the_tool(kld_pair, q4: Path, mistral4_split: Path,
