@@ -286,11 +286,13 @@ _APEX_RE = re.compile(r"(?i)(?:^|[-_.])apex[-_.]([a-z][a-z0-9]*(?:[-_][a-z0-9]+)
 
 
 def tier_of(kv: Mapping[str, Any], path: Path) -> str:
-    """APEX tier: the `apex.profile` metadata key, else the file name (APEX-<tier>, or a llama
-    quant type such as Q4_K_M), else general.file_type, else '?'."""
-    profile = kv.get("apex.profile")
-    if isinstance(profile, str) and profile.strip():
-        return profile.strip()
+    """APEX tier: the metadata apex-orch quantize stamps (`apex.tier`, the display name, else
+    `apex.profile`), else the file name (APEX-<tier>, or a llama quant type such as Q4_K_M),
+    else general.file_type, else '?'."""
+    for key in ("apex.tier", "apex.profile"):
+        value = kv.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip()
     stem = path.name[:-5] if path.name.endswith(".gguf") else path.name
     m = _APEX_RE.search(stem)
     if m:

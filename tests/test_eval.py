@@ -324,6 +324,7 @@ def test_settings_are_validated() -> None:
 
 def test_tier_detection() -> None:
     assert ev.tier_of({"apex.profile": "compact"}, Path("x-Q4_K_M.gguf")) == "compact"
+    assert ev.tier_of({"apex.profile": "i-compact", "apex.tier": "I-Compact"}, Path("x.gguf")) == "I-Compact"
     assert ev.tier_of({}, Path("Qwen3-30B-A3B-APEX-balanced.gguf")) == "balanced"
     assert ev.tier_of({}, Path("model-APEX-I-Compact-00001-of-00003.gguf")) == "I-Compact"
     assert ev.tier_of({}, Path("model.Q8_0.gguf")) == "Q8_0"
