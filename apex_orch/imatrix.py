@@ -485,7 +485,9 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
     cache_dir = _cache_dir()
     cache_path = cache_dir / f"{key}.gguf"
-    tmp_path = cache_dir / f".{key}.partial.gguf"   # .gguf suffix: llama-imatrix warns otherwise
+    # Per-process name (a killed run's orphan can never share it); .gguf suffix: llama-imatrix
+    # warns otherwise. Stale partials of this key are removed under the lock before running.
+    tmp_path = cache_dir / f".{key}.partial-{os.getpid()}.gguf"
     corpus_file = cache_root() / "corpora" / f"{built.name}-{built.sha256[:12]}.txt"
 
     run_model = model
@@ -521,33 +523,39 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
 # =========================================================================== running
 
 class _Lock:
-    """One run per cache key: a lock file holding our pid; a dead holder's lock is taken over."""
+    """One run per cache key: an flock (the kernel drops it when the holder dies, even on
+    kill -9), with the holder's pid written in for the error message."""
 
     def __init__(self, path: Path):
         self.path = path
+        self._fh = None
 
     def __enter__(self):
+        import fcntl
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    raise LockedError(f"another apex-orch run (pid {pid}) is computing this imatrix",
-                                      where=str(self.path), hint="wait for it; a rerun then is a cache hit")
-                self.path.unlink(missing_ok=True)   # stale
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            return self
-        raise LockedError("cannot take the imatrix lock", where=str(self.path))
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            fh.close()
+            raise LockedError(f"another apex-orch run (pid {holder}) is computing this imatrix",
+                              where=str(self.path), hint="wait for it; a rerun then is a cache hit") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
 
     def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
+        import fcntl
+        if self._fh is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
 
 
 def _alive(pid: int) -> bool:
@@ -677,6 +685,10 @@ def run_imatrix(plan: ImatrixPlan, *, on_progress: ProgressCallback | None = Non
         if plan.cached:  # finished by another run while we waited for the lock
             emit(f"imatrix: cache hit: {plan.cache_path}")
             return _publish(plan, emit)
+        for stale in plan.cache_path.parent.glob(f".{plan.key}.partial*"):
+            if stale != plan.tmp_path:
+                stale.unlink(missing_ok=True)
+                emit(f"imatrix: removed a partial file left by an interrupted run: {stale.name}")
         _write_corpus_file(plan)
         if plan.from_q8:
             _ensure_q8(plan, emit, timeout)

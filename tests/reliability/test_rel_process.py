@@ -212,10 +212,16 @@ def test_second_concurrent_imatrix_run_is_refused(tiny_moe, isolated_cache, tmp_
     plan = cli("imatrix", tiny_moe, *IMATRIX_ARGS, "--dry-run")
     assert plan.exit_code == 0, plan.output
     cache_file = Path(re.search(r"cache:\s+(\S+\.gguf)", plan.output).group(1))
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = cache_file.with_suffix(".lock")
+    # A real holder: another process that has the flock (and wrote its pid, as apex-orch does).
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import fcntl, os, sys, time; fh = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(fh, fcntl.LOCK_EX); fh.write(str(os.getpid())); fh.flush(); "
+                               "print('locked', flush=True); time.sleep(120)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.with_suffix(".lock").write_text(str(holder.pid))
+        assert holder.stdout.readline().strip() == "locked"
         r = cli("imatrix", tiny_moe, *IMATRIX_ARGS)
         assert_one_error(r.output, 10, r.exit_code, f"another apex-orch run (pid {holder.pid}) is computing this imatrix",
                          "wait for it")
