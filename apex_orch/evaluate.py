@@ -282,7 +282,8 @@ class EvalResult:
 # --------------------------------------------------------------------------- model facts
 
 _QUANT_RE = re.compile(r"(?i)(?:^|[-_.])((?:IQ|Q)\d(?:_[A-Z0-9]+)*|BF16|F16|F32|MXFP4(?:_MOE)?)(?=$|[-_.])")
-_APEX_RE = re.compile(r"(?i)(?:^|[-_.])apex[-_.]([a-z][a-z0-9]*(?:[-_][a-z0-9]+)*?)(?=$|[-_.]gguf|-\d{5}-of-)")
+# "<Model>-APEX-<Tier>.gguf" (the name apex-orch quantize writes); not a name that starts with "apex-".
+_APEX_RE = re.compile(r"(?i)[-_.]apex[-_.]([a-z][a-z0-9]*(?:[-_][a-z0-9]+)*?)(?=$|[-_.]gguf|-\d{5}-of-)")
 
 
 def tier_of(kv: Mapping[str, Any], path: Path) -> str:

@@ -330,3 +330,4 @@ def test_tier_detection() -> None:
     assert ev.tier_of({}, Path("model.Q8_0.gguf")) == "Q8_0"
     assert ev.tier_of({"general.file_type": 1}, Path("model.gguf")) == "F16"
     assert ev.tier_of({}, Path("model.gguf")) == "?"
+    assert ev.tier_of({"general.file_type": 1}, Path("apex-demo-moe-94abb7ea.gguf")) == "F16"
