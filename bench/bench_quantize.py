@@ -32,7 +32,7 @@ BIG = synthetic.SyntheticSpec(n_layer=16, n_embd=1024, n_expert=16, n_expert_use
                               name="Bench-MoE-1.6G", seed=7)
 
 
-def bench_model(src: Path, repeat: int, threads: int, work: Path) -> dict:
+def bench_model(src: Path, repeat: int, threads: int, work: Path, warm: bool = True) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     job = plan_quantize(src, "compact", out_dir=work / "apex", threads=threads)
     rules = work / "rules.txt"
@@ -42,7 +42,8 @@ def bench_model(src: Path, repeat: int, threads: int, work: Path) -> dict:
     apex_argv = [sys.executable, "-m", "apex_orch.cli", "quantize", "-p", "compact", str(src), "--out-dir",
                  str(work / "apex"), "--force", "--no-eval", "-q", "-t", str(threads)]
     raw_t, apex_t = [], []
-    subprocess.run(raw_argv, check=True, capture_output=True)     # warm the page cache once
+    if warm:
+        subprocess.run(raw_argv, check=True, capture_output=True)     # warm the page cache once
     for i in range(repeat):
         for kind in (("raw", "apex") if i % 2 == 0 else ("apex", "raw")):
             argv = raw_argv if kind == "raw" else apex_argv
@@ -70,7 +71,7 @@ def main() -> None:
         work = Path(tmp)
         if args.smoke:
             src = write_smoke_model(work / "bench-smoke-moe.gguf")
-            rows.append(bench_model(src, 1, args.threads, work / "smoke"))
+            rows.append(bench_model(src, 1, args.threads, work / "smoke", warm=False))
         else:
             rows.append(bench_model(synthetic.demo_model_path(), args.repeat, args.threads, work / "demo"))
         if args.big and not args.smoke:
