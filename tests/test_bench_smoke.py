@@ -1,0 +1,132 @@
+"""CI smoke of the benchmark scripts: each runs in its tiny `--smoke` mode (a 43 MB random-weight
+model, one repeat, one or two tiers) into a temp folder, and the result files must appear with the
+keys the README and the lead's summary read. The numbers themselves are not checked (no timed
+assertions); `make bench` / `make bench-quality` produce the real figures in bench/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.requires_tools("llama-quantize", "llama-imatrix", "llama-perplexity")]
+
+
+def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          cwd=REPO, env=env or os.environ.copy())
+
+
+def check_machine(data: dict) -> None:
+    mach = data["machine"]
+    assert mach["commit"] or mach.get("git_commit")
+    assert len(mach["load_average_at_start"]) == 3 and len(mach["load_average_at_end"]) == 3
+
+
+def md_header(md: Path) -> str:
+    text = md.read_text()
+    assert "load average" in text
+    return text
+
+
+def test_run_all_smoke_writes_every_orchestration_result(tmp_path: Path) -> None:
+    env = os.environ.copy()
+    env["APEX_ORCH_EVAL_CACHE"] = str(tmp_path / "eval-cache")
+    p = run("run_all.py", "--smoke", "--out", str(tmp_path), env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(x.name for x in tmp_path.glob("*.json")) == sorted(
+        ["plan-time.json", "quantize-overhead.json", "release-phases.json"]
+        + [x.name for x in tmp_path.glob("eval-*.json")])
+    assert len(list(tmp_path.glob("eval-*.json"))) == 1
+    assert "summary:" in p.stdout
+
+    plan = json.loads((tmp_path / "plan-time.json").read_text())
+    check_machine(plan)
+    assert plan["repeat"] == 1
+    assert {"compact", "i-mini", "quality"} <= set(plan["profiles"])
+    assert plan["profiles"]["compact"]["tensors"] == 615
+    assert set(plan["profiles"]["compact"]) == {"median_ms", "max_ms", "tensors", "rules"}
+    assert "cli_process_median_s" in plan
+    md_header(tmp_path / "plan-time.md")
+
+    q = json.loads((tmp_path / "quantize-overhead.json").read_text())
+    check_machine(q)
+    (row,) = q["results"]
+    assert row["model"] == "bench-smoke-moe.gguf" and row["repeat"] == 1
+    assert len(row["raw_s"]) == 1 and len(row["apex_s"]) == 1
+    assert {"raw_median_s", "apex_median_s", "ratio", "overhead_s", "output_bytes"} <= set(row)
+    md_header(tmp_path / "quantize-overhead.md")
+
+    e = json.loads(next(tmp_path.glob("eval-*.json")).read_text())
+    assert len(e["machine"]["load_average_at_start"]) == 3 and len(e["machine"]["load_average_at_end"]) == 3
+    assert e["settings"]["n_ctx"] == 128 and e["settings"]["chunks"] == 2
+    for part in ("perplexity", "kl_divergence"):
+        assert set(e["summary"][part]["median_wall_s"]) == {"bindings", "llama-perplexity"}
+        assert "ratio_end_to_end" in e["summary"][part]
+    assert e["runs"]["base_cache"]["scored_tokens"] == 2 * 63
+
+    r = json.loads((tmp_path / "release-phases.json").read_text())
+    check_machine(r)
+    assert r["mode"] == "smoke" and r["tiers"] == ["i-compact"]
+    assert [x["phase"] for x in r["phases"]] == ["fetch", "convert", "imatrix", "quantize", "eval", "card", "publish"]
+    status = {x["phase"]: x["status"] for x in r["phases"]}
+    assert status["imatrix"] == status["quantize"] == status["eval"] == "ran"   # cold cache: nothing reused
+    assert status["publish"] == "skipped"
+    assert all(not v for v in r["cold_cache"]["before"].values())
+    assert r["cold_cache"]["older_than_the_run"] == []
+    assert {"imatrix", "eval", "corpora"} <= set(r["cold_cache"]["created_by_the_run"])
+    assert len(r["tools"]["imatrix"]) == 1 and len(r["tools"]["quantize"]) == 1
+    assert len(r["tools"]["eval"]) == 2          # base + one tier through llama-perplexity
+    assert {"release_wall_s", "raw_tools_s", "ratio_wall_to_raw_tools"} <= set(r["totals"])
+    assert "| imatrix | ran |" in md_header(tmp_path / "release-phases.md")
+
+
+def test_bench_quality_smoke_writes_tables_plot_and_verdicts(tmp_path: Path) -> None:
+    env = os.environ.copy()
+    env["APEX_ORCH_EVAL_CACHE"] = str(tmp_path / "eval-cache")
+    p = run("bench_quality.py", "--smoke", "--out", str(tmp_path / "out"), env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(x.name for x in out.iterdir()) == ["quality.json", "quality.md", "quality.png"]
+    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    d = json.loads((out / "quality.json").read_text())
+    check_machine(d)
+    assert d["mode"] == "smoke"
+    assert list(d["domains"]) == ["demo-text", "wikipedia"]
+    assert [v["label"] for v in d["variants"]] == ["compact", "i-compact", "Q4_K_M"]
+    assert [v["imatrix"] for v in d["variants"]] == [False, True, False]
+    assert d["imatrix"]["corpus"] == "diverse" and d["imatrix"]["chunks"] == 2
+    for dom in d["domains"].values():
+        assert dom["scored_tokens"] == 2 * 63
+        assert [r["label"] for r in dom["rows"]] == ["compact", "i-compact", "Q4_K_M"]
+        for r in dom["rows"]:
+            assert {"size_bytes", "bpw", "ppl", "kld_mean", "kld_p999", "kld_max", "same_top_p"} <= set(r)
+            assert r["kld_mean"] > 0
+    assert [v["tier"] for v in d["verdicts"]] == ["compact", "i-compact"]
+    for v in d["verdicts"]:
+        assert set(v["domains"]) == {"demo-text", "wikipedia"}
+        assert isinstance(v["beaten_in_every_domain"], bool)
+    # the overlap check sees that the built-in wikipedia text is part of the diverse imatrix corpus
+    assert d["overlap"]["wikipedia"]["lines_in_corpus"] > 0
+    assert d["overlap"]["demo-text"]["lines_in_corpus"] == 0
+    md = (out / "quality.md").read_text()
+    assert "Does a uniform preset of equal or smaller size beat each APEX tier" in md
+    assert "Smoke run" in md
+
+
+def test_bench_quality_without_reference_model_says_how_to_build_it(tmp_path: Path) -> None:
+    env = os.environ.copy()
+    env["APEX_ORCH_CACHE"] = str(tmp_path / "empty-cache")
+    p = run("bench_quality.py", "--out", str(tmp_path / "out"), env=env)
+    assert p.returncode == 2
+    assert "make reference-model" in p.stderr
+    assert not (tmp_path / "out").exists()
