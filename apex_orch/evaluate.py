@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from apex_orch import evalcache, pin
+from apex_orch import evalcache
 from apex_orch.errors import EvalError, GateFailedError, ModelError, UsageError
 
 Progress = Callable[[str], None]
@@ -651,15 +651,30 @@ def kld_stats(nll: np.ndarray, nll_base: np.ndarray, kld: np.ndarray, p_diff: np
         same_top_p_err=100.0 * math.sqrt(same * (1.0 - same) / (count - 1)), count=count)
 
 
-def _ppl_rows(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def _blocks(n: int, fn: Callable[[int, int], Any], threads: int) -> list:
+    """Run fn(lo, hi) over ROW_BLOCK-row slices of range(n), on `threads` threads (numpy
+    releases the GIL in its loops; llama-perplexity likewise spreads its log-softmax over
+    all cores)."""
+    spans = [(lo, min(n, lo + ROW_BLOCK)) for lo in range(0, n, ROW_BLOCK)]
+    if threads <= 1 or len(spans) == 1:
+        return [fn(lo, hi) for lo, hi in spans]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(threads, len(spans))) as pool:
+        return list(pool.map(lambda span: fn(*span), spans))
+
+
+def _ppl_rows(logits: np.ndarray, targets: np.ndarray, threads: int = 1) -> np.ndarray:
     """-log p(target) per row, as the tool's plain perplexity pass computes it."""
     out = np.empty(len(targets), np.float64)
-    for lo in range(0, len(targets), ROW_BLOCK):
-        L = logits[lo:lo + ROW_BLOCK]
-        t = targets[lo:lo + ROW_BLOCK]
+
+    def block(lo: int, hi: int) -> None:
+        L = logits[lo:hi]
+        t = targets[lo:hi]
         max_l = L.max(axis=1)
         sum_exp = np.exp(L - max_l[:, None]).sum(axis=1, dtype=np.float64)
-        out[lo:lo + len(t)] = -((L[np.arange(len(t)), t] - max_l).astype(np.float64) - np.log(sum_exp))
+        out[lo:hi] = -((L[np.arange(hi - lo), t] - max_l).astype(np.float64) - np.log(sum_exp))
+
+    _blocks(len(targets), block, threads)
     return out
 
 
@@ -673,35 +688,43 @@ class _KLDRows:
 
 
 def _kld_rows(logits: np.ndarray, targets: np.ndarray, q: np.ndarray, scale: np.ndarray,
-              min_log_prob: np.ndarray) -> _KLDRows:
+              min_log_prob: np.ndarray, threads: int = 1) -> _KLDRows:
     """Per-token values of the tool's log_softmax(..., base_log_prob, tok, kld), vectorized in
-    float32 like the C code (sums in float64)."""
+    float32 like the C code (sums in float64), in place to spare memory passes."""
     n = len(targets)
     nll = np.empty(n, np.float32)
     nll_base = np.empty(n, np.float32)
     kld = np.empty(n, np.float64)
-    same = 0
     floor = np.float32(evalcache.LOG_PROB_FLOOR)
-    for lo in range(0, n, ROW_BLOCK):
-        hi = min(n, lo + ROW_BLOCK)
+
+    def block(lo: int, hi: int) -> int:
         L = np.asarray(logits[lo:hi], dtype=np.float32)
         t = targets[lo:hi]
         idx = np.arange(hi - lo)
         max_l = L.max(axis=1)
         imax = L.argmax(axis=1)
-        sum_exp = np.exp(L - max_l[:, None]).sum(axis=1, dtype=np.float64)
-        lse = np.log(sum_exp).astype(np.float32)
-        nll[lo:hi] = (max_l + lse) - L[idx, t]
+        work = np.subtract(L, max_l[:, None])
+        np.exp(work, out=work)
+        log_z = max_l + np.log(work.sum(axis=1, dtype=np.float64)).astype(np.float32)  # max + log Σ
+        nll[lo:hi] = log_z - L[idx, t]
         qb = q[lo:hi]
         sc = scale[lo:hi].astype(np.float32)
         mn = min_log_prob[lo:hi].astype(np.float32)
         nll_base[lo:hi] = -(sc * qb[idx, t].astype(np.float32) + mn)
-        log_q = (max_l + lse)[:, None]
-        pl = sc[:, None] * qb.astype(np.float32) + mn[:, None]
-        term = np.exp(pl) * (pl - L + log_q)
-        term[pl <= floor] = 0
-        kld[lo:hi] = term.sum(axis=1, dtype=np.float64)
-        same += int((imax == qb.argmax(axis=1)).sum())
+        log_pb = np.multiply(qb, sc[:, None], dtype=np.float32)
+        log_pb += mn[:, None]
+        np.subtract(log_pb, L, out=work)                 # log p_base - logit
+        work += log_z[:, None]                           # log p_base - log q
+        # Rows whose range was clipped at max-16 hold entries the tool skips (log p <= -16).
+        skip = (log_pb <= floor) if bool((mn <= floor).any()) else None
+        np.exp(log_pb, out=log_pb)
+        work *= log_pb
+        if skip is not None:
+            work[skip] = 0
+        kld[lo:hi] = work.sum(axis=1, dtype=np.float64)
+        return int((imax == qb.argmax(axis=1)).sum())
+
+    same = sum(_blocks(n, block, threads))
     p_diff = np.exp(-nll) - np.exp(-nll_base)
     return _KLDRows(nll, nll_base, kld, p_diff.astype(np.float32), same)
 
@@ -795,8 +818,8 @@ def ensure_base_cache(base: ModelFacts, text: TextFacts, settings: EvalSettings,
                     start = i * n_ctx
                     logits = _chunk_logits(cx, tokens, start, settings, bm.add_bos, bm.bos)[:n_scored]
                     targets = tokens[start + first + 1:start + n_ctx]
-                    parts = [evalcache.quantize_rows(logits[lo:lo + ROW_BLOCK], targets[lo:lo + ROW_BLOCK])
-                             for lo in range(0, n_scored, ROW_BLOCK)]
+                    parts = _blocks(n_scored, lambda lo, hi: evalcache.quantize_rows(logits[lo:hi], targets[lo:hi]),
+                                    settings.n_threads)
                     rows = evalcache.QuantizedRows(
                         np.concatenate([p.q for p in parts]), np.concatenate([p.scale for p in parts]),
                         np.concatenate([p.min_log_prob for p in parts]), np.concatenate([p.nll for p in parts]))
@@ -867,9 +890,10 @@ def _run_bindings(plan: EvalPlan, progress: Progress | None) -> EvalResult:
                     targets = tokens[start + first + 1:start + n_ctx]
                     rows = logits[:len(targets)]
                     if cache is None:
-                        parts.append(_ppl_rows(rows, targets))
+                        parts.append(_ppl_rows(rows, targets, s.n_threads))
                     else:
-                        parts.append(_kld_rows(rows, targets, cache.chunk(i), cache.scale[i], cache.min_log_prob[i]))
+                        parts.append(_kld_rows(rows, targets, cache.chunk(i), cache.scale[i], cache.min_log_prob[i],
+                                                s.n_threads))
                     say(f"{Path(plan.model.path).name}: chunk {i + 1}/{n_chunks}")
             speed = measure_speed_loaded(bm, s) if plan.speed else None
     finally:
@@ -1221,9 +1245,6 @@ class Gates:
     @property
     def active(self) -> bool:
         return any(getattr(self, k) is not None for k in self.KEYS)
-
-    def needs_base(self) -> bool:
-        return self.active
 
 
 def gate_failures(result: EvalResult, gates: Gates) -> list[str]:

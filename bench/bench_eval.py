@@ -6,7 +6,7 @@ Measures, on the synthetic mistral4-split model (32000-token vocabulary) and its
   * the base pass: building our base-logits cache vs llama-perplexity --kl-divergence-base,
     with the size of each file;
   * pp512 / tg128 through the bindings.
-Writes bench/results/eval-<date>.json and .md with the machine, date and git commit.
+Writes bench/results/eval-<date>T<hhmm>.json and .md with the machine, date and git commit.
 
     .venv/bin/python bench/bench_eval.py [--ctx 512] [--chunks 8] [--threads N] [--repeats 2]
     .venv/bin/python bench/bench_eval.py --smoke --out /tmp/e   # CI: ~43 MB 4-block model, ctx 128 x 2, 1 repeat
@@ -147,7 +147,7 @@ def main() -> None:
 
 def write(info: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    day = info["machine"]["date"][:10]
+    day = info["machine"]["date"][:16].replace(":", "")  # e.g. 2026-11-26T2227: several runs a day
     (out / f"eval-{day}.json").write_text(json.dumps(info, indent=2) + "\n")
     m, s, sm = info["machine"], info["settings"], info["summary"]
     c = info["runs"]["base_cache"]

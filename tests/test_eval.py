@@ -8,9 +8,6 @@ Q4_K_M file, the real llama-perplexity binary and the real bindings. Settings ar
 from __future__ import annotations
 
 import json
-import math
-import os
-import struct
 from pathlib import Path
 
 import numpy as np
