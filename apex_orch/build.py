@@ -102,13 +102,15 @@ def unpack(sdist: Path) -> Path:
 def llama_version(src: Path) -> dict:
     """The llama.cpp build number/commit as far as the sdist records them."""
     info: dict = {"llama_cpp_python": pin.LLAMA_CPP_PYTHON_VERSION, "sdist_sha256": pin.SDIST_SHA256}
-    cmake = (src / "CMakeLists.txt").read_text(errors="replace")
-    m = re.search(r"LLAMA_BUILD_NUMBER\s+(\d+)", cmake)
-    if m:
-        info["build_number"] = int(m.group(1))
-    # The sdist carries no .git; the vendored submodule commit is recorded by llama-cpp-python
-    # in the sdist's PKG-INFO/pyproject only as its own version, so say "unknown" honestly.
-    info["commit"] = "unknown (sdist has no git metadata)"
+    # The sdist carries no .git; llama-cpp-python's CHANGELOG names the vendored commit.
+    changelog = (pin.sdist_tree() / "CHANGELOG.md").read_text(errors="replace")
+    section = changelog.split(f"## [{pin.LLAMA_CPP_PYTHON_VERSION}]", 1)[-1].split("\n## [", 1)[0]
+    m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section)
+    found = m.group(1) if m else None
+    if found != pin.LLAMA_CPP_COMMIT:
+        raise SystemExit(f"error: the sdist's CHANGELOG names llama.cpp@{found}, apex_orch/pin.py says "
+                         f"{pin.LLAMA_CPP_COMMIT}; update LLAMA_CPP_COMMIT together with the pin")
+    info["commit"] = found
     return info
 
 

@@ -105,7 +105,8 @@ def build_info() -> dict:
 
 def build_label() -> str:
     """Short, stable identifier of the llama.cpp build for manifests and metadata."""
-    return f"llama.cpp@llama-cpp-python-{pin.LLAMA_CPP_PYTHON_VERSION}+sdist.{pin.SDIST_SHA256[:12]}"
+    return (f"llama.cpp@{pin.LLAMA_CPP_COMMIT} (llama-cpp-python-{pin.LLAMA_CPP_PYTHON_VERSION} "
+            f"sdist {pin.SDIST_SHA256[:12]})")
 
 
 # --------------------------------------------------------------------------- runner

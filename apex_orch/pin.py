@@ -29,6 +29,10 @@ CMAKE_FLAGS = (
     "-DGGML_CPU_KLEIDIAI=OFF",
 )
 
+# The llama.cpp commit that sdist vendors (its CHANGELOG: "update llama.cpp to ggml-org/llama.cpp@...");
+# `make llama` checks the unpacked CHANGELOG agrees, so this line cannot drift from the pin.
+LLAMA_CPP_COMMIT = "0c1e57098"
+
 PIN_KEY = f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}-{SDIST_SHA256[:12]}"
 
 

@@ -129,3 +129,14 @@ def test_bindings_load_against_the_pinned_libllama():
             "import llama_cpp; llama_cpp.llama_backend_init(); print(loaded_libllama())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert Path(out.strip()) == find_libllama().resolve()
+
+
+def test_build_records_the_vendored_llama_cpp_commit():
+    """The commit comes from the sdist's CHANGELOG and must equal the pin's constant."""
+    from apex_orch.llama import build_label
+    info = build_info()
+    assert info["commit"] == pin.LLAMA_CPP_COMMIT
+    assert pin.LLAMA_CPP_COMMIT in build_label() and pin.SDIST_SHA256[:12] in build_label()
+    changelog = (pin.sdist_tree() / "CHANGELOG.md").read_text()
+    section = changelog.split(f"## [{pin.LLAMA_CPP_PYTHON_VERSION}]", 1)[1].split("\n## [", 1)[0]
+    assert f"llama.cpp@{pin.LLAMA_CPP_COMMIT}" in section
