@@ -63,7 +63,9 @@ def test_run_all_smoke_writes_every_orchestration_result(tmp_path: Path) -> None
     (row,) = q["results"]
     assert row["model"] == "bench-smoke-moe.gguf" and row["repeat"] == 1
     assert len(row["raw_s"]) == 1 and len(row["apex_s"]) == 1
-    assert {"raw_median_s", "apex_median_s", "ratio", "overhead_s", "output_bytes"} <= set(row)
+    assert {"raw_median_s", "apex_median_s", "ratio", "overhead_s", "output_bytes", "in_run_overhead_median_s",
+            "in_run_ratio_median"} <= set(row)
+    assert len(row["apex_llama_quantize_s"]) == 1
     md_header(tmp_path / "quantize-overhead.md")
 
     e = json.loads(next(tmp_path.glob("eval-*.json")).read_text())
