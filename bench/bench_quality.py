@@ -324,9 +324,15 @@ def plot(domains: dict[str, dict], base_size: int, out: Path, title: str) -> Pat
                            color=color if imat else "white", edgecolors=color, linewidths=1.5, zorder=3,
                            marker="o" if kind == "apex" else "s",
                            label=f"{'APEX' if kind == 'apex' else 'uniform'} {'with' if imat else 'without'} imatrix")
+        groups: dict[tuple, list[str]] = {}     # points that coincide on the plot share one label
         for r in rows:
-            ax.annotate(r["label"], (r["size_bytes"] / 2**20, r["kld_mean"]), textcoords="offset points",
-                        xytext=(4, 3), fontsize=7)
+            key = (round(math.log(r["size_bytes"]), 2), round(math.log(r["kld_mean"]), 2))
+            groups.setdefault(key, []).append(r["label"])
+        for r in rows:
+            key = (round(math.log(r["size_bytes"]), 2), round(math.log(r["kld_mean"]), 2))
+            if groups[key][0] == r["label"]:
+                ax.annotate(" / ".join(groups[key]), (r["size_bytes"] / 2**20, r["kld_mean"]),
+                            textcoords="offset points", xytext=(4, 3), fontsize=7)
         front = [next(r for r in rows if r["label"] == lab) for lab in pareto_labels(rows)]
         ax.plot([r["size_bytes"] / 2**20 for r in front], [r["kld_mean"] for r in front], "--", color="gray",
                 zorder=2, label="Pareto front")
@@ -422,6 +428,18 @@ def markdown(data: dict) -> str:
     lines += ["", "σ: the KLD-mean standard errors of the two files combined in quadrature (they are measured on "
               "the same tokens, so this is conservative).", ""]
     lines += ["## Reading the results", ""] + data["findings"] + [""]
+    if data["mode"] == "full":
+        lines += ["## Caveats", "",
+                  "- One small model: n_embd 256 and 256-wide experts, so every matrix is small, the 32000-token "
+                  "embedding and output matrices hold a large share of the weights (see above), and the per-tensor "
+                  "type choices weigh differently than in a 100B+ MoE. The result says how the tiers behave on a "
+                  "real trained MoE of this shape, not on Mistral-Small-4 itself.",
+                  f"- {data['settings']['chunks']} chunks x {data['settings']['n_ctx']} tokens per domain; the ± are "
+                  "the statistical errors llama-perplexity reports. Differences inside 2σ are marked; they are not "
+                  "evidence either way.",
+                  "- Sizes are whole files (metadata included); APEX files carry a few extra `apex.*` keys (< 1 KiB).",
+                  "- Uniform presets are plain `llama-quantize SRC OUT PRESET` (llama.cpp's own per-tensor rules for "
+                  "the preset); `+imat` rows use the same diverse imatrix as the I-tiers.", ""]
     return "\n".join(lines)
 
 
@@ -445,7 +463,8 @@ def findings(data: dict) -> list[str]:
     pairs = [("quality", "i-quality"), ("balanced", "i-balanced"), ("compact", "i-compact")]
     for dname, d in data["domains"].items():
         by = {r["label"]: r for r in d["rows"]}
-        gains = [f"{a} {by[a]['kld_mean']:.5f} → {b} {by[b]['kld_mean']:.5f}" for a, b in pairs if a in by and b in by]
+        gains = [f"{a} {by[a]['kld_mean']:.4g} → {b} {by[b]['kld_mean']:.4g} "
+                 f"({(by[b]['kld_mean'] / by[a]['kld_mean'] - 1) * 100:+.0f}%)" for a, b in pairs if a in by and b in by]
         if gains:
             out.append(f"- imatrix effect ({dname}, mean KLD): " + "; ".join(gains) + ".")
     return out
