@@ -49,14 +49,18 @@ class TensorRecord:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return shape_elements(self.shape)
 
     @property
     def n_bytes(self) -> int:
         return tensor_nbytes(self.ggml_type, self.shape)
+
+
+def shape_elements(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def tensor_nbytes(ggml_type: GGMLQuantizationType, shape: tuple[int, ...]) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from gguf.constants import GGMLQuantizationType
 
 from apex_orch.errors import ModelError
-from apex_orch.gguf_header import ArrayInfo, GGUFHeader, TensorRecord, read_header
+from apex_orch.gguf_header import ArrayInfo, GGUFHeader, read_header, shape_elements, tensor_nbytes
 
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
@@ -36,14 +36,10 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return shape_elements(self.shape)
 
     @property
     def n_bytes(self) -> int:
-        from apex_orch.gguf_header import tensor_nbytes
         return tensor_nbytes(self.ggml_type, self.shape)
 
     @property

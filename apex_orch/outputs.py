@@ -189,6 +189,13 @@ def check_free_space(folder: Path, needed: int, *, margin_fraction: float = 0.02
     return free
 
 
+def write_new_text(path: Path, text: str, *, force: bool = False) -> None:
+    """A small user-requested file (-o): refused if it exists without --force, written atomically."""
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists", hint="pass --force to overwrite")
+    atomic_write_text(path, text)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from gguf.constants import GGMLQuantizationType as T
 
 from apex_orch.errors import PlanError, RenderError
+from apex_orch.gguf_header import shape_elements, tensor_nbytes
 from apex_orch.model import ModelInfo
 from apex_orch.profile import Profile, ResolvedBands, check_profile_fits
-from apex_orch.quantmix import (IMATRIX_REQUIRED, ModelHParams, TypeDecision, parse_ftype, predict_types,
+from apex_orch.quantmix import (ModelHParams, TypeDecision, parse_ftype, predict_types,
                                 sort_key)
 from apex_orch.roles import Role, classify, require_moe
 
@@ -42,14 +43,10 @@ class PlannedTensor:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return shape_elements(self.shape)
 
     @property
     def source_bytes(self) -> int:
-        from apex_orch.gguf_header import tensor_nbytes
         return tensor_nbytes(self.source_type, self.shape)
 
 
@@ -185,17 +182,17 @@ def _requested(profile: Profile, role: Role, slot: str, block: int | None, band:
     """The profile's type for one tensor and the profile key it came from."""
     req: T | None = None
     reason = ""
-    eff_role, eff_slot, eff_band = role, slot, band
+    eff_role, eff_band = role, band
     if role == Role.NEXTN:
         if isinstance(profile.nextn, T):
             req, reason = profile.nextn, "types.nextn"
         else:  # MTP block treated like an edge block of the role inside it
-            sub, _, sub_slot = slot.partition(".")
+            sub = slot.partition(".")[0]
             try:
                 eff_role = Role(sub)
             except ValueError:
                 eff_role = Role.UNASSIGNED
-            eff_slot, eff_band = sub_slot or slot, "edge"
+            eff_band = "edge"
     if req is None and eff_role.value in profile.types:
         bands_for_role = profile.types[eff_role.value]
         band_key = eff_band if eff_band in bands_for_role else "all"
@@ -263,7 +260,6 @@ def make_plan(model: ModelInfo, profile: Profile, *, has_imatrix: bool | None = 
                               [(r.pattern, r.type) for r in rules], has_imatrix=has_imatrix)
     by_name: dict[str, TypeDecision] = {d.name: d for d in decisions}
     planned: list[PlannedTensor] = []
-    from apex_orch.gguf_header import tensor_nbytes
     for t in sorted(model.tensors, key=lambda x: sort_key(x.name)):
         d = by_name[t.name]
         tr = roles[t.name]

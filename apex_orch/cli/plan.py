@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
-from apex_orch.errors import OutputExistsError
+from apex_orch.outputs import write_new_text
 from apex_orch.model import read_model
 from apex_orch.plan import make_plan, render_args, render_file
 from apex_orch.plan_report import format_plan
@@ -56,9 +55,5 @@ def render(profile_name: str, model: str, fmt: str, output: str | None, force: b
         click.echo(text, nl=False)
         return
     out = Path(output)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists", hint="pass --force to overwrite")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    write_new_text(out, text, force=force)
     click.echo(f"wrote {len(p.rules)} rules to {out}", err=True)

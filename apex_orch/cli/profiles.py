@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
 
-from apex_orch.errors import OutputExistsError
+from apex_orch.outputs import write_new_text
 from apex_orch.profile import list_profiles, load_profile
 from apex_orch.profile_import import dump_profile, import_tensor_type_file
 
@@ -73,11 +72,7 @@ def import_cmd(file: str, output: str | None, model: str | None, blocks: int, ba
     text = dump_profile(rep.profile)
     if output:
         out = Path(output)
-        if out.exists() and not force:
-            raise OutputExistsError(f"{out} exists", hint="pass --force to overwrite")
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        write_new_text(out, text, force=force)
         click.echo(f"wrote {out}")
     else:
         click.echo(text, nl=False)

@@ -2,41 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import click
 
+from apex_orch.cli.progress import Progress
 from apex_orch.errors import UsageError
 from apex_orch.profile import list_profiles, load_profile
-
-
-class _Progress:
-    """One status line on a terminal; sparse lines otherwise (logs, CI)."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, msg: str) -> None:
-        if self.quiet:
-            return
-        is_record = msg.startswith("[")
-        if is_record:
-            now = time.monotonic()
-            if self.tty:
-                click.echo(f"\r\033[K  {msg}", nl=False, err=True)
-                return
-            if now - self.last < 5.0:
-                return
-            self.last = now
-            click.echo(f"  {msg}", err=True)
-            return
-        if self.tty:
-            click.echo("\r\033[K", nl=False, err=True)
-        click.echo(msg, err=True)
 
 
 @click.command()
@@ -88,7 +60,7 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
         raise UsageError("give --imatrix or --corpus, not both")
     if timeout is not None and timeout <= 0:
         raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
-    progress = _Progress(quiet)
+    progress = Progress(quiet)
     if demo:
         from apex_orch.synthetic import demo_model_path
         model = str(demo_model_path())

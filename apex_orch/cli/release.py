@@ -2,38 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-import time
-
 import click
 
+from apex_orch.cli.progress import Progress
 from apex_orch.release import PHASES
-
-
-class _Progress:
-    """Tool records ("[i/n] tensor") as one refreshed line on a terminal, sparse otherwise."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-
-    def __call__(self, msg: str) -> None:
-        if self.quiet:
-            return
-        if msg.startswith("["):
-            if self.tty:
-                click.echo(f"\r\033[K  {msg}", nl=False, err=True)
-                return
-            now = time.monotonic()
-            if now - self.last < 10.0:
-                return
-            self.last = now
-            click.echo(f"  {msg}", err=True)
-            return
-        if self.tty:
-            click.echo("\r\033[K", nl=False, err=True)
-        click.echo(msg, err=True)
 
 
 @click.command("release")
@@ -77,5 +49,5 @@ def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir
         click.echo(rel.describe_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src))
         return
     result = rel.run_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src,
-                             progress=_Progress(quiet))
+                             progress=Progress(quiet, interval=10.0))
     click.echo(rel.format_reports(result))
