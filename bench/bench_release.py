@@ -149,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
 
         run = json.loads((release_dir / ".apex-release" / "last-run.json").read_text())
         phases = {p["name"]: p for p in run["phases"]}
+
+        # the same command again: every phase must find its results (resume / no-op cost)
+        mono = time.monotonic()
+        with open(work / "release-rerun.log", "w") as fh:
+            rerun_rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+        rerun_wall = time.monotonic() - mono
+        rerun = json.loads((release_dir / ".apex-release" / "last-run.json").read_text())
+        rerun_status = {p["name"]: p["status"] for p in rerun["phases"]}
+        log(f"rerun (nothing to do) finished in {rerun_wall:.1f} s: {rerun_status}")
         after = cache_state(cache)
         new_entries = {k: v for k, v in after.items() if v}
         stale = [str(p) for p in cache.rglob("*") if p.is_file() and not p.is_symlink()
@@ -198,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "cold_cache": {"before": before, "created_by_the_run": new_entries, "older_than_the_run": stale,
                            "llama_bin_dir": str(bin_dir)},
             "process_wall_s": round(wall, 3),
+            "rerun": {"exit": rerun_rc, "wall_s": round(rerun_wall, 3), "phases": rerun_status},
             "phases": rows,
             "phase_sum_s": phase_sum,
             "tools": tools,
@@ -246,7 +256,9 @@ def markdown(d: dict) -> str:
               f"- Eval phase (in-process bindings, base log-probs included) vs the same work done by llama-perplexity: "
               f"{next(r['seconds'] for r in d['phases'] if r['phase'] == 'eval'):.1f} s vs {d['eval_tool_equivalent_s']:.1f} s.",
               f"- Release wall time / sum of raw tool times: {t['release_wall_s']:.1f} / {t['raw_tools_s']:.1f} s = "
-              f"**{t['ratio_wall_to_raw_tools']}x**.", "",
+              f"**{t['ratio_wall_to_raw_tools']}x**.",
+              f"- The same command again (every phase finds its results): {d['rerun']['wall_s']:.1f} s, exit "
+              f"{d['rerun']['exit']} (" + ", ".join(f"{k} {v}" for k, v in d["rerun"]["phases"].items()) + ").", "",
               "Raw tool runs:", ""]
     for phase, runs in d["tools"].items():
         for x in runs:

@@ -89,6 +89,8 @@ def test_run_all_smoke_writes_every_orchestration_result(tmp_path: Path) -> None
     assert len(r["tools"]["imatrix"]) == 1 and len(r["tools"]["quantize"]) == 1
     assert len(r["tools"]["eval"]) == 2          # base + one tier through llama-perplexity
     assert {"release_wall_s", "raw_tools_s", "ratio_wall_to_raw_tools"} <= set(r["totals"])
+    assert r["rerun"]["exit"] == 0
+    assert r["rerun"]["phases"]["quantize"] == r["rerun"]["phases"]["eval"] == "up to date"
     assert "| imatrix | ran |" in md_header(tmp_path / "release-phases.md")
 
 
