@@ -1,0 +1,78 @@
+"""Configurations of the reference model: the full one (`make reference-model`) and a tiny one
+for the CI smoke test. Everything that changes the trained weights lives here, so the cache key
+is a hash of this dataclass (plus the data, the code and the pinned versions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from apex_orch import synthetic
+
+
+@dataclass(frozen=True)
+class RefConfig:
+    # --- architecture (mistral4 as llama.cpp loads it: deepseek2 MLA + routed/shared experts)
+    n_layer: int = 12
+    n_embd: int = 256
+    n_head: int = 4
+    q_lora_rank: int = 256          # attn_q_b ne0
+    kv_lora_rank: int = 256         # attn_v_b ne0 (and attn_kv_a_norm)
+    qk_nope: int = 32               # attn_k_b ne0: the one row length the architecture keeps small
+    qk_rope: int = 32               # q/k head 64 = v head, as in Mistral-Small-4 (64+64 = 128 = v):
+    v_head: int = 64                # equal dims let torch use its fused CPU attention kernel
+                                    # n_head * v_head = attn_output ne0 = 256
+    n_expert: int = 16
+    n_expert_used: int = 2
+    n_expert_shared: int = 1
+    expert_ff: int = 256
+    seq_len: int = 512              # training context; written as mistral4.context_length
+    tie_embeddings: bool = True     # train one matrix for token_embd and output (written as both):
+                                    # fewer parameters to learn from ~1 M tokens
+    # --- data
+    code_bytes: int = 4_000_000     # stdlib .py training text (~1.2 M tokens)
+    prose_bytes: int | None = None  # pydoc topics training text (all of it, ~0.37 MB)
+    prose_fraction: float = 0.25    # share of training sequences drawn from prose
+    heldout_bytes: int | None = None  # cap on each domain's held-out text (None: all of it)
+    # --- training
+    steps: int = 360                # ~3.2-3.9 s/step on 2 idle cores (AMX bf16): ~20-23 min
+    batch_seqs: int = 4             # sequences per optimizer step (2048 tokens)
+    micro_seqs: int = 4             # sequences per forward/backward (memory bound by the vocab)
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 30
+    weight_decay: float = 0.1
+    aux_loss_coef: float = 0.01     # Switch-style load balancing, keeps every expert in use
+    init_std: float = 0.02
+    bf16: bool = True               # autocast matmuls to bf16 (AMX/AVX512-BF16); master weights F32
+    threads: int = 2
+    seed: int = 1234
+    # --- evaluation
+    eval_chunks: int = 32           # held-out chunks of seq_len tokens per domain
+    name: str = "APEX-Reference-MoE"
+
+    def spec(self) -> synthetic.SyntheticSpec:
+        """The apex_orch.synthetic spec with this architecture (the GGUF layout and metadata)."""
+        return synthetic.SyntheticSpec(
+            arch="mistral4", n_layer=self.n_layer, n_embd=self.n_embd, n_expert=self.n_expert,
+            n_expert_used=self.n_expert_used, n_expert_shared=self.n_expert_shared,
+            expert_ff=self.expert_ff, n_head=self.n_head, q_lora_rank=self.q_lora_rank,
+            kv_lora_rank=self.kv_lora_rank, qk_nope=self.qk_nope, qk_rope=self.qk_rope,
+            v_head=self.v_head, context=self.seq_len, name=self.name, seed=self.seed,
+        )
+
+    def asdict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FULL = RefConfig()
+
+# CI smoke: 2 blocks, tiny widths, a handful of steps on ~40 KB of text; exercises the whole
+# path (tokenize, train, export, llama.cpp load, logit agreement) in well under a minute.
+SMOKE = RefConfig(
+    n_layer=2, n_embd=64, n_head=2, q_lora_rank=64, kv_lora_rank=64, qk_nope=16, qk_rope=16,
+    v_head=32, n_expert=4, n_expert_used=2, expert_ff=64, seq_len=64,
+    code_bytes=30_000, prose_bytes=10_000, heldout_bytes=4_000, steps=6, batch_seqs=4, micro_seqs=4,
+    lr=1e-2, min_lr=1e-3, warmup=2, eval_chunks=2, name="APEX-Reference-MoE-Smoke",
+)

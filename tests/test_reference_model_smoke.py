@@ -1,0 +1,63 @@
+"""Smoke test of the trained reference model's build: a tiny mistral4 MoE (2 blocks, n_embd 64,
+4 experts) is trained for 6 steps on a few KB of the standard library's text, exported to an
+F16 GGUF with apex_orch.synthetic.write_model, and run through llama.cpp. This is the export
+correctness test: llama.cpp and PyTorch must agree on every logit of the held-out chunks
+within the tolerances of bench/reference_model/validate.py (the full build uses the same ones).
+
+torch is an optional extra (`pip install .[bench]`) that CI does not install: the test SKIPS,
+with that reason, only when torch cannot be imported. A missing llama.cpp build FAILS it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (optional `bench` extra); "
+                                             "the reference-model smoke test needs it")
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.reference_model import train, validate  # noqa: E402
+from bench.reference_model.config import SMOKE  # noqa: E402
+
+
+@pytest.mark.slow
+@pytest.mark.requires_tools("llama-perplexity")
+def test_tiny_model_trains_exports_and_matches_llama_cpp(tmp_path: Path) -> None:
+    rec = train.build(SMOKE, out_dir=tmp_path, log=lambda _msg: None)
+
+    gguf = Path(rec["model"]["path"])
+    assert gguf.is_file() and gguf.parent == tmp_path
+    assert gguf.name == f"reference-moe-{rec['cache_key']}.gguf"
+    assert not list(tmp_path.glob(".*staging*")), "no staging file may remain"
+    assert not list(tmp_path.glob("*.unvalidated.gguf")), "the checked model is promoted, not copied"
+    assert rec["model"]["arch"] == "mistral4"
+    assert rec["model"]["n_vocab"] == 32000
+    assert rec["model"]["params"]["tensors"] == 3 + 2 * 17   # token_embd, output_norm, output + 17 per block
+    assert rec["training"]["loss_last10"] < rec["training"]["loss_first10"]
+
+    val = rec["validation"]
+    assert val["passed"] is True
+    for domain in ("code", "prose"):
+        r = val["domains"][domain]
+        assert r["n_chunks"] == 2 and r["n_ctx"] == 64
+        assert r["positions_compared"] == 128
+        assert r["mean_kld"] <= validate.TOL_MEAN_KLD
+        assert r["top1_agreement"] >= validate.TOL_TOP1
+        assert r["p999_abs_target_logp"] <= validate.TOL_P999_TARGET_LOGP
+        assert r["max_abs_target_logp_clear"] <= validate.TOL_MAX_TARGET_LOGP_CLEAR
+        assert abs(r["ppl_llama"] / r["ppl_torch"] - 1) <= validate.TOL_PPL_REL
+        # the bindings reproduce llama-perplexity (same chunks, batch = ctx, flash attention on)
+        assert r["ppl_llama_perplexity_tool"] == pytest.approx(r["ppl_llama"], rel=validate.TOL_TOOL_REL)
+        assert r["ppl_llama"] < val["uniform_ppl"]
+
+    # A second build with the cache present is a no-op: same record, the file untouched.
+    mtime = gguf.stat().st_mtime_ns
+    again = train.build(SMOKE, out_dir=tmp_path, log=lambda _msg: None)
+    assert again == rec
+    assert gguf.stat().st_mtime_ns == mtime
