@@ -28,8 +28,6 @@ class RefConfig:
     n_expert_shared: int = 1
     expert_ff: int = 256
     seq_len: int = 512              # training context; written as mistral4.context_length
-    tie_embeddings: bool = True     # train one matrix for token_embd and output (written as both):
-                                    # fewer parameters to learn from ~1 M tokens
     # --- data
     code_bytes: int = 4_000_000     # stdlib .py training text (~1.2 M tokens)
     prose_bytes: int | None = None  # pydoc topics training text (all of it, ~0.37 MB)

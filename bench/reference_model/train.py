@@ -9,8 +9,9 @@ The GGUF lands at <cache>/models/reference-moe-<key>.gguf (cache = apex_orch.pin
 next to reference-moe-<key>.json (the full record: config, data, training, validation) and the
 held-out texts reference-moe-<key>.heldout-{code,prose}.txt. <key> hashes the config, the
 selected text, the code that determines the weights, torch's version and the llama.cpp pin,
-so a rerun with the cache present does nothing. The GGUF appears under its final name only
-after the export check passed.
+so a rerun with the cache present does nothing. Training leaves reference-moe-<key>.unvalidated.gguf;
+the export check promotes it to the final name only when it passes (a failed check keeps the
+trained file, and the next run re-checks it without training again).
 """
 
 from __future__ import annotations
@@ -165,7 +166,6 @@ def build(cfg: RefConfig = FULL, *, out_dir: Path | None = None, force: bool = F
     the unvalidated file, so the next run re-checks it without training again.
     """
     t_start = time.monotonic()
-    load_start = _loadavg()
     out_dir = Path(out_dir) if out_dir else default_out_dir()
     corpus = corpus or data.collect(cfg.code_bytes, cfg.prose_bytes, heldout_bytes=cfg.heldout_bytes)
     corpus_sha = corpus.sha256()
@@ -334,8 +334,7 @@ def results_markdown(rec: dict) -> str:
         f"| expert FFN | {cfg['expert_ff']} |",
         f"| vocabulary | llama-spm, {rec['model']['n_vocab']} tokens |",
         f"| parameters in the GGUF, total / active per token | {par['total'] / 1e6:.2f} M / {par['active'] / 1e6:.2f} M "
-        f"({par['active_without_token_embd'] / 1e6:.2f} M without token_embd)"
-        f"{'; token_embd and output trained tied' if cfg.get('tie_embeddings') else ''} |",
+        f"({par['active_without_token_embd'] / 1e6:.2f} M without token_embd) |",
         f"| GGUF | {rec['model']['size_bytes'] / 2**20:.1f} MiB, {rec['model']['file_type']} |",
         f"| training text | {rec['data']['train_tokens']['code']:,} code + {rec['data']['train_tokens']['prose']:,} "
         f"prose tokens (Python {rec['data']['python']} stdlib sources + pydoc topics) |",
