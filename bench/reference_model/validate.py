@@ -10,17 +10,16 @@ n_ctx` prints for the same file, which is run too, as a third opinion.
 
 Agreement is measured on every position of every chunk (not only the scored half):
   - KL(p_torch || p_llama) per position (mean and max),
-  - |log p_torch(next) - log p_llama(next)| of the actual next token (mean, 99.9th percentile,
-    max, and max over the positions whose routing is unambiguous, see below),
-  - top-1 agreement (argmax equal), max |logit difference| (reported only).
+  - |log p_torch(next) - log p_llama(next)| of the actual next token (mean, 99.9th percentile, max),
+  - top-1 agreement (argmax equal), max |logit difference| and the number of positions whose
+    expert routing is ambiguous (reported only).
 
 Where the differences come from: llama.cpp rounds activations to F16 inside its F16 matmuls
-and keeps the KV cache in F16. That is ~1e-3 relative noise, harmless everywhere except at a
-discrete decision: when a token's router gives its last chosen expert and the best unchosen one
-almost the same probability, the noise can swap them in llama.cpp, and that token's output
-then differs for real (measured: up to ~0.2 nats on single tokens of the full model). So the
-tight bound on the worst token applies to tokens whose routing margin (over all blocks) is at
-least ROUTING_MARGIN; the others are counted and covered by the mean/percentile bounds.
+and keeps the KV cache in F16, ~1e-3 relative noise. Through 12 blocks, and through expert
+choices that flip where a token's last chosen and best unchosen experts are almost tied, that
+noise reaches ~0.1 nats on single tokens while the mean KLD stays ~1e-6. The tolerances below
+were set from measured controls (see the comment above them): F16 rounding alone passes, every
+tried export bug fails.
 """
 
 from __future__ import annotations
@@ -41,12 +40,17 @@ from apex_orch.llama import find_tool, run_tool
 
 from .model import RefMoE
 
-# Tolerances of the export check (the smoke test and the full build both assert them).
-TOL_MEAN_KLD = 1e-4              # mean KL(torch || llama.cpp) per position, nats
-TOL_TOP1 = 0.995                 # share of positions with the same argmax
-TOL_P999_TARGET_LOGP = 0.02      # 99.9th percentile of |delta log p(next token)|, nats
-ROUTING_MARGIN = 1e-3            # routing margin (probability) below which a swap is possible
-TOL_MAX_TARGET_LOGP_CLEAR = 0.05  # worst |delta log p(next)| where every margin >= ROUTING_MARGIN
+# Tolerances of the export check (the smoke test and the full build both assert them). They sit
+# between two measured controls on the full model (bench/reference_model/controls.py,
+# bench/results/reference-model-controls.md): F16 rounding alone (torch against itself with every
+# matmul input rounded to F16) gives mean KLD 6e-7, max |dlog p| 0.087; the mildest export bug
+# tried (one block's ffn_norm off by 1%) gives mean KLD 7.9e-6, p99.9 0.036, max 0.29, and
+# swapping two experts of one block gives mean KLD 3.9e-5, max 0.18.
+TOL_MEAN_KLD = 5e-6              # mean KL(torch || llama.cpp) per position, nats
+TOL_TOP1 = 0.999                 # share of positions with the same argmax
+TOL_P999_TARGET_LOGP = 0.03      # 99.9th percentile of |delta log p(next token)|, nats
+TOL_MAX_TARGET_LOGP = 0.15       # worst |delta log p(next token)| over every position, nats
+ROUTING_MARGIN = 1e-3            # routing margin (probability) below which a swap is possible (reported)
 TOL_PPL_REL = 1e-3               # |PPL_llama / PPL_torch - 1|
 TOL_TOOL_REL = 1e-4              # |PPL_llama-perplexity / PPL_bindings - 1| (same computation)
 
@@ -167,9 +171,8 @@ class DomainReport:
             (self.top1_agreement >= TOL_TOP1, f"top-1 agreement {self.top1_agreement:.4f} < {TOL_TOP1}"),
             (self.p999_abs_target_logp <= TOL_P999_TARGET_LOGP,
              f"99.9th percentile |delta log p(next)| {self.p999_abs_target_logp:.3g} > {TOL_P999_TARGET_LOGP}"),
-            (self.max_abs_target_logp_clear <= TOL_MAX_TARGET_LOGP_CLEAR,
-             f"max |delta log p(next)| where routing is unambiguous {self.max_abs_target_logp_clear:.3g} "
-             f"> {TOL_MAX_TARGET_LOGP_CLEAR}"),
+            (self.max_abs_target_logp <= TOL_MAX_TARGET_LOGP,
+             f"max |delta log p(next)| {self.max_abs_target_logp:.3g} > {TOL_MAX_TARGET_LOGP}"),
             (abs(self.ppl_llama / self.ppl_torch - 1) <= TOL_PPL_REL,
              f"PPL llama.cpp {self.ppl_llama:.4f} vs torch {self.ppl_torch:.4f} differs by more than {TOL_PPL_REL:.1%}"),
         ]
