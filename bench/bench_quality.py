@@ -1,7 +1,7 @@
 """Quality benchmark: APEX tiers vs llama.cpp's uniform presets on the trained reference MoE.
 
     make bench-quality                      (= .venv/bin/python bench/bench_quality.py)
-    .venv/bin/python bench/bench_quality.py --chunks 32        # more held-out text per domain
+    .venv/bin/python bench/bench_quality.py --chunks 16        # less held-out text per domain (faster)
     .venv/bin/python bench/bench_quality.py --smoke --out /tmp/q   # CI: tiny random model, 2 tiers
 
 What it does, on the reference model that `make reference-model` caches
@@ -224,6 +224,34 @@ def quantize_uniform(subject: Subject, preset: str, imatrix_path: str | None, wo
     return v
 
 
+# ----------------------------------------------------------------------------- what is in a file
+
+SUMMARY_ROLES = ("routed_expert", "shared_expert", "attention", "embedding", "output")
+
+
+def type_summary(path: Path) -> dict:
+    """Per role: bytes and the ggml types by share of the role's bytes, read from the GGUF header
+    (what llama-quantize really wrote), e.g. {"routed_expert": {"bytes": .., "types": "Q4_K 62%, Q6_K 38%"}}."""
+    from apex_orch.model import read_model
+    from apex_orch.roles import classify
+
+    info = read_model(path)
+    roles = classify(info)
+    per: dict[str, dict[str, int]] = {}
+    for t in info.tensors:
+        per.setdefault(str(roles[t.name].role), {}).setdefault(t.ggml_type.name, 0)
+        per[str(roles[t.name].role)][t.ggml_type.name] += t.n_bytes
+    out = {}
+    for role in SUMMARY_ROLES:
+        by_type = per.get(role, {})
+        total = sum(by_type.values())
+        ranked = sorted(by_type.items(), key=lambda kv: -kv[1])
+        out[role] = {"bytes": total,
+                     "types": ", ".join(name if len(ranked) == 1 else f"{name} {b / total:.0%}" for name, b in ranked)}
+    out["file_share"] = {role: round(out[role]["bytes"] / info.file_size, 4) for role in SUMMARY_ROLES}
+    return out
+
+
 # ----------------------------------------------------------------------------- evaluating
 
 def evaluate_domain(subject: Subject, domain: Domain, variants: list[Variant], settings) -> dict:
@@ -248,7 +276,7 @@ def evaluate_domain(subject: Subject, domain: Domain, variants: list[Variant], s
                      "ppl_ratio_err": k.mean_ppl_ratio_err, "kld_mean": k.kld_mean, "kld_mean_err": k.kld_mean_err,
                      "kld_median": k.kld_median, "kld_p99": k.kld_p990, "kld_p999": k.kld_p999,
                      "kld_max": k.kld_max, "same_top_p": k.same_top_p, "same_top_p_err": k.same_top_p_err,
-                     "rms_dp": k.rms_dp, "eval_s": round(r.seconds, 2)})
+                     "rms_dp": k.rms_dp, "eval_s": round(r.seconds, 2), "types": type_summary(v.path)})
         log(f"{domain.name}: {v.label:<14} {r.model.size_bytes / 2**20:7.2f} MiB  PPL {r.ppl:.4f}  "
             f"KLD {k.kld_mean:.6f}  same top {k.same_top_p:.2f}%  ({r.seconds:.1f} s)")
     return {"text": {"path": str(domain.path), "sha256": tf.sha256, "bytes": tf.n_bytes,
@@ -398,6 +426,20 @@ def markdown(data: dict) -> str:
                          f"{r['ppl_ratio']:.4f} | {r['kld_mean']:.6f} ± {r['kld_mean_err']:.6f} | {r['kld_p999']:.4f} | "
                          f"{r['kld_max']:.4f} | {r['same_top_p']:.2f}% |")
         lines += ["", "◆ on the Pareto front (no other file is both smaller and lower in mean KLD).", ""]
+    first = next(iter(doms.values()))
+    base_types = data["model"].get("types")
+    lines += ["## What each file holds (ggml types by share of each role's bytes, from the file headers)", "",
+              "| file | routed experts | shared expert | attention | token_embd | output | "
+              "share of the file: experts / embd + output |",
+              "|---|---|---|---|---|---|---|"]
+    for r in ([{"label": "F16 base", "types": base_types}] if base_types else []) + sorted(
+            first["rows"], key=lambda r: -r["size_bytes"]):
+        t = r["types"]
+        fs = t["file_share"]
+        lines.append(f"| {r['label']} | {t['routed_expert']['types']} | {t['shared_expert']['types']} | "
+                     f"{t['attention']['types']} | {t['embedding']['types']} | {t['output']['types']} | "
+                     f"{fs['routed_expert']:.0%} / {fs['embedding'] + fs['output']:.0%} |")
+    lines.append("")
     if data.get("failed"):
         lines += ["Not produced: " + "; ".join(f"{f['label']}: {f['error']}" for f in data["failed"]), ""]
     dnames = list(doms)
@@ -460,6 +502,19 @@ def findings(data: dict) -> list[str]:
         front = pareto_labels(d["rows"])
         apex_front = [lab for lab in front if any(r["label"] == lab and r["kind"] == "apex" for r in d["rows"])]
         out.append(f"- {dname}: Pareto front {' → '.join(front)} ({len(apex_front)} APEX of {len(front)}).")
+    apex_rows = [r for r in data["domains"][next(iter(data["domains"]))]["rows"] if r["kind"] == "apex"]
+    for me in apex_rows:
+        # another APEX tier no larger and no worse in every domain (strictly better in one or smaller)
+        def dominates(o: dict) -> bool:
+            mine = {d: next(r for r in dd["rows"] if r["label"] == me["label"]) for d, dd in data["domains"].items()}
+            other = {d: next(r for r in dd["rows"] if r["label"] == o["label"]) for d, dd in data["domains"].items()}
+            no_worse = all(other[d]["kld_mean"] <= mine[d]["kld_mean"] for d in mine)
+            return o["size_bytes"] <= me["size_bytes"] and no_worse and (
+                o["size_bytes"] < me["size_bytes"] or any(other[d]["kld_mean"] < mine[d]["kld_mean"] for d in mine))
+        better = [o["label"] for o in apex_rows if o["label"] != me["label"] and dominates(o)]
+        if better:
+            out.append(f"- {me['label']} is dominated by another APEX tier (no larger, no higher mean KLD in any "
+                       f"domain; point estimates, differences may be inside σ): {', '.join(better)}.")
     pairs = [("quality", "i-quality"), ("balanced", "i-balanced"), ("compact", "i-compact")]
     for dname, d in data["domains"].items():
         by = {r["label"]: r for r in d["rows"]}
@@ -479,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     ap.add_argument("--work", type=Path, help="keep the quantized files here (reused when up to date)")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--chunks", type=int, default=16, help="held-out chunks per domain")
+    ap.add_argument("--chunks", type=int, default=32, help="held-out chunks per domain")
     ap.add_argument("--imatrix-ctx", type=int, default=512)
     ap.add_argument("--imatrix-chunks", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
@@ -566,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             "llama_cpp": build_label(),
             "model": {"label": subject.label, "file": subject.model.name, "size_bytes": subject.model.stat().st_size,
                       "cache_key": rec.get("cache_key"), "params": params, "params_note": params_note,
+                      "types": type_summary(subject.model),
                       "description": (f"mistral4, {cfg['n_layer']} blocks, n_embd {cfg['n_embd']}, {cfg['n_expert']} "
                                       f"experts (top-{cfg['n_expert_used']}) + {cfg['n_expert_shared']} shared, "
                                       f"expert FFN {cfg['expert_ff']}, 32000-token vocabulary; trained "

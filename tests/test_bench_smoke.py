@@ -115,6 +115,13 @@ def test_bench_quality_smoke_writes_tables_plot_and_verdicts(tmp_path: Path) -> 
         for r in dom["rows"]:
             assert {"size_bytes", "bpw", "ppl", "kld_mean", "kld_p999", "kld_max", "same_top_p"} <= set(r)
             assert r["kld_mean"] > 0
+            t = r["types"]  # read back from the file: role bytes add up to less than the file
+            assert sum(t[role]["bytes"] for role in ("routed_expert", "shared_expert", "attention", "embedding",
+                                                     "output")) < r["size_bytes"]
+        q4 = next(r for r in dom["rows"] if r["label"] == "Q4_K_M")["types"]
+        # llama.cpp's Q4_K_M: Q4_K with some ffn_down in Q6_K, output Q6_K
+        assert q4["routed_expert"]["types"].startswith("Q4_K ") and "Q6_K" in q4["routed_expert"]["types"]
+        assert q4["output"]["types"] == "Q6_K"
     assert [v["tier"] for v in d["verdicts"]] == ["compact", "i-compact"]
     for v in d["verdicts"]:
         assert set(v["domains"]) == {"demo-text", "wikipedia"}
@@ -125,6 +132,7 @@ def test_bench_quality_smoke_writes_tables_plot_and_verdicts(tmp_path: Path) -> 
     md = (out / "quality.md").read_text()
     assert "Does a uniform preset of equal or smaller size beat each APEX tier" in md
     assert "Smoke run" in md
+    assert "## What each file holds" in md and "| Q4_K_M | Q4_K " in md
 
 
 def test_bench_quality_without_reference_model_says_how_to_build_it(tmp_path: Path) -> None:
