@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
-from common import RESULTS, load_note, machine, write_results, write_smoke_model  # noqa: E402
+from common import RESULTS, load_note, machine, results_header, write_results, write_smoke_model  # noqa: E402
 
 from apex_orch import pin, synthetic  # noqa: E402
 from apex_orch.fingerprint import fast_fingerprint  # noqa: E402
@@ -334,6 +334,21 @@ def pareto_labels(rows: list[dict]) -> list[str]:
 
 # ----------------------------------------------------------------------------- outputs
 
+def label_clusters(rows: list[dict], size_tol: float = 0.04, kld_tol: float = 0.15) -> list[list[dict]]:
+    """Group points that would print on top of each other (within size_tol and kld_tol in natural-log
+    units of the group's first point), so each group gets one label."""
+    clusters: list[list[dict]] = []
+    for r in sorted(rows, key=lambda r: (r["size_bytes"], r["kld_mean"])):
+        for c in clusters:
+            if (abs(math.log(r["size_bytes"] / c[0]["size_bytes"])) < size_tol
+                    and abs(math.log(r["kld_mean"] / c[0]["kld_mean"])) < kld_tol):
+                c.append(r)
+                break
+        else:
+            clusters.append([r])
+    return clusters
+
+
 def plot(domains: dict[str, dict], base_size: int, out: Path, title: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -352,15 +367,11 @@ def plot(domains: dict[str, dict], base_size: int, out: Path, title: str) -> Pat
                            color=color if imat else "white", edgecolors=color, linewidths=1.5, zorder=3,
                            marker="o" if kind == "apex" else "s",
                            label=f"{'APEX' if kind == 'apex' else 'uniform'} {'with' if imat else 'without'} imatrix")
-        groups: dict[tuple, list[str]] = {}     # points that coincide on the plot share one label
-        for r in rows:
-            key = (round(math.log(r["size_bytes"]), 2), round(math.log(r["kld_mean"]), 2))
-            groups.setdefault(key, []).append(r["label"])
-        for r in rows:
-            key = (round(math.log(r["size_bytes"]), 2), round(math.log(r["kld_mean"]), 2))
-            if groups[key][0] == r["label"]:
-                ax.annotate(" / ".join(groups[key]), (r["size_bytes"] / 2**20, r["kld_mean"]),
-                            textcoords="offset points", xytext=(4, 3), fontsize=7)
+        # points that nearly coincide share one label; neighbouring labels alternate above / below
+        for i, members in enumerate(label_clusters(rows)):
+            lead = members[0]
+            ax.annotate(" / ".join(r["label"] for r in members), (lead["size_bytes"] / 2**20, lead["kld_mean"]),
+                        textcoords="offset points", xytext=(5, 4) if i % 2 == 0 else (5, -10), fontsize=7)
         front = [next(r for r in rows if r["label"] == lab) for lab in pareto_labels(rows)]
         ax.plot([r["size_bytes"] / 2**20 for r in front], [r["kld_mean"] for r in front], "--", color="gray",
                 zorder=2, label="Pareto front")
@@ -527,6 +538,24 @@ def findings(data: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- main
 
+def rerender(json_path: Path, out_dir: Path) -> int:
+    """quality.md and quality.png again from a quality.json (presentation changes need no new run;
+    the numbers, machine and commit stay those of the measuring run)."""
+    data = json.loads(json_path.read_text())
+    data["verdicts"] = verdicts(data["domains"])
+    data["pareto_front"] = {k: pareto_labels(d["rows"]) for k, d in data["domains"].items()}
+    data["findings"] = findings(data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot(data["domains"], data["model"]["size_bytes"], out_dir / "quality.png",
+               f"{data['model']['label']}: mean KLD vs size (lower left is better)")
+    path = out_dir / "quality.md"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(results_header("quality", data["machine"]) + markdown(data).rstrip() + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    log(f"re-rendered {path} and {png} from {json_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CI: tiny random model, compact + i-compact vs Q4_K_M")
@@ -540,7 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-uniform-k-imatrix", action="store_true",
                     help="skip Q6_K/Q5_K_M/Q4_K_M/Q3_K_M with the imatrix")
+    ap.add_argument("--from-json", type=Path, metavar="QUALITY_JSON",
+                    help="only re-render quality.md and quality.png from a results file (no measuring)")
     args = ap.parse_args(argv)
+    if args.from_json:
+        return rerender(args.from_json, args.out or RESULTS)
 
     from apex_orch.evaluate import EvalSettings, default_threads
     from apex_orch.model import read_model
