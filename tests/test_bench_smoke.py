@@ -133,6 +133,11 @@ def test_bench_quality_smoke_writes_tables_plot_and_verdicts(tmp_path: Path) -> 
     assert "Does a uniform preset of equal or smaller size beat each APEX tier" in md
     assert "Smoke run" in md
     assert "## What each file holds" in md and "| Q4_K_M | Q4_K " in md
+    # --from-json re-renders the same Markdown (and a plot) from the results file, measuring nothing
+    again = run("bench_quality.py", "--from-json", str(out / "quality.json"), "--out", str(tmp_path / "re"), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "re" / "quality.md").read_text() == md
+    assert sorted(x.name for x in (tmp_path / "re").iterdir()) == ["quality.md", "quality.png"]
 
 
 def test_bench_quality_without_reference_model_says_how_to_build_it(tmp_path: Path) -> None:
