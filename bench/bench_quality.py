@@ -106,7 +106,7 @@ def find_reference_model(models_dir: Path | None = None) -> tuple[Path, dict]:
         raise NoReferenceModel(
             f"the trained reference model is not cached (no {models_dir}/reference-moe-*.gguf built with the "
             "full config whose export check passed).\nBuild it first: make reference-model   "
-            "(about 30 minutes on 2 cores; then rerun make bench-quality)")
+            "(about 40 minutes on 2 cores; then rerun make bench-quality)")
     _, gguf, rec = max(found, key=lambda t: t[0])
     return gguf, rec
 
