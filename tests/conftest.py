@@ -33,6 +33,7 @@ the mistral4 (MLA) models; see the apex_orch.synthetic docstring.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,14 @@ import pytest
 from apex_orch import synthetic
 from apex_orch.errors import ToolNotFoundError
 from apex_orch.llama import find_tool
+
+# Started in the background (`cmd &` in a non-interactive shell, nohup, some CI runners), pytest
+# inherits SIGINT *ignored*, its children inherit that through exec, and an ignored Ctrl-C makes
+# every "SIGINT during ..." test see a run that finishes with exit 0. A Python handler is reset to
+# the default on exec, so with this the CLI processes the tests start receive SIGINT as they would
+# in a terminal. (apex-orch itself keeps an inherited SIG_IGN, as background jobs should.)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def require_tools(*names: str) -> dict[str, Path]:
