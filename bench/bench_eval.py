@@ -33,17 +33,11 @@ sys.path.insert(0, str(REPO))
 from apex_orch import evalcache, synthetic  # noqa: E402
 from apex_orch import evaluate as ev  # noqa: E402
 from apex_orch.llama import build_label, find_tool, run_tool  # noqa: E402
+from common import cpu_model  # noqa: E402
 
 
 def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model("?")
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
     return {"nproc": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),

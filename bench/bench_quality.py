@@ -538,13 +538,18 @@ def findings(data: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- main
 
+def derive(data: dict) -> None:
+    """The verdicts, Pareto fronts and findings, all computed from data["domains"]."""
+    data["verdicts"] = verdicts(data["domains"])
+    data["pareto_front"] = {k: pareto_labels(d["rows"]) for k, d in data["domains"].items()}
+    data["findings"] = findings(data)
+
+
 def rerender(json_path: Path, out_dir: Path) -> int:
     """quality.md and quality.png again from a quality.json (presentation changes need no new run;
     the numbers, machine and commit stay those of the measuring run)."""
     data = json.loads(json_path.read_text())
-    data["verdicts"] = verdicts(data["domains"])
-    data["pareto_front"] = {k: pareto_labels(d["rows"]) for k, d in data["domains"].items()}
-    data["findings"] = findings(data)
+    derive(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot(data["domains"], data["model"]["size_bytes"], out_dir / "quality.png",
                f"{data['model']['label']}: mean KLD vs size (lower left is better)")
@@ -673,9 +678,7 @@ def main(argv: list[str] | None = None) -> int:
             "timing": {"quantize_s": round(quantize_s, 1), "eval_s": round(eval_s, 1),
                        "total_s": round(time.monotonic() - t_start, 1)},
         }
-        data["verdicts"] = verdicts(domains)
-        data["pareto_front"] = {k: pareto_labels(d["rows"]) for k, d in domains.items()}
-        data["findings"] = findings(data)
+        derive(data)
         out_dir = args.out or RESULTS
         png = plot(domains, subject.model.stat().st_size, out_dir / "quality.png",
                    f"{subject.label}: mean KLD vs size (lower left is better)")

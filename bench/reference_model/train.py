@@ -110,19 +110,13 @@ def param_counts(cfg: RefConfig, n_vocab: int) -> dict[str, int]:
 def environment() -> dict:
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bench.common import cpu_model
+
     return {
         "date_utc": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "git_commit": git_commit(),
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": cpu,
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
