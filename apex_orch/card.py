@@ -10,6 +10,7 @@ bytes and a golden file can pin the text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,10 +20,11 @@ from apex_orch import __version__
 CARD_MARKER = "<!-- written by apex-orch release"
 BASE_TAGS = ("gguf", "moe", "apex", "quantized")
 ROLE_ORDER = ("routed_expert", "shared_expert", "dense_ffn", "attention", "ssm", "nextn", "embedding", "output",
-              "router", "norm", "unassigned")
+              "router", "norm", "aux", "unassigned")
 ROLE_NAMES = {"routed_expert": "Routed experts", "shared_expert": "Shared expert", "dense_ffn": "Dense FFN",
               "attention": "Attention", "ssm": "SSM", "nextn": "MTP / NextN", "embedding": "Token embedding",
-              "output": "Output head", "router": "Router", "norm": "Norms", "unassigned": "Unassigned"}
+              "output": "Output head", "router": "Router", "norm": "Norms",
+              "aux": "Small parameters (never quantized)", "unassigned": "Unassigned"}
 BAND_ORDER = ("edge", "near", "middle", "rest")
 ROPE_NAMES = {"yarn": "YaRN", "linear": "linear", "longrope": "LongRoPE"}
 
@@ -311,8 +313,29 @@ def apex_line(a: ArchFacts) -> str:
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
     return out
+
+
+_SPACE_RE = re.compile(r"\s+")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def md_inline(text: object) -> str:
+    """Text from configs, profiles or a GGUF on one line of Markdown: control characters dropped,
+    whitespace (newlines) collapsed so it can neither end the line nor start a heading, list or
+    table row, and '<' escaped so it cannot open HTML (a comment would hide the rest of the card)."""
+    return _CONTROL_RE.sub("", _SPACE_RE.sub(" ", str(text))).strip().replace("<", "&lt;")
+
+
+def md_cell(text: object) -> str:
+    """md_inline for a table cell: '|' escaped so it cannot split the row."""
+    return md_inline(text).replace("|", "\\|")
+
+
+def md_code(text: object) -> str:
+    """md_inline inside a `code span`: a backquote would end it."""
+    return md_inline(text).replace("`", "'")
 
 
 # =========================================================================== rendering
@@ -325,9 +348,9 @@ def render_card(f: CardFacts) -> str:
     out += [f"license: {f.license}", "tags:"] + [f"- {t}" for t in f.tags] + ["---", ""]
     out.append(f"{CARD_MARKER} from {f.config_path}; edits here are replaced on the next run -->")
     out.append("")
-    out.append(f"# {f.title}")
+    out.append(f"# {md_inline(f.title)}")
     out.append("")
-    source = f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model else f"`{a.model}`"
+    source = f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model else f"`{md_code(a.model)}`"
     out.append(f"APEX GGUF files of {source}: {len(f.tiers)} tiers" + (" and its vision projector" if f.mmproj else "")
                + f", made with apex-orch and llama.cpp.")
     if f.description:
@@ -386,7 +409,7 @@ def render_card(f: CardFacts) -> str:
     # ---- LocalAI
     out += ["", "## Run with LocalAI", "", "```bash"]
     out += [f"local-ai run {f.repo}@{t.file.name}" for t in f.tiers]
-    out += ["```", "", f"The first line is the recommended tier ({f.tiers[0].tier}); LocalAI gallery entries for "
+    out += ["```", "", f"The first line is the recommended tier ({md_inline(f.tiers[0].tier)}); LocalAI gallery entries for "
             "every file are in the `localai/` folder of this repository."]
     # ---- architecture
     out += ["", "## Architecture", ""]
@@ -432,7 +455,7 @@ def render_card(f: CardFacts) -> str:
     else:
         ctx = "not stated in the GGUF"
     middle = a.band_blocks - 2 * (a.edge + a.near)
-    out += [f"- **Model**: {a.model} (llama.cpp architecture `{a.arch}`)",
+    out += [f"- **Model**: {md_inline(a.model)} (llama.cpp architecture `{md_code(a.arch)}`)",
             f"- **Layers**: {layers}",
             f"- **Experts**: {experts}",
             f"- **Parameters**: {fmt_params(a.total_params)} total, {fmt_params(a.active_params)} active per token",
@@ -445,13 +468,13 @@ def render_card(f: CardFacts) -> str:
             f"{a.attention_edge}"]
     # ---- calibration
     out += ["", "## Calibration", ""]
-    i_tiers = [t.tier for t in f.tiers if t.imatrix]
-    plain = [t.tier for t in f.tiers if not t.imatrix]
+    i_tiers = [md_inline(t.tier) for t in f.tiers if t.imatrix]
+    plain = [md_inline(t.tier) for t in f.tiers if not t.imatrix]
     if f.calibration is not None and i_tiers:
         c = f.calibration
         text = (f"{', '.join(i_tiers)} use an importance matrix computed with llama-imatrix on {c.chunks} chunks "
-                f"of {c.ctx} tokens from the `{c.corpus}` calibration corpus")
-        desc = c.description.rstrip(".")
+                f"of {c.ctx} tokens from the `{md_code(c.corpus)}` calibration corpus")
+        desc = md_inline(c.description).rstrip(".")
         if desc:
             desc = desc[0].lower() + desc[1:] if len(desc) > 1 and desc[1].islower() else desc
             text += f": {desc}"
@@ -467,7 +490,7 @@ def render_card(f: CardFacts) -> str:
                "per depth band.")
     for t in f.tiers:
         out += ["", f"### {t.file.name}", ""]
-        out.append(f"Profile `{t.profile}` ({t.tier}), llama-quantize base {t.base_ftype}, {t.bpw:.3f} bits per "
+        out.append(f"Profile `{md_code(t.profile)}` ({md_inline(t.tier)}), llama-quantize base {t.base_ftype}, {t.bpw:.3f} bits per "
                    f"weight, {'with' if t.imatrix else 'without'} imatrix.")
         out.append("")
         for name, sha in zip(t.file.names, t.file.sha256):

@@ -100,7 +100,7 @@ def compare(files: Sequence[str | os.PathLike], base: str | os.PathLike, *,
     # Read every header first: a corrupt file fails before minutes of evaluation.
     base_facts = model_facts(base)
     for f in files:
-        model_facts(f)
+        model_facts(f, fingerprint=False)
     results: list[EvalResult] = []
     tool_base = None
     work = None

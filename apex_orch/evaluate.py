@@ -311,18 +311,20 @@ def tier_of(kv: Mapping[str, Any], path: Path) -> str:
     return "?"
 
 
-def model_facts(path: str | os.PathLike) -> ModelFacts:
+def model_facts(path: str | os.PathLike, *, fingerprint: bool = True) -> ModelFacts:
     """Size, bits per weight and tier from the GGUF header (raises ModelError for a corrupt or
-    non-GGUF file)."""
-    from apex_orch.fingerprint import fast_fingerprint
+    non-GGUF file). `fingerprint`: the full sha256 of every shard (memoised by stat under
+    <cache>/hashes: ~3 min once for a 240 GB base, then free) — the base log-prob cache's key, so a
+    base whose bytes changed is a new key. Not needed (False) for a file that is only evaluated."""
+    from apex_orch.fingerprint import source_sha256
     from apex_orch.model import read_model
 
     p = Path(path)
     info = read_model(p)
     n_params = info.total_parameters
     data_bytes = sum(t.n_bytes for t in info.tensors)
-    fingerprint = ",".join(fast_fingerprint(sp) for sp in info.paths)
-    return ModelFacts(path=str(p), fingerprint=fingerprint, size_bytes=info.file_size,
+    digest = ",".join(source_sha256(sp) for sp in info.paths) if fingerprint else ""
+    return ModelFacts(path=str(p), fingerprint=digest, size_bytes=info.file_size,
                       n_params=n_params, bpw=8.0 * data_bytes / n_params if n_params else 0.0,
                       tier=tier_of(info.kv, p), arch=info.arch, name=info.name)
 
@@ -775,7 +777,7 @@ def plan_eval(model: str | os.PathLike, *, base: str | os.PathLike | None = None
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     settings = settings or EvalSettings()
-    facts = model_facts(model)
+    facts = model_facts(model, fingerprint=False)
     base_facts = model_facts(base) if base is not None else None
     tf = text_facts_ or text_facts(text, corpus)
     plan = EvalPlan(model=facts, text=tf, settings=settings, backend=backend, base=base_facts, speed=speed)
@@ -792,6 +794,11 @@ def ensure_base_cache(base: ModelFacts, text: TextFacts, settings: EvalSettings,
     """Compute the base's log-probs once per (base, text, settings) and return the cache file."""
     inputs = base_cache_inputs(base, text, settings)
     path = evalcache.cache_path(inputs)
+    # Inputs are never outputs (issue 15): a cache file that is the base or the text (a link or
+    # hard link planted in the cache, or APEX_ORCH_EVAL_CACHE pointed at the inputs) is refused.
+    from apex_orch.model import shard_paths
+    from apex_orch.safefiles import check_not_inputs
+    check_not_inputs([path], [*shard_paths(Path(base.path)), Path(text.path)], flag="APEX_ORCH_EVAL_CACHE")
     if path.is_file() and not refresh:
         try:
             with evalcache.BaseLogProbs(path):
@@ -965,7 +972,7 @@ def measure_speed(model: str | os.PathLike, settings: EvalSettings | None = None
                   n_prompt: int = 512, n_gen: int = 128, repetitions: int = 1) -> SpeedResult:
     """Throughput of one model through the bindings (see measure_speed_loaded)."""
     settings = settings or EvalSettings()
-    model_facts(model)  # a clear error for a corrupt file before llama.cpp sees it
+    model_facts(model, fingerprint=False)  # a clear error for a corrupt file before llama.cpp sees it
     with BindingsModel(model, repack=settings.repack) as bm:
         return measure_speed_loaded(bm, settings, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions)
 

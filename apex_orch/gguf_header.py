@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,15 +168,29 @@ def _value(cur: _Cursor, vtype: int, key: str):
 def read_header(path: str | os.PathLike, shard: int = 0) -> GGUFHeader:
     p = Path(path)
     try:
-        fh = open(p, "rb")
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait forever for a writer.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ModelError("file not found", where=str(p), hint="check the path") from None
     except IsADirectoryError:
         raise ModelError("is a folder, not a GGUF file", where=str(p)) from None
     except PermissionError:
         raise ModelError("permission denied reading the file", where=str(p)) from None
-    with fh:
-        size = os.fstat(fh.fileno()).st_size
+    except ValueError:   # a NUL byte in the path
+        raise ModelError("the path contains a NUL byte; no file can have this name", where=repr(str(p))) from None
+    except OSError as exc:   # a name too long, a loop of links...
+        raise ModelError(f"cannot open the file: {exc.strerror}", where=str(p)) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ModelError("is a folder, not a GGUF file", where=str(p))
+        raise ModelError(f"is not a regular file (a {_file_kind(st.st_mode)}); apex-orch reads GGUF models "
+                         "from regular files only", where=str(p),
+                         hint="pass the .gguf file itself (a pipe or device would block or change under the tools)")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as fh:
+        size = st.st_size
         if size < 24:
             raise ModelError(f"not a GGUF file ({size} bytes, too small for a GGUF header)",
                              where=str(p), hint="pass a .gguf model file")
@@ -230,6 +245,7 @@ def _parse(buf, path: Path, size: int, shard: int) -> GGUFHeader:
         raise ModelError(f"general.alignment {alignment!r} is not a power of two", where=str(path))
     header_end = cur.pos
     data_offset = (header_end + alignment - 1) // alignment * alignment
+    _check_tensor_shapes(tensors, alignment, path)
     hdr = GGUFHeader(path, version, kv, kv_types, tensors, alignment, data_offset, size, header_end, kv_sizes)
     if hdr.data_end > size:
         raise ModelError(
@@ -237,7 +253,59 @@ def _parse(buf, path: Path, size: int, shard: int) -> GGUFHeader:
             f"{hdr.data_end:,} (an interrupted download, copy or write)",
             where=str(path), hint="fetch or copy the file again; compare its size with the source",
         )
+    _check_tensor_ranges(tensors, data_offset, path)
     return hdr
+
+
+_DAMAGED = "the file is damaged or was written by a broken converter; fetch or convert it again"
+
+
+def _check_tensor_shapes(tensors: list[TensorRecord], alignment: int, path: Path) -> None:
+    """Each tensor's own description: no zero dimension, whole blocks per row, an aligned offset
+    (what llama.cpp's gguf loader and llama-quantize would otherwise assert on, late)."""
+    for t in tensors:
+        if not t.shape:
+            raise ModelError(f"GGUF header is inconsistent: tensor {t.name!r} has no dimensions",
+                             where=str(path), hint=_DAMAGED)
+        if any(d == 0 for d in t.shape):
+            raise ModelError(f"GGUF header is inconsistent: tensor {t.name!r} has a zero dimension "
+                             f"(shape {list(t.shape)})", where=str(path), hint=_DAMAGED)
+        if shape_elements(t.shape) >= 1 << 63:
+            raise ModelError(f"GGUF header is inconsistent: tensor {t.name!r} claims {list(t.shape)} "
+                             "elements (more than 2^63)", where=str(path), hint=_DAMAGED)
+        block = GGML_QUANT_SIZES[t.ggml_type][0]
+        if t.shape[0] % block:
+            raise ModelError(f"GGUF header is inconsistent: tensor {t.name!r} ({t.ggml_type.name}) has rows "
+                             f"of {t.shape[0]} values, not a multiple of the type's block of {block}",
+                             where=str(path), hint=_DAMAGED)
+        if t.offset % alignment:
+            raise ModelError(f"GGUF header is inconsistent: tensor {t.name!r} starts at data offset "
+                             f"{t.offset}, not a multiple of the file's alignment {alignment}",
+                             where=str(path), hint=_DAMAGED)
+
+
+def _check_tensor_ranges(tensors: list[TensorRecord], data_offset: int, path: Path) -> None:
+    """No two tensors share bytes (the file's end was checked by the caller)."""
+    ordered = sorted(tensors, key=lambda t: t.offset)
+    for prev, cur in zip(ordered, ordered[1:]):
+        end = prev.offset + prev.n_bytes
+        if end > cur.offset:
+            raise ModelError(
+                f"GGUF header is inconsistent: tensors {prev.name!r} and {cur.name!r} overlap: "
+                f"{prev.name!r} occupies bytes {data_offset + prev.offset:,}..{data_offset + end:,} "
+                f"and {cur.name!r} starts at byte {data_offset + cur.offset:,}", where=str(path), hint=_DAMAGED)
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO / named pipe"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"
 
 
 def _gguf_version() -> str:

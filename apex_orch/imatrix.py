@@ -9,8 +9,10 @@ Stages (see DESIGN.md):
   with the same inputs is a cache hit and runs nothing.
 
 Cache: `<cache_root>/imatrix/<key>.gguf` (+ `<key>.json` saying what it was computed from),
-key = sha256 of {model fingerprint, corpus sha256, ctx, effective chunk count, from_q8,
-parse_special, llama.cpp build}. Threads and -ngl do not change the key: every I-tier of a
+key = sha256 of {the model's full sha256 (every shard; memoised by stat under <cache>/hashes, so
+an unchanged 240 GB model is hashed once, ~3 min), corpus sha256, ctx, effective chunk count,
+from_q8, parse_special, llama.cpp build}: a model whose bytes changed is a new key, and so is its
+--from-q8 Q8_0 copy (named from the same hash). Threads and -ngl do not change the key: every I-tier of a
 release shares one imatrix.
 
 File format (GGUF, what the pinned llama-imatrix writes): per tensor `<name>.in_sum2`
@@ -40,7 +42,7 @@ from apex_orch.errors import (ImatrixError, LockedError, ModelError, OutputExist
 # The types llama-quantize refuses to write without imatrix data (tensor_requires_imatrix).
 LOW_BIT_TYPES = frozenset({T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS})
 NOT_COLLECTED = ("token_embd.weight", "output.weight")   # never / only with --process-output
-KEY_SCHEME = "imatrix-v1"
+KEY_SCHEME = "imatrix-v2"      # v2: the model is keyed by its full sha256 (issue 15)
 MAX_LISTED = 8
 
 ProgressCallback = Callable[[str], None]
@@ -158,7 +160,7 @@ def expected_tensors(model_info) -> list:
     from apex_orch.quantmix import allows_quantization
 
     return [t for t in model_info.tensors
-            if allows_quantization(t.name, len(t.shape)) and t.name not in NOT_COLLECTED]
+            if allows_quantization(t.name, t.shape, model_info.arch) and t.name not in NOT_COLLECTED]
 
 
 def fit_problems(info: ImatrixInfo, model_info) -> list[str]:
@@ -371,10 +373,10 @@ def _cache_dir() -> Path:
 
 
 def _model_fingerprint(model_path: Path) -> str:
-    from apex_orch.fingerprint import fast_fingerprint
+    from apex_orch.fingerprint import source_sha256
     from apex_orch.model import shard_paths
 
-    return "+".join(fast_fingerprint(p) for p in shard_paths(model_path))
+    return "+".join(source_sha256(p) for p in shard_paths(model_path))
 
 
 def _uses_mla(model_path: Path) -> bool:
@@ -446,8 +448,10 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
     from apex_orch.pin import cache_root
 
     model = Path(model_path)
-    if not model.is_file():
+    if not model.is_file() and not model.exists():
         raise ModelError(f"model not found: {model}")
+    from apex_orch.model import read_model
+    read_model(model)   # the header checked against itself (a FIFO, a folder refused) before anything runs
     if ctx < 8:
         raise ImatrixError(f"context {ctx} is too small", hint="use -c 512 (the usual) or at least 64")
     if chunks is not None and chunks < 1:
@@ -455,6 +459,10 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
     if ngl < 0:
         raise ImatrixError(f"--ngl must be 0 or more, got {ngl}")
     threads = threads or os.cpu_count() or 1
+    if out is not None:   # inputs are never outputs (issue 15): refused before anything runs
+        from apex_orch.model import shard_paths
+        from apex_orch.safefiles import check_not_inputs
+        check_not_inputs([Path(out)], shard_paths(model), flag="-o")
 
     built = corpus_mod.build_corpus(corpus_name, model=model)
     if tokens is None:
@@ -496,7 +504,7 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
         fp = hashlib.sha256(material["model"].encode()).hexdigest()[:24]
         q8_path = cache_root() / "q8" / f"{model.stem}.{fp}.Q8_0.gguf"
         q8_argv = [str(find_tool("llama-quantize", bin_dir).path), str(model),
-                   str(q8_path.with_name("." + q8_path.name + ".partial")), "Q8_0", str(threads)]
+                   str(q8_path.with_name(f".{q8_path.name}.partial-{os.getpid()}")), "Q8_0", str(threads)]
         run_model = q8_path
 
     argv = [str(find_tool("llama-imatrix", bin_dir).path), "-m", str(run_model), "-f", str(corpus_file),
@@ -532,8 +540,9 @@ class _Lock:
 
     def __enter__(self):
         import fcntl
+        from apex_orch.safefiles import open_nofollow
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
+        fh = open_nofollow(self.path, "lock")   # a planted link is refused, never truncated through
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -646,16 +655,36 @@ def _ensure_q8(plan: ImatrixPlan, emit: ProgressCallback, timeout: float | None)
     if plan.q8_path.is_file():
         emit(f"imatrix: using cached Q8_0 copy {plan.q8_path}")
         return
+    import fcntl
+
+    from apex_orch.safefiles import open_nofollow
     plan.q8_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(plan.q8_argv[2])
-    emit(f"imatrix: making a Q8_0 copy of the model: {plan.q8_path}")
-    try:
-        run_tool(plan.q8_argv, log_path=plan.q8_path.with_suffix(".log"), timeout=timeout,
-                 what="llama-quantize (Q8_0 copy)")
-        os.replace(partial, plan.q8_path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    # One Q8_0 copy per model, shared by runs on other corpora (other imatrix keys): each run writes
+    # its own scratch name, and the copy is made under its own lock, which a second run waits for
+    # (then finds the copy) instead of writing the same file at the same time.
+    with open_nofollow(plan.q8_path.with_name(plan.q8_path.name + ".lock"), "lock") as lock:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            emit("imatrix: waiting for another run's Q8_0 copy of this model")
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if plan.q8_path.is_file():
+            emit(f"imatrix: using cached Q8_0 copy {plan.q8_path}")
+            return
+        partial = Path(plan.q8_argv[2])
+        for stale in plan.q8_path.parent.glob(f".{plan.q8_path.name}.partial*"):
+            if stale != partial:   # left by a killed run (we hold the lock: nobody else is writing)
+                stale.unlink(missing_ok=True)
+        emit(f"imatrix: making a Q8_0 copy of the model: {plan.q8_path}")
+        try:
+            from apex_orch.safefiles import clear_name
+            clear_name(partial)   # a link planted at the scratch name is removed, never written through
+            run_tool(plan.q8_argv, log_path=plan.q8_path.with_suffix(".log"), timeout=timeout,
+                     what="llama-quantize (Q8_0 copy)")
+            os.replace(partial, plan.q8_path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
 
 
 def _write_corpus_file(plan: ImatrixPlan) -> None:
@@ -681,6 +710,10 @@ def run_imatrix(plan: ImatrixPlan, *, on_progress: ProgressCallback | None = Non
         return _publish(plan, emit)
 
     plan.cache_path.parent.mkdir(parents=True, exist_ok=True)
+    from apex_orch.safefiles import refuse_links
+    refuse_links([plan.cache_path.with_suffix(".lock"), plan.log_path, plan.cache_path,
+                  plan.cache_path.with_suffix(".json"), *([plan.out] if plan.out else []),
+                  *([plan.q8_path, plan.q8_path.with_suffix(".log")] if plan.q8_path else [])])
     with _Lock(plan.cache_path.with_suffix(".lock")):
         if plan.cached:  # finished by another run while we waited for the lock
             emit(f"imatrix: cache hit: {plan.cache_path}")

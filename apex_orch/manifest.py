@@ -2,8 +2,8 @@
 
 A manifest is JSON beside its output (`X.gguf.manifest.json`). It records what went in
 (`inputs`: fingerprints, profile hash, imatrix hash, llama.cpp build, parameters — hashed
-into `inputs_key`), what came out (files with size, sha256 and fast fingerprint), the
-command and timings. It carries `self_sha256` over its own content: a manifest that was
+into `inputs_key`), what came out (`files`: each file's size, mtime_ns, inode and full sha256 — see
+fingerprint.check_record), the command and timings. It carries `self_sha256` over its own content: a manifest that was
 edited or truncated is detected and never trusted.
 """
 
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from apex_orch.errors import ManifestError
-from apex_orch.fingerprint import fast_fingerprint
+from apex_orch.fingerprint import check_record
 from apex_orch.outputs import atomic_write_text
 
 SCHEMA = "apex-orch/manifest/v1"
@@ -64,7 +64,9 @@ def read_manifest(path: Path) -> dict:
 
 
 def up_to_date(output_files: list[Path], key: str) -> tuple[bool, str]:
-    """(True, why) when a valid manifest says these exact files came from these exact inputs."""
+    """(True, why) when a valid manifest says these exact files came from these exact inputs and
+    their bytes are the recorded ones (cheap when size, mtime_ns and inode are as recorded; a full
+    sha256 otherwise: about 3 min per 240 GB)."""
     mpath = manifest_path(output_files[0])
     if not mpath.exists():
         return False, "no manifest"
@@ -76,6 +78,7 @@ def up_to_date(output_files: list[Path], key: str) -> tuple[bool, str]:
         rec = recorded.get(f.name)
         if rec is None or not f.exists():
             return False, f"{f.name} missing"
-        if f.stat().st_size != rec.get("size") or fast_fingerprint(f) != rec.get("fingerprint"):
+        same, _how = check_record(f, rec)   # stat as recorded, else a full sha256 equal to the recorded one
+        if not same:
             return False, f"{f.name} changed since it was written"
     return True, "up to date"

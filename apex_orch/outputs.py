@@ -8,7 +8,11 @@
 - hands out temporary names in the destination folder (`.<name>.partial-<pid>`), removed
   on any failure, interrupt (SIGINT/SIGTERM) or exit; partials left by a killed run are
   removed by the next run that takes the lock;
-- `commit()` renames temporaries to their final names only after verification.
+- `commit()` renames temporaries to their final names only after verification;
+- never writes through a link (issue 15): a symbolic link at the output's name or any of its
+  sidecars (.log, .lock, .manifest.json, .tensor-types.txt, .split.log) is refused up front
+  (UnsafeOutputError), and the lock file is opened with O_NOFOLLOW and never truncated when it
+  is not a plain file of ours (see apex_orch.safefiles).
 """
 
 from __future__ import annotations
@@ -23,8 +27,15 @@ import time
 from pathlib import Path
 
 from apex_orch.errors import ApexError, DiskSpaceError, LockedError, OutputExistsError, OutputNotWritableError
+from apex_orch.safefiles import open_nofollow, refuse_links, write_atomic
 
 PARTIAL_TAG = ".partial-"
+SIDECARS = (".lock", ".log", ".manifest.json", ".tensor-types.txt", ".split.log")
+
+
+def sidecars(final: Path) -> list[Path]:
+    """The files apex-orch writes beside an output (its lock, tool log, manifest, rules)."""
+    return [final.with_name(final.name + s) for s in SIDECARS]
 
 
 def _partial_name(final: Path) -> Path:
@@ -44,6 +55,7 @@ class OutputGuard:
     # ---- lifecycle
     def __enter__(self) -> "OutputGuard":
         ensure_writable_folder(self.final.parent)
+        refuse_links([f for final in [self.final, *self.extra_finals] for f in (final, *sidecars(final))])
         self._acquire()
         try:
             self._clean_stale()
@@ -65,7 +77,7 @@ class OutputGuard:
     # ---- lock
     def _acquire(self) -> None:
         try:
-            fh = open(self.lock_path, "a+")
+            fh = open_nofollow(self.lock_path, "lock")
         except OSError as exc:
             raise translate_os_error(exc, self.lock_path) from None
         try:
@@ -197,10 +209,5 @@ def write_new_text(path: Path, text: str, *, force: bool = False) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Whole-file write through a fresh temporary and a rename (safefiles.write_atomic)."""
+    write_atomic(path, text)

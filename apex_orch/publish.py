@@ -1,8 +1,11 @@
 """Publish a release folder to the Hugging Face Hub (only with `apex-orch release --push`).
 
-`plan_publish(state)` is pure: the repo id, exactly which files go up (the tier GGUFs, the
+`plan_publish(state)` writes nothing: the repo id, exactly which files go up (the tier GGUFs, the
 projector, README.md and the LocalAI entries; never manifests, logs or work files, which hold
 local paths), their sizes and sha256, and the commit message naming apex-orch and llama.cpp.
+Verification means the bytes (issue 15): every GGUF is hashed in full, here, with no memo or stat
+shortcut (about 3 min per 240 GB at the sha256 speed bench/bench_integrity.py measures), and a
+file whose sha256 is not the one its manifest (and so the card) records is refused.
 `execute_publish(plan, api=...)` talks to the Hub through a `huggingface_hub.HfApi`:
 create_repo(exist_ok=True), get_paths_info to skip files the Hub already holds with the same
 sha256 (so a rerun uploads nothing), preupload_lfs_files one file at a time (large files are
@@ -86,7 +89,13 @@ def plan_publish(state) -> PublishPlan:
             if not p.is_file() or p.stat().st_size != rec["size"]:
                 raise PublishError(f"{p.name} does not match its manifest", where=str(p),
                                    hint="rerun the release without --only/--skip to rebuild it")
-            files.append(PublishFile(p, rec["name"], rec["size"], rec["sha256"], True))
+            digest = sha256_file(p)   # what is uploaded is what was recorded, byte for byte
+            if digest != rec["sha256"]:
+                raise PublishError(f"{p.name} changed since it was written: its sha256 is {digest[:16]}..., its "
+                                   f"manifest and the model card record {str(rec['sha256'])[:16]}...", where=str(p),
+                                   hint="nothing was uploaded; rebuild that tier (delete the file and rerun the "
+                                        "release) so the file, its manifest and the card agree")
+            files.append(PublishFile(p, rec["name"], rec["size"], digest, True))
 
     for job in state.jobs:
         from_manifest(state.files[job.profile.tier][0])

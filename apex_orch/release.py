@@ -363,6 +363,10 @@ def load_release(path: str | os.PathLike) -> ReleaseConfig:
 
     source = _parse_source(r, data["source"])
     tiers = _parse_tiers(r, data["tiers"])
+    from apex_orch.quantize import check_distinct_outputs, output_name
+    for i in range(len(tiers)):   # two tiers mapping to one file name: refused, naming both (issue 15)
+        check_distinct_outputs([(t.profile.tier, Path(output_name(name, t.profile.tier))) for t in tiers[:i + 1]],
+                               error=ConfigError, where=tiers[i].where)
     imatrix = _parse_imatrix(r, data.get("imatrix"), tiers)
     eval_cfg = _parse_eval(r, data.get("eval"))
     mmproj = _parse_mmproj(r, data["mmproj"], source) if data.get("mmproj") is not None else None
@@ -608,6 +612,7 @@ class ReleaseState:
     base_eval: dict | None = None
     converted_now: bool = False
     reports: list[PhaseReport] = field(default_factory=list)
+    force: bool = False                                       # --force: redo stale outputs, not refuse
 
     @property
     def work(self) -> Path:
@@ -645,6 +650,50 @@ def check_out_dir(out: Path, config: ReleaseConfig) -> None:
                                          "only cards it wrote")
 
 
+def release_outputs(config: ReleaseConfig, out: Path) -> list[Path]:
+    """Every file name a release writes in its folder that could meet an input (tiers and their
+    sidecars, the projector, the card)."""
+    from apex_orch.outputs import sidecars
+    from apex_orch.quantize import output_name
+    finals = [out / output_name(config.name, t.profile.tier) for t in config.tiers]
+    if config.mmproj is not None:
+        finals.append(out / config.mmproj.name)
+    return [x for f in finals for x in (f, *sidecars(f))] + [out / CARD_NAME]
+
+
+def release_inputs(config: ReleaseConfig, source: Path | None) -> list[Path]:
+    """The local files a release reads (what it can know before fetching anything)."""
+    found: list[Path] = []
+    refs = []
+    if source is not None:
+        found.append(source)
+    elif config.source.kind == "gguf":
+        refs += list(config.source.paths)
+    if config.mmproj is not None and config.mmproj.kind == "file":
+        refs.append(config.mmproj.path)
+    if config.eval.text is not None:
+        refs.append(config.eval.text)
+    for ref in refs:
+        try:
+            found.append(ref.resolve())
+        except ApexError:   # an unset ${VAR}: reported where the path is first needed
+            pass
+    return found
+
+
+def check_release_paths(config: ReleaseConfig, out: Path, source: Path | None) -> None:
+    """Inputs are never outputs (issue 15): refused before the lock, the log or any phase. The
+    projector included as is is hard-linked into the release on purpose: for it, only the same
+    path counts."""
+    from apex_orch.safefiles import check_not_inputs
+    flag = "release folder (--out-dir / output:) or source"
+    outputs, inputs = release_outputs(config, out), release_inputs(config, source)
+    mm = out / config.mmproj.name if config.mmproj is not None and config.mmproj.kind == "file" else None
+    check_not_inputs([o for o in outputs if o != mm], inputs, flag=flag)
+    if mm is not None:
+        check_not_inputs([mm], inputs, flag=flag, hard_links_ok=True)
+
+
 class ReleaseLock:
     """One release run per folder (flock: released by the kernel even when the run is killed)."""
 
@@ -653,8 +702,9 @@ class ReleaseLock:
         self.fh = None
 
     def __enter__(self) -> "ReleaseLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
+        from apex_orch.safefiles import open_nofollow, safe_mkdir
+        safe_mkdir(self.path.parent)             # .apex-release itself must not be a link elsewhere
+        fh = open_nofollow(self.path, "lock")    # a planted link is refused, never truncated through
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -809,7 +859,7 @@ def _converted_path(state: ReleaseState) -> Path:
 def _run_converter(argv_for: Callable[[Path], list[str]], final: Path, inputs: dict, what: str,
                    progress: Progress) -> bool:
     """Run the converter into a temporary name beside `final`; manifest, then rename. False when up to date."""
-    from apex_orch.fingerprint import fast_fingerprint, sha256_file
+    from apex_orch.fingerprint import file_record
     from apex_orch.llama import build_label, run_tool
     from apex_orch.manifest import inputs_key, manifest_path, up_to_date, write_manifest
     from apex_orch.outputs import OutputGuard
@@ -826,7 +876,7 @@ def _run_converter(argv_for: Callable[[Path], list[str]], final: Path, inputs: d
         t0 = time.monotonic()
         if not converter_script().is_file():
             raise ToolNotFoundError(f"converter not found: {converter_script()}",
-                                    hint="run `make llama` to unpack the pinned llama.cpp source")
+                                    hint=f"run `{pin.setup_command()}` to unpack the pinned llama.cpp source")
         run_tool(argv, log_path=final.with_name(final.name + ".log"), what=f"convert_hf_to_gguf ({what})")
         if not tmp.is_file():
             raise ModelError(f"the converter exited 0 but wrote no {tmp.name}",
@@ -837,19 +887,18 @@ def _run_converter(argv_for: Callable[[Path], list[str]], final: Path, inputs: d
         write_manifest(manifest_path(final), {
             "kind": f"apex-orch convert ({what})", "inputs": inputs, "inputs_key": key, "command": argv,
             "llama_cpp": build_label(),
-            "files": [{"name": final.name, "size": final.stat().st_size, "sha256": sha256_file(final),
-                       "fingerprint": fast_fingerprint(final)}],
+            "files": [file_record(final)],
             "timings": {"seconds": round(time.monotonic() - t0, 3)}})
     return True
 
 
 def _include_as_is(src: Path, final: Path, progress: Progress) -> bool:
     """Copy (hard-link when possible) the projector into the release folder, with a manifest."""
-    from apex_orch.fingerprint import fast_fingerprint, sha256_file
+    from apex_orch.fingerprint import file_record, source_sha256
     from apex_orch.manifest import inputs_key, manifest_path, up_to_date, write_manifest
     from apex_orch.outputs import OutputGuard
 
-    inputs = {"mmproj_source": fast_fingerprint(src), "mode": "as is"}
+    inputs = {"mmproj_source_sha256": source_sha256(src), "mode": "as is"}
     key = inputs_key(inputs)
     if final.exists() and up_to_date([final], key)[0]:
         return False
@@ -863,8 +912,7 @@ def _include_as_is(src: Path, final: Path, progress: Progress) -> bool:
     write_manifest(manifest_path(final), {
         "kind": "apex-orch mmproj (included as is)", "inputs": inputs, "inputs_key": key,
         "source_name": src.name,
-        "files": [{"name": final.name, "size": final.stat().st_size, "sha256": sha256_file(final),
-                   "fingerprint": fast_fingerprint(final)}]})
+        "files": [file_record(final)]})
     progress(f"convert: projector {src.name} included as is -> {final.name}")
     return True
 
@@ -1014,11 +1062,39 @@ def existing_outputs(job) -> list[Path] | None:
     return finals if up_to_date(finals, job.key)[0] else None
 
 
+def stale_outputs(job) -> bool:
+    """True when some of the tier's files exist but are not the ones its manifest and inputs
+    describe (changed bytes, other inputs, a damaged or missing manifest)."""
+    from apex_orch.errors import ManifestError
+    from apex_orch.manifest import up_to_date
+    finals = [job.output]
+    if job.split_max_size:
+        parts = sorted(job.output.parent.glob(job.output.name[:-5] + "-*-of-*.gguf"))
+        if parts:
+            finals = parts
+    if not any(f.exists() for f in finals):
+        return False
+    if not all(f.exists() for f in finals):
+        return True
+    try:
+        return not up_to_date(finals, job.key)[0]
+    except ManifestError:
+        return True
+
+
 def phase_quantize(state: ReleaseState, run: bool, jobs_n: int | None) -> PhaseReport:
     from apex_orch.quantize import run_many
     state.jobs = plan_jobs(state)
     if run:
-        results = run_many(state.jobs, parallel=jobs_n, progress=state.progress)
+        # --force redoes exactly the stale tiers; up-to-date tiers are still skipped.
+        stale = [j for j in state.jobs if stale_outputs(j)] if state.force else []
+        for j in stale:
+            state.progress(f"quantize: {j.output.name} is stale; --force redoes it")
+        rest = [j for j in state.jobs if j not in stale]
+        done = (run_many(rest, parallel=jobs_n, progress=state.progress) if rest else []) + \
+            (run_many(stale, parallel=jobs_n, force=True, progress=state.progress) if stale else [])
+        order = {id(j): i for i, j in enumerate(state.jobs)}
+        results = sorted(done, key=lambda r: order[id(r.job)])
         state.files = {r.job.profile.tier: list(r.files) for r in results}
         skipped = sum(1 for r in results if r.skipped)
         status = "up to date" if skipped == len(results) else "ran"
@@ -1060,9 +1136,10 @@ def _text_facts(state: ReleaseState):
 
 
 def _eval_inputs(files: list[Path], base_fp: str, text_sha: str, settings, speed: bool) -> dict:
-    from apex_orch.fingerprint import fast_fingerprint
+    from apex_orch.fingerprint import source_sha256
     from apex_orch.llama import build_label
-    return {"files": [fast_fingerprint(f) for f in files], "base": base_fp, "text_sha256": text_sha,
+    # full sha256 of each file (free after the quantize phase verified it: memoised by stat)
+    return {"files": [source_sha256(f) for f in files], "base": base_fp, "text_sha256": text_sha,
             "settings": settings.numeric_key(), "speed": speed, "llama": build_label()}
 
 
@@ -1088,14 +1165,14 @@ def _read_record(path: Path, key: str) -> dict | None:
 
 
 def _write_record(path: Path, key: str, inputs: dict, body: dict) -> None:
-    from apex_orch.fingerprint import fast_fingerprint, sha256_file
+    from apex_orch.fingerprint import file_record
     from apex_orch.manifest import manifest_path, write_manifest
     from apex_orch.outputs import atomic_write_text
+    from apex_orch.safefiles import safe_mkdir
+    safe_mkdir(path.parent)
     atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
     write_manifest(manifest_path(path), {"kind": "apex-orch release eval", "inputs": inputs, "inputs_key": key,
-                                         "files": [{"name": path.name, "size": path.stat().st_size,
-                                                    "sha256": sha256_file(path),
-                                                    "fingerprint": fast_fingerprint(path)}]})
+                                         "files": [file_record(path)]})
 
 
 def tier_gate_failures(summary: dict, gates: dict[str, float], label: str) -> list[str]:
@@ -1205,6 +1282,8 @@ def phase_card(state: ReleaseState, run: bool, push: bool = False) -> PhaseRepor
     changed = 0
     targets = {state.out_dir / CARD_NAME: text}
     targets.update({state.out_dir / LOCALAI_DIR / name: body for name, body in entries.items()})
+    from apex_orch.safefiles import safe_mkdir
+    safe_mkdir(state.out_dir / LOCALAI_DIR)   # never a link to a folder elsewhere
     for path, body in targets.items():
         if path.is_file() and path.read_text(encoding="utf-8") == body:
             continue
@@ -1250,8 +1329,9 @@ class _Log:
         self.fh = None
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a", encoding="utf-8")
+        from apex_orch.safefiles import open_nofollow, safe_mkdir
+        safe_mkdir(self.path.parent)
+        self.fh = open_nofollow(self.path, "a")   # never appended through a planted link
         self.fh.write(f"\n=== release run started {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n")
         self.fh.flush()
 
@@ -1269,14 +1349,17 @@ class _Log:
 
 def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push: bool = False,
                 jobs: int | None = None, out_dir: Path | None = None, source: Path | None = None,
-                progress: Progress | None = None, api=None) -> ReleaseResult:
-    """Run the selected phases; the others resolve their earlier results for the ones after them."""
+                progress: Progress | None = None, api=None, force: bool = False) -> ReleaseResult:
+    """Run the selected phases; the others resolve their earlier results for the ones after them.
+    `force`: a selected phase redoes its stale outputs instead of stopping on them."""
     selected = list(phases) if phases is not None else list(PHASES)
     out = Path(os.path.abspath(out_dir)) if out_dir else default_out_dir(config)
     check_out_dir(out, config)
+    check_release_paths(config, out, Path(os.path.abspath(source)) if source else None)
     emit = progress or (lambda _m: None)
     log = _Log(out / WORK_DIR / "release.log", emit)
     state = ReleaseState(config, out, log, source_override=Path(os.path.abspath(source)) if source else None)
+    state.force = force
     t_all = time.monotonic()
     with ReleaseLock(out / WORK_DIR):
         log.open()
@@ -1377,6 +1460,7 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
     selected = list(phases) if phases is not None else list(PHASES)
     out = Path(os.path.abspath(out_dir)) if out_dir else default_out_dir(config)
     check_out_dir(out, config)
+    check_release_paths(config, out, Path(os.path.abspath(source)) if source else None)
     notes: list[str] = []
     state = ReleaseState(config, out, notes.append,
                          source_override=Path(os.path.abspath(source)) if source else None)
@@ -1425,6 +1509,8 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
             convert_source(state, run=False)
             model_known = True
         except ApexError as exc:
+            if state.model_path is not None and Path(state.model_path).is_file():
+                raise   # the source exists but is refused (a header that disagrees with itself...)
             lines.append(f"          not converted yet: {exc.message}")
     if not model_known:
         lines.append("")

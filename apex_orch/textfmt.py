@@ -37,3 +37,23 @@ def md_table(headers: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def printable(text: object, keep: str = "") -> str:
+    """Text from a file, a GGUF header or the command line, safe to print on a terminal: control
+    characters (but those in `keep`) shown as escapes (\\x1b, \\n) and undecodable file-name bytes
+    as \\xNN, never raw."""
+    out = []
+    for ch in str(text):
+        o = ord(ch)
+        if ch in keep:
+            out.append(ch)
+        elif o < 0x20 or 0x7F <= o <= 0x9F:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        elif 0xDC80 <= o <= 0xDCFF:          # a byte os.fsdecode could not decode
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif 0xD800 <= o <= 0xDFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -1,6 +1,6 @@
 """`make bench`: every orchestration benchmark, one after the other, results in bench/results/.
 
-    .venv/bin/python bench/run_all.py                  # plan, quantize (--big), eval, release
+    .venv/bin/python bench/run_all.py                  # plan, quantize (--big), eval, release, integrity
     .venv/bin/python bench/run_all.py --only quantize,release
     .venv/bin/python bench/run_all.py --smoke --out /tmp/b   # CI: every bench in its tiny mode
 
@@ -29,6 +29,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "quantize": ("bench_quantize.py", ["--big"], ["--smoke"]),
     "eval": ("bench_eval.py", [], ["--smoke"]),
     "release": ("bench_release.py", [], ["--smoke"]),
+    "integrity": ("bench_integrity.py", [], ["--smoke"]),
 }
 
 
@@ -57,6 +58,11 @@ def headline(name: str, out: Path) -> str:
             t = d["totals"]
             return (f"release: {t['release_wall_s']:.1f} s wall vs {t['raw_tools_s']:.1f} s raw tools "
                     f"({t['ratio_wall_to_raw_tools']}x)")
+        if name == "integrity":
+            d = json.loads((out / "integrity.json").read_text())
+            r = d["ratios"]
+            return (f"integrity: checks {r['first_run_checks_to_tool']:.2%} of tool time on a first run, "
+                    f"{r['rerun_checks_to_tool']:.3%} on an up-to-date rerun; sha256 {d['sha256']['gb_per_s']} GB/s")
     except (OSError, ValueError, KeyError) as exc:
         return f"{name}: no result to summarise ({exc})"
     return name

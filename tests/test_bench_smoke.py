@@ -44,7 +44,7 @@ def test_run_all_smoke_writes_every_orchestration_result(tmp_path: Path) -> None
     p = run("run_all.py", "--smoke", "--out", str(tmp_path), env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert sorted(x.name for x in tmp_path.glob("*.json")) == sorted(
-        ["plan-time.json", "quantize-overhead.json", "release-phases.json"]
+        ["plan-time.json", "quantize-overhead.json", "release-phases.json", "integrity.json"]
         + [x.name for x in tmp_path.glob("eval-*.json")])
     assert len(list(tmp_path.glob("eval-*.json"))) == 1
     assert "summary:" in p.stdout
@@ -147,3 +147,21 @@ def test_bench_quality_without_reference_model_says_how_to_build_it(tmp_path: Pa
     assert p.returncode == 2
     assert "make reference-model" in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_integrity_smoke_measures_first_run_and_reruns(tmp_path: Path) -> None:
+    """bench_integrity --smoke: a one-tier release of the smoke model, then reruns. An up-to-date
+    rerun hashes no byte; a touched rerun re-hashes exactly the outputs; publish hashes them again."""
+    p = run("bench_integrity.py", "--smoke", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads((tmp_path / "integrity.json").read_text())
+    check_machine(d)
+    assert d["mode"] == "smoke" and d["tiers"] == ["Compact"] and d["tools"]["quantize_runs"] == 1
+    assert d["first_run"]["bytes_hashed"] > d["output_bytes"] > 0          # the source, then the output
+    assert d["rerun_up_to_date"]["bytes_hashed"] == 0 and d["rerun_after_touched"]["bytes_hashed"] == 0
+    assert d["rerun_touched"]["bytes_hashed"] == d["output_bytes"]
+    assert d["publish_hash"]["bytes"] > d["output_bytes"]                  # the GGUF + README + LocalAI entry
+    assert d["rerun_up_to_date"]["phases"]["quantize"] == "up to date"
+    assert {"first_run_checks_to_tool", "rerun_checks_to_tool", "touched_rerun_checks_to_tool",
+            "publish_hash_to_tool"} <= set(d["ratios"]) and d["sha256"]["seconds_for_240_gb"] > 0
+    assert "| rerun, all up to date (stat as recorded) |" in md_header(tmp_path / "integrity.md")

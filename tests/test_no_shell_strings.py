@@ -28,6 +28,8 @@ ALLOWED_SUBPROCESS = {
     "apex_orch/llama.py": "the one runner (run_tool) itself",
     "apex_orch/build.py": "builds llama.cpp before the package's dependencies exist (standard library only)",
     "apex_orch/cli/doctor.py": "probes loading libllama in a throw-away Python, so a crash cannot kill doctor",
+    "apex_orch/chat_sandbox.py": "a long-lived worker that renders a GGUF's chat template with bounded time and "
+                                 "memory (JSON requests over pipes, not a tool run with a log)",
 }
 SUBPROCESS_FUNCS = {"run", "call", "check_call", "check_output", "Popen"}
 SHELL_FUNCS = {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"), ("subprocess", "getstatusoutput"),

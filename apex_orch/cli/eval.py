@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from apex_orch import evaluate as ev
+from apex_orch.cli.params import COUNT, FINITE, THREADS
 from apex_orch.errors import UsageError
 
 
@@ -18,11 +19,11 @@ def _settings_options(fn):
                      help="Build the evaluation text from a corpus (corpora/NAME.yaml or a YAML path)."),
         click.option("-c", "--ctx", default=512, show_default=True, type=int,
                      help="Tokens per chunk; the second half of each chunk is scored."),
-        click.option("--chunks", default=None, type=int, help="Evaluate at most N chunks (default: all)."),
+        click.option("--chunks", default=None, type=COUNT, help="Evaluate at most N chunks (default: all)."),
         click.option("-b", "--batch", default=None, type=int,
                      help="Logical batch (default: = ctx, one decode per chunk)."),
         click.option("-ub", "--ubatch", default=512, show_default=True, type=int, help="Physical batch."),
-        click.option("-t", "--threads", default=None, type=int, help="CPU threads (default: all cores)."),
+        click.option("-t", "--threads", default=None, type=THREADS, help="CPU threads (default: all cores)."),
         click.option("--flash-attn/--no-flash-attn", default=True, show_default=True,
                      help="Flash attention (llama-perplexity's `auto` turns it on for CPU)."),
         click.option("--repack/--no-repack", default=False, show_default=True,
@@ -30,10 +31,10 @@ def _settings_options(fn):
                           "slightly, and crash MLA models on AMX CPUs in the pinned build."),
         click.option("--backend", type=click.Choice(ev.BACKENDS), default="bindings", show_default=True,
                      help="Evaluate in-process, or run the llama-perplexity binary (same result fields)."),
-        click.option("--max-mean-kld", type=float, default=None, help="Gate: fail if mean KLD is above this."),
-        click.option("--max-ppl-ratio", type=float, default=None,
+        click.option("--max-mean-kld", type=FINITE, default=None, help="Gate: fail if mean KLD is above this."),
+        click.option("--max-ppl-ratio", type=FINITE, default=None,
                      help="Gate: fail if PPL(Q)/PPL(base) is above this."),
-        click.option("--min-same-top-p", type=float, default=None,
+        click.option("--min-same-top-p", type=FINITE, default=None,
                      help="Gate: fail if 'Same top p' (percent) is below this."),
     ]
     for option in reversed(options):
@@ -56,7 +57,8 @@ def _progress(quiet: bool):
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--base", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Reference model (the F16/BF16 source) for KL divergence; its log-probs are cached.")
+              help="Reference model (the F16/BF16 source) for KL divergence; its log-probs are cached, keyed "
+                   "by its full sha256 (~3 min once for 240 GB, then remembered by stat).")
 @_settings_options
 @click.option("--speed/--no-speed", default=False, show_default=True,
               help="Also measure pp512/tg128 tokens/s through the bindings.")
@@ -91,7 +93,8 @@ def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None,
 @click.command("compare")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--base", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Reference model (the F16/BF16 source); its log-probs are computed once and shared.")
+              help="Reference model (the F16/BF16 source); its log-probs are computed once and shared, keyed "
+                   "by its full sha256 (~3 min once for 240 GB, then remembered by stat).")
 @_settings_options
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Measure pp512/tg128 tokens/s of every file (and the base).")
@@ -109,6 +112,11 @@ def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | N
 
     gates = ev.Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p)
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
+    if plot:   # inputs are never outputs (issue 15): refused before minutes of evaluation
+        from pathlib import Path
+
+        from apex_orch.safefiles import check_not_inputs
+        check_not_inputs([Path(plot)], [Path(f) for f in (*files, base, text) if f], flag="--plot")
     report = evalreport.compare(list(files), base, text=text, corpus=corpus, settings=settings,
                                 backend=backend, speed=speed, gates=gates, progress=_progress(quiet))
     click.echo(evalreport.format_report(report, fmt), nl=False)
