@@ -25,6 +25,9 @@ CORPUS ?= agentic
 RELEASE ?= releases/demo.yaml
 JOBS ?=
 PYTEST_ARGS ?=
+# Extra CMake flags for your own build, e.g. LLAMA_CMAKE_ARGS="-DGGML_CUDA=ON"; each set of
+# flags gets its own build folder in the cache and becomes the build apex-orch uses.
+LLAMA_CMAKE_ARGS ?=
 
 .PHONY: help venv llama bindings install quantize imatrix release test test-fast bench bench-quality reference-model doctor clean
 
@@ -40,10 +43,11 @@ $(PYTHON):
 
 venv: $(PYTHON)
 
-# The pinned llama.cpp (llama-cpp-python 0.3.36's vendored tree), built once per pin into
-# ~/.cache/apex-orch; vendor/llama.cpp links to it. Standard library only: runs before installs.
+# The pinned llama.cpp (llama-cpp-python 0.3.36's vendored tree), built once per pin (and per
+# LLAMA_CMAKE_ARGS) into the cache (~/.cache/apex-orch, or $$APEX_ORCH_CACHE); vendor/llama.cpp
+# links to it. Standard library only: runs before installs. `apex-orch build` runs the same code.
 llama: $(PYTHON)
-	$(PYTHON) -m apex_orch.build llama
+	LLAMA_CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PYTHON) -m apex_orch.build llama
 
 $(STAMP_DIR)/bindings: | $(PYTHON)
 	$(PYTHON) -m apex_orch.build bindings

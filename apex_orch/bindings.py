@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from apex_orch import pin
 from apex_orch.errors import ToolNotFoundError
 from apex_orch.llama import find_libllama
 
@@ -26,12 +27,13 @@ def load_llama_cpp(bin_dir: str | os.PathLike | None = None):
     except ImportError as exc:
         raise ToolNotFoundError(
             f"llama-cpp-python bindings cannot be imported: {exc}",
-            hint="run `make bindings` (installs them against the pinned libllama)",
+            hint=f"run `{pin.setup_command('bindings')}` (installs them against the pinned libllama)",
         ) from exc
     except (OSError, RuntimeError, FileNotFoundError) as exc:
         raise ToolNotFoundError(
             f"llama-cpp-python could not load libllama from {lib.parent}: {exc}",
-            hint="rebuild with `make llama` and reinstall the bindings with `make bindings`",
+            hint=f"rebuild with `{pin.setup_command()}` and reinstall the bindings with "
+                 f"`{pin.setup_command('bindings')}`",
         ) from exc
     return llama_cpp
 

@@ -69,9 +69,11 @@ def fetch_sdist() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     log(f"downloading {pin.SDIST_NAME} from the package index")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        # --no-build-isolation keeps pip from building a metadata env we never use.
-        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", f"llama-cpp-python=={pin.LLAMA_CPP_PYTHON_VERSION}", "-d", tmp],
+        # pip prepares the sdist's metadata even for `download`; with build isolation it fetches
+        # scikit-build-core into a throwaway env itself, so nothing has to be installed first
+        # (with --no-build-isolation a fresh venv fails: "Cannot import build backend").
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+             f"llama-cpp-python=={pin.LLAMA_CPP_PYTHON_VERSION}", "-d", tmp],
             log_file=target.parent / "pip-download.log")
         got = Path(tmp) / pin.SDIST_NAME
         if not got.exists():
@@ -114,34 +116,51 @@ def llama_version(src: Path) -> dict:
     return info
 
 
-def build_tools() -> dict:
+def build_tools(extra_args: tuple[str, ...] = ()) -> dict:
+    """Configure and build the tools; `extra_args` (e.g. -DGGML_CUDA=ON) select their own
+    build folder (pin.variant_key), are recorded in build-info.json, and become the active build."""
     src = pin.llama_source()
-    bdir = pin.build_dir()
-    info_path = pin.build_info_path()
-    wanted = {"flags": list(pin.CMAKE_FLAGS), "targets": list(pin.TOOL_TARGETS)}
+    bdir = pin.build_dir(extra_args)
+    info_path = pin.build_info_path(extra_args)
+    wanted = {"flags": list(pin.CMAKE_FLAGS), "extra_flags": list(extra_args), "targets": list(pin.TOOL_TARGETS)}
+    bins = bdir / "bin"
     if info_path.exists():
         info = json.loads(info_path.read_text())
         if all(info.get(k) == v for k, v in wanted.items()) and all(
-                (pin.bin_dir() / t).exists() for t in pin.TOOL_TARGETS):
-            log(f"cached build is current: {pin.bin_dir()}")
+                (bins / t).exists() for t in pin.TOOL_TARGETS):
+            log(f"cached build is current: {bins}" + (f" (extra flags: {' '.join(extra_args)})" if extra_args else ""))
+            _activate(bdir)
             return info
     jobs = str(os.cpu_count() or 2)
     start = time.monotonic()
-    log(f"configuring llama.cpp ({src})")
-    run(["cmake", "-S", str(src), "-B", str(bdir), *pin.CMAKE_FLAGS], log_file=pin.pin_dir() / "configure.log")
+    log(f"configuring llama.cpp ({src})" + (f" with extra flags: {' '.join(extra_args)}" if extra_args else ""))
+    bdir.mkdir(parents=True, exist_ok=True)
+    run(["cmake", "-S", str(src), "-B", str(bdir), *pin.CMAKE_FLAGS, *extra_args], log_file=bdir / "configure.log")
     log(f"building {', '.join(pin.TOOL_TARGETS)} with {jobs} jobs (a few minutes on 2 cores)")
     run(["cmake", "--build", str(bdir), "-j", jobs, "--target", *pin.TOOL_TARGETS],
-        log_file=pin.pin_dir() / "build.log")
-    info = {**wanted, **llama_version(src), "bin_dir": str(pin.bin_dir()),
+        log_file=bdir / "build.log")
+    info = {**wanted, **llama_version(src), "build_key": pin.variant_key(extra_args), "bin_dir": str(bins),
             "build_seconds": round(time.monotonic() - start, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     info_path.write_text(json.dumps(info, indent=2) + "\n")
+    _activate(bdir)
     log(f"built in {info['build_seconds']} s")
     return info
 
 
+def _activate(bdir: Path) -> None:
+    """Record which build variant apex-orch uses from now on (atomic: a reader never sees half)."""
+    target = pin.active_build_file()
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(bdir.name + "\n")
+    os.replace(tmp, target)
+
+
 def link_vendor() -> None:
-    """`vendor/llama.cpp` in the checkout points at the cached, pinned tree."""
+    """`vendor/llama.cpp` in the checkout points at the cached, pinned tree (a wheel install
+    has no checkout: nothing is linked next to site-packages)."""
+    if not pin.in_source_checkout():
+        return
     vendor = REPO_ROOT / "vendor" / "llama.cpp"
     vendor.parent.mkdir(exist_ok=True)
     if vendor.is_symlink() or vendor.exists():
@@ -182,16 +201,27 @@ def install_bindings() -> None:
         (pin.pin_dir() / "bindings-fallback").write_text("compiled install\n")
 
 
-def main(argv: list[str]) -> int:
-    what = argv[0] if argv else "all"
+def extra_cmake_args_from_env() -> tuple[str, ...]:
+    try:
+        return pin.parse_extra_cmake_args(os.environ.get("LLAMA_CMAKE_ARGS"))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+def build(what: str = "all", extra_args: tuple[str, ...] = ()) -> None:
+    """The one set-up path: `make llama`/`make bindings` and `apex-orch build` all call this."""
     if what not in ("llama", "bindings", "all"):
         raise SystemExit("usage: python -m apex_orch.build [llama|bindings|all]")
     if what in ("llama", "all"):
         unpack(fetch_sdist())
-        build_tools()
+        build_tools(extra_args)
         link_vendor()
     if what in ("bindings", "all"):
         install_bindings()
+
+
+def main(argv: list[str]) -> int:
+    build(argv[0] if argv else "all", extra_cmake_args_from_env())
     return 0
 
 

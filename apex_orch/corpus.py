@@ -39,7 +39,6 @@ template refuses; the latter is counted and reported, never silent)::
 from __future__ import annotations
 
 import contextlib
-import copy
 import glob
 import gzip
 import hashlib
@@ -80,9 +79,11 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 # --------------------------------------------------------------------------- locations
 
 def corpora_dir() -> Path:
-    """The repo's `corpora/` folder (next to the package)."""
-    import apex_orch
-    return Path(apex_orch.__file__).resolve().parent.parent / "corpora"
+    """The built-in corpora: the checkout's top-level `corpora/`, or, in a wheel install, the
+    same files packaged as `apex_orch/corpora/` (pyproject's package-dir; one source of truth)."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "corpora"
+    return packaged if packaged.is_dir() else package.parent / "corpora"
 
 
 def samples_dir() -> Path:
@@ -161,14 +162,16 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 
 
 def _load_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read corpus file: {exc.strerror}", where=str(path)) from exc
+    from apex_orch.yamlio import check_yaml_size, read_config_text
+    text = read_config_text(path, ConfigError)   # bounded: MAX_CONFIG_BYTES, regular files only
     loader = _LineLoader(text)
     loader.name = str(path)
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        check_yaml_size(node, path, ConfigError)   # bounded: aliases may not expand past MAX_YAML_VALUES
+        return None if node is None else loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError("YAML is nested too deeply", where=str(path), hint="configs are a few levels deep") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -456,15 +459,61 @@ def _normalise_messages(messages: list, origin: str) -> list[dict]:
     return out
 
 
-def _read_json_file(path: Path, src: SourceSpec, fmt: str) -> list[Document]:
+# Bounds on what one source may read (a .gz expands, a file may have one endless line): each
+# line of a JSONL or text file, the characters and the documents of a whole source.
+MAX_LINE_CHARS = 64 << 20
+MAX_SOURCE_CHARS = 2 << 30
+MAX_SOURCE_DOCUMENTS = 2_000_000
+
+
+class _SourceBudget:
+    """Counts what a source has read; refuses (naming the file and the source) past the bounds."""
+
+    def __init__(self, src: SourceSpec):
+        self.src = src
+        self.chars = 0
+        self.documents = 0
+
+    def _refuse(self, what: str, where: str) -> None:
+        raise ConfigError(f"{what}; the source defined at {self.src.where} may read at most "
+                          f"{MAX_SOURCE_CHARS:,} characters in {MAX_SOURCE_DOCUMENTS:,} documents, "
+                          f"each line at most {MAX_LINE_CHARS:,} characters", where=where,
+                          hint="calibration needs a few MB of text: point the source at a sample of the data")
+
+    def read(self, fh, where: str, *, line: bool = False) -> str:
+        """fh.read() (or one fh.readline() with line=True) within the bounds."""
+        left = MAX_SOURCE_CHARS - self.chars
+        room = min(MAX_LINE_CHARS, left) if line else left
+        text = fh.readline(room + 1) if line else fh.read(room + 1)
+        if len(text) > room:
+            if line and room == MAX_LINE_CHARS:
+                self._refuse(f"a line longer than {MAX_LINE_CHARS:,} characters", where)
+            self._refuse(f"the source holds more than {MAX_SOURCE_CHARS:,} characters", where)
+        self.chars += len(text)
+        return text
+
+    def document(self, where: str) -> None:
+        self.documents += 1
+        if self.documents > MAX_SOURCE_DOCUMENTS:
+            self._refuse(f"the source holds more than {MAX_SOURCE_DOCUMENTS:,} documents", where)
+
+
+def _read_json_file(path: Path, src: SourceSpec, fmt: str, budget: _SourceBudget | None = None) -> list[Document]:
     opener = gzip.open if path.suffix == ".gz" else open
+    budget = budget or _SourceBudget(src)
     docs: list[Document] = []
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
             if fmt == "jsonl":
-                for lineno, line in enumerate(fh, 1):
+                lineno = 0
+                while True:
+                    line = budget.read(fh, f"{path}:{lineno + 1}", line=True)
+                    if not line:
+                        break
+                    lineno += 1
                     if not line.strip():
                         continue
+                    budget.document(f"{path}:{lineno}")
                     origin = f"{path}:{lineno}"
                     try:
                         record = json.loads(line)
@@ -473,24 +522,34 @@ def _read_json_file(path: Path, src: SourceSpec, fmt: str) -> list[Document]:
                     docs.append(_record_to_doc(record, src, origin))
             else:
                 try:
-                    data = json.load(fh)
+                    data = json.loads(budget.read(fh, str(path)))
+                except RecursionError:
+                    raise ConfigError("invalid JSON: nested too deeply", where=str(path)) from None
                 except ValueError as exc:
                     raise ConfigError(f"invalid JSON: {exc}", where=str(path)) from None
                 records = data if isinstance(data, list) else [data]
                 for i, record in enumerate(records):
+                    budget.document(f"{path}[{i}]")
                     docs.append(_record_to_doc(record, src, f"{path}[{i}]"))
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
         raise ConfigError(f"cannot read sample file: {exc}", where=str(path)) from None
     return docs
 
 
-def _read_text_file(path: Path, src: SourceSpec) -> list[Document]:
+def _read_text_file(path: Path, src: SourceSpec, budget: _SourceBudget | None = None) -> list[Document]:
     opener = gzip.open if path.suffix == ".gz" else open
+    budget = budget or _SourceBudget(src)
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
+            text = budget.read(fh, str(path))
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
         raise ConfigError(f"cannot read text file: {exc}", where=str(path)) from None
+    if src.split != "file":
+        # str.splitlines' separators, counted before splitting: a file of millions of short lines
+        # would otherwise become millions of objects before the document count is checked.
+        breaks = sum(text.count(c) for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+        if breaks > 4 * MAX_SOURCE_DOCUMENTS:
+            budget._refuse(f"{breaks:,} lines (split: {src.split})", str(path))
     if src.split == "file":
         pieces = [(1, text)]
     elif src.split == "line":
@@ -507,7 +566,12 @@ def _read_text_file(path: Path, src: SourceSpec) -> list[Document]:
                 block = []
         if block:
             pieces.append((start, "\n".join(block)))
-    return [Document(source=src.id, origin=f"{path}:{n}", text=t) for n, t in pieces if t.strip()]
+    docs = []
+    for n, t in pieces:
+        if t.strip():
+            budget.document(f"{path}:{n}")
+            docs.append(Document(source=src.id, origin=f"{path}:{n}", text=t))
+    return docs
 
 
 def _format_of(path: Path, src: SourceSpec) -> str:
@@ -520,9 +584,11 @@ def _format_of(path: Path, src: SourceSpec) -> str:
 
 def _read_files(files: list[Path], src: SourceSpec) -> list[Document]:
     docs: list[Document] = []
+    budget = _SourceBudget(src)
     for f in files:
         fmt = _format_of(f, src)
-        docs.extend(_read_json_file(f, src, fmt) if fmt in ("jsonl", "json") else _read_text_file(f, src))
+        docs.extend(_read_json_file(f, src, fmt, budget) if fmt in ("jsonl", "json")
+                    else _read_text_file(f, src, budget))
     return docs
 
 
@@ -686,6 +752,9 @@ def chat_format_from_model(model_path: str | os.PathLike) -> ChatFormat:
     """The model's own `tokenizer.chat_template` (+ BOS/EOS text), or PLAIN when it has none."""
     path = Path(model_path)
     if not path.is_file():
+        if path.exists():   # a FIFO or device would block the read below
+            raise ModelError("is not a regular file; apex-orch reads GGUF models from regular files only",
+                             where=str(path), hint="pass the .gguf file itself")
         raise ModelError(f"model not found: {path}")
     keys, texts = _read_chat_keys(path)
     template = keys.get("tokenizer.chat_template")
@@ -700,77 +769,41 @@ def chat_format_from_model(model_path: str | os.PathLike) -> ChatFormat:
                       eos_token=token_text("tokenizer.ggml.eos_token_id"), origin=f"model:{path}")
 
 
-class TemplateRefused(Exception):
-    """The chat template raised (e.g. roles it does not accept)."""
-
-
-def _template_env():
-    """A sandboxed Jinja environment that behaves like transformers' chat-template renderer.
-
-    Mutable sandbox (some templates build lists with .append); every render gets deep copies
-    of the messages, so a template can never change the corpus.
-    """
-    from jinja2 import nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import SandboxedEnvironment
-
-    class GenerationTag(Extension):
-        # transformers' {% generation %}...{% endgeneration %} marks assistant text; render it as is.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise TemplateRefused(message)
-
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Same output as transformers' tojson; generators (from map/select filters) become lists.
-        if hasattr(value, "__next__"):
-            value = list(value)
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = SandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: TEMPLATE_NOW.strftime(fmt)
-    return env
+from apex_orch.chat_sandbox import TemplateRefused  # noqa: E402,F401  (re-exported)
 
 
 class ChatRenderer:
+    """Renders conversations: the model's chat template in a bounded sandbox worker
+    (apex_orch.chat_sandbox: time, memory and output bounded), or the plain format."""
+
     def __init__(self, fmt: ChatFormat):
+        import weakref
+
+        from apex_orch.chat_sandbox import TemplateWorker
         self.fmt = fmt
         self.fallbacks = 0
         self.fallback_reasons: dict[str, int] = {}
-        self._compiled = None
+        self._worker = None
         if fmt.template is not None:
-            try:
-                self._compiled = _template_env().from_string(fmt.template)
-            except Exception as exc:  # jinja2.TemplateSyntaxError and friends
-                raise ModelError(f"the model's chat template does not compile: {exc}",
-                                 where=fmt.origin.removeprefix("model:"),
-                                 hint="fix tokenizer.chat_template in the GGUF (gguf-set-metadata)") from None
+            self._worker = TemplateWorker(fmt.template, fmt.bos_token, fmt.eos_token, TEMPLATE_NOW.isoformat(),
+                                          where=fmt.origin.removeprefix("model:"))
+            weakref.finalize(self, self._worker.close)
 
     def render(self, doc: Document) -> str:
         if doc.messages is None:
             return doc.text or ""
-        if self._compiled is not None:
-            try:
-                return self._compiled.render(
-                    messages=copy.deepcopy(doc.messages), tools=copy.deepcopy(doc.tools),
-                    add_generation_prompt=False,
-                    bos_token=self.fmt.bos_token, eos_token=self.fmt.eos_token)
-            except Exception as exc:  # the template refused this conversation
-                self.fallbacks += 1
-                reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-                self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
+        if self._worker is not None:
+            # The worker gets a JSON copy of the messages, so a template can never change the corpus.
+            text, reason = self._worker.render(doc.messages, doc.tools, doc.origin)
+            if text is not None:
+                return text
+            self.fallbacks += 1
+            self.fallback_reasons[reason] = self.fallback_reasons.get(reason, 0) + 1
         return render_plain(doc.messages, doc.tools)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
 
 
 def render_plain(messages: list[dict], tools: list[dict] | None = None) -> str:
@@ -958,7 +991,10 @@ def build_corpus(name_or_path: str | os.PathLike, *, model: str | os.PathLike | 
     if chat_format is None:
         chat_format = chat_format_from_model(model) if model else PLAIN
     renderer = ChatRenderer(chat_format)
-    built = _build(spec, renderer, (spec.path,))
+    try:
+        built = _build(spec, renderer, (spec.path,))
+    finally:
+        renderer.close()
     built.template_fallbacks = renderer.fallbacks
     built.template_fallback_reasons = dict(renderer.fallback_reasons)
     return built
@@ -1034,22 +1070,11 @@ def count_tokens(built: BuiltCorpus, model_path: str | os.PathLike) -> int:
 # --------------------------------------------------------------------------- writing
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the destination folder, then rename over the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o644)   # mkstemp's 0600 is for secrets; these are shareable outputs
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write to a fresh temp file in the destination folder (fsync), then rename over the final
+    name: the one helper, apex_orch.safefiles.write_atomic (a link at `path` is replaced, never
+    written through)."""
+    from apex_orch.safefiles import write_atomic
+    write_atomic(path, data)
 
 
 def manifest_path_for(text_path: Path) -> Path:

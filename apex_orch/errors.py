@@ -59,6 +59,10 @@ class PlanError(ApexError):
     exit_code = 5
 
 
+class ToolPlanMismatchError(PlanError):
+    """The llama-quantize that would run assigns other types than the plan (its own --dry-run)."""
+
+
 class RenderError(PlanError):
     """An override rule would match nothing or the wrong tensors."""
 
@@ -161,3 +165,19 @@ class PublishError(ApexError):
     """Publishing to Hugging Face failed or was refused."""
 
     exit_code = 16
+
+
+class UnsafeOutputError(OutputNotWritableError):
+    """A name apex-orch writes is a symbolic link (or a hard link / not a regular file): apex-orch
+    never writes through it, so nothing outside the output folder is touched (issue 15)."""
+
+
+class OutputIsInputError(UsageError):
+    """An output resolves to one of the run's inputs (same path, same file through a link):
+    refused before anything runs, so an input is never overwritten (issue 15)."""
+
+
+class InternalError(ApexError):
+    """A failure no layer translated (a bug): still one message; the traceback with --debug."""
+
+    exit_code = 70

@@ -24,13 +24,6 @@ from typing import Callable, Iterable, Sequence
 from apex_orch import pin
 from apex_orch.errors import InterruptedRun, ToolFailedError, ToolNotFoundError, ToolTimeoutError
 
-TOOL_MAKE_TARGET = {
-    "llama-quantize": "make llama",
-    "llama-imatrix": "make llama",
-    "llama-perplexity": "make llama",
-    "llama-gguf-split": "make llama",
-}
-
 
 @dataclass(frozen=True)
 class ToolLocation:
@@ -58,6 +51,13 @@ def find_tool(name: str, bin_dir: str | os.PathLike | None = None) -> ToolLocati
         searched.append(f"{candidate} ({source})")
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return ToolLocation(name, candidate, source)
+        if candidate.is_file():
+            # Present but not runnable: say so (not "not found"), and never fall through to another build.
+            mode = candidate.stat().st_mode & 0o7777
+            raise ToolNotFoundError(
+                f"{name} at {candidate} ({source}) is not executable (mode {mode:04o})",
+                hint=f"make it executable (chmod +x {candidate}), or run `{pin.setup_command('llama')}` "
+                     "to rebuild the pinned llama.cpp")
         if source in ("flag", "env"):
             # An explicit location that lacks the tool is a mistake worth stopping on,
             # not a reason to silently pick some other build.
@@ -67,7 +67,7 @@ def find_tool(name: str, bin_dir: str | os.PathLike | None = None) -> ToolLocati
         searched.append("PATH")
         if on_path:
             return ToolLocation(name, Path(on_path), "PATH")
-    target = TOOL_MAKE_TARGET.get(name, "make llama")
+    target = pin.setup_command("llama")
     raise ToolNotFoundError(
         f"{name} not found; searched: " + ", ".join(searched),
         hint=f"run `{target}` to build the pinned llama.cpp, or point --llama-bin-dir / "
@@ -88,7 +88,7 @@ def find_libllama(bin_dir: str | os.PathLike | None = None) -> Path:
             break
     raise ToolNotFoundError(
         "libllama not found; searched: " + ", ".join(searched),
-        hint="run `make llama` to build the pinned llama.cpp with shared libraries",
+        hint=f"run `{pin.setup_command()}` to build the pinned llama.cpp with shared libraries",
     )
 
 
@@ -234,7 +234,7 @@ def run_tool(
     except OSError as exc:   # missing, not executable, wrong format
         log.close()
         raise ToolNotFoundError(f"cannot start {label}: {exc.strerror}: {argv[0]}",
-                                hint="run `make llama` or check --llama-bin-dir") from exc
+                                hint=f"run `{pin.setup_command()}` or check --llama-bin-dir") from exc
 
     with _ACTIVE_LOCK:
         _ACTIVE.add(proc)
@@ -316,8 +316,9 @@ class _Log:
         self.error: str | None = None
         self._fh = None
         if path is not None:
-            try:
-                self._fh = open(path, "w", encoding="utf-8", errors="replace")
+            from apex_orch.safefiles import open_nofollow
+            try:   # never through a link planted at the log's name (UnsafeOutputError, before the tool starts)
+                self._fh = open_nofollow(path, "w")
             except OSError as exc:
                 self.error = exc.strerror or str(exc)
 

@@ -70,6 +70,9 @@ class Plan:
     tensors: list[PlannedTensor]
     rules: list[Rule]
     warnings: list[str] = field(default_factory=list)
+    # Who decided the final types: the port of the pinned rules (default), or the tool's own
+    # dry-run when the user took it as the plan (toolcheck.plan_with_tool_types).
+    types_from: str = "apex-orch (port of the pinned llama.cpp rules)"
 
     # ---- sizes
     @property
@@ -177,6 +180,10 @@ def _band_for(role: Role, block: int | None, bands: ResolvedBands, main_blocks: 
     return None
 
 
+# The MTP head's own matrices (blk.N.nextn.*) typed like the edge-block role they stand in for.
+_NEXTN_OWN = {"eh_proj": "attention", "embed_tokens": "embedding", "shared_head_head": "output"}
+
+
 def _requested(profile: Profile, role: Role, slot: str, block: int | None, band: str | None,
                bands: ResolvedBands) -> tuple[T | None, str]:
     """The profile's type for one tensor and the profile key it came from."""
@@ -189,7 +196,7 @@ def _requested(profile: Profile, role: Role, slot: str, block: int | None, band:
         else:  # MTP block treated like an edge block of the role inside it
             sub = slot.partition(".")[0]
             try:
-                eff_role = Role(sub)
+                eff_role = Role(_NEXTN_OWN.get(sub, sub))
             except ValueError:
                 eff_role = Role.UNASSIGNED
             eff_band = "edge"
@@ -223,7 +230,7 @@ def make_plan(model: ModelInfo, profile: Profile, *, has_imatrix: bool | None = 
     ftype = parse_ftype(profile.base_ftype)
     if has_imatrix is None:
         has_imatrix = profile.imatrix_required
-    warnings: list[str] = []
+    warnings: list[str] = list(model.structure_warnings)
 
     requested: dict[str, tuple[T | None, str, str | None]] = {}
     missing_roles: dict[str, int] = defaultdict(int)
@@ -232,7 +239,7 @@ def make_plan(model: ModelInfo, profile: Profile, *, has_imatrix: bool | None = 
     for t in model.tensors:
         tr = roles[t.name]
         band = _band_for(tr.role, tr.block, bands, main_blocks)
-        quantizable = allows_quantization(t.name, t.n_dims)
+        quantizable = allows_quantization(t.name, t.shape, model.arch)
         if not quantizable:
             requested[t.name] = (None, f"never quantized ({tr.role.value})", band)
             continue

@@ -41,6 +41,7 @@ from pathlib import Path
 from gguf.constants import GGMLQuantizationType as T
 
 from apex_orch.errors import ProfileError
+from apex_orch.model import MAX_BLOCKS
 from apex_orch.quantmix import FTYPE_BY_NAME, is_quantized
 from apex_orch.roles import Role
 from apex_orch.yamlio import YamlDoc, load_yaml
@@ -61,7 +62,7 @@ BANDED_ROLES = {
     Role.SSM.value: ("edge", "rest"),
 }
 SINGLE_ROLES = (Role.EMBEDDING.value, Role.OUTPUT.value)
-NEVER_TYPED = (Role.ROUTER.value, Role.NORM.value)
+NEVER_TYPED = (Role.ROUTER.value, Role.NORM.value, Role.AUX.value)
 
 TOP_KEYS = {"extends", "name", "tier", "description", "best_for", "base_ftype", "imatrix", "bands",
             "types", "overrides", "gates"}
@@ -72,9 +73,28 @@ GATE_KEYS = {"max_mean_kld", "max_ppl_ratio", "min_same_top_p", "max_kld_99_9"}
 SCALES = ("auto", "fixed", "proportional")
 
 
+def builtin_profiles_dir() -> Path:
+    """The built-in profiles: the checkout's top-level `profiles/` (where users edit them), or,
+    in a wheel install, the same files packaged as `apex_orch/profiles/` (pyproject's package-dir)."""
+    packaged = Path(__file__).resolve().parent / "profiles"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "profiles"
+
+
+def user_profile_dirs() -> list[Path]:
+    """The user's own profile folders, from APEX_ORCH_PROFILES (os.pathsep-separated; the
+    global --profiles-dir option sets it). They add to the built-ins and are searched first."""
+    explicit = os.environ.get("APEX_ORCH_PROFILES", "")
+    return [Path(part).expanduser() for part in explicit.split(os.pathsep) if part.strip()]
+
+
+def profile_search_path() -> list[tuple[str, Path]]:
+    """(source label, folder) in lookup order: user folders, then the built-ins."""
+    return [*((f"user {d}", d) for d in user_profile_dirs()), ("built-in", builtin_profiles_dir())]
+
+
 def profiles_dir() -> Path:
-    explicit = os.environ.get("APEX_ORCH_PROFILES")
-    return Path(explicit) if explicit else Path(__file__).resolve().parent.parent / "profiles"
+    """The first folder a profile name is looked up in (kept for callers that show one folder)."""
+    return profile_search_path()[0][1]
 
 
 @dataclass(frozen=True)
@@ -187,8 +207,10 @@ class Profile:
 
 # ------------------------------------------------------------------ loading
 
-def resolve_profile_path(name_or_path: str, base_dir: Path | None = None) -> Path:
-    """A profile name (profiles/NAME.yaml) or a path ending in .yaml/.yml."""
+def resolve_profile_path(name_or_path: str, base_dir: Path | None = None, skip: Path | None = None) -> Path:
+    """A profile name (looked up in the user folders, then the built-ins) or a path ending in
+    .yaml/.yml. `skip` is the profile asking (for `extends`): a user's compact.yaml may extend
+    the built-in compact."""
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")):
         p = Path(text)
@@ -202,16 +224,42 @@ def resolve_profile_path(name_or_path: str, base_dir: Path | None = None) -> Pat
         raise ProfileError(
             f"{text!r} is not a profile name (names use a-z, 0-9, '-' and '_', no path separators or '..')",
             hint="give a name from `apex-orch profile list`, or a file path ending in .yaml")
-    p = profiles_dir() / f"{text}.yaml"
-    if not p.exists():
-        known = ", ".join(list_profiles()) or "(none)"
-        raise ProfileError(f"unknown profile {text!r}", hint=f"known profiles: {known}; or pass a .yaml path")
-    return p
+    skip_resolved = skip.resolve() if skip is not None else None
+    for _source, folder in profile_search_path():
+        p = folder / f"{text}.yaml"
+        if p.is_file() and p.resolve() != skip_resolved:
+            return p
+    known = ", ".join(list_profiles()) or "(none)"
+    raise ProfileError(f"unknown profile {text!r}", hint=f"known profiles: {known}; or pass a .yaml path")
+
+
+@dataclass(frozen=True)
+class ProfileSource:
+    name: str
+    path: Path
+    source: str            # "built-in" or "user <folder>"
+    shadows_builtin: bool  # a user profile with a built-in's name wins the lookup
+
+
+def profile_sources() -> list[ProfileSource]:
+    """Every listable profile (not `_`-prefixed bases) with where it comes from, by name."""
+    found: dict[str, ProfileSource] = {}
+    builtin_names: set[str] = set()
+    for source, folder in profile_search_path():
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.glob("*.yaml")):
+            if p.stem.startswith("_") or not p.is_file():
+                continue
+            if source == "built-in":
+                builtin_names.add(p.stem)
+            found.setdefault(p.stem, ProfileSource(p.stem, p, source, False))
+    return [ProfileSource(s.name, s.path, s.source, s.source != "built-in" and s.name in builtin_names)
+            for s in sorted(found.values(), key=lambda s: s.name)]
 
 
 def list_profiles() -> list[str]:
-    d = profiles_dir()
-    return sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_")) if d.is_dir() else []
+    return [s.name for s in profile_sources()]
 
 
 def _merge(parent: dict, child: dict) -> dict:
@@ -244,7 +292,7 @@ def _load_chain(path: Path, seen: list[Path]) -> tuple[dict, list[YamlDoc]]:
     if not isinstance(parent_ref, str):
         raise ProfileError("extends must be a profile name or a .yaml path", where=doc.where(("extends",)))
     try:
-        parent_path = resolve_profile_path(parent_ref, base_dir=path.parent)
+        parent_path = resolve_profile_path(parent_ref, base_dir=path.parent, skip=path)
     except ProfileError as exc:
         raise ProfileError(f"extends: {exc.message}", where=doc.where(("extends",)), hint=exc.hint) from None
     parent_data, docs = _load_chain(parent_path, seen + [resolved])
@@ -313,6 +361,14 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
     tier = data.get("tier")
     if not isinstance(tier, str) or not tier.strip():
         raise ProfileError("missing `tier` (the display name, e.g. Compact or I-Compact)", where=_where(docs, ()))
+    # Names printed in messages, tables and cards: no terminal escapes, bells or NULs (a newline
+    # is allowed only in the longer texts, which are escaped where they are shown).
+    for key, allowed in (("tier", ""), ("best_for", "\n\t"), ("description", "\n\t")):
+        text = data.get(key)
+        bad = next((ch for ch in text if _is_control(ch) and ch not in allowed), None) if isinstance(text, str) else None
+        if bad is not None:
+            raise ProfileError(f"{key}: contains a control character (U+{ord(bad):04X})", where=_where(docs, (key,)),
+                               hint=f"{key} is display text; remove the escape or control character")
     base = data.get("base_ftype")
     if not isinstance(base, str) or base.upper() not in FTYPE_BY_NAME:
         raise ProfileError(f"base_ftype: unknown llama-quantize type {base!r}", where=_where(docs, ("base_ftype",)),
@@ -339,6 +395,10 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
     for key in ("edge", "near", "attention_edge", "reference_blocks"):
         if key in b and (not isinstance(b[key], int) or isinstance(b[key], bool) or b[key] < 0):
             raise ProfileError(f"bands.{key} must be a non-negative integer", where=_where(docs, ("bands", key)))
+        if key in b and b[key] > MAX_BLOCKS:
+            raise ProfileError(f"bands.{key} is {b[key]:,}; at most {MAX_BLOCKS} (apex-orch handles models of up "
+                               f"to {MAX_BLOCKS} blocks)", where=_where(docs, ("bands", key)),
+                               hint="band sizes count blocks from each end of the model, e.g. edge: 5")
     if b.get("reference_blocks", 36) < 1:
         raise ProfileError("bands.reference_blocks must be at least 1", where=_where(docs, ("bands", "reference_blocks")))
     if b.get("scale", "auto") not in SCALES:
@@ -422,6 +482,10 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
                    raw=data, doc=docs[0])
 
 
+def _is_control(ch: str) -> bool:
+    return ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F
+
+
 def parse_blocks(spec, docs: list[YamlDoc], kp: tuple) -> frozenset[int]:
     """"0-4,31-35" or [0, 1, 2] -> {0,...}."""
     items = spec if isinstance(spec, list) else str(spec).split(",")
@@ -432,6 +496,10 @@ def parse_blocks(spec, docs: list[YamlDoc], kp: tuple) -> frozenset[int]:
         if not m:
             raise ProfileError(f"blocks: {text!r} is not a block number or range like 0-4",
                                where=_where(docs, kp))
+        if len(m.group(1)) > 6 or len(m.group(2) or "") > 6 or int(m.group(2) or m.group(1)) >= MAX_BLOCKS:
+            raise ProfileError(f"blocks: {text!r} names a block past {MAX_BLOCKS - 1} (apex-orch handles models "
+                               f"of up to {MAX_BLOCKS} blocks)", where=_where(docs, kp),
+                               hint="blocks run from 0 to the model's block count - 1")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise ProfileError(f"blocks: range {text!r} runs backwards", where=_where(docs, kp))

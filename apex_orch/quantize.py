@@ -21,15 +21,16 @@ from typing import Callable
 from apex_orch import __version__
 from apex_orch.errors import (ApexError, DiskSpaceError, ImatrixError, InterruptedRun, ModelError, OutputExistsError,
                               PlanError, ToolFailedError, ToolTimeoutError, UsageError, VerificationError)
-from apex_orch.fingerprint import fast_fingerprint, sha256_file
+from apex_orch.fingerprint import file_record, remember, source_sha256
 from apex_orch.gguf_header import read_header
 from apex_orch.llama import build_label, find_tool, run_tool, terminate_all
 from apex_orch.manifest import inputs_key, manifest_path, manifest_text, up_to_date
 from apex_orch.model import ModelInfo, model_display_name, read_model
-from apex_orch.outputs import OutputGuard, check_free_space, translate_os_error
+from apex_orch.outputs import OutputGuard, check_free_space, sidecars, translate_os_error
 from apex_orch.plan import Plan, make_plan, render_file
 from apex_orch.profile import Profile, load_profile
 from apex_orch.quantlog import progress_of
+from apex_orch.safefiles import check_not_inputs, clear_name, refuse_links, write_new
 
 Progress = Callable[[str], None]
 SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)$", re.I)
@@ -58,7 +59,15 @@ def parse_size(text: str) -> int:
     if not m:
         raise UsageError(f"--split-max-size {text!r} is not a size like 48G or 500M")
     mult = {"": 1, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4}[m.group(2).upper()]
-    return int(float(m.group(1)) * mult)
+    value = float(m.group(1)) * mult
+    # llama-gguf-split takes whole megabytes: a smaller size would become "0M" and fail only after
+    # the whole quantization. Checked here, when the job is planned, before anything runs.
+    if not value >= 1000 ** 2:
+        raise UsageError(f"--split-max-size {text}: too small; parts are at least 1M (llama-gguf-split "
+                         "splits in whole megabytes)", hint="use a size such as 48G or 500M")
+    if not value <= 1000 ** 5:
+        raise UsageError(f"--split-max-size {text}: too large (at most 1000T)", hint="use a size such as 48G")
+    return int(value)
 
 
 @dataclass
@@ -82,9 +91,15 @@ class QuantizeJob:
     metadata: dict[str, str]
     inputs: dict
     predicted_size: int
+    # Take llama-quantize's own --dry-run types as the plan when they differ (a user's own build).
+    trust_tool_plan: bool = False
 
     @property
     def key(self) -> str:
+        if self.inputs.get("source") is None:
+            # The full sha256 of every source shard (memoised by stat, fingerprint.source_sha256):
+            # computed on first use, so --dry-run never reads the weights.
+            self.inputs["source"] = [source_sha256(p) for p in self.model.paths]
         return inputs_key(self.inputs)
 
     def argv(self, out: Path, rules: Path) -> list[str]:
@@ -106,7 +121,8 @@ def resolve_imatrix(model: ModelInfo, path: str | os.PathLike | None) -> Imatrix
     info = im.read_imatrix(p)
     im.check_imatrix_fits(info, model)
     datasets = getattr(info, "datasets", None) or []
-    return ImatrixSource(p, sha256_file(p), datasets[0] if datasets else None, info)
+    # full sha256 (memoised by stat: a rerun does not read a large imatrix again)
+    return ImatrixSource(p, source_sha256(p), datasets[0] if datasets else None, info)
 
 
 def build_imatrix_for(model_path: Path, corpus: str, threads: int | None, progress: Progress, *,
@@ -117,11 +133,32 @@ def build_imatrix_for(model_path: Path, corpus: str, threads: int | None, progre
     return im.run_imatrix(ip, on_progress=progress)
 
 
+def check_source_unquantized(model: ModelInfo, allow_requantize: bool = False) -> list[str]:
+    """Refuse an already-quantized source (requantizing compounds the rounding error of both
+    quantizations); with allow_requantize, return the loud warning to show instead."""
+    from apex_orch.quantmix import is_quantized
+    quantized = [t for t in model.tensors if t.n_dims >= 2 and is_quantized(t.ggml_type)]
+    if not quantized:
+        return []
+    types = sorted({t.ggml_type.name for t in quantized})
+    what = (f"{len(quantized)} of its {sum(1 for t in model.tensors if t.n_dims >= 2)} weight tensors are already "
+            f"quantized ({', '.join(types)}; e.g. {quantized[0].name} is {quantized[0].ggml_type.name})")
+    if not allow_requantize:
+        raise ModelError(f"the source is already quantized: {what}. Quantizing it again compounds the "
+                         "rounding errors of both quantizations, so the result is worse than the same tier "
+                         "made from the original weights", where=str(model.path),
+                         hint="quantize from the F16/BF16/F32 GGUF; pass --allow-requantize if you accept the "
+                              "loss (llama-quantize's own --allow-requantize is passed on)")
+    return [f"requantizing an already-quantized source (--allow-requantize): {what}; the output is worse "
+            "than the same tier made from the original weights"]
+
+
 def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out: Path | None = None,
                   out_dir: Path = Path("out"), name: str | None = None, imatrix: ImatrixSource | None = None,
                   threads: int | None = None, split_max_size: str | None = None,
-                  model: ModelInfo | None = None) -> QuantizeJob:
+                  model: ModelInfo | None = None, allow_requantize: bool = False) -> QuantizeJob:
     model = model or read_model(model_path)
+    requantize_warnings = check_source_unquantized(model, allow_requantize)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     if prof.imatrix_required and imatrix is None:
         raise ImatrixError(
@@ -129,6 +166,7 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
             hint=f"pass --imatrix FILE, or --corpus {prof.corpus or 'diverse'} to build one "
                  "(cached, shared by every I-tier)")
     plan = make_plan(model, prof, has_imatrix=imatrix is not None)
+    plan.warnings.extend(requantize_warnings)
     if plan.needs_imatrix and imatrix is None:
         names = ", ".join(t.name for t in plan.needs_imatrix[:3])
         raise ImatrixError(f"{len(plan.needs_imatrix)} planned tensors use types llama-quantize refuses to "
@@ -155,11 +193,14 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
         output = Path(out)   # an explicit file: the user chose where it goes
     else:
         output = Path(out_dir) / output_name(display, prof.tier)
-        if output.resolve().parent != Path(out_dir).resolve():   # defence in depth: never outside --out-dir
+        if output.parent.resolve() != Path(out_dir).resolve():   # defence in depth: never outside --out-dir
             raise UsageError(f"output name {output.name!r} would leave --out-dir {out_dir}",
                              hint="use a plain --name without path separators")
     if output.suffix != ".gguf":
         raise UsageError(f"output {output} must end in .gguf")
+    # Inputs are never outputs (issue 15): refused here, before anything runs, --force or not.
+    check_not_inputs([output, *sidecars(output)], [*model.paths, imatrix.path if imatrix else None],
+                     flag="-o / --out-dir / --name")
     threads = threads or os.cpu_count() or 1
     metadata = {
         "apex.version": __version__,
@@ -172,6 +213,8 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
         metadata["apex.imatrix.sha256"] = imatrix.sha256
         metadata["apex.imatrix.corpus"] = imatrix.corpus or "unknown"
     argv = [str(find_tool("llama-quantize").path)]
+    if requantize_warnings:
+        argv.append("--allow-requantize")
     if imatrix is not None:
         argv += ["--imatrix", str(imatrix.path)]
     argv += ["--tensor-type-file", "{RULES}"]
@@ -181,7 +224,7 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
         argv += []  # llama-quantize reads every shard from the first; the output is one file
     argv += [str(model.paths[0]), "{OUT}", prof.base_ftype, str(threads)]
     inputs = {
-        "source": [fast_fingerprint(p) for p in model.paths],
+        "source": None,          # sha256 of each shard, filled on first use of QuantizeJob.key
         "profile_sha256": prof.sha256,
         "imatrix_sha256": imatrix.sha256 if imatrix else None,
         "llama_cpp": build_label(),
@@ -189,6 +232,8 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
         "metadata": metadata,
         "split_max_size": split_max_size,
     }
+    if requantize_warnings:
+        inputs["allow_requantize"] = True
     return QuantizeJob(model=model, profile=prof, plan=plan, output=output, imatrix=imatrix, threads=threads,
                        split_max_size=parse_size(split_max_size) if split_max_size else None,
                        argv_template=argv, metadata=metadata, inputs=inputs,
@@ -284,6 +329,8 @@ def run_quantize(job: QuantizeJob, *, force: bool = False, progress: Progress | 
     existing_parts = sorted(job.output.parent.glob(_split_parts_pattern(job.output))) if job.split_max_size else []
     if job.split_max_size and existing_parts:
         finals = existing_parts
+    # Nothing is written through a link planted at an output's (or sidecar's) name (issue 15).
+    refuse_links([x for f in [job.output, *finals] for x in (f, *sidecars(f))])
     if not force and all(f.exists() for f in finals):
         fresh, why = up_to_date(finals, job.key)   # a damaged manifest raises ManifestError: never trusted
         if fresh:
@@ -321,10 +368,12 @@ def _run_guarded(job: QuantizeJob, force: bool, emit: Progress, timeout: float |
         check_free_space(job.output.parent, job.predicted_size * (2 if job.split_max_size else 1))
         tmp = guard.temp_for(job.output)
         rules = guard.temp_for(job.output.with_name(job.output.name + ".tensor-types.txt"))
-        rules.write_text(render_file(job.plan))
+        write_new(rules, render_file(job.plan))   # O_EXCL|O_NOFOLLOW: a name this run owns
         log_path = job.output.with_name(job.output.name + ".log")
         argv = job.argv(tmp, rules)
+        _check_tool_agrees(job, argv, tmp, emit)
         emit(f"{job.profile.tier}: llama-quantize -> {job.output.name} ({len(job.plan.tensors)} tensors)")
+        clear_name(tmp)   # a link planted at this run's temporary name is removed, never written through
 
         def on_line(line: str) -> None:
             rec = progress_of(line)
@@ -363,8 +412,8 @@ def _run_guarded(job: QuantizeJob, force: bool, emit: Progress, timeout: float |
             records = [(final, guard_tmp) for guard_tmp, final in files]
         else:
             records = [(job.output, tmp)]
-        file_docs = [{"name": final.name, "size": t.stat().st_size, "sha256": sha256_file(t),
-                      "fingerprint": fast_fingerprint(t)} for final, t in records]
+        # size, mtime_ns and inode survive the rename: a rerun trusts them, else re-hashes in full
+        file_docs = [file_record(t, name=final.name) for final, t in records]
         seconds = time.monotonic() - start
         doc = {
             "kind": "apex-orch quantize",
@@ -380,22 +429,42 @@ def _run_guarded(job: QuantizeJob, force: bool, emit: Progress, timeout: float |
             "files": file_docs,
             "verified": stats,
             "predicted": {"tensor_bytes": job.plan.total_bytes, "bpw": round(job.plan.bpw, 4)},
+            "plan_types_from": job.plan.types_from,
+            "llama_quantize": argv[0],
             "roles": {role: s["types"] for role, s in job.plan.role_summary().items()},
             "timings": {"llama_quantize_s": round(result.seconds, 3), "total_s": round(seconds, 3)},
         }
         mpath = manifest_path(records[0][0])
         # The manifest is written as a temporary too and renamed last, so a failure while writing it
         # (disk full) publishes nothing, and a published manifest never describes a missing file.
-        guard.temp_for(mpath).write_text(manifest_text(doc), encoding="utf-8")
+        write_new(guard.temp_for(mpath), manifest_text(doc))
         if force:
             mpath.unlink(missing_ok=True)
         committed = guard.commit()   # data files, the rules file, then the manifest, atomically renamed
+        for (final, _t), rec in zip(records, file_docs):
+            remember(final, rec["sha256"])   # later source_sha256(final) (eval keys) is free
         if job.split_max_size and len(records) > 1 and job.output.exists() and force:
             job.output.unlink()  # a previous unsplit output of the same tier
     final_files = [f for f in committed if f.suffix == ".gguf"]
     return QuantizeResult(job, final_files, False, time.monotonic() - start,
                           f"wrote {', '.join(f.name for f in final_files)} "
                           f"({sum(f.stat().st_size for f in final_files) / 2**30:.2f} GiB, verified)")
+
+
+def _check_tool_agrees(job: QuantizeJob, argv: list[str], out_placeholder: Path, emit: Progress) -> None:
+    """The binary's own --dry-run must give the plan's types (see toolcheck); else stop, or, with
+    --trust-tool-plan, make its types the plan that verification, manifest and card use."""
+    from apex_orch import toolcheck
+    tool_types = toolcheck.tool_dry_run_types(argv, out_placeholder)
+    diffs = toolcheck.compare(job.plan, tool_types)
+    if not diffs:
+        return
+    if not job.trust_tool_plan:
+        raise toolcheck.mismatch_error(argv[0], diffs)
+    emit(f"WARNING: {argv[0]} assigns other types than the pinned rules for {len(diffs)} tensor(s) "
+         f"(e.g. {diffs[0]}); --trust-tool-plan: its dry-run is the plan")
+    job.plan = toolcheck.plan_with_tool_types(job.plan, tool_types)
+    job.predicted_size = job.plan.predicted_file_size(_written_kv(job.metadata, job.imatrix))
 
 
 def _split(job: QuantizeJob, guard: OutputGuard, tmp: Path, emit: Progress, timeout) -> list[tuple[Path, Path]]:
@@ -417,6 +486,20 @@ def _split(job: QuantizeJob, guard: OutputGuard, tmp: Path, emit: Progress, time
     return out
 
 
+def check_distinct_outputs(pairs: list[tuple[str, Path]], *, error=UsageError, where: str | None = None) -> None:
+    """(tier, output path) pairs: two tiers that map to one file (after names are made safe, e.g.
+    "A B" and "A-B", or equal but for case) are refused up front, naming both (issue 15)."""
+    seen: dict[str, str] = {}
+    for tier, path in pairs:
+        key = os.path.normcase(os.path.abspath(path)).casefold()
+        if key in seen:
+            raise error(f"tiers {seen[key]!r} and {tier!r} both map to the file {Path(path).name}; "
+                        "one would silently replace the other", where=where,
+                        hint="give one of the profiles another `tier:` name (names are reduced to letters, "
+                             "digits, '.', '_' and '-', and compared ignoring case)")
+        seen[key] = tier
+
+
 def default_jobs(jobs: list[QuantizeJob]) -> int:
     """Parallel tiers: bounded by cores and by memory (largest tensor as f32, twice, + 512 MiB)."""
     cores = os.cpu_count() or 1
@@ -434,6 +517,7 @@ def run_many(jobs: list[QuantizeJob], *, parallel: int | None = None, force: boo
     """Run several tiers with bounded parallelism; the first failure cancels the rest."""
     if not jobs:
         return []
+    check_distinct_outputs([(j.profile.tier, j.output) for j in jobs])
     n = parallel or default_jobs(jobs)
     if n <= 1:
         return [run_quantize(j, force=force, progress=progress, timeout=timeout) for j in jobs]

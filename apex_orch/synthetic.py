@@ -321,7 +321,7 @@ def vocab_gguf_path() -> Path:
     if not path.is_file():
         from apex_orch.errors import ToolNotFoundError
         raise ToolNotFoundError(f"vocab GGUF not found: {path}",
-                                hint="run `make llama` to unpack the pinned llama.cpp tree")
+                                hint=f"run `{pin.setup_command()}` to unpack the pinned llama.cpp tree")
     return path
 
 

@@ -17,9 +17,12 @@ Text:
                          (`apex_orch.synthetic.demo_text()`), enough for llama-perplexity /
                          llama-imatrix with any -c up to ~4096 and several chunks.
 
-Isolation (autouse, session): APEX_ORCH_STATE_DIR points at a fresh tmp dir for the session.
-APEX_ORCH_CACHE is left alone on purpose: the pinned llama.cpp build and source tree (binaries,
-the vocab GGUF) live in the real cache and must keep resolving.
+Isolation (set in pytest_configure, before collection): every cache the suite touches — models,
+imatrix, eval base log-probs, corpora, downloads, the Hugging Face cache — lives in a fresh
+per-session folder (APEX_ORCH_CACHE, HF_HOME). Only the pinned llama.cpp build is shared, read
+from where `make llama` put it (APEX_ORCH_BUILD_ROOT). The user's own cache is snapshotted when
+the session starts and compared when it ends: any change fails the run (see
+tests/test_isolation.py for the test that proves it on real commands).
 
 Tools: tests that run llama.cpp binaries use `@pytest.mark.requires_tools("llama-perplexity", ...)`
 (also as `pytestmark`), or call the `require_tools` fixture: `require_tools("llama-imatrix")`
@@ -33,12 +36,15 @@ the mistral4 (MLA) models; see the apex_orch.synthetic docstring.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from apex_orch import synthetic
+from apex_orch import pin, synthetic
 from apex_orch.errors import ToolNotFoundError
 from apex_orch.llama import find_tool
 
@@ -64,6 +70,7 @@ def require_tools(*names: str) -> dict[str, Path]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _isolate_environment()   # before collection: module-level code already sees the session cache
     config.addinivalue_line(
         "markers", "requires_tools(*names): the test runs these llama.cpp tools; fails if missing")
 
@@ -79,11 +86,86 @@ def require_tools_fixture():
     return require_tools
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _isolated_state(tmp_path_factory: pytest.TempPathFactory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("APEX_ORCH_STATE_DIR", str(tmp_path_factory.mktemp("apex-state")))
-        yield
+# The user's cache (CI's own fresh one under .ci/run) and the pinned build inside it, resolved
+# before the session moves APEX_ORCH_CACHE.
+USER_CACHE = pin.cache_root()
+BUILD_ROOT = pin.build_root()
+_SAVED_ENV: dict[str, str | None] = {}
+_SESSION_CACHE: list[Path] = []
+_USER_CACHE_BEFORE: dict[str, tuple[int, int]] = {}
+
+
+def snapshot_tree(root: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every file and link under root (nothing followed)."""
+    out: dict[str, tuple[int, int]] = {}
+    if not root.is_dir():
+        return out
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(folder) / name
+            st = p.lstat()
+            if p.is_symlink() or not p.is_dir():
+                out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+            else:
+                out[str(p.relative_to(root)) + "/"] = (0, 0)
+    return out
+
+
+def session_cache() -> Path:
+    """The per-session folder that stands in for the user's cache."""
+    return _SESSION_CACHE[0]
+
+
+def _isolate_environment() -> None:
+    root = Path(tempfile.mkdtemp(prefix="apex-orch-test-cache-"))
+    _SESSION_CACHE.append(root)
+    wanted = {"APEX_ORCH_CACHE": str(root / "cache"), "APEX_ORCH_BUILD_ROOT": str(BUILD_ROOT),
+              "HF_HOME": str(root / "hf-home"), "APEX_ORCH_EVAL_CACHE": None, "APEX_ORCH_PROFILES": None,
+              "APEX_LLAMA_BIN_DIR": None, "LLAMA_CMAKE_ARGS": None, "XDG_CACHE_HOME": str(root / "xdg")}
+    for name, value in wanted.items():
+        _SAVED_ENV[name] = os.environ.get(name)
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _USER_CACHE_BEFORE.update(snapshot_tree(USER_CACHE))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if anything under the user's cache changed (the pinned build included)."""
+    if not _SESSION_CACHE:
+        return
+    after = snapshot_tree(USER_CACHE)
+    changed = sorted(k for k in after.keys() | _USER_CACHE_BEFORE.keys()
+                     if after.get(k) != _USER_CACHE_BEFORE.get(k))
+    if changed:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"ISOLATION FAILURE: the suite changed {len(changed)} path(s) under the user's "
+                                f"cache {USER_CACHE}: " + ", ".join(changed[:10]), red=True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name, value in _SAVED_ENV.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    for root in _SESSION_CACHE:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def user_cache() -> Path:
+    """The cache the user (or .ci/run) has: the suite must never write under it."""
+    return USER_CACHE
+
+
+@pytest.fixture(scope="session")
+def isolated_cache_root() -> Path:
+    """The per-session folder the suite's APEX_ORCH_CACHE points into."""
+    return session_cache()
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,7 @@ def test_discovery_order_flag_beats_env(tmp_path, monkeypatch):
 def test_discovery_falls_back_to_path(tmp_path, monkeypatch):
     monkeypatch.delenv("APEX_LLAMA_BIN_DIR", raising=False)
     monkeypatch.setenv("APEX_ORCH_CACHE", str(tmp_path / "no-cache"))
+    monkeypatch.delenv("APEX_ORCH_BUILD_ROOT", raising=False)
     d = tmp_path / "onpath"
     d.mkdir()
     tool = d / "llama-gguf-split"
@@ -90,6 +91,7 @@ def test_doctor_reports_one_shared_libllama():
 def test_doctor_without_build_says_what_to_run(tmp_path):
     env = dict(os.environ, APEX_ORCH_CACHE=str(tmp_path / "empty-cache"), PATH="/usr/bin:/bin")
     env.pop("APEX_LLAMA_BIN_DIR", None)
+    env.pop("APEX_ORCH_BUILD_ROOT", None)
     proc = subprocess.run([sys.executable, "-m", "apex_orch.cli", "doctor"], capture_output=True, text=True,
                           env=env)
     assert proc.returncode == 1
@@ -140,3 +142,16 @@ def test_build_records_the_vendored_llama_cpp_commit():
     changelog = (pin.sdist_tree() / "CHANGELOG.md").read_text()
     section = changelog.split(f"## [{pin.LLAMA_CPP_PYTHON_VERSION}]", 1)[1].split("\n## [", 1)[0]
     assert f"llama.cpp@{pin.LLAMA_CPP_COMMIT}" in section
+
+
+def test_an_untranslated_failure_is_one_line_and_debug_shows_the_traceback(monkeypatch):
+    """Fault injection (a fake): a library function raises an exception no layer translates."""
+    def broken():
+        raise ZeroDivisionError("planted")
+    monkeypatch.setattr("apex_orch.cli.profiles.profile_sources", broken)
+    r = CliRunner().invoke(main, ["profile", "list"])
+    assert r.exit_code == 70
+    assert r.output.startswith("error: unexpected ZeroDivisionError: planted\nhint: this is a bug")
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["--debug", "profile", "list"])
+    assert isinstance(r.exception, ZeroDivisionError)

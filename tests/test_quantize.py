@@ -101,9 +101,7 @@ def test_second_concurrent_run_is_refused(mistral4_split, tmp_path):
     assert not job.output.exists()
 
 
-def test_planted_mismatch_fails_verification(mistral4_split, tmp_path, monkeypatch):
-    """Fault injection (a fake): drop one rendered rule, as a past llama.cpp regression silently
-    dropped overrides. The tool then writes the mixture's type and verification must catch it."""
+def _drop_shexp_down_rule(monkeypatch):
     real = q.render_file
 
     def drop_one(plan):
@@ -111,6 +109,24 @@ def test_planted_mismatch_fails_verification(mistral4_split, tmp_path, monkeypat
         return "".join(l for l in lines if "ffn_down_shexp" not in l)
 
     monkeypatch.setattr(q, "render_file", drop_one)
+
+
+def test_dropped_rule_is_caught_by_the_tool_dry_run_before_writing(mistral4_split, tmp_path, monkeypatch):
+    """Fault injection (a fake): drop one rendered rule, as a past llama.cpp regression silently
+    dropped overrides. The tool's own --dry-run then disagrees with the plan: stop before writing."""
+    from apex_orch.errors import ToolPlanMismatchError
+    _drop_shexp_down_rule(monkeypatch)
+    job = q.plan_quantize(mistral4_split, "quality", out_dir=tmp_path)
+    with pytest.raises(ToolPlanMismatchError, match=r"blk\.0\.ffn_down_shexp\.weight: planned Q8_0, the tool's dry-run"):
+        q.run_quantize(job)
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")] == []
+
+
+def test_planted_mismatch_fails_verification(mistral4_split, tmp_path, monkeypatch):
+    """Fault injection (two fakes): drop one rendered rule AND skip the dry-run cross-check, so
+    the tool writes the mixture's type; the verification of the written bytes must catch it."""
+    _drop_shexp_down_rule(monkeypatch)
+    monkeypatch.setattr(q, "_check_tool_agrees", lambda *a, **k: None)
     job = q.plan_quantize(mistral4_split, "quality", out_dir=tmp_path)
     with pytest.raises(VerificationError, match="ffn_down_shexp"):
         q.run_quantize(job)

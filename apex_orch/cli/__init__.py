@@ -14,7 +14,7 @@ import sys
 import click
 
 from apex_orch import __version__
-from apex_orch.errors import ApexError, InterruptedRun
+from apex_orch.errors import ApexError, InternalError, InterruptedRun
 
 
 def _debug_enabled(ctx: click.Context | None) -> bool:
@@ -69,15 +69,27 @@ class ApexGroup(click.Group):
                                  hint="rerun the same command to start again")
             click.echo(f"error: {err.render()}", err=True)
             ctx.exit(err.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise   # click's own exits and usage errors: already one message
+        except Exception as exc:
+            # Last resort: a failure no layer translated is still one line, never a traceback.
+            if _debug_enabled(ctx):
+                raise
+            err = InternalError(f"unexpected {type(exc).__name__}: {exc}",
+                                hint="this is a bug in apex-orch; rerun with --debug for the traceback and report it")
+            click.echo(f"error: {_masked(err.render())}", err=True)
+            ctx.exit(err.exit_code)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
 
 def _masked(text: str) -> str:
-    """Error text with credential values (HF_TOKEN...) replaced by ***."""
+    """Error text with credential values (HF_TOKEN...) replaced by ***, and control characters
+    (from file names, GGUF strings, tool logs) shown as escapes, never sent to the terminal raw."""
     from apex_orch.llama import mask_secrets
-    return mask_secrets(text)
+    from apex_orch.textfmt import printable
+    return printable(mask_secrets(text), keep="\n\t")
 
 
 def _print_version(ctx: click.Context) -> None:
@@ -93,11 +105,14 @@ def _print_version(ctx: click.Context) -> None:
 @click.option("--llama-bin-dir", type=click.Path(file_okay=False), default=None,
               help="Folder holding llama-quantize/llama-imatrix/llama-perplexity and libllama "
                    "(default: $APEX_LLAMA_BIN_DIR, then the pinned build cache, then PATH).")
+@click.option("--profiles-dir", "profiles_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="A folder of your own profiles (NAME.yaml), searched before the built-ins; "
+                   "repeatable (default: $APEX_ORCH_PROFILES, os.pathsep-separated).")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=lambda ctx, _p, value: _print_version(ctx) if value else None,
               help="Show apex-orch's version and the llama.cpp build, then exit.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool, llama_bin_dir: str | None) -> None:
+def main(ctx: click.Context, debug: bool, llama_bin_dir: str | None, profiles_dirs: tuple[str, ...]) -> None:
     """APEX quantization of Mixture-of-Experts GGUF models with llama.cpp.
 
     \b
@@ -111,22 +126,31 @@ def main(ctx: click.Context, debug: bool, llama_bin_dir: str | None) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     if llama_bin_dir:
-        # One place decides where tools come from; library code reads the env var. Restored
-        # when the command ends, so in-process callers (tests, embedding) see no leftover.
-        previous = os.environ.get("APEX_LLAMA_BIN_DIR")
-        os.environ["APEX_LLAMA_BIN_DIR"] = llama_bin_dir
+        _set_env_for_command(ctx, "APEX_LLAMA_BIN_DIR", llama_bin_dir)
+    if profiles_dirs:
+        before = os.environ.get("APEX_ORCH_PROFILES", "")
+        _set_env_for_command(ctx, "APEX_ORCH_PROFILES",
+                             os.pathsep.join([*profiles_dirs, *([before] if before else [])]))
 
-        def restore() -> None:
-            if previous is None:
-                os.environ.pop("APEX_LLAMA_BIN_DIR", None)
-            else:
-                os.environ["APEX_LLAMA_BIN_DIR"] = previous
-        ctx.call_on_close(restore)
+
+def _set_env_for_command(ctx: click.Context, name: str, value: str) -> None:
+    """One place decides where tools and profiles come from; library code reads the variable.
+    Restored when the command ends, so in-process callers (tests, embedding) see no leftover."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+
+    def restore() -> None:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+    ctx.call_on_close(restore)
 
 
 # Command name -> (module, attribute). Modules are imported only when their command runs
 # (or for --help), so `apex-orch quantize` does not pay for the eval stack's imports.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("apex_orch.cli.build", "build"),
     "doctor": ("apex_orch.cli.doctor", "doctor"),
     "inspect": ("apex_orch.cli.inspect", "inspect"),
     "profile": ("apex_orch.cli.profiles", "profile"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,35 +39,77 @@ def _bindings_probe(lib_dir: Path | None) -> dict:
 def collect(workdir: Path) -> dict:
     report: dict = {"apex_orch": __version__, "python": sys.version.split()[0],
                     "llama_cpp_build": build_label(), "build_info": build_info(),
-                    "cache": str(pin.pin_dir()), "tools": {}, "problems": []}
+                    "cache": str(pin.pin_dir()), "tools": {}, "tool_versions": {}, "problems": [],
+                    "warnings": []}
+    setup = pin.setup_command("llama")
     for tool in pin.TOOL_TARGETS:
         try:
             loc = find_tool(tool)
             report["tools"][tool] = {"path": str(loc.path), "source": loc.source}
+            report["tool_versions"][tool] = tool_build(loc.path)
         except ToolNotFoundError as exc:
             report["tools"][tool] = {"missing": exc.message}
-            report["problems"].append(f"{tool} missing: run `make llama`")
+            report["problems"].append(f"{tool} missing: run `{setup}`")
+    versions = report["tool_versions"]
+    report["pinned_build"] = bool(versions) and all(v["pinned"] for v in versions.values())
+    for tool, v in versions.items():
+        if not v["pinned"]:
+            report["warnings"].append(
+                f"{tool} is not the pinned build (it says version {v['version']}, commit {v['commit']}; "
+                f"pinned: llama.cpp@{pin.LLAMA_CPP_COMMIT}): quantize cross-checks every plan with its "
+                "--dry-run and stops on a difference (--trust-tool-plan takes its types)")
     try:
         lib = find_libllama()
         report["libllama"] = str(lib.resolve())
     except ToolNotFoundError as exc:
         report["libllama"] = None
-        report["problems"].append(f"{exc.message}: run `make llama`")
+        report["problems"].append(f"{exc.message}: run `{setup}`")
         lib = None
     bindings = _bindings_probe(lib.parent if lib else None)
     report["bindings"] = bindings
     if not bindings["ok"]:
-        report["problems"].append(f"bindings: {bindings['error']}: run `make bindings`")
+        report["problems"].append(f"bindings: {bindings['error']}: run `{pin.setup_command('bindings')}`")
         report["shared_libllama"] = False
     else:
         report["shared_libllama"] = bool(lib) and Path(bindings["lib"]).resolve() == lib.resolve()
         if not report["shared_libllama"]:
             report["problems"].append(
-                f"the bindings loaded {bindings['lib']}, not the tools' {lib}: run `make bindings`")
+                f"the bindings loaded {bindings['lib']}, not the tools' {lib}: run `{pin.setup_command('bindings')}`")
     usage = shutil.disk_usage(workdir)
     report["workdir"] = str(workdir)
     report["free_disk_bytes"] = usage.free
     return report
+
+
+# "version: 0.5.0-dev (build 1, commit 0c1e570)"; older builds: "version: 4567 (0c1e570)".
+VERSION_LINE = re.compile(r"version:\s*(\S+)\s*\((?:build \d+, )?(?:commit )?([0-9a-zA-Z]+)\)")
+# llama-quantize has no --version; it prints the same line first on any run, so a dry run of
+# /dev/null (fails at once, writes nothing) shows it.
+VERSION_PROBES = {"llama-quantize": ["--dry-run", os.devnull, os.devnull, "Q8_0"]}
+
+
+def tool_build(path: Path) -> dict:
+    """What a tool says of its build (`--version`: "version: N (commit)"), and whether it is the
+    pin: built by apex-orch from the pinned sdist (its build-info.json says so), or printing the
+    pinned commit."""
+    try:
+        proc = subprocess.run([str(path), *VERSION_PROBES.get(path.name, ["--version"])],
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        text = proc.stdout + proc.stderr
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        text = str(exc)
+    m = VERSION_LINE.search(text)
+    version, commit = (m.group(1), m.group(2)) if m else ("?", "?")
+    info_path = path.resolve().parent.parent / "build-info.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        info = {}
+    from_pin = info.get("sdist_sha256") == pin.SDIST_SHA256 and info.get("commit") == pin.LLAMA_CPP_COMMIT
+    pinned = from_pin or (commit != "?" and len(commit) >= 7 and
+                          (pin.LLAMA_CPP_COMMIT.startswith(commit) or commit.startswith(pin.LLAMA_CPP_COMMIT)))
+    return {"version": version, "commit": info.get("commit", commit) if from_pin else commit,
+            "pinned": pinned, "extra_flags": info.get("extra_flags", []) if from_pin else None}
 
 
 @click.command()
@@ -93,6 +136,12 @@ def doctor(as_json: bool) -> None:
         click.echo(f"bindings         {'llama-cpp-python ' + b['version'] + ' -> ' + b['lib'] if b['ok'] else 'NOT USABLE'}")
         click.echo(f"one libllama     {'yes' if report['shared_libllama'] else 'NO'}")
         click.echo(f"free disk        {report['free_disk_bytes'] / 1e9:.1f} GB in {report['workdir']}")
+        click.echo(f"pinned build     {'yes' if report['pinned_build'] else 'NO'}"
+                   + (f" (extra CMake flags: {' '.join(flags)})"
+                      if (flags := next((v['extra_flags'] for v in report['tool_versions'].values()
+                                          if v.get('extra_flags')), None)) else ""))
+        for warning in report["warnings"]:
+            click.echo(f"warning: {warning}")
         for problem in report["problems"]:
             click.echo(f"problem: {problem}")
     if report["problems"]:

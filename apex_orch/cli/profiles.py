@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
+from apex_orch.errors import ProfileError
 from apex_orch.outputs import write_new_text
-from apex_orch.profile import list_profiles, load_profile
+from apex_orch.profile import load_profile, profile_search_path, profile_sources
 from apex_orch.profile_import import dump_profile, import_tensor_type_file
 
 
@@ -19,11 +20,19 @@ def profile() -> None:
 
 @profile.command("list")
 def list_cmd() -> None:
-    """List profiles with their tier, base type and imatrix need."""
-    for name in list_profiles():
-        p = load_profile(name)
+    """List profiles with their tier, base type, imatrix need and where each comes from
+    (built-in, or a folder from --profiles-dir / $APEX_ORCH_PROFILES)."""
+    sources = profile_sources()
+    if not sources:
+        searched = ", ".join(f"{folder} ({label.split()[0]})" for label, folder in profile_search_path())
+        raise ProfileError(f"no profiles found; searched: {searched}",
+                           hint="reinstall apex-orch (the built-in profiles ship with it), or point "
+                                "--profiles-dir / APEX_ORCH_PROFILES at a folder of NAME.yaml files")
+    for src in sources:
+        p = load_profile(src.path)
         im = f"imatrix ({p.corpus or 'any'})" if p.imatrix_required else "no imatrix"
-        click.echo(f"{name:<12} {p.tier:<11} base {p.base_ftype:<7} {im:<20} {p.best_for}")
+        origin = src.source + (" (shadows the built-in)" if src.shadows_builtin else "")
+        click.echo(f"{src.name:<12} {p.tier:<11} base {p.base_ftype:<7} {im:<20} {p.best_for}  [{origin}]")
 
 
 @profile.command("show")

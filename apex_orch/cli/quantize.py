@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from apex_orch.cli.params import COUNT, JOBS, SECONDS, THREADS
 from apex_orch.cli.progress import Progress
 from apex_orch.errors import UsageError
 from apex_orch.profile import list_profiles, load_profile
@@ -27,25 +28,42 @@ from apex_orch.profile import list_profiles, load_profile
                    "the profile's corpus.")
 @click.option("--imatrix-ctx", type=int, default=None,
               help="Context for a built imatrix (default 512; 256 with --demo).")
-@click.option("--imatrix-chunks", type=int, default=None,
+@click.option("--imatrix-chunks", type=COUNT, default=None,
               help="Chunks for a built imatrix (default: the whole corpus; 16 with --demo).")
-@click.option("-t", "--threads", type=int, default=None, help="Threads per llama-quantize (default: all cores / jobs).")
-@click.option("-j", "--jobs", type=int, default=None, help="Tiers in parallel (default: from cores and free memory).")
+@click.option("-t", "--threads", type=THREADS, default=None, help="Threads per llama-quantize (default: all cores / jobs).")
+@click.option("-j", "--jobs", type=JOBS, default=None, help="Tiers in parallel (default: from cores and free memory).")
 @click.option("--split-max-size", default=None, help="Split outputs into parts of at most this size (e.g. 48G).")
 @click.option("--force", is_flag=True, help="Redo and replace existing outputs (replaced only once verified).")
 @click.option("--dry-run", is_flag=True, help="Print what would run (outputs, sizes, commands) and stop.")
-@click.option("--timeout", type=float, default=None, help="Stop llama-quantize after this many seconds.")
+@click.option("--timeout", type=SECONDS, default=None, help="Stop llama-quantize after this many seconds.")
 @click.option("--eval/--no-eval", "do_eval", default=None,
               help="After quantizing, print a PPL/KLD table against the source (default: on with --demo).")
+@click.option("--trust-tool-plan", is_flag=True,
+              help="Before writing, every run compares the plan with llama-quantize's own --dry-run and stops "
+                   "if they differ (your own llama.cpp build may assign types differently). With this flag, "
+                   "take the tool's types as the plan instead; verification and manifest use them and say so.")
+@click.option("--allow-requantize", is_flag=True,
+              help="Accept an already-quantized MODEL (refused by default: quantizing twice compounds both "
+                   "rounding errors); passes llama-quantize's own --allow-requantize.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix_path, corpus, imatrix_ctx,
              imatrix_chunks, threads, jobs,
-             split_max_size, force, dry_run, timeout, do_eval, quiet) -> None:
+             split_max_size, force, dry_run, timeout, do_eval, trust_tool_plan, allow_requantize, quiet) -> None:
     """Quantize MODEL with one or more APEX profiles into verified GGUF files.
 
     Outputs go to OUT_DIR/<ModelName>-APEX-<Tier>.gguf, written under a temporary name,
     checked tensor by tensor against the plan, then renamed; a manifest and the tool log
     sit beside each file. A rerun with the same inputs is a no-op ("up to date").
+
+    \b
+    What the checks cost (sha256 runs at ~1.4 GB/s on one core):
+    - the source is keyed by its full sha256: ~3 min for a 240 GB source, once
+      (remembered under the cache by path, size, mtime, inode and ctime);
+    - each output is hashed once for its manifest (~3 min per 240 GB);
+    - a rerun reads no file data when size, mtime and inode are as recorded,
+      and re-hashes an output in full when they differ.
+    An output that resolves to an input, a link planted at any name the run
+    writes, and two tiers mapping to one file name are refused before anything runs.
     """
     from apex_orch import quantize as q
 
@@ -60,6 +78,8 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
         raise UsageError("give --imatrix or --corpus, not both")
     if timeout is not None and timeout <= 0:
         raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    if split_max_size:
+        q.parse_size(split_max_size)   # checked before anything runs, not after the quantization
     progress = Progress(quiet)
     if demo:
         from apex_orch.synthetic import demo_model_path
@@ -72,7 +92,12 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
         imatrix_chunks = imatrix_chunks or 16
     from apex_orch.model import read_model
     info = read_model(model)
+    q.check_source_unquantized(info, allow_requantize)   # before an imatrix is built or a tool runs
     loaded = [load_profile(n) for n in names]
+    if not output:   # two tiers writing one file: refused before any imatrix or quantization runs
+        from apex_orch.model import model_display_name
+        display = q.safe_model_name(name) if name is not None else model_display_name(info)
+        q.check_distinct_outputs([(p.tier, Path(out_dir) / q.output_name(display, p.tier)) for p in loaded])
 
     imatrix = q.resolve_imatrix(info, imatrix_path) if imatrix_path else None
     if imatrix is None and not dry_run:
@@ -84,8 +109,11 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
             imatrix = q.resolve_imatrix(info, path)
     job_list = [q.plan_quantize(model, p, out=Path(output) if output else None, out_dir=Path(out_dir), name=name,
                                 imatrix=imatrix if (p.imatrix_required or corpus or imatrix_path) else None,
-                                threads=threads, split_max_size=split_max_size, model=info)
+                                threads=threads, split_max_size=split_max_size, model=info,
+                                allow_requantize=allow_requantize)
                 for p in loaded] if not dry_run or imatrix or not any(p.imatrix_required for p in loaded) else []
+    for job in job_list:
+        job.trust_tool_plan = trust_tool_plan
     for job in job_list:   # loud, never silent: fallbacks to the mixture, partial imatrix coverage...
         for w in job.plan.warnings:
             click.echo(f"warning: {job.profile.tier}: {w}", err=True)

@@ -40,16 +40,22 @@ def compact_output(folder: Path) -> Path:
     return folder / f"{TINY_NAME}-APEX-Compact.gguf"
 
 
-def make_fake_bin(folder: Path, tool: str, body: str) -> Path:
+def make_fake_bin(folder: Path, tool: str, body: str, *, dry_run_passthrough: bool = True) -> Path:
     """`folder` = the real build, with `tool` replaced by a FAKE Python script running `body`
-    (with os, sys, signal, time imported; sys.argv is the argument list apex-orch passed)."""
+    (with os, sys, signal, time imported; sys.argv is the argument list apex-orch passed).
+    A FAKE llama-quantize passes `--dry-run` calls to the real one unless told not to."""
     folder.mkdir(parents=True, exist_ok=True)
     for f in pin.bin_dir().iterdir():
         if f.name != tool and not (folder / f.name).exists():
             (folder / f.name).symlink_to(f)
     script = folder / tool
+    # quantize asks the tool for a --dry-run first (apex_orch.toolcheck); the fault is injected
+    # into the real run, so the FAKE hands dry runs to the real binary.
+    real = pin.bin_dir() / tool
+    passthrough = (f"if '--dry-run' in sys.argv:\n    os.execv({str(real)!r}, [{str(real)!r}] + sys.argv[1:])\n"
+                   if tool == "llama-quantize" and dry_run_passthrough else "")
     script.write_text(f"#!{sys.executable}\n# FAKE {tool} injected by tests/reliability\n"
-                      "import os, sys, signal, time\n" + body)
+                      "import os, sys, signal, time\n" + passthrough + body)
     script.chmod(0o755)
     return folder
 

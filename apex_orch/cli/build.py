@@ -1,0 +1,37 @@
+"""`apex-orch build`: build the pinned llama.cpp (and the bindings) without the Makefile.
+
+The same code `make llama` / `make bindings` run (apex_orch.build), for users who installed
+apex-orch with pip/pipx and have no checkout.
+"""
+
+from __future__ import annotations
+
+import click
+
+from apex_orch import build as build_lib
+from apex_orch import pin
+from apex_orch.errors import ToolFailedError, UsageError
+
+
+@click.command("build")
+@click.argument("what", type=click.Choice(["all", "llama", "bindings"]), default="all")
+@click.option("--cmake-arg", "cmake_args", multiple=True, metavar="-DNAME=VALUE",
+              help="Extra CMake flag for your own build (repeatable), e.g. -DGGML_CUDA=ON. "
+                   "Default: $LLAMA_CMAKE_ARGS. Each set of flags gets its own build folder "
+                   "and becomes the build apex-orch uses.")
+def build(what: str, cmake_args: tuple[str, ...]) -> None:
+    """Download the pinned llama.cpp (llama-cpp-python sdist, sha256-checked), build
+    llama-quantize/imatrix/perplexity/gguf-split once into the cache, and install the
+    bindings against the same libllama. Reruns are no-ops when nothing changed."""
+    try:
+        extra = (pin.parse_extra_cmake_args(" ".join(cmake_args)) if cmake_args
+                 else build_lib.extra_cmake_args_from_env())
+    except ValueError as exc:
+        raise UsageError(str(exc), hint="give flags as -DNAME=VALUE, e.g. --cmake-arg -DGGML_CUDA=ON") from exc
+    try:
+        build_lib.build(what, extra)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            return
+        raise ToolFailedError(str(exc.code).removeprefix("error: "),
+                              hint=f"see the logs under {pin.pin_dir()}") from exc
