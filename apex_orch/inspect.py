@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from apex_orch.model import ModelInfo
-from apex_orch.roles import Role, classify
-from apex_orch.textfmt import gb, gib, human_count, table
+from apex_orch.roles import Role, classify, decisions_used
+from apex_orch.textfmt import gb, gib, human_count, printable, table
 
 
 def inspect_model(info: ModelInfo) -> dict:
@@ -39,6 +39,9 @@ def inspect_model(info: ModelInfo) -> dict:
         "file_size": info.file_size,
         "source_type": info.source_ftype_label,
         "roles": per_role,
+        "role_decisions": decisions_used(roles),
+        "structure": info.structure,
+        "warnings": list(info.structure_warnings),
         "tensor_count": len(info.tensors),
     }
 
@@ -51,10 +54,10 @@ def format_inspect(d: dict) -> str:
         att += f" (q_lora_rank {a['q_lora_rank']}, kv_lora_rank {a['kv_lora_rank']}, heads {a['heads']})"
     elif a["heads"]:
         att += f" (heads {a['heads']}, kv heads {a['kv_heads']})"
-    rope = ", ".join(f"{k.replace('rope.', '')}={v}" for k, v in d["rope"].items()) or "-"
+    rope = ", ".join(f"{k.replace('rope.', '')}={printable(v)}" for k, v in d["rope"].items()) or "-"
     lines = [
-        f"model            {d['name']}  [{d['architecture']}]",
-        f"file             {', '.join(d['path'])} ({gb(d['file_size'])}, mostly {d['source_type']})",
+        f"model            {printable(d['name'])}  [{printable(d['architecture'])}]",
+        f"file             {printable(', '.join(d['path']))} ({gb(d['file_size'])}, mostly {d['source_type']})",
         f"blocks           {d['blocks']}" + (f" ({d['leading_dense_blocks']} leading dense)" if d["leading_dense_blocks"] else "")
         + (f" + {d['nextn_layers']} MTP/nextn" if d["nextn_layers"] else ""),
         f"embedding        {d['embedding_length']}   vocab {d['vocab_size']}",
@@ -67,6 +70,15 @@ def format_inspect(d: dict) -> str:
     rows = [[role, str(r["tensors"]), human_count(r["params"]), gib(r["bytes"])]
             for role, r in sorted(d["roles"].items(), key=lambda kv: -kv[1]["bytes"])]
     lines.append(table(["role", "tensors", "params", "size"], rows))
+    decisions = d.get("role_decisions") or []
+    if decisions:
+        lines.append("")
+        lines.append("roles by tensor kind (apex_orch/roles.py ROLE_DECISIONS):")
+        lines.append(table(["kind", "role", "tensors", "why"],
+                           [[k["kind"], k["role"], str(k["tensors"]), k["reason"]] for k in decisions],
+                           align="llrl"))
+    for w in d.get("warnings") or []:
+        lines.append(f"warning: {printable(w)}")
     if Role.UNASSIGNED.value in d["roles"]:
         lines.append("note: 'unassigned' tensors match no APEX role; plans leave them to the base FTYPE mixture")
     return "\n".join(lines)

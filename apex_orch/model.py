@@ -17,6 +17,10 @@ from gguf.constants import GGMLQuantizationType
 from apex_orch.errors import ModelError
 from apex_orch.gguf_header import ArrayInfo, GGUFHeader, read_header, shape_elements, tensor_nbytes
 
+# The most blocks (layers) apex-orch handles; the largest released models have under 200. Bounds
+# every loop sized by a block count or number, from a model header or a profile.
+MAX_BLOCKS = 4096
+
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
 
@@ -103,20 +107,62 @@ class ModelInfo:
             return explicit
         return 1 if any("_shexp" in t.name for t in self.tensors) else 0
 
+    @cached_property
+    def structure(self) -> dict:
+        """Leading dense blocks, experts per block and NextN/MTP layers as the TENSORS show them
+        (a converter can write keys that disagree: GLM-4.7-Flash through a newer transformers got
+        leading_dense_block_count = 0 with a dense block 0). `structure_warnings` lists each
+        disagreement with the keys; the tensors win."""
+        experts: dict[int, int] = {}
+        nextn: set[int] = set()
+        for t in self.tensors:
+            if t.block is None:
+                continue
+            if "_exps." in t.name and t.name.endswith(".weight") and len(t.shape) == 3:
+                experts[t.block] = max(experts.get(t.block, 0), t.shape[2])
+            if f"blk.{t.block}.nextn." in t.name or f"blk.{t.block}.mtp." in t.name:
+                nextn.add(t.block)
+        lead = 0
+        if experts:
+            while lead < self.block_count and lead not in experts:
+                lead += 1
+        return {"experts_per_block": dict(sorted(experts.items())), "leading_dense_blocks": lead,
+                "nextn_blocks": sorted(nextn)}
+
+    @cached_property
+    def structure_warnings(self) -> list[str]:
+        s, out = self.structure, []
+        key = self.arch_kv("leading_dense_block_count")
+        if isinstance(key, int) and s["experts_per_block"] and key != s["leading_dense_blocks"]:
+            n = s["leading_dense_blocks"]
+            out.append(f"{self.arch}.leading_dense_block_count is {key} but the tensors show {n} leading "
+                       f"block(s) without experts" + (f" (blk.0{f'-{n - 1}' if n > 1 else ''} without ffn_*_exps)" if n else
+                                                       f" (blk.0 has ffn_*_exps)") + "; apex-orch uses the tensors")
+        key_nextn = self.arch_kv("nextn_predict_layers")
+        n_tensors = len(s["nextn_blocks"])
+        if n_tensors and key_nextn != n_tensors:
+            out.append(f"{self.arch}.nextn_predict_layers is {key_nextn if key_nextn is not None else 'missing'} "
+                       f"but {n_tensors} block(s) hold nextn/mtp tensors "
+                       f"(blk.{', blk.'.join(map(str, s['nextn_blocks']))}); apex-orch uses the tensors")
+        elif isinstance(key_nextn, int) and key_nextn > 0 and not n_tensors:
+            out.append(f"{self.arch}.nextn_predict_layers is {key_nextn} but no block holds nextn/mtp tensors; "
+                       f"apex-orch treats the last {key_nextn} block(s) as MTP layers, as llama.cpp does")
+        return out
+
     @property
     def leading_dense_blocks(self) -> int:
+        """Leading blocks without routed experts, from the tensors (see `structure`); the key only
+        when the file has no expert tensors at all."""
+        if self.structure["experts_per_block"]:
+            return self.structure["leading_dense_blocks"]
         explicit = self.arch_kv("leading_dense_block_count")
-        if isinstance(explicit, int):
-            return explicit
-        n = 0
-        for b in range(self.block_count):
-            if any(t.block == b and "_exps" in t.name for t in self.tensors):
-                break
-            n += 1
-        return n if n < self.block_count else 0
+        return explicit if isinstance(explicit, int) else 0
 
     @property
     def nextn_layers(self) -> int:
+        n_tensors = len(self.structure["nextn_blocks"])
+        if n_tensors:
+            return n_tensors
         return int(self.arch_kv("nextn_predict_layers", 0) or 0)
 
     @property
@@ -257,9 +303,76 @@ def read_model(path: str | os.PathLike) -> ModelInfo:
     if not isinstance(name, str) or not name.strip():
         stem = SPLIT_RE.match(p.name).group("stem") if SPLIT_RE.match(p.name) else p.stem
         name = stem
-    return ModelInfo(paths=paths, arch=arch, name=name, kv=first.kv, tensors=tensors,
+    info = ModelInfo(paths=paths, arch=arch, name=name, kv=first.kv, tensors=tensors,
                      file_size=sum(h.file_size for h in headers), header_bytes=first.header_bytes,
                      alignment=first.alignment, kv_types=first.kv_types, kv_sizes=first.kv_sizes)
+    check_consistency(info)
+    return info
+
+
+def check_consistency(info: ModelInfo) -> None:
+    """The header checked against itself before anything plans or runs on it: block count,
+    expert counts and the embedding width against the tensors (llama.cpp would refuse such a
+    file only when it loads it — after quantizing, or with a GGML_ASSERT)."""
+    where = str(info.path)
+    hint = ("the file's metadata does not describe its tensors (a broken conversion or an edited "
+            "header); convert the model again")
+
+    def int_key(key: str) -> int | None:
+        value = info.arch_kv(key)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ModelError(f"GGUF header is inconsistent: {info.arch}.{key} is {value!r}, not a count",
+                             where=where, hint=hint)
+        return value
+
+    blocks = {t.block for t in info.tensors if t.block is not None}
+    block_count = int_key("block_count")
+    if block_count is not None:
+        if block_count > MAX_BLOCKS:
+            raise ModelError(f"GGUF header is inconsistent: {info.arch}.block_count is {block_count:,}; "
+                             f"apex-orch handles at most {MAX_BLOCKS} blocks", where=where, hint=hint)
+        beyond = sorted(b for b in blocks if b >= block_count)
+        if beyond:
+            raise ModelError(f"GGUF header is inconsistent: {info.arch}.block_count is {block_count} but "
+                             f"the file has tensors of block {beyond[-1]} (blk.{beyond[-1]}.*)",
+                             where=where, hint=hint)
+        if blocks:
+            empty = [b for b in range(block_count) if b not in blocks]
+            if empty:
+                shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+                raise ModelError(f"GGUF header is inconsistent: {info.arch}.block_count is {block_count} but "
+                                 f"{len(empty)} of those blocks have no tensors (block {shown})",
+                                 where=where, hint=hint)
+    elif blocks and max(blocks) >= MAX_BLOCKS:
+        raise ModelError(f"GGUF header is inconsistent: a tensor of block {max(blocks)}; apex-orch handles "
+                         f"at most {MAX_BLOCKS} blocks", where=where, hint=hint)
+
+    n_expert = int_key("expert_count") or 0
+    n_used = int_key("expert_used_count") or 0
+    for t in info.tensors:
+        if "_exps" in t.name and len(t.shape) == 3 and t.shape[2] != n_expert:
+            if not n_expert:
+                raise ModelError(f"GGUF header is inconsistent: tensor {t.name!r} holds {t.shape[2]} experts "
+                                 f"but the header has no {info.arch}.expert_count", where=where, hint=hint)
+            raise ModelError(f"GGUF header is inconsistent: {info.arch}.expert_count is {n_expert} but tensor "
+                             f"{t.name!r} holds {t.shape[2]} experts", where=where, hint=hint)
+        if t.name.endswith(".ffn_gate_inp.weight") and len(t.shape) == 2 and n_expert and t.shape[1] != n_expert:
+            raise ModelError(f"GGUF header is inconsistent: {info.arch}.expert_count is {n_expert} but the "
+                             f"router {t.name!r} scores {t.shape[1]} experts", where=where, hint=hint)
+    if n_expert and not 1 <= n_used <= n_expert:
+        raise ModelError(f"GGUF header is inconsistent: {info.arch}.expert_used_count is {n_used} but "
+                         f"{info.arch}.expert_count is {n_expert} (each token uses 1 to {n_expert} experts)",
+                         where=where, hint=hint)
+    if not n_expert and n_used:
+        raise ModelError(f"GGUF header is inconsistent: {info.arch}.expert_used_count is {n_used} but the "
+                         f"model has no {info.arch}.expert_count", where=where, hint=hint)
+    width = int_key("embedding_length")
+    embd = info.by_name.get("token_embd.weight")
+    if width and embd is not None and embd.shape[0] != width:
+        raise ModelError(f"GGUF header is inconsistent: {info.arch}.embedding_length is {width} but "
+                         f"token_embd.weight rows hold {embd.shape[0]} values", where=where, hint=hint)
 
 
 def _check_split(headers: list[GGUFHeader]) -> None:

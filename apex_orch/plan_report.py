@@ -6,7 +6,7 @@ from apex_orch.plan import Plan
 from apex_orch.textfmt import gb, gib, human_count, table
 
 ROLE_ORDER = ("routed_expert", "shared_expert", "dense_ffn", "attention", "ssm", "nextn", "embedding",
-              "output", "router", "norm", "unassigned")
+              "output", "router", "norm", "aux", "unassigned")
 
 
 def format_plan(plan: Plan, *, show_tensors: bool = False) -> str:

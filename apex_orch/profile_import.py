@@ -48,12 +48,80 @@ def canonical_names(n_blocks: int) -> list[str]:
     return names
 
 
+# Bounds on an imported file: its size, its rules, each pattern's length. Patterns whose
+# matching time can grow exponentially with the name ((a+)+, (x|xy)*) are refused: llama-quantize
+# would run them too (std::regex), and they would hang both.
+MAX_IMPORT_BYTES = 1 << 20
+MAX_IMPORT_RULES = 1000
+MAX_PATTERN_CHARS = 4096
+
+
+def _nested_repeat(pattern: str) -> str | None:
+    """What makes `pattern` a catastrophic-backtracking shape, or None: a repeated group holding
+    another repeat or an alternation."""
+    try:
+        import re._parser as sre_parse  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse  # type: ignore[no-redef]
+    repeats = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT}
+    if hasattr(sre_parse, "POSSESSIVE_REPEAT"):
+        repeats.add(sre_parse.POSSESSIVE_REPEAT)
+
+    def children(op, av):
+        if op in repeats:
+            return [av[2]]
+        if op == sre_parse.SUBPATTERN:
+            return [av[3]]
+        if op == sre_parse.BRANCH:
+            return list(av[1])
+        if op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+            return [av[1]]
+        if op == getattr(sre_parse, "ATOMIC_GROUP", None):
+            return [av]
+        return []
+
+    def inner_risk(sub) -> str | None:
+        for op, av in sub:
+            if op in repeats and av[1] > 1:
+                return "a repeated group that holds another repeat"
+            if op == sre_parse.BRANCH:
+                return "a repeated group that holds an alternation"
+            for child in children(op, av):
+                found = inner_risk(child)
+                if found:
+                    return found
+        return None
+
+    def walk(sub) -> str | None:
+        for op, av in sub:
+            if op in repeats and av[1] > 1:
+                found = inner_risk(av[2])
+                if found:
+                    return found
+            for child in children(op, av):
+                found = walk(child)
+                if found:
+                    return found
+        return None
+
+    return walk(sre_parse.parse(pattern))
+
+
 def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blocks: int = 36,
                             base_ftype: str = "Q4_K_M", tier: str | None = None) -> ImportReport:
+    from apex_orch.errors import UsageError
+    from apex_orch.model import MAX_BLOCKS
+    if not 1 <= n_blocks <= MAX_BLOCKS:
+        raise UsageError(f"--blocks {n_blocks}: give 1 to {MAX_BLOCKS} blocks")
     try:
-        text = path.read_text()
+        with open(path, "rb") as fh:
+            raw_bytes = fh.read(MAX_IMPORT_BYTES + 1)
     except OSError as exc:
         raise ProfileError(f"cannot read tensor-type file: {exc.strerror}", where=str(path)) from None
+    if len(raw_bytes) > MAX_IMPORT_BYTES:
+        raise ProfileError(f"tensor-type file is larger than {MAX_IMPORT_BYTES:,} bytes", where=str(path),
+                           hint="tensor-type files hold a few dozen PATTERN=TYPE lines; is this the right file?")
+    text = raw_bytes.decode("utf-8", errors="replace")
     rules: list[tuple[int, str, re.Pattern, str]] = []
     report = ImportReport(profile={})
     for lineno, raw in enumerate(text.splitlines(), 1):
@@ -69,11 +137,23 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
             if qtype is None:
                 report.not_understood.append(f"{path}:{lineno}: unknown type {tname!r}")
                 continue
+            if len(pattern) > MAX_PATTERN_CHARS:
+                raise ProfileError(f"pattern of {len(pattern):,} characters; at most {MAX_PATTERN_CHARS:,}",
+                                   where=f"{path}:{lineno}", hint="split it into several PATTERN=TYPE lines")
             try:
                 rx = re.compile(pattern.lower())
-            except re.error as exc:
+            except (re.error, RecursionError, OverflowError) as exc:
                 report.not_understood.append(f"{path}:{lineno}: bad regex {pattern!r}: {exc}")
                 continue
+            risk = _nested_repeat(pattern.lower())
+            if risk:
+                raise ProfileError(f"pattern {pattern!r} has {risk}: its matching time can grow exponentially "
+                                   "with the tensor name (in llama-quantize too)", where=f"{path}:{lineno}",
+                                   hint="write the alternatives or repeats out without nesting them, "
+                                        "e.g. blk\\.(1|2)\\.ffn_down_exps")
+            if len(rules) >= MAX_IMPORT_RULES:
+                raise ProfileError(f"more than {MAX_IMPORT_RULES} PATTERN=TYPE rules", where=f"{path}:{lineno}",
+                                   hint="tensor-type files hold a few dozen rules; use a profile's bands instead")
             rules.append((lineno, pattern, rx, qtype.name))
     universe = names or canonical_names(n_blocks)
     blocks_in_universe = 1 + max((int(m.group(1)) for n in universe if (m := re.match(r"blk\.(\d+)\.", n))),

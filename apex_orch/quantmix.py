@@ -85,9 +85,34 @@ def block_size(t: T) -> int:
 
 # ---------------------------------------------------------------- per-tensor rules
 
-def allows_quantization(name: str, n_dims: int) -> bool:
-    """tensor_allows_quantization() for the architectures apex-orch handles."""
+def ggml_n_dims(shape: tuple[int, ...]) -> int:
+    """ggml_n_dims(): trailing dimensions of 1 do not count, so a [4096, 1] tensor is 1-D."""
+    for i in range(len(shape) - 1, 0, -1):
+        if shape[i] > 1:
+            return i + 1
+    return 1
+
+
+# tensor_allows_quantization(): names llama-quantize keeps as they are, for one architecture only
+_ARCH_BLOCKED = {
+    "glm5-next": ("hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
+                  "indexer_compressor_ape", "ssm_f_a.weight", "ssm_f_b.weight", "ssm_g_a.weight",
+                  "ssm_g_b.weight", "ssm_beta.weight", "attn_kv_a_mqa.weight", "attn_k_b.weight",
+                  "attn_v_b.weight"),
+}
+
+
+def allows_quantization(name: str, shape: tuple[int, ...] | int, arch: str = "") -> bool:
+    """tensor_allows_quantization() of the pinned llama.cpp.
+
+    `shape` is the ggml shape (ne0 first); its dimensions are counted as ggml_n_dims counts them
+    (trailing 1s dropped: Qwen2-MoE's `ffn_gate_inp_shexp.weight` [n_embd, 1] is 1-D and stays
+    F32). An int is taken as that count already. `arch` adds the per-architecture exclusions.
+    """
+    n_dims = shape if isinstance(shape, int) else ggml_n_dims(tuple(shape))
     if n_dims < 2 or not name.endswith("weight"):
+        return False
+    if any(b in name for b in _ARCH_BLOCKED.get(arch, ())):
         return False
     blocked = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
                "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight",
@@ -202,7 +227,7 @@ def predict_types(
     state = {"i_attention_wv": 0, "i_ffn_down": 0, "i_ffn_gate": 0, "i_ffn_up": 0}
     out: list[TypeDecision] = []
     for name, shape, cur in ordered:
-        if not allows_quantization(name, len(shape)):
+        if not allows_quantization(name, shape, hp.arch):
             out.append(TypeDecision(name, False, False, None, cur, cur, False, False))
             continue
         new = base

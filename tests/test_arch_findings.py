@@ -1,0 +1,242 @@
+"""Issue 14's three findings, on small GGUF headers shaped like the pinned converter's output.
+
+(a) quantizability is decided as llama.cpp decides it: `ggml_n_dims` ignores trailing
+    dimensions of 1, so Qwen2-MoE's shared-expert gate `ffn_gate_inp_shexp.weight`
+    (ggml shape [n_embd, 1]) is 1-D for llama-quantize and stays F32;
+(b) every tensor kind the converter writes for an MoE model has a role chosen on purpose
+    (roles.ROLE_DECISIONS), none is `unassigned`;
+(c) leading dense blocks, experts per block and NextN layers come from the tensors and are
+    checked against the keys.
+The real converter's output for the same architectures is tested in tests/archs/.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from apex_orch.model import read_model
+from apex_orch.plan import make_plan
+from apex_orch.profile import load_profile
+from apex_orch.quantmix import allows_quantization, ggml_n_dims
+from apex_orch.roles import ROLE_DECISIONS, Role, classify, classify_name
+
+
+def write_gguf(path, arch: str, kv: dict, tensors: dict[str, tuple[int, ...]]):
+    """A GGUF with the given (ggml-order) shapes: F32 for 1-D and router-like tensors, F16 otherwise."""
+    import gguf
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-{arch}")
+    for key, value in kv.items():
+        if isinstance(value, int):
+            w.add_uint32(f"{arch}.{key}", value)
+        else:
+            w.add_float32(f"{arch}.{key}", value)
+    for name, ne in tensors.items():
+        np_shape = tuple(reversed(ne))
+        f32 = len(ne) == 1 or "norm" in name or "gate_inp" in name
+        w.add_tensor(name, np.zeros(np_shape, dtype=np.float32 if f32 else np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def qwen2moe_tensors(n_blocks=2, E=64, n_exp=4, ff=32, vocab=128) -> dict[str, tuple[int, ...]]:
+    t = {"token_embd.weight": (E, vocab), "output_norm.weight": (E,), "output.weight": (E, vocab)}
+    for b in range(n_blocks):
+        p = f"blk.{b}."
+        t.update({p + "attn_norm.weight": (E,), p + "attn_q.weight": (E, E), p + "attn_q.bias": (E,),
+                  p + "attn_k.weight": (E, E), p + "attn_k.bias": (E,), p + "attn_v.weight": (E, E),
+                  p + "attn_v.bias": (E,), p + "attn_output.weight": (E, E), p + "ffn_norm.weight": (E,),
+                  p + "ffn_gate_inp.weight": (E, n_exp), p + "ffn_gate_exps.weight": (E, ff, n_exp),
+                  p + "ffn_up_exps.weight": (E, ff, n_exp), p + "ffn_down_exps.weight": (ff, E, n_exp),
+                  p + "ffn_gate_inp_shexp.weight": (E, 1), p + "ffn_gate_shexp.weight": (E, ff),
+                  p + "ffn_up_shexp.weight": (E, ff), p + "ffn_down_shexp.weight": (ff, E)})
+    return t
+
+
+QWEN2MOE_KV = {"block_count": 2, "embedding_length": 64, "expert_count": 4, "expert_used_count": 2,
+               "attention.head_count": 4, "attention.head_count_kv": 4, "context_length": 256}
+
+
+# ---------------------------------------------------------------- (a) quantizable as ggml counts dims
+
+def test_ggml_n_dims_ignores_trailing_ones():
+    assert ggml_n_dims((64, 1)) == 1
+    assert ggml_n_dims((64, 1, 1)) == 1
+    assert ggml_n_dims((64, 1, 4)) == 3
+    assert ggml_n_dims((1, 64)) == 2
+    assert not allows_quantization("blk.0.ffn_gate_inp_shexp.weight", (64, 1))
+    assert allows_quantization("blk.0.ffn_gate_shexp.weight", (64, 32))
+
+
+def test_glm5_next_name_exclusions_are_per_architecture():
+    # llama.cpp keeps these unquantized only for glm5-next
+    assert not allows_quantization("blk.0.attn_kv_a_mqa.weight", (64, 32), arch="glm5-next")
+    assert allows_quantization("blk.0.attn_kv_a_mqa.weight", (64, 32), arch="deepseek2")
+
+
+def test_qwen2moe_shared_expert_gate_is_planned_as_written(tmp_path):
+    """The issue's `blk.0.ffn_gate_inp_shexp.weight: planned Q5_0, written F32`."""
+    path = write_gguf(tmp_path / "q2.gguf", "qwen2moe", QWEN2MOE_KV, qwen2moe_tensors())
+    info = read_model(path)
+    for profile in ("compact", "quality"):
+        plan = make_plan(info, load_profile(profile))
+        gate = {t.name: t for t in plan.tensors}["blk.0.ffn_gate_inp_shexp.weight"]
+        assert not gate.quantizable
+        assert gate.final_type.name == "F32"
+        assert gate.role == Role.ROUTER
+
+
+@pytest.mark.requires_tools("llama-quantize")
+def test_qwen2moe_plan_equals_dry_run(tmp_path):
+    from apex_orch.llama import find_tool, run_tool
+    from apex_orch.plan import render_file
+    from apex_orch.quantlog import parse_records, quant_size_mib
+    kv = dict(QWEN2MOE_KV, feed_forward_length=32, expert_feed_forward_length=32,
+              expert_shared_feed_forward_length=32, **{"attention.layer_norm_rms_epsilon": 1e-6})
+    path = write_gguf(tmp_path / "q2.gguf", "qwen2moe", kv, qwen2moe_tensors())
+    plan = make_plan(read_model(path), load_profile("compact"))
+    (tmp_path / "rules.txt").write_text(render_file(plan))
+    run_tool([find_tool("llama-quantize").path, "--dry-run", "--tensor-type-file", tmp_path / "rules.txt",
+              path, tmp_path / "never.gguf", plan.ftype, "1"], log_path=tmp_path / "dry.log")
+    log = (tmp_path / "dry.log").read_text()
+    tool = {r.name: r.final_type.lower() for r in parse_records(log)}
+    assert {t.name: t.final_type.name.lower() for t in plan.tensors} == tool
+    assert quant_size_mib(log) == pytest.approx(plan.total_bytes / 2**20, abs=0.006)
+
+
+# ---------------------------------------------------------------- (b) a role for every tensor kind
+
+# (name as the pinned converter writes it, expected role) — one per kind the issue lists
+KINDS = [
+    ("blk.3.ssm_a", Role.AUX), ("blk.3.ssm_d", Role.AUX), ("blk.3.ssm_dt.bias", Role.SSM),
+    ("blk.3.ssm_in.weight", Role.SSM), ("blk.3.ssm_out.weight", Role.SSM),
+    ("blk.3.ssm_conv1d.weight", Role.AUX), ("blk.3.ssm_conv1d.bias", Role.AUX),
+    ("blk.3.ssm_alpha.weight", Role.SSM), ("blk.3.ssm_beta.weight", Role.SSM),
+    ("blk.3.ssm_f_a.weight", Role.SSM), ("blk.3.ssm_g_b.weight", Role.SSM),
+    ("blk.3.ssm_conv1d_q.weight", Role.AUX),
+    ("blk.3.shortconv.in_proj.weight", Role.SSM), ("blk.3.shortconv.out_proj.weight", Role.SSM),
+    ("blk.3.shortconv.conv.weight", Role.AUX),
+    ("blk.3.indexer.attn_k.weight", Role.ATTENTION), ("blk.3.indexer.attn_q_b.weight", Role.ATTENTION),
+    ("blk.3.indexer.proj.weight", Role.ATTENTION), ("blk.3.indexer.k_norm.weight", Role.NORM),
+    ("blk.3.indexer.k_norm.bias", Role.NORM),
+    ("rope_freqs.weight", Role.AUX), ("rope_factors_long.weight", Role.AUX),
+    ("rope_factors_short.weight", Role.AUX), ("blk.3.rope_freqs.weight", Role.AUX),
+    ("blk.3.exp_probs_b.bias", Role.ROUTER), ("blk.3.exp_probs_b", Role.ROUTER),
+    ("blk.3.ffn_down_exps.scale", Role.AUX), ("blk.3.ffn_gate_up_exps.bias", Role.AUX),
+    ("blk.3.layer_output_scale.weight", Role.AUX),
+    ("blk.3.attn_sinks.weight", Role.ATTENTION), ("blk.3.attn_gate.weight", Role.ATTENTION),
+    ("blk.3.ffn_gate_inp_shexp.weight", Role.ROUTER), ("blk.3.attn_q.bias", Role.ATTENTION),
+    ("blk.3.nextn.eh_proj.weight", Role.NEXTN),
+]
+
+
+@pytest.mark.parametrize("name,role", KINDS)
+def test_every_kind_has_a_role_on_purpose(name, role):
+    assert classify_name(name).role == role, name
+
+
+def test_never_quantized_roles_are_never_quantizable_as_llama_cpp_decides():
+    """A kind put among the never-quantized tensors must really be kept by llama-quantize at the
+    shapes the converter writes (the role is about what APEX types, llama.cpp has the last word)."""
+    for name, role in KINDS:
+        if role in (Role.NORM, Role.AUX) or name.endswith("_shexp.weight"):
+            assert not allows_quantization(name, (64,)), name
+            if not name.endswith(".weight") or "conv" in name:
+                # not a .weight, or excluded by name: kept even as a matrix
+                assert not allows_quantization(name, (4, 64)), name
+
+
+def test_role_decisions_table_documents_every_rule():
+    kinds = {d.kind for d in ROLE_DECISIONS}
+    assert {"ssm state (no .weight)", "short-conv projection", "sparse-attention indexer", "rope factors",
+            "expert-probability bias", "per-expert bias/scale", "per-layer output scale"} <= kinds
+    for d in ROLE_DECISIONS:
+        assert d.reason and d.role in Role
+
+
+def test_inspect_shows_role_decisions(tmp_path):
+    from apex_orch.inspect import format_inspect, inspect_model
+    t = qwen2moe_tensors()
+    t["rope_freqs.weight"] = (8,)
+    t["blk.0.exp_probs_b.bias"] = (4,)
+    path = write_gguf(tmp_path / "q2.gguf", "qwen2moe", QWEN2MOE_KV, t)
+    d = inspect_model(read_model(path))
+    assert "unassigned" not in d["roles"]
+    kinds = {k["kind"] for k in d["role_decisions"]}
+    assert {"rope factors", "expert-probability bias"} <= kinds
+    text = format_inspect(d)
+    assert "rope factors" in text and "expert-probability bias" in text
+
+
+# ---------------------------------------------------------------- (c) structure from the tensors
+
+def glm_like_tensors(n_blocks=3, dense=(0,), E=64, n_exp=4, ff=32, vocab=128, nextn=0):
+    t = {"token_embd.weight": (E, vocab), "output_norm.weight": (E,), "output.weight": (E, vocab)}
+    for b in range(n_blocks):
+        p = f"blk.{b}."
+        t.update({p + "attn_norm.weight": (E,), p + "attn_q.weight": (E, E), p + "attn_k.weight": (E, E),
+                  p + "attn_v.weight": (E, E), p + "attn_output.weight": (E, E), p + "ffn_norm.weight": (E,)})
+        if b in dense:
+            t.update({p + "ffn_gate.weight": (E, ff), p + "ffn_up.weight": (E, ff), p + "ffn_down.weight": (ff, E)})
+        else:
+            t.update({p + "ffn_gate_inp.weight": (E, n_exp), p + "ffn_gate_exps.weight": (E, ff, n_exp),
+                      p + "ffn_up_exps.weight": (E, ff, n_exp), p + "ffn_down_exps.weight": (ff, E, n_exp),
+                      p + "exp_probs_b.bias": (n_exp,)})
+        if b >= n_blocks - nextn:
+            t.update({p + "nextn.eh_proj.weight": (2 * E, E), p + "nextn.enorm.weight": (E,),
+                      p + "nextn.hnorm.weight": (E,), p + "nextn.shared_head_norm.weight": (E,)})
+    return t
+
+
+GLM_KV = {"block_count": 3, "embedding_length": 64, "expert_count": 4, "expert_used_count": 2,
+          "attention.head_count": 4, "attention.head_count_kv": 4}
+
+
+def test_leading_dense_blocks_from_tensors_beat_a_zero_key(tmp_path):
+    """GLM-4.7-Flash through the current transformers: leading_dense_block_count = 0 written,
+    block 0 has a dense FFN and no experts."""
+    path = write_gguf(tmp_path / "g.gguf", "deepseek2", dict(GLM_KV, leading_dense_block_count=0),
+                      glm_like_tensors())
+    info = read_model(path)
+    assert info.leading_dense_blocks == 1
+    assert any("leading_dense_block_count" in w for w in info.structure_warnings)
+    plan = make_plan(info, load_profile("compact"))
+    assert any("leading_dense_block_count" in w for w in plan.warnings)
+    roles = classify(info)
+    assert roles["blk.0.ffn_down.weight"].role == Role.DENSE_FFN
+
+
+def test_structure_agrees_with_keys_gives_no_warning(tmp_path):
+    path = write_gguf(tmp_path / "g.gguf", "deepseek2", dict(GLM_KV, leading_dense_block_count=1),
+                      glm_like_tensors())
+    info = read_model(path)
+    assert info.leading_dense_blocks == 1
+    assert info.structure_warnings == []
+    assert info.structure["experts_per_block"] == {1: 4, 2: 4}
+
+
+def test_nextn_layers_from_tensors(tmp_path):
+    kv = dict(GLM_KV, leading_dense_block_count=1, nextn_predict_layers=1)
+    path = write_gguf(tmp_path / "g.gguf", "glm4moe", kv, glm_like_tensors(nextn=1))
+    info = read_model(path)
+    assert info.nextn_layers == 1 and info.structure_warnings == []
+    # the key missing: the tensors say block 2 is a NextN layer
+    kv.pop("nextn_predict_layers")
+    path = write_gguf(tmp_path / "g2.gguf", "glm4moe", kv, glm_like_tensors(nextn=1))
+    info = read_model(path)
+    assert info.nextn_layers == 1
+    assert any("nextn_predict_layers" in w for w in info.structure_warnings)
+    assert classify(info)["blk.2.nextn.eh_proj.weight"].role == Role.NEXTN
+
+
+def test_dense_block_in_the_middle_is_an_error_of_the_keys(tmp_path):
+    """A key saying 2 leading dense blocks when block 1 has experts: the tensors win, loudly."""
+    path = write_gguf(tmp_path / "g.gguf", "deepseek2", dict(GLM_KV, leading_dense_block_count=2),
+                      glm_like_tensors())
+    info = read_model(path)
+    assert info.leading_dense_blocks == 1
+    assert any("leading_dense_block_count is 2" in w for w in info.structure_warnings)
