@@ -29,13 +29,13 @@ PYTEST_ARGS ?=
 # flags gets its own build folder in the cache and becomes the build apex-orch uses.
 LLAMA_CMAKE_ARGS ?=
 
-.PHONY: help venv llama bindings install quantize imatrix release test test-fast bench bench-quality reference-model doctor clean
+.PHONY: help venv llama bindings install install-archs quantize imatrix release test test-archs test-fast bench bench-quality reference-model doctor clean
 
 help:
 	@echo "make quantize PROFILE=compact [MODEL=path.gguf] [IMATRIX=file] [OUT=dir]"
 	@echo "make imatrix CORPUS=agentic [MODEL=path.gguf]"
 	@echo "make release RELEASE=releases/demo.yaml [PUSH=1] [JOBS=N]"
-	@echo "make test | make bench | make bench-quality | make reference-model | make doctor"
+	@echo "make test | make test-archs | make bench | make bench-quality | make reference-model | make doctor"
 
 $(PYTHON):
 	$(BOOT_PYTHON) -m venv $(VENV)
@@ -75,8 +75,20 @@ imatrix: install
 release: install
 	$(APEX) release "$(RELEASE)" $(if $(JOBS),-j $(JOBS)) $(if $(filter 1,$(PUSH)),--push)
 
+# The `archs` extra (transformers + the CPU torch on local disk) for tests/archs, the real-converter
+# matrix: tiny checkpoints of ~30 MoE architectures converted by the pinned convert_hf_to_gguf.py.
+# Not part of `make test` yet (issue 14 is open: some architectures still fail end to end).
+$(STAMP_DIR)/archs: pyproject.toml $(STAMP_DIR)/install
+	$(PYTHON) -m pip install -q -e ".[test,plot,archs]"
+	@touch $@
+
+install-archs: install $(STAMP_DIR)/archs
+
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-archs: install-archs
+	$(PYTHON) -m pytest tests/archs $(PYTEST_ARGS)
 
 bench: install
 	$(PYTHON) bench/run_all.py

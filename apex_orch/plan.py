@@ -17,7 +17,7 @@ from apex_orch.errors import PlanError, RenderError
 from apex_orch.gguf_header import shape_elements, tensor_nbytes
 from apex_orch.model import ModelInfo
 from apex_orch.profile import Profile, ResolvedBands, check_profile_fits
-from apex_orch.quantmix import (ModelHParams, TypeDecision, parse_ftype, predict_types,
+from apex_orch.quantmix import (ModelHParams, TypeDecision, ggml_n_dims, parse_ftype, predict_types,
                                 sort_key)
 from apex_orch.roles import Role, classify, require_moe
 
@@ -389,7 +389,9 @@ def predict_file_size(plan: Plan, extra_kv: dict[str, object]) -> int:
         sizes[key] = _kv_entry_size(key, value)
     header = 4 + 4 + 8 + 8 + sum(sizes.values())
     for t in plan.tensors:
-        header += 8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8
+        # gguf writes ggml_n_dims() dimensions: trailing 1s are dropped, so a converter's 2-D
+        # [n_embd, 1] tensor (Qwen2-MoE's ffn_gate_inp_shexp) takes 8 header bytes fewer.
+        header += 8 + len(t.name.encode()) + 4 + 8 * ggml_n_dims(t.shape) + 4 + 8
     align = m.alignment
     pad = lambda n: (n + align - 1) // align * align  # noqa: E731
     return pad(header) + sum(pad(t.n_bytes) for t in plan.tensors)

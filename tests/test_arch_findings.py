@@ -240,3 +240,20 @@ def test_dense_block_in_the_middle_is_an_error_of_the_keys(tmp_path):
     info = read_model(path)
     assert info.leading_dense_blocks == 1
     assert any("leading_dense_block_count is 2" in w for w in info.structure_warnings)
+
+
+@pytest.mark.requires_tools("llama-quantize")
+def test_predicted_size_counts_dims_as_gguf_writes_them(tmp_path):
+    """llama-quantize writes ggml_n_dims() dimensions per tensor: four [64, 1] shared-expert gates
+    make its header 32 bytes (one alignment unit) shorter than a count of the input's dims. The
+    real quantization's size must equal the plan's prediction (it was 32 bytes off before)."""
+    from apex_orch import quantize as q
+    kv = {**QWEN2MOE_KV, "block_count": 4, "attention.layer_norm_rms_epsilon": 1e-6,
+          "expert_feed_forward_length": 32, "expert_shared_feed_forward_length": 32}
+    path = write_gguf(tmp_path / "qwen2moe.gguf", "qwen2moe", kv, qwen2moe_tensors(n_blocks=4))
+    job = q.plan_quantize(path, "compact", out_dir=tmp_path / "out", threads=2)
+    res = q.run_quantize(job)
+    written = res.files[0].stat().st_size
+    assert written == job.predicted_size
+    header_dims = {t.name: len(t.shape) for t in read_model(res.files[0]).tensors}
+    assert header_dims["blk.3.ffn_gate_inp_shexp.weight"] == 1

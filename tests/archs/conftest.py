@@ -1,0 +1,48 @@
+"""The real-converter matrix (issue 14): needs the `archs` extra (transformers + the CPU torch).
+
+`make test-archs` runs this folder alone; `make test` installs the extra and runs it with the
+rest. Without the extra installed the whole folder is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers", reason="the archs matrix needs the `archs` extra: pip install -e '.[archs]'")
+pytest.importorskip("torch", reason="the archs matrix needs the `archs` extra: pip install -e '.[archs]'")
+
+import archkit  # noqa: E402  (tests/archs is on sys.path, like tests/reliability)
+
+RESULTS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def converted() -> dict:
+    """Every architecture of the matrix converted once (content-keyed cache): id -> Built | reason."""
+    t0 = time.monotonic()
+    built = archkit.get_all(archkit.ARCHS)
+    RESULTS["_convert_seconds"] = {"seconds": round(time.monotonic() - t0, 1)}
+    return built
+
+
+@pytest.fixture
+def record():
+    """record(arch_id, key, value): what the supported-architectures table is generated from."""
+    def put(arch: str, key: str, value) -> None:
+        RESULTS.setdefault(arch, {})[key] = value
+    return put
+
+
+def pytest_sessionfinish(session, exitstatus):
+    target = os.environ.get("APEX_ORCH_ARCHS_RESULTS")
+    if target and RESULTS:
+        specs = {s.id: {"family": s.family, "hf_class": s.hf_class, "notes": s.notes} for s in archkit.ARCHS}
+        for arch, meta in specs.items():
+            if arch in RESULTS:
+                RESULTS[arch].update(meta)
+        Path(target).write_text(json.dumps(RESULTS, indent=1, sort_keys=True, default=str))

@@ -1,0 +1,116 @@
+"""Issue 14's matrix: tiny random checkpoints of real MoE architectures (transformers' own classes),
+converted by the pinned, unpatched convert_hf_to_gguf.py, then checked tensor by tensor:
+
+- every tensor has a role (roles.ROLE_DECISIONS), none is `unassigned`;
+- routed/used/shared experts, leading dense blocks and NextN layers equal the checkpoint's config,
+  read from the tensors, with no disagreement warning unless the spec expects one;
+- `plan` equals `llama-quantize --dry-run` (every tensor's type, the total) for every built-in profile;
+- one model per family: quantize (compact, and i-compact with a real imatrix) + verify + eval.
+"""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import archkit
+from apex_orch.cli import main
+from apex_orch.llama import find_tool, run_tool
+from apex_orch.model import read_model
+from apex_orch.plan import make_plan, render_file
+from apex_orch.profile import list_profiles, load_profile
+from apex_orch.quantlog import parse_records, quant_size_mib
+from apex_orch.roles import Role, classify
+
+pytestmark = [pytest.mark.slow, pytest.mark.requires_tools("llama-quantize")]
+
+IDS = [s.id for s in archkit.ARCHS]
+SPECS = {s.id: s for s in archkit.ARCHS}
+PROFILES = [p for p in list_profiles() if not p.startswith("_")]
+
+
+def built_model(converted, arch):
+    b = converted[arch]
+    if isinstance(b, str):
+        pytest.fail(f"{arch}: {b}")
+    return b
+
+
+@pytest.mark.parametrize("arch", IDS)
+def test_converts(converted, record, arch):
+    b = built_model(converted, arch)
+    info = read_model(b.gguf)
+    record(arch, "gguf_arch", info.arch)
+    record(arch, "tensors", len(info.tensors))
+    if SPECS[arch].gguf_arch:
+        assert info.arch == SPECS[arch].gguf_arch
+
+
+@pytest.mark.parametrize("arch", IDS)
+def test_every_tensor_has_a_role(converted, record, arch):
+    info = read_model(built_model(converted, arch).gguf)
+    roles = classify(info)
+    unassigned = sorted(n for n, r in roles.items() if r.role == Role.UNASSIGNED)
+    record(arch, "roles", sorted({r.role.value for r in roles.values()}))
+    assert unassigned == []
+
+
+@pytest.mark.parametrize("arch", IDS)
+def test_structure_equals_the_config(converted, arch):
+    spec = SPECS[arch]
+    info = read_model(built_model(converted, arch).gguf)
+    got = (info.expert_count, info.expert_used_count, info.expert_shared_count, info.leading_dense_blocks,
+           info.nextn_layers)
+    assert got == (spec.routed, spec.used, spec.shared, spec.leading_dense, spec.nextn)
+    assert set(info.structure["experts_per_block"].values()) == {spec.routed}
+
+
+@pytest.mark.parametrize("arch", IDS)
+def test_plan_equals_dry_run_for_every_profile(converted, record, tmp_path, arch):
+    path = built_model(converted, arch).gguf
+    info = read_model(path)
+    problems, planned = [], []
+    for name in PROFILES:
+        plan = make_plan(info, load_profile(name), has_imatrix=False)
+        rules = tmp_path / f"{name}.rules.txt"
+        rules.write_text(render_file(plan))
+        log = tmp_path / f"{name}.log"
+        run_tool([find_tool("llama-quantize").path, "--dry-run", "--tensor-type-file", rules, path,
+                  tmp_path / "never-written.gguf", plan.ftype, "1"], log_path=log)
+        text = log.read_text()
+        tool = {r.name: r.final_type.lower() for r in parse_records(text)}
+        mine = {t.name: t.final_type.name.lower() for t in plan.tensors}
+        diff = [f"{n}: planned {mine.get(n)}, dry-run {tool.get(n)}" for n in sorted(mine.keys() | tool.keys())
+                if mine.get(n) != tool.get(n)]
+        if diff:
+            problems.append(f"{name}: " + "; ".join(diff[:4]))
+        elif quant_size_mib(text) != pytest.approx(plan.total_bytes / 2**20, abs=0.006):
+            problems.append(f"{name}: total {plan.total_bytes / 2**20:.2f} MiB vs dry-run {quant_size_mib(text)}")
+        else:
+            planned.append(name)
+    record(arch, "profiles_planned", planned)
+    assert problems == []
+
+
+E2E = [s.id for s in archkit.ARCHS if s.e2e]
+
+
+@pytest.mark.requires_tools("llama-quantize", "llama-imatrix", "llama-perplexity")
+@pytest.mark.parametrize("arch", E2E)
+def test_end_to_end(converted, record, tmp_path, eval_text, arch):
+    """compact, and i-compact with an imatrix built by llama-imatrix from the agentic corpus:
+    plan -> the tool's dry-run agrees -> llama-quantize -> verify (inside `quantize`) -> eval."""
+    path = built_model(converted, arch).gguf
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["quantize", "-p", "compact,i-compact", str(path), "--out-dir", str(out),
+                                  "--corpus", "agentic", "--imatrix-ctx", "128", "--imatrix-chunks", "2",
+                                  "-t", "2", "-j", "1", "--no-eval", "-q"])
+    assert r.exit_code == 0, r.output[-3000:]
+    files = sorted(out.glob("*.gguf"))
+    assert len(files) == 2, [f.name for f in files]
+    for f in files:
+        r = CliRunner().invoke(main, ["eval", str(f), "--base", str(path), "--text", str(eval_text),
+                                      "-c", "128", "--chunks", "2", "-t", "2", "-q"])
+        assert r.exit_code == 0, r.output[-3000:]
+        assert "KLD" in r.output
+    record(arch, "end_to_end", ["compact", "i-compact"])
