@@ -1049,14 +1049,19 @@ def plan_jobs(state: ReleaseState, imatrix=None) -> list:
     return jobs
 
 
-def existing_outputs(job) -> list[Path] | None:
-    """The tier's files when a valid manifest says they come from exactly these inputs."""
-    from apex_orch.manifest import up_to_date
-    finals = [job.output]
+def tier_files(job) -> list[Path]:
+    """The final names of a tier's output: its split parts when they exist, else the one file."""
     if job.split_max_size:
         parts = sorted(job.output.parent.glob(job.output.name[:-5] + "-*-of-*.gguf"))
         if parts:
-            finals = parts
+            return parts
+    return [job.output]
+
+
+def existing_outputs(job) -> list[Path] | None:
+    """The tier's files when a valid manifest says they come from exactly these inputs."""
+    from apex_orch.manifest import up_to_date
+    finals = tier_files(job)
     if not all(f.exists() for f in finals):
         return None
     return finals if up_to_date(finals, job.key)[0] else None
@@ -1067,11 +1072,7 @@ def stale_outputs(job) -> bool:
     describe (changed bytes, other inputs, a damaged or missing manifest)."""
     from apex_orch.errors import ManifestError
     from apex_orch.manifest import up_to_date
-    finals = [job.output]
-    if job.split_max_size:
-        parts = sorted(job.output.parent.glob(job.output.name[:-5] + "-*-of-*.gguf"))
-        if parts:
-            finals = parts
+    finals = tier_files(job)
     if not any(f.exists() for f in finals):
         return False
     if not all(f.exists() for f in finals):
