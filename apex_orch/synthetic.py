@@ -100,7 +100,7 @@ PRESETS: dict[str, SyntheticSpec] = {
                            name="Synthetic-Dense"),
 }
 
-# Mistral-Small-4-119B-2603 as llama.cpp sees it (see /work/shared/mistral-small-4.md).
+# Mistral-Small-4-119B-2603 as llama.cpp sees it (its published config and GGUF file set).
 MISTRAL_SMALL_4_SPEC = SyntheticSpec(
     arch="mistral4", n_layer=36, n_embd=4096, n_expert=128, n_expert_used=4, n_expert_shared=1,
     expert_ff=2048, dense_ff=12288, leading_dense=0, n_head=32, n_head_kv=1,

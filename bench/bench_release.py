@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         data = {
             "machine": machine(),
             "mode": "smoke" if args.smoke else "full",
-            "config": str(args.config if not args.smoke else "smoke (generated)"),
+            "config": ("smoke (generated)" if args.smoke else
+                       args.config.resolve().relative_to(REPO).as_posix() if args.config.resolve().is_relative_to(REPO)
+                       else args.config.name),   # the project speaks of itself only: no machine paths
             "tiers": [t.profile.name for t in cfg.tiers],
             "settings": {"imatrix": ({"corpus": cfg.imatrix.corpus, "ctx": cfg.imatrix.ctx, "chunks": cfg.imatrix.chunks}
                                      if cfg.imatrix else None),
