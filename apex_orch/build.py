@@ -151,6 +151,11 @@ def build_tools(extra_args: tuple[str, ...] = ()) -> dict:
 def _activate(bdir: Path) -> None:
     """Record which build variant apex-orch uses from now on (atomic: a reader never sees half)."""
     target = pin.active_build_file()
+    try:
+        if target.read_text().strip() == bdir.name:
+            return   # already the active build: a rerun of `make llama` writes nothing
+    except OSError:
+        pass
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.write_text(bdir.name + "\n")
     os.replace(tmp, target)
