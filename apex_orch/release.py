@@ -16,12 +16,14 @@ works on a machine without the models)::
       demo: true                        #   the embedded demo model (apex_orch.synthetic)
       hf: {repo: org/name, revision: <40-hex commit>, files: [model.gguf]}
       convert: {repo: org/name, revision: <40-hex>, outtype: bf16, mistral_format: false}
+      convert: {path: checkpoint-folder, outtype: bf16}   #   a local Hugging Face checkpoint folder
     tiers: [i-balanced, quality, ...]   # profile names / .yaml paths, or {profile: NAME, best_for: TEXT}
     imatrix: {corpus: diverse, ctx: 512, chunks: 200, from_q8: false}   # once, for every I-tier
     eval: {enabled: true, corpus: NAME | text: path, ctx: 512, chunks: 64, speed: true,
            gates: {max_mean_kld: .., max_ppl_ratio: .., min_same_top_p: .., max_kld_99_9: ..}}
     mmproj:                             # optional vision projector, never touched by profiles
       file: path.gguf | hf: {repo, revision, file} | convert: {outtype: f16|q8_0, repo?, revision?}
+                                        #   (convert without repo: the source's repo or checkpoint folder)
       name: mmproj.gguf                 # its file name in the release
     publish: {repo: owner/name, private: false}
     split_max_size: 48G                 # optional: split outputs larger than this
@@ -63,7 +65,7 @@ TOP_KEYS = {"name", "title", "base_model", "license", "description", "tags", "so
 SOURCE_KINDS = ("gguf", "demo", "hf", "convert")
 HF_KEYS = {"repo", "revision", "files"}
 HF_FILE_KEYS = {"repo", "revision", "file"}
-CONVERT_KEYS = {"repo", "revision", "outtype", "mistral_format"}
+CONVERT_KEYS = {"repo", "revision", "path", "outtype", "mistral_format"}
 MMPROJ_KEYS = {"file", "hf", "convert", "name"}
 MMPROJ_CONVERT_KEYS = {"repo", "revision", "outtype", "mistral_format"}
 TIER_KEYS = {"profile", "best_for"}
@@ -126,12 +128,15 @@ class SourceConfig:
     outtype: str = "bf16"                  # convert
     mistral_format: bool = False           # convert
     where: str = ""
+    checkpoint: ConfigPath | None = None   # convert: a local checkpoint folder instead of repo + revision
 
     def describe(self) -> str:
         if self.kind == "demo":
             return "the embedded demo model (apex_orch.synthetic, generated offline)"
         if self.kind == "gguf":
             return "local GGUF " + ", ".join(p.raw for p in self.paths)
+        if self.checkpoint is not None:
+            return f"local checkpoint {self.checkpoint.raw}, converted to {self.outtype.upper()} GGUF"
         assert self.hf is not None
         ref = f"{self.hf.repo}@{self.hf.revision[:12]}"
         if self.kind == "hf":
@@ -148,6 +153,7 @@ class MmprojConfig:
     outtype: str | None = None             # convert
     mistral_format: bool = False
     where: str = ""
+    checkpoint: ConfigPath | None = None   # convert: the source's local checkpoint folder
 
 
 @dataclass(frozen=True)
@@ -415,6 +421,15 @@ def _parse_source(r: _Reader, value) -> SourceConfig:
     if kind == "hf":
         return SourceConfig("hf", hf=r.hf(kp + ("hf",), v, file_key="files"), where=where)
     c = r.mapping(kp + ("convert",), v, CONVERT_KEYS)
+    if "path" in c:
+        if "repo" in c or "revision" in c:
+            raise r.fail(kp + ("convert",), "give either path (a local checkpoint folder) or repo + revision")
+        outtype = str(c.get("outtype", "bf16")).lower()
+        if outtype not in CONVERT_OUTTYPES:
+            raise r.fail(kp + ("convert", "outtype"), f"{outtype!r} is not one of {', '.join(CONVERT_OUTTYPES)}")
+        mf = r.boolean(kp + ("convert", "mistral_format"), c["mistral_format"]) if "mistral_format" in c else False
+        return SourceConfig("convert", outtype=outtype, mistral_format=mf, where=where,
+                            checkpoint=r.path(kp + ("convert", "path"), c["path"], suffix=None))
     for key in ("repo", "revision"):
         if key not in c:
             raise r.fail(kp + ("convert",), f"missing key {key!r}")
@@ -544,6 +559,11 @@ def _parse_mmproj(r: _Reader, value, source: SourceConfig) -> MmprojConfig:
                     r._revision(kp + ("convert", "revision"), c["revision"]), (), where)
     elif source.kind == "convert":
         ref = source.hf
+        if source.checkpoint is not None:
+            mf = r.boolean(kp + ("convert", "mistral_format"), c["mistral_format"]) if "mistral_format" in c \
+                else source.mistral_format
+            return MmprojConfig("convert", name, outtype=outtype, mistral_format=mf, where=where,
+                                checkpoint=source.checkpoint)
     else:
         raise r.fail(kp + ("convert",), "converting the projector needs the safetensors repo",
                      hint="give mmproj.convert.repo and .revision, or use `mmproj: {file: PATH}`")
@@ -798,8 +818,29 @@ def fetch_source(state: ReleaseState, run: bool) -> str:
     if src.kind == "hf":
         state.source_paths = _hf_download(src.hf, local_only=not run)
         return f"{len(state.source_paths)} file(s) from {src.hf.repo}"
+    if src.checkpoint is not None:
+        state.snapshot_dir = _local_checkpoint(src.checkpoint)
+        return f"local checkpoint {state.snapshot_dir.name}"
     state.snapshot_dir = _hf_snapshot(src.hf, local_only=not run)
     return f"snapshot of {src.hf.repo}"
+
+
+def _local_checkpoint(ref: ConfigPath) -> Path:
+    p = ref.resolve()
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"not a Hugging Face checkpoint folder (no config.json): {p}", where=ref.where,
+                          hint="point source.convert.path at the folder with config.json and the safetensors")
+    return p
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """The content of a local checkpoint folder (every regular file's name and sha256; the
+    converter reads config, weights and tokenizer files from it): a changed file reconverts."""
+    from apex_orch.fingerprint import sha256_bytes, source_sha256
+    rows = [f"{f.relative_to(folder).as_posix()} {source_sha256(f)}" for f in sorted(folder.rglob("*"))
+            if f.is_file() and not f.is_symlink() and not any(part.startswith(".") for part in
+                                                                  f.relative_to(folder).parts)]
+    return sha256_bytes("\n".join(rows).encode())
 
 
 def fetch_mmproj(state: ReleaseState, run: bool) -> str:
@@ -815,6 +856,9 @@ def fetch_mmproj(state: ReleaseState, run: bool) -> str:
     if mm.kind == "hf":
         state.mmproj_src = _hf_download(mm.hf, local_only=not run)[0]
         return f"projector from {mm.hf.repo}"
+    if mm.checkpoint is not None:
+        state.mmproj_snapshot = _local_checkpoint(mm.checkpoint)
+        return ""
     if state.source_override is None and src.kind == "convert" and mm.hf == src.hf:
         state.mmproj_snapshot = state.snapshot_dir
         return ""
@@ -824,8 +868,9 @@ def fetch_mmproj(state: ReleaseState, run: bool) -> str:
 
 def phase_fetch(state: ReleaseState, run: bool) -> PhaseReport:
     did = [d for d in (fetch_source(state, run), fetch_mmproj(state, run)) if d]
-    remote = state.source_override is None and state.config.source.kind in ("hf", "convert") or (
-        state.config.mmproj is not None and state.config.mmproj.kind != "file")
+    src, mm = state.config.source, state.config.mmproj
+    remote = state.source_override is None and src.kind in ("hf", "convert") and src.checkpoint is None or (
+        mm is not None and mm.kind != "file" and mm.checkpoint is None)
     status = ("ran" if remote else "not needed") if run else "resolved"
     return PhaseReport("fetch", status, detail=", ".join(did) + ("" if remote else " (local, nothing to download)"))
 
@@ -935,7 +980,9 @@ def convert_source(state: ReleaseState, run: bool) -> str:
     did = ""
     if state.snapshot_dir is not None:
         final = _converted_path(state)
-        inputs = {"repo": cfg.source.hf.repo, "revision": cfg.source.hf.revision, "outtype": cfg.source.outtype,
+        origin = {"checkpoint_sha256": checkpoint_fingerprint(state.snapshot_dir)} \
+            if cfg.source.checkpoint is not None else {"repo": cfg.source.hf.repo, "revision": cfg.source.hf.revision}
+        inputs = {**origin, "outtype": cfg.source.outtype,
                   "mistral_format": cfg.source.mistral_format, "converter": build_label()}
         if run:
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -970,7 +1017,9 @@ def convert_mmproj(state: ReleaseState, run: bool) -> str:
     if run:
         state.out_dir.mkdir(parents=True, exist_ok=True)
         if mm.kind == "convert":
-            inputs = {"repo": mm.hf.repo, "revision": mm.hf.revision, "outtype": mm.outtype, "mmproj": True,
+            origin = {"checkpoint_sha256": checkpoint_fingerprint(state.mmproj_snapshot)} if mm.checkpoint is not None \
+                else {"repo": mm.hf.repo, "revision": mm.hf.revision}
+            inputs = {**origin, "outtype": mm.outtype, "mmproj": True,
                       "mistral_format": mm.mistral_format, "converter": build_label()}
             wrote = _run_converter(lambda tmp: convert_argv(state.mmproj_snapshot, tmp, mm.outtype, mmproj=True,
                                                             mistral_format=mm.mistral_format),
@@ -1487,7 +1536,9 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
         mm = cfg.mmproj
         what = {"file": lambda: f"file {mm.path.raw}",
                 "hf": lambda: f"{mm.hf.repo}@{mm.hf.revision[:12]}/{mm.hf.files[0]}",
-                "convert": lambda: f"converted from {mm.hf.repo}@{mm.hf.revision[:12]} at {mm.outtype.upper()}"}[mm.kind]()
+                "convert": lambda: ("converted from " + (f"local checkpoint {mm.checkpoint.raw}" if mm.checkpoint
+                                                         else f"{mm.hf.repo}@{mm.hf.revision[:12]}")
+                                    + f" at {mm.outtype.upper()}")}[mm.kind]()
         lines.append(f"mmproj    {what} -> {mm.name} (never touched by profiles)")
         try:
             fetch_mmproj(state, run=False)

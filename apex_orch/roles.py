@@ -86,13 +86,16 @@ ROLE_DECISIONS: tuple[RoleDecision, ...] = (
        "kept out of the expert matrices' bytes and bands"),
     _d("shared expert", r"^ffn_(gate|up|down)_shexp\.(?:weight|bias|scale)$", Role.SHARED_EXPERT, None,
        "the always-on expert(s): typed by `shared_expert`"),
-    _d("router", r"^(ffn_gate_inp)(?:_shexp)?\.(?:weight|bias)$", Role.ROUTER, "gate_inp",
-       "expert scores (and Qwen's shared-expert gate, [n_embd, 1] = 1-D for ggml): llama.cpp never "
-       "quantizes ffn_gate_inp.weight"),
+    _d("router", r"^(ffn_gate_inp)(?:_shexp)?\.(?:weight|bias|scale)$", Role.ROUTER, "gate_inp",
+       "expert scores (and Qwen's shared-expert gate, [n_embd, 1] = 1-D for ggml; Gemma-4's router "
+       "input scale, 1-D): llama.cpp never quantizes ffn_gate_inp.weight"),
     _d("expert-probability bias", r"^(exp_probs_b)(?:_vl)?(?:\.bias|\.weight)?$", Role.ROUTER, "exp_probs_b",
        "the router's score-correction bias (1-D, with or without a .bias suffix): part of routing"),
     _d("dense FFN", r"^ffn_(gate_up|gate|up|down)" + _W, Role.DENSE_FFN, None,
        "leading dense blocks' FFN (and dense layers of interleaved MoE): typed by `dense_ffn`"),
+    _d("per-layer input gate/projection (Gemma)", r"^(inp_gate|proj)" + _W, Role.DENSE_FFN, None,
+       "Gemma-4's per-layer-input branch (gate from the hidden state, projection back to it): a small "
+       "always-on MLP in every block, quantized by llama.cpp: typed by `dense_ffn`"),
     # ---- small per-layer parameters
     _d("norm", r"^(.*_norm)(?:_\d+)?" + _W, Role.NORM, "norm",
        "normalisation gains/biases (1-D): llama.cpp never quantizes *_norm.weight"),

@@ -131,6 +131,8 @@ KINDS = [
     ("blk.3.attn_sinks.weight", Role.ATTENTION), ("blk.3.attn_gate.weight", Role.ATTENTION),
     ("blk.3.ffn_gate_inp_shexp.weight", Role.ROUTER), ("blk.3.attn_q.bias", Role.ATTENTION),
     ("blk.3.nextn.eh_proj.weight", Role.NEXTN),
+    ("blk.3.inp_gate.weight", Role.DENSE_FFN), ("blk.3.proj.weight", Role.DENSE_FFN),
+    ("blk.3.ffn_gate_inp.scale", Role.ROUTER),
 ]
 
 
@@ -257,3 +259,30 @@ def test_predicted_size_counts_dims_as_gguf_writes_them(tmp_path):
     assert written == job.predicted_size
     header_dims = {t.name: len(t.shape) for t in read_model(res.files[0]).tensors}
     assert header_dims["blk.3.ffn_gate_inp_shexp.weight"] == 1
+
+
+# ---- the release starts from a local checkpoint folder (issue 14, 3); the real run is tests/archs
+def test_release_source_convert_from_a_local_checkpoint_folder(tmp_path):
+    import yaml
+
+    from apex_orch import release as rel
+    from apex_orch.errors import ConfigError
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    doc = {"name": "Tiny", "license": "mit", "source": {"convert": {"path": "ckpt", "outtype": "f16"}},
+           "tiers": ["compact"], "eval": {"enabled": False}, "mmproj": {"convert": {}},
+           "publish": {"repo": "apex-test/Tiny-APEX-GGUF"}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    cfg = rel.load_release(tmp_path / "r.yaml")
+    assert cfg.source.kind == "convert" and cfg.source.hf is None
+    assert cfg.source.checkpoint.resolve() == ckpt
+    assert cfg.mmproj.kind == "convert" and cfg.mmproj.checkpoint == cfg.source.checkpoint
+    assert "local checkpoint ckpt" in cfg.source.describe()
+    before = rel.checkpoint_fingerprint(ckpt)
+    (ckpt / "config.json").write_text('{"changed": 1}')
+    assert rel.checkpoint_fingerprint(ckpt) != before
+    doc["source"]["convert"]["repo"] = "org/name"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="either path"):
+        rel.load_release(tmp_path / "r.yaml")

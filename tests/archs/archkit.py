@@ -30,6 +30,7 @@ LLAMA_TREE = REPO / "vendor" / "llama.cpp"
 CONVERTER = LLAMA_TREE / "convert_hf_to_gguf.py"
 VOCAB = LLAMA_TREE / "models" / "ggml-vocab-gpt-2.gguf"
 N_VOCAB = 50257
+GEMMA4_VOCAB = 262144
 VOCAB_SIZE = 50304                 # config.vocab_size: the tokenizer's 50257 + room for added tokens
 
 # Tiny sizes shared by every architecture (each spec may override)
@@ -50,11 +51,14 @@ class ArchSpec:
     gguf_arch: str = ""           # general.architecture the converter writes
     special_tokens: tuple[str, ...] = ()
     tokenizer: str = "gpt-2"      # "gpt-2"/"qwen35" (BPE from that vocab GGUF), "spm" (tokenizer.model),
-                                  # "spm+json" (tokenizer.model and its tokenizer.json)
+                                  # "spm+json" (tokenizer.model and its tokenizer.json), "gemma4" (its BPE)
     e2e: bool = False             # the family's end-to-end model (quantize + verify + eval)
+    mmproj: bool = False          # a vision model: the converter's --mmproj also writes its projector
     config_class: str = ""        # when not <hf_class minus ForCausalLM>Config
     extra_args: tuple[str, ...] = ()
     notes: str = ""
+    config_json: dict = field(default_factory=dict)   # keys written into config.json as the release checkpoints
+                                                      # spell them (transformers 5 renames some on save)
     sub_configs: dict = field(default_factory=dict)   # nested configs (text_config, vision_config)
 
 
@@ -68,6 +72,8 @@ def _std_attn(**kw) -> dict:
 
 GLM_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>")
+
+MISTRAL_VISION_SPECIALS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")   # ids 50257.. after GPT-2's vocab
 
 _MLA = dict(kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, head_dim=16,
             num_key_value_heads=HEADS, n_group=1, topk_group=1)
@@ -95,14 +101,17 @@ ARCHS: list[ArchSpec] = [
     ArchSpec("qwen35moe", "Qwen3.5-MoE", "Qwen3_5MoeForCausalLM",
              _std_attn(num_hidden_layers=4, num_experts=4, shared_expert_intermediate_size=MOE_FF,
                        layer_types=["linear_attention"] * 3 + ["full_attention"], **_MOE4, **_HYBRID_LIN,
-                       vocab_size=151936),
+                       vocab_size=151936,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                        "mrope_section": [1, 1, 0], "mrope_interleaved": True}),
              routed=4, used=2, shared=1, gguf_arch="qwen35moe", e2e=True, config_class="Qwen3_5MoeTextConfig",
              tokenizer="qwen35",
              extra_args=("--no-mtp",), notes="transformers' class has no MTP weights: converted with --no-mtp"),
     ArchSpec("deepseek2-lite", "DeepSeek-V2 (Lite, no q LoRA)", "DeepseekV2ForCausalLM",
-             _std_attn(num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
+             _std_attn(num_hidden_layers=26, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
                        q_lora_rank=None, topk_method="greedy", **_MLA, **_MOE4),
-             routed=4, used=2, shared=1, leading_dense=1, gguf_arch="deepseek2", e2e=True),
+             routed=4, used=2, shared=1, leading_dense=1, gguf_arch="deepseek2", e2e=True,
+             notes="26 blocks: the pinned llama.cpp reads q_lora_rank unless n_layer is 26/27 (its V2-Lite test)"),
     ArchSpec("deepseek3", "DeepSeek-V3 (MLA)", "DeepseekV3ForCausalLM",
              _std_attn(num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
                        q_lora_rank=32, num_nextn_predict_layers=0, **_MLA, **_MOE4),
@@ -128,11 +137,13 @@ ARCHS: list[ArchSpec] = [
                        layer_types=["sliding_attention", "full_attention"], sliding_window=128),
              routed=4, used=2, gguf_arch="gpt-oss", e2e=True),
     ArchSpec("llama4", "Llama 4", "Llama4ForCausalLM",
-             _std_attn(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=1, intermediate_size=MOE_FF,
-                       intermediate_size_mlp=FF, interleave_moe_layer_step=1, moe_layers=[0, 1],
-                       no_rope_layers=[1, 0], layer_types=["chunked_attention", "full_attention"],
+             _std_attn(num_hidden_layers=4, num_local_experts=4, num_experts_per_tok=1, intermediate_size=MOE_FF,
+                       intermediate_size_mlp=FF, interleave_moe_layer_step=1, moe_layers=[0, 1, 2, 3],
+                       no_rope_layers=[1, 1, 1, 0], layer_types=["chunked_attention"] * 3 + ["full_attention"],
                        attention_chunk_size=128),
-             routed=4, used=1, shared=1, gguf_arch="llama4", config_class="Llama4TextConfig", e2e=True),
+             routed=4, used=1, shared=1, gguf_arch="llama4", config_class="Llama4TextConfig", e2e=True,
+             notes="4 blocks: llama.cpp makes every 4th block NoPE (with fewer its attention-temperature "
+                   "input is unused and llama-imatrix aborts)"),
     ArchSpec("granitemoe", "Granite MoE", "GraniteMoeForCausalLM",
              _std_attn(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=MOE_FF),
              routed=4, used=2, gguf_arch="granitemoe", e2e=True),
@@ -144,7 +155,10 @@ ARCHS: list[ArchSpec] = [
              _std_attn(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=MOE_FF,
                        shared_intermediate_size=MOE_FF, layer_types=["mamba", "attention"], mamba_n_heads=4,
                        mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1, mamba_expand=2, mamba_chunk_size=64),
-             routed=4, used=2, shared=1, gguf_arch="granitehybrid", e2e=True),
+             routed=4, used=2, shared=1, gguf_arch="granitehybrid", e2e=True,
+             config_json={"layer_types": ["mamba", "attention"]},
+             notes="config.json's layer_types as Granite 4.0-H spells them (mamba/attention): transformers 5 "
+                   "saves linear_attention/full_attention, which the converter reads as no attention layer"),
     ArchSpec("jamba", "Jamba", "JambaForCausalLM",
              _std_attn(num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, intermediate_size=MOE_FF,
                        expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
@@ -155,8 +169,9 @@ ARCHS: list[ArchSpec] = [
                        layer_types=["conv", "full_attention", "conv"], tie_word_embeddings=True, **_MOE4),
              routed=4, used=2, leading_dense=1, gguf_arch="lfm2moe", e2e=True),
     ArchSpec("olmoe", "OLMoE", "OlmoeForCausalLM",
-             _std_attn(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, intermediate_size=MOE_FF),
-             routed=4, used=2, gguf_arch="olmoe", e2e=True),
+             _std_attn(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, intermediate_size=MOE_FF,
+                       num_key_value_heads=HEADS),
+             routed=4, used=2, gguf_arch="olmoe", e2e=True, notes="no GQA (llama.cpp's OLMoE k_norm spans n_embd)"),
     ArchSpec("dbrx", "DBRX", "DbrxForCausalLM",
              dict(d_model=H, n_heads=HEADS, n_layers=2, max_seq_len=512, vocab_size=VOCAB_SIZE,
                   attn_config={"kv_n_heads": KV_HEADS, "clip_qkv": 8.0, "rope_theta": 10000.0},
@@ -164,26 +179,34 @@ ARCHS: list[ArchSpec] = [
              routed=4, used=2, gguf_arch="dbrx", e2e=True),
     ArchSpec("ernie45moe", "ERNIE 4.5 MoE", "Ernie4_5_MoeForCausalLM",
              _std_attn(num_hidden_layers=3, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1,
+                       intermediate_size=KV_HEADS * MOE_FF,   # the converter's shared width: this // kv heads
                        moe_intermediate_size=MOE_FF, moe_layer_start_index=1, moe_layer_end_index=2),
              routed=4, used=2, shared=1, leading_dense=1, gguf_arch="ernie4_5-moe", tokenizer="spm", e2e=True),
     ArchSpec("dots1", "dots.llm1", "Dots1ForCausalLM",
              _std_attn(num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
-                       **_MOE4),
-             routed=4, used=2, shared=1, leading_dense=1, gguf_arch="dots1", e2e=True),
+                       num_key_value_heads=HEADS, scoring_func="sigmoid", **_MOE4),
+             routed=4, used=2, shared=1, leading_dense=1, gguf_arch="dots1", e2e=True,
+             notes="no GQA (llama.cpp's dots1 sizes k/v as n_head * head_dim, like the release)"),
     ArchSpec("minimax-m2", "MiniMax-M2", "MiniMaxM2ForCausalLM",
              _std_attn(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=MOE_FF,
-                       rotary_dim=HEAD_DIM),
+                       rotary_dim=HEAD_DIM, scoring_func="sigmoid"),
              routed=4, used=2, gguf_arch="minimax-m2", e2e=True),
     ArchSpec("hunyuan-moe", "Hunyuan MoE", "HunYuanMoEV1ForCausalLM",
              _std_attn(num_hidden_layers=2, num_experts=4, intermediate_size=MOE_FF,
-                       moe_intermediate_size=[MOE_FF] * 2, moe_topk=[2] * 2),
-             routed=4, used=2, gguf_arch="hunyuan-moe", e2e=True),
+                       moe_intermediate_size=[MOE_FF] * 2, moe_topk=[2] * 2, num_shared_expert=[1] * 2,
+                       vocab_size=N_VOCAB),
+             routed=4, used=2, shared=1, gguf_arch="hunyuan-moe", tokenizer="hunyuan", e2e=True,
+             notes="tokenizer: the release's remote-code shape (mergeable_ranks) over GPT-2's vocab; "
+                   "transformers' class always has the shared MLP (num_shared_expert = 1)"),
     ArchSpec("gemma4moe", "Gemma-4 MoE", "Gemma4ForCausalLM",
              _std_attn(num_hidden_layers=2, enable_moe_block=True, num_experts=4, top_k_experts=2,
                        moe_intermediate_size=MOE_FF, layer_types=["sliding_attention", "full_attention"],
-                       sliding_window=128, hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB_SIZE,
-                       tie_word_embeddings=True),
-             routed=4, used=2, gguf_arch="gemma4", config_class="Gemma4TextConfig", tokenizer="spm+json", e2e=True),
+                       sliding_window=128, hidden_size_per_layer_input=16, vocab_size_per_layer_input=GEMMA4_VOCAB,
+                       tie_word_embeddings=True, vocab_size=GEMMA4_VOCAB, bos_token_id=2, eos_token_id=1,
+                       pad_token_id=0),
+             routed=4, used=2, gguf_arch="gemma4", config_class="Gemma4TextConfig", tokenizer="gemma4", e2e=True,
+             notes="Gemma 4's own vocab (262144, from the tree's gemma-4 vocab GGUF): llama.cpp's gemma4 "
+                   "tokenizer needs its BPE merges"),
     ArchSpec("afmoe", "AFMoE (Trinity)", "AfmoeForCausalLM",
              _std_attn(num_hidden_layers=3, num_experts=4, num_shared_experts=1, num_dense_layers=1,
                        layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=128,
@@ -198,7 +221,7 @@ ARCHS: list[ArchSpec] = [
              _std_attn(num_hidden_layers=3, num_experts=4, num_shared_experts=1, first_k_dense_replace=1,
                        mlp_layer_types=["dense", "sparse", "sparse"],
                        layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=128,
-                       **_MOE4),
+                       scoring_func="sigmoid", **_MOE4),
              routed=4, used=2, shared=1, leading_dense=1),
     ArchSpec("laguna", "Laguna", "LagunaForCausalLM",
              _std_attn(num_hidden_layers=3, num_experts=4, shared_expert_intermediate_size=MOE_FF,
@@ -216,6 +239,21 @@ ARCHS: list[ArchSpec] = [
              _std_attn(num_hidden_layers=3, num_experts=4, num_shared_experts=1,
                        mlp_layer_types=["dense", "sparse", "sparse"], **_MOE4),
              routed=4, used=2, shared=1, leading_dense=1),
+    ArchSpec("mistral-small-4", "Mistral-Small-4 (Mistral 3 path, Pixtral tower)", "Mistral3ForConditionalGeneration",
+             dict(image_token_index=N_VOCAB, projector_hidden_act="gelu", spatial_merge_size=2,
+                  multimodal_projector_bias=False, vision_feature_layer=-1),
+             routed=4, used=2, shared=1, gguf_arch="mistral4", config_class="Mistral3Config",
+             special_tokens=MISTRAL_VISION_SPECIALS, e2e=True, mmproj=True,
+             sub_configs={"text_config": ("Mistral4Config", _std_attn(
+                              num_hidden_layers=2, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0,
+                              q_lora_rank=32, bos_token_id=50256, eos_token_id=50256, pad_token_id=None,
+                              **_MLA, **_MOE4)),
+                          "vision_config": ("PixtralVisionConfig", dict(
+                              hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              head_dim=16, image_size=64, patch_size=16))},
+             notes="Mistral3ForConditionalGeneration with a mistral4 text model (MLA + MoE) and a tiny Pixtral "
+                   "tower (3 blocks: the converter maps multi_modal_projector.linear_N by block number); "
+                   "the projector is written by the converter's --mmproj"),
     ArchSpec("nemotron-h-moe", "Nemotron-H MoE (hybrid)", "NemotronHForCausalLM",
              _std_attn(num_hidden_layers=4, layers_block_type=["mamba", "moe", "attention", "moe"],
                        n_routed_experts=4, n_shared_experts=1, moe_shared_expert_intermediate_size=MOE_FF,
@@ -265,7 +303,8 @@ def content_key(spec: ArchSpec) -> str:
     h.update(json.dumps(spec.__dict__, sort_keys=True, default=str).encode())
     h.update(f"transformers={transformers.__version__} torch={torch.__version__}".encode())
     h.update(_tree_digest([CONVERTER, LLAMA_TREE / "conversion", LLAMA_TREE / "gguf-py" / "gguf", VOCAB]).encode())
-    for fn in (build_checkpoint, _add_mtp_layers, write_tokenizer, write_spm_tokenizer, _config):
+    for fn in (build_checkpoint, _add_mtp_layers, write_tokenizer, write_spm_tokenizer, write_gemma4_tokenizer,
+               write_tiktoken_style_tokenizer, _copy_tokenizer, _config):
         h.update(inspect.getsource(fn).encode())
     return h.hexdigest()[:16]
 
@@ -337,6 +376,71 @@ def write_tokenizer(folder: Path, specials: tuple[str, ...] = (), vocab: str = "
     hf.save_pretrained(folder)
 
 
+def write_gemma4_tokenizer(folder: Path) -> None:
+    """Gemma 4's byte-fallback BPE (`tokenizer.json` with its merges: llama.cpp's "gemma4" vocab
+    needs them) rebuilt from the tree's gemma-4 vocab GGUF: 262144 tokens, its merges, specials."""
+    import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    r = gguf.GGUFReader(LLAMA_TREE / "models" / "ggml-vocab-gemma-4.gguf")
+    tokens = _gguf_strings(r.fields["tokenizer.ggml.tokens"])
+    types = [int(r.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in r.fields["tokenizer.ggml.token_type"].data]
+    merges = [tuple(m.split(" ")) for m in _gguf_strings(r.fields["tokenizer.ggml.merges"]) if m.count(" ") == 1]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, byte_fallback=True,
+                               unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+                            if ty == gguf.TokenType.CONTROL])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                 pad_token="<pad>")
+    hf.save_pretrained(folder)
+
+
+_TIKTOKEN_STYLE = '''"""Hunyuan's tokenizer shape (remote code, as the release ships it): a byte-level BPE that
+exposes tiktoken-style `mergeable_ranks` (bytes -> rank) and `special_tokens` (name -> id). Here
+GPT-2's vocab (its ids are tiktoken's gpt2 ranks), written by tests/archs/archkit.py."""
+from transformers import PreTrainedTokenizerFast
+
+
+def _byte_decoder():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\\xa1"), ord("\\xac") + 1)) \\
+        + list(range(ord("\\xae"), ord("\\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class HYTokenizer(PreTrainedTokenizerFast):
+    @property
+    def special_tokens(self):
+        return {"<|endoftext|>": 50256}
+
+    @property
+    def mergeable_ranks(self):
+        dec = _byte_decoder()
+        # the first 4096 ranks only: the converter rebuilds each token's merge in pure Python (two
+        # minutes for all 50256); the rest are written as unused [PAD] tokens
+        return {bytes(dec[ch] for ch in tok): i for tok, i in self.get_vocab().items() if i < 4096}
+'''
+
+
+def write_tiktoken_style_tokenizer(folder: Path) -> None:
+    """Hunyuan's converter reads `mergeable_ranks`/`special_tokens` from the release's remote-code
+    tokenizer (AutoTokenizer, trust_remote_code): the same shape over GPT-2's vocab, whose ids are
+    tiktoken's gpt2 ranks, so the pre-tokenizer hash is GPT-2's known entry."""
+    (folder / "tokenization_hy.py").write_text(_TIKTOKEN_STYLE)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_hy.HYTokenizer", "tokenization_hy.HYTokenizer"]}
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 # ---------------------------------------------------------------- checkpoint and conversion
 
 def _config(spec: ArchSpec):
@@ -364,13 +468,39 @@ def build_checkpoint(spec: ArchSpec, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
     if spec.nextn:
         _add_mtp_layers(spec, config, folder)
-    if spec.tokenizer.startswith("spm"):
-        write_spm_tokenizer(folder)
-        if spec.tokenizer == "spm+json":   # the fast tokenizer transformers converts from it
-            from transformers import LlamaTokenizerFast
-            LlamaTokenizerFast(vocab_file=str(folder / "tokenizer.model")).save_pretrained(folder)
-    else:
-        write_tokenizer(folder, spec.special_tokens, spec.tokenizer)
+    if spec.mmproj:   # the image processor's settings the projector GGUF records (Pixtral's release values)
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "PixtralImageProcessor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "patch_size": 16, "size": {"longest_edge": 64}}))
+    if spec.config_json:
+        cfg_path = folder / "config.json"
+        cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **spec.config_json}, indent=2))
+    _copy_tokenizer(spec, folder)
+    if spec.tokenizer == "hunyuan":
+        write_tiktoken_style_tokenizer(folder)
+
+
+def _copy_tokenizer(spec: ArchSpec, folder: Path) -> None:
+    """The tokenizer files, built once per (kind, specials) under the cache and copied: rebuilding
+    a 50k-262k token BPE from its vocab GGUF costs seconds to a minute per checkpoint."""
+    import shutil
+    key = hashlib.sha256(json.dumps([spec.tokenizer, list(spec.special_tokens)]).encode()).hexdigest()[:16]
+    done = cache_root() / "tokenizers" / f"{spec.tokenizer}-{key}"
+    if not done.is_dir():
+        tmp = done.with_name(done.name + f".part{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if spec.tokenizer == "gemma4":
+            write_gemma4_tokenizer(tmp)
+        elif spec.tokenizer.startswith("spm"):
+            write_spm_tokenizer(tmp)
+            if spec.tokenizer == "spm+json":   # the fast tokenizer transformers converts from it
+                from transformers import LlamaTokenizerFast
+                LlamaTokenizerFast(vocab_file=str(tmp / "tokenizer.model")).save_pretrained(tmp)
+        else:   # "gpt-2", "qwen35" and "hunyuan" (GPT-2's, with remote code added after the copy)
+            write_tokenizer(tmp, spec.special_tokens, "gpt-2" if spec.tokenizer == "hunyuan" else spec.tokenizer)
+        os.replace(tmp, done)
+    for f in done.iterdir():
+        shutil.copyfile(f, folder / f.name)
 
 
 def _add_mtp_layers(spec: ArchSpec, config, folder: Path) -> None:
@@ -398,7 +528,8 @@ def _add_mtp_layers(spec: ArchSpec, config, folder: Path) -> None:
 def converter_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                "HF_MODULES_CACHE": str(cache_root() / "hf-modules")})   # remote-code tokenizers land here
     return env
 
 
@@ -415,7 +546,7 @@ def get_all(specs: list[ArchSpec]) -> dict[str, "Built | str"]:
     jobs, pending = [], []
     for spec in specs:
         root = cache_root() / f"{spec.id}-{content_key(spec)}"
-        if (root / f"{spec.id}.gguf").exists():
+        if (root / f"{spec.id}.gguf").exists() and (not spec.mmproj or (root / "mmproj.gguf").exists()):
             out[spec.id] = get(spec)
             continue
         root.mkdir(parents=True, exist_ok=True)
@@ -430,6 +561,10 @@ def get_all(specs: list[ArchSpec]) -> dict[str, "Built | str"]:
         jobs.append({"converter": str(CONVERTER), "log": str(root / "convert.log"),
                      "argv": [str(root / "hf"), "--outfile", str(root / f".{spec.id}.gguf.part"),
                               "--outtype", "f16", *spec.extra_args]})
+        if spec.mmproj:   # the projector: the same converter, its --mmproj path
+            jobs.append({"converter": str(CONVERTER), "log": str(root / "convert-mmproj.log"),
+                         "argv": [str(root / "hf"), "--outfile", str(root / ".mmproj.gguf.part"),
+                                  "--outtype", "f16", "--mmproj"]})
     if jobs:
         (cache_root() / "jobs.json").write_text(json.dumps(jobs))
         t0 = time.monotonic()
@@ -439,6 +574,16 @@ def get_all(specs: list[ArchSpec]) -> dict[str, "Built | str"]:
         for spec, root, build_s in pending:
             part, log = root / f".{spec.id}.gguf.part", (root / "convert.log")
             text = log.read_text() if log.exists() else "(no log)"
+            if spec.mmproj:
+                mm_part, mm_log = root / ".mmproj.gguf.part", root / "convert-mmproj.log"
+                mm_text = mm_log.read_text() if mm_log.exists() else "(no log)"
+                if mm_part.exists() and mm_text.rstrip().endswith("exit status 0"):
+                    os.replace(mm_part, root / "mmproj.gguf")
+                else:
+                    mm_part.unlink(missing_ok=True)
+                    part.unlink(missing_ok=True)
+                    out[spec.id] = "convert_hf_to_gguf.py --mmproj failed:\n" + mm_text[-2500:]
+                    continue
             if part.exists() and text.rstrip().endswith("exit status 0"):
                 os.replace(part, root / f"{spec.id}.gguf")
                 (root / "built.json").write_text(json.dumps({"seconds": build_s + per_job}))
@@ -456,6 +601,7 @@ class Built:
     gguf: Path
     seconds: float
     log: str
+    mmproj: Path | None = None    # the projector GGUF (vision models: the converter's --mmproj)
 
 
 def get(spec: ArchSpec) -> Built:
@@ -464,7 +610,8 @@ def get(spec: ArchSpec) -> Built:
     ckpt, out, log = root / "hf", root / f"{spec.id}.gguf", root / "convert.log"
     if out.exists():
         meta = json.loads((root / "built.json").read_text())
-        return Built(spec, ckpt, out, meta["seconds"], log.read_text())
+        return Built(spec, ckpt, out, meta["seconds"], log.read_text(),
+                     root / "mmproj.gguf" if spec.mmproj else None)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     if not (ckpt / "config.json").exists():
@@ -475,7 +622,16 @@ def get(spec: ArchSpec) -> Built:
     if r.returncode != 0:
         raise AssertionError(f"convert_hf_to_gguf.py failed for {spec.id} (exit {r.returncode}):\n"
                              + (r.stdout + r.stderr)[-3000:])
+    mmproj = None
+    if spec.mmproj:
+        mm_tmp, mmproj = root / ".mmproj.gguf.part", root / "mmproj.gguf"
+        r = convert(ckpt, mm_tmp, "--mmproj")
+        (root / "convert-mmproj.log").write_text(r.stdout + r.stderr)
+        if r.returncode != 0:
+            raise AssertionError(f"convert_hf_to_gguf.py --mmproj failed for {spec.id} (exit {r.returncode}):\n"
+                                 + (r.stdout + r.stderr)[-3000:])
+        os.replace(mm_tmp, mmproj)
     os.replace(tmp, out)
     seconds = time.monotonic() - t0
     (root / "built.json").write_text(json.dumps({"seconds": seconds}))
-    return Built(spec, ckpt, out, seconds, log.read_text())
+    return Built(spec, ckpt, out, seconds, log.read_text(), mmproj)

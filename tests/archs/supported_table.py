@@ -37,8 +37,12 @@ def table(results: dict) -> str:
         plan = "—" if planned is None else (f"all {len(planned)}" if len(planned) == n_profiles
                                             else f"{len(planned)}/{n_profiles}")
         e2e = ", ".join(r.get("end_to_end", [])) or ("—" if not spec.e2e else "failed")
+        if r.get("mmproj"):
+            e2e += f"; projector ({r['mmproj']['projector']}) by --mmproj"
         note = f" ({spec.notes})" if spec.notes else ""
         rows.append(f"| {spec.family}{note} | `{spec.hf_class}` | `{r['gguf_arch']}` | {roles} | {plan} | {e2e} |")
+    for spec, reason in archkit.NOT_YET:
+        rows.append(f"| {spec.family} | `{spec.hf_class}` | not yet: {reason} | | | |")
     return "\n".join(rows) + "\n"
 
 

@@ -114,3 +114,21 @@ def test_end_to_end(converted, record, tmp_path, eval_text, arch):
         assert r.exit_code == 0, r.output[-3000:]
         assert "KLD" in r.output
     record(arch, "end_to_end", ["compact", "i-compact"])
+
+
+MMPROJ = [s.id for s in archkit.ARCHS if s.mmproj]
+
+
+@pytest.mark.parametrize("arch", MMPROJ)
+def test_projector_written_by_the_converters_mmproj(converted, record, arch):
+    """A vision model's projector comes from the converter's own --mmproj path (a `clip` GGUF of
+    v.*/mm.* tensors); the text GGUF that apex-orch plans holds none of them."""
+    import gguf
+    b = built_model(converted, arch)
+    assert b.mmproj is not None and b.mmproj.exists()
+    r = gguf.GGUFReader(b.mmproj)
+    assert r.fields["general.architecture"].contents() == "clip"
+    prefixes = {t.name.split(".")[0] for t in r.tensors}
+    assert prefixes == {"v", "mm"}, prefixes
+    assert not any(t.name.startswith(("v.", "mm.")) for t in read_model(b.gguf).tensors)
+    record(arch, "mmproj", {"projector": r.fields["clip.projector_type"].contents(), "tensors": len(r.tensors)})
