@@ -47,10 +47,10 @@ venv: $(PYTHON)
 # LLAMA_CMAKE_ARGS) into the cache (~/.cache/apex-orch, or $$APEX_ORCH_CACHE); vendor/llama.cpp
 # links to it. Standard library only: runs before installs. `apex-orch build` runs the same code.
 llama: $(PYTHON)
-	LLAMA_CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PYTHON) -m apex_orch.build llama
+	LLAMA_CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(PYTHON) -m apex_orch.llama.build llama
 
 $(STAMP_DIR)/bindings: | $(PYTHON)
-	$(PYTHON) -m apex_orch.build bindings
+	$(PYTHON) -m apex_orch.llama.build bindings
 	@mkdir -p $(STAMP_DIR) && touch $@
 
 bindings: llama $(STAMP_DIR)/bindings

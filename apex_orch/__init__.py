@@ -1,6 +1,6 @@
 """apex-orch: APEX quantization of Mixture-of-Experts GGUF models with llama.cpp.
 
-Kept import-light on purpose: `python -m apex_orch.build` runs before any
+Kept import-light on purpose: `python -m apex_orch.llama.build` runs before any
 dependency is installed.
 """
 

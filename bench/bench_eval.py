@@ -30,9 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from apex_orch import evalcache, synthetic  # noqa: E402
-from apex_orch import evaluate as ev  # noqa: E402
-from apex_orch.llama import build_label, find_tool, run_tool  # noqa: E402
+from apex_orch.evaluation import base_cache as evalcache  # noqa: E402
+from apex_orch.demo import synthetic  # noqa: E402
+from apex_orch.evaluation import evaluate as ev  # noqa: E402
+from apex_orch.llama.tools import build_label, find_tool, run_tool  # noqa: E402
 from common import cpu_model  # noqa: E402
 
 

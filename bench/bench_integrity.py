@@ -3,10 +3,10 @@
     .venv/bin/python bench/bench_integrity.py [--config releases/demo.yaml] [--out DIR]
     .venv/bin/python bench/bench_integrity.py --smoke --out /tmp/i     # CI: tiny model, one tier
 
-Runs the release in-process (apex_orch.release.run_release) with a fresh, empty APEX_ORCH_CACHE
+Runs the release in-process (apex_orch.release.runner.run_release) with a fresh, empty APEX_ORCH_CACHE
 (the pinned build linked in, as bench_release does) and times every integrity check from inside:
-the functions of apex_orch.fingerprint (full sha256 of sources and outputs, the stat-keyed memo,
-the manifest record check) and of apex_orch.safefiles (links refused, outputs vs inputs), plus the
+the functions of apex_orch.core.fingerprint (full sha256 of sources and outputs, the stat-keyed memo,
+the manifest record check) and of apex_orch.core.safefiles (links refused, outputs vs inputs), plus the
 tier-name collision check. Only the outermost call is counted (a check calling another counts
 once), summed over threads. Tool time: llama-quantize seconds from each manifest, llama-imatrix
 seconds from the imatrix sidecar.
@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 from common import machine, write_results, write_smoke_model  # noqa: E402
 
-from apex_orch import pin  # noqa: E402
+from apex_orch.llama import pin  # noqa: E402
 
 SMOKE_CONFIG = """\
 # bench_integrity --smoke: a tiny local model, one tier, no imatrix, no eval.
@@ -57,9 +57,9 @@ publish: {{repo: apex-orch/bench-smoke, private: true}}
 """
 
 CHECKS = {
-    "apex_orch.fingerprint": ("sha256_file", "source_sha256", "check_record", "file_record", "remember"),
-    "apex_orch.safefiles": ("refuse_links", "check_not_inputs", "safe_mkdir"),
-    "apex_orch.quantize": ("check_distinct_outputs",),
+    "apex_orch.core.fingerprint": ("sha256_file", "source_sha256", "check_record", "file_record", "remember"),
+    "apex_orch.core.safefiles": ("refuse_links", "check_not_inputs", "safe_mkdir"),
+    "apex_orch.quantize.job": ("check_distinct_outputs",),
 }
 GB_240 = 240e9
 
@@ -112,8 +112,8 @@ class Meter:
             for n in names:
                 originals[id(getattr(mod, n))] = (n, getattr(mod, n))
         # every apex_orch module that imported one of them by name gets the timed one too
-        import apex_orch.evaluate, apex_orch.imatrix, apex_orch.manifest, apex_orch.outputs  # noqa: E401,F401
-        import apex_orch.publish, apex_orch.release  # noqa: E401,F401
+        import apex_orch.evaluation.evaluate, apex_orch.calibration.imatrix, apex_orch.core.manifest, apex_orch.core.outputs  # noqa: E401,F401
+        import apex_orch.release.publish, apex_orch.release.runner  # noqa: E401,F401
         wrapped = {key: self.wrap(n, fn) for key, (n, fn) in originals.items()}
         for mod_name, mod in list(sys.modules.items()):
             if not mod_name.startswith("apex_orch") or mod is None:
@@ -160,7 +160,7 @@ def _shown(path: Path) -> str:
 
 
 def run(cfg, out: Path, meter: Meter, phases=None) -> dict:
-    from apex_orch.release import run_release
+    from apex_orch.release.runner import run_release
     meter.reset()
     t0 = time.perf_counter()
     result = run_release(cfg, out_dir=out, phases=phases, jobs=1)
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             model = write_smoke_model(work / "bench-smoke-moe.gguf")
             config = work / "smoke-integrity.yaml"
             config.write_text(SMOKE_CONFIG.format(model=json.dumps(str(model))), encoding="utf-8")
-        from apex_orch import publish
-        from apex_orch.release import load_release, resolve_release
+        from apex_orch.release import publish
+        from apex_orch.release.runner import load_release, resolve_release
         meter = Meter()
         meter.install()
         cfg = load_release(config)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`apex-orch release {data['config']}` in-process, cold APEX_ORCH_CACHE, -j 1; tiers "
         f"{', '.join(data['tiers'])}; {out_bytes / mib:.1f} MiB of GGUF outputs. Check time = time inside "
-        "apex_orch.fingerprint / safefiles checks (outermost calls). Tool time = llama-quantize + llama-imatrix "
+        "apex_orch.core.fingerprint / safefiles checks (outermost calls). Tool time = llama-quantize + llama-imatrix "
         f"seconds of the first run: **{tools['total_s']:.2f} s**.",
         "",
         "| run | wall s | checks s | bytes hashed | checks / tool time |",

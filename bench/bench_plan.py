@@ -18,10 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results  # noqa: E402
 
-from apex_orch.model import read_model  # noqa: E402
-from apex_orch.plan import make_plan  # noqa: E402
-from apex_orch.profile import list_profiles, load_profile  # noqa: E402
-from apex_orch.synthetic import write_mistral_small_4_replica  # noqa: E402
+from apex_orch.model.info import read_model  # noqa: E402
+from apex_orch.plan.planner import make_plan  # noqa: E402
+from apex_orch.plan.profiles import list_profiles, load_profile  # noqa: E402
+from apex_orch.demo.synthetic import write_mistral_small_4_replica  # noqa: E402
 
 REPEAT = 20
 CLI_RUNS = 5

@@ -6,7 +6,7 @@
 
 What it does, on the reference model that `make reference-model` caches
 (<cache>/models/reference-moe-<key>.gguf, bench/reference_model/):
-  1. one importance matrix from the `diverse` corpus (apex_orch.imatrix, cached);
+  1. one importance matrix from the `diverse` corpus (apex_orch.calibration.imatrix, cached);
   2. every APEX tier: quality, balanced, compact without an imatrix, and I-Quality, I-Balanced,
      I-Compact, I-Mini, I-Nano, I-Micro with it (mini/nano/micro cannot be made without one:
      their IQ2/IQ1 experts need imatrix data; I-Mini is the mini layout + the diverse imatrix);
@@ -14,7 +14,7 @@ What it does, on the reference model that `make reference-model` caches
      Q5_K_M, Q4_K_M, Q3_K_M without an imatrix, IQ4_XS, IQ3_M, IQ2_M with it, and (fair to
      the I-tiers) Q6_K, Q5_K_M, Q4_K_M, Q3_K_M with it too;
   4. PPL and KL divergence against the F16 model (llama-perplexity's statistics through the
-     bindings: apex_orch.evaluate) on the model's two held-out texts (Python stdlib modules
+     bindings: apex_orch.evaluation.evaluate) on the model's two held-out texts (Python stdlib modules
      and pydoc reference topics it never trained on, neither in the imatrix corpus: checked);
   5. bench/results/quality.{json,md,png}: the tables, the KLD-vs-size Pareto plot, and for every
      APEX tier whether a uniform preset of equal or smaller size has a lower mean KLD.
@@ -40,9 +40,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 from common import RESULTS, load_note, machine, results_header, write_results, write_smoke_model  # noqa: E402
 
-from apex_orch import pin, synthetic  # noqa: E402
-from apex_orch.fingerprint import fast_fingerprint  # noqa: E402
-from apex_orch.llama import build_label, find_tool, run_tool  # noqa: E402
+from apex_orch.llama import pin  # noqa: E402
+from apex_orch.demo import synthetic  # noqa: E402
+from apex_orch.core.fingerprint import fast_fingerprint  # noqa: E402
+from apex_orch.llama.tools import build_label, find_tool, run_tool  # noqa: E402
 
 APEX_TIERS = ["quality", "i-quality", "balanced", "i-balanced", "compact", "i-compact", "i-mini", "i-nano",
               "i-micro"]
@@ -138,7 +139,7 @@ def smoke_subject(work: Path) -> Subject:
     model = write_smoke_model(work / "bench-smoke-moe.gguf")
     a = work / "smoke-demo-text.txt"
     a.write_text(synthetic.demo_text(3000), encoding="utf-8")
-    from apex_orch.evaluate import text_facts
+    from apex_orch.evaluation.evaluate import text_facts
     b = Path(text_facts(corpus="wikipedia").path)
     return Subject(model, "Smoke", "smoke: 4-block random-weight MoE", [
         Domain("demo-text", a, "synthetic demo text"),
@@ -170,7 +171,7 @@ class Variant:
 
 
 def build_imatrix(model: Path, ctx: int, chunks: int | None, threads: int) -> dict:
-    from apex_orch import imatrix as im
+    from apex_orch.calibration import imatrix as im
     plan = im.plan_imatrix(model, CORPUS, ctx=ctx, chunks=chunks, threads=threads)
     cached = plan.cached
     log(f"imatrix: {CORPUS}, {plan.chunks} chunks x {ctx} of {plan.available_chunks} available "
@@ -185,8 +186,8 @@ def build_imatrix(model: Path, ctx: int, chunks: int | None, threads: int) -> di
 
 
 def quantize_apex(subject: Subject, profile: str, imatrix_src, work: Path, threads: int) -> Variant:
-    from apex_orch.profile import load_profile
-    from apex_orch.quantize import plan_quantize, run_quantize
+    from apex_orch.plan.profiles import load_profile
+    from apex_orch.quantize.job import plan_quantize, run_quantize
     prof = load_profile(profile)
     v = Variant(profile, "apex", prof.imatrix_required, profile)
     job = plan_quantize(subject.model, prof, out_dir=work, name=subject.name,
@@ -232,8 +233,8 @@ SUMMARY_ROLES = ("routed_expert", "shared_expert", "attention", "embedding", "ou
 def type_summary(path: Path) -> dict:
     """Per role: bytes and the ggml types by share of the role's bytes, read from the GGUF header
     (what llama-quantize really wrote), e.g. {"routed_expert": {"bytes": .., "types": "Q4_K 62%, Q6_K 38%"}}."""
-    from apex_orch.model import read_model
-    from apex_orch.roles import classify
+    from apex_orch.model.info import read_model
+    from apex_orch.model.roles import classify
 
     info = read_model(path)
     roles = classify(info)
@@ -255,8 +256,8 @@ def type_summary(path: Path) -> dict:
 # ----------------------------------------------------------------------------- evaluating
 
 def evaluate_domain(subject: Subject, domain: Domain, variants: list[Variant], settings) -> dict:
-    from apex_orch import evalcache
-    from apex_orch.evaluate import ensure_base_cache, model_facts, plan_eval, run_eval, text_facts
+    from apex_orch.evaluation import base_cache as evalcache
+    from apex_orch.evaluation.evaluate import ensure_base_cache, model_facts, plan_eval, run_eval, text_facts
     tf = text_facts(text=domain.path)
     base = model_facts(subject.model)
     t0 = time.monotonic()
@@ -411,7 +412,7 @@ def markdown(data: dict) -> str:
               f"- imatrix: corpus `{im['corpus']}`, {im['chunks']} chunks x {im['ctx']} tokens "
               f"(sha256 {im['sha256'][:12]}), llama-imatrix {im['llama_imatrix_s']} s"
               + (" (cache hit)" if im["cache_hit"] else ""),
-              f"- evaluation: apex_orch.evaluate (llama-perplexity's statistics through the bindings), ctx {s['n_ctx']}, "
+              f"- evaluation: apex_orch.evaluation.evaluate (llama-perplexity's statistics through the bindings), ctx {s['n_ctx']}, "
               f"batch {s['n_batch']}, {s['n_threads']} threads, flash-attn {'on' if s['flash_attn'] else 'off'}, "
               f"repack {'on' if s['repack'] else 'off'}; KLD against the F16 model",
               f"- llama.cpp: {data['llama_cpp']}; wall time {data['timing']['total_s'] / 60:.1f} min "
@@ -580,9 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         return rerender(args.from_json, args.out or RESULTS)
 
-    from apex_orch.evaluate import EvalSettings, default_threads
-    from apex_orch.model import read_model
-    from apex_orch.quantize import resolve_imatrix
+    from apex_orch.evaluation.evaluate import EvalSettings, default_threads
+    from apex_orch.model.info import read_model
+    from apex_orch.quantize.job import resolve_imatrix
 
     threads = args.threads or default_threads()
     t_start = time.monotonic()

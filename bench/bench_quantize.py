@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results, write_smoke_model  # noqa: E402
 
-from apex_orch import synthetic  # noqa: E402
-from apex_orch.manifest import manifest_path  # noqa: E402
-from apex_orch.plan import render_file  # noqa: E402
-from apex_orch.quantize import plan_quantize  # noqa: E402
+from apex_orch.demo import synthetic  # noqa: E402
+from apex_orch.core.manifest import manifest_path  # noqa: E402
+from apex_orch.plan.planner import render_file  # noqa: E402
+from apex_orch.quantize.job import plan_quantize  # noqa: E402
 
 BIG = synthetic.SyntheticSpec(n_layer=16, n_embd=1024, n_expert=16, n_expert_used=2, expert_ff=1024,
                               name="Bench-MoE-1.6G", seed=7)

@@ -6,7 +6,7 @@
 Runs `apex-orch release CONFIG --out-dir <temp>` as a new process with a fresh, empty
 APEX_ORCH_CACHE (so the demo model, the corpus files, the imatrix and the base log-probs are all
 computed: nothing is reused), while the pinned llama.cpp build stays where it is:
-APEX_LLAMA_BIN_DIR points at apex_orch.pin.bin_dir() and the temp cache links the pin folder
+APEX_LLAMA_BIN_DIR points at apex_orch.llama.pin.bin_dir() and the temp cache links the pin folder
 (the synthetic writer reads the tokenizer from the pinned tree). The cache is checked cold
 before the run, and afterwards every cached artefact is checked to be new.
 
@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 from common import RESULTS, load_note, machine, write_results, write_smoke_model  # noqa: E402
 
-from apex_orch import pin  # noqa: E402
+from apex_orch.llama import pin  # noqa: E402
 
 CACHE_PARTS = ("models", "imatrix", "eval", "corpora", "q8", "eval-text")
 
@@ -76,8 +76,8 @@ def cache_state(root: Path) -> dict[str, list[str]]:
 def eval_tool_equivalent(model: Path, tiers: list[Path], cfg_eval, work: Path) -> list[dict]:
     """llama-perplexity doing what the eval phase did through the bindings: the base log-probs once,
     then the KL divergence of every tier (same text, ctx, chunks, threads, flash attention, no repack)."""
-    from apex_orch.evaluate import EvalSettings, default_threads, text_facts, tool_argv
-    from apex_orch.llama import run_tool
+    from apex_orch.evaluation.evaluate import EvalSettings, default_threads, text_facts, tool_argv
+    from apex_orch.llama.tools import run_tool
 
     settings = EvalSettings(n_ctx=cfg_eval.ctx, chunks=cfg_eval.chunks, n_threads=default_threads())
     tf = text_facts(text=cfg_eval.text.resolve()) if cfg_eval.text is not None else text_facts(corpus=cfg_eval.corpus)
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["APEX_LLAMA_BIN_DIR"] = str(bin_dir)
         os.environ["APEX_ORCH_CACHE"] = str(cache)
         os.environ.pop("APEX_ORCH_EVAL_CACHE", None)
-        from apex_orch.evalcache import cache_dir as eval_cache_dir
-        from apex_orch.llama import find_tool
+        from apex_orch.evaluation.base_cache import cache_dir as eval_cache_dir
+        from apex_orch.llama.tools import find_tool
         assert eval_cache_dir() == cache / "eval" and find_tool("llama-quantize").path.parent == bin_dir
         before = cache_state(cache)
         if any(before.values()):
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             model = write_smoke_model(work / "bench-smoke-moe.gguf")
             config = work / "smoke-release.yaml"
             config.write_text(SMOKE_CONFIG.format(model=json.dumps(str(model))), encoding="utf-8")
-        from apex_orch.release import load_release
+        from apex_orch.release.runner import load_release
         cfg = load_release(config)
         release_dir = work / "release"
         cmd = [sys.executable, "-m", "apex_orch.cli", "release", str(config), "--out-dir", str(release_dir)]

@@ -92,7 +92,7 @@ def write_results(name: str, data: dict, markdown: str, out_dir: Path | None = N
 def write_smoke_model(path: Path) -> Path:
     """The model every bench's --smoke mode uses (CI): a 4-block, 4-expert mistral4 MoE with
     random weights, ~43 MB (the 32000-token vocabulary dominates), quantized in seconds."""
-    from apex_orch import synthetic
+    from apex_orch.demo import synthetic
     spec = synthetic.SyntheticSpec(n_layer=4, n_expert=4, name="Bench-Smoke-MoE", seed=3)
     return synthetic.write_model(path, spec, overwrite=True)
 

@@ -1,6 +1,6 @@
 """Shared pytest fixtures: synthetic GGUF models, an evaluation text, isolation, tool checks.
 
-Models (session-scoped, each written once by `apex_orch.synthetic` into a tmp dir; Path):
+Models (session-scoped, each written once by `apex_orch.demo.synthetic` into a tmp dir; Path):
 - `mistral4_split`       preset "mistral4-split": 12 MLA blocks, 16 experts (2 used), 1 shared
                          expert, split ffn_gate_exps/ffn_up_exps; 207 tensors; F16 + F32.
 - `mistral4_fused`       preset "mistral4-fused": same, one ffn_gate_up_exps per block; 195 tensors.
@@ -14,7 +14,7 @@ All presets use the llama-spm tokenizer (32000 tokens) and load in the pinned ll
 
 Text:
 - `eval_text`            Path of a deterministic ~20k-word English-like text
-                         (`apex_orch.synthetic.demo_text()`), enough for llama-perplexity /
+                         (`apex_orch.demo.synthetic.demo_text()`), enough for llama-perplexity /
                          llama-imatrix with any -c up to ~4096 and several chunks.
 
 Isolation (set in pytest_configure, before collection): every cache the suite touches — models,
@@ -31,7 +31,7 @@ tests never skip silently. (Do not `from conftest import ...`: tests/reliability
 conftest module, so the name is ambiguous.)
 
 llama.cpp caveat: on CPUs with AMX, pass `--no-repack` to llama-perplexity / llama-imatrix for
-the mistral4 (MLA) models; see the apex_orch.synthetic docstring.
+the mistral4 (MLA) models; see the apex_orch.demo.synthetic docstring.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ from pathlib import Path
 
 import pytest
 
-from apex_orch import pin, synthetic
-from apex_orch.errors import ToolNotFoundError
-from apex_orch.llama import find_tool
+from apex_orch.llama import pin
+from apex_orch.demo import synthetic
+from apex_orch.core.errors import ToolNotFoundError
+from apex_orch.llama.tools import find_tool
 
 # Started in the background (`cmd &` in a non-interactive shell, nohup, some CI runners), pytest
 # inherits SIGINT *ignored*, its children inherit that through exec, and an ignored Ctrl-C makes

@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apex_orch.model import read_model
-from apex_orch.plan import make_plan
-from apex_orch.profile import load_profile
-from apex_orch.quantmix import allows_quantization, ggml_n_dims
-from apex_orch.roles import ROLE_DECISIONS, Role, classify, classify_name
+from apex_orch.model.info import read_model
+from apex_orch.plan.planner import make_plan
+from apex_orch.plan.profiles import load_profile
+from apex_orch.plan.llama_rules import allows_quantization, ggml_n_dims
+from apex_orch.model.roles import ROLE_DECISIONS, Role, classify, classify_name
 
 
 def write_gguf(path, arch: str, kv: dict, tensors: dict[str, tuple[int, ...]]):
@@ -92,9 +92,9 @@ def test_qwen2moe_shared_expert_gate_is_planned_as_written(tmp_path):
 
 @pytest.mark.requires_tools("llama-quantize")
 def test_qwen2moe_plan_equals_dry_run(tmp_path):
-    from apex_orch.llama import find_tool, run_tool
-    from apex_orch.plan import render_file
-    from apex_orch.quantlog import parse_records, quant_size_mib
+    from apex_orch.llama.tools import find_tool, run_tool
+    from apex_orch.plan.planner import render_file
+    from apex_orch.llama.quantlog import parse_records, quant_size_mib
     kv = dict(QWEN2MOE_KV, feed_forward_length=32, expert_feed_forward_length=32,
               expert_shared_feed_forward_length=32, **{"attention.layer_norm_rms_epsilon": 1e-6})
     path = write_gguf(tmp_path / "q2.gguf", "qwen2moe", kv, qwen2moe_tensors())
@@ -161,7 +161,7 @@ def test_role_decisions_table_documents_every_rule():
 
 
 def test_inspect_shows_role_decisions(tmp_path):
-    from apex_orch.inspect import format_inspect, inspect_model
+    from apex_orch.model.describe import format_inspect, inspect_model
     t = qwen2moe_tensors()
     t["rope_freqs.weight"] = (8,)
     t["blk.0.exp_probs_b.bias"] = (4,)
@@ -249,7 +249,7 @@ def test_predicted_size_counts_dims_as_gguf_writes_them(tmp_path):
     """llama-quantize writes ggml_n_dims() dimensions per tensor: four [64, 1] shared-expert gates
     make its header 32 bytes (one alignment unit) shorter than a count of the input's dims. The
     real quantization's size must equal the plan's prediction (it was 32 bytes off before)."""
-    from apex_orch import quantize as q
+    from apex_orch.quantize import job as q
     kv = {**QWEN2MOE_KV, "block_count": 4, "attention.layer_norm_rms_epsilon": 1e-6,
           "expert_feed_forward_length": 32, "expert_shared_feed_forward_length": 32}
     path = write_gguf(tmp_path / "qwen2moe.gguf", "qwen2moe", kv, qwen2moe_tensors(n_blocks=4))
@@ -265,8 +265,8 @@ def test_predicted_size_counts_dims_as_gguf_writes_them(tmp_path):
 def test_release_source_convert_from_a_local_checkpoint_folder(tmp_path):
     import yaml
 
-    from apex_orch import release as rel
-    from apex_orch.errors import ConfigError
+    from apex_orch.release import runner as rel
+    from apex_orch.core.errors import ConfigError
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from apex_orch import corpus as C
-from apex_orch import pin
+from apex_orch.calibration import corpus as C
+from apex_orch.llama import pin
 from apex_orch.cli import main
-from apex_orch.errors import ConfigError, ModelError, OutputExistsError
+from apex_orch.core.errors import ConfigError, ModelError, OutputExistsError
 
 DOMAINS = ("chat", "code", "reasoning", "tool-calling", "agentic", "wikipedia")
 VOCAB_DIR = pin.llama_source() / "models"

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from apex_orch import evalcache, evalreport, synthetic
-from apex_orch import evaluate as ev
+from apex_orch.evaluation import base_cache as evalcache
+from apex_orch.evaluation import compare as evalreport
+from apex_orch.demo import synthetic
+from apex_orch.evaluation import evaluate as ev
 from apex_orch.cli import main
-from apex_orch.errors import EvalError, GateFailedError, ModelError, UsageError
-from apex_orch.llama import find_tool, run_tool
+from apex_orch.core.errors import EvalError, GateFailedError, ModelError, UsageError
+from apex_orch.llama.tools import find_tool, run_tool
 
 SETTINGS = ev.EvalSettings(n_ctx=128, chunks=4, n_threads=2)
 CLI_SETTINGS = ["-c", "128", "--chunks", "4", "-t", "2"]

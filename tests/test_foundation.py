@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from apex_orch import __version__, pin
+from apex_orch import __version__
+from apex_orch.llama import pin
 from apex_orch.cli import COMMANDS, main
-from apex_orch.errors import ToolNotFoundError
-from apex_orch.llama import build_info, find_libllama, find_tool
+from apex_orch.core.errors import ToolNotFoundError
+from apex_orch.llama.tools import build_info, find_libllama, find_tool
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split")
 
@@ -127,7 +128,7 @@ def test_readme_commands_exist():
 
 
 def test_bindings_load_against_the_pinned_libllama():
-    code = ("from apex_orch.bindings import load_llama_cpp, loaded_libllama; m = load_llama_cpp(); "
+    code = ("from apex_orch.llama.bindings import load_llama_cpp, loaded_libllama; m = load_llama_cpp(); "
             "import llama_cpp; llama_cpp.llama_backend_init(); print(loaded_libllama())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert Path(out.strip()) == find_libllama().resolve()
@@ -135,7 +136,7 @@ def test_bindings_load_against_the_pinned_libllama():
 
 def test_build_records_the_vendored_llama_cpp_commit():
     """The commit comes from the sdist's CHANGELOG and must equal the pin's constant."""
-    from apex_orch.llama import build_label
+    from apex_orch.llama.tools import build_label
     info = build_info()
     assert info["commit"] == pin.LLAMA_CPP_COMMIT
     assert pin.LLAMA_CPP_COMMIT in build_label() and pin.SDIST_SHA256[:12] in build_label()

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from apex_orch import imatrix as I
-from apex_orch import llama, pin
+from apex_orch.calibration import imatrix as I
+from apex_orch.llama import tools as llama
+from apex_orch.llama import pin
 from apex_orch.cli import main
-from apex_orch.errors import ImatrixError, ToolFailedError, ToolTimeoutError
-from apex_orch.model import read_model
+from apex_orch.core.errors import ImatrixError, ToolFailedError, ToolTimeoutError
+from apex_orch.model.info import read_model
 
 CTX, CHUNKS, THREADS = 128, 4, 2
 # resolved before the `cache` fixture points APEX_ORCH_CACHE elsewhere
@@ -225,8 +226,8 @@ def _rewrite_imatrix(src: Path, dest: Path, drop: callable, zero: callable = lam
 
 @pytest.mark.requires_tools("llama-imatrix")
 def test_uncovered_low_bit_plan_is_caught_before_quantizing(agentic_run, mistral4_split, tmp_path):
-    from apex_orch.plan import make_plan
-    from apex_orch.profile import load_profile
+    from apex_orch.plan.planner import make_plan
+    from apex_orch.plan.profiles import load_profile
 
     out, _ = agentic_run
     holed = tmp_path / "holed.imatrix.gguf"

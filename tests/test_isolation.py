@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from apex_orch import pin
+from apex_orch.llama import pin
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:

@@ -3,7 +3,7 @@
 - no shell anywhere: no `shell=True`, no os.system / os.popen / os.exec* / os.spawn* /
   pty.spawn / subprocess.getoutput / asyncio.create_subprocess_shell, and no subprocess call
   whose command is a string (literal, f-string, concatenation or `%`);
-- every subprocess goes through `apex_orch.llama.run_tool`, except the documented exceptions
+- every subprocess goes through `apex_orch.llama.tools.run_tool`, except the documented exceptions
   in ALLOWED_SUBPROCESS (each with its reason);
 - YAML only through safe loading: no yaml.load / load_all without a SafeLoader, no
   yaml.unsafe_load / full_load, no yaml.Loader / FullLoader / UnsafeLoader, and any custom
@@ -25,10 +25,10 @@ PACKAGE = ROOT / "apex_orch"
 
 # module (relative to the repo root) -> why it may call subprocess directly (argument lists only)
 ALLOWED_SUBPROCESS = {
-    "apex_orch/llama.py": "the one runner (run_tool) itself",
-    "apex_orch/build.py": "builds llama.cpp before the package's dependencies exist (standard library only)",
+    "apex_orch/llama/tools.py": "the one runner (run_tool) itself",
+    "apex_orch/llama/build.py": "builds llama.cpp before the package's dependencies exist (standard library only)",
     "apex_orch/cli/doctor.py": "probes loading libllama in a throw-away Python, so a crash cannot kill doctor",
-    "apex_orch/chat_sandbox.py": "a long-lived worker that renders a GGUF's chat template with bounded time and "
+    "apex_orch/calibration/chat_template.py": "a long-lived worker that renders a GGUF's chat template with bounded time and "
                                  "memory (JSON requests over pipes, not a tool run with a log)",
 }
 SUBPROCESS_FUNCS = {"run", "call", "check_call", "check_output", "Popen"}
@@ -165,7 +165,7 @@ def test_no_shell_strings_in_package_or_bench():
 
 def test_subprocesses_only_through_run_tool():
     uses = [u for f in _sources(PACKAGE) if _rel(f) not in ALLOWED_SUBPROCESS for u in direct_subprocess_uses(f)]
-    assert uses == [], ("start processes with apex_orch.llama.run_tool (argument list, logged, typed errors), "
+    assert uses == [], ("start processes with apex_orch.llama.tools.run_tool (argument list, logged, typed errors), "
                         "or document the exception in ALLOWED_SUBPROCESS:\n" + "\n".join(uses))
 
 
@@ -187,7 +187,7 @@ BAD_SNIPPETS = {
     "joined command": "import subprocess\nsubprocess.check_output(' '.join(argv))\n",
     "imported run": "from subprocess import run\nrun('ls -l')\n",
     "getoutput": "import subprocess\nsubprocess.getoutput('ls')\n",
-    "run_tool string": "from apex_orch.llama import run_tool\nrun_tool('llama-quantize a b')\n",
+    "run_tool string": "from apex_orch.llama.tools import run_tool\nrun_tool('llama-quantize a b')\n",
 }
 BAD_YAML = {
     "yaml.load": "import yaml\nyaml.load(text)\n",

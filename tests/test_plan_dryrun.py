@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from apex_orch.llama import find_tool, run_tool
-from apex_orch.model import read_model
-from apex_orch.plan import make_plan, render_file
-from apex_orch.profile import list_profiles, load_profile
-from apex_orch.quantlog import fallback_count, parse_records, quant_size_mib
+from apex_orch.llama.tools import find_tool, run_tool
+from apex_orch.model.info import read_model
+from apex_orch.plan.planner import make_plan, render_file
+from apex_orch.plan.profiles import list_profiles, load_profile
+from apex_orch.llama.quantlog import fallback_count, parse_records, quant_size_mib
 
 PROFILES = list_profiles()
 MODELS = ["mistral4_split", "mistral4_fused", "mistral4_dense_lead", "qwen3moe", "ms4_replica"]
@@ -62,9 +62,9 @@ def test_plan_equals_dry_run(request, tmp_path, model_fixture, profile_name):
 @pytest.mark.requires_tools("llama-quantize")
 def test_replica_q4_k_m_baseline_matches_known_figure(ms4_replica, tmp_path):
     """Plain Q4_K_M (no overrides) on the replica: the brief's 68,808 MiB and 36/615 fallbacks."""
-    from apex_orch.quantmix import parse_ftype, predict_types
-    from apex_orch.plan import hparams
-    from apex_orch.gguf_header import tensor_nbytes
+    from apex_orch.plan.llama_rules import parse_ftype, predict_types
+    from apex_orch.plan.planner import hparams
+    from apex_orch.model.gguf_header import tensor_nbytes
     info = read_model(ms4_replica)
     decisions = predict_types([(t.name, t.shape, t.ggml_type) for t in info.tensors], hparams(info),
                               parse_ftype("Q4_K_M"), [])

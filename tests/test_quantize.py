@@ -14,14 +14,14 @@ import pytest
 from click.testing import CliRunner
 
 from apex_orch.cli import main
-from apex_orch.errors import ImatrixError, LockedError, OutputExistsError, VerificationError
-from apex_orch.gguf_header import read_header
-from apex_orch.llama import find_tool, run_tool
-from apex_orch.manifest import manifest_path
-from apex_orch.model import read_model
-from apex_orch.outputs import OutputGuard
-from apex_orch.profile import list_profiles, load_profile
-from apex_orch import quantize as q
+from apex_orch.core.errors import ImatrixError, LockedError, OutputExistsError, VerificationError
+from apex_orch.model.gguf_header import read_header
+from apex_orch.llama.tools import find_tool, run_tool
+from apex_orch.core.manifest import manifest_path
+from apex_orch.model.info import read_model
+from apex_orch.core.outputs import OutputGuard
+from apex_orch.plan.profiles import list_profiles, load_profile
+from apex_orch.quantize import job as q
 
 pytestmark = pytest.mark.requires_tools("llama-quantize", "llama-imatrix")
 
@@ -114,7 +114,7 @@ def _drop_shexp_down_rule(monkeypatch):
 def test_dropped_rule_is_caught_by_the_tool_dry_run_before_writing(mistral4_split, tmp_path, monkeypatch):
     """Fault injection (a fake): drop one rendered rule, as a past llama.cpp regression silently
     dropped overrides. The tool's own --dry-run then disagrees with the plan: stop before writing."""
-    from apex_orch.errors import ToolPlanMismatchError
+    from apex_orch.core.errors import ToolPlanMismatchError
     _drop_shexp_down_rule(monkeypatch)
     job = q.plan_quantize(mistral4_split, "quality", out_dir=tmp_path)
     with pytest.raises(ToolPlanMismatchError, match=r"blk\.0\.ffn_down_shexp\.weight: planned Q8_0, the tool's dry-run"):

@@ -1,6 +1,6 @@
 """Smoke test of the trained reference model's build: a tiny mistral4 MoE (2 blocks, n_embd 64,
 4 experts) is trained for 6 steps on a few KB of the standard library's text, exported to an
-F16 GGUF with apex_orch.synthetic.write_model, and run through llama.cpp. This is the export
+F16 GGUF with apex_orch.demo.synthetic.write_model, and run through llama.cpp. This is the export
 correctness test: llama.cpp and PyTorch must agree on every logit of the held-out chunks
 within the tolerances of bench/reference_model/validate.py (the full build uses the same ones).
 

@@ -24,14 +24,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from apex_orch import __version__, card, publish
-from apex_orch import release as rel
+from apex_orch import __version__
+from apex_orch.release import card
+from apex_orch.release import publish
+from apex_orch.release import runner as rel
 from apex_orch.cli import main
-from apex_orch.errors import ConfigError, GateFailedError, OutputExistsError, PublishError, UsageError
-from apex_orch.llama import build_label
-from apex_orch.plan import make_plan
-from apex_orch.profile import load_profile
-from apex_orch.quantize import plan_quantize
+from apex_orch.core.errors import ConfigError, GateFailedError, OutputExistsError, PublishError, UsageError
+from apex_orch.llama.tools import build_label
+from apex_orch.plan.planner import make_plan
+from apex_orch.plan.profiles import load_profile
+from apex_orch.quantize.job import plan_quantize
 
 pytestmark = pytest.mark.requires_tools("llama-quantize", "llama-imatrix")
 
@@ -163,7 +165,7 @@ def test_release_folder_contents(pipeline):
     # the projector is included byte for byte, never quantized
     assert (out / "mmproj.gguf").read_bytes() == (pipeline["folder"] / "projector.gguf").read_bytes()
     # tier files are exactly what plan_quantize predicted and carry their tier's metadata
-    from apex_orch.gguf_header import read_header
+    from apex_orch.model.gguf_header import read_header
     for tier, profile in (("Compact", "compact"), ("I-Compact", "i-compact")):
         f = out / f"{NAME}-APEX-{tier}.gguf"
         kv = read_header(f).kv
@@ -368,7 +370,7 @@ def demo_card_facts(tmp_path: Path) -> card.CardFacts:
     rel.fetch_source(state, run=False)
     rel.convert_source(state, run=False)
     state.jobs = rel.plan_jobs(state, imatrix=rel._preview_imatrix(state, None))
-    from apex_orch.corpus import load_corpus_spec
+    from apex_orch.calibration.corpus import load_corpus_spec
     state.imatrix_record = {"corpus": "diverse", "description": load_corpus_spec("diverse").description,
                             "ctx": 128, "chunks": 8, "sha256": STAND_IN_SHA}
     for i, job in enumerate(state.jobs):
@@ -430,7 +432,7 @@ def test_flagship_dry_run_on_the_replica(ms4_replica, monkeypatch):
         if len(cells) == 8 and cells[1].startswith("Mistral-Small-4-119B-APEX-"):
             assert (cells[3], cells[7]) == ("GB", "missing")
             rows[cells[0]] = (cells[1], cells[2], cells[5], cells[6])
-    from apex_orch.model import read_model
+    from apex_orch.model.info import read_model
     info = read_model(ms4_replica)
     expected = {}
     for prof_name in ("i-balanced", "i-quality", "quality", "balanced", "i-compact", "compact", "i-mini"):
@@ -611,7 +613,7 @@ def test_a_list_of_source_files_must_be_the_shards_of_one_model(tmp_path, mistra
                             "publish: {repo: o/x}\n")
     state = rel.ReleaseState(rel.load_release(p), tmp_path / "out", lambda _m: None)
     rel.fetch_source(state, run=True)
-    from apex_orch.errors import ModelError
+    from apex_orch.core.errors import ModelError
     with pytest.raises(ModelError, match="not the shards of one split model") as err:
         rel.convert_source(state, run=True)
     assert err.value.where == f"{p}:4"

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from apex_orch import build as build_lib
-from apex_orch import pin
+from apex_orch.llama import build as build_lib
+from apex_orch.llama import pin
 from apex_orch.cli import main
-from apex_orch.profile import builtin_profiles_dir
+from apex_orch.plan.profiles import builtin_profiles_dir
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_SDIST = pin.build_root() / "downloads" / pin.SDIST_NAME
@@ -107,7 +107,7 @@ def test_make_llama_passes_llama_cmake_args():
     p = subprocess.run(["make", "-n", "llama", "LLAMA_CMAKE_ARGS=-DGGML_CUDA=ON"], cwd=REPO,
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert "LLAMA_CMAKE_ARGS='-DGGML_CUDA=ON'" in p.stdout and "-m apex_orch.build llama" in p.stdout
+    assert "LLAMA_CMAKE_ARGS='-DGGML_CUDA=ON'" in p.stdout and "-m apex_orch.llama.build llama" in p.stdout
 
 
 # ------------------------------------------------------------------ profiles: built-in + user folders
@@ -144,7 +144,7 @@ def test_profiles_env_variable_adds_folders(tmp_path, monkeypatch):
 
 
 def test_profile_list_that_finds_nothing_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("apex_orch.profile.builtin_profiles_dir", lambda: tmp_path / "nothing-here")
+    monkeypatch.setattr("apex_orch.plan.profiles.builtin_profiles_dir", lambda: tmp_path / "nothing-here")
     r = CliRunner().invoke(main, ["profile", "list"])
     assert r.exit_code == 3
     assert r.output.startswith("error: no profiles found; searched: ") and "Traceback" not in r.output
@@ -162,7 +162,7 @@ def test_doctor_reports_the_pinned_build():
 
 def test_doctor_names_a_foreign_build(tmp_path):
     """FAKE tools: a bin folder whose llama-quantize prints another build's version."""
-    from apex_orch.llama import find_libllama
+    from apex_orch.llama.tools import find_libllama
     folder = tmp_path / "foreign"
     folder.mkdir()
     for f in find_libllama().parent.iterdir():

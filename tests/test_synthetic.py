@@ -1,4 +1,4 @@
-"""apex_orch.synthetic: layouts, types, metadata, determinism, the sparse replica, and that
+"""apex_orch.demo.synthetic: layouts, types, metadata, determinism, the sparse replica, and that
 every preset really loads and runs in the pinned llama.cpp."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import gguf
 import numpy as np
 import pytest
 
-from apex_orch import synthetic
-from apex_orch.errors import OutputExistsError
-from apex_orch.llama import find_tool, run_tool
+from apex_orch.demo import synthetic
+from apex_orch.core.errors import OutputExistsError
+from apex_orch.llama.tools import find_tool, run_tool
 
 F16, F32, BF16 = (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32,
                   gguf.GGMLQuantizationType.BF16)

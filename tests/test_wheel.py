@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from apex_orch import pin
+from apex_orch.llama import pin
 
 REPO = Path(__file__).resolve().parent.parent
 BUILT_IN = sorted(p.stem for p in (REPO / "profiles").glob("*.yaml") if not p.stem.startswith("_"))

@@ -1,6 +1,6 @@
 """The apex-orch command line: thin Click commands over the library.
 
-Errors raised by the library (apex_orch.errors.ApexError) are translated here, once,
+Errors raised by the library (apex_orch.core.errors.ApexError) are translated here, once,
 into `error: ...` + `hint: ...` and the error's exit code. Tracebacks only with
 --debug or APEX_ORCH_DEBUG=1.
 """
@@ -14,7 +14,7 @@ import sys
 import click
 
 from apex_orch import __version__
-from apex_orch.errors import ApexError, InternalError, InterruptedRun
+from apex_orch.core.errors import ApexError, InternalError, InterruptedRun
 
 
 def _debug_enabled(ctx: click.Context | None) -> bool:
@@ -58,7 +58,7 @@ class ApexGroup(click.Group):
             # A file-system failure no library code translated: still one message, never a traceback.
             if _debug_enabled(ctx):
                 raise
-            from apex_orch.outputs import translate_os_error
+            from apex_orch.core.outputs import translate_os_error
             err = translate_os_error(exc)
             click.echo(f"error: {_masked(err.render())}", err=True)
             ctx.exit(err.exit_code)
@@ -87,15 +87,15 @@ class ApexGroup(click.Group):
 def _masked(text: str) -> str:
     """Error text with credential values (HF_TOKEN...) replaced by ***, and control characters
     (from file names, GGUF strings, tool logs) shown as escapes, never sent to the terminal raw."""
-    from apex_orch.llama import mask_secrets
-    from apex_orch.textfmt import printable
+    from apex_orch.llama.tools import mask_secrets
+    from apex_orch.core.text import printable
     return printable(mask_secrets(text), keep="\n\t")
 
 
 def _print_version(ctx: click.Context) -> None:
     if ctx.resilient_parsing:
         return
-    from apex_orch.llama import build_label
+    from apex_orch.llama.tools import build_label
     click.echo(f"apex-orch {__version__}\nllama.cpp {build_label()}")
     ctx.exit()
 

@@ -1,6 +1,6 @@
 """`apex-orch build`: build the pinned llama.cpp (and the bindings) without the Makefile.
 
-The same code `make llama` / `make bindings` run (apex_orch.build), for users who installed
+The same code `make llama` / `make bindings` run (apex_orch.llama.build), for users who installed
 apex-orch with pip/pipx and have no checkout.
 """
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import click
 
-from apex_orch import build as build_lib
-from apex_orch import pin
-from apex_orch.errors import ToolFailedError, UsageError
+from apex_orch.llama import build as build_lib
+from apex_orch.llama import pin
+from apex_orch.core.errors import ToolFailedError, UsageError
 
 
 @click.command("build")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from apex_orch import corpus as corpus_lib
+from apex_orch.calibration import corpus as corpus_lib
 
 
 @click.group("corpus")

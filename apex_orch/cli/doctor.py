@@ -12,9 +12,10 @@ from pathlib import Path
 
 import click
 
-from apex_orch import __version__, pin
-from apex_orch.errors import ToolNotFoundError
-from apex_orch.llama import build_info, build_label, find_libllama, find_tool
+from apex_orch import __version__
+from apex_orch.llama import pin
+from apex_orch.core.errors import ToolNotFoundError
+from apex_orch.llama.tools import build_info, build_label, find_libllama, find_tool
 
 
 def _bindings_probe(lib_dir: Path | None) -> dict:
@@ -22,7 +23,7 @@ def _bindings_probe(lib_dir: Path | None) -> dict:
     report which libllama it mapped."""
     code = (
         "import json,sys\n"
-        "from apex_orch.bindings import load_llama_cpp, loaded_libllama\n"
+        "from apex_orch.llama.bindings import load_llama_cpp, loaded_libllama\n"
         "m = load_llama_cpp()\n"
         "print(json.dumps({'version': getattr(m, '__version__', '?'), 'lib': str(loaded_libllama())}))\n"
     )

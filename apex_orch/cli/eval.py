@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import click
 
-from apex_orch import evaluate as ev
+from apex_orch.evaluation import evaluate as ev
 from apex_orch.cli.params import COUNT, FINITE, THREADS
-from apex_orch.errors import UsageError
+from apex_orch.core.errors import UsageError
 
 
 def _settings_options(fn):
@@ -108,14 +108,14 @@ def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | N
             min_same_top_p: float | None, speed: bool, fmt: str, plot: str | None, quiet: bool) -> None:
     """One table for FILES against --base: tier, size, bpw, PPL, KLD mean/99.9%/max, same top p,
     speed. Exits 15 (after printing the table) when a gate fails for any file."""
-    from apex_orch import evalreport
+    from apex_orch.evaluation import compare as evalreport
 
     gates = ev.Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p)
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
     if plot:   # inputs are never outputs (issue 15): refused before minutes of evaluation
         from pathlib import Path
 
-        from apex_orch.safefiles import check_not_inputs
+        from apex_orch.core.safefiles import check_not_inputs
         check_not_inputs([Path(plot)], [Path(f) for f in (*files, base, text) if f], flag="--plot")
     report = evalreport.compare(list(files), base, text=text, corpus=corpus, settings=settings,
                                 backend=backend, speed=speed, gates=gates, progress=_progress(quiet))

@@ -6,9 +6,9 @@ import json
 
 import click
 
-from apex_orch import imatrix as imatrix_lib
+from apex_orch.calibration import imatrix as imatrix_lib
 from apex_orch.cli.params import COUNT, SECONDS, THREADS
-from apex_orch.errors import ImatrixError, UsageError
+from apex_orch.core.errors import ImatrixError, UsageError
 
 
 @click.command("imatrix")
@@ -40,7 +40,7 @@ def imatrix(model: str | None, demo: bool, corpus_name: str, out: str | None, ct
     if demo == bool(model):
         raise UsageError("give a MODEL path or --demo (not both)")
     if demo:
-        from apex_orch.synthetic import demo_model_path
+        from apex_orch.demo.synthetic import demo_model_path
         model = str(demo_model_path())
         click.echo(f"demo model: {model}", err=True)
     plan = imatrix_lib.plan_imatrix(model, corpus_name, ctx=ctx, chunks=chunks, ngl=ngl, threads=threads,
@@ -75,11 +75,11 @@ def imatrix_report(file: str, model: str | None, profile: str | None, as_json: b
     info = imatrix_lib.read_imatrix(file)
     model_info = plan = None
     if model:
-        from apex_orch.model import read_model
+        from apex_orch.model.info import read_model
         model_info = read_model(model)
     if profile:
-        from apex_orch.plan import make_plan
-        from apex_orch.profile import load_profile
+        from apex_orch.plan.planner import make_plan
+        from apex_orch.plan.profiles import load_profile
         plan = make_plan(model_info, load_profile(profile), has_imatrix=True)
     report = imatrix_lib.build_report(info, model_info, plan, profile_name=profile)
     click.echo(json.dumps(report, indent=2) if as_json else imatrix_lib.format_report(report))

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from apex_orch.inspect import format_inspect, inspect_model
-from apex_orch.model import read_model
+from apex_orch.model.describe import format_inspect, inspect_model
+from apex_orch.model.info import read_model
 
 
 @click.command()

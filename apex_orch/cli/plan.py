@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from apex_orch.outputs import write_new_text
-from apex_orch.model import read_model
-from apex_orch.plan import make_plan, render_args, render_file
-from apex_orch.plan_report import format_plan
-from apex_orch.profile import load_profile
+from apex_orch.core.outputs import write_new_text
+from apex_orch.model.info import read_model
+from apex_orch.plan.planner import make_plan, render_args, render_file
+from apex_orch.plan.report import format_plan
+from apex_orch.plan.profiles import load_profile
 
 
 def _plan(profile: str, model: str, strict: bool = False, imatrix: bool | None = None):

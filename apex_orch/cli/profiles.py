@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from apex_orch.errors import ProfileError
-from apex_orch.outputs import write_new_text
-from apex_orch.profile import load_profile, profile_search_path, profile_sources
-from apex_orch.profile_import import dump_profile, import_tensor_type_file
+from apex_orch.core.errors import ProfileError
+from apex_orch.core.outputs import write_new_text
+from apex_orch.plan.profiles import load_profile, profile_search_path, profile_sources
+from apex_orch.plan.profile_import import dump_profile, import_tensor_type_file
 
 
 @click.group()
@@ -75,7 +75,7 @@ def import_cmd(file: str, output: str | None, model: str | None, blocks: int, ba
     and report the lines it did not understand."""
     names = None
     if model:
-        from apex_orch.model import read_model
+        from apex_orch.model.info import read_model
         names = [t.name for t in read_model(model).tensors]
     rep = import_tensor_type_file(Path(file), names=names, n_blocks=blocks, base_ftype=base_ftype, tier=tier)
     text = dump_profile(rep.profile)

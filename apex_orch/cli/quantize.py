@@ -8,8 +8,8 @@ import click
 
 from apex_orch.cli.params import COUNT, JOBS, SECONDS, THREADS
 from apex_orch.cli.progress import Progress
-from apex_orch.errors import UsageError
-from apex_orch.profile import list_profiles, load_profile
+from apex_orch.core.errors import UsageError
+from apex_orch.plan.profiles import list_profiles, load_profile
 
 
 @click.command()
@@ -65,7 +65,7 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
     An output that resolves to an input, a link planted at any name the run
     writes, and two tiers mapping to one file name are refused before anything runs.
     """
-    from apex_orch import quantize as q
+    from apex_orch.quantize import job as q
 
     if demo == bool(model):
         raise UsageError("give a MODEL path or --demo (not both)")
@@ -82,7 +82,7 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
         q.parse_size(split_max_size)   # checked before anything runs, not after the quantization
     progress = Progress(quiet)
     if demo:
-        from apex_orch.synthetic import demo_model_path
+        from apex_orch.demo.synthetic import demo_model_path
         model = str(demo_model_path())
         progress(f"demo model: {model}")
         if do_eval is None:
@@ -90,12 +90,12 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
         # The demo model is tiny; a few thousand calibration tokens are plenty and take seconds.
         imatrix_ctx = imatrix_ctx or 256
         imatrix_chunks = imatrix_chunks or 16
-    from apex_orch.model import read_model
+    from apex_orch.model.info import read_model
     info = read_model(model)
     q.check_source_unquantized(info, allow_requantize)   # before an imatrix is built or a tool runs
     loaded = [load_profile(n) for n in names]
     if not output:   # two tiers writing one file: refused before any imatrix or quantization runs
-        from apex_orch.model import model_display_name
+        from apex_orch.model.info import model_display_name
         display = q.safe_model_name(name) if name is not None else model_display_name(info)
         q.check_distinct_outputs([(p.tier, Path(out_dir) / q.output_name(display, p.tier)) for p in loaded])
 
@@ -119,7 +119,7 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
             click.echo(f"warning: {job.profile.tier}: {w}", err=True)
     if dry_run:
         if not job_list:  # I-profiles without an imatrix yet: show plans as if one were given
-            from apex_orch.plan import make_plan
+            from apex_orch.plan.planner import make_plan
             for p in loaded:
                 plan = make_plan(info, p, has_imatrix=True)
                 click.echo(f"{p.tier}: {Path(out_dir) / q.output_name(name or info.name, p.tier)} "

@@ -7,8 +7,8 @@ from typing import Callable
 
 import click
 
-from apex_orch.outputs import atomic_write_text
-from apex_orch.pin import cache_root
+from apex_orch.core.outputs import atomic_write_text
+from apex_orch.llama.pin import cache_root
 
 # Small enough to finish in seconds on 2 cores, large enough for stable KLD statistics.
 DEMO_CTX = 256
@@ -17,7 +17,7 @@ DEMO_CHUNKS = 8
 
 def demo_eval_text() -> Path:
     """Held-out text for the demo eval: generated prose, not part of any calibration corpus."""
-    from apex_orch.synthetic import demo_text
+    from apex_orch.demo.synthetic import demo_text
     path = cache_root() / "eval-text" / "demo-prose-v1.txt"
     if not path.exists():
         atomic_write_text(path, demo_text())
@@ -25,8 +25,8 @@ def demo_eval_text() -> Path:
 
 
 def print_eval_table(source: Path, outputs: list[Path], progress: Callable[[str], None]) -> None:
-    from apex_orch.evalreport import eval_table
-    from apex_orch.evaluate import EvalSettings
+    from apex_orch.evaluation.compare import eval_table
+    from apex_orch.evaluation.evaluate import EvalSettings
 
     if not outputs:
         return

@@ -6,7 +6,7 @@ import click
 
 from apex_orch.cli.params import JOBS
 from apex_orch.cli.progress import Progress
-from apex_orch.release import PHASES
+from apex_orch.release.runner import PHASES
 
 
 @click.command("release")
@@ -46,8 +46,8 @@ def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir
     """
     from pathlib import Path
 
-    from apex_orch import release as rel
-    from apex_orch.errors import UsageError
+    from apex_orch.release import runner as rel
+    from apex_orch.core.errors import UsageError
 
     if jobs is not None and jobs < 1:
         raise UsageError("-j/--jobs must be at least 1")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from apex_orch import synthetic
+from apex_orch.demo import synthetic
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class RefConfig:
     name: str = "APEX-Reference-MoE"
 
     def spec(self) -> synthetic.SyntheticSpec:
-        """The apex_orch.synthetic spec with this architecture (the GGUF layout and metadata)."""
+        """The apex_orch.demo.synthetic spec with this architecture (the GGUF layout and metadata)."""
         return synthetic.SyntheticSpec(
             arch="mistral4", n_layer=self.n_layer, n_embd=self.n_embd, n_expert=self.n_expert,
             n_expert_used=self.n_expert_used, n_expert_shared=self.n_expert_shared,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apex_orch import synthetic
+from apex_orch.demo import synthetic
 
 from .config import RefConfig
 
@@ -235,7 +235,7 @@ def _name_map(cfg: RefConfig) -> dict[str, str]:
 
 
 def gguf_weights(model: RefMoE) -> dict[str, np.ndarray]:
-    """GGUF tensor name -> F32 numpy array (numpy order), for apex_orch.synthetic.write_model."""
+    """GGUF tensor name -> F32 numpy array (numpy order), for apex_orch.demo.synthetic.write_model."""
     sd = model.state_dict()
     return {g: sd[k].detach().float().cpu().numpy() for g, k in _name_map(model.cfg).items()}
 

@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.reference_model.train --config smoke --out-dir /tmp/x --no-results
     .venv/bin/python -m bench.reference_model.train --set steps=50   # experiment (own cache key)
 
-The GGUF lands at <cache>/models/reference-moe-<key>.gguf (cache = apex_orch.pin.cache_root()),
+The GGUF lands at <cache>/models/reference-moe-<key>.gguf (cache = apex_orch.llama.pin.cache_root()),
 next to reference-moe-<key>.json (the full record: config, data, training, validation) and the
 held-out texts reference-moe-<key>.heldout-{code,prose}.txt. <key> hashes the config, the
 selected text, the code that determines the weights, torch's version and the llama.cpp pin,
@@ -41,8 +41,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from apex_orch import pin, synthetic  # noqa: E402
-from apex_orch.llama import build_label  # noqa: E402
+from apex_orch.llama import pin  # noqa: E402
+from apex_orch.demo import synthetic  # noqa: E402
+from apex_orch.llama.tools import build_label  # noqa: E402
 
 from . import data, vocab  # noqa: E402
 from .config import FULL, SMOKE, RefConfig  # noqa: E402

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apex_orch.bindings import load_llama_cpp
-from apex_orch.llama import find_tool, run_tool
+from apex_orch.llama.bindings import load_llama_cpp
+from apex_orch.llama.tools import find_tool, run_tool
 
 from .model import RefMoE
 

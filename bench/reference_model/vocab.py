@@ -8,8 +8,8 @@ import functools
 
 import numpy as np
 
-from apex_orch import synthetic
-from apex_orch.bindings import load_llama_cpp
+from apex_orch.demo import synthetic
+from apex_orch.llama.bindings import load_llama_cpp
 
 
 @functools.lru_cache(maxsize=1)

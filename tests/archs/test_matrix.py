@@ -15,12 +15,12 @@ from click.testing import CliRunner
 
 import archkit
 from apex_orch.cli import main
-from apex_orch.llama import find_tool, run_tool
-from apex_orch.model import read_model
-from apex_orch.plan import make_plan, render_file
-from apex_orch.profile import list_profiles, load_profile
-from apex_orch.quantlog import parse_records, quant_size_mib
-from apex_orch.roles import Role, classify
+from apex_orch.llama.tools import find_tool, run_tool
+from apex_orch.model.info import read_model
+from apex_orch.plan.planner import make_plan, render_file
+from apex_orch.plan.profiles import list_profiles, load_profile
+from apex_orch.llama.quantlog import parse_records, quant_size_mib
+from apex_orch.model.roles import Role, classify
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires_tools("llama-quantize")]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from apex_orch import pin, synthetic
+from apex_orch.llama import pin
+from apex_orch.demo import synthetic
 from relkit import TINY_SPEC, TRIPWIRE, cli, make_fake_bin
 
 

@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 import pytest
 from click.testing import CliRunner, Result
 
-from apex_orch import pin, synthetic
+from apex_orch.llama import pin
+from apex_orch.demo import synthetic
 from apex_orch.cli import main
 
 TINY_SPEC = synthetic.SyntheticSpec(arch="mistral4", n_layer=4, n_embd=256, n_expert=4, n_expert_used=2,
@@ -49,7 +50,7 @@ def make_fake_bin(folder: Path, tool: str, body: str, *, dry_run_passthrough: bo
         if f.name != tool and not (folder / f.name).exists():
             (folder / f.name).symlink_to(f)
     script = folder / tool
-    # quantize asks the tool for a --dry-run first (apex_orch.toolcheck); the fault is injected
+    # quantize asks the tool for a --dry-run first (apex_orch.quantize.toolcheck); the fault is injected
     # into the real run, so the FAKE hands dry runs to the real binary.
     real = pin.bin_dir() / tool
     passthrough = (f"if '--dry-run' in sys.argv:\n    os.execv({str(real)!r}, [{str(real)!r}] + sys.argv[1:])\n"

@@ -18,8 +18,8 @@ import gguf
 import numpy as np
 import pytest
 
-from apex_orch.imatrix import expected_tensors
-from apex_orch.model import read_model
+from apex_orch.calibration.imatrix import expected_tensors
+from apex_orch.model.info import read_model
 from relkit import assert_failed_cleanly, cli
 
 IQ2_BLOCKS = ("blk.4.", "blk.5.", "blk.6.", "blk.7.")   # mini's middle band on 12 blocks

@@ -26,7 +26,9 @@ import gguf
 import pytest
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
-from apex_orch import chat_sandbox, corpus, pin
+from apex_orch.calibration import chat_template as chat_sandbox
+from apex_orch.calibration import corpus
+from apex_orch.llama import pin
 from relkit import assert_failed_cleanly, assert_one_error, cli, compact_output, run_cli
 
 
@@ -374,8 +376,8 @@ def test_odd_file_names_give_one_message(name, tmp_path):
 
 def test_nul_in_a_model_path_is_one_error(tmp_path):
     """No process can receive a NUL in its arguments; a library caller can."""
-    from apex_orch.errors import ModelError
-    from apex_orch.model import read_model
+    from apex_orch.core.errors import ModelError
+    from apex_orch.model.info import read_model
     with pytest.raises(ModelError, match="the path contains a NUL byte"):
         read_model(tmp_path / "nul\x00byte.gguf")
 
@@ -472,7 +474,7 @@ def test_non_executable_tool_is_reported_as_such(tiny_moe, tmp_path, monkeypatch
 
 
 def test_concurrent_from_q8_runs_use_their_own_scratch_and_share_the_copy(tiny_moe, isolated_cache, tmp_path):
-    from apex_orch import imatrix as im
+    from apex_orch.calibration import imatrix as im
     plans = [im.plan_imatrix(tiny_moe, c, ctx=64, chunks=2, threads=1, from_q8=True) for c in ("agentic", "code")]
     assert plans[0].key != plans[1].key and plans[0].q8_path == plans[1].q8_path
     assert f".partial-{os.getpid()}" in plans[0].q8_argv[2]

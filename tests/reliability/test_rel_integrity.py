@@ -22,8 +22,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from apex_orch import pin, safefiles
-from apex_orch.errors import OutputIsInputError, PublishError, UnsafeOutputError
+from apex_orch.llama import pin
+from apex_orch.core import safefiles
+from apex_orch.core.errors import OutputIsInputError, PublishError, UnsafeOutputError
 from relkit import assert_one_error, cli, compact_output, snapshot
 
 DEMO = "APEX-Demo-MoE"
@@ -45,7 +46,7 @@ def module_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_model(module_cache) -> Path:
-    from apex_orch.synthetic import demo_model_path
+    from apex_orch.demo.synthetic import demo_model_path
     return demo_model_path()
 
 
@@ -165,9 +166,9 @@ def test_cache_keys_that_name_a_source_follow_its_bytes(demo_model, tmp_path, ev
     """Finding 1: the imatrix cache key, the --from-q8 Q8_0 copy and the eval base log-prob cache
     were keyed by the sampled fingerprint, so 2 MB of new weights reused the old entries. Each is
     now keyed by the source's full sha256 (memoised: an unchanged source is not read again)."""
-    from apex_orch import evaluate as ev
-    from apex_orch import fingerprint
-    from apex_orch import imatrix as im
+    from apex_orch.evaluation import evaluate as ev
+    from apex_orch.core import fingerprint
+    from apex_orch.calibration import imatrix as im
     src = tmp_path / "src.gguf"
     shutil.copyfile(demo_model, src)
 
@@ -213,7 +214,7 @@ def test_publish_hashes_what_it_uploads(demo_release, monkeypatch):
     """Finding 1: publish took the sha256 from the manifest and checked only the size. Here the
     bytes change and the mtime is set back, so even the stat check passes: publish's own full
     hash refuses the file before anything is uploaded. (Bytes restored afterwards.)"""
-    from apex_orch import release as rel
+    from apex_orch.release import runner as rel
     monkeypatch.delenv("HF_TOKEN", raising=False)
     cfg, out = demo_release
     gguf = out / "Demo-Integrity-APEX-Compact.gguf"
@@ -318,7 +319,7 @@ def test_compare_refuses_a_plot_over_its_base(src_copy, eval_text):
 
 def test_eval_base_cache_that_is_the_base_is_refused(src_copy, eval_text):
     """A base log-prob cache entry that is a link to the base model (planted in the cache)."""
-    from apex_orch import evaluate as ev
+    from apex_orch.evaluation import evaluate as ev
     good = sha256(src_copy)
     base, text = ev.model_facts(src_copy), ev.text_facts(text=eval_text)
     entry = ev.evalcache.cache_path(ev.base_cache_inputs(base, text, ev.EvalSettings()))
@@ -375,7 +376,7 @@ def test_release_work_folder_that_is_a_link_is_refused(tiny_moe, tmp_path, victi
 def test_imatrix_cache_never_writes_through_a_planted_link(suffix, tiny_moe, victim):
     """Finding 3: the imatrix cache lock (`<cache>/imatrix/<key>.lock`) was truncated through a
     link; its log the same. Refused before llama-imatrix starts."""
-    from apex_orch import imatrix as im
+    from apex_orch.calibration import imatrix as im
     plan = im.plan_imatrix(tiny_moe, "diverse", ctx=128, chunks=2)
     link = plant_link(plan.cache_path.with_suffix(suffix), victim)
     try:

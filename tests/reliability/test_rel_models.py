@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from apex_orch.llama import find_tool, run_tool
+from apex_orch.llama.tools import find_tool, run_tool
 from relkit import assert_failed_cleanly, cli
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from apex_orch.manifest import manifest_path
+from apex_orch.core.manifest import manifest_path
 from relkit import (TINY_NAME, assert_failed_cleanly, assert_one_error, cli, cli_cmd, compact_output, leftovers,
                     make_fake_bin, pids_running, process_gone, snapshot, wait_for)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from apex_orch import pin, synthetic
+from apex_orch.llama import pin
+from apex_orch.demo import synthetic
 from relkit import (PLANTED_TOKEN, TINY_SPEC, assert_failed_cleanly, assert_one_error, cli, make_fake_bin, run_cli,
                     snapshot)
 

@@ -11,9 +11,9 @@ import json
 
 from gguf.constants import GGMLQuantizationType as T
 
-from apex_orch import pin
-from apex_orch.gguf_header import read_header
-from apex_orch.manifest import manifest_path
+from apex_orch.llama import pin
+from apex_orch.model.gguf_header import read_header
+from apex_orch.core.manifest import manifest_path
 from relkit import TINY_NAME, cli, make_fake_bin
 
 OTHER_RULES = ("real = {real!r}\n"

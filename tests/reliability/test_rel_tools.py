@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from apex_orch.errors import DiskSpaceError
+from apex_orch.core.errors import DiskSpaceError
 from relkit import (TINY_NAME, assert_failed_cleanly, cli, cli_cmd, compact_output, leftovers, make_fake_bin,
                     process_gone, run_cli, snapshot, tmpfs, wait_for)
 

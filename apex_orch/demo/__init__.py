@@ -1,0 +1,5 @@
+"""Demo and test models the project writes itself (no download): tiny GGUFs of real MoE layouts.
+
+Gives: synthetic checkpoints (the demo model, a Mistral-Small-4 replica with the flagship's real
+shapes and empty data) that the CLI's `--demo`, the tests and the benchmarks run on.
+"""

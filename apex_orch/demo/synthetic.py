@@ -1,0 +1,677 @@
+"""Small deterministic GGUF models for tests and the demo, plus a header-only flagship replica.
+
+Why: every apex-orch feature (inspection, planning, quantization, imatrix, evaluation) must be
+exercised against real GGUF files and the real llama.cpp tools, without downloading a model.
+
+What is written (with the `gguf` package):
+- `write_model(path, spec)`: a complete model whose weights are seeded random data:
+  F16 for 2-D/3-D weights, F32 for norms and the router (`ffn_gate_inp`). The tokenizer
+  (32000 tokens, every `tokenizer.*` key with its original value type) is copied from the
+  pinned tree's `models/ggml-vocab-llama-spm.gguf`. Architectures:
+    * "mistral4": MLA attention (loaded by llama.cpp's deepseek2 code), routed experts
+      (split gate/up or one fused `ffn_gate_up_exps`), shared expert, optional leading
+      dense blocks. kv_lora_rank 128 / qk_nope 32 are deliberately not multiples of 256, so
+      K-quants must fall back on attn_k_b / attn_v_b.
+    * "qwen3moe": GQA attention with q/k norms, routed experts only.
+    * "llama": a dense model (APEX must refuse it).
+- `write_mistral_small_4_replica(path)`: the exact tensor layout and metadata of
+  Mistral-Small-4-119B-2603 (615 tensors split / 579 fused, BF16 weights, F32 norms/router,
+  YaRN keys) whose data is a sparse hole: ~238 GB apparent size, ~50 KB on disk. It has no
+  tokenizer keys (llama-quantize does not need them). Good for `llama-quantize --dry-run`
+  (Q4_K_M: 68808.38 MiB, 36 of 615 tensors fall back), planning and size predictions;
+  not for running the model.
+- `demo_model_path()`: the embedded demo model, generated once into the user cache.
+- `demo_text()`: deterministic English-like text for perplexity/imatrix runs.
+
+Weights: norms 1.0; other tensors normal with std 1/sqrt(fan_in) (0.5/sqrt(fan_in) for
+projections back into the residual stream), token_embd std 1, router 2/sqrt(n_embd) (every
+expert gets tokens), output 2.5/sqrt(n_embd) (peaked, context-dependent next-token
+distributions; PPL on demo_text() is ~5e5 with a 32000 vocab).
+
+Running the mistral4 presets: on CPUs with AMX, llama.cpp places F16 (and Q8_0/Q4_0)
+attn_k_b in the AMX buffer, which cannot run the MLA graph's matmul on a permuted q_nope,
+and llama-perplexity / llama-imatrix abort with `GGML_ASSERT(*cur_backend_id != -1)`.
+Pass `--no-repack` (or env LLAMA_ARG_REPACK=0) to those tools. It changes the numerics a
+little (qwen3moe preset: PPL 577185 with AMX vs 580782 without), so base and quantized runs
+that are compared must use the same setting.
+
+Determinism: each tensor's data comes from its own RNG seeded by (spec.seed, tensor name), and
+the writer adds no timestamps, so the same spec + seed gives a byte-identical file.
+Shapes in this module are numpy order (the reverse of ggml's ne).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+from apex_orch.llama import pin
+from apex_orch.core.errors import OutputExistsError
+
+# Bump when the generator's output changes for an unchanged spec (invalidates the demo cache).
+GENERATOR_VERSION = 1
+
+VOCAB_GGUF_NAME = "ggml-vocab-llama-spm.gguf"
+DEMO_PRESET = "mistral4-split"
+DEMO_NAME = "APEX-Demo-MoE"
+
+ARCHES = ("mistral4", "qwen3moe", "llama")
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    arch: str = "mistral4"          # "mistral4" (MLA, deepseek2 loader) | "qwen3moe" (GQA, no shared expert) | "llama" (dense)
+    n_layer: int = 12
+    n_embd: int = 256
+    n_expert: int = 16               # ignored for "llama"
+    n_expert_used: int = 2           # ignored for "llama"
+    n_expert_shared: int = 1         # mistral4 only
+    expert_ff: int = 256
+    dense_ff: int = 512              # leading dense blocks / dense model
+    leading_dense: int = 0           # mistral4: leading dense blocks (ffn_gate/up/down) before the MoE ones
+    fused_gate_up: bool = False      # mistral4: one ffn_gate_up_exps instead of ffn_gate_exps + ffn_up_exps
+    n_head: int = 4
+    n_head_kv: int = 2               # GQA arches
+    q_lora_rank: int = 128           # MLA
+    kv_lora_rank: int = 128          # MLA (attn_v_b ne0) -> not a multiple of 256: exercises fallbacks
+    qk_nope: int = 32                # MLA (attn_k_b ne0) -> fallback exercised
+    qk_rope: int = 32
+    v_head: int = 64
+    context: int = 4096
+    name: str = "Synthetic-MoE"      # general.name
+    seed: int = 0
+
+
+PRESETS: dict[str, SyntheticSpec] = {
+    "mistral4-split": SyntheticSpec(name="Synthetic-Mistral4-Split"),
+    "mistral4-fused": SyntheticSpec(fused_gate_up=True, name="Synthetic-Mistral4-Fused"),
+    "mistral4-dense-lead": SyntheticSpec(leading_dense=1, name="Synthetic-Mistral4-DenseLead"),
+    "qwen3moe": SyntheticSpec(arch="qwen3moe", name="Synthetic-Qwen3MoE"),
+    "dense": SyntheticSpec(arch="llama", n_expert=0, n_expert_used=0, n_expert_shared=0,
+                           name="Synthetic-Dense"),
+}
+
+# Mistral-Small-4-119B-2603 as llama.cpp sees it (its published config and GGUF file set).
+MISTRAL_SMALL_4_SPEC = SyntheticSpec(
+    arch="mistral4", n_layer=36, n_embd=4096, n_expert=128, n_expert_used=4, n_expert_shared=1,
+    expert_ff=2048, dense_ff=12288, leading_dense=0, n_head=32, n_head_kv=1,
+    q_lora_rank=1024, kv_lora_rank=256, qk_nope=64, qk_rope=64, v_head=128,
+    context=1048576, name="Mistral-Small-4-119B-2603",
+)
+MISTRAL_SMALL_4_VOCAB = 131072
+MISTRAL_SMALL_4_YARN = {"type": "yarn", "factor": 128.0, "original_context_length": 8192}
+
+RMS_EPS = 1e-6
+ROPE_FREQ_BASE = 10000.0
+GATING_SOFTMAX = 1          # llama_expert_gating_func_type: SOFTMAX
+FILE_TYPE_F16 = 1           # llama_ftype: MOSTLY_F16
+FILE_TYPE_BF16 = 32         # llama_ftype: MOSTLY_BF16
+QUANTIZATION_VERSION = 2
+
+
+class TensorPlan(NamedTuple):
+    name: str
+    shape: tuple[int, ...]   # numpy order
+    role: str                # "norm", "router", "embd", "output", "in", "out"
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate(spec: SyntheticSpec) -> None:
+    """Refuse specs the pinned llama.cpp could not load (ValueError naming the field)."""
+    if spec.arch not in ARCHES:
+        raise ValueError(f"arch must be one of {ARCHES}, got {spec.arch!r}")
+    if spec.n_layer < 1 or spec.n_embd < 1 or spec.n_head < 1:
+        raise ValueError("n_layer, n_embd and n_head must be positive")
+    if spec.context < 1:
+        raise ValueError("context must be positive")
+    if spec.arch != "llama":
+        if spec.n_expert < 1 or not 1 <= spec.n_expert_used <= spec.n_expert:
+            raise ValueError("a MoE spec needs n_expert >= 1 and 1 <= n_expert_used <= n_expert")
+        if spec.expert_ff < 1:
+            raise ValueError("expert_ff must be positive")
+    if spec.arch == "mistral4":
+        if spec.n_layer in (26, 27):
+            # llama.cpp's deepseek2 loader treats 26/27 blocks as the "lite" variant (no q_lora).
+            raise ValueError("mistral4 with 26 or 27 blocks is loaded as DeepSeek-V2-Lite; pick another n_layer")
+        if not 0 <= spec.leading_dense < spec.n_layer:
+            raise ValueError("leading_dense must be in [0, n_layer)")
+        if spec.n_expert_shared < 1:
+            raise ValueError("mistral4 needs n_expert_shared >= 1 (the loader requires ffn_*_shexp)")
+        if min(spec.q_lora_rank, spec.kv_lora_rank, spec.qk_nope, spec.qk_rope, spec.v_head) < 1:
+            raise ValueError("MLA ranks and head dims must be positive")
+        if spec.qk_rope % 2:
+            raise ValueError("qk_rope must be even")
+        if spec.leading_dense and spec.dense_ff < 1:
+            raise ValueError("dense_ff must be positive when there are leading dense blocks")
+    else:
+        if spec.leading_dense:
+            raise ValueError("leading_dense is only supported for mistral4")
+        if spec.fused_gate_up:
+            # The pinned qwen3moe loader requires ffn_gate_exps + ffn_up_exps.
+            raise ValueError("fused_gate_up is only supported for mistral4 (the qwen3moe loader needs split experts)")
+        if spec.n_embd % spec.n_head:
+            raise ValueError("n_embd must be a multiple of n_head")
+        if spec.n_head_kv < 1 or spec.n_head % spec.n_head_kv:
+            raise ValueError("n_head must be a multiple of n_head_kv")
+        if (spec.n_embd // spec.n_head) % 2:
+            raise ValueError("the head dimension n_embd / n_head must be even (RoPE)")
+        if spec.arch == "llama" and spec.dense_ff < 1:
+            raise ValueError("dense_ff must be positive")
+
+
+# ----------------------------------------------------------------------------- layout
+
+def _layout(spec: SyntheticSpec, n_vocab: int) -> list[TensorPlan]:
+    validate(spec)
+    E, V = spec.n_embd, n_vocab
+    out: list[TensorPlan] = [TensorPlan("token_embd.weight", (V, E), "embd")]
+    for i in range(spec.n_layer):
+        p = f"blk.{i}."
+        if spec.arch == "mistral4":
+            out += _mistral4_block(spec, p, i)
+        elif spec.arch == "qwen3moe":
+            out += _gqa_attention(spec, p) + _routed_experts(spec, p)
+        else:
+            out += _gqa_attention(spec, p) + _dense_ffn(p, E, spec.dense_ff)
+    out += [TensorPlan("output_norm.weight", (E,), "norm"),
+            TensorPlan("output.weight", (V, E), "output")]
+    return out
+
+
+def _mistral4_block(spec: SyntheticSpec, p: str, i: int) -> list[TensorPlan]:
+    E, H = spec.n_embd, spec.n_head
+    k_mla = spec.qk_nope + spec.qk_rope
+    block = [
+        TensorPlan(p + "attn_norm.weight", (E,), "norm"),
+        TensorPlan(p + "attn_q_a_norm.weight", (spec.q_lora_rank,), "norm"),
+        TensorPlan(p + "attn_kv_a_norm.weight", (spec.kv_lora_rank,), "norm"),
+        TensorPlan(p + "ffn_norm.weight", (E,), "norm"),
+        TensorPlan(p + "attn_q_a.weight", (spec.q_lora_rank, E), "in"),
+        TensorPlan(p + "attn_q_b.weight", (H * k_mla, spec.q_lora_rank), "in"),
+        TensorPlan(p + "attn_kv_a_mqa.weight", (spec.kv_lora_rank + spec.qk_rope, E), "in"),
+        TensorPlan(p + "attn_k_b.weight", (H, spec.kv_lora_rank, spec.qk_nope), "in"),
+        TensorPlan(p + "attn_v_b.weight", (H, spec.v_head, spec.kv_lora_rank), "in"),
+        TensorPlan(p + "attn_output.weight", (E, H * spec.v_head), "out"),
+    ]
+    if i < spec.leading_dense:
+        return block + _dense_ffn(p, E, spec.dense_ff, with_norm=False)
+    shared_ff = spec.expert_ff * spec.n_expert_shared
+    return block + _routed_experts(spec, p, with_norm=False) + [
+        TensorPlan(p + "ffn_gate_shexp.weight", (shared_ff, E), "in"),
+        TensorPlan(p + "ffn_up_shexp.weight", (shared_ff, E), "in"),
+        TensorPlan(p + "ffn_down_shexp.weight", (E, shared_ff), "out"),
+    ]
+
+
+def _gqa_attention(spec: SyntheticSpec, p: str) -> list[TensorPlan]:
+    E, H, HKV = spec.n_embd, spec.n_head, spec.n_head_kv
+    hd = E // H
+    block = [
+        TensorPlan(p + "attn_norm.weight", (E,), "norm"),
+        TensorPlan(p + "attn_q.weight", (H * hd, E), "in"),
+        TensorPlan(p + "attn_k.weight", (HKV * hd, E), "in"),
+        TensorPlan(p + "attn_v.weight", (HKV * hd, E), "in"),
+        TensorPlan(p + "attn_output.weight", (E, H * hd), "out"),
+    ]
+    if spec.arch == "qwen3moe":
+        block += [TensorPlan(p + "attn_q_norm.weight", (hd,), "norm"),
+                  TensorPlan(p + "attn_k_norm.weight", (hd,), "norm")]
+    return block
+
+
+def _dense_ffn(p: str, E: int, ff: int, with_norm: bool = True) -> list[TensorPlan]:
+    norm = [TensorPlan(p + "ffn_norm.weight", (E,), "norm")] if with_norm else []
+    return norm + [
+        TensorPlan(p + "ffn_gate.weight", (ff, E), "in"),
+        TensorPlan(p + "ffn_up.weight", (ff, E), "in"),
+        TensorPlan(p + "ffn_down.weight", (E, ff), "out"),
+    ]
+
+
+def _routed_experts(spec: SyntheticSpec, p: str, with_norm: bool = True) -> list[TensorPlan]:
+    E, X, F = spec.n_embd, spec.n_expert, spec.expert_ff
+    norm = [TensorPlan(p + "ffn_norm.weight", (E,), "norm")] if with_norm else []
+    gate_up = ([TensorPlan(p + "ffn_gate_up_exps.weight", (X, 2 * F, E), "in")] if spec.fused_gate_up else
+               [TensorPlan(p + "ffn_gate_exps.weight", (X, F, E), "in"),
+                TensorPlan(p + "ffn_up_exps.weight", (X, F, E), "in")])
+    return norm + [TensorPlan(p + "ffn_gate_inp.weight", (X, E), "router")] + gate_up + [
+        TensorPlan(p + "ffn_down_exps.weight", (X, E, F), "out")]
+
+
+def tensor_names(spec: SyntheticSpec) -> list[str]:
+    """Every tensor the file will hold, in file order."""
+    return [t.name for t in _layout(spec, _vocab_size())]
+
+
+def tensor_shapes(spec: SyntheticSpec, n_vocab: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Name -> numpy shape (reversed ggml ne), in file order."""
+    return {t.name: t.shape for t in _layout(spec, n_vocab or _vocab_size())}
+
+
+# ----------------------------------------------------------------------------- metadata
+
+def _arch_kv(spec: SyntheticSpec, n_vocab: int) -> list[tuple[str, object, str]]:
+    """(key, value, gguf value type name) for the architecture keys, in write order."""
+    a = spec.arch
+    kv: list[tuple[str, object, str]] = [
+        (f"{a}.context_length", spec.context, "UINT32"),
+        (f"{a}.embedding_length", spec.n_embd, "UINT32"),
+        (f"{a}.block_count", spec.n_layer, "UINT32"),
+        (f"{a}.feed_forward_length", spec.dense_ff, "UINT32"),
+        (f"{a}.attention.head_count", spec.n_head, "UINT32"),
+    ]
+    if a == "mistral4":
+        # MLA is stored as MQA with one wide KV head (see convert_hf_to_gguf's DeepseekV2Model).
+        kv += [
+            (f"{a}.attention.head_count_kv", 1, "UINT32"),
+            (f"{a}.rope.freq_base", ROPE_FREQ_BASE, "FLOAT32"),
+            (f"{a}.attention.layer_norm_rms_epsilon", RMS_EPS, "FLOAT32"),
+            (f"{a}.expert_count", spec.n_expert, "UINT32"),
+            (f"{a}.expert_used_count", spec.n_expert_used, "UINT32"),
+            (f"{a}.expert_gating_func", GATING_SOFTMAX, "UINT32"),
+            (f"{a}.leading_dense_block_count", spec.leading_dense, "UINT32"),
+            (f"{a}.vocab_size", n_vocab, "UINT32"),
+            (f"{a}.attention.q_lora_rank", spec.q_lora_rank, "UINT32"),
+            (f"{a}.attention.kv_lora_rank", spec.kv_lora_rank, "UINT32"),
+            (f"{a}.attention.key_length", spec.kv_lora_rank + spec.qk_rope, "UINT32"),
+            (f"{a}.attention.value_length", spec.kv_lora_rank, "UINT32"),
+            (f"{a}.attention.key_length_mla", spec.qk_nope + spec.qk_rope, "UINT32"),
+            (f"{a}.attention.value_length_mla", spec.v_head, "UINT32"),
+            (f"{a}.expert_feed_forward_length", spec.expert_ff, "UINT32"),
+            (f"{a}.expert_shared_count", spec.n_expert_shared, "UINT32"),
+            (f"{a}.expert_weights_scale", 1.0, "FLOAT32"),
+            (f"{a}.expert_weights_norm", True, "BOOL"),
+            (f"{a}.rope.dimension_count", spec.qk_rope, "UINT32"),
+        ]
+        return kv
+    hd = spec.n_embd // spec.n_head
+    kv += [
+        (f"{a}.attention.head_count_kv", spec.n_head_kv, "UINT32"),
+        (f"{a}.rope.freq_base", ROPE_FREQ_BASE, "FLOAT32"),
+        (f"{a}.attention.layer_norm_rms_epsilon", RMS_EPS, "FLOAT32"),
+    ]
+    if a == "qwen3moe":
+        kv += [
+            (f"{a}.expert_count", spec.n_expert, "UINT32"),
+            (f"{a}.expert_used_count", spec.n_expert_used, "UINT32"),
+            (f"{a}.attention.key_length", hd, "UINT32"),
+            (f"{a}.attention.value_length", hd, "UINT32"),
+            (f"{a}.expert_feed_forward_length", spec.expert_ff, "UINT32"),
+        ]
+    kv += [
+        (f"{a}.vocab_size", n_vocab, "UINT32"),
+        (f"{a}.rope.dimension_count", hd, "UINT32"),
+    ]
+    return kv
+
+
+def vocab_gguf_path() -> Path:
+    """The pinned tree's vocab-only llama-spm GGUF (32000 tokens)."""
+    path = pin.llama_source() / "models" / VOCAB_GGUF_NAME
+    if not path.is_file():
+        from apex_orch.core.errors import ToolNotFoundError
+        raise ToolNotFoundError(f"vocab GGUF not found: {path}",
+                                hint=f"run `{pin.setup_command()}` to unpack the pinned llama.cpp tree")
+    return path
+
+
+# GGUF value type ids (gguf.GGUFValueType) -> struct format of one scalar.
+_SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class HeaderTensor(NamedTuple):
+    name: str
+    ne: tuple[int, ...]      # ggml order
+    ggml_type: int           # gguf.GGMLQuantizationType value
+    offset: int              # absolute file offset of the data
+
+
+def _read_gguf_header(path: Path) -> tuple[list[tuple[str, object, int, int | None]], list[HeaderTensor]]:
+    """Metadata and tensor infos of a little-endian GGUF v2/v3 file, without touching the data.
+
+    KV entries are (key, value, value type, array sub-type); strings stay raw bytes and numbers
+    Python scalars, so rewriting them is byte-exact. gguf.GGUFReader takes ~2 s on a file
+    with a 32000-token vocab; this takes ~50 ms.
+    """
+    import struct
+
+    with open(path, "rb") as fh:
+        buf = fh.read(64 << 20)  # any header we write or copy fits
+    magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+    if magic != b"GGUF" or version not in (2, 3):
+        raise ValueError(f"{path} is not a GGUF v2/v3 file")
+    pos = 24
+
+    def string() -> bytes:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        pos += 8 + n
+        return buf[pos - n:pos]
+
+    def scalar(vtype: int) -> object:
+        nonlocal pos
+        if vtype == _STRING:
+            return string()
+        fmt = "<" + _SCALAR_FMT[vtype]
+        (value,) = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    kv: list[tuple[str, object, int, int | None]] = []
+    for _ in range(n_kv):
+        key = string().decode("utf-8")
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if vtype != _ARRAY:
+            kv.append((key, scalar(vtype), vtype, None))
+            continue
+        sub, n = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        if sub == _STRING:
+            value: object = [string() for _ in range(n)]
+        else:
+            fmt = "<" + _SCALAR_FMT[sub]
+            size = struct.calcsize(fmt)
+            value = [v[0] for v in struct.iter_unpack(fmt, buf[pos:pos + n * size])]
+            pos += n * size
+        kv.append((key, value, vtype, sub))
+
+    infos = []
+    for _ in range(n_tensors):
+        name = string().decode("utf-8")
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        ne = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        infos.append((name, tuple(ne), ggml_type, offset))
+    alignment = next((v for k, v, _, _ in kv if k == "general.alignment"), 32)
+    data_start = -(-pos // alignment) * alignment  # type: ignore[operator]
+    return kv, [HeaderTensor(n, ne, t, data_start + off) for n, ne, t, off in infos]
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer_kv() -> tuple[tuple[str, object, int, int | None], ...]:
+    """Every tokenizer.* key of the pinned vocab GGUF, with its original value types."""
+    kv, _ = _read_gguf_header(vocab_gguf_path())
+    return tuple(item for item in kv if item[0].startswith("tokenizer."))
+
+
+def _vocab_size() -> int:
+    for key, value, _, _ in _tokenizer_kv():
+        if key == "tokenizer.ggml.tokens":
+            return len(value)  # type: ignore[arg-type]
+    raise ValueError("vocab GGUF has no tokenizer.ggml.tokens")
+
+
+# ----------------------------------------------------------------------------- data
+
+def _std(plan: TensorPlan) -> float:
+    """Per-role init scale: unit-RMS activations through the stack, token identity kept in the
+    residual stream, router logits varied enough that every expert gets tokens, and output
+    logits with std ~2.5 (peaked but context-dependent next-token distributions)."""
+    fan_in = plan.shape[-1]
+    if plan.role == "embd":
+        return 1.0
+    if plan.role == "output":
+        return 2.5 / np.sqrt(fan_in)
+    if plan.role == "router":
+        return 2.0 / np.sqrt(fan_in)
+    if plan.role == "out":
+        return 0.5 / np.sqrt(fan_in)
+    return 1.0 / np.sqrt(fan_in)
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    name_key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    return np.random.default_rng(np.random.SeedSequence([seed, name_key]))
+
+
+@functools.lru_cache(maxsize=1)
+def _normal_quantiles() -> np.ndarray:
+    """65536 standard-normal quantiles: a uniform 16-bit index into this table is a normal draw
+    (to within F16 resolution) at a fraction of the cost of standard_normal + F16 conversion."""
+    from statistics import NormalDist
+
+    unit = NormalDist()
+    return np.array([unit.inv_cdf((i + 0.5) / 65536) for i in range(65536)], dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _scaled_table(std: float, dtype: str) -> np.ndarray:
+    return (_normal_quantiles() * std).astype(dtype)
+
+
+def _tensor_data(plan: TensorPlan, spec: SyntheticSpec, supplied: np.ndarray | None) -> np.ndarray:
+    dtype = np.float32 if plan.role in ("norm", "router") else np.float16
+    if supplied is not None:
+        arr = np.asarray(supplied)
+        if tuple(arr.shape) != plan.shape:
+            raise ValueError(f"weights[{plan.name!r}] has shape {tuple(arr.shape)}, expected {plan.shape}")
+        out = np.ascontiguousarray(arr, dtype=dtype)
+        if not np.all(np.isfinite(out)):
+            raise ValueError(f"weights[{plan.name!r}] has non-finite values (after conversion to {out.dtype})")
+        return out
+    if plan.role == "norm":
+        return np.ones(plan.shape, dtype=np.float32)
+    index = _rng(spec.seed, plan.name).integers(0, 1 << 16, size=plan.shape, dtype=np.uint16)
+    return _scaled_table(float(_std(plan)), np.dtype(dtype).name)[index]
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _temp_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+
+
+def _check_dest(path: str | os.PathLike, overwrite: bool) -> Path:
+    dest = Path(path)
+    if dest.exists() and not overwrite:
+        raise OutputExistsError(f"{dest} already exists", hint="pass overwrite=True or choose another path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+def _new_writer(tmp: Path, spec: SyntheticSpec, n_vocab: int, file_type: int, with_tokenizer: bool):
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp, spec.arch)
+    writer.add_name(spec.name)
+    writer.add_uint32("general.file_type", file_type)
+    writer.add_uint32("general.quantization_version", QUANTIZATION_VERSION)
+    for key, value, vtype in _arch_kv(spec, n_vocab):
+        writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
+    if with_tokenizer:
+        for key, value, vtype, sub in _tokenizer_kv():
+            writer.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                                 sub_type=None if sub is None else gguf.GGUFValueType(sub))
+    return writer
+
+
+def write_model(path: str | os.PathLike, spec: SyntheticSpec,
+                weights: Mapping[str, np.ndarray] | None = None, *, overwrite: bool = False) -> Path:
+    """Write a complete, loadable GGUF for `spec` and return its path.
+
+    `weights` optionally supplies arrays by tensor name (numpy shapes, see tensor_shapes());
+    they are cast to the file's type (F32 for norms/router, F16 otherwise). Missing names get
+    seeded random data. The file appears under its final name only when complete.
+    """
+    dest = _check_dest(path, overwrite)
+    n_vocab = _vocab_size()
+    plans = _layout(spec, n_vocab)
+    supplied = dict(weights or {})
+    unknown = sorted(set(supplied) - {p.name for p in plans})
+    if unknown:
+        raise ValueError(f"weights names not in the {spec.arch} layout: {unknown[:5]}")
+    for plan in plans:
+        if plan.name in supplied and tuple(np.shape(supplied[plan.name])) != plan.shape:
+            raise ValueError(f"weights[{plan.name!r}] has shape {tuple(np.shape(supplied[plan.name]))}, "
+                             f"expected {plan.shape}")
+
+    tmp = _temp_path(dest)
+    try:
+        writer = _new_writer(tmp, spec, n_vocab, FILE_TYPE_F16, with_tokenizer=True)
+        for plan in plans:
+            is_f32 = plan.role in ("norm", "router")
+            itemsize = 4 if is_f32 else 2
+            writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32 if is_f32 else np.float16),
+                                   int(np.prod(plan.shape)) * itemsize)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for plan in plans:  # one tensor in memory at a time
+            writer.write_tensor_data(_tensor_data(plan, spec, supplied.get(plan.name)))
+        writer.close()
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def write_preset(name: str, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return write_model(path, PRESETS[name], overwrite=overwrite)
+
+
+def write_mistral_small_4_replica(path: str | os.PathLike, *, layout: str = "split",
+                                  overwrite: bool = False) -> Path:
+    """Header-only replica of Mistral-Small-4-119B-2603: real metadata, shapes and types
+    (BF16 weights, F32 norms/router), tensor data a sparse hole (~240 GB apparent size)."""
+    import gguf
+
+    if layout not in ("split", "fused"):
+        raise ValueError(f"layout must be 'split' or 'fused', got {layout!r}")
+    spec = dataclasses.replace(MISTRAL_SMALL_4_SPEC, fused_gate_up=(layout == "fused"))
+    dest = _check_dest(path, overwrite)
+    plans = _layout(spec, MISTRAL_SMALL_4_VOCAB)
+
+    tmp = _temp_path(dest)
+    try:
+        writer = _new_writer(tmp, spec, MISTRAL_SMALL_4_VOCAB, FILE_TYPE_BF16, with_tokenizer=False)
+        yarn = MISTRAL_SMALL_4_YARN
+        writer.add_string(f"{spec.arch}.rope.scaling.type", yarn["type"])
+        writer.add_float32(f"{spec.arch}.rope.scaling.factor", yarn["factor"])
+        writer.add_uint32(f"{spec.arch}.rope.scaling.original_context_length", yarn["original_context_length"])
+        data_bytes = 0
+        for plan in plans:
+            n = int(np.prod(plan.shape))
+            if plan.role in ("norm", "router"):
+                writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), n * 4)
+                nbytes = n * 4
+            else:
+                writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.uint16), n * 2,
+                                       raw_dtype=gguf.GGMLQuantizationType.BF16)
+                nbytes = n * 2
+            data_bytes += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        assert writer.fout is not None
+        fout = writer.fout[0]
+        writer.write_padding(fout, fout.tell())
+        data_start = fout.tell()
+        writer.close()
+        with open(tmp, "r+b") as fh:
+            fh.truncate(data_start + data_bytes)  # a hole: no blocks allocated
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+# ----------------------------------------------------------------------------- demo model
+
+def spec_key(spec: SyntheticSpec) -> str:
+    """Short stable hash of a spec and the generator version (names cached files)."""
+    blob = json.dumps({"v": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def demo_spec() -> SyntheticSpec:
+    return dataclasses.replace(PRESETS[DEMO_PRESET], name=DEMO_NAME)
+
+
+def demo_model_path() -> Path:
+    """The embedded demo model (preset mistral4-split named APEX-Demo-MoE), generated on first
+    use under <cache>/models/ and reused while the spec and generator are unchanged."""
+    spec = demo_spec()
+    path = pin.cache_root() / "models" / f"apex-demo-moe-{spec_key(spec)}.gguf"
+    if not path.is_file():
+        # Concurrent first uses each write their own temp file; os.replace keeps one whole copy.
+        write_model(path, spec, overwrite=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- text
+
+_SUBJECTS = ["the engineer", "a young doctor", "the old fisherman", "my neighbour", "the committee",
+             "a curious student", "the small company", "our team", "the river guide", "the baker",
+             "a travelling musician", "the city council", "the night nurse", "her brother",
+             "the research group", "a quiet librarian", "the farmer", "the pilot", "the teacher",
+             "an elderly painter"]
+_VERBS = ["repaired", "described", "carried", "studied", "painted", "measured", "explained",
+          "discovered", "ignored", "borrowed", "designed", "cleaned", "sold", "visited", "counted",
+          "questioned", "remembered", "photographed", "planted", "returned"]
+_OBJECTS = ["the wooden bridge", "a broken radio", "the harvest", "an ancient map", "the new library",
+            "a heavy parcel", "the mountain road", "three letters", "the village clock", "a red bicycle",
+            "the quarterly report", "an unusual stone", "the garden wall", "a jar of honey",
+            "the train schedule", "the ship's engine", "a forgotten song", "the school roof",
+            "a basket of apples", "the weather station"]
+_PLACES = ["near the harbour", "in the north valley", "behind the market", "at the edge of town",
+           "on the second floor", "by the old mill", "in the capital", "across the river",
+           "under the railway bridge", "inside the museum", "on a windy hill", "at the university"]
+_TIMES = ["Yesterday", "Last winter", "Early in the morning", "After the storm", "On Sunday",
+          "During the festival", "In 1987", "Before dawn", "Later that week", "Every spring",
+          "At noon", "Some years ago"]
+_ADJ = ["careful", "remarkable", "slow", "expensive", "simple", "difficult", "quiet", "bright",
+        "strange", "useful", "patient", "unexpected"]
+_CONNECT = ["Because of this,", "However,", "Later,", "Meanwhile,", "As a result,", "Still,",
+            "In the end,", "For a while,"]
+_REASONS = ["the rain had not stopped", "nobody else knew how", "the budget was small",
+            "the instructions were unclear", "it had been promised long ago", "the road was closed",
+            "the prices kept rising", "the children were waiting"]
+
+
+def _sentence(r: random.Random) -> str:
+    kind = r.randrange(6)
+    s, v, o = r.choice(_SUBJECTS), r.choice(_VERBS), r.choice(_OBJECTS)
+    if kind == 0:
+        text = f"{r.choice(_TIMES)}, {s} {v} {o} {r.choice(_PLACES)}."
+    elif kind == 1:
+        text = f"{s} {v} {o} because {r.choice(_REASONS)}."
+    elif kind == 2:
+        text = f"{r.choice(_CONNECT)} {s} said that the work was {r.choice(_ADJ)} and {r.choice(_ADJ)}."
+    elif kind == 3:
+        n = r.randint(2, 950)
+        text = f"It took {n} days, and {s} {v} {o} only once."
+    elif kind == 4:
+        text = f"Why had {s} {v} {o} {r.choice(_PLACES)}? Nobody could say."
+    else:
+        text = f"{s} and {r.choice(_SUBJECTS)} {v} {o}, then {r.choice(_VERBS)} {r.choice(_OBJECTS)}."
+    return text[0].upper() + text[1:]
+
+
+def demo_text(n_words: int = 20000, seed: int = 0) -> str:
+    """Deterministic, varied English-like prose of at least `n_words` words, in paragraphs."""
+    r = random.Random(seed)
+    paragraphs: list[str] = []
+    words = 0
+    while words < n_words:
+        sentences = [_sentence(r) for _ in range(r.randint(3, 8))]
+        para = " ".join(sentences)
+        paragraphs.append(para)
+        words += len(para.split())
+    return "\n\n".join(paragraphs) + "\n"

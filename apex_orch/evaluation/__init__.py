@@ -1,0 +1,8 @@
+"""Stage 4, evaluate: how far a quantized file moved from its source.
+
+Takes: a quantized GGUF, its base (the source) and an evaluation text.
+Gives: llama-perplexity's statistics (PPL, KL divergence mean / percentiles / max, same top p)
+computed through the bindings against one cached set of base log-probabilities
+(`base_cache`), or by the tool itself; quality gates; tables and Pareto plots comparing files
+(`compare`).
+"""

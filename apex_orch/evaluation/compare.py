@@ -1,0 +1,270 @@
+"""`compare`: several files against one base, one table, one Pareto plot.
+
+Every file is evaluated with the same text and settings against one base-logits cache (the
+bindings backend computes it once; the llama-perplexity backend makes the tool's own base file
+once per call). The table has one row per file plus the base itself.
+
+`eval_table(source, outputs)` is the one-call version the quantize demo prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from apex_orch.core.errors import UsageError
+from apex_orch.evaluation.evaluate import (EvalResult, EvalSettings, Gates, ModelFacts, Progress, SpeedResult,
+                                ToolBase, TextFacts, check_gates, ensure_base_cache, gate_failures,
+                                measure_speed, model_facts, plan_eval, run_eval, text_facts)
+
+FORMATS = ("md", "json", "csv")
+
+
+@dataclass
+class CompareRow:
+    file: str
+    tier: str
+    size_bytes: int
+    bpw: float
+    ppl: float
+    ppl_err: float
+    kld_mean: float | None
+    kld_p999: float | None
+    kld_max: float | None
+    same_top_p: float | None        # percent
+    pp_tokens_per_s: float | None
+    tg_tokens_per_s: float | None
+    is_base: bool = False
+    gate_failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompareReport:
+    base: ModelFacts
+    base_ppl: float
+    base_ppl_err: float
+    base_speed: SpeedResult | None
+    results: list[EvalResult]
+    settings: dict
+    text: TextFacts
+    backend: str
+    gates: Gates = field(default_factory=Gates)
+
+    def rows(self) -> list[CompareRow]:
+        sp = self.base_speed
+        out = [CompareRow(file=Path(self.base.path).name, tier=self.base.tier, size_bytes=self.base.size_bytes,
+                          bpw=self.base.bpw, ppl=self.base_ppl, ppl_err=self.base_ppl_err, kld_mean=None,
+                          kld_p999=None, kld_max=None, same_top_p=None,
+                          pp_tokens_per_s=sp.pp_tokens_per_s if sp else None,
+                          tg_tokens_per_s=sp.tg_tokens_per_s if sp else None, is_base=True)]
+        for r in self.results:
+            k = r.kld
+            out.append(CompareRow(
+                file=Path(r.model.path).name, tier=r.model.tier, size_bytes=r.model.size_bytes, bpw=r.model.bpw,
+                ppl=r.ppl, ppl_err=r.ppl_err, kld_mean=k.kld_mean if k else None,
+                kld_p999=k.kld_p999 if k else None, kld_max=k.kld_max if k else None,
+                same_top_p=k.same_top_p if k else None,
+                pp_tokens_per_s=r.speed.pp_tokens_per_s if r.speed else None,
+                tg_tokens_per_s=r.speed.tg_tokens_per_s if r.speed else None,
+                gate_failures=gate_failures(r, self.gates)))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "settings": self.settings, "text": asdict(self.text),
+                "base": asdict(self.base), "base_ppl": self.base_ppl, "base_ppl_err": self.base_ppl_err,
+                "base_speed": asdict(self.base_speed) if self.base_speed else None,
+                "gates": {k: getattr(self.gates, k) for k in Gates.KEYS},
+                "rows": [asdict(r) for r in self.rows()], "results": [r.to_dict() for r in self.results]}
+
+    def check_gates(self) -> None:
+        check_gates(self.results, self.gates)
+
+
+def compare(files: Sequence[str | os.PathLike], base: str | os.PathLike, *,
+            text: str | os.PathLike | None = None, corpus: str | None = None,
+            settings: EvalSettings | None = None, backend: str = "bindings", speed: bool = True,
+            gates: Gates | None = None, progress: Progress | None = None) -> CompareReport:
+    """Evaluate every file against `base` with one shared base cache. Gates are recorded per
+    row; call `report.check_gates()` to raise GateFailedError after printing the table."""
+    if not files:
+        raise UsageError("compare needs at least one file besides the base")
+    settings = settings or EvalSettings()
+    tf = text_facts(text, corpus)
+    # Read every header first: a corrupt file fails before minutes of evaluation.
+    base_facts = model_facts(base)
+    for f in files:
+        model_facts(f, fingerprint=False)
+    results: list[EvalResult] = []
+    tool_base = None
+    work = None
+    try:
+        if backend == "llama-perplexity":
+            work = tempfile.TemporaryDirectory(prefix="apex-compare-", dir=_work_root())
+            tool_base = ToolBase(base_facts, tf, settings, Path(work.name))
+        for f in files:
+            plan = plan_eval(f, base=base, settings=settings, backend=backend, speed=speed, text_facts_=tf)
+            results.append(run_eval(plan, progress=progress, tool_base=tool_base))
+        if backend == "bindings":
+            from apex_orch.evaluation.base_cache import BaseLogProbs
+            with BaseLogProbs(ensure_base_cache(base_facts, tf, settings)) as cache:
+                base_ppl, base_err = cache.meta["base_ppl"], cache.meta["base_ppl_err"]
+        else:
+            tool_base.ensure()
+            base_ppl, base_err = tool_base.ppl, tool_base.ppl_err
+    finally:
+        if work is not None:
+            work.cleanup()
+    base_speed = measure_speed(base, settings) if speed else None
+    return CompareReport(base=base_facts, base_ppl=base_ppl, base_ppl_err=base_err, base_speed=base_speed,
+                         results=results, settings={**settings.to_dict(), "chunks": results[0].n_chunks},
+                         text=tf, backend=backend, gates=gates or Gates())
+
+
+def _work_root() -> Path:
+    from apex_orch.evaluation.base_cache import cache_dir
+    root = cache_dir() / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _size(n: int) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+COLUMNS = ("file", "tier", "size", "bpw", "PPL", "KLD mean", "KLD 99.9%", "KLD max", "same top p",
+           "pp512 t/s", "tg128 t/s")
+
+
+def _cells(r: CompareRow) -> list[str]:
+    name = r.file + (" (base)" if r.is_base else "") + (" ✗" if r.gate_failures else "")
+    return [name, r.tier, _size(r.size_bytes), f"{r.bpw:.2f}", f"{r.ppl:.4f} ± {r.ppl_err:.4f}",
+            _num(r.kld_mean, ".6f"), _num(r.kld_p999, ".6f"), _num(r.kld_max, ".6f"),
+            _num(r.same_top_p, ".2f") + ("%" if r.same_top_p is not None else ""),
+            _num(r.pp_tokens_per_s, ".1f"), _num(r.tg_tokens_per_s, ".1f")]
+
+
+def format_report(report: CompareReport, fmt: str = "md") -> str:
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    rows = report.rows()
+    if fmt == "json":
+        return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
+    if fmt == "csv":
+        buf = io.StringIO()
+        names = [f for f in CompareRow.__dataclass_fields__ if f != "gate_failures"]
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(names + ["gate_failures"])
+        for r in rows:
+            d = asdict(r)
+            w.writerow(["" if d[n] is None else d[n] for n in names] + ["; ".join(r.gate_failures)])
+        return buf.getvalue()
+    s = report.settings
+    table = [_cells(r) for r in rows]
+    widths = [max(len(COLUMNS[i]), *(len(row[i]) for row in table)) for i in range(len(COLUMNS))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(list(COLUMNS)), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in table]
+    out.append("")
+    out.append(f"{report.backend}; text {report.text.label} (sha256 {report.text.sha256[:12]}); ctx {s['n_ctx']}, "
+               f"{s['chunks']} chunks, batch {s['n_batch']}, ubatch {s['n_ubatch']}, threads {s['n_threads']}, "
+               f"flash-attn {'on' if s['flash_attn'] else 'off'}, repack {'on' if s.get('repack') else 'off'}; "
+               f"KLD vs the base; speed pp512/tg128 via the bindings")
+    failures = [f for r in rows for f in r.gate_failures]
+    if failures:
+        out.append("gate failures: " + "; ".join(failures))
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- plot
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both axes (smaller size and smaller KLD)."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def pareto_plot(report: CompareReport, out: str | os.PathLike) -> Path:
+    """KLD vs size (both log scale), the Pareto front joined, the base as a vertical line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    unit, div = ("GiB", 2**30) if report.base.size_bytes >= 2**30 else ("MiB", 2**20)
+    pts = [(r.model.size_bytes / div, r.kld.kld_mean, r.model.tier or Path(r.model.path).stem)
+           for r in report.results if r.kld is not None and r.kld.kld_mean > 0]
+    if not pts:
+        raise UsageError("nothing to plot: no file has a positive mean KLD")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3)
+    for x, y, label in pts:
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = sorted(pareto_front([(p[0], p[1]) for p in pts]), key=lambda i: pts[i][0])
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:orange", label="Pareto front")
+    ax.axvline(report.base.size_bytes / div, color="gray", linestyle=":",
+               label=f"base ({Path(report.base.path).name})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    from matplotlib.ticker import ScalarFormatter
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel(f"file size ({unit})")
+    ax.set_ylabel("mean KL divergence vs base (nats)")
+    ax.set_title(f"KLD vs size — ctx {report.settings['n_ctx']}, {report.settings['chunks']} chunks")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix or ".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=(out.suffix.lstrip(".") or "png"))
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- one call for the demo
+
+def eval_table(source: str | os.PathLike, outputs: Sequence[str | os.PathLike], *,
+               text: str | os.PathLike | None = None, corpus: str | None = None,
+               settings: EvalSettings | None = None, speed: bool = True, fmt: str = "md",
+               gates: Gates | None = None, progress: Progress | None = None) -> str:
+    """Evaluate `outputs` against `source` (the F16/BF16 model they were quantized from) and
+    return the rendered table. Defaults: ctx 512, every chunk of the text, flash attention on,
+    all cores. Raises GateFailedError after building the table only if `gates` fail (the table
+    is in the exception's `table` attribute)."""
+    report = compare(outputs, source, text=text, corpus=corpus, settings=settings, speed=speed,
+                     gates=gates, progress=progress)
+    rendered = format_report(report, fmt)
+    try:
+        report.check_gates()
+    except Exception as exc:
+        exc.table = rendered  # type: ignore[attr-defined]
+        raise
+    return rendered

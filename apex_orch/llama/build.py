@@ -1,0 +1,235 @@
+"""Build the pinned llama.cpp once, and install the bindings against it.
+
+Run as `python -m apex_orch.llama.build [llama|bindings|all]` (what `make llama` does).
+Standard library only: it runs before the package's dependencies exist.
+
+Steps, each skipped when its result is already in the cache:
+1. download the llama-cpp-python sdist with pip and check its sha256 (apex_orch/llama/pin.py);
+2. unpack it under the cache (the vendored llama.cpp is the pin);
+3. configure and build the tools (Release, shared libs, no server/curl/TLS);
+4. record build-info.json (llama.cpp version and commit, flags, targets);
+5. link `vendor/llama.cpp` in the repo to the cached tree;
+6. `bindings`: pip-install llama-cpp-python from the same sdist with -DLLAMA_BUILD=OFF,
+   so it loads the libllama built in step 3 (apex_orch sets LLAMA_CPP_LIB_PATH).
+   If that fails, fall back to a normal compiled install and say so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from apex_orch.core.settings import PACKAGE_DIR
+from apex_orch.llama import pin
+
+REPO_ROOT = PACKAGE_DIR.parent
+
+
+def log(msg: str) -> None:
+    print(f"[apex-orch build] {msg}", flush=True)
+
+
+def run(args: list[str], *, log_file: Path | None = None, env: dict | None = None) -> None:
+    """Run an argument list; on failure print the log tail and exit non-zero."""
+    if log_file is None:
+        subprocess.run(args, check=True, env=env)
+        return
+    with open(log_file, "w") as fh:
+        proc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log_file.read_text(errors="replace").splitlines()[-40:]
+        sys.stderr.write("\n".join(tail) + "\n")
+        raise SystemExit(f"error: {args[0]} failed (exit {proc.returncode}); full log: {log_file}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sdist_path() -> Path:
+    return pin.cache_root() / "downloads" / pin.SDIST_NAME
+
+
+def fetch_sdist() -> Path:
+    target = sdist_path()
+    if target.exists() and sha256_file(target) == pin.SDIST_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log(f"downloading {pin.SDIST_NAME} from the package index")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        # pip prepares the sdist's metadata even for `download`; with build isolation it fetches
+        # scikit-build-core into a throwaway env itself, so nothing has to be installed first
+        # (with --no-build-isolation a fresh venv fails: "Cannot import build backend").
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+             f"llama-cpp-python=={pin.LLAMA_CPP_PYTHON_VERSION}", "-d", tmp],
+            log_file=target.parent / "pip-download.log")
+        got = Path(tmp) / pin.SDIST_NAME
+        if not got.exists():
+            raise SystemExit(f"error: pip did not produce {pin.SDIST_NAME} in {tmp}")
+        digest = sha256_file(got)
+        if digest != pin.SDIST_SHA256:
+            raise SystemExit(f"error: sha256 of {pin.SDIST_NAME} is {digest}, pinned {pin.SDIST_SHA256}; "
+                             "refusing to build an unpinned llama.cpp")
+        os.replace(got, target)
+    return target
+
+
+def unpack(sdist: Path) -> Path:
+    tree = pin.sdist_tree()
+    marker = pin.pin_dir() / ".unpacked"
+    if marker.exists() and pin.llama_source().is_dir():
+        return tree
+    log(f"unpacking into {pin.pin_dir()}")
+    pin.pin_dir().mkdir(parents=True, exist_ok=True)
+    if tree.exists():
+        shutil.rmtree(tree)
+    with tarfile.open(sdist) as tf:
+        tf.extractall(pin.pin_dir(), filter="data")
+    marker.write_text(pin.SDIST_SHA256 + "\n")
+    return tree
+
+
+def llama_version(src: Path) -> dict:
+    """The llama.cpp build number/commit as far as the sdist records them."""
+    info: dict = {"llama_cpp_python": pin.LLAMA_CPP_PYTHON_VERSION, "sdist_sha256": pin.SDIST_SHA256}
+    # The sdist carries no .git; llama-cpp-python's CHANGELOG names the vendored commit.
+    changelog = (pin.sdist_tree() / "CHANGELOG.md").read_text(errors="replace")
+    section = changelog.split(f"## [{pin.LLAMA_CPP_PYTHON_VERSION}]", 1)[-1].split("\n## [", 1)[0]
+    m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section)
+    found = m.group(1) if m else None
+    if found != pin.LLAMA_CPP_COMMIT:
+        raise SystemExit(f"error: the sdist's CHANGELOG names llama.cpp@{found}, apex_orch/llama/pin.py says "
+                         f"{pin.LLAMA_CPP_COMMIT}; update LLAMA_CPP_COMMIT together with the pin")
+    info["commit"] = found
+    return info
+
+
+def build_tools(extra_args: tuple[str, ...] = ()) -> dict:
+    """Configure and build the tools; `extra_args` (e.g. -DGGML_CUDA=ON) select their own
+    build folder (pin.variant_key), are recorded in build-info.json, and become the active build."""
+    src = pin.llama_source()
+    bdir = pin.build_dir(extra_args)
+    info_path = pin.build_info_path(extra_args)
+    wanted = {"flags": list(pin.CMAKE_FLAGS), "extra_flags": list(extra_args), "targets": list(pin.TOOL_TARGETS)}
+    bins = bdir / "bin"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        if all(info.get(k) == v for k, v in wanted.items()) and all(
+                (bins / t).exists() for t in pin.TOOL_TARGETS):
+            log(f"cached build is current: {bins}" + (f" (extra flags: {' '.join(extra_args)})" if extra_args else ""))
+            _activate(bdir)
+            return info
+    jobs = str(os.cpu_count() or 2)
+    start = time.monotonic()
+    log(f"configuring llama.cpp ({src})" + (f" with extra flags: {' '.join(extra_args)}" if extra_args else ""))
+    bdir.mkdir(parents=True, exist_ok=True)
+    run(["cmake", "-S", str(src), "-B", str(bdir), *pin.CMAKE_FLAGS, *extra_args], log_file=bdir / "configure.log")
+    log(f"building {', '.join(pin.TOOL_TARGETS)} with {jobs} jobs (a few minutes on 2 cores)")
+    run(["cmake", "--build", str(bdir), "-j", jobs, "--target", *pin.TOOL_TARGETS],
+        log_file=bdir / "build.log")
+    info = {**wanted, **llama_version(src), "build_key": pin.variant_key(extra_args), "bin_dir": str(bins),
+            "build_seconds": round(time.monotonic() - start, 1),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    _activate(bdir)
+    log(f"built in {info['build_seconds']} s")
+    return info
+
+
+def _activate(bdir: Path) -> None:
+    """Record which build variant apex-orch uses from now on (atomic: a reader never sees half)."""
+    target = pin.active_build_file()
+    try:
+        if target.read_text().strip() == bdir.name:
+            return   # already the active build: a rerun of `make llama` writes nothing
+    except OSError:
+        pass
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(bdir.name + "\n")
+    os.replace(tmp, target)
+
+
+def link_vendor() -> None:
+    """`vendor/llama.cpp` in the checkout points at the cached, pinned tree (a wheel install
+    has no checkout: nothing is linked next to site-packages)."""
+    if not pin.in_source_checkout():
+        return
+    vendor = REPO_ROOT / "vendor" / "llama.cpp"
+    vendor.parent.mkdir(exist_ok=True)
+    if vendor.is_symlink() or vendor.exists():
+        if vendor.is_symlink() and vendor.resolve() == pin.llama_source().resolve():
+            return
+        if vendor.is_symlink() or vendor.is_file():
+            vendor.unlink()
+        else:
+            shutil.rmtree(vendor)
+    vendor.symlink_to(pin.llama_source())
+
+
+def bindings_installed() -> bool:
+    probe = subprocess.run([sys.executable, "-m", "pip", "show", "llama-cpp-python"],
+                           capture_output=True, text=True)
+    return probe.returncode == 0 and f"Version: {pin.LLAMA_CPP_PYTHON_VERSION}" in probe.stdout
+
+
+def install_bindings() -> None:
+    if bindings_installed():
+        log("llama-cpp-python bindings already installed")
+        return
+    sdist = fetch_sdist()
+    logs = pin.pin_dir()
+    log("installing build helpers for the bindings")
+    run([sys.executable, "-m", "pip", "install", "scikit-build-core[pyproject]>=0.9.2", "numpy",
+         "typing-extensions>=4.5.0", "diskcache>=5.6.1", "jinja2>=2.11.3"], log_file=logs / "pip-deps.log")
+    env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF")
+    log("installing llama-cpp-python against the shared libllama (no second compile)")
+    try:
+        run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", str(sdist)],
+            log_file=logs / "pip-bindings.log", env=env)
+    except SystemExit as exc:
+        log(f"WARNING: reuse install failed ({exc}); falling back to a normal compiled install "
+            "(a second llama.cpp compile, several minutes)")
+        run([sys.executable, "-m", "pip", "install", "--no-deps", str(sdist)],
+            log_file=logs / "pip-bindings-fallback.log")
+        (pin.pin_dir() / "bindings-fallback").write_text("compiled install\n")
+
+
+def extra_cmake_args_from_env() -> tuple[str, ...]:
+    try:
+        return pin.parse_extra_cmake_args(os.environ.get("LLAMA_CMAKE_ARGS"))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+def build(what: str = "all", extra_args: tuple[str, ...] = ()) -> None:
+    """The one set-up path: `make llama`/`make bindings` and `apex-orch build` all call this."""
+    if what not in ("llama", "bindings", "all"):
+        raise SystemExit("usage: python -m apex_orch.llama.build [llama|bindings|all]")
+    if what in ("llama", "all"):
+        unpack(fetch_sdist())
+        build_tools(extra_args)
+        link_vendor()
+    if what in ("bindings", "all"):
+        install_bindings()
+
+
+def main(argv: list[str]) -> int:
+    build(argv[0] if argv else "all", extra_cmake_args_from_env())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

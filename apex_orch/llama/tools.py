@@ -1,0 +1,346 @@
+"""llama.cpp binaries: discovery, build info, and the one subprocess runner.
+
+Discovery order for each tool: explicit --llama-bin-dir > $APEX_LLAMA_BIN_DIR >
+the pinned build cache > PATH. Every subprocess apex-orch starts goes through
+`run_tool`: an argument list (never a shell string), output streamed to a log file
+and to a per-line callback, non-zero exit / signal / timeout raised as a typed error
+with the log tail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from apex_orch.llama import pin
+from apex_orch.core.errors import InterruptedRun, ToolFailedError, ToolNotFoundError, ToolTimeoutError
+
+
+@dataclass(frozen=True)
+class ToolLocation:
+    name: str
+    path: Path
+    source: str  # "flag", "env", "cache", "PATH"
+
+
+def _candidates(bin_dir: str | os.PathLike | None) -> list[tuple[str, Path | None]]:
+    out: list[tuple[str, Path | None]] = []
+    if bin_dir:
+        out.append(("flag", Path(bin_dir)))
+    env = os.environ.get("APEX_LLAMA_BIN_DIR")
+    if env:
+        out.append(("env", Path(env)))
+    out.append(("cache", pin.bin_dir()))
+    return out
+
+
+def find_tool(name: str, bin_dir: str | os.PathLike | None = None) -> ToolLocation:
+    """Locate a llama.cpp binary or raise ToolNotFoundError naming every place searched."""
+    searched: list[str] = []
+    for source, folder in _candidates(bin_dir):
+        candidate = folder / name
+        searched.append(f"{candidate} ({source})")
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return ToolLocation(name, candidate, source)
+        if candidate.is_file():
+            # Present but not runnable: say so (not "not found"), and never fall through to another build.
+            mode = candidate.stat().st_mode & 0o7777
+            raise ToolNotFoundError(
+                f"{name} at {candidate} ({source}) is not executable (mode {mode:04o})",
+                hint=f"make it executable (chmod +x {candidate}), or run `{pin.setup_command('llama')}` "
+                     "to rebuild the pinned llama.cpp")
+        if source in ("flag", "env"):
+            # An explicit location that lacks the tool is a mistake worth stopping on,
+            # not a reason to silently pick some other build.
+            break
+    else:
+        on_path = shutil.which(name)
+        searched.append("PATH")
+        if on_path:
+            return ToolLocation(name, Path(on_path), "PATH")
+    target = pin.setup_command("llama")
+    raise ToolNotFoundError(
+        f"{name} not found; searched: " + ", ".join(searched),
+        hint=f"run `{target}` to build the pinned llama.cpp, or point --llama-bin-dir / "
+             f"APEX_LLAMA_BIN_DIR at a folder that holds {name}",
+    )
+
+
+def find_libllama(bin_dir: str | os.PathLike | None = None) -> Path:
+    """The libllama shared library apex-orch will load into the bindings."""
+    searched = []
+    for source, folder in _candidates(bin_dir):
+        for libname in ("libllama.so", "libllama.dylib", "llama.dll"):
+            candidate = folder / libname
+            searched.append(str(candidate))
+            if candidate.is_file():
+                return candidate
+        if source in ("flag", "env"):
+            break
+    raise ToolNotFoundError(
+        "libllama not found; searched: " + ", ".join(searched),
+        hint=f"run `{pin.setup_command()}` to build the pinned llama.cpp with shared libraries",
+    )
+
+
+def build_info() -> dict:
+    """What build-info.json (written by `make llama`) says about the cached build."""
+    path = pin.build_info_path()
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def build_label() -> str:
+    """Short, stable identifier of the llama.cpp build for manifests and metadata."""
+    return (f"llama.cpp@{pin.LLAMA_CPP_COMMIT} (llama-cpp-python-{pin.LLAMA_CPP_PYTHON_VERSION} "
+            f"sdist {pin.SDIST_SHA256[:12]})")
+
+
+# --------------------------------------------------------------------------- runner
+
+@dataclass
+class ToolResult:
+    args: list[str]
+    returncode: int
+    seconds: float
+    log_path: Path | None
+    tail: list[str] = field(default_factory=list)
+
+
+LineCallback = Callable[[str], None]
+
+# Credentials no llama.cpp tool needs: removed from every child's environment, and their
+# values masked in logs and error text (a tool that echoes its environment cannot leak them).
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN", "HUGGINGFACE_TOKEN")
+
+# Why a tool may die by a signal it did not send itself, said in words.
+SIGNAL_HINTS = {
+    "SIGKILL": "killed from outside: often the out-of-memory killer (see `dmesg`); lower -j or use a "
+               "machine with more RAM",
+    "SIGXFSZ": "the file size limit (`ulimit -f`) was reached while writing; raise it or write elsewhere",
+    "SIGSEGV": "the tool crashed; the log tail shows how far it got",
+    "SIGABRT": "the tool aborted (a failed assertion); the log tail shows why",
+    "SIGBUS": "the tool crashed reading a memory-mapped file (a file truncated or changed while in use?)",
+}
+
+
+def secret_values(environ: dict | None = None) -> list[str]:
+    """Values of the credential variables set in `environ` (default: this process)."""
+    env = os.environ if environ is None else environ
+    return [env[k] for k in SECRET_ENV_VARS if env.get(k)]
+
+
+def mask_secrets(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every credential value (from the environment, plus `secrets`) replaced by ***."""
+    for s in {*secret_values(), *secrets}:
+        if s and len(s) >= 4:
+            text = text.replace(s, "***")
+    return text
+
+
+def child_env(env: dict | None) -> dict:
+    """The environment a tool gets: the given one (or ours) without credentials."""
+    base = dict(os.environ if env is None else env)
+    for key in SECRET_ENV_VARS:
+        base.pop(key, None)
+    return base
+
+# Children currently running, so an interrupt in the main thread can stop tools that
+# worker threads are waiting on (parallel quantize jobs).
+_ACTIVE: set[subprocess.Popen] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+
+def terminate_all() -> None:
+    """Stop every running tool (used on SIGINT/SIGTERM with parallel jobs)."""
+    with _ACTIVE_LOCK:
+        procs = list(_ACTIVE)
+    for proc in procs:
+        _terminate(proc, grace=2.0)
+
+
+def _terminate(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Stop the child's whole process group: TERM, then KILL after a grace period."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_tool(
+    args: Sequence[str | os.PathLike],
+    *,
+    log_path: Path | None = None,
+    on_line: LineCallback | None = None,
+    timeout: float | None = None,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    tail_lines: int = 30,
+    what: str | None = None,
+    secrets: Iterable[str] = (),
+) -> ToolResult:
+    """Run one tool to completion. stdout and stderr are merged (llama.cpp logs to stderr).
+
+    Raises ToolFailedError (non-zero exit or signal), ToolTimeoutError, InterruptedRun
+    (KeyboardInterrupt / SIGTERM delivered to us: the child is stopped first).
+    The child never sees credential variables (SECRET_ENV_VARS); their values and
+    `secrets` are masked in the log and in error text. A log that cannot be written
+    (disk full) is noted in the error, never raised over the tool's own result.
+    """
+    if isinstance(args, (str, bytes)):
+        raise TypeError("run_tool takes an argument list, never a shell string")
+    argv = [os.fspath(a) for a in args]
+    label = what or Path(argv[0]).name
+    masks = [s for s in {*secrets, *secret_values(), *secret_values(env or {})} if s and len(s) >= 4]
+
+    def mask(text: str) -> str:
+        for s in masks:
+            text = text.replace(s, "***")
+        return text
+
+    log = _Log(log_path)
+    tail: deque[str] = deque(maxlen=tail_lines)
+    start = time.monotonic()
+    log.write("$ " + mask(" ".join(argv)) + "\n")
+    log.flush()
+    try:
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=child_env(env), cwd=cwd, start_new_session=True, bufsize=0,
+        )
+    except OSError as exc:   # missing, not executable, wrong format
+        log.close()
+        raise ToolNotFoundError(f"cannot start {label}: {exc.strerror}: {argv[0]}",
+                                hint=f"run `{pin.setup_command()}` or check --llama-bin-dir") from exc
+
+    with _ACTIVE_LOCK:
+        _ACTIVE.add(proc)
+    timed_out = threading.Event()
+    timer = None
+    if timeout:
+        def on_timeout() -> None:
+            timed_out.set()
+            _terminate(proc, grace=2.0)
+        timer = threading.Timer(timeout, on_timeout)
+        timer.daemon = True
+        timer.start()
+
+    try:
+        assert proc.stdout is not None
+        pending = b""
+        while True:
+            chunk = proc.stdout.read(65536)
+            if not chunk:
+                break
+            pending += chunk
+            # llama.cpp writes records with \n; progress dots arrive without one.
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                line = mask(raw.decode("utf-8", errors="replace"))
+                tail.append(line)
+                log.write(line + "\n")
+                if on_line:
+                    on_line(line)
+            log.flush()
+        if pending:
+            line = mask(pending.decode("utf-8", errors="replace"))
+            tail.append(line)
+            log.write(line + "\n")
+            if on_line:
+                on_line(line)
+        returncode = proc.wait()
+    except BaseException as exc:
+        _terminate(proc)
+        if isinstance(exc, (KeyboardInterrupt, InterruptedRun)):
+            raise InterruptedRun(f"{label} interrupted; it was stopped",
+                                 hint="rerun the same command to start again") from None
+        raise
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(proc)
+        if timer:
+            timer.cancel()
+        log.close()
+
+    seconds = time.monotonic() - start
+    tail_text = "\n".join(tail)
+    if log.error:
+        tail_text += f"\n(apex-orch could not write the log {log_path}: {log.error})"
+    if timed_out.is_set():
+        raise ToolTimeoutError(f"{label} ran past the {timeout:g} s timeout and was stopped",
+                               returncode=returncode, log_path=log_path, log_tail=tail_text,
+                               hint="raise --timeout, or check the log for a hang")
+    if returncode != 0:
+        hint = "the tool's log (above) says why"
+        if returncode < 0:
+            try:
+                signame = signal.Signals(-returncode).name
+            except ValueError:
+                signame = f"signal {-returncode}"
+            msg = f"{label} was killed by {signame}"
+            hint = SIGNAL_HINTS.get(signame, hint)
+        else:
+            msg = f"{label} failed with exit code {returncode}"
+        raise ToolFailedError(msg, returncode=returncode, log_path=log_path, log_tail=tail_text, hint=hint)
+    return ToolResult(argv, returncode, seconds, log_path, list(tail))
+
+
+class _Log:
+    """The tool's log file. A failing log write (disk full) must not hide the tool's own
+    result, so write errors are remembered and logging stops; the tool keeps being drained."""
+
+    def __init__(self, path: Path | None):
+        self.error: str | None = None
+        self._fh = None
+        if path is not None:
+            from apex_orch.core.safefiles import open_nofollow
+            try:   # never through a link planted at the log's name (UnsafeOutputError, before the tool starts)
+                self._fh = open_nofollow(path, "w")
+            except OSError as exc:
+                self.error = exc.strerror or str(exc)
+
+    def _guard(self, op) -> None:
+        if self._fh is None:
+            return
+        try:
+            op(self._fh)
+        except OSError as exc:
+            self.error = exc.strerror or str(exc)
+            self.close()
+
+    def write(self, text: str) -> None:
+        self._guard(lambda fh: fh.write(text))
+
+    def flush(self) -> None:
+        self._guard(lambda fh: fh.flush())
+
+    def close(self) -> None:
+        fh, self._fh = self._fh, None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError as exc:
+                self.error = self.error or exc.strerror or str(exc)

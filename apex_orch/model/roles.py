@@ -1,0 +1,215 @@
+"""Tensor roles, from the model's own tensor names.
+
+A role says what a tensor does (routed expert, shared expert, attention incl. MLA,
+SSM, dense FFN, router, embedding, output, norm, MTP/nextn); a slot says which
+matrix of that role it is (gate/up/gate_up/down, q/k/v/q_a/kv_a_mqa/k_b/...).
+Anything quantizable that no rule claims is `unassigned` — the plan refuses to
+guess its type.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from apex_orch.core.errors import DenseModelError, ModelError
+from apex_orch.model.info import ModelInfo
+
+
+class Role(str, Enum):
+    ROUTED_EXPERT = "routed_expert"
+    SHARED_EXPERT = "shared_expert"
+    DENSE_FFN = "dense_ffn"
+    ATTENTION = "attention"
+    SSM = "ssm"
+    ROUTER = "router"
+    EMBEDDING = "embedding"
+    OUTPUT = "output"
+    NORM = "norm"
+    AUX = "aux"          # small non-matrix parameters llama.cpp never quantizes (see ROLE_DECISIONS)
+    NEXTN = "nextn"
+    UNASSIGNED = "unassigned"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Roles a profile may give a type to (router, norm and aux are never quantized by llama.cpp).
+TYPEABLE_ROLES = (Role.ROUTED_EXPERT, Role.SHARED_EXPERT, Role.DENSE_FFN, Role.ATTENTION, Role.SSM,
+                  Role.EMBEDDING, Role.OUTPUT, Role.NEXTN)
+NEVER_QUANTIZED_ROLES = (Role.ROUTER, Role.NORM, Role.AUX)
+
+ATTENTION_SLOTS = ("q", "k", "v", "qkv", "output", "gate", "q_a", "q_b", "kv_a_mqa", "kv_b", "k_b",
+                   "v_b", "sinks")
+EXPERT_SLOTS = ("gate", "up", "gate_up", "down")
+
+
+@dataclass(frozen=True)
+class RoleDecision:
+    """One row of the roles table: a tensor kind, how its name looks, the role it gets and why."""
+    kind: str
+    pattern: re.Pattern       # matched against the name after `blk.N.` (block tensors) or the whole name
+    role: Role
+    slot: str | None          # fixed slot, or None: the pattern's first group
+    reason: str
+    block: bool = True        # a per-block tensor (blk.N.*) or a global one
+
+
+def _d(kind: str, pattern: str, role: Role, slot: str | None, reason: str, *, block: bool = True) -> RoleDecision:
+    return RoleDecision(kind, re.compile(pattern), role, slot, reason, block)
+
+
+_ATT = "|".join(ATTENTION_SLOTS)
+_W = r"\.(?:weight|bias)$"
+
+# THE roles table: every tensor kind the pinned converter writes for an MoE model, decided on
+# purpose. First match wins. A quantizable tensor that no row claims is `unassigned` (plans warn,
+# `--strict` refuses, tests/archs fails). `apex-orch inspect` lists the rows a model uses.
+ROLE_DECISIONS: tuple[RoleDecision, ...] = (
+    # ---- global tensors
+    _d("token embedding", r"^(token_embd|per_layer_token_embd)\.weight$", Role.EMBEDDING, "token_embd",
+       "the input lookup table; typed by `embedding`", block=False),
+    _d("output head", r"^(output)\.(?:weight|bias)$", Role.OUTPUT, "output",
+       "the final projection to the vocabulary; typed by `output`", block=False),
+    _d("rope factors", r"^(rope_freqs|rope_factors_long|rope_factors_short)\.weight$", Role.AUX, None,
+       "per-frequency RoPE factors (1-D, F32): position math, never quantized", block=False),
+    _d("norm", r"^(.*_norm)(?:_\d+)?" + _W, Role.NORM, "norm",
+       "normalisation gains/biases (1-D): llama.cpp never quantizes *_norm.weight", block=False),
+    _d("per-layer projection (Gemma)", r"^(per_layer_model_proj|altup_proj|altup_unembd_proj)\.weight$",
+       Role.AUX, None, "llama.cpp keeps these by name (small, precision-sensitive)", block=False),
+    # ---- experts and routing
+    _d("routed expert", r"^ffn_(gate_up|gate|up|down)_exps\.weight$", Role.ROUTED_EXPERT, None,
+       "the routed experts: APEX's edge/near/middle bands"),
+    _d("per-expert bias/scale", r"^ffn_(gate_up|gate|up|down)_exps\.(?:bias|scale)$", Role.AUX, None,
+       "one vector per expert (gpt-oss biases, per-expert scales): not a .weight, never quantized; "
+       "kept out of the expert matrices' bytes and bands"),
+    _d("shared expert", r"^ffn_(gate|up|down)_shexp\.(?:weight|bias|scale)$", Role.SHARED_EXPERT, None,
+       "the always-on expert(s): typed by `shared_expert`"),
+    _d("router", r"^(ffn_gate_inp)(?:_shexp)?\.(?:weight|bias|scale)$", Role.ROUTER, "gate_inp",
+       "expert scores (and Qwen's shared-expert gate, [n_embd, 1] = 1-D for ggml; Gemma-4's router "
+       "input scale, 1-D): llama.cpp never quantizes ffn_gate_inp.weight"),
+    _d("expert-probability bias", r"^(exp_probs_b)(?:_vl)?(?:\.bias|\.weight)?$", Role.ROUTER, "exp_probs_b",
+       "the router's score-correction bias (1-D, with or without a .bias suffix): part of routing"),
+    _d("dense FFN", r"^ffn_(gate_up|gate|up|down)" + _W, Role.DENSE_FFN, None,
+       "leading dense blocks' FFN (and dense layers of interleaved MoE): typed by `dense_ffn`"),
+    _d("per-layer input gate/projection (Gemma)", r"^(inp_gate|proj)" + _W, Role.DENSE_FFN, None,
+       "Gemma-4's per-layer-input branch (gate from the hidden state, projection back to it): a small "
+       "always-on MLP in every block, quantized by llama.cpp: typed by `dense_ffn`"),
+    # ---- small per-layer parameters
+    _d("norm", r"^(.*_norm)(?:_\d+)?" + _W, Role.NORM, "norm",
+       "normalisation gains/biases (1-D): llama.cpp never quantizes *_norm.weight"),
+    _d("per-layer output scale", r"^(layer_output_scale)(?:\.weight)?$", Role.AUX, None,
+       "Gemma-4's per-layer residual scale (a scalar): never quantized"),
+    _d("rope factors", r"^(rope_freqs|rope_factors_long|rope_factors_short)\.weight$", Role.AUX, None,
+       "per-frequency RoPE factors (1-D, F32): position math, never quantized"),
+    # ---- attention (MLA included) and what follows attention
+    _d("attention", r"^attn_(" + _ATT + r")" + _W, Role.ATTENTION, None,
+       "q/k/v/output, MLA's low-rank pieces, gates and sinks: typed by `attention`"),
+    _d("sparse-attention indexer", r"^indexer\.(attn_k|attn_q_b|proj|q_proj|k_proj)" + _W, Role.ATTENTION,
+       None, "the DSA indexer (GLM-DSA, DeepSeek-V3.2) scores keys for attention: follows attention"),
+    # ---- SSM and short convolutions (hybrids)
+    _d("ssm convolution", r"^(ssm_conv1d(?:_[qkv])?)" + _W, Role.AUX, None,
+       "the SSM's small depthwise conv kernel: llama.cpp keeps ssm_conv1d by name"),
+    _d("ssm state (no .weight)", r"^(ssm_a|ssm_d)$", Role.AUX, None,
+       "the SSM's A/D state parameters: written without a .weight suffix, so never quantized"),
+    _d("ssm projection", r"^ssm_([a-z0-9_]+)" + _W, Role.SSM, None,
+       "the SSM/linear-attention projections of a hybrid: typed by `ssm` (the profiles give it "
+       "attention's types)"),
+    _d("short-conv kernel", r"^(shortconv\.conv)" + _W, Role.AUX, None,
+       "LFM2's short-convolution kernel: llama.cpp keeps shortconv.conv.weight by name"),
+    _d("short-conv projection", r"^shortconv\.(in_proj|out_proj)" + _W, Role.SSM, None,
+       "LFM2's short-conv in/out projections play the SSM's part in the hybrid: typed by `ssm`"),
+    # ---- multi-token prediction
+    _d("MTP / NextN", r"^(?:nextn|mtp)\.([a-z0-9_.]+?)(?:\.weight|\.bias)?$", Role.NEXTN, None,
+       "the multi-token-prediction head: typed as an edge block (or by `nextn`)"),
+)
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    role: Role
+    slot: str          # e.g. "down", "kv_a_mqa", "token_embd"
+    block: int | None
+    kind: str = ""     # the ROLE_DECISIONS row that decided it ("" for unassigned)
+
+
+def _match(name: str, block: bool) -> tuple[RoleDecision, str] | None:
+    for d in ROLE_DECISIONS:
+        if d.block != block:
+            continue
+        m = d.pattern.match(name)
+        if m:
+            return d, d.slot or m.group(1)
+    return None
+
+
+def classify_name(name: str, nextn_blocks: frozenset[int] = frozenset()) -> TensorRole:
+    m = _BLOCK_RE.match(name)
+    if not m:
+        hit = _match(name, block=False)
+        if hit:
+            return TensorRole(hit[0].role, hit[1], None, hit[0].kind)
+        return TensorRole(Role.UNASSIGNED, name, None)
+    block, rest = int(m.group(1)), m.group(2)
+    hit = _match(rest, block=True)
+    if hit:
+        d, slot = hit
+        if block in nextn_blocks and d.role not in NEVER_QUANTIZED_ROLES:
+            return TensorRole(Role.NEXTN, f"{d.role.value}.{slot}" if d.role != Role.NEXTN else slot, block,
+                              d.kind)
+        return TensorRole(d.role, slot, block, d.kind)
+    if block in nextn_blocks:
+        return TensorRole(Role.NEXTN, rest.rsplit(".", 1)[0], block, "MTP / NextN")
+    return TensorRole(Role.UNASSIGNED, rest.rsplit(".", 1)[0], block)
+
+
+def decisions_used(roles: dict[str, TensorRole]) -> list[dict]:
+    """The ROLE_DECISIONS rows a model's tensors use (table order), with tensor counts."""
+    counts: dict[str, int] = {}
+    for tr in roles.values():
+        if tr.kind:
+            counts[tr.kind] = counts.get(tr.kind, 0) + 1
+    out, seen = [], set()
+    for d in ROLE_DECISIONS:
+        if d.kind in counts and d.kind not in seen:
+            seen.add(d.kind)
+            out.append({"kind": d.kind, "role": d.role.value, "tensors": counts[d.kind], "reason": d.reason})
+    return out
+
+
+def nextn_blocks(info: ModelInfo) -> frozenset[int]:
+    """The MTP/NextN blocks: those holding nextn/mtp tensors, else the last nextn_predict_layers."""
+    if info.structure["nextn_blocks"]:
+        return frozenset(info.structure["nextn_blocks"])
+    n = info.nextn_layers
+    if n <= 0:
+        return frozenset()
+    total = info.block_count
+    return frozenset(range(total - n, total))
+
+
+def classify(info: ModelInfo) -> dict[str, TensorRole]:
+    nb = nextn_blocks(info)
+    return {t.name: classify_name(t.name, nb) for t in info.tensors}
+
+
+def require_moe(info: ModelInfo, roles: dict[str, TensorRole] | None = None) -> None:
+    """APEX assigns precision by expert role; refuse models without routed experts."""
+    roles = roles or classify(info)
+    known = [r for r in roles.values() if r.role not in (Role.UNASSIGNED,)]
+    if not any(r.role in (Role.ATTENTION, Role.ROUTED_EXPERT, Role.DENSE_FFN, Role.SSM) for r in known):
+        raise ModelError(
+            f"architecture {info.arch!r} has no tensor apex-orch recognises "
+            f"(no attention, expert, FFN or SSM tensors among {len(info.tensors)})",
+            where=str(info.path), hint="apex-orch knows llama.cpp's blk.N.<role> tensor names; "
+                                       "is this a model GGUF (not an imatrix or mmproj)?")
+    if not any(r.role == Role.ROUTED_EXPERT for r in roles.values()):
+        raise DenseModelError(
+            f"{info.name} ({info.arch}) is a dense model: it has no routed expert tensors "
+            "(ffn_*_exps), so there is nothing for APEX's expert-aware precision to act on",
+            where=str(info.path),
+            hint="APEX is for Mixture-of-Experts models; quantize dense models with plain "
+                 "llama-quantize presets (e.g. Q4_K_M)")

@@ -1,0 +1,235 @@
+"""`profile import`: turn an upstream apex-quant tensor-type file into a YAML profile.
+
+Upstream files are lists of unanchored `PATTERN=TYPE` lines. Rather than parse their
+regexes, we run them the way llama-quantize does (lowercased, regex search, first
+match wins) over a tensor-name universe — the given model's names, or a canonical
+MoE layout with N blocks — and read back which type each (role, slot, block) got.
+Bands that came out uniform become `types:`; everything else becomes `overrides:`
+with explicit blocks. Lines that hit nothing, lines that only hit tensors by a
+substring accident, and invalid lines are reported, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from apex_orch.core.errors import ProfileError
+from apex_orch.plan.profiles import BANDED_ROLES, Bands, TARGET_TYPES
+from apex_orch.plan.llama_rules import allows_quantization
+from apex_orch.model.roles import Role, classify_name
+
+CANONICAL_SUFFIXES = (
+    "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_qkv.weight", "attn_output.weight",
+    "attn_gate.weight", "attn_q_a.weight", "attn_q_b.weight", "attn_kv_a_mqa.weight", "attn_kv_b.weight",
+    "attn_k_b.weight", "attn_v_b.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight",
+    "ffn_gate_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
+    "ffn_down_shexp.weight", "ssm_in.weight", "ssm_out.weight", "ffn_gate.weight", "ffn_up.weight",
+    "ffn_down.weight",
+)
+
+
+@dataclass
+class ImportReport:
+    profile: dict
+    not_understood: list[str] = field(default_factory=list)
+    accidental: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+
+
+def canonical_names(n_blocks: int) -> list[str]:
+    names = ["token_embd.weight", "output.weight"]
+    for b in range(n_blocks):
+        names += [f"blk.{b}.{s}" for s in CANONICAL_SUFFIXES]
+    return names
+
+
+# Bounds on an imported file: its size, its rules, each pattern's length. Patterns whose
+# matching time can grow exponentially with the name ((a+)+, (x|xy)*) are refused: llama-quantize
+# would run them too (std::regex), and they would hang both.
+MAX_IMPORT_BYTES = 1 << 20
+MAX_IMPORT_RULES = 1000
+MAX_PATTERN_CHARS = 4096
+
+
+def _nested_repeat(pattern: str) -> str | None:
+    """What makes `pattern` a catastrophic-backtracking shape, or None: a repeated group holding
+    another repeat or an alternation."""
+    try:
+        import re._parser as sre_parse  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse  # type: ignore[no-redef]
+    repeats = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT}
+    if hasattr(sre_parse, "POSSESSIVE_REPEAT"):
+        repeats.add(sre_parse.POSSESSIVE_REPEAT)
+
+    def children(op, av):
+        if op in repeats:
+            return [av[2]]
+        if op == sre_parse.SUBPATTERN:
+            return [av[3]]
+        if op == sre_parse.BRANCH:
+            return list(av[1])
+        if op in (sre_parse.ASSERT, sre_parse.ASSERT_NOT):
+            return [av[1]]
+        if op == getattr(sre_parse, "ATOMIC_GROUP", None):
+            return [av]
+        return []
+
+    def inner_risk(sub) -> str | None:
+        for op, av in sub:
+            if op in repeats and av[1] > 1:
+                return "a repeated group that holds another repeat"
+            if op == sre_parse.BRANCH:
+                return "a repeated group that holds an alternation"
+            for child in children(op, av):
+                found = inner_risk(child)
+                if found:
+                    return found
+        return None
+
+    def walk(sub) -> str | None:
+        for op, av in sub:
+            if op in repeats and av[1] > 1:
+                found = inner_risk(av[2])
+                if found:
+                    return found
+            for child in children(op, av):
+                found = walk(child)
+                if found:
+                    return found
+        return None
+
+    return walk(sre_parse.parse(pattern))
+
+
+def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blocks: int = 36,
+                            base_ftype: str = "Q4_K_M", tier: str | None = None) -> ImportReport:
+    from apex_orch.core.errors import UsageError
+    from apex_orch.model.info import MAX_BLOCKS
+    if not 1 <= n_blocks <= MAX_BLOCKS:
+        raise UsageError(f"--blocks {n_blocks}: give 1 to {MAX_BLOCKS} blocks")
+    try:
+        with open(path, "rb") as fh:
+            raw_bytes = fh.read(MAX_IMPORT_BYTES + 1)
+    except OSError as exc:
+        raise ProfileError(f"cannot read tensor-type file: {exc.strerror}", where=str(path)) from None
+    if len(raw_bytes) > MAX_IMPORT_BYTES:
+        raise ProfileError(f"tensor-type file is larger than {MAX_IMPORT_BYTES:,} bytes", where=str(path),
+                           hint="tensor-type files hold a few dozen PATTERN=TYPE lines; is this the right file?")
+    text = raw_bytes.decode("utf-8", errors="replace")
+    rules: list[tuple[int, str, re.Pattern, str]] = []
+    report = ImportReport(profile={})
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        for token in line.split():  # llama-quantize reads whitespace-separated tokens
+            pattern, sep, tname = token.partition("=")
+            if not sep or not pattern or not tname:
+                report.not_understood.append(f"{path}:{lineno}: {token!r} is not PATTERN=TYPE")
+                continue
+            qtype = TARGET_TYPES.get(tname.upper())
+            if qtype is None:
+                report.not_understood.append(f"{path}:{lineno}: unknown type {tname!r}")
+                continue
+            if len(pattern) > MAX_PATTERN_CHARS:
+                raise ProfileError(f"pattern of {len(pattern):,} characters; at most {MAX_PATTERN_CHARS:,}",
+                                   where=f"{path}:{lineno}", hint="split it into several PATTERN=TYPE lines")
+            try:
+                rx = re.compile(pattern.lower())
+            except (re.error, RecursionError, OverflowError) as exc:
+                report.not_understood.append(f"{path}:{lineno}: bad regex {pattern!r}: {exc}")
+                continue
+            risk = _nested_repeat(pattern.lower())
+            if risk:
+                raise ProfileError(f"pattern {pattern!r} has {risk}: its matching time can grow exponentially "
+                                   "with the tensor name (in llama-quantize too)", where=f"{path}:{lineno}",
+                                   hint="write the alternatives or repeats out without nesting them, "
+                                        "e.g. blk\\.(1|2)\\.ffn_down_exps")
+            if len(rules) >= MAX_IMPORT_RULES:
+                raise ProfileError(f"more than {MAX_IMPORT_RULES} PATTERN=TYPE rules", where=f"{path}:{lineno}",
+                                   hint="tensor-type files hold a few dozen rules; use a profile's bands instead")
+            rules.append((lineno, pattern, rx, qtype.name))
+    universe = names or canonical_names(n_blocks)
+    blocks_in_universe = 1 + max((int(m.group(1)) for n in universe if (m := re.match(r"blk\.(\d+)\.", n))),
+                                 default=n_blocks - 1)
+    assigned: dict[str, str] = {}
+    hits: dict[int, int] = defaultdict(int)
+    for name in universe:
+        if not allows_quantization(name, 2):
+            continue
+        for lineno, pattern, rx, tname in rules:
+            if rx.search(name):
+                assigned[name] = tname
+                hits[lineno] += 1
+                stem = name.split(".", 2)[-1].rsplit(".", 1)[0] if name.startswith("blk.") else name.rsplit(".", 1)[0]
+                literal = re.sub(r"\\|\^|\$|\(.*?\)|\[.*?\]|\.\*|\.|\|", " ", pattern.lower()).split()
+                words = [w for w in literal if not w.isdigit() and w not in ("blk", "weight")]
+                if words and stem not in words and not any(w == stem for w in words):
+                    report.accidental.append(f"line {lineno}: {pattern!r} hits {name} only by substring")
+                break
+    for lineno, pattern, _, _ in rules:
+        if hits[lineno] == 0:
+            report.unused.append(f"line {lineno}: {pattern!r} matches no tensor (or is shadowed by earlier lines)")
+
+    bands = Bands().resolve(blocks_in_universe)
+    per_role_band: dict[tuple[str, str], set[str]] = defaultdict(set)
+    per_slot: dict[tuple[str, str, str], set[int]] = defaultdict(set)
+    types: dict = {}
+    for name, tname in assigned.items():
+        tr = classify_name(name)
+        if tr.role in (Role.EMBEDDING, Role.OUTPUT):
+            types[tr.role.value] = tname
+            continue
+        if tr.role.value not in BANDED_ROLES or tr.block is None:
+            continue
+        if tr.role == Role.ROUTED_EXPERT:
+            band = bands.expert_band(tr.block)
+        else:
+            band = bands.edge_rest(tr.block, attention=tr.role == Role.ATTENTION)
+        per_role_band[(tr.role.value, band)].add(tname)
+        per_slot[(tr.role.value, tr.slot, tname)].add(tr.block)
+    overrides = []
+    for role, band_names in BANDED_ROLES.items():
+        chosen = {}
+        for band in band_names:
+            got = per_role_band.get((role, band))
+            if got and len(got) == 1:
+                chosen[band] = next(iter(got))
+        if len(chosen) == len(band_names):
+            types[role] = chosen
+        elif any((role, band) in per_role_band for band in band_names):
+            for (r, slot, tname), blocks in sorted(per_slot.items()):
+                if r == role:
+                    overrides.append({"role": role, "slot": slot, "blocks": _ranges(sorted(blocks)), "type": tname})
+    profile = {"extends": "_apex", "tier": tier or path.stem.replace("_", "-").title(),
+               "description": f"Imported from {path.name} by apex-orch profile import",
+               "base_ftype": base_ftype, "types": types}
+    if overrides:
+        profile["overrides"] = overrides
+    report.profile = profile
+    return report
+
+
+def _ranges(blocks: list[int]) -> str:
+    out, start, prev = [], None, None
+    for b in blocks:
+        if start is None:
+            start = prev = b
+        elif b == prev + 1:
+            prev = b
+        else:
+            out.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = b
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+    return ",".join(out)
+
+
+def dump_profile(profile: dict) -> str:
+    return yaml.safe_dump(profile, sort_keys=False, default_flow_style=None)

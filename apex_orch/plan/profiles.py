@@ -1,0 +1,528 @@
+"""APEX profiles: a type per role per depth band, loaded strictly from YAML.
+
+Schema (every key optional unless marked; see profiles/*.yaml and docs/profiles.md):
+
+    extends: NAME | path.yaml      # inherit, then override (cycle-checked)
+    tier: Compact                  # display tier for file names and cards (required after extends)
+    description: ...
+    best_for: ...                  # the "Best For" line of model cards
+    base_ftype: Q4_K_M             # llama-quantize FTYPE argument (must be a quantized type)
+    imatrix: {required: bool, corpus: NAME}
+    bands: {edge: 5, near: 5, attention_edge: 3, scale: auto|fixed|proportional, reference_blocks: 36}
+    types:
+      routed_expert: {edge: T, near: T, middle: T}   # or one type for all bands
+      shared_expert: {edge: T, rest: T}
+      attention:     {edge: T, rest: T}              # edge = attention_edge blocks from each end
+      dense_ffn:     {edge: T, rest: T}
+      ssm:           {edge: T, rest: T}
+      embedding: T
+      output: T
+      nextn: edge | T                                # MTP blocks: like an edge block, or one type
+    overrides:                                       # applied in order after the bands; last wins
+      - {role: routed_expert, slot: down, band: edge | blocks: "0-4,31-35", type: T}
+    gates: {max_mean_kld: 0.05, max_ppl_ratio: 1.05, min_same_top_p: 90}
+
+Bands are symmetric, counted from each end of the main blocks (MTP blocks excluded).
+`scale: auto` keeps the counts when the model has room for a middle band at least as
+deep as one edge, and otherwise scales them by blocks/reference_blocks (rounded, at
+least 1): 5/5/3 on 36 blocks; 2/2/1 on 12 blocks; 1/1/1 on 8 blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf.constants import GGMLQuantizationType as T
+
+from apex_orch.core.settings import PACKAGE_DIR
+from apex_orch.core.errors import ProfileError
+from apex_orch.model.info import MAX_BLOCKS
+from apex_orch.plan.llama_rules import FTYPE_BY_NAME, is_quantized
+from apex_orch.model.roles import Role
+from apex_orch.core.yamlio import YamlDoc, load_yaml
+
+PROFILE_NAME_RE = re.compile(r"^_?[a-z0-9][a-z0-9_-]{0,63}$")
+
+# Types llama-quantize accepts as --tensor-type targets.
+TARGET_TYPES: dict[str, T] = {t.name: t for t in (
+    T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K,
+    T.Q6_K, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ3_XXS, T.IQ3_S, T.IQ1_S, T.IQ1_M, T.IQ4_NL, T.IQ4_XS,
+    T.TQ1_0, T.TQ2_0, T.MXFP4)}
+
+BANDED_ROLES = {
+    Role.ROUTED_EXPERT.value: ("edge", "near", "middle"),
+    Role.SHARED_EXPERT.value: ("edge", "rest"),
+    Role.ATTENTION.value: ("edge", "rest"),
+    Role.DENSE_FFN.value: ("edge", "rest"),
+    Role.SSM.value: ("edge", "rest"),
+}
+SINGLE_ROLES = (Role.EMBEDDING.value, Role.OUTPUT.value)
+NEVER_TYPED = (Role.ROUTER.value, Role.NORM.value, Role.AUX.value)
+
+TOP_KEYS = {"extends", "name", "tier", "description", "best_for", "base_ftype", "imatrix", "bands",
+            "types", "overrides", "gates"}
+IMATRIX_KEYS = {"required", "corpus"}
+BAND_KEYS = {"edge", "near", "attention_edge", "scale", "reference_blocks"}
+OVERRIDE_KEYS = {"role", "slot", "band", "blocks", "type"}
+GATE_KEYS = {"max_mean_kld", "max_ppl_ratio", "min_same_top_p", "max_kld_99_9"}
+SCALES = ("auto", "fixed", "proportional")
+
+
+def builtin_profiles_dir() -> Path:
+    """The built-in profiles: the checkout's top-level `profiles/` (where users edit them), or,
+    in a wheel install, the same files packaged as `apex_orch/profiles/` (pyproject's package-dir)."""
+    packaged = PACKAGE_DIR / "profiles"
+    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / "profiles"
+
+
+def user_profile_dirs() -> list[Path]:
+    """The user's own profile folders, from APEX_ORCH_PROFILES (os.pathsep-separated; the
+    global --profiles-dir option sets it). They add to the built-ins and are searched first."""
+    explicit = os.environ.get("APEX_ORCH_PROFILES", "")
+    return [Path(part).expanduser() for part in explicit.split(os.pathsep) if part.strip()]
+
+
+def profile_search_path() -> list[tuple[str, Path]]:
+    """(source label, folder) in lookup order: user folders, then the built-ins."""
+    return [*((f"user {d}", d) for d in user_profile_dirs()), ("built-in", builtin_profiles_dir())]
+
+
+def profiles_dir() -> Path:
+    """The first folder a profile name is looked up in (kept for callers that show one folder)."""
+    return profile_search_path()[0][1]
+
+
+@dataclass(frozen=True)
+class Bands:
+    edge: int = 5
+    near: int = 5
+    attention_edge: int = 3
+    scale: str = "auto"
+    reference_blocks: int = 36
+
+    def resolve(self, n_blocks: int) -> "ResolvedBands":
+        edge, near, attn = self.edge, self.near, self.attention_edge
+        scaled = False
+        if self.scale == "proportional" or (
+                self.scale == "auto" and 2 * (edge + near) + max(edge, 1) > n_blocks):
+            f = n_blocks / self.reference_blocks
+            edge, near, attn = (max(1, round(v * f)) if v > 0 else 0 for v in (edge, near, attn))
+            scaled = True
+        # Never let the two sides overlap: shrink near first, then edge.
+        while 2 * (edge + near) > n_blocks and near > 0:
+            near -= 1
+        while 2 * edge > n_blocks and edge > 0:
+            edge -= 1
+        attn = min(attn, n_blocks // 2)
+        return ResolvedBands(n_blocks, edge, near, attn, scaled)
+
+
+@dataclass(frozen=True)
+class ResolvedBands:
+    n_blocks: int
+    edge: int
+    near: int
+    attention_edge: int
+    scaled: bool
+
+    def depth(self, block: int) -> int:
+        return min(block, self.n_blocks - 1 - block)
+
+    def expert_band(self, block: int) -> str:
+        d = self.depth(block)
+        if d < self.edge:
+            return "edge"
+        if d < self.edge + self.near:
+            return "near"
+        return "middle"
+
+    def edge_rest(self, block: int, attention: bool = False) -> str:
+        limit = self.attention_edge if attention else self.edge
+        return "edge" if self.depth(block) < limit else "rest"
+
+    def describe(self) -> str:
+        middle = self.n_blocks - 2 * (self.edge + self.near)
+        return (f"{self.edge}+{self.edge} edge, {self.near}+{self.near} near, {middle} middle "
+                f"(attention edge {self.attention_edge}+{self.attention_edge}) over {self.n_blocks} blocks"
+                + (" [scaled to the model]" if self.scaled else ""))
+
+
+@dataclass(frozen=True)
+class Override:
+    role: str
+    slot: str | None
+    band: str | None
+    blocks: frozenset[int] | None
+    type: T
+    where: str
+
+
+@dataclass
+class Profile:
+    name: str
+    path: Path
+    tier: str
+    description: str
+    best_for: str
+    base_ftype: str
+    imatrix_required: bool
+    corpus: str | None
+    bands: Bands
+    types: dict[str, dict[str, T]]        # role -> band -> type ("all" for single-type roles)
+    nextn: str | T                        # "edge" or a type
+    overrides: list[Override]
+    gates: dict[str, float]
+    chain: list[str] = field(default_factory=list)   # extends chain, child first
+    raw: dict = field(default_factory=dict, repr=False)
+    doc: YamlDoc | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the fully resolved profile (after extends), stable across formatting."""
+        blob = json.dumps(self.raw, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    @property
+    def imatrix(self) -> bool:
+        return self.imatrix_required
+
+    def type_for(self, role: str, band: str) -> T | None:
+        by_band = self.types.get(role)
+        if not by_band:
+            return None
+        return by_band.get(band, by_band.get("all"))
+
+    def all_types(self) -> set[T]:
+        out = {t for bands in self.types.values() for t in bands.values()}
+        out |= {o.type for o in self.overrides}
+        if isinstance(self.nextn, T):
+            out.add(self.nextn)
+        return out
+
+
+# ------------------------------------------------------------------ loading
+
+def resolve_profile_path(name_or_path: str, base_dir: Path | None = None, skip: Path | None = None) -> Path:
+    """A profile name (looked up in the user folders, then the built-ins) or a path ending in
+    .yaml/.yml. `skip` is the profile asking (for `extends`): a user's compact.yaml may extend
+    the built-in compact."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")):
+        p = Path(text)
+        if not p.is_absolute() and base_dir is not None:
+            p = base_dir / p
+        if not p.exists():
+            raise ProfileError("profile file not found", where=str(p),
+                               hint="check the path, or give a profile name (`apex-orch profile list`)")
+        return p
+    if not PROFILE_NAME_RE.match(text):
+        raise ProfileError(
+            f"{text!r} is not a profile name (names use a-z, 0-9, '-' and '_', no path separators or '..')",
+            hint="give a name from `apex-orch profile list`, or a file path ending in .yaml")
+    skip_resolved = skip.resolve() if skip is not None else None
+    for _source, folder in profile_search_path():
+        p = folder / f"{text}.yaml"
+        if p.is_file() and p.resolve() != skip_resolved:
+            return p
+    known = ", ".join(list_profiles()) or "(none)"
+    raise ProfileError(f"unknown profile {text!r}", hint=f"known profiles: {known}; or pass a .yaml path")
+
+
+@dataclass(frozen=True)
+class ProfileSource:
+    name: str
+    path: Path
+    source: str            # "built-in" or "user <folder>"
+    shadows_builtin: bool  # a user profile with a built-in's name wins the lookup
+
+
+def profile_sources() -> list[ProfileSource]:
+    """Every listable profile (not `_`-prefixed bases) with where it comes from, by name."""
+    found: dict[str, ProfileSource] = {}
+    builtin_names: set[str] = set()
+    for source, folder in profile_search_path():
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.glob("*.yaml")):
+            if p.stem.startswith("_") or not p.is_file():
+                continue
+            if source == "built-in":
+                builtin_names.add(p.stem)
+            found.setdefault(p.stem, ProfileSource(p.stem, p, source, False))
+    return [ProfileSource(s.name, s.path, s.source, s.source != "built-in" and s.name in builtin_names)
+            for s in sorted(found.values(), key=lambda s: s.name)]
+
+
+def list_profiles() -> list[str]:
+    return [s.name for s in profile_sources()]
+
+
+def _merge(parent: dict, child: dict) -> dict:
+    out = copy.deepcopy(parent)
+    for key, value in child.items():
+        if key == "extends":
+            continue
+        if key == "overrides":
+            out[key] = list(out.get(key, [])) + list(value or [])
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_chain(path: Path, seen: list[Path]) -> tuple[dict, list[YamlDoc]]:
+    resolved = path.resolve()
+    if resolved in seen:
+        cycle = " -> ".join(p.name for p in seen + [resolved])
+        raise ProfileError(f"`extends` cycle: {cycle}", where=str(path),
+                           hint="remove one of the extends links")
+    doc = load_yaml(path, ProfileError)
+    if not isinstance(doc.data, dict):
+        raise ProfileError("a profile must be a YAML mapping", where=doc.where())
+    _check_keys(doc, (), doc.data, TOP_KEYS)
+    parent_ref = doc.data.get("extends")
+    if parent_ref is None:
+        return doc.data, [doc]
+    if not isinstance(parent_ref, str):
+        raise ProfileError("extends must be a profile name or a .yaml path", where=doc.where(("extends",)))
+    try:
+        parent_path = resolve_profile_path(parent_ref, base_dir=path.parent, skip=path)
+    except ProfileError as exc:
+        raise ProfileError(f"extends: {exc.message}", where=doc.where(("extends",)), hint=exc.hint) from None
+    parent_data, docs = _load_chain(parent_path, seen + [resolved])
+    return _merge(parent_data, doc.data), [doc] + docs
+
+
+def _check_keys(doc: YamlDoc, kp: tuple, mapping: dict, allowed: set[str]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            dotted = ".".join(str(k) for k in kp + (key,))
+            raise ProfileError(f"unknown key {dotted!r}", where=doc.where(kp + (key,)),
+                               hint="allowed here: " + ", ".join(sorted(allowed)))
+
+
+def _where(docs: list[YamlDoc], kp: tuple) -> str:
+    """The first document in the extends chain (child first) that defines this key path."""
+    for doc in docs:
+        probe = kp
+        while probe:
+            if probe in doc.lines:
+                return doc.where(probe)
+            probe = probe[:-1]
+    return docs[0].where(kp)
+
+
+def parse_type(value, docs: list[YamlDoc], kp: tuple, role: str | None = None) -> T:
+    dotted = ".".join(str(k) for k in kp)
+    if not isinstance(value, str):
+        raise ProfileError(f"{dotted}: expected a ggml type name, got {value!r}", where=_where(docs, kp))
+    t = TARGET_TYPES.get(value.strip().upper())
+    if t is None:
+        raise ProfileError(f"{dotted}: unknown ggml type {value!r}", where=_where(docs, kp),
+                           hint="use one of: " + ", ".join(TARGET_TYPES))
+    return t
+
+
+def load_profile(name_or_path: str | os.PathLike) -> Profile:
+    path = resolve_profile_path(str(name_or_path))
+    data, docs = _load_chain(path, [])
+    return _validate(path, data, docs)
+
+
+def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
+    for doc in docs:  # nested keys, checked in the file that wrote them
+        d = doc.data
+        if isinstance(d.get("imatrix"), dict):
+            _check_keys(doc, ("imatrix",), d["imatrix"], IMATRIX_KEYS)
+        if isinstance(d.get("bands"), dict):
+            _check_keys(doc, ("bands",), d["bands"], BAND_KEYS)
+        if isinstance(d.get("gates"), dict):
+            _check_keys(doc, ("gates",), d["gates"], GATE_KEYS)
+        if isinstance(d.get("types"), dict):
+            allowed = set(BANDED_ROLES) | set(SINGLE_ROLES) | {"nextn"}
+            for role in d["types"]:
+                if role in NEVER_TYPED:
+                    raise ProfileError(
+                        f"types.{role}: llama.cpp never quantizes {role} tensors "
+                        f"({'ffn_gate_inp / exp_probs_b' if role == 'router' else '*_norm'}); "
+                        "a type here would be silently ignored", where=doc.where(("types", role)),
+                        hint=f"remove types.{role}")
+            _check_keys(doc, ("types",), d["types"], allowed)
+            for role, bands in d["types"].items():
+                if role in BANDED_ROLES and isinstance(bands, dict):
+                    _check_keys(doc, ("types", role), bands, set(BANDED_ROLES[role]))
+
+    tier = data.get("tier")
+    if not isinstance(tier, str) or not tier.strip():
+        raise ProfileError("missing `tier` (the display name, e.g. Compact or I-Compact)", where=_where(docs, ()))
+    # Names printed in messages, tables and cards: no terminal escapes, bells or NULs (a newline
+    # is allowed only in the longer texts, which are escaped where they are shown).
+    for key, allowed in (("tier", ""), ("best_for", "\n\t"), ("description", "\n\t")):
+        text = data.get(key)
+        bad = next((ch for ch in text if _is_control(ch) and ch not in allowed), None) if isinstance(text, str) else None
+        if bad is not None:
+            raise ProfileError(f"{key}: contains a control character (U+{ord(bad):04X})", where=_where(docs, (key,)),
+                               hint=f"{key} is display text; remove the escape or control character")
+    base = data.get("base_ftype")
+    if not isinstance(base, str) or base.upper() not in FTYPE_BY_NAME:
+        raise ProfileError(f"base_ftype: unknown llama-quantize type {base!r}", where=_where(docs, ("base_ftype",)),
+                           hint="e.g. Q4_K_M, Q6_K, Q3_K_M")
+    from apex_orch.plan.llama_rules import default_type
+    if not is_quantized(default_type(FTYPE_BY_NAME[base.upper()])):
+        raise ProfileError(
+            f"base_ftype {base}: with an unquantized FTYPE llama-quantize ignores every --tensor-type override",
+            where=_where(docs, ("base_ftype",)), hint="use a quantized FTYPE such as Q4_K_M or Q6_K")
+
+    im = data.get("imatrix") or {}
+    if not isinstance(im, dict):
+        raise ProfileError("imatrix must be a mapping {required, corpus}", where=_where(docs, ("imatrix",)))
+    required = im.get("required", False)
+    if not isinstance(required, bool):
+        raise ProfileError("imatrix.required must be true or false", where=_where(docs, ("imatrix", "required")))
+    corpus = im.get("corpus")
+    if corpus is not None and not (isinstance(corpus, str) and PROFILE_NAME_RE.match(corpus)):
+        raise ProfileError(f"imatrix.corpus: {corpus!r} is not a corpus name", where=_where(docs, ("imatrix", "corpus")))
+
+    b = data.get("bands") or {}
+    if not isinstance(b, dict):
+        raise ProfileError("bands must be a mapping", where=_where(docs, ("bands",)))
+    for key in ("edge", "near", "attention_edge", "reference_blocks"):
+        if key in b and (not isinstance(b[key], int) or isinstance(b[key], bool) or b[key] < 0):
+            raise ProfileError(f"bands.{key} must be a non-negative integer", where=_where(docs, ("bands", key)))
+        if key in b and b[key] > MAX_BLOCKS:
+            raise ProfileError(f"bands.{key} is {b[key]:,}; at most {MAX_BLOCKS} (apex-orch handles models of up "
+                               f"to {MAX_BLOCKS} blocks)", where=_where(docs, ("bands", key)),
+                               hint="band sizes count blocks from each end of the model, e.g. edge: 5")
+    if b.get("reference_blocks", 36) < 1:
+        raise ProfileError("bands.reference_blocks must be at least 1", where=_where(docs, ("bands", "reference_blocks")))
+    if b.get("scale", "auto") not in SCALES:
+        raise ProfileError(f"bands.scale must be one of {', '.join(SCALES)}", where=_where(docs, ("bands", "scale")))
+    bands = Bands(**{k: b[k] for k in BAND_KEYS if k in b})
+    if bands.attention_edge > bands.edge + bands.near and bands.scale == "fixed":
+        pass  # allowed: attention edge is its own band
+
+    raw_types = data.get("types") or {}
+    if not isinstance(raw_types, dict):
+        raise ProfileError("types must be a mapping of role -> types", where=_where(docs, ("types",)))
+    types: dict[str, dict[str, T]] = {}
+    nextn: str | T = "edge"
+    for role, spec in raw_types.items():
+        kp = ("types", role)
+        if role == "nextn":
+            nextn = "edge" if spec == "edge" else parse_type(spec, docs, kp)
+            continue
+        if role in SINGLE_ROLES:
+            types[role] = {"all": parse_type(spec, docs, kp)}
+            continue
+        if isinstance(spec, str):
+            types[role] = {"all": parse_type(spec, docs, kp)}
+        elif isinstance(spec, dict):
+            expected = BANDED_ROLES[role]
+            missing = [band for band in expected if band not in spec]
+            if missing:
+                raise ProfileError(f"types.{role}: missing band(s) {', '.join(missing)}",
+                                   where=_where(docs, kp), hint=f"give {', '.join(expected)} (or one type for all)")
+            types[role] = {band: parse_type(spec[band], docs, kp + (band,)) for band in expected}
+        else:
+            raise ProfileError(f"types.{role}: expected a type or a mapping of bands", where=_where(docs, kp))
+    for role in (Role.ROUTED_EXPERT.value,):
+        if role not in types:
+            raise ProfileError(f"types.{role} is required (it is what APEX is about)", where=_where(docs, ("types",)))
+
+    overrides: list[Override] = []
+    for i, o in enumerate(data.get("overrides") or []):
+        kp = ("overrides", i)
+        if not isinstance(o, dict):
+            raise ProfileError("each override is a mapping {role, slot, band|blocks, type}", where=_where(docs, kp))
+        for key in o:
+            if key not in OVERRIDE_KEYS:
+                raise ProfileError(f"unknown key 'overrides[{i}].{key}'", where=_where(docs, kp + (key,)),
+                                   hint="allowed: " + ", ".join(sorted(OVERRIDE_KEYS)))
+        role = o.get("role")
+        if role in NEVER_TYPED:
+            raise ProfileError(f"overrides[{i}]: llama.cpp never quantizes {role} tensors; a type here would be "
+                               "silently ignored", where=_where(docs, kp + ("role",)),
+                               hint=f"remove overrides[{i}] ({role} tensors keep their source type)")
+        if role not in BANDED_ROLES and role not in SINGLE_ROLES and role != "nextn":
+            raise ProfileError(f"overrides[{i}].role: unknown role {role!r}", where=_where(docs, kp + ("role",)),
+                               hint="roles: " + ", ".join(list(BANDED_ROLES) + list(SINGLE_ROLES) + ["nextn"]))
+        band = o.get("band")
+        if band is not None and band not in BANDED_ROLES.get(role, ()):
+            raise ProfileError(f"overrides[{i}].band: {band!r} is not a band of {role}",
+                               where=_where(docs, kp + ("band",)),
+                               hint="bands: " + ", ".join(BANDED_ROLES.get(role, ("(none)",))))
+        blocks = o.get("blocks")
+        block_set = parse_blocks(blocks, docs, kp + ("blocks",)) if blocks is not None else None
+        if band is not None and block_set is not None:
+            raise ProfileError(f"overrides[{i}]: give band or blocks, not both", where=_where(docs, kp))
+        slot = o.get("slot")
+        if slot is not None and not isinstance(slot, str):
+            raise ProfileError(f"overrides[{i}].slot must be a string", where=_where(docs, kp + ("slot",)))
+        if "type" not in o:
+            raise ProfileError(f"overrides[{i}]: missing type", where=_where(docs, kp))
+        overrides.append(Override(role, slot, band, block_set, parse_type(o["type"], docs, kp + ("type",)),
+                                  _where(docs, kp)))
+
+    gates = data.get("gates") or {}
+    for key, value in gates.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ProfileError(f"gates.{key} must be a number", where=_where(docs, ("gates", key)))
+
+    name = path.stem
+    return Profile(name=name, path=path, tier=tier.strip(), description=str(data.get("description", "")).strip(),
+                   best_for=str(data.get("best_for", "")).strip(), base_ftype=base.upper(),
+                   imatrix_required=required, corpus=corpus, bands=bands, types=types, nextn=nextn,
+                   overrides=overrides, gates=dict(gates), chain=[d.path.stem for d in docs],
+                   raw=data, doc=docs[0])
+
+
+def _is_control(ch: str) -> bool:
+    return ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F
+
+
+def parse_blocks(spec, docs: list[YamlDoc], kp: tuple) -> frozenset[int]:
+    """"0-4,31-35" or [0, 1, 2] -> {0,...}."""
+    items = spec if isinstance(spec, list) else str(spec).split(",")
+    out: set[int] = set()
+    for item in items:
+        text = str(item).strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+        if not m:
+            raise ProfileError(f"blocks: {text!r} is not a block number or range like 0-4",
+                               where=_where(docs, kp))
+        if len(m.group(1)) > 6 or len(m.group(2) or "") > 6 or int(m.group(2) or m.group(1)) >= MAX_BLOCKS:
+            raise ProfileError(f"blocks: {text!r} names a block past {MAX_BLOCKS - 1} (apex-orch handles models "
+                               f"of up to {MAX_BLOCKS} blocks)", where=_where(docs, kp),
+                               hint="blocks run from 0 to the model's block count - 1")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ProfileError(f"blocks: range {text!r} runs backwards", where=_where(docs, kp))
+        out.update(range(lo, hi + 1))
+    return frozenset(out)
+
+
+def check_profile_fits(profile: Profile, n_blocks: int) -> ResolvedBands:
+    """Resolve bands for a model; `fixed` bands wider than the model are an error."""
+    b = profile.bands
+    if b.scale == "fixed":
+        need = max(2 * (b.edge + b.near), 2 * b.attention_edge)
+        if need > n_blocks:
+            which = (f"edge={b.edge} + near={b.near} from each end need {2 * (b.edge + b.near)} blocks"
+                     if 2 * (b.edge + b.near) >= 2 * b.attention_edge else
+                     f"attention_edge={b.attention_edge} from each end needs {2 * b.attention_edge} blocks")
+            raise ProfileError(
+                f"bands (scale: fixed): {which} but the model has {n_blocks}; the two sides would overlap",
+                where=_where([profile.doc], ("bands",)) if profile.doc else str(profile.path),
+                hint="use `scale: auto` to scale the bands to the model, or smaller counts")
+    for o in profile.overrides:
+        if o.blocks and max(o.blocks) >= n_blocks:
+            raise ProfileError(f"override names block {max(o.blocks)} but the model has {n_blocks} blocks",
+                               where=o.where, hint=f"blocks run from 0 to {n_blocks - 1}")
+    return b.resolve(n_blocks)

@@ -1,0 +1,8 @@
+"""Stage 5, release: a whole APEX set from one config, resumable, then a card and the Hub.
+
+Takes: a release YAML (source, tiers, imatrix corpus, eval, publish target).
+Gives: a release folder: every tier quantized and verified, evaluated against one base, the
+model card (`card`), LocalAI gallery entries (`localai`) and, with `--push`, one Hub commit
+(`publish`). Phases run in order (fetch, convert, imatrix, quantize, eval, card, publish);
+each one skips what its manifests show is already done.
+"""

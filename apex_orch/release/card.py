@@ -1,0 +1,514 @@
+"""The model card (README.md of a release): facts gathered once, rendered deterministically.
+
+`facts_from_release(state)` collects everything the card says from the release itself: the
+source GGUF's header (architecture), each tier's plan and its quantize manifest (file names,
+sizes, sha256, the tensor types really written), the eval records, the projector's header and
+manifest, the imatrix record. `render_card(facts)` is a pure function of those facts: no
+timestamps, no absolute paths, stable ordering and number formats, so a rerun writes the same
+bytes and a golden file can pin the text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from apex_orch import __version__
+
+CARD_MARKER = "<!-- written by apex-orch release"
+BASE_TAGS = ("gguf", "moe", "apex", "quantized")
+ROLE_ORDER = ("routed_expert", "shared_expert", "dense_ffn", "attention", "ssm", "nextn", "embedding", "output",
+              "router", "norm", "aux", "unassigned")
+ROLE_NAMES = {"routed_expert": "Routed experts", "shared_expert": "Shared expert", "dense_ffn": "Dense FFN",
+              "attention": "Attention", "ssm": "SSM", "nextn": "MTP / NextN", "embedding": "Token embedding",
+              "output": "Output head", "router": "Router", "norm": "Norms",
+              "aux": "Small parameters (never quantized)", "unassigned": "Unassigned"}
+BAND_ORDER = ("edge", "near", "middle", "rest")
+ROPE_NAMES = {"yarn": "YaRN", "linear": "linear", "longrope": "LongRoPE"}
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    names: tuple[str, ...]          # one file, or the parts of a split file (first part loads the rest)
+    size: int                       # bytes, all parts
+    sha256: tuple[str, ...]         # per part
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+
+@dataclass(frozen=True)
+class EvalFacts:
+    ppl: float
+    ppl_err: float
+    kld_mean: float | None = None
+    same_top_p: float | None = None
+    pp_tokens_per_s: float | None = None
+    tg_tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class TierFacts:
+    tier: str
+    profile: str
+    best_for: str
+    imatrix: bool
+    base_ftype: str
+    bpw: float
+    file: FileFacts
+    roles: tuple[tuple[str, int, tuple[tuple[str, int], ...]], ...]   # (role, tensors, ((type, count), ...))
+    bands: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]        # (role, ((band, "T1, T2"), ...))
+    eval: EvalFacts | None = None
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    model: str
+    arch: str
+    blocks: int
+    leading_dense: int
+    nextn: int
+    experts: int
+    experts_used: int
+    experts_shared: int
+    total_params: int
+    active_params: int
+    attention: str                  # MLA / GQA / MHA / hybrid ...
+    heads: int | None
+    kv_heads: int | None
+    q_lora_rank: int | None
+    kv_lora_rank: int | None
+    context: int | None
+    rope_type: str | None
+    rope_factor: float | None
+    rope_original_context: int | None
+    vocab: int | None
+    edge: int
+    near: int
+    attention_edge: int
+    band_blocks: int
+
+
+@dataclass(frozen=True)
+class MmprojFacts:
+    file: FileFacts
+    projector: str | None           # clip.projector_type, e.g. pixtral
+    ftype: str | None               # F16 / Q8_0 / ...
+
+
+@dataclass(frozen=True)
+class CalibrationFacts:
+    corpus: str
+    description: str
+    ctx: int
+    chunks: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BaseEvalFacts:
+    file_type: str
+    size: int
+    ppl: float
+    ppl_err: float
+    pp_tokens_per_s: float | None = None
+    tg_tokens_per_s: float | None = None
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    name: str
+    title: str
+    repo: str
+    base_model: str | None
+    license: str
+    description: str
+    tags: tuple[str, ...]
+    arch: ArchFacts
+    tiers: tuple[TierFacts, ...]
+    mmproj: MmprojFacts | None
+    calibration: CalibrationFacts | None
+    base_eval: BaseEvalFacts | None
+    eval_setup: str | None          # "corpus wikipedia, 4 chunks of 128 tokens" or None when not evaluated
+    config_path: str
+    apex_orch_version: str = __version__
+    llama_build: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+# =========================================================================== gathering
+
+def _manifest_files(first: Path) -> FileFacts:
+    from apex_orch.core.manifest import manifest_path, read_manifest
+    doc = read_manifest(manifest_path(first))
+    files = doc.get("files") or []
+    return FileFacts(tuple(f["name"] for f in files), sum(int(f["size"]) for f in files),
+                     tuple(f["sha256"] for f in files))
+
+
+def _arch_facts(model, bands) -> ArchFacts:
+    def first_int(v):
+        if isinstance(v, list):
+            v = v[0] if v else None
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    rope = model.rope_scaling
+    rtype = rope.get("rope.scaling.type")
+    return ArchFacts(
+        model=model.name, arch=model.arch, blocks=model.block_count, leading_dense=model.leading_dense_blocks,
+        nextn=model.nextn_layers, experts=model.expert_count, experts_used=model.expert_used_count,
+        experts_shared=model.expert_shared_count, total_params=model.total_parameters,
+        active_params=model.active_parameters, attention=model.attention_kind, heads=first_int(model.head_count),
+        kv_heads=first_int(model.head_count_kv), q_lora_rank=first_int(model.q_lora_rank),
+        kv_lora_rank=first_int(model.kv_lora_rank), context=first_int(model.context_length),
+        rope_type=str(rtype) if rtype and rtype != "none" else None,
+        rope_factor=float(rope["rope.scaling.factor"]) if rtype and "rope.scaling.factor" in rope else None,
+        rope_original_context=first_int(rope.get("rope.scaling.original_context_length")) if rtype else None,
+        vocab=model.vocab_size, edge=bands.edge, near=bands.near, attention_edge=bands.attention_edge,
+        band_blocks=bands.n_blocks)
+
+
+def written_files(job, files: list[Path]) -> tuple[FileFacts, dict]:
+    """A tier's files and the tensor types really written, from its quantize manifest."""
+    from apex_orch.core.manifest import manifest_path, read_manifest
+    doc = read_manifest(manifest_path(files[0]))
+    recs = doc.get("files") or []
+    ff = FileFacts(tuple(f["name"] for f in recs), sum(int(f["size"]) for f in recs), tuple(f["sha256"] for f in recs))
+    return ff, doc.get("roles") or {r: s["types"] for r, s in job.plan.role_summary().items()}
+
+
+def _tier_facts(tier_cfg, job, ff: FileFacts, written: dict, record: dict | None) -> TierFacts:
+    roles = []
+    for role in ROLE_ORDER:
+        if role in written:
+            types = tuple(sorted(written[role].items(), key=lambda kv: (-kv[1], kv[0])))
+            roles.append((role, sum(n for _, n in types), types))
+    band_table = job.plan.band_table()
+    bands = []
+    for role in ROLE_ORDER:
+        if role in band_table:
+            cells = tuple((b, ", ".join(sorted(band_table[role][b]))) for b in BAND_ORDER if b in band_table[role])
+            bands.append((role, cells))
+    ev = None
+    if record is not None:
+        s = record["summary"]
+        ev = EvalFacts(s["ppl"], s["ppl_err"], s.get("kld_mean"), s.get("same_top_p"), s.get("pp_tokens_per_s"),
+                       s.get("tg_tokens_per_s"))
+    p = job.profile
+    return TierFacts(tier=p.tier, profile=p.name, best_for=tier_cfg.best_for, imatrix=job.imatrix is not None,
+                     base_ftype=p.base_ftype, bpw=round(job.plan.bpw, 4), file=ff, roles=tuple(roles),
+                     bands=tuple(bands), eval=ev)
+
+
+def _mmproj_facts(path: Path) -> MmprojFacts:
+    from gguf.constants import LlamaFileType
+    from apex_orch.model.gguf_header import read_header
+    kv = read_header(path).kv
+    proj = kv.get("clip.projector_type") or kv.get("clip.vision.projector_type")
+    ftype = kv.get("general.file_type")
+    label = None
+    if isinstance(ftype, int):
+        try:
+            label = LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            label = None
+    return MmprojFacts(_manifest_files(path), str(proj) if proj else None, label)
+
+
+def facts_from_release(state, *, file_facts: Callable | None = None) -> CardFacts:
+    """Everything the card says, read from the release (release.ReleaseState after its phases).
+
+    `file_facts(job, files) -> (FileFacts, {role: {type: count}})` defaults to reading each tier's
+    quantize manifest (`written_files`)."""
+    file_facts = file_facts or written_files
+    from apex_orch.llama.tools import build_label
+    cfg = state.config
+    model = state.model
+    jobs = state.jobs
+    if not jobs:
+        raise ValueError("no tiers planned")
+    tier_cfg = {t.tier: t for t in cfg.tiers}
+    tiers = tuple(_tier_facts(tier_cfg[j.profile.tier], j, *file_facts(j, state.files.get(j.profile.tier)),
+                              state.evals.get(j.profile.tier)) for j in jobs)
+    cal = None
+    if state.imatrix_record:
+        r = state.imatrix_record
+        cal = CalibrationFacts(r["corpus"], r.get("description", ""), int(r["ctx"]), int(r["chunks"]), r["sha256"])
+    base = None
+    if state.base_eval:
+        b = state.base_eval
+        base = BaseEvalFacts(b.get("type") or "source", int(b["size"]), b["ppl"], b["ppl_err"],
+                             b.get("pp_tokens_per_s"), b.get("tg_tokens_per_s"))
+    setup = None
+    if state.evals:
+        any_rec = next(iter(state.evals.values()))
+        s = any_rec["summary"]
+        setup = f"{any_rec['text']}, {s['n_chunks']} chunks of {s['n_ctx']} tokens"
+    tags = []
+    for t in (*BASE_TAGS, model.arch, *cfg.tags):
+        if t not in tags:
+            tags.append(t)
+    return CardFacts(
+        name=cfg.name, title=cfg.title, repo=cfg.publish.repo, base_model=cfg.base_model, license=cfg.license,
+        description=cfg.description, tags=tuple(tags), arch=_arch_facts(model, jobs[0].plan.bands), tiers=tiers,
+        mmproj=_mmproj_facts(state.mmproj) if state.mmproj is not None else None, calibration=cal,
+        base_eval=base, eval_setup=setup, config_path=cfg.display_path(), llama_build=build_label())
+
+
+# =========================================================================== formatting
+
+def fmt_size(n: int) -> str:
+    """Decimal units, as the Hub shows them."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f} GB"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e3:.1f} KB"
+
+
+def fmt_params(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def fmt_ppl(v: float, err: float | None = None, *, large: bool | None = None) -> str:
+    """4 decimals, or 1 with thousands separators when the column holds values >= 1000."""
+    large = v >= 1000 if large is None else large
+    text = f"{v:,.1f}" if large else f"{v:.4f}"
+    if err is not None:
+        text += f" ± {err:,.1f}" if large else f" ± {err:.4f}"
+    return text
+
+
+def fmt_kld(v: float | None) -> str:
+    return "—" if v is None else f"{v:.6f}" if v < 10 else f"{v:.4f}"
+
+
+def fmt_pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f} %"
+
+
+def fmt_speed(pp: float | None, tg: float | None) -> str:
+    if pp is None and tg is None:
+        return "—"
+    return f"{pp:.1f} / {tg:.1f}" if pp is not None and tg is not None else "—"
+
+
+def file_cell(f: FileFacts) -> str:
+    if len(f.names) == 1:
+        return f.name
+    return f"{f.name} (+{len(f.names) - 1} more part{'s' if len(f.names) > 2 else ''})"
+
+
+def apex_line(a: ArchFacts) -> str:
+    mapping = {"MLA": "MLA-aware", "GQA": "GQA-aware", "MHA": "attention-aware"}
+    kind = a.attention.removeprefix("hybrid ")
+    aware = mapping.get(kind.split("+")[0], "role-aware")
+    return f"{a.edge}+{a.edge} symmetric edge gradient across {a.band_blocks} layers, {aware} tensor mapping"
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
+    return out
+
+
+_SPACE_RE = re.compile(r"\s+")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def md_inline(text: object) -> str:
+    """Text from configs, profiles or a GGUF on one line of Markdown: control characters dropped,
+    whitespace (newlines) collapsed so it can neither end the line nor start a heading, list or
+    table row, and '<' escaped so it cannot open HTML (a comment would hide the rest of the card)."""
+    return _CONTROL_RE.sub("", _SPACE_RE.sub(" ", str(text))).strip().replace("<", "&lt;")
+
+
+def md_cell(text: object) -> str:
+    """md_inline for a table cell: '|' escaped so it cannot split the row."""
+    return md_inline(text).replace("|", "\\|")
+
+
+def md_code(text: object) -> str:
+    """md_inline inside a `code span`: a backquote would end it."""
+    return md_inline(text).replace("`", "'")
+
+
+# =========================================================================== rendering
+
+def render_card(f: CardFacts) -> str:
+    a = f.arch
+    out: list[str] = ["---"]
+    if f.base_model:
+        out += [f"base_model: {f.base_model}", "base_model_relation: quantized"]
+    out += [f"license: {f.license}", "tags:"] + [f"- {t}" for t in f.tags] + ["---", ""]
+    out.append(f"{CARD_MARKER} from {f.config_path}; edits here are replaced on the next run -->")
+    out.append("")
+    out.append(f"# {md_inline(f.title)}")
+    out.append("")
+    source = f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model else f"`{md_code(a.model)}`"
+    out.append(f"APEX GGUF files of {source}: {len(f.tiers)} tiers" + (" and its vision projector" if f.mmproj else "")
+               + f", made with apex-orch and llama.cpp.")
+    if f.description:
+        out += ["", f.description]
+    out += ["", "## What is APEX?", "",
+            "APEX (Adaptive Precision for EXpert Models) quantizes a Mixture-of-Experts model by spending bits "
+            "where they matter. Most of an MoE model's weights live in its routed experts, yet each token passes "
+            "through only a few of them, while attention, the shared expert and the router run for every token. "
+            "APEX gives each tensor a type chosen by its role and its depth: the always-active tensors keep high "
+            "precision, the routed experts are compressed harder, and the first and last layers, where errors hurt "
+            "most, keep more bits than the middle of the network.",
+            "",
+            "Every tensor is classified from the model's own tensor names, every rule given to llama-quantize is "
+            "anchored to exact tensor names, and every file is checked against its plan, tensor by tensor, before "
+            "it is published. The I-variants use the same layouts, quantized with an importance matrix computed on "
+            "a diverse calibration corpus."]
+    # ---- benchmarks
+    out += ["", "## Benchmarks", ""]
+    evaluated = [t for t in f.tiers if t.eval is not None]
+    if not evaluated:
+        out.append("Benchmarks pending: these files have not been evaluated yet.")
+    else:
+        speed = any(t.eval.tg_tokens_per_s is not None for t in evaluated) or (
+            f.base_eval is not None and f.base_eval.tg_tokens_per_s is not None)
+        out.append(f"Measured by apex-orch against the unquantized source on {f.eval_setup} (the second half of "
+                   "each chunk is scored). KLD is the mean Kullback-Leibler divergence from the source's "
+                   "next-token distribution; Same top p is how often both pick the same most likely token."
+                   + (" Speed is prompt processing / generation in tokens per second on the release machine's "
+                      "CPU (pp512 / tg128)." if speed else ""))
+        out.append("")
+        headers = ["File", "Size", "PPL", "Mean KLD", "Same top p"] + (["Speed (t/s)"] if speed else [])
+        rows = []
+        large = max([t.eval.ppl for t in evaluated] + ([f.base_eval.ppl] if f.base_eval else [])) >= 1000
+        if f.base_eval is not None:
+            b = f.base_eval
+            rows.append([f"source ({b.file_type})", fmt_size(b.size), fmt_ppl(b.ppl, b.ppl_err, large=large), "—", "—"]
+                        + ([fmt_speed(b.pp_tokens_per_s, b.tg_tokens_per_s)] if speed else []))
+        for t in f.tiers:
+            if t.eval is None:
+                rows.append([t.file.name, fmt_size(t.file.size), "pending", "pending", "pending"]
+                            + (["pending"] if speed else []))
+                continue
+            e = t.eval
+            rows.append([t.file.name, fmt_size(t.file.size), fmt_ppl(e.ppl, e.ppl_err, large=large), fmt_kld(e.kld_mean),
+                         fmt_pct(e.same_top_p)] + ([fmt_speed(e.pp_tokens_per_s, e.tg_tokens_per_s)] if speed else []))
+        out += _md_table(headers, rows)
+    # ---- files
+    out += ["", "## Available Files", ""]
+    rows = [[file_cell(t.file), t.tier, fmt_size(t.file.size), t.best_for] for t in f.tiers]
+    if f.mmproj is not None:
+        rows.append([file_cell(f.mmproj.file), "Vision projector", fmt_size(f.mmproj.file.size),
+                     "Required for image understanding"])
+    out += _md_table(["File", "Profile", "Size", "Best For"], rows)
+    if any(len(t.file.names) > 1 for t in f.tiers):
+        out += ["", "Split files: download every part into one folder and point llama.cpp at the first part."]
+    # ---- LocalAI
+    out += ["", "## Run with LocalAI", "", "```bash"]
+    out += [f"local-ai run {f.repo}@{t.file.name}" for t in f.tiers]
+    out += ["```", "", f"The first line is the recommended tier ({md_inline(f.tiers[0].tier)}); LocalAI gallery entries for "
+            "every file are in the `localai/` folder of this repository."]
+    # ---- architecture
+    out += ["", "## Architecture", ""]
+    layers = f"{a.blocks}"
+    if a.leading_dense:
+        layers += f" ({a.leading_dense} dense, {a.blocks - a.nextn - a.leading_dense} MoE)"
+    else:
+        layers += " (all MoE)" if not a.nextn else f" ({a.blocks - a.nextn} MoE)"
+    if a.nextn:
+        layers += f" + {a.nextn} MTP"
+    experts = f"{a.experts} routed + {a.experts_shared} shared, {a.experts_used} routed active per token" \
+        if a.experts_shared else f"{a.experts} routed, {a.experts_used} active per token"
+    att = a.attention
+    details = []
+    if a.heads:
+        details.append(f"{a.heads} heads")
+    if a.q_lora_rank or a.kv_lora_rank:
+        if a.q_lora_rank:
+            details.append(f"q_lora_rank {a.q_lora_rank}")
+        if a.kv_lora_rank:
+            details.append(f"kv_lora_rank {a.kv_lora_rank}")
+    elif a.kv_heads and a.kv_heads != a.heads:
+        details.append(f"{a.kv_heads} KV heads")
+    if att.startswith("MLA"):
+        att = "MLA (multi-head latent attention)"
+    if details:
+        att += ", " + ", ".join(details)
+    if f.mmproj is not None:
+        proj = f"{f.mmproj.projector.capitalize()} encoder" if f.mmproj.projector else "vision encoder"
+        vision = f"{proj}, shipped as a separate projector ({f.mmproj.file.name}" + (
+            f", {f.mmproj.ftype})" if f.mmproj.ftype else ")")
+    else:
+        vision = "none (text only)"
+    if a.context:
+        ctx = f"{a.context:,} tokens"
+        if a.rope_type:
+            ctx += f" ({ROPE_NAMES.get(a.rope_type, a.rope_type)} RoPE scaling"
+            if a.rope_factor:
+                ctx += f", factor {a.rope_factor:g}"
+            if a.rope_original_context:
+                ctx += f" over {a.rope_original_context:,}"
+            ctx += ")"
+    else:
+        ctx = "not stated in the GGUF"
+    middle = a.band_blocks - 2 * (a.edge + a.near)
+    out += [f"- **Model**: {md_inline(a.model)} (llama.cpp architecture `{md_code(a.arch)}`)",
+            f"- **Layers**: {layers}",
+            f"- **Experts**: {experts}",
+            f"- **Parameters**: {fmt_params(a.total_params)} total, {fmt_params(a.active_params)} active per token",
+            f"- **Attention**: {att}",
+            f"- **Vision**: {vision}",
+            f"- **Context**: {ctx}",
+            f"- **APEX config**: {apex_line(a)}",
+            f"- **Bands**: edge = the first and last {a.edge} layers, near = the next {a.near} inward on each "
+            f"side, middle = the other {middle}; attention keeps its edge types on the first and last "
+            f"{a.attention_edge}"]
+    # ---- calibration
+    out += ["", "## Calibration", ""]
+    i_tiers = [md_inline(t.tier) for t in f.tiers if t.imatrix]
+    plain = [md_inline(t.tier) for t in f.tiers if not t.imatrix]
+    if f.calibration is not None and i_tiers:
+        c = f.calibration
+        text = (f"{', '.join(i_tiers)} use an importance matrix computed with llama-imatrix on {c.chunks} chunks "
+                f"of {c.ctx} tokens from the `{md_code(c.corpus)}` calibration corpus")
+        desc = md_inline(c.description).rstrip(".")
+        if desc:
+            desc = desc[0].lower() + desc[1:] if len(desc) > 1 and desc[1].islower() else desc
+            text += f": {desc}"
+        text += f". The imatrix file's sha256 is `{c.sha256}`."
+        out.append(text)
+    if plain:
+        if f.calibration is not None and i_tiers:
+            out.append("")
+        out.append(f"{', '.join(plain)} are quantized without an importance matrix.")
+    # ---- per file
+    out += ["", "## Files in detail", ""]
+    out.append("Types are the ones written into each file (verified against its plan). Band columns show the types "
+               "per depth band.")
+    for t in f.tiers:
+        out += ["", f"### {t.file.name}", ""]
+        out.append(f"Profile `{md_code(t.profile)}` ({md_inline(t.tier)}), llama-quantize base {t.base_ftype}, {t.bpw:.3f} bits per "
+                   f"weight, {'with' if t.imatrix else 'without'} imatrix.")
+        out.append("")
+        for name, sha in zip(t.file.names, t.file.sha256):
+            out.append(f"- sha256 `{sha}`" + (f" ({name})" if len(t.file.names) > 1 else ""))
+        out.append("")
+        bands = dict(t.bands)
+        rows = []
+        for role, n, types in t.roles:
+            by_band = "; ".join(f"{b}: {v}" for b, v in bands.get(role, ())) or "—"
+            rows.append([ROLE_NAMES.get(role, role), str(n), ", ".join(f"{ty} ×{c}" for ty, c in types), by_band])
+        out += _md_table(["Role", "Tensors", "Types", "By band"], rows)
+    if f.mmproj is not None:
+        out += ["", f"### {f.mmproj.file.name}", "",
+                "The vision projector, included unchanged by the APEX profiles.", ""]
+        out += [f"- sha256 `{sha}`" for sha in f.mmproj.file.sha256]
+    # ---- provenance
+    out += ["", "## How these files were made", "",
+            f"- apex-orch {f.apex_orch_version}",
+            f"- llama.cpp build `{f.llama_build}`",
+            f"- release config `{f.config_path}`: `apex-orch release {f.config_path}` reproduces this folder", ""]
+    return "\n".join(out)
