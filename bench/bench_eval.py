@@ -15,13 +15,10 @@ Writes bench/results/eval-<date>T<hhmm>.json and .md with the machine, date and 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,19 +29,11 @@ sys.path.insert(0, str(REPO))
 
 from apex_orch.evaluation import base_cache as evalcache  # noqa: E402
 from apex_orch.demo import synthetic  # noqa: E402
-from apex_orch.evaluation import evaluate as ev  # noqa: E402
-from apex_orch.llama.tools import build_label, find_tool, run_tool  # noqa: E402
-from common import cpu_model  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = cpu_model("?")
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
-    return {"nproc": os.cpu_count(), "cpu": cpu, "platform": platform.platform(),
-            "python": platform.python_version(), "load_average_at_start": list(os.getloadavg()),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": commit, "llama_build": build_label()}
+from apex_orch.evaluation.evaluate import ensure_base_cache, evaluate, measure_speed, plan_eval, run_eval  # noqa: E402
+from apex_orch.evaluation.inputs import EvalSettings, default_threads, model_facts, text_facts  # noqa: E402
+from apex_orch.evaluation.tool_backend import ToolBase  # noqa: E402
+from apex_orch.llama.tools import find_tool, run_tool  # noqa: E402
+from common import machine  # noqa: E402
 
 
 def timed(fn):
@@ -57,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=ev.default_threads())
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--smoke", action="store_true", help="CI: a tiny model, ctx 128 x 2 chunks, 1 repeat")
@@ -65,7 +54,6 @@ def main() -> None:
     if args.smoke:
         args.ctx, args.chunks, args.repeats = 128, 2, 1
 
-    ev.TOOL_LOG_VERBOSITY = 4  # keep llama_perf_context_print's decode timings in the tool's output
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     os.environ["APEX_ORCH_EVAL_CACHE"] = str(work / "cache")
     try:
@@ -79,7 +67,8 @@ def main() -> None:
         run_tool([find_tool("llama-quantize").path, base, q4, "Q4_K_M", str(args.threads)])
         text = work / "text.txt"
         text.write_text(synthetic.demo_text(40000), encoding="utf-8")
-        s = ev.EvalSettings(n_ctx=args.ctx, chunks=args.chunks, n_threads=args.threads)
+        # tool_log_verbosity 4 keeps llama_perf_context_print's decode timings in the tool's output
+        s = EvalSettings(n_ctx=args.ctx, chunks=args.chunks, n_threads=args.threads, tool_log_verbosity=4)
         n_tok = args.ctx * args.chunks
         info = {"machine": machine(), "settings": s.to_dict(), "model": "synthetic mistral4-split "
                 "(12 MLA blocks, 16 experts, 2 used, n_embd 256, 32000-token vocab)", "runs": {}}
@@ -90,15 +79,15 @@ def main() -> None:
         ppl = {"bindings": [], "llama-perplexity": []}
         for _ in range(args.repeats):
             for backend in ("bindings", "llama-perplexity"):
-                r, sec = timed(lambda: ev.evaluate(q4, text=text, settings=s, backend=backend))
+                r, sec = timed(lambda: evaluate(q4, text=text, settings=s, backend=backend))
                 ppl[backend].append({"wall_s": sec, "decode_tokens_per_s": r.eval_tokens_per_s, "ppl": r.ppl})
         info["runs"]["perplexity"] = ppl
 
         # 2. base pass: our cache vs the tool's base file
-        cache, cache_s = timed(lambda: ev.ensure_base_cache(ev.model_facts(base), ev.text_facts(text), s))
+        cache, cache_s = timed(lambda: ensure_base_cache(model_facts(base), text_facts(text), s))
         tool_dir = work / "toolbase"
         tool_dir.mkdir()
-        tb = ev.ToolBase(ev.model_facts(base), ev.text_facts(text), s, tool_dir)
+        tb = ToolBase(model_facts(base), text_facts(text), s, tool_dir)
         tool_file, tool_s = timed(tb.ensure)
         with evalcache.BaseLogProbs(cache) as c:
             cache_info = {"n_vocab": c.n_vocab, "scored_tokens": c.n_chunks * c.n_scored,
@@ -110,19 +99,19 @@ def main() -> None:
         # 3. KL divergence (base already prepared for both)
         kl = {"bindings": [], "llama-perplexity": []}
         for _ in range(args.repeats):
-            r, sec = timed(lambda: ev.evaluate(q4, base=base, text=text, settings=s))
+            r, sec = timed(lambda: evaluate(q4, base=base, text=text, settings=s))
             kl["bindings"].append({"wall_s": sec, "decode_tokens_per_s": r.eval_tokens_per_s,
                                    "kld_mean": r.kld.kld_mean, "same_top_p": r.kld.same_top_p})
-            plan = ev.plan_eval(q4, base=base, settings=s, backend="llama-perplexity",
-                                text_facts_=ev.text_facts(text))
-            r, sec = timed(lambda: ev.run_eval(plan, tool_base=tb))
+            plan = plan_eval(q4, base=base, settings=s, backend="llama-perplexity",
+                             text_facts_=text_facts(text))
+            r, sec = timed(lambda: run_eval(plan, tool_base=tb))
             kl["llama-perplexity"].append({"wall_s": sec, "decode_tokens_per_s": r.eval_tokens_per_s,
                                            "kld_mean": r.kld.kld_mean, "same_top_p": r.kld.same_top_p})
         info["runs"]["kl_divergence"] = kl
 
         # 4. speed through the bindings
         info["runs"]["speed"] = {} if args.smoke else {  # smoke: tg128 alone takes ~15 s on a busy machine
-            name: ev.measure_speed(p, s, repetitions=2).__dict__ for name, p in (("F16", base), ("Q4_K_M", q4))}
+            name: measure_speed(p, s, repetitions=2).__dict__ for name, p in (("F16", base), ("Q4_K_M", q4))}
 
         def summary(runs: dict) -> dict:
             med = {b: statistics.median(x["wall_s"] for x in v) for b, v in runs.items()}
@@ -142,15 +131,15 @@ def main() -> None:
 
 def write(info: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    day = info["machine"]["date"][:16].replace(":", "")  # e.g. 2026-11-26T2227: several runs a day
+    day = info["machine"]["time"][:16].replace(":", "")  # e.g. 2026-11-26T2227: several runs a day
     (out / f"eval-{day}.json").write_text(json.dumps(info, indent=2) + "\n")
     m, s, sm = info["machine"], info["settings"], info["summary"]
     c = info["runs"]["base_cache"]
-    lines = [f"# eval benchmark — {m['date']}", "",
-             f"- machine: {m['cpu']}, nproc {m['nproc']}, {m['platform']}; load average "
+    lines = [f"# eval benchmark — {m['time']}", "",
+             f"- machine: {m['cpu']}, nproc {m['cores']}, {m['platform']}; load average "
              f"{m['load_average_at_start'][0]:.2f} at start, {m['load_average_at_end'][0]:.2f} at end "
              "(shared machine: absolute numbers are noisy, ratios come from alternating runs)",
-             f"- git {m['git_commit']}, {m['llama_build']}",
+             f"- git {m['commit']}, {m['llama_build']}",
              f"- model: {info['model']}; Q4_K_M made with llama-quantize",
              f"- settings: ctx {s['n_ctx']}, {s['chunks']} chunks, batch {s['n_batch']}, ubatch {s['n_ubatch']}, "
              f"threads {s['n_threads']}, flash-attn {'on' if s['flash_attn'] else 'off'}, "

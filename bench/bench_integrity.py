@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             config = work / "smoke-integrity.yaml"
             config.write_text(SMOKE_CONFIG.format(model=json.dumps(str(model))), encoding="utf-8")
         from apex_orch.release import publish
-        from apex_orch.release.runner import load_release, resolve_release
+        from apex_orch.release.config_reader import load_release
+        from apex_orch.release.phases.publish import publish_request
+        from apex_orch.release.runner import resolve_release
         meter = Meter()
         meter.install()
         cfg = load_release(config)
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         state = resolve_release(cfg, out_dir=out, through="card")
         meter.reset()
         t0 = time.perf_counter()
-        plan = publish.plan_publish(state)
+        plan = publish.plan_publish(publish_request(state))
         pub = {"seconds": round(time.perf_counter() - t0, 3), "files": len(plan.files),
                "bytes": sum(f.size for f in plan.files)}
         tput = sha256_throughput(32 if args.smoke else 256, 1 if args.smoke else 3)

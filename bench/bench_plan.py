@@ -20,7 +20,8 @@ from common import machine, write_results  # noqa: E402
 
 from apex_orch.model.info import read_model  # noqa: E402
 from apex_orch.plan.planner import make_plan  # noqa: E402
-from apex_orch.plan.profiles import list_profiles, load_profile  # noqa: E402
+from apex_orch.plan.profile_search import list_profiles  # noqa: E402
+from apex_orch.plan.profiles import load_profile  # noqa: E402
 from apex_orch.demo.synthetic import write_mistral_small_4_replica  # noqa: E402
 
 REPEAT = 20

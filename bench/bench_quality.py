@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 from common import RESULTS, load_note, machine, results_header, write_results, write_smoke_model  # noqa: E402
 
-from apex_orch.llama import pin  # noqa: E402
+from apex_orch.core import settings  # noqa: E402
 from apex_orch.demo import synthetic  # noqa: E402
 from apex_orch.core.fingerprint import fast_fingerprint  # noqa: E402
 from apex_orch.llama.tools import build_label, find_tool, run_tool  # noqa: E402
@@ -90,7 +90,7 @@ def find_reference_model(models_dir: Path | None = None) -> tuple[Path, dict]:
     """The newest cached reference model built with the FULL config whose export check passed."""
     from bench.reference_model.config import FULL
 
-    models_dir = models_dir or pin.cache_root() / "models"
+    models_dir = models_dir or settings.cache_root() / "models"
     want = json.loads(json.dumps(FULL.asdict()))
     found = []
     for rec_path in models_dir.glob("reference-moe-*.json"):
@@ -139,7 +139,7 @@ def smoke_subject(work: Path) -> Subject:
     model = write_smoke_model(work / "bench-smoke-moe.gguf")
     a = work / "smoke-demo-text.txt"
     a.write_text(synthetic.demo_text(3000), encoding="utf-8")
-    from apex_orch.evaluation.evaluate import text_facts
+    from apex_orch.evaluation.inputs import text_facts
     b = Path(text_facts(corpus="wikipedia").path)
     return Subject(model, "Smoke", "smoke: 4-block random-weight MoE", [
         Domain("demo-text", a, "synthetic demo text"),
@@ -187,7 +187,8 @@ def build_imatrix(model: Path, ctx: int, chunks: int | None, threads: int) -> di
 
 def quantize_apex(subject: Subject, profile: str, imatrix_src, work: Path, threads: int) -> Variant:
     from apex_orch.plan.profiles import load_profile
-    from apex_orch.quantize.job import plan_quantize, run_quantize
+    from apex_orch.quantize.job import plan_quantize
+    from apex_orch.quantize.run import run_quantize
     prof = load_profile(profile)
     v = Variant(profile, "apex", prof.imatrix_required, profile)
     job = plan_quantize(subject.model, prof, out_dir=work, name=subject.name,
@@ -257,7 +258,8 @@ def type_summary(path: Path) -> dict:
 
 def evaluate_domain(subject: Subject, domain: Domain, variants: list[Variant], settings) -> dict:
     from apex_orch.evaluation import base_cache as evalcache
-    from apex_orch.evaluation.evaluate import ensure_base_cache, model_facts, plan_eval, run_eval, text_facts
+    from apex_orch.evaluation.evaluate import ensure_base_cache, plan_eval, run_eval
+    from apex_orch.evaluation.inputs import model_facts, text_facts
     tf = text_facts(text=domain.path)
     base = model_facts(subject.model)
     t0 = time.monotonic()
@@ -581,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         return rerender(args.from_json, args.out or RESULTS)
 
-    from apex_orch.evaluation.evaluate import EvalSettings, default_threads
+    from apex_orch.evaluation.inputs import EvalSettings, default_threads
     from apex_orch.model.info import read_model
     from apex_orch.quantize.job import resolve_imatrix
 

@@ -29,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results, write_smoke_model  # noqa: E402
 
 from apex_orch.demo import synthetic  # noqa: E402
+from apex_orch.demo.spec import SyntheticSpec  # noqa: E402
 from apex_orch.core.manifest import manifest_path  # noqa: E402
-from apex_orch.plan.planner import render_file  # noqa: E402
+from apex_orch.plan.render import render_file  # noqa: E402
 from apex_orch.quantize.job import plan_quantize  # noqa: E402
 
-BIG = synthetic.SyntheticSpec(n_layer=16, n_embd=1024, n_expert=16, n_expert_used=2, expert_ff=1024,
-                              name="Bench-MoE-1.6G", seed=7)
+BIG = SyntheticSpec(n_layer=16, n_embd=1024, n_expert=16, n_expert_used=2, expert_ff=1024,
+                    name="Bench-MoE-1.6G", seed=7)
 
 
 def bench_model(src: Path, repeat: int, threads: int, work: Path, warm: bool = True) -> dict:

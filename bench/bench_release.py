@@ -76,7 +76,8 @@ def cache_state(root: Path) -> dict[str, list[str]]:
 def eval_tool_equivalent(model: Path, tiers: list[Path], cfg_eval, work: Path) -> list[dict]:
     """llama-perplexity doing what the eval phase did through the bindings: the base log-probs once,
     then the KL divergence of every tier (same text, ctx, chunks, threads, flash attention, no repack)."""
-    from apex_orch.evaluation.evaluate import EvalSettings, default_threads, text_facts, tool_argv
+    from apex_orch.evaluation.inputs import EvalSettings, default_threads, text_facts
+    from apex_orch.evaluation.tool_backend import tool_argv
     from apex_orch.llama.tools import run_tool
 
     settings = EvalSettings(n_ctx=cfg_eval.ctx, chunks=cfg_eval.chunks, n_threads=default_threads())
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             model = write_smoke_model(work / "bench-smoke-moe.gguf")
             config = work / "smoke-release.yaml"
             config.write_text(SMOKE_CONFIG.format(model=json.dumps(str(model))), encoding="utf-8")
-        from apex_orch.release.runner import load_release
+        from apex_orch.release.config_reader import load_release
         cfg = load_release(config)
         release_dir = work / "release"
         cmd = [sys.executable, "-m", "apex_orch.cli", "release", str(config), "--out-dir", str(release_dir)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import platform
@@ -9,6 +10,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from apex_orch.llama.tools import build_label
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,6 +40,8 @@ def cpu_model(default: str = "unknown") -> str:
 
 
 def machine() -> dict:
+    """The record every result carries: the machine, the code (commit, llama.cpp build), the day
+    (`date`) and the moment in UTC (`time`, which also names results written several times a day)."""
     cpu = cpu_model()
     mem = 0
     try:
@@ -46,8 +51,10 @@ def machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "commit": commit,
-            "load_average_at_start": LOAD_AT_START}
+            "platform": platform.platform(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+            "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "llama_build": build_label(), "load_average_at_start": LOAD_AT_START}
 
 
 def load_note(mach: dict) -> str:
@@ -92,7 +99,9 @@ def write_results(name: str, data: dict, markdown: str, out_dir: Path | None = N
 def write_smoke_model(path: Path) -> Path:
     """The model every bench's --smoke mode uses (CI): a 4-block, 4-expert mistral4 MoE with
     random weights, ~43 MB (the 32000-token vocabulary dominates), quantized in seconds."""
+    # Imported here: the writer pulls in numpy, which only the smoke model needs.
     from apex_orch.demo import synthetic
-    spec = synthetic.SyntheticSpec(n_layer=4, n_expert=4, name="Bench-Smoke-MoE", seed=3)
+    from apex_orch.demo.spec import SyntheticSpec
+    spec = SyntheticSpec(n_layer=4, n_expert=4, name="Bench-Smoke-MoE", seed=3)
     return synthetic.write_model(path, spec, overwrite=True)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from apex_orch.llama import pin
+from apex_orch.core import settings
 from apex_orch.demo import synthetic
 from apex_orch.core.errors import ToolNotFoundError
 from apex_orch.llama.tools import find_tool
@@ -89,8 +89,8 @@ def require_tools_fixture():
 
 # The user's cache (CI's own fresh one under .ci/run) and the pinned build inside it, resolved
 # before the session moves APEX_ORCH_CACHE.
-USER_CACHE = pin.cache_root()
-BUILD_ROOT = pin.build_root()
+USER_CACHE = settings.cache_root()
+BUILD_ROOT = settings.build_root()
 _SAVED_ENV: dict[str, str | None] = {}
 _SESSION_CACHE: list[Path] = []
 _USER_CACHE_BEFORE: dict[str, tuple[int, int]] = {}

@@ -93,7 +93,7 @@ def test_qwen2moe_shared_expert_gate_is_planned_as_written(tmp_path):
 @pytest.mark.requires_tools("llama-quantize")
 def test_qwen2moe_plan_equals_dry_run(tmp_path):
     from apex_orch.llama.tools import find_tool, run_tool
-    from apex_orch.plan.planner import render_file
+    from apex_orch.plan.render import render_file
     from apex_orch.llama.quantlog import parse_records, quant_size_mib
     kv = dict(QWEN2MOE_KV, feed_forward_length=32, expert_feed_forward_length=32,
               expert_shared_feed_forward_length=32, **{"attention.layer_norm_rms_epsilon": 1e-6})
@@ -249,12 +249,12 @@ def test_predicted_size_counts_dims_as_gguf_writes_them(tmp_path):
     """llama-quantize writes ggml_n_dims() dimensions per tensor: four [64, 1] shared-expert gates
     make its header 32 bytes (one alignment unit) shorter than a count of the input's dims. The
     real quantization's size must equal the plan's prediction (it was 32 bytes off before)."""
-    from apex_orch.quantize import job as q
+    from apex_orch.quantize import job as q, run as qrun
     kv = {**QWEN2MOE_KV, "block_count": 4, "attention.layer_norm_rms_epsilon": 1e-6,
           "expert_feed_forward_length": 32, "expert_shared_feed_forward_length": 32}
     path = write_gguf(tmp_path / "qwen2moe.gguf", "qwen2moe", kv, qwen2moe_tensors(n_blocks=4))
     job = q.plan_quantize(path, "compact", out_dir=tmp_path / "out", threads=2)
-    res = q.run_quantize(job)
+    res = qrun.run_quantize(job)
     written = res.files[0].stat().st_size
     assert written == job.predicted_size
     header_dims = {t.name: len(t.shape) for t in read_model(res.files[0]).tensors}
@@ -265,7 +265,8 @@ def test_predicted_size_counts_dims_as_gguf_writes_them(tmp_path):
 def test_release_source_convert_from_a_local_checkpoint_folder(tmp_path):
     import yaml
 
-    from apex_orch.release import runner as rel
+    from apex_orch.release.config_reader import load_release
+    from apex_orch.release.phases.convert import checkpoint_fingerprint
     from apex_orch.core.errors import ConfigError
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -274,15 +275,15 @@ def test_release_source_convert_from_a_local_checkpoint_folder(tmp_path):
            "tiers": ["compact"], "eval": {"enabled": False}, "mmproj": {"convert": {}},
            "publish": {"repo": "apex-test/Tiny-APEX-GGUF"}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
-    cfg = rel.load_release(tmp_path / "r.yaml")
+    cfg = load_release(tmp_path / "r.yaml")
     assert cfg.source.kind == "convert" and cfg.source.hf is None
     assert cfg.source.checkpoint.resolve() == ckpt
     assert cfg.mmproj.kind == "convert" and cfg.mmproj.checkpoint == cfg.source.checkpoint
     assert "local checkpoint ckpt" in cfg.source.describe()
-    before = rel.checkpoint_fingerprint(ckpt)
+    before = checkpoint_fingerprint(ckpt)
     (ckpt / "config.json").write_text('{"changed": 1}')
-    assert rel.checkpoint_fingerprint(ckpt) != before
+    assert checkpoint_fingerprint(ckpt) != before
     doc["source"]["convert"]["repo"] = "org/name"
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="either path"):
-        rel.load_release(tmp_path / "r.yaml")
+        load_release(tmp_path / "r.yaml")

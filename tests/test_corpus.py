@@ -16,6 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from apex_orch.calibration import corpus as C
+from apex_orch.calibration.chat_format import PLAIN, ChatFormat, ChatRenderer, chat_format_from_model, render_plain
+from apex_orch.calibration.corpus_spec import available_corpora, corpora_dir, resolve_corpus
+from apex_orch.calibration.sources import Document
+from apex_orch.calibration.tokenizer import ModelTokenizer
 from apex_orch.llama import pin
 from apex_orch.cli import main
 from apex_orch.core.errors import ConfigError, ModelError, OutputExistsError
@@ -41,7 +45,7 @@ def jsonl(path: Path, records: list[dict]) -> Path:
 # =========================================================================== shipped corpora
 
 def test_every_domain_corpus_is_shipped_and_listed():
-    assert C.available_corpora() == sorted([*DOMAINS, "diverse"])
+    assert available_corpora() == sorted([*DOMAINS, "diverse"])
     runner = CliRunner()
     res = runner.invoke(main, ["corpus", "list", "--json"])
     assert res.exit_code == 0, res.output
@@ -53,7 +57,7 @@ def test_every_domain_corpus_is_shipped_and_listed():
 
 def test_builtin_corpora_are_deterministic_and_big_enough():
     """Each domain alone feeds llama-imatrix at -c 512 for several chunks (>= 20k real tokens)."""
-    tok = C.ModelTokenizer(SPM_VOCAB)
+    tok = ModelTokenizer(SPM_VOCAB)
     try:
         for name in DOMAINS:
             first, second = C.build_corpus(name), C.build_corpus(name)
@@ -128,7 +132,7 @@ def test_build_counts_tokens_with_the_model_tokenizer(tmp_path):
     res = CliRunner().invoke(main, ["corpus", "build", "reasoning", "-o", str(out), "--model", str(SPM_VOCAB)])
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "reasoning.txt.manifest.json").read_text())
-    tok = C.ModelTokenizer(SPM_VOCAB)
+    tok = ModelTokenizer(SPM_VOCAB)
     try:
         expected_total = tok.count(out.read_text(encoding="utf-8"), special=False)
         per_doc = sum(tok.count(d.rendered, special=False) for d in C.build_corpus("reasoning").documents)
@@ -142,7 +146,7 @@ def test_build_counts_tokens_with_the_model_tokenizer(tmp_path):
 
 
 def test_model_chat_template_is_used_and_special_tokens_parsed(tmp_path):
-    fmt = C.chat_format_from_model(PHI3_VOCAB)
+    fmt = chat_format_from_model(PHI3_VOCAB)
     assert fmt.is_template and fmt.bos_token == "<s>" and fmt.eos_token == "<|endoftext|>"
     built = C.build_corpus("chat", model=PHI3_VOCAB)
     assert built.parse_special and built.chat_format.origin == f"model:{PHI3_VOCAB}"
@@ -155,7 +159,7 @@ def test_model_chat_template_is_used_and_special_tokens_parsed(tmp_path):
     res = CliRunner().invoke(main, ["corpus", "build", "chat", "-o", str(out), "--model", str(PHI3_VOCAB)])
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "chat.txt.manifest.json").read_text())
-    tok = C.ModelTokenizer(PHI3_VOCAB)
+    tok = ModelTokenizer(PHI3_VOCAB)
     try:
         assert manifest["tokens"] == tok.count(out.read_text(encoding="utf-8"), special=True)
         # parsed as special tokens, the markers are single tokens
@@ -168,7 +172,7 @@ def test_model_chat_template_is_used_and_special_tokens_parsed(tmp_path):
 def test_template_refusals_fall_back_loudly(tmp_path):
     # a real template that refuses system messages (Gemma 2's)
     template = (pin.llama_source() / "models" / "templates" / "google-gemma-2-2b-it.jinja").read_text()
-    fmt = C.ChatFormat(template=template, bos_token="<bos>", eos_token="<eos>", origin="model:gemma-2")
+    fmt = ChatFormat(template=template, bos_token="<bos>", eos_token="<eos>", origin="model:gemma-2")
     folder = tmp_path / "c"
     jsonl(folder / "talk.jsonl", [
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -192,8 +196,8 @@ def test_template_refusals_fall_back_loudly(tmp_path):
 def test_templates_see_a_fixed_date_and_cannot_change_the_messages():
     template = ("{{ strftime_now('%Y-%m-%d') }}|{% set _ = messages.append({'role': 'user', 'content': 'x'}) %}"
                 "{{ messages | length }}|{{ messages | map(attribute='role') | tojson }}")
-    renderer = C.ChatRenderer(C.ChatFormat(template=template, origin="model:t"))
-    doc = C.Document(source="s", origin="o", messages=[{"role": "user", "content": "hi"}])
+    renderer = ChatRenderer(ChatFormat(template=template, origin="model:t"))
+    doc = Document(source="s", origin="o", messages=[{"role": "user", "content": "hi"}])
     assert renderer.render(doc) == '2025-01-01|2|["user", "user"]'
     assert renderer.render(doc) == '2025-01-01|2|["user", "user"]'
     assert doc.messages == [{"role": "user", "content": "hi"}]
@@ -206,7 +210,7 @@ def test_plain_format_renders_tool_calls_and_results():
             {"role": "tool", "tool_call_id": "abcdefghi", "name": "get_weather", "content": "{\"temp\": 3}"},
             {"role": "assistant", "content": "3 °C."}]
     tools = [{"type": "function", "function": {"name": "get_weather"}}]
-    assert C.render_plain(msgs, tools) == (
+    assert render_plain(msgs, tools) == (
         'Tools available: [{"type": "function", "function": {"name": "get_weather"}}]\n\n'
         "User: Weather in Oslo?\n\n"
         'Assistant calls get_weather: {"city": "Oslo"}\n\n'
@@ -395,25 +399,25 @@ def test_unknown_key_error_through_the_cli(tmp_path):
 @pytest.mark.parametrize("name", ["../chat", "a/b", "..", ".hidden", "x\\y"])
 def test_corpus_names_cannot_escape(name):
     with pytest.raises(ConfigError):
-        C.resolve_corpus(name)
+        resolve_corpus(name)
 
 
 def test_unknown_corpus_suggests_a_name():
     with pytest.raises(ConfigError) as err:
-        C.resolve_corpus("agentik")
+        resolve_corpus("agentik")
     assert "unknown corpus 'agentik'" in err.value.message and "'agentic'" in err.value.hint
 
 
 def test_by_path_and_by_name_are_the_same_corpus():
-    assert C.resolve_corpus("chat") == C.corpora_dir() / "chat.yaml"
-    assert C.resolve_corpus(str(C.corpora_dir() / "chat.yaml")) == C.corpora_dir() / "chat.yaml"
+    assert resolve_corpus("chat") == corpora_dir() / "chat.yaml"
+    assert resolve_corpus(str(corpora_dir() / "chat.yaml")) == corpora_dir() / "chat.yaml"
 
 
 def test_chat_format_of_a_model_without_template_and_of_a_broken_file(tmp_path):
-    assert C.chat_format_from_model(SPM_VOCAB) == C.PLAIN
+    assert chat_format_from_model(SPM_VOCAB) == PLAIN
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 8 + b"\x05" + b"\x00" * 7)
     with pytest.raises(ModelError, match="truncated or corrupt"):
-        C.chat_format_from_model(bad)
+        chat_format_from_model(bad)
     with pytest.raises(ModelError, match="not a GGUF"):
-        C.chat_format_from_model(write(tmp_path / "x.gguf", "hello"))
+        chat_format_from_model(write(tmp_path / "x.gguf", "hello"))

@@ -7,6 +7,7 @@ Q4_K_M file, the real llama-perplexity binary and the real bindings. Settings ar
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,13 +17,19 @@ from click.testing import CliRunner
 
 from apex_orch.evaluation import base_cache as evalcache
 from apex_orch.evaluation import compare as evalreport
-from apex_orch.demo import synthetic
 from apex_orch.evaluation import evaluate as ev
+from apex_orch.evaluation import gates
+from apex_orch.plan.gates import Gates
+from apex_orch.evaluation import inputs
+from apex_orch.evaluation import results
+from apex_orch.evaluation import tool_backend
+from apex_orch.demo import synthetic
+from apex_orch.demo.spec import SyntheticSpec
 from apex_orch.cli import main
 from apex_orch.core.errors import EvalError, GateFailedError, ModelError, UsageError
 from apex_orch.llama.tools import find_tool, run_tool
 
-SETTINGS = ev.EvalSettings(n_ctx=128, chunks=4, n_threads=2)
+SETTINGS = inputs.EvalSettings(n_ctx=128, chunks=4, n_threads=2)
 CLI_SETTINGS = ["-c", "128", "--chunks", "4", "-t", "2"]
 
 pytestmark = pytest.mark.requires_tools("llama-perplexity", "llama-quantize")
@@ -45,7 +52,7 @@ def q4(mistral4_split: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def kld_pair(q4: Path, mistral4_split: Path, eval_text: Path) -> tuple[ev.EvalResult, ev.EvalResult]:
+def kld_pair(q4: Path, mistral4_split: Path, eval_text: Path) -> tuple[results.EvalResult, results.EvalResult]:
     ours = ev.evaluate(q4, base=mistral4_split, text=eval_text, settings=SETTINGS)
     tool = ev.evaluate(q4, base=mistral4_split, text=eval_text, settings=SETTINGS, backend="llama-perplexity")
     return ours, tool
@@ -62,7 +69,7 @@ def test_ppl_equals_llama_perplexity(preset: str, n_batch: int | None, request: 
                                      eval_text: Path) -> None:
     """mistral4 with one decode per chunk; qwen3moe with two batches per chunk (-b 64)."""
     model = request.getfixturevalue(preset)
-    settings = ev.EvalSettings(n_ctx=128, chunks=4, n_threads=2, n_batch=n_batch)
+    settings = inputs.EvalSettings(n_ctx=128, chunks=4, n_threads=2, n_batch=n_batch)
     ours = ev.evaluate(model, text=eval_text, settings=settings)
     tool = ev.evaluate(model, text=eval_text, settings=settings, backend="llama-perplexity")
     assert (ours.backend, tool.backend) == ("bindings", "llama-perplexity")
@@ -92,7 +99,7 @@ def test_kld_equals_llama_perplexity(kld_pair) -> None:
     assert ours.ppl == a.mean_ppl_q and tool.ppl == b.mean_ppl_q
     assert 0 < a.kld_min <= a.kld_median <= a.kld_p999 <= a.kld_max
     # results travel as JSON (cards, releases) and come back equal
-    assert ev.EvalResult.from_dict(json.loads(ours.to_json())) == ours
+    assert results.EvalResult.from_dict(json.loads(ours.to_json())) == ours
 
 
 def test_base_cache_is_reused_and_readable_by_the_tool(kld_pair, q4: Path, mistral4_split: Path,
@@ -114,8 +121,8 @@ def test_base_cache_is_reused_and_readable_by_the_tool(kld_pair, q4: Path, mistr
         assert tool_file.stat().st_size == cache.dense_bytes()
     # llama-perplexity, reading the base from our cache, prints our numbers.
     lines: list[str] = []
-    run_tool(ev.tool_argv(str(q4), SETTINGS, base_file=str(tool_file), kl=True), on_line=lines.append)
-    parsed = ev.parse_kld_block(lines)
+    run_tool(tool_backend.tool_argv(str(q4), SETTINGS, base_file=str(tool_file), kl=True), on_line=lines.append)
+    parsed = tool_backend.parse_kld_block(lines)
     assert "kld_mean" in parsed, "\n".join(lines[-60:])
     assert abs(parsed["kld_mean"] - ours.kld.kld_mean) < 2e-6
     assert abs(parsed["same_top_p"] - ours.kld.same_top_p) < 0.001
@@ -177,7 +184,7 @@ Maximum Δp: 45.678%
 RMS Δp    :  3.456 ± 0.123 %
 Same top p: 95.432 ± 0.321 %
 """
-    f = ev.parse_kld_block(block.splitlines())
+    f = tool_backend.parse_kld_block(block.splitlines())
     assert f["mean_ppl_q"] == 12.345678 and f["mean_ppl_q_err"] == 0.123456
     assert f["mean_ppl_ratio"] == 1.028781 and f["mean_ppl_diff"] == 0.345678
     assert f["cor_ln_ppl"] == 99.12
@@ -213,17 +220,38 @@ def test_compare_table_formats_and_plot(kld_pair, q4: Path, mistral4_split: Path
 def test_gates(kld_pair) -> None:
     ours, tool = kld_pair
     kld = ours.kld.kld_mean
-    ev.check_gates([ours, tool], ev.Gates(max_mean_kld=kld * 1.1, max_ppl_ratio=2.0, min_same_top_p=1.0))
+    gates.check_gates([ours, tool], Gates(max_mean_kld=kld * 1.1, max_ppl_ratio=2.0, min_same_top_p=1.0))
     with pytest.raises(GateFailedError) as err:
-        ev.check_gates(ours, ev.Gates.from_mapping({"max_mean_kld": 0.001, "min_same_top_p": 99.5}))
+        gates.check_gates(ours, Gates.from_mapping({"max_mean_kld": 0.001, "min_same_top_p": 99.5}))
     text = str(err.value)
     assert f"mean KLD {kld:.6f} > max 0.001" in text
     assert f"same top p {ours.kld.same_top_p:.3f}% < min 99.5%" in text
     assert err.value.exit_code == 15
     with pytest.raises(UsageError, match="unknown gate key"):
-        ev.Gates.from_mapping({"max_kld": 0.1})
+        Gates.from_mapping({"max_kld": 0.1})
     with pytest.raises(UsageError, match="must be a number"):
-        ev.Gates.from_mapping({"max_ppl_ratio": "1.1"})
+        Gates.from_mapping({"max_ppl_ratio": "1.1"})
+
+
+def test_kld_99_9_gate_and_release_summary_gates(kld_pair, q4: Path, mistral4_split: Path,
+                                                 eval_text: Path) -> None:
+    """The fourth gate (the release's max_kld_99_9) on eval, and the release's wording over a summary."""
+    ours, _ = kld_pair
+    p999 = ours.kld.kld_p999
+    assert gates.gate_failures(ours, Gates.from_mapping({"max_kld_99_9": p999 * 1.01})) == []
+    assert gates.gate_failures(ours, Gates(max_kld_99_9=p999 / 2)) == [
+        f"{q4.name}: KLD 99.9% {p999:.6f} > max {p999 / 2:g}"]
+    summary = {"kld_mean": 0.0123, "ppl_ratio": 1.01, "same_top_p": 95.5, "kld_p999": None}
+    bounds = {"max_mean_kld": 0.01, "max_ppl_ratio": 1.02, "min_same_top_p": 99, "max_kld_99_9": 1}
+    assert gates.summary_gate_failures(summary, bounds, "x.gguf") == [
+        "x.gguf: mean KLD 0.0123 fails max_mean_kld 0.01",
+        "x.gguf: same top p % 95.5 fails min_same_top_p 99",
+        "x.gguf: KLD 99.9% n/a fails max_kld_99_9 1"]
+    assert gates.summary_gate_failures(summary, {}, "x.gguf") == []
+    res = CliRunner().invoke(main, ["eval", str(q4), "--base", str(mistral4_split), "--text", str(eval_text),
+                                    *CLI_SETTINGS, "--max-kld-99-9", "0.0001", "-q"])
+    assert res.exit_code == 15, res.output
+    assert f"KLD 99.9% {p999:.6f} > max 0.0001" in res.output
 
 
 def test_cli_eval_gate_failure_exits_15(q4: Path, mistral4_split: Path, eval_text: Path, kld_pair) -> None:
@@ -259,14 +287,14 @@ def test_speed_is_measured_with_its_settings(mistral4_split: Path) -> None:
 def test_corpus_text_is_written_for_the_tool(eval_text: Path, tmp_path: Path) -> None:
     spec = tmp_path / "prose.yaml"
     spec.write_text(f"description: prose for eval\nseed: 1\nsources:\n  - path: {eval_text}\n")
-    tf = ev.text_facts(corpus=str(spec))
+    tf = inputs.text_facts(corpus=str(spec))
     assert tf.label == f"corpus:{spec}"
     data = Path(tf.path).read_bytes()
-    assert ev.hashlib.sha256(data).hexdigest() == tf.sha256 and len(data) == tf.n_bytes > 100_000
+    assert hashlib.sha256(data).hexdigest() == tf.sha256 and len(data) == tf.n_bytes > 100_000
     assert Path(tf.path).parent == evalcache.cache_dir() / "texts"
-    assert ev.text_facts(corpus=str(spec)) == tf            # deterministic: same file, same hash
+    assert inputs.text_facts(corpus=str(spec)) == tf            # deterministic: same file, same hash
     with pytest.raises(UsageError, match="exactly one of"):
-        ev.text_facts(eval_text, corpus=str(spec))
+        inputs.text_facts(eval_text, corpus=str(spec))
 
 
 # --------------------------------------------------------------------------- errors
@@ -288,7 +316,7 @@ def test_base_with_another_vocabulary(mistral4_split: Path, eval_text: Path, tmp
     synthetic._tokenizer_kv.cache_clear()
     try:
         other = synthetic.write_model(tmp_path / "phi3-vocab.gguf",
-                                      synthetic.SyntheticSpec(arch="qwen3moe", n_layer=2, name="OtherVocab"))
+                                      SyntheticSpec(arch="qwen3moe", n_layer=2, name="OtherVocab"))
     finally:
         monkeypatch.undo()
         synthetic._tokenizer_kv.cache_clear()
@@ -314,19 +342,19 @@ def test_corrupt_and_non_gguf_files(mistral4_split: Path, eval_text: Path, tmp_p
 
 def test_settings_are_validated() -> None:
     with pytest.raises(UsageError, match="must be between 1 and the context"):
-        ev.EvalSettings(n_ctx=128, n_batch=256)
+        inputs.EvalSettings(n_ctx=128, n_batch=256)
     with pytest.raises(UsageError, match="even number"):
-        ev.EvalSettings(n_ctx=127)
-    assert ev.EvalSettings(n_ctx=128).numeric_key() == {
+        inputs.EvalSettings(n_ctx=127)
+    assert inputs.EvalSettings(n_ctx=128).numeric_key() == {
         "n_ctx": 128, "chunks": None, "n_batch": 128, "n_ubatch": 128, "flash_attn": True, "repack": False}
 
 
 def test_tier_detection() -> None:
-    assert ev.tier_of({"apex.profile": "compact"}, Path("x-Q4_K_M.gguf")) == "compact"
-    assert ev.tier_of({"apex.profile": "i-compact", "apex.tier": "I-Compact"}, Path("x.gguf")) == "I-Compact"
-    assert ev.tier_of({}, Path("Qwen3-30B-A3B-APEX-balanced.gguf")) == "balanced"
-    assert ev.tier_of({}, Path("model-APEX-I-Compact-00001-of-00003.gguf")) == "I-Compact"
-    assert ev.tier_of({}, Path("model.Q8_0.gguf")) == "Q8_0"
-    assert ev.tier_of({"general.file_type": 1}, Path("model.gguf")) == "F16"
-    assert ev.tier_of({}, Path("model.gguf")) == "?"
-    assert ev.tier_of({"general.file_type": 1}, Path("apex-demo-moe-94abb7ea.gguf")) == "F16"
+    assert inputs.tier_of({"apex.profile": "compact"}, Path("x-Q4_K_M.gguf")) == "compact"
+    assert inputs.tier_of({"apex.profile": "i-compact", "apex.tier": "I-Compact"}, Path("x.gguf")) == "I-Compact"
+    assert inputs.tier_of({}, Path("Qwen3-30B-A3B-APEX-balanced.gguf")) == "balanced"
+    assert inputs.tier_of({}, Path("model-APEX-I-Compact-00001-of-00003.gguf")) == "I-Compact"
+    assert inputs.tier_of({}, Path("model.Q8_0.gguf")) == "Q8_0"
+    assert inputs.tier_of({"general.file_type": 1}, Path("model.gguf")) == "F16"
+    assert inputs.tier_of({}, Path("model.gguf")) == "?"
+    assert inputs.tier_of({"general.file_type": 1}, Path("apex-demo-moe-94abb7ea.gguf")) == "F16"

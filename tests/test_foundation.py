@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -156,3 +157,92 @@ def test_an_untranslated_failure_is_one_line_and_debug_shows_the_traceback(monke
     assert "Traceback" not in r.output
     r = CliRunner().invoke(main, ["--debug", "profile", "list"])
     assert isinstance(r.exception, ZeroDivisionError)
+
+
+# ------------------------------------------------------------------ the environment is read in one module
+
+PACKAGE = Path(__file__).resolve().parent.parent / "apex_orch"
+SETTINGS = PACKAGE / "core" / "settings.py"
+ENV_ATTRS = {"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"}
+
+
+def _env_reads(path: Path) -> list[str]:
+    """`file:line` of every use of os.environ / os.getenv (and friends) in one source file,
+    through `import os`, `import os as x` or `from os import environ`."""
+    import ast
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    os_names = {"os"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            os_names |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == "os"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            found += [f"{path.name}:{node.lineno}" for a in node.names if a.name in ENV_ATTRS]
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr in ENV_ATTRS and isinstance(node.value, ast.Name)
+                and node.value.id in os_names):
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_only_settings_reads_the_environment():
+    """Every environment variable is read in apex_orch/core/settings.py, by a named function."""
+    offenders = {str(p.relative_to(PACKAGE.parent)): reads for p in sorted(PACKAGE.rglob("*.py"))
+                 if p != SETTINGS and "__pycache__" not in p.parts and (reads := _env_reads(p))}
+    assert offenders == {}, "read the environment through apex_orch.core.settings, not os.environ/getenv"
+    assert _env_reads(SETTINGS)   # the checker sees the reads where they belong
+
+
+def test_the_environment_checker_finds_every_spelling(tmp_path):
+    planted = {"a.py": "import os\nx = os.environ.get('A')\n", "b.py": "import os\nx = os.getenv('B')\n",
+               "c.py": "from os import environ\n", "d.py": "import os as o\no.environ['D'] = '1'\n",
+               "e.py": "import os.path\nx = dict(os.environ)\n"}
+    for name, text in planted.items():
+        (tmp_path / name).write_text(text)
+        assert _env_reads(tmp_path / name), name
+    (tmp_path / "clean.py").write_text("import os\nx = os.path.join('a', 'b')\nenviron = {}\n")
+    assert _env_reads(tmp_path / "clean.py") == []
+
+
+@click.command("probe-options")
+def _probe_options() -> None:
+    """Test stand-in command: what the global options reached, and what os.environ holds."""
+    from apex_orch.llama.tools import configured_bin_dir
+    from apex_orch.plan.profile_search import user_profile_dirs
+    click.echo(json.dumps({"bin_dir": str(configured_bin_dir()), "profiles": [str(p) for p in user_profile_dirs()],
+                           "env": [os.environ.get(k) for k in ("APEX_LLAMA_BIN_DIR", "APEX_ORCH_PROFILES")]}))
+
+
+def test_global_options_travel_as_values_not_through_the_environment(tmp_path, monkeypatch):
+    from apex_orch.llama.tools import configured_bin_dir
+    from apex_orch.plan.profile_search import user_profile_dirs
+    monkeypatch.setitem(COMMANDS, "probe-options", (__name__, "_probe_options"))
+    env_profiles = tmp_path / "env-profiles"
+    monkeypatch.setenv("APEX_ORCH_PROFILES", str(env_profiles))
+    mine, tools = tmp_path / "mine", tmp_path / "bin"
+    mine.mkdir()
+    r = CliRunner().invoke(main, ["--llama-bin-dir", str(tools), "--profiles-dir", str(mine), "probe-options"])
+    assert r.exit_code == 0, r.output
+    seen = json.loads(r.output)
+    assert seen["bin_dir"] == str(tools)
+    assert seen["profiles"] == [str(mine), str(env_profiles)]   # the options first, then the variable
+    assert seen["env"] == [None, str(env_profiles)]              # os.environ untouched
+    # the command is over: nothing of its options is left behind
+    assert configured_bin_dir() is None and user_profile_dirs() == [env_profiles]
+
+
+def test_write_failures_keep_their_words_and_exit_codes(tmp_path):
+    import errno
+    from apex_orch.core.errors import DiskSpaceError, OutputNotWritableError
+    from apex_orch.core.translate import translate_os_error
+    target = tmp_path / "out.gguf"
+    cases = {errno.ENOSPC: (DiskSpaceError, f"the disk is full: cannot write {target} (No space left on device)"),
+             errno.EROFS: (OutputNotWritableError, f"cannot write {target}: Read-only file system"),
+             errno.EACCES: (OutputNotWritableError, f"cannot access {target}: Permission denied")}
+    for code, (cls, message) in cases.items():
+        err = translate_os_error(OSError(code, os.strerror(code)), target)
+        assert type(err) is cls and err.message == message, (code, err.message)
+    err = translate_os_error(OSError(errno.EACCES, os.strerror(errno.EACCES)), tmp_path, creating=True)
+    assert err.message == f"cannot create {tmp_path}: Permission denied" and err.exit_code == 17
+    err = translate_os_error(OSError(errno.EIO, os.strerror(errno.EIO)), target)
+    assert err.message == f"Input/output error: {target}" and err.exit_code == 1

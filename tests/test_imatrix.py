@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from apex_orch.calibration import imatrix as I
+from apex_orch.calibration.imatrix_file import check_imatrix_fits, check_plan_coverage, read_imatrix
 from apex_orch.llama import tools as llama
 from apex_orch.llama import pin
 from apex_orch.cli import main
@@ -70,7 +71,7 @@ def test_agentic_imatrix_covers_every_routed_expert(agentic_run, mistral4_split,
     assert f"imatrix: computing over {CHUNKS} chunks of {CTX} tokens" in res.output
     assert f"imatrix: chunk {CHUNKS}/{CHUNKS}, PPL" in res.output
     assert res.stdout.strip() == str(out)
-    info = I.read_imatrix(out)
+    info = read_imatrix(out)
     assert (info.chunk_count, info.chunk_size) == (CHUNKS, CTX)
     (dataset,) = info.datasets
     assert Path(dataset).parent == cache / "corpora" and Path(dataset).name.startswith("agentic-")
@@ -81,7 +82,7 @@ def test_agentic_imatrix_covers_every_routed_expert(agentic_run, mistral4_split,
         assert entry.n_mat == 16 and entry.has_data, name
         # every token is routed to 2 of the 16 experts
         assert entry.tokens == 2 * CHUNKS * CTX, name
-    I.check_imatrix_fits(info, read_model(mistral4_split))
+    check_imatrix_fits(info, read_model(mistral4_split))
     # the cache holds the same bytes, with a sidecar saying what it was computed from
     (cached,) = (cache / "imatrix").glob("*.gguf")
     assert cached.read_bytes() == out.read_bytes()
@@ -147,7 +148,7 @@ def test_templated_corpus_runs_with_special_tokens(cache, mistral4_with_template
     text = plan.corpus.text
     assert text.count("[TOOL_CALLS]") > 0 and "[TOOL_RESULTS]" in text and "[/INST]" in text
     assert text.startswith("<s>[SYSTEM_PROMPT]") or "\n\n<s>[SYSTEM_PROMPT]" in text
-    info = I.read_imatrix(I.run_imatrix(plan))
+    info = read_imatrix(I.run_imatrix(plan))
     assert info.chunk_count == 2
     assert json.loads(plan.corpus_file.with_name(plan.corpus_file.name + ".manifest.json").read_text())[
         "chat_format"] == f"model:{mistral4_with_template}"
@@ -190,9 +191,9 @@ def test_report_counts_equal_what_the_file_holds(agentic_run, mistral4_split):
 
 @pytest.mark.requires_tools("llama-imatrix")
 def test_imatrix_from_another_model_is_refused_naming_mismatches(qwen_imatrix, mistral4_split):
-    info = I.read_imatrix(qwen_imatrix)
+    info = read_imatrix(qwen_imatrix)
     with pytest.raises(ImatrixError) as err:
-        I.check_imatrix_fits(info, read_model(mistral4_split))
+        check_imatrix_fits(info, read_model(mistral4_split))
     msg = err.value.message
     assert "does not fit Synthetic-Mistral4-Split" in msg
     assert "blk.0.attn_k.weight: not a tensor of this model" in msg
@@ -232,14 +233,14 @@ def test_uncovered_low_bit_plan_is_caught_before_quantizing(agentic_run, mistral
     out, _ = agentic_run
     holed = tmp_path / "holed.imatrix.gguf"
     _rewrite_imatrix(out, holed, drop=lambda n: "ffn_down_exps" in n, zero=lambda n: n == "blk.5.ffn_up_exps.weight")
-    info = I.read_imatrix(holed)
+    info = read_imatrix(holed)
     plan = make_plan(read_model(mistral4_split), load_profile("nano"), has_imatrix=True)
     needing = [t.name for t in plan.tensors if t.requires_imatrix]
     assert needing, "the nano profile plans IQ2 routed experts"
-    lacking = I.check_plan_coverage(info, plan)
+    lacking = check_plan_coverage(info, plan)
     assert lacking == [n for n in needing if "ffn_down_exps" in n or n == "blk.5.ffn_up_exps.weight"]
     assert any("ffn_down_exps" in n for n in lacking)
-    assert I.check_plan_coverage(I.read_imatrix(out), plan) == []
+    assert check_plan_coverage(read_imatrix(out), plan) == []
 
     res = CliRunner().invoke(main, ["imatrix-report", str(holed), "--model", str(mistral4_split), "--profile", "nano"])
     assert res.exit_code == ImatrixError.exit_code
@@ -252,18 +253,18 @@ def test_uncovered_low_bit_plan_is_caught_before_quantizing(agentic_run, mistral
 def test_missing_and_corrupt_files_name_the_path(agentic_run, mistral4_split, tmp_path):
     out, _ = agentic_run
     with pytest.raises(ImatrixError, match="imatrix file not found"):
-        I.read_imatrix(tmp_path / "nope.gguf")
+        read_imatrix(tmp_path / "nope.gguf")
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(out.read_bytes()[:5000])
     with pytest.raises(ImatrixError) as err:
-        I.read_imatrix(truncated)
+        read_imatrix(truncated)
     assert err.value.where == str(truncated) and "corrupt" in err.value.message
     text = tmp_path / "legacy.dat"
     text.write_bytes(b"\x05\x00\x00\x00legacy")
     with pytest.raises(ImatrixError, match="legacy .dat"):
-        I.read_imatrix(text)
+        read_imatrix(text)
     with pytest.raises(ImatrixError, match="no imatrix metadata"):
-        I.read_imatrix(mistral4_split)
+        read_imatrix(mistral4_split)
     res = CliRunner().invoke(main, ["imatrix-report", str(truncated)])
     assert res.exit_code == ImatrixError.exit_code and str(truncated) in res.output
 
@@ -313,8 +314,8 @@ def test_from_q8_computes_on_a_cached_q8_copy(cache, mistral4_split):
     types = {t.ggml_type for t in read_model(plan.q8_path).tensors if t.name.endswith("_exps.weight")}
     assert types == {gguf.GGMLQuantizationType.Q8_0}
     assert any("making a Q8_0 copy" in line for line in lines)
-    info = I.read_imatrix(path)
-    I.check_imatrix_fits(info, read_model(mistral4_split))
+    info = read_imatrix(path)
+    check_imatrix_fits(info, read_model(mistral4_split))
     assert all(info.entries[n].has_data for n in routed_expert_tensors(mistral4_split))
     assert not list(plan.q8_path.parent.glob(".*partial"))
 

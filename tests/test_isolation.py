@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from apex_orch.core import settings
 from apex_orch.llama import pin
 
 
@@ -27,8 +28,8 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_caches_live_in_the_session_folder(user_cache, isolated_cache_root):
-    assert pin.cache_root().is_relative_to(isolated_cache_root)
-    assert not pin.cache_root().is_relative_to(user_cache)
+    assert settings.cache_root().is_relative_to(isolated_cache_root)
+    assert not settings.cache_root().is_relative_to(user_cache)
     # only the pinned build is shared, read where `make llama` put it
     assert not pin.pin_dir().is_relative_to(isolated_cache_root) and pin.bin_dir().is_dir()
     assert Path(os.environ["HF_HOME"]).is_relative_to(isolated_cache_root)
@@ -42,6 +43,6 @@ def test_real_commands_write_nothing_under_the_user_cache(user_cache, tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert _tree(user_cache) == before
-    filled = sorted(d.name for d in pin.cache_root().iterdir())
+    filled = sorted(d.name for d in settings.cache_root().iterdir())
     for cache in ("models", "imatrix", "corpora", "eval"):
         assert cache in filled, filled

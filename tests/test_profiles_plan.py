@@ -12,7 +12,8 @@ from gguf.constants import GGMLQuantizationType as T
 from apex_orch.cli import main
 from apex_orch.core.errors import DenseModelError, ProfileError, RenderError
 from apex_orch.model.info import read_model
-from apex_orch.plan.planner import build_rules, make_plan, render_file
+from apex_orch.plan.planner import make_plan
+from apex_orch.plan.render import build_rules, render_file
 from apex_orch.plan.profiles import Bands, load_profile
 from apex_orch.plan.profile_import import import_tensor_type_file
 from apex_orch.model.roles import Role, classify, classify_name
@@ -200,7 +201,7 @@ def test_rendered_rules_are_anchored_and_disjoint(ms4_replica):
 def test_rule_matching_nothing_is_an_error(mistral4_split):
     info = read_model(mistral4_split)
     with pytest.raises(RenderError, match="matches no tensor"):
-        from apex_orch.plan.planner import Rule, check_rules
+        from apex_orch.plan.render import Rule, check_rules
         check_rules(info, [Rule("^blk\\.99\\.ffn_down_exps\\.weight$", T.Q4_K, ())], {})
 
 

@@ -20,8 +20,9 @@ from apex_orch.llama.tools import find_tool, run_tool
 from apex_orch.core.manifest import manifest_path
 from apex_orch.model.info import read_model
 from apex_orch.core.outputs import OutputGuard
-from apex_orch.plan.profiles import list_profiles, load_profile
-from apex_orch.quantize import job as q
+from apex_orch.plan.profile_search import list_profiles
+from apex_orch.plan.profiles import load_profile
+from apex_orch.quantize import job as q, run as qrun
 
 pytestmark = pytest.mark.requires_tools("llama-quantize", "llama-imatrix")
 
@@ -39,7 +40,7 @@ def quantize_one(model, profile, out_dir, imatrix=None, **kw):
     info = read_model(model)
     src = q.resolve_imatrix(info, imatrix) if imatrix else None
     job = q.plan_quantize(model, profile, out_dir=out_dir, imatrix=src, threads=2, model=info, **kw)
-    return job, q.run_quantize(job, **{k: v for k, v in kw.items() if k == "force"})
+    return job, qrun.run_quantize(job, **{k: v for k, v in kw.items() if k == "force"})
 
 
 @pytest.mark.parametrize("profile_name", list_profiles())
@@ -82,14 +83,14 @@ def test_imatrix_from_another_model_is_refused(qwen3moe, model_imatrix):
 def test_rerun_is_noop_and_force_redoes(mistral4_split, tmp_path):
     job, first = quantize_one(mistral4_split, "compact", tmp_path)
     inode = first.files[0].stat().st_ino
-    again = q.run_quantize(job)
+    again = qrun.run_quantize(job)
     assert again.skipped and again.message == "up to date"
     assert first.files[0].stat().st_ino == inode
     with pytest.raises(OutputExistsError):        # a new plan object, same output, inputs changed
         job2 = q.plan_quantize(mistral4_split, "compact", out_dir=tmp_path, threads=1)
         job2.inputs["note"] = "changed"
-        q.run_quantize(job2)
-    redo = q.run_quantize(job, force=True)
+        qrun.run_quantize(job2)
+    redo = qrun.run_quantize(job, force=True)
     assert not redo.skipped and redo.files[0].stat().st_ino != inode
 
 
@@ -97,18 +98,18 @@ def test_second_concurrent_run_is_refused(mistral4_split, tmp_path):
     job = q.plan_quantize(mistral4_split, "compact", out_dir=tmp_path)
     with OutputGuard(job.output):
         with pytest.raises(LockedError, match="another apex-orch run"):
-            q.run_quantize(job)
+            qrun.run_quantize(job)
     assert not job.output.exists()
 
 
 def _drop_shexp_down_rule(monkeypatch):
-    real = q.render_file
+    real = qrun.render_file
 
     def drop_one(plan):
         lines = real(plan).splitlines(keepends=True)
         return "".join(l for l in lines if "ffn_down_shexp" not in l)
 
-    monkeypatch.setattr(q, "render_file", drop_one)
+    monkeypatch.setattr(qrun, "render_file", drop_one)
 
 
 def test_dropped_rule_is_caught_by_the_tool_dry_run_before_writing(mistral4_split, tmp_path, monkeypatch):
@@ -118,7 +119,7 @@ def test_dropped_rule_is_caught_by_the_tool_dry_run_before_writing(mistral4_spli
     _drop_shexp_down_rule(monkeypatch)
     job = q.plan_quantize(mistral4_split, "quality", out_dir=tmp_path)
     with pytest.raises(ToolPlanMismatchError, match=r"blk\.0\.ffn_down_shexp\.weight: planned Q8_0, the tool's dry-run"):
-        q.run_quantize(job)
+        qrun.run_quantize(job)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")] == []
 
 
@@ -126,10 +127,10 @@ def test_planted_mismatch_fails_verification(mistral4_split, tmp_path, monkeypat
     """Fault injection (two fakes): drop one rendered rule AND skip the dry-run cross-check, so
     the tool writes the mixture's type; the verification of the written bytes must catch it."""
     _drop_shexp_down_rule(monkeypatch)
-    monkeypatch.setattr(q, "_check_tool_agrees", lambda *a, **k: None)
+    monkeypatch.setattr(qrun, "_check_tool_agrees", lambda *a, **k: None)
     job = q.plan_quantize(mistral4_split, "quality", out_dir=tmp_path)
     with pytest.raises(VerificationError, match="ffn_down_shexp"):
-        q.run_quantize(job)
+        qrun.run_quantize(job)
     assert not job.output.exists()
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")] == []
 

@@ -1,5 +1,5 @@
 """apex-orch release: config schema, plans, the real pipeline (kill -9 mid-quantize, resume, no-op
-rerun), the model card (golden file), LocalAI entries, and publishing with a fake Hub client.
+rerun), the model card (golden file), LocalAI entries, and publishing to a fake Hub (tests/hubserver.py).
 
 The pipeline tests run the real llama.cpp tools and bindings on the synthetic demo model, with a
 two-tier config (Compact, I-Compact) and small imatrix/eval settings to stay fast; the seven-tier
@@ -26,10 +26,17 @@ from click.testing import CliRunner
 
 from apex_orch import __version__
 from apex_orch.release import card
-from apex_orch.release import publish
 from apex_orch.release import runner as rel
+from apex_orch.release.config_reader import load_release
+from apex_orch.release.dryrun import preview_imatrix
+from apex_orch.release.phases import fetch as fetch_phase
+from apex_orch.release.phases.convert import convert_source, converter_script
+from apex_orch.release.phases.fetch import fetch_source
+from apex_orch.release.phases.quantize import plan_jobs
+from apex_orch.release.state import WORK_DIR, ReleaseState, check_out_dir, default_out_dir
 from apex_orch.cli import main
 from apex_orch.core.errors import ConfigError, GateFailedError, OutputExistsError, PublishError, UsageError
+from apex_orch.core.text import hub_size
 from apex_orch.llama.tools import build_label
 from apex_orch.plan.planner import make_plan
 from apex_orch.plan.profiles import load_profile
@@ -151,13 +158,14 @@ def test_rerun_is_a_noop(pipeline):
                     "quantize": "up to date", "eval": "up to date", "card": "up to date", "publish": "skipped"}
     now = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in pipeline["out"].rglob("*") if p.is_file()}
     changed = {n for n in now if now[n] != pipeline["snapshot"].get(n)}
-    assert changed == {"release.log", "last-run.json", "lock"}  # only the run's own log, summary and lock
+    assert changed == {"release.log", "last-run.json"}  # only the run's own log and summary
+    assert not (pipeline["out"] / rel.WORK_DIR / "lock").exists()   # the release lock is removed when the run ends
 
 
 def test_release_folder_contents(pipeline):
     out = pipeline["out"]
     published = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
-                       if p.is_file() and not p.relative_to(out).as_posix().startswith(rel.WORK_DIR)
+                       if p.is_file() and not p.relative_to(out).as_posix().startswith(WORK_DIR)
                        and not p.name.endswith((".manifest.json", ".log", ".tensor-types.txt")))
     assert published == ["Demo-Release-APEX-Compact.gguf", "Demo-Release-APEX-I-Compact.gguf", "README.md",
                          "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml",
@@ -176,7 +184,7 @@ def test_release_folder_contents(pipeline):
 def test_card_is_the_render_of_the_release_and_states_real_facts(pipeline):
     out = pipeline["out"]
     text = (out / "README.md").read_text()
-    state = rel.resolve_release(rel.load_release(pipeline["cfg"]), out_dir=out)
+    state = rel.resolve_release(load_release(pipeline["cfg"]), out_dir=out)
     assert [(r.name, r.status) for r in state.reports] == [(p, "resolved") for p in rel.PHASES[:5]]
     facts = card.facts_from_release(state)
     assert text == card.render_card(facts)
@@ -184,22 +192,22 @@ def test_card_is_the_render_of_the_release_and_states_real_facts(pipeline):
     for name, digest in sha.items():
         assert f"sha256 `{digest}`" in text
     sizes = {p.name: p.stat().st_size for p in out.glob("*.gguf")}
-    assert (f"| {NAME}-APEX-Compact.gguf | Compact | {card.fmt_size(sizes[f'{NAME}-APEX-Compact.gguf'])} "
+    assert (f"| {NAME}-APEX-Compact.gguf | Compact | {hub_size(sizes[f'{NAME}-APEX-Compact.gguf'])} "
             f"| Multi-GPU setups |") in text
-    assert f"| mmproj.gguf | Vision projector | {card.fmt_size(sizes['mmproj.gguf'])} | Required for image understanding |" in text
+    assert f"| mmproj.gguf | Vision projector | {hub_size(sizes['mmproj.gguf'])} | Required for image understanding |" in text
     assert "- **Vision**: Pixtral encoder, shipped as a separate projector (mmproj.gguf, F16)" in text
     assert f"local-ai run apex-test/Demo-Release-APEX-GGUF@{NAME}-APEX-Compact.gguf" in text
     # eval numbers come from the eval records, one shared base-logits cache for both tiers
-    eval_dir = out / rel.WORK_DIR / "eval"
+    eval_dir = out / WORK_DIR / "eval"
     records = {r["tier"]: r for r in (json.loads((eval_dir / f"{NAME}-APEX-{t}.gguf.json").read_text())
                                       for t in ("Compact", "I-Compact"))}
     base = json.loads((eval_dir / "base.json").read_text())
     large = max([base["ppl"]] + [r["summary"]["ppl"] for r in records.values()]) >= 1000
-    assert f"| source (F16) | {card.fmt_size(base['size'])} | {card.fmt_ppl(base['ppl'], base['ppl_err'], large=large)} " \
+    assert f"| source (F16) | {hub_size(base['size'])} | {card.fmt_ppl(base['ppl'], base['ppl_err'], large=large)} " \
            f"| — | — |" in text
     for rec in records.values():
         s = rec["summary"]
-        assert f"| {rec['file']} | {card.fmt_size(rec['size'])} | {card.fmt_ppl(s['ppl'], s['ppl_err'], large=large)} | " \
+        assert f"| {rec['file']} | {hub_size(rec['size'])} | {card.fmt_ppl(s['ppl'], s['ppl_err'], large=large)} | " \
                f"{card.fmt_kld(s['kld_mean'])} | {card.fmt_pct(s['same_top_p'])} |" in text
         assert s["n_chunks"] == 2 and s["n_ctx"] == 128 and s["base_ppl"] == base["ppl"]   # one shared base cache
     # deterministic: no absolute paths, no dates
@@ -239,40 +247,17 @@ def test_gates_stop_the_release_before_card_and_publish(pipeline):
 
 # ----------------------------------------------------------------------------- publishing
 
-class FakeHfApi:
-    """A FAKE huggingface_hub.HfApi: records what apex-orch hands to the Hub; no network.
-    `remote` maps path_in_repo -> sha256 (LFS) or git blob sha1 (small files) it claims to hold."""
+@pytest.fixture
+def hub(monkeypatch):
+    """A fake Hugging Face Hub on 127.0.0.1 (tests/hubserver.py) that the real huggingface_hub
+    client talks to: HF_ENDPOINT names it, Xet is off. It records every request and keeps the files."""
+    from hubserver import running_hub   # tests/hubserver.py: only the publishing tests need it
+    with running_hub(monkeypatch) as server:
+        yield server
 
-    def __init__(self, token=None, remote=None, fail_with=None):
-        self.token = token
-        self.remote = dict(remote or {})
-        self.fail_with = fail_with
-        self.calls: list[tuple] = []
 
-    def create_repo(self, repo_id, **kw):
-        self.calls.append(("create_repo", repo_id, kw))
-
-    def get_paths_info(self, repo_id, paths, **kw):
-        from types import SimpleNamespace
-        self.calls.append(("get_paths_info", repo_id, tuple(paths), kw))
-        out = []
-        for p in paths:
-            if p in self.remote:
-                v = self.remote[p]
-                out.append(SimpleNamespace(path=p, lfs=SimpleNamespace(sha256=v) if len(v) == 64 else None,
-                                           blob_id=v if len(v) == 40 else None))
-        return out
-
-    def preupload_lfs_files(self, repo_id, additions, **kw):
-        self.calls.append(("preupload", repo_id, tuple(op.path_in_repo for op in additions), kw))
-
-    def create_commit(self, repo_id, operations, **kw):
-        if self.fail_with:
-            raise RuntimeError(self.fail_with)
-        ops = tuple(sorted((op.path_in_repo, str(op.path_or_fileobj)) for op in operations))
-        self.calls.append(("create_commit", repo_id, ops, kw))
-        from types import SimpleNamespace
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123", oid="abc123")
+HUB_REPO = "apex-test/Demo-Release-APEX-GGUF"
+TEST_TOKEN = "hf_publishTestToken0123456789abcdef"
 
 
 def _published_names(out: Path) -> list[str]:
@@ -280,68 +265,86 @@ def _published_names(out: Path) -> list[str]:
                    "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml"])
 
 
-def test_publish_plan_handed_to_huggingface_hub(pipeline, monkeypatch):
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+def _published_ggufs() -> list[str]:
+    return [f"{NAME}-APEX-Compact.gguf", f"{NAME}-APEX-I-Compact.gguf", "mmproj.gguf"]
+
+
+def test_publish_plan_handed_to_huggingface_hub(pipeline, hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
     out = pipeline["out"]
-    cfg = rel.load_release(pipeline["cfg"])
-    fake = FakeHfApi()
-    result = rel.run_release(cfg, phases=["publish"], push=True, out_dir=out, api=fake)
+    cfg = load_release(pipeline["cfg"])
+    result = rel.run_release(cfg, phases=["publish"], push=True, out_dir=out)
     assert result.reports[-1].status == "ran"
-    names = [c[0] for c in fake.calls]
-    assert names == ["create_repo", "get_paths_info", "preupload", "preupload", "preupload", "create_commit"]
-    repo = "apex-test/Demo-Release-APEX-GGUF"
-    assert fake.calls[0] == ("create_repo", repo, {"repo_type": "model", "private": False, "exist_ok": True})
-    assert sorted(fake.calls[1][2]) == _published_names(out)
-    assert {c[2] for c in fake.calls if c[0] == "preupload"} == {
-        (f"{NAME}-APEX-Compact.gguf",), (f"{NAME}-APEX-I-Compact.gguf",), ("mmproj.gguf",)}
-    commit = fake.calls[-1]
-    assert [p for p, _ in commit[2]] == _published_names(out)
-    assert all(local == str(out / p) for p, local in commit[2])
-    kw = commit[3]
-    assert kw["commit_message"] == f"{NAME} APEX GGUF: 2 tiers (apex-orch {__version__}, {build_label()})"
-    assert f"apex-orch {__version__}" in kw["commit_description"] and build_label() in kw["commit_description"]
-    assert (kw["repo_type"], kw["revision"]) == ("model", "main")
-    record = json.loads((out / rel.WORK_DIR / "publish.json").read_text())
-    assert record["commit_oid"] == "abc123" and sorted(record["uploaded"]) == _published_names(out)
+    # each GGUF: its upload mode, the LFS batch ("basic"), one PUT, the verify; then create_commit:
+    # README.md's front matter, the small files' upload mode, the NDJSON commit
+    lfs_steps = ["preupload", "lfs_batch", "lfs_upload", "lfs_verify"]
+    assert hub.ops() == ["create_repo", "paths_info", *lfs_steps * 3, "validate_yaml", "preupload", "commit"]
+    create, paths_info = hub.requests[0], hub.requests[1]
+    assert create.body == {"name": "Demo-Release-APEX-GGUF", "organization": "apex-test", "visibility": "public",
+                           "type": "model"}
+    assert paths_info.path == f"/api/models/{HUB_REPO}/paths-info/main"
+    assert sorted(paths_info.body["paths"]) == _published_names(out)
+    preuploads = [[f["path"] for f in r.body["files"]] for r in hub.requests if r.op == "preupload"]
+    assert sorted(preuploads[:3]) == sorted([g] for g in _published_ggufs())      # one LFS file at a time
+    assert sorted(preuploads[3]) == ["README.md", "localai/demo-release-apex-compact.yaml",
+                                     "localai/demo-release-apex-i-compact.yaml"]
+    digest = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in _published_names(out)}
+    assert sorted(r.path for r in hub.requests if r.op == "lfs_upload") == sorted(
+        f"/lfs-objects/{digest[g]}" for g in _published_ggufs())
+    commit = hub.requests[-1]
+    assert commit.path == f"/api/models/{HUB_REPO}/commit/main"         # a model repo, revision main
+    header, *lines = commit.body
+    assert header["key"] == "header"
+    assert header["value"]["summary"] == f"{NAME} APEX GGUF: 2 tiers (apex-orch {__version__}, {build_label()})"
+    description = header["value"]["description"]
+    assert f"apex-orch {__version__}" in description and build_label() in description
+    assert sorted(line["value"]["path"] for line in lines) == _published_names(out)
+    assert sorted(line["value"]["path"] for line in lines if line["key"] == "lfsFile") == sorted(_published_ggufs())
+    # what arrived is the release, byte for byte, and nothing else (no manifest, log or work file)
+    repo = hub.repos[HUB_REPO]
+    assert sorted(hub.stored(HUB_REPO)) == sorted(_published_names(out) + [".gitattributes"])
+    for name in _published_names(out):
+        assert hub.stored(HUB_REPO)[name] == (out / name).read_bytes(), name
+    assert {g: repo.files[g].lfs_sha256 for g in _published_ggufs()} == {g: digest[g] for g in _published_ggufs()}
+    record = json.loads((out / WORK_DIR / "publish.json").read_text())
+    assert record["commit_oid"] == repo.commits[-1].oid and sorted(record["uploaded"]) == _published_names(out)
+    assert record["commit_url"] == f"{hub.url}/{HUB_REPO}/commit/{repo.commits[-1].oid}"
+    assert record["files"] == digest
 
     # the Hub already holds every byte: nothing is uploaded, no commit is made
-    remote = {}
-    for rec_file in [out / n for n in _published_names(out)]:
-        data = rec_file.read_bytes()
-        remote[rec_file.relative_to(out).as_posix()] = (
-            hashlib.sha256(data).hexdigest() if rec_file.suffix == ".gguf" else publish.git_blob_sha1(data))
-    fake2 = FakeHfApi(remote=remote)
-    again = rel.run_release(cfg, phases=["publish"], push=True, out_dir=out, api=fake2)
-    assert [c[0] for c in fake2.calls] == ["create_repo", "get_paths_info"]
+    hub.requests.clear()
+    commits = len(repo.commits)
+    again = rel.run_release(cfg, phases=["publish"], push=True, out_dir=out)
+    assert hub.ops() == ["create_repo", "paths_info"]      # create_repo: the Hub's 409 is exist_ok
     assert again.reports[-1].status == "up to date"
+    assert len(repo.commits) == commits
 
 
-def test_publish_without_push_uploads_nothing(pipeline):
+def test_publish_without_push_uploads_nothing(pipeline, hub):
     res = invoke("release", str(pipeline["cfg"]), "--out-dir", str(pipeline["out"]), "--only", "publish")
     assert res.exit_code == 0
     assert phase_row(res.output, "publish")[1] == "skipped"
+    assert hub.requests == []
 
 
-def test_token_is_never_printed_logged_or_written(pipeline, monkeypatch):
-    """The token from the standard location (HF_TOKEN) reaches HfApi and nowhere else, even when the
-    Hub client fails with an error text that echoes it."""
+def test_token_is_never_printed_logged_or_written(pipeline, hub, monkeypatch):
+    """The token from the standard location (HF_TOKEN) reaches the Hub and nowhere else, even when the
+    Hub answers with an error text that echoes it."""
     monkeypatch.setenv("HF_TOKEN", PLANTED_TOKEN)
-    made: list[FakeHfApi] = []
-
-    def fake_make_api(token):
-        made.append(FakeHfApi(token=token, fail_with=f"401 Unauthorized: Authorization: Bearer {token}"))
-        return made[-1]
-
-    monkeypatch.setattr(publish, "make_api", fake_make_api)
+    hub.fail("commit", 401, "401 Unauthorized: Authorization: {authorization}")
     res = CliRunner().invoke(main, ["release", str(pipeline["cfg"]), "--out-dir", str(pipeline["out"]),
                                     "--only", "publish", "--push"])
     assert res.exit_code == PublishError.exit_code
-    assert made[0].token == PLANTED_TOKEN
+    assert hub.ops()[-1] == "commit"                    # the Hub refused the commit, echoing the token
     assert "Bearer ***" in res.output and PLANTED_TOKEN not in res.output
-    monkeypatch.setattr(publish, "make_api", lambda token: made.append(FakeHfApi(token=token)) or made[-1])
+    hub.failures.clear()
     ok = CliRunner().invoke(main, ["release", str(pipeline["cfg"]), "--out-dir", str(pipeline["out"]),
                                    "--only", "publish", "--push"])
-    assert ok.exit_code == 0 and made[-1].token == PLANTED_TOKEN and PLANTED_TOKEN not in ok.output
+    assert ok.exit_code == 0 and PLANTED_TOKEN not in ok.output
+    assert hub.ops().count("commit") == 2 and len(hub.repos[HUB_REPO].commits) == 2
+    # every request to the Hub carried it; the LFS object PUT (storage, not the Hub) carries none
+    assert {r.authorization for r in hub.requests if r.op != "lfs_upload"} == {f"Bearer {PLANTED_TOKEN}"}
+    assert {r.authorization for r in hub.requests if r.op == "lfs_upload"} == {None}
     leaks = [p for p in pipeline["folder"].rglob("*") if p.is_file() and PLANTED_TOKEN.encode() in p.read_bytes()]
     assert leaks == []
 
@@ -365,12 +368,12 @@ def demo_card_facts(tmp_path: Path) -> card.CardFacts:
     """The demo release's card facts from its real config, model and plans; the measured values
     (file sha256, imatrix sha256, eval numbers) are labelled stand-ins so the text is the same on
     every machine. Sizes are the plans' exact predictions."""
-    cfg = rel.load_release(ROOT / "releases" / "demo.yaml")
-    state = rel.ReleaseState(cfg, tmp_path / "out", lambda _m: None)
-    rel.fetch_source(state, run=False)
-    rel.convert_source(state, run=False)
-    state.jobs = rel.plan_jobs(state, imatrix=rel._preview_imatrix(state, None))
-    from apex_orch.calibration.corpus import load_corpus_spec
+    cfg = load_release(ROOT / "releases" / "demo.yaml")
+    state = ReleaseState(cfg, tmp_path / "out", lambda _m: None)
+    fetch_source(state, run=False)
+    convert_source(state, run=False)
+    state.jobs = plan_jobs(state, imatrix=preview_imatrix(state, None))
+    from apex_orch.calibration.corpus_spec import load_corpus_spec
     state.imatrix_record = {"corpus": "diverse", "description": load_corpus_spec("diverse").description,
                             "ctx": 128, "chunks": 8, "sha256": STAND_IN_SHA}
     for i, job in enumerate(state.jobs):
@@ -466,7 +469,7 @@ def test_dry_run_of_a_converted_source_shows_the_pinned_converter(tmp_path, monk
         "publish": {"repo": "org/Conv-APEX-GGUF"}}))
     res = invoke("release", str(cfg), "--dry-run", "--out-dir", str(tmp_path / "out"))
     assert res.exit_code == 0, res.output
-    script = str(rel.converter_script())
+    script = str(converter_script())
     lines = [l for l in res.output.splitlines() if l.startswith("convert   $ ")]
     assert lines == [
         f"convert   $ {sys.executable} {script} '<snapshot>' --outfile {tmp_path}/out/.apex-release/source/Conv-BF16.gguf "
@@ -490,8 +493,8 @@ def test_hf_source_is_fetched_at_the_pinned_revision(tmp_path, monkeypatch, mist
     cfg.write_text(yaml.safe_dump({"name": "Hf", "license": "mit", "tiers": ["compact"],
                                    "source": {"hf": {"repo": "org/m-GGUF", "revision": "b" * 40, "files": ["m.gguf"]}},
                                    "publish": {"repo": "org/Hf-APEX-GGUF"}}))
-    state = rel.ReleaseState(rel.load_release(cfg), tmp_path / "out", lambda _m: None)
-    assert rel.phase_fetch(state, run=True).status == "ran"
+    state = ReleaseState(load_release(cfg), tmp_path / "out", lambda _m: None)
+    assert fetch_phase.run_phase(state, run=True).status == "ran"
     assert seen == [{"repo_id": "org/m-GGUF", "filename": "m.gguf", "revision": "b" * 40, "local_files_only": False}]
     assert state.source_paths == [mistral4_split]
 
@@ -534,7 +537,7 @@ def write_cfg(tmp_path: Path, text: str) -> Path:
 def test_config_errors_name_file_and_line(tmp_path, text, line, message):
     p = write_cfg(tmp_path, text)
     with pytest.raises(ConfigError) as err:
-        rel.load_release(p)
+        load_release(p)
     assert err.value.where == f"{p}:{line}"
     assert message in err.value.message
 
@@ -551,7 +554,7 @@ def test_unset_variable_is_reported_where_the_path_is_needed(tmp_path, monkeypat
     monkeypatch.delenv("APEX_TEST_UNSET", raising=False)
     p = write_cfg(tmp_path, "name: X\nlicense: mit\nsource:\n  gguf: ${APEX_TEST_UNSET}/m.gguf\ntiers: [compact]\n"
                             "publish: {repo: o/x}\n")
-    cfg = rel.load_release(p)            # loading is fine: the variable may be set on the runner
+    cfg = load_release(p)            # loading is fine: the variable may be set on the runner
     with pytest.raises(ConfigError) as err:
         cfg.source.paths[0].resolve()
     assert err.value.where == f"{p}:4" and "${APEX_TEST_UNSET}, which is not set" in err.value.message
@@ -560,7 +563,7 @@ def test_unset_variable_is_reported_where_the_path_is_needed(tmp_path, monkeypat
 def test_name_is_made_safe_for_file_names(tmp_path):
     p = write_cfg(tmp_path, "name: My Model/v2\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\n"
                             "publish: {repo: o/x}\n")
-    cfg = rel.load_release(p)
+    cfg = load_release(p)
     assert cfg.name == "My-Model-v2" and cfg.title == "My-Model-v2 APEX GGUF"
     assert cfg.warnings == ["name 'My Model/v2' is written as 'My-Model-v2' in file names"]
 
@@ -569,15 +572,15 @@ def test_release_folder_must_stay_out_of_the_project(tmp_path):
     (tmp_path / "releases").mkdir()
     p = tmp_path / "releases" / "r.yaml"
     p.write_text("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\noutput: ..\n")
-    cfg = rel.load_release(p)
+    cfg = load_release(p)
     with pytest.raises(ConfigError, match="must not receive release files") as err:
-        rel.check_out_dir(rel.default_out_dir(cfg), cfg)
+        check_out_dir(default_out_dir(cfg), cfg)
     assert err.value.where == f"{p}:6"
     foreign = tmp_path / "elsewhere"
     foreign.mkdir()
     (foreign / "README.md").write_text("# someone else's card\n")
     with pytest.raises(OutputExistsError, match="was not written by apex-orch"):
-        rel.check_out_dir(foreign, cfg)
+        check_out_dir(foreign, cfg)
 
 
 @pytest.mark.parametrize("only, skip, start, expected", [
@@ -611,9 +614,9 @@ def test_a_list_of_source_files_must_be_the_shards_of_one_model(tmp_path, mistra
     other.symlink_to(mistral4_split)
     p = write_cfg(tmp_path, f"name: X\nlicense: mit\nsource:\n  gguf: [{mistral4_split}, {other}]\ntiers: [compact]\n"
                             "publish: {repo: o/x}\n")
-    state = rel.ReleaseState(rel.load_release(p), tmp_path / "out", lambda _m: None)
-    rel.fetch_source(state, run=True)
+    state = ReleaseState(load_release(p), tmp_path / "out", lambda _m: None)
+    fetch_source(state, run=True)
     from apex_orch.core.errors import ModelError
     with pytest.raises(ModelError, match="not the shards of one split model") as err:
-        rel.convert_source(state, run=True)
+        convert_source(state, run=True)
     assert err.value.where == f"{p}:4"

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from apex_orch.core import settings
 from apex_orch.llama import build as build_lib
 from apex_orch.llama import pin
 from apex_orch.cli import main
-from apex_orch.plan.profiles import builtin_profiles_dir
+from apex_orch.plan.profile_search import builtin_profiles_dir
 
 REPO = Path(__file__).resolve().parent.parent
-REAL_SDIST = pin.build_root() / "downloads" / pin.SDIST_NAME
+REAL_SDIST = settings.build_root() / "downloads" / pin.SDIST_NAME
 
 FAKE_CMAKE = """#!{python}
 # FAKE cmake for tests/test_setup.py: records argv, makes the targets' files, compiles nothing
@@ -144,7 +145,7 @@ def test_profiles_env_variable_adds_folders(tmp_path, monkeypatch):
 
 
 def test_profile_list_that_finds_nothing_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr("apex_orch.plan.profiles.builtin_profiles_dir", lambda: tmp_path / "nothing-here")
+    monkeypatch.setattr("apex_orch.plan.profile_search.builtin_profiles_dir", lambda: tmp_path / "nothing-here")
     r = CliRunner().invoke(main, ["profile", "list"])
     assert r.exit_code == 3
     assert r.output.startswith("error: no profiles found; searched: ") and "Traceback" not in r.output

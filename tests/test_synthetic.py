@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from apex_orch.demo import synthetic
+from apex_orch.demo.spec import PRESETS, SyntheticSpec
 from apex_orch.core.errors import OutputExistsError
 from apex_orch.llama.tools import find_tool, run_tool
 
@@ -115,7 +115,7 @@ def test_preset_tensor_names_in_file_order(request, preset):
     names = list(tensors(preset_path(request, preset)))
     assert names == expected_names(preset)
     assert len(names) == TENSOR_COUNT[preset]
-    assert synthetic.tensor_names(synthetic.PRESETS[preset]) == names
+    assert synthetic.tensor_names(PRESETS[preset]) == names
 
 
 @pytest.mark.parametrize("preset", list(FIXTURE_OF))
@@ -128,7 +128,7 @@ def test_preset_types_f16_weights_f32_norms_and_router(request, preset):
 
 
 def test_mistral4_shapes_match_the_deepseek2_loader(mistral4_split, mistral4_fused):
-    spec = synthetic.PRESETS["mistral4-split"]
+    spec = PRESETS["mistral4-split"]
     ne = ne_of(mistral4_split)
     E, H, V = spec.n_embd, spec.n_head, 32000
     assert ne["token_embd.weight"] == [E, V]
@@ -252,7 +252,7 @@ def test_tokenizer_copied_with_value_types(mistral4_split):
 def test_same_spec_is_byte_identical_and_seed_changes_data(mistral4_split, tmp_path):
     again = synthetic.write_preset("mistral4-split", tmp_path / "again.gguf")
     assert again.read_bytes() == mistral4_split.read_bytes()
-    small = synthetic.SyntheticSpec(n_layer=2, n_expert=4)
+    small = SyntheticSpec(n_layer=2, n_expert=4)
     a = synthetic.write_model(tmp_path / "a.gguf", small)
     b = synthetic.write_model(tmp_path / "b.gguf", dataclasses.replace(small, seed=1))
     assert a.stat().st_size == b.stat().st_size and a.read_bytes() != b.read_bytes()
@@ -274,7 +274,7 @@ def test_weight_statistics_are_usable(mistral4_split):
 
 
 def test_supplied_weights_are_written_and_checked(tmp_path):
-    spec = synthetic.SyntheticSpec(n_layer=2, n_expert=4)
+    spec = SyntheticSpec(n_layer=2, n_expert=4)
     shape = synthetic.tensor_shapes(spec)["blk.1.attn_k_b.weight"]
     assert shape == (4, 128, 32)
     arr = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) / 1000.0
@@ -287,7 +287,7 @@ def test_supplied_weights_are_written_and_checked(tmp_path):
 
 
 def test_failed_write_leaves_nothing_and_existing_output_is_kept(tmp_path):
-    spec = synthetic.SyntheticSpec(n_layer=2, n_expert=4)
+    spec = SyntheticSpec(n_layer=2, n_expert=4)
     bad = np.full(synthetic.tensor_shapes(spec)["output.weight"], np.nan, dtype=np.float32)
     with pytest.raises(ValueError, match="non-finite"):
         synthetic.write_model(tmp_path / "m.gguf", spec, {"output.weight": bad})
@@ -310,7 +310,7 @@ def test_failed_write_leaves_nothing_and_existing_output_is_kept(tmp_path):
 ])
 def test_invalid_specs_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
-        synthetic.tensor_names(dataclasses.replace(synthetic.SyntheticSpec(), **change))
+        synthetic.tensor_names(dataclasses.replace(SyntheticSpec(), **change))
 
 
 def test_demo_model_is_cached_by_spec_hash(tmp_path, monkeypatch, mistral4_split):

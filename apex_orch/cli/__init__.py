@@ -7,18 +7,22 @@ into `error: ...` + `hint: ...` and the error's exit code. Tracebacks only with
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
+from pathlib import Path
 
 import click
 
 from apex_orch import __version__
+from apex_orch.core import settings
 from apex_orch.core.errors import ApexError, InternalError, InterruptedRun
+from apex_orch.core.text import printable
+from apex_orch.llama.tools import build_label, llama_bin_dir_option, mask_secrets
+from apex_orch.plan.profile_search import profile_dirs_option
 
 
 def _debug_enabled(ctx: click.Context | None) -> bool:
-    if os.environ.get("APEX_ORCH_DEBUG", "") not in ("", "0"):
+    if settings.debug():
         return True
     return bool(ctx and ctx.obj and ctx.obj.get("debug"))
 
@@ -58,7 +62,7 @@ class ApexGroup(click.Group):
             # A file-system failure no library code translated: still one message, never a traceback.
             if _debug_enabled(ctx):
                 raise
-            from apex_orch.core.outputs import translate_os_error
+            from apex_orch.core.translate import translate_os_error
             err = translate_os_error(exc)
             click.echo(f"error: {_masked(err.render())}", err=True)
             ctx.exit(err.exit_code)
@@ -85,17 +89,15 @@ class ApexGroup(click.Group):
 
 
 def _masked(text: str) -> str:
-    """Error text with credential values (HF_TOKEN...) replaced by ***, and control characters
-    (from file names, GGUF strings, tool logs) shown as escapes, never sent to the terminal raw."""
-    from apex_orch.llama.tools import mask_secrets
-    from apex_orch.core.text import printable
+    """Error text with credential values (HF_TOKEN...) replaced by *** (the tools' own masking),
+    and control characters (from file names, GGUF strings, tool logs) shown as escapes, never
+    sent to the terminal raw."""
     return printable(mask_secrets(text), keep="\n\t")
 
 
 def _print_version(ctx: click.Context) -> None:
     if ctx.resilient_parsing:
         return
-    from apex_orch.llama.tools import build_label
     click.echo(f"apex-orch {__version__}\nllama.cpp {build_label()}")
     ctx.exit()
 
@@ -125,26 +127,12 @@ def main(ctx: click.Context, debug: bool, llama_bin_dir: str | None, profiles_di
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    # The two global options are values held by the modules that use them, for this command
+    # only (undone when it ends), never exported through os.environ.
     if llama_bin_dir:
-        _set_env_for_command(ctx, "APEX_LLAMA_BIN_DIR", llama_bin_dir)
+        ctx.with_resource(llama_bin_dir_option(Path(llama_bin_dir)))
     if profiles_dirs:
-        before = os.environ.get("APEX_ORCH_PROFILES", "")
-        _set_env_for_command(ctx, "APEX_ORCH_PROFILES",
-                             os.pathsep.join([*profiles_dirs, *([before] if before else [])]))
-
-
-def _set_env_for_command(ctx: click.Context, name: str, value: str) -> None:
-    """One place decides where tools and profiles come from; library code reads the variable.
-    Restored when the command ends, so in-process callers (tests, embedding) see no leftover."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-
-    def restore() -> None:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-    ctx.call_on_close(restore)
+        ctx.with_resource(profile_dirs_option([Path(d).expanduser() for d in profiles_dirs]))
 
 
 # Command name -> (module, attribute). Modules are imported only when their command runs

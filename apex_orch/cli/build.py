@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import click
 
+from apex_orch.core.errors import ToolFailedError, UsageError
 from apex_orch.llama import build as build_lib
 from apex_orch.llama import pin
-from apex_orch.core.errors import ToolFailedError, UsageError
 
 
 @click.command("build")

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from apex_orch.calibration import corpus as corpus_lib
+from apex_orch.calibration.corpus_spec import available_corpora, load_corpus_spec
 
 
 @click.group("corpus")
@@ -20,8 +21,8 @@ def corpus() -> None:
 def list_cmd(as_json: bool) -> None:
     """List the corpora in the repo's corpora/ folder."""
     rows = []
-    for name in corpus_lib.available_corpora():
-        spec = corpus_lib.load_corpus_spec(name)
+    for name in available_corpora():
+        spec = load_corpus_spec(name)
         rows.append({"name": name, "description": spec.description,
                      "budget_tokens_approx": spec.budget_tokens,
                      "sources": [s.id for s in spec.sources]})
@@ -39,7 +40,7 @@ def list_cmd(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def show_cmd(name: str, as_json: bool) -> None:
     """Show a corpus: its sources, weights and what each supplies (plain chat format)."""
-    info = corpus_lib.describe(corpus_lib.load_corpus_spec(name))
+    info = corpus_lib.describe(load_corpus_spec(name))
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

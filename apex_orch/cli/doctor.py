@@ -13,24 +13,24 @@ from pathlib import Path
 import click
 
 from apex_orch import __version__
-from apex_orch.llama import pin
+from apex_orch.core import settings
 from apex_orch.core.errors import ToolNotFoundError
-from apex_orch.llama.tools import build_info, build_label, find_libllama, find_tool
+from apex_orch.llama import pin
+from apex_orch.llama.tools import build_info, build_label, configured_bin_dir, find_libllama, find_tool
 
 
 def _bindings_probe(lib_dir: Path | None) -> dict:
     """Import the bindings in a child interpreter (so this process stays clean) and
-    report which libllama it mapped."""
+    report which libllama it mapped. The folder to load libllama from travels as an argument
+    (the child does not see this process's --llama-bin-dir); "" lets the child search itself."""
     code = (
         "import json,sys\n"
         "from apex_orch.llama.bindings import load_llama_cpp, loaded_libllama\n"
-        "m = load_llama_cpp()\n"
+        "m = load_llama_cpp(sys.argv[1] or None)\n"
         "print(json.dumps({'version': getattr(m, '__version__', '?'), 'lib': str(loaded_libllama())}))\n"
     )
-    env = dict(os.environ)
-    if lib_dir:
-        env["APEX_LLAMA_BIN_DIR"] = str(lib_dir)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code, str(lib_dir or "")], capture_output=True, text=True,
+                          env=settings.child_environment(), timeout=120)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
         return {"ok": False, "error": last}
@@ -66,7 +66,7 @@ def collect(workdir: Path) -> dict:
         report["libllama"] = None
         report["problems"].append(f"{exc.message}: run `{setup}`")
         lib = None
-    bindings = _bindings_probe(lib.parent if lib else None)
+    bindings = _bindings_probe(lib.parent if lib else configured_bin_dir())
     report["bindings"] = bindings
     if not bindings["ok"]:
         report["problems"].append(f"bindings: {bindings['error']}: run `{pin.setup_command('bindings')}`")

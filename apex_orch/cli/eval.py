@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import click
 
-from apex_orch.evaluation import evaluate as ev
 from apex_orch.cli.params import COUNT, FINITE, THREADS
 from apex_orch.core.errors import UsageError
+from apex_orch.evaluation.evaluate import BACKENDS, plan_eval, run_eval
+from apex_orch.evaluation.gates import check_gates
+from apex_orch.evaluation.inputs import EvalSettings, default_threads
+from apex_orch.evaluation.results import format_result
+from apex_orch.plan.gates import Gates
 
 
 def _settings_options(fn):
@@ -29,13 +33,15 @@ def _settings_options(fn):
         click.option("--repack/--no-repack", default=False, show_default=True,
                      help="llama.cpp extra buffer types (CPU repack/AMX kernels); they change the numbers "
                           "slightly, and crash MLA models on AMX CPUs in the pinned build."),
-        click.option("--backend", type=click.Choice(ev.BACKENDS), default="bindings", show_default=True,
+        click.option("--backend", type=click.Choice(BACKENDS), default="bindings", show_default=True,
                      help="Evaluate in-process, or run the llama-perplexity binary (same result fields)."),
         click.option("--max-mean-kld", type=FINITE, default=None, help="Gate: fail if mean KLD is above this."),
         click.option("--max-ppl-ratio", type=FINITE, default=None,
                      help="Gate: fail if PPL(Q)/PPL(base) is above this."),
         click.option("--min-same-top-p", type=FINITE, default=None,
                      help="Gate: fail if 'Same top p' (percent) is below this."),
+        click.option("--max-kld-99-9", type=FINITE, default=None,
+                     help="Gate: fail if the 99.9th percentile of KLD is above this."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -43,9 +49,9 @@ def _settings_options(fn):
 
 
 def _settings(ctx: int, chunks: int | None, batch: int | None, ubatch: int, threads: int | None,
-              flash_attn: bool, repack: bool) -> ev.EvalSettings:
-    return ev.EvalSettings(n_ctx=ctx, chunks=chunks, n_batch=batch, n_ubatch=ubatch,
-                           n_threads=threads or ev.default_threads(), flash_attn=flash_attn, repack=repack)
+              flash_attn: bool, repack: bool) -> EvalSettings:
+    return EvalSettings(n_ctx=ctx, chunks=chunks, n_batch=batch, n_ubatch=ubatch,
+                        n_threads=threads or default_threads(), flash_attn=flash_attn, repack=repack)
 
 
 def _progress(quiet: bool):
@@ -68,26 +74,27 @@ def _progress(quiet: bool):
 def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None, ctx: int, chunks: int | None,
              batch: int | None, ubatch: int, threads: int | None, flash_attn: bool, repack: bool, backend: str,
              max_mean_kld: float | None, max_ppl_ratio: float | None, min_same_top_p: float | None,
-             speed: bool, as_json: bool, dry_run: bool, quiet: bool) -> None:
+             max_kld_99_9: float | None, speed: bool, as_json: bool, dry_run: bool, quiet: bool) -> None:
     """Perplexity of MODEL (and, with --base, llama-perplexity's KL-divergence statistics),
     computed exactly like llama-perplexity: chunks of --ctx tokens, BOS first, second half scored.
 
-    Exits 15 when a gate (--max-mean-kld, --max-ppl-ratio, --min-same-top-p) fails.
+    Exits 15 when a gate (--max-mean-kld, --max-ppl-ratio, --min-same-top-p, --max-kld-99-9) fails.
     """
-    gates = ev.Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p)
+    gates = Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p,
+                  max_kld_99_9=max_kld_99_9)
     if gates.active and base is None:
         raise UsageError("gates compare against a base: give --base")
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
-    plan = ev.plan_eval(model, base=base, text=text, corpus=corpus, settings=settings, backend=backend,
-                        speed=speed)
+    plan = plan_eval(model, base=base, text=text, corpus=corpus, settings=settings, backend=backend,
+                     speed=speed)
     if dry_run:
         click.echo(plan.describe())
         return
-    result = ev.run_eval(plan, progress=_progress(quiet))
+    result = run_eval(plan, progress=_progress(quiet))
     for note in result.notes:
         click.echo(f"warning: {note}", err=True)
-    click.echo(result.to_json() if as_json else ev.format_result(result))
-    ev.check_gates(result, gates)
+    click.echo(result.to_json() if as_json else format_result(result))
+    check_gates(result, gates)
 
 
 @click.command("compare")
@@ -105,12 +112,14 @@ def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None,
 def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | None, ctx: int,
             chunks: int | None, batch: int | None, ubatch: int, threads: int | None, flash_attn: bool,
             repack: bool, backend: str, max_mean_kld: float | None, max_ppl_ratio: float | None,
-            min_same_top_p: float | None, speed: bool, fmt: str, plot: str | None, quiet: bool) -> None:
+            min_same_top_p: float | None, max_kld_99_9: float | None, speed: bool, fmt: str, plot: str | None,
+            quiet: bool) -> None:
     """One table for FILES against --base: tier, size, bpw, PPL, KLD mean/99.9%/max, same top p,
     speed. Exits 15 (after printing the table) when a gate fails for any file."""
     from apex_orch.evaluation import compare as evalreport
 
-    gates = ev.Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p)
+    gates = Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p,
+                  max_kld_99_9=max_kld_99_9)
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
     if plot:   # inputs are never outputs (issue 15): refused before minutes of evaluation
         from pathlib import Path

@@ -7,6 +7,8 @@ import json
 import click
 
 from apex_orch.calibration import imatrix as imatrix_lib
+from apex_orch.calibration.imatrix_file import read_imatrix
+from apex_orch.calibration.imatrix_report import build_report, format_report, report_problems
 from apex_orch.cli.params import COUNT, SECONDS, THREADS
 from apex_orch.core.errors import ImatrixError, UsageError
 
@@ -72,7 +74,7 @@ def imatrix_report(file: str, model: str | None, profile: str | None, as_json: b
     """
     if profile and not model:
         raise UsageError("--profile needs --model (the plan is made for a model)")
-    info = imatrix_lib.read_imatrix(file)
+    info = read_imatrix(file)
     model_info = plan = None
     if model:
         from apex_orch.model.info import read_model
@@ -81,9 +83,9 @@ def imatrix_report(file: str, model: str | None, profile: str | None, as_json: b
         from apex_orch.plan.planner import make_plan
         from apex_orch.plan.profiles import load_profile
         plan = make_plan(model_info, load_profile(profile), has_imatrix=True)
-    report = imatrix_lib.build_report(info, model_info, plan, profile_name=profile)
-    click.echo(json.dumps(report, indent=2) if as_json else imatrix_lib.format_report(report))
-    problems = imatrix_lib.report_problems(report)
+    report = build_report(info, model_info, plan, profile_name=profile)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    problems = report_problems(report)
     if problems:
         raise ImatrixError("; ".join(problems), where=file,
                            hint="compute the imatrix for this model with `apex-orch imatrix MODEL --corpus NAME`")

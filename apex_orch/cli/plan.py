@@ -9,9 +9,10 @@ import click
 
 from apex_orch.core.outputs import write_new_text
 from apex_orch.model.info import read_model
-from apex_orch.plan.planner import make_plan, render_args, render_file
-from apex_orch.plan.report import format_plan
+from apex_orch.plan.planner import make_plan
 from apex_orch.plan.profiles import load_profile
+from apex_orch.plan.render import render_args, render_file
+from apex_orch.plan.report import format_plan
 
 
 def _plan(profile: str, model: str, strict: bool = False, imatrix: bool | None = None):

@@ -9,8 +9,9 @@ import click
 
 from apex_orch.core.errors import ProfileError
 from apex_orch.core.outputs import write_new_text
-from apex_orch.plan.profiles import load_profile, profile_search_path, profile_sources
 from apex_orch.plan.profile_import import dump_profile, import_tensor_type_file
+from apex_orch.plan.profile_search import profile_search_path, profile_sources
+from apex_orch.plan.profiles import load_profile
 
 
 @click.group()

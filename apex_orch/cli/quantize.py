@@ -8,8 +8,16 @@ import click
 
 from apex_orch.cli.params import COUNT, JOBS, SECONDS, THREADS
 from apex_orch.cli.progress import Progress
+from apex_orch.cli.quantize_eval import print_eval_table
 from apex_orch.core.errors import UsageError
-from apex_orch.plan.profiles import list_profiles, load_profile
+from apex_orch.demo.synthetic import demo_model_path
+from apex_orch.model.info import model_display_name, read_model
+from apex_orch.plan.planner import make_plan
+from apex_orch.plan.profile_search import list_profiles
+from apex_orch.plan.profiles import load_profile
+from apex_orch.quantize.job import (build_imatrix_for, check_distinct_outputs, check_source_unquantized, output_name,
+                                    parse_size, plan_quantize, resolve_imatrix, safe_model_name)
+from apex_orch.quantize.run import run_many
 
 
 @click.command()
@@ -65,8 +73,6 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
     An output that resolves to an input, a link planted at any name the run
     writes, and two tiers mapping to one file name are refused before anything runs.
     """
-    from apex_orch.quantize import job as q
-
     if demo == bool(model):
         raise UsageError("give a MODEL path or --demo (not both)")
     if all_profiles == bool(profiles):
@@ -79,10 +85,9 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
     if timeout is not None and timeout <= 0:
         raise UsageError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     if split_max_size:
-        q.parse_size(split_max_size)   # checked before anything runs, not after the quantization
+        parse_size(split_max_size)   # checked before anything runs, not after the quantization
     progress = Progress(quiet)
     if demo:
-        from apex_orch.demo.synthetic import demo_model_path
         model = str(demo_model_path())
         progress(f"demo model: {model}")
         if do_eval is None:
@@ -90,27 +95,25 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
         # The demo model is tiny; a few thousand calibration tokens are plenty and take seconds.
         imatrix_ctx = imatrix_ctx or 256
         imatrix_chunks = imatrix_chunks or 16
-    from apex_orch.model.info import read_model
     info = read_model(model)
-    q.check_source_unquantized(info, allow_requantize)   # before an imatrix is built or a tool runs
+    check_source_unquantized(info, allow_requantize)   # before an imatrix is built or a tool runs
     loaded = [load_profile(n) for n in names]
     if not output:   # two tiers writing one file: refused before any imatrix or quantization runs
-        from apex_orch.model.info import model_display_name
-        display = q.safe_model_name(name) if name is not None else model_display_name(info)
-        q.check_distinct_outputs([(p.tier, Path(out_dir) / q.output_name(display, p.tier)) for p in loaded])
+        display = safe_model_name(name) if name is not None else model_display_name(info)
+        check_distinct_outputs([(p.tier, Path(out_dir) / output_name(display, p.tier)) for p in loaded])
 
-    imatrix = q.resolve_imatrix(info, imatrix_path) if imatrix_path else None
+    imatrix = resolve_imatrix(info, imatrix_path) if imatrix_path else None
     if imatrix is None and not dry_run:
         wanted = corpus or next((p.corpus or "diverse" for p in loaded if p.imatrix_required), None)
         if wanted:
             progress(f"imatrix: corpus {wanted} (computed once, cached, shared by every I-tier)")
-            path = q.build_imatrix_for(Path(model), wanted, threads, progress, ctx=imatrix_ctx or 512,
-                                       chunks=imatrix_chunks)
-            imatrix = q.resolve_imatrix(info, path)
-    job_list = [q.plan_quantize(model, p, out=Path(output) if output else None, out_dir=Path(out_dir), name=name,
-                                imatrix=imatrix if (p.imatrix_required or corpus or imatrix_path) else None,
-                                threads=threads, split_max_size=split_max_size, model=info,
-                                allow_requantize=allow_requantize)
+            path = build_imatrix_for(Path(model), wanted, threads, progress, ctx=imatrix_ctx or 512,
+                                     chunks=imatrix_chunks)
+            imatrix = resolve_imatrix(info, path)
+    job_list = [plan_quantize(model, p, out=Path(output) if output else None, out_dir=Path(out_dir), name=name,
+                              imatrix=imatrix if (p.imatrix_required or corpus or imatrix_path) else None,
+                              threads=threads, split_max_size=split_max_size, model=info,
+                              allow_requantize=allow_requantize)
                 for p in loaded] if not dry_run or imatrix or not any(p.imatrix_required for p in loaded) else []
     for job in job_list:
         job.trust_tool_plan = trust_tool_plan
@@ -119,19 +122,17 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
             click.echo(f"warning: {job.profile.tier}: {w}", err=True)
     if dry_run:
         if not job_list:  # I-profiles without an imatrix yet: show plans as if one were given
-            from apex_orch.plan.planner import make_plan
             for p in loaded:
                 plan = make_plan(info, p, has_imatrix=True)
-                click.echo(f"{p.tier}: {Path(out_dir) / q.output_name(name or info.name, p.tier)} "
+                click.echo(f"{p.tier}: {Path(out_dir) / output_name(name or info.name, p.tier)} "
                            f"({plan.total_bytes / 2**30:.2f} GiB predicted, {plan.bpw:.3f} bpw; imatrix from corpus "
                            f"{corpus or p.corpus or 'diverse'} will be built first)")
             return
         for job in job_list:
             click.echo(job.describe())
         return
-    results = q.run_many(job_list, parallel=jobs, force=force, progress=progress, timeout=timeout)
+    results = run_many(job_list, parallel=jobs, force=force, progress=progress, timeout=timeout)
     for r in results:
         click.echo(f"{r.job.profile.tier}: {r.message}")
     if do_eval:
-        from apex_orch.cli.quantize_eval import print_eval_table
         print_eval_table(Path(model), [f for r in results for f in r.files[:1]], progress)

@@ -8,7 +8,7 @@ from typing import Callable
 import click
 
 from apex_orch.core.outputs import atomic_write_text
-from apex_orch.llama.pin import cache_root
+from apex_orch.core.settings import cache_root
 
 # Small enough to finish in seconds on 2 cores, large enough for stable KLD statistics.
 DEMO_CTX = 256
@@ -26,7 +26,7 @@ def demo_eval_text() -> Path:
 
 def print_eval_table(source: Path, outputs: list[Path], progress: Callable[[str], None]) -> None:
     from apex_orch.evaluation.compare import eval_table
-    from apex_orch.evaluation.evaluate import EvalSettings
+    from apex_orch.evaluation.inputs import EvalSettings
 
     if not outputs:
         return

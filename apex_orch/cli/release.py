@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from apex_orch.cli.params import JOBS
 from apex_orch.cli.progress import Progress
-from apex_orch.release.runner import PHASES
+from apex_orch.core.errors import UsageError
+from apex_orch.release.config_reader import load_release
+from apex_orch.release.dryrun import describe_release
+from apex_orch.release.runner import PHASES, format_reports, run_release, select_phases
 
 
 @click.command("release")
@@ -44,22 +49,17 @@ def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir
     data; a changed stat means a full sha256 (~3 min per 240 GB, once). The source
     is keyed by its full sha256 (~3 min per 240 GB, once, then remembered).
     """
-    from pathlib import Path
-
-    from apex_orch.release import runner as rel
-    from apex_orch.core.errors import UsageError
-
     if jobs is not None and jobs < 1:
         raise UsageError("-j/--jobs must be at least 1")
-    cfg = rel.load_release(config)
-    phases = rel.select_phases(only, skip, from_phase)
+    cfg = load_release(config)
+    phases = select_phases(only, skip, from_phase)
     if push and "publish" not in phases:
         raise UsageError("--push given but the publish phase is not selected")
     out = Path(out_dir) if out_dir else None
     src = Path(source) if source else None
     if dry_run:
-        click.echo(rel.describe_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src))
+        click.echo(describe_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src))
         return
-    result = rel.run_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src,
-                             progress=Progress(quiet, interval=10.0), force=force)
-    click.echo(rel.format_reports(result))
+    result = run_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src,
+                         progress=Progress(quiet, interval=10.0), force=force)
+    click.echo(format_reports(result))

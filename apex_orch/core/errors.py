@@ -159,6 +159,7 @@ class GateFailedError(ApexError):
     """A quality gate (max KLD, max PPL ratio...) was not met."""
 
     exit_code = 15
+    table: str | None = None    # the rendered comparison the failures were found in (compare.eval_table)
 
 
 class PublishError(ApexError):

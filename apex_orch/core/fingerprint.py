@@ -68,7 +68,7 @@ MEMO_MAX_ENTRIES = 4096
 
 
 def memo_dir() -> Path:
-    from apex_orch.llama.pin import cache_root
+    from apex_orch.core.settings import cache_root
     return cache_root() / "hashes"
 
 

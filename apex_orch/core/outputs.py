@@ -17,8 +17,6 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import shutil
@@ -26,8 +24,10 @@ import socket
 import time
 from pathlib import Path
 
-from apex_orch.core.errors import ApexError, DiskSpaceError, LockedError, OutputExistsError, OutputNotWritableError
-from apex_orch.core.safefiles import open_nofollow, refuse_links, write_atomic
+from apex_orch.core.errors import DiskSpaceError, LockedError, OutputExistsError, OutputNotWritableError
+from apex_orch.core.locks import FileLock
+from apex_orch.core.safefiles import refuse_links, write_atomic
+from apex_orch.core.translate import translate_os_error
 
 PARTIAL_TAG = ".partial-"
 SIDECARS = (".lock", ".log", ".manifest.json", ".tensor-types.txt", ".split.log")
@@ -48,7 +48,7 @@ class OutputGuard:
         self.force = force
         self.extra_finals = list(extra_finals or [])
         self.lock_path = self.final.with_name(self.final.name + ".lock")
-        self._lock_fh = None
+        self._lock: FileLock | None = None
         self._temps: dict[Path, Path] = {}   # temp -> final
         self.cleaned_stale: list[Path] = []
 
@@ -76,33 +76,19 @@ class OutputGuard:
 
     # ---- lock
     def _acquire(self) -> None:
-        try:
-            fh = open_nofollow(self.lock_path, "lock")
-        except OSError as exc:
-            raise translate_os_error(exc, self.lock_path) from None
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise LockedError(f"{self.final} is being written by another apex-orch run ({holder})",
-                              hint="wait for it to finish; if no such process exists, the lock frees itself "
-                                   "when that process is gone") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
-        fh.flush()
-        self._lock_fh = fh
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        final = self.final
+
+        def busy(holder: str) -> LockedError:
+            return LockedError(f"{final} is being written by another apex-orch run ({holder or 'another process'})",
+                               hint="wait for it to finish; if no such process exists, the lock frees itself "
+                                    "when that process is gone")
+        self._lock = FileLock(self.lock_path, record=record, busy=busy).__enter__()
 
     def _release(self) -> None:
-        if self._lock_fh is not None:
-            try:
-                self.lock_path.unlink(missing_ok=True)
-            finally:
-                fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
-                self._lock_fh.close()
-                self._lock_fh = None
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
 
     def _clean_stale(self) -> None:
         """We hold the lock, so any partial of this output belongs to a dead run."""
@@ -129,6 +115,11 @@ class OutputGuard:
     def adopt(self, temp: Path, final: Path) -> None:
         """Track a temporary created by a tool (e.g. split parts) for commit/cleanup."""
         self._temps[Path(temp)] = Path(final)
+
+    def discard_temp(self, temp: Path) -> None:
+        """Remove one temporary now (e.g. the unsplit file once its parts exist) and stop tracking it."""
+        Path(temp).unlink()
+        self._temps.pop(Path(temp), None)
 
     def discard(self) -> None:
         for tmp in list(self._temps):
@@ -165,26 +156,6 @@ def _is_read_only_mount(folder: Path) -> bool:
         return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
     except OSError:
         return False
-
-
-def translate_os_error(exc: OSError, path: Path | str | None = None, *, creating: bool = False):
-    """An OSError met while writing outputs, as one actionable ApexError (returned, not raised)."""
-    where = str(path or exc.filename or "")
-    what = "cannot create" if creating else "cannot write"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskSpaceError(f"the disk is full: {what} {where} ({exc.strerror})",
-                              hint="free some space or write to another folder, then rerun")
-    if exc.errno == errno.EFBIG:
-        return DiskSpaceError(f"file too large: {what} {where} ({exc.strerror}; a file size limit, `ulimit -f`?)",
-                              hint="raise the file size limit or write to another file system")
-    if exc.errno == errno.EROFS:
-        return OutputNotWritableError(f"{what} {where}: {exc.strerror}",
-                                      hint="choose another --out-dir (or -o) on a writable file system")
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return OutputNotWritableError(f"{'cannot create' if creating else 'cannot access'} {where}: {exc.strerror}",
-                                      hint="fix the permissions, or choose another --out-dir (or -o)")
-    return ApexError(f"{exc.strerror or exc}: {where}" if where else f"{exc.strerror or exc}",
-                     hint="check that path and its file system, then rerun")
 
 
 def check_free_space(folder: Path, needed: int, *, margin_fraction: float = 0.02,

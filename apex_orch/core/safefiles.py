@@ -2,7 +2,7 @@
 
 Every file apex-orch creates goes through this module (issue 15):
 
-- `write_atomic(path, data)` — files written whole (manifests, rules, cards, LocalAI entries,
+- `write_atomic(path, data)` (and `copy_atomic(src, path)`, streamed) — files written whole (manifests, rules, cards, LocalAI entries,
   records, cache sidecars): written to a fresh temporary made with O_CREAT|O_EXCL in the same
   folder (never an existing name, never through a link), fsynced, then renamed over `path`.
   A rename replaces whatever name is at `path` — a planted link included — never the file a
@@ -14,8 +14,7 @@ Every file apex-orch creates goes through this module (issue 15):
   refused before a byte is written or truncated.
 - `clear_name(path)` — a temporary name handed to a tool (llama-quantize's output, the Q8_0
   scratch copy) is cleared of anything planted there (a link is removed, never followed) just
-  before the tool starts; the tool then creates a new file. (`create_empty` pre-creates such a
-  name instead, for callers that can afford the file appearing early.)
+  before the tool starts; the tool then creates a new file.
 - `refuse_links(paths)` — the up-front check: a symbolic link at any name a run is about to
   write is one clear error before anything runs. Decision: a planted link is refused, never
   silently replaced: it is evidence that something is wrong in that folder, and the user
@@ -31,10 +30,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Callable, Iterable
 
 from apex_orch.core.errors import OutputIsInputError, UnsafeOutputError
 
@@ -125,19 +125,9 @@ def clear_name(path: Path) -> Path:
     return path
 
 
-def create_empty(path: Path, *, perm: int = 0o644) -> Path:
-    """Create `path` as a new, empty regular file owned by this run (a temporary name handed to
-    a tool). An old file or link at that name (a dead run's leftover) is removed first."""
-    path = Path(path)
-    if os.path.lexists(path):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perm)
-    os.close(fd)
-    return path
-
-
 def write_new(path: Path, data: bytes | str, *, perm: int = 0o644) -> Path:
-    """Write a temporary file under a name this run owns (see create_empty), fsynced."""
+    """Write a temporary file under a name this run owns, fsynced. An old file or link at that
+    name (a dead run's leftover) is removed first; O_EXCL|O_NOFOLLOW then create a new file."""
     path = Path(path)
     if os.path.lexists(path):
         os.unlink(path)
@@ -153,14 +143,26 @@ def write_atomic(path: Path, data: bytes | str, *, perm: int = 0o644, mkdir: boo
     """Write `path` whole: a fresh temporary in its folder (O_EXCL), fsync, rename over `path`.
     Readers see the old file or the new one, never a mix; a link at `path` is replaced, its
     target never written."""
-    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    return _replace_whole(Path(path), lambda fh: fh.write(payload), perm=perm, mkdir=mkdir)
+
+
+def copy_atomic(src: Path, path: Path, *, perm: int = 0o644) -> Path:
+    """`write_atomic` for a file's content, streamed (an imatrix can be a GB: never read whole)."""
+    def fill(fh: IO) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, fh, 16 << 20)
+    return _replace_whole(Path(path), fill, perm=perm, mkdir=True)
+
+
+def _replace_whole(path: Path, fill: Callable[[IO], object], *, perm: int, mkdir: bool) -> Path:
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), perm)   # mkstemp's 0600 is for secrets; these are shareable files
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -7,19 +7,23 @@ can say `profiles/compact.yaml:14: types.routed_expert.edge: ...`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from apex_orch.core.errors import ProfileError
+from apex_orch.core.translate import translate_read_error, translate_yaml_error
 
 
 @dataclass
 class YamlDoc:
     path: Path
     data: object
-    lines: dict[tuple, int]
+    lines: dict[tuple, int]                  # key path -> line of its key (of the item, in a list)
+    # key path -> line where its value begins: a mapping written under `key:` begins on the next
+    # line; () is the document's first value
+    value_lines: dict[tuple, int] = field(default_factory=dict)
 
     def where(self, key_path: tuple = ()) -> str:
         """`file:line` for a key path, falling back to its nearest known parent."""
@@ -29,6 +33,10 @@ class YamlDoc:
         line = self.lines.get(kp, 1)
         return f"{self.path}:{line}"
 
+    def where_value(self, key_path: tuple = ()) -> str:
+        """`file:line` where the value at a key path begins (line 1 when unknown)."""
+        return f"{self.path}:{self.value_lines.get(tuple(key_path), 1)}"
+
 
 # The only tags a config may carry: YAML's core schema (what SafeLoader resolves implicitly).
 # Anything else (!!python/object, !!binary, custom !tags) is refused with file:line, never
@@ -37,7 +45,8 @@ ALLOWED_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
                          ("map", "seq", "str", "int", "float", "bool", "null", "timestamp"))
 
 
-def _convert(node, path: tuple, lines: dict, src: Path, error_cls):
+def _convert(node, path: tuple, lines: dict, value_lines: dict, src: Path, error_cls):
+    value_lines[path] = node.start_mark.line + 1
     if node.tag not in ALLOWED_TAGS:
         raise error_cls(f"YAML tag {node.tag!r} is not allowed (configs are plain data: mappings, lists, "
                         "strings, numbers, booleans)", where=f"{src}:{node.start_mark.line + 1}",
@@ -54,14 +63,14 @@ def _convert(node, path: tuple, lines: dict, src: Path, error_cls):
                                 hint="each key may appear once per mapping")
             kp = path + (key,)
             lines[kp] = key_node.start_mark.line + 1
-            out[key] = _convert(value_node, kp, lines, src, error_cls)
+            out[key] = _convert(value_node, kp, lines, value_lines, src, error_cls)
         return out
     if isinstance(node, yaml.SequenceNode):
         items = []
         for i, child in enumerate(node.value):
             kp = path + (i,)
             lines[kp] = child.start_mark.line + 1
-            items.append(_convert(child, kp, lines, src, error_cls))
+            items.append(_convert(child, kp, lines, value_lines, src, error_cls))
         return items
     # Scalars: let SafeLoader resolve the tag (int, float, bool, null, str).
     loader = yaml.SafeLoader("")
@@ -87,10 +96,8 @@ def read_config_text(path: Path, error_cls=ProfileError) -> str:
     import stat as stat_mod
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise error_cls("file not found", where=str(path)) from None
     except OSError as exc:
-        raise error_cls(f"cannot read file: {exc.strerror}", where=str(path)) from None
+        raise translate_read_error(exc, error_cls, str(path)) from None
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
         if not stat_mod.S_ISREG(st.st_mode):
@@ -166,14 +173,17 @@ def load_yaml(path: Path, error_cls=ProfileError) -> YamlDoc:
     try:
         node = compose_config(text, path, error_cls)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise error_cls(f"malformed YAML: {problem}", where=where,
-                        hint="check indentation and quoting around that line") from None
+        raise translate_yaml_error(exc, path, error_cls) from None
+    return node_to_doc(node, path, error_cls)
+
+
+def node_to_doc(node, path: Path, error_cls=ProfileError) -> YamlDoc:
+    """A composed document (compose_config) as plain data with its line maps; an empty
+    document is {}. Separate from load_yaml for a caller that words YAML syntax errors itself."""
     lines: dict[tuple, int] = {}
+    value_lines: dict[tuple, int] = {}
     try:
-        data = {} if node is None else _convert(node, (), lines, path, error_cls)
+        data = {} if node is None else _convert(node, (), lines, value_lines, path, error_cls)
     except RecursionError:
         raise error_cls("YAML is nested too deeply", where=str(path), hint="configs are a few levels deep") from None
-    return YamlDoc(path, data, lines)
+    return YamlDoc(path, data, lines, value_lines)

@@ -37,7 +37,8 @@ that are compared must use the same setting.
 
 Determinism: each tensor's data comes from its own RNG seeded by (spec.seed, tensor name), and
 the writer adds no timestamps, so the same spec + seed gives a byte-identical file.
-Shapes in this module are numpy order (the reverse of ggml's ne).
+Shapes in this module are numpy order (the reverse of ggml's ne). What a model holds (its spec,
+the presets, the tensor layout) is demo.spec's; this module writes it.
 """
 
 from __future__ import annotations
@@ -46,16 +47,20 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
 import numpy as np
 
-from apex_orch.llama import pin
+from apex_orch.core import settings
 from apex_orch.core.errors import OutputExistsError
+from apex_orch.demo.spec import (MISTRAL_SMALL_4_SPEC, MISTRAL_SMALL_4_VOCAB, MISTRAL_SMALL_4_YARN, PRESETS,
+                                 SyntheticSpec, TensorPlan, tensor_layout)
+from apex_orch.llama import pin
+from apex_orch.model.gguf_header import read_header
 
 # Bump when the generator's output changes for an unchanged spec (invalidates the demo cache).
 GENERATOR_VERSION = 1
@@ -63,52 +68,6 @@ GENERATOR_VERSION = 1
 VOCAB_GGUF_NAME = "ggml-vocab-llama-spm.gguf"
 DEMO_PRESET = "mistral4-split"
 DEMO_NAME = "APEX-Demo-MoE"
-
-ARCHES = ("mistral4", "qwen3moe", "llama")
-
-
-@dataclass(frozen=True)
-class SyntheticSpec:
-    arch: str = "mistral4"          # "mistral4" (MLA, deepseek2 loader) | "qwen3moe" (GQA, no shared expert) | "llama" (dense)
-    n_layer: int = 12
-    n_embd: int = 256
-    n_expert: int = 16               # ignored for "llama"
-    n_expert_used: int = 2           # ignored for "llama"
-    n_expert_shared: int = 1         # mistral4 only
-    expert_ff: int = 256
-    dense_ff: int = 512              # leading dense blocks / dense model
-    leading_dense: int = 0           # mistral4: leading dense blocks (ffn_gate/up/down) before the MoE ones
-    fused_gate_up: bool = False      # mistral4: one ffn_gate_up_exps instead of ffn_gate_exps + ffn_up_exps
-    n_head: int = 4
-    n_head_kv: int = 2               # GQA arches
-    q_lora_rank: int = 128           # MLA
-    kv_lora_rank: int = 128          # MLA (attn_v_b ne0) -> not a multiple of 256: exercises fallbacks
-    qk_nope: int = 32                # MLA (attn_k_b ne0) -> fallback exercised
-    qk_rope: int = 32
-    v_head: int = 64
-    context: int = 4096
-    name: str = "Synthetic-MoE"      # general.name
-    seed: int = 0
-
-
-PRESETS: dict[str, SyntheticSpec] = {
-    "mistral4-split": SyntheticSpec(name="Synthetic-Mistral4-Split"),
-    "mistral4-fused": SyntheticSpec(fused_gate_up=True, name="Synthetic-Mistral4-Fused"),
-    "mistral4-dense-lead": SyntheticSpec(leading_dense=1, name="Synthetic-Mistral4-DenseLead"),
-    "qwen3moe": SyntheticSpec(arch="qwen3moe", name="Synthetic-Qwen3MoE"),
-    "dense": SyntheticSpec(arch="llama", n_expert=0, n_expert_used=0, n_expert_shared=0,
-                           name="Synthetic-Dense"),
-}
-
-# Mistral-Small-4-119B-2603 as llama.cpp sees it (its published config and GGUF file set).
-MISTRAL_SMALL_4_SPEC = SyntheticSpec(
-    arch="mistral4", n_layer=36, n_embd=4096, n_expert=128, n_expert_used=4, n_expert_shared=1,
-    expert_ff=2048, dense_ff=12288, leading_dense=0, n_head=32, n_head_kv=1,
-    q_lora_rank=1024, kv_lora_rank=256, qk_nope=64, qk_rope=64, v_head=128,
-    context=1048576, name="Mistral-Small-4-119B-2603",
-)
-MISTRAL_SMALL_4_VOCAB = 131072
-MISTRAL_SMALL_4_YARN = {"type": "yarn", "factor": 128.0, "original_context_length": 8192}
 
 RMS_EPS = 1e-6
 ROPE_FREQ_BASE = 10000.0
@@ -118,144 +77,14 @@ FILE_TYPE_BF16 = 32         # llama_ftype: MOSTLY_BF16
 QUANTIZATION_VERSION = 2
 
 
-class TensorPlan(NamedTuple):
-    name: str
-    shape: tuple[int, ...]   # numpy order
-    role: str                # "norm", "router", "embd", "output", "in", "out"
-
-
-# ----------------------------------------------------------------------------- validation
-
-def validate(spec: SyntheticSpec) -> None:
-    """Refuse specs the pinned llama.cpp could not load (ValueError naming the field)."""
-    if spec.arch not in ARCHES:
-        raise ValueError(f"arch must be one of {ARCHES}, got {spec.arch!r}")
-    if spec.n_layer < 1 or spec.n_embd < 1 or spec.n_head < 1:
-        raise ValueError("n_layer, n_embd and n_head must be positive")
-    if spec.context < 1:
-        raise ValueError("context must be positive")
-    if spec.arch != "llama":
-        if spec.n_expert < 1 or not 1 <= spec.n_expert_used <= spec.n_expert:
-            raise ValueError("a MoE spec needs n_expert >= 1 and 1 <= n_expert_used <= n_expert")
-        if spec.expert_ff < 1:
-            raise ValueError("expert_ff must be positive")
-    if spec.arch == "mistral4":
-        if spec.n_layer in (26, 27):
-            # llama.cpp's deepseek2 loader treats 26/27 blocks as the "lite" variant (no q_lora).
-            raise ValueError("mistral4 with 26 or 27 blocks is loaded as DeepSeek-V2-Lite; pick another n_layer")
-        if not 0 <= spec.leading_dense < spec.n_layer:
-            raise ValueError("leading_dense must be in [0, n_layer)")
-        if spec.n_expert_shared < 1:
-            raise ValueError("mistral4 needs n_expert_shared >= 1 (the loader requires ffn_*_shexp)")
-        if min(spec.q_lora_rank, spec.kv_lora_rank, spec.qk_nope, spec.qk_rope, spec.v_head) < 1:
-            raise ValueError("MLA ranks and head dims must be positive")
-        if spec.qk_rope % 2:
-            raise ValueError("qk_rope must be even")
-        if spec.leading_dense and spec.dense_ff < 1:
-            raise ValueError("dense_ff must be positive when there are leading dense blocks")
-    else:
-        if spec.leading_dense:
-            raise ValueError("leading_dense is only supported for mistral4")
-        if spec.fused_gate_up:
-            # The pinned qwen3moe loader requires ffn_gate_exps + ffn_up_exps.
-            raise ValueError("fused_gate_up is only supported for mistral4 (the qwen3moe loader needs split experts)")
-        if spec.n_embd % spec.n_head:
-            raise ValueError("n_embd must be a multiple of n_head")
-        if spec.n_head_kv < 1 or spec.n_head % spec.n_head_kv:
-            raise ValueError("n_head must be a multiple of n_head_kv")
-        if (spec.n_embd // spec.n_head) % 2:
-            raise ValueError("the head dimension n_embd / n_head must be even (RoPE)")
-        if spec.arch == "llama" and spec.dense_ff < 1:
-            raise ValueError("dense_ff must be positive")
-
-
-# ----------------------------------------------------------------------------- layout
-
-def _layout(spec: SyntheticSpec, n_vocab: int) -> list[TensorPlan]:
-    validate(spec)
-    E, V = spec.n_embd, n_vocab
-    out: list[TensorPlan] = [TensorPlan("token_embd.weight", (V, E), "embd")]
-    for i in range(spec.n_layer):
-        p = f"blk.{i}."
-        if spec.arch == "mistral4":
-            out += _mistral4_block(spec, p, i)
-        elif spec.arch == "qwen3moe":
-            out += _gqa_attention(spec, p) + _routed_experts(spec, p)
-        else:
-            out += _gqa_attention(spec, p) + _dense_ffn(p, E, spec.dense_ff)
-    out += [TensorPlan("output_norm.weight", (E,), "norm"),
-            TensorPlan("output.weight", (V, E), "output")]
-    return out
-
-
-def _mistral4_block(spec: SyntheticSpec, p: str, i: int) -> list[TensorPlan]:
-    E, H = spec.n_embd, spec.n_head
-    k_mla = spec.qk_nope + spec.qk_rope
-    block = [
-        TensorPlan(p + "attn_norm.weight", (E,), "norm"),
-        TensorPlan(p + "attn_q_a_norm.weight", (spec.q_lora_rank,), "norm"),
-        TensorPlan(p + "attn_kv_a_norm.weight", (spec.kv_lora_rank,), "norm"),
-        TensorPlan(p + "ffn_norm.weight", (E,), "norm"),
-        TensorPlan(p + "attn_q_a.weight", (spec.q_lora_rank, E), "in"),
-        TensorPlan(p + "attn_q_b.weight", (H * k_mla, spec.q_lora_rank), "in"),
-        TensorPlan(p + "attn_kv_a_mqa.weight", (spec.kv_lora_rank + spec.qk_rope, E), "in"),
-        TensorPlan(p + "attn_k_b.weight", (H, spec.kv_lora_rank, spec.qk_nope), "in"),
-        TensorPlan(p + "attn_v_b.weight", (H, spec.v_head, spec.kv_lora_rank), "in"),
-        TensorPlan(p + "attn_output.weight", (E, H * spec.v_head), "out"),
-    ]
-    if i < spec.leading_dense:
-        return block + _dense_ffn(p, E, spec.dense_ff, with_norm=False)
-    shared_ff = spec.expert_ff * spec.n_expert_shared
-    return block + _routed_experts(spec, p, with_norm=False) + [
-        TensorPlan(p + "ffn_gate_shexp.weight", (shared_ff, E), "in"),
-        TensorPlan(p + "ffn_up_shexp.weight", (shared_ff, E), "in"),
-        TensorPlan(p + "ffn_down_shexp.weight", (E, shared_ff), "out"),
-    ]
-
-
-def _gqa_attention(spec: SyntheticSpec, p: str) -> list[TensorPlan]:
-    E, H, HKV = spec.n_embd, spec.n_head, spec.n_head_kv
-    hd = E // H
-    block = [
-        TensorPlan(p + "attn_norm.weight", (E,), "norm"),
-        TensorPlan(p + "attn_q.weight", (H * hd, E), "in"),
-        TensorPlan(p + "attn_k.weight", (HKV * hd, E), "in"),
-        TensorPlan(p + "attn_v.weight", (HKV * hd, E), "in"),
-        TensorPlan(p + "attn_output.weight", (E, H * hd), "out"),
-    ]
-    if spec.arch == "qwen3moe":
-        block += [TensorPlan(p + "attn_q_norm.weight", (hd,), "norm"),
-                  TensorPlan(p + "attn_k_norm.weight", (hd,), "norm")]
-    return block
-
-
-def _dense_ffn(p: str, E: int, ff: int, with_norm: bool = True) -> list[TensorPlan]:
-    norm = [TensorPlan(p + "ffn_norm.weight", (E,), "norm")] if with_norm else []
-    return norm + [
-        TensorPlan(p + "ffn_gate.weight", (ff, E), "in"),
-        TensorPlan(p + "ffn_up.weight", (ff, E), "in"),
-        TensorPlan(p + "ffn_down.weight", (E, ff), "out"),
-    ]
-
-
-def _routed_experts(spec: SyntheticSpec, p: str, with_norm: bool = True) -> list[TensorPlan]:
-    E, X, F = spec.n_embd, spec.n_expert, spec.expert_ff
-    norm = [TensorPlan(p + "ffn_norm.weight", (E,), "norm")] if with_norm else []
-    gate_up = ([TensorPlan(p + "ffn_gate_up_exps.weight", (X, 2 * F, E), "in")] if spec.fused_gate_up else
-               [TensorPlan(p + "ffn_gate_exps.weight", (X, F, E), "in"),
-                TensorPlan(p + "ffn_up_exps.weight", (X, F, E), "in")])
-    return norm + [TensorPlan(p + "ffn_gate_inp.weight", (X, E), "router")] + gate_up + [
-        TensorPlan(p + "ffn_down_exps.weight", (X, E, F), "out")]
-
-
 def tensor_names(spec: SyntheticSpec) -> list[str]:
     """Every tensor the file will hold, in file order."""
-    return [t.name for t in _layout(spec, _vocab_size())]
+    return [t.name for t in tensor_layout(spec, _vocab_size())]
 
 
 def tensor_shapes(spec: SyntheticSpec, n_vocab: int | None = None) -> dict[str, tuple[int, ...]]:
     """Name -> numpy shape (reversed ggml ne), in file order."""
-    return {t.name: t.shape for t in _layout(spec, n_vocab or _vocab_size())}
+    return {t.name: t.shape for t in tensor_layout(spec, n_vocab or _vocab_size())}
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -325,11 +154,6 @@ def vocab_gguf_path() -> Path:
     return path
 
 
-# GGUF value type ids (gguf.GGUFValueType) -> struct format of one scalar.
-_SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
 class HeaderTensor(NamedTuple):
     name: str
     ne: tuple[int, ...]      # ggml order
@@ -338,66 +162,16 @@ class HeaderTensor(NamedTuple):
 
 
 def _read_gguf_header(path: Path) -> tuple[list[tuple[str, object, int, int | None]], list[HeaderTensor]]:
-    """Metadata and tensor infos of a little-endian GGUF v2/v3 file, without touching the data.
+    """Metadata and tensor infos of a GGUF file, in the shape a copy into a new file needs.
 
     KV entries are (key, value, value type, array sub-type); strings stay raw bytes and numbers
-    Python scalars, so rewriting them is byte-exact. gguf.GGUFReader takes ~2 s on a file
-    with a 32000-token vocab; this takes ~50 ms.
+    Python scalars (model.gguf_header's verbatim mode), so rewriting them is byte-exact.
+    gguf.GGUFReader takes ~2 s on a file with a 32000-token vocab; the header walk ~50 ms.
     """
-    import struct
-
-    with open(path, "rb") as fh:
-        buf = fh.read(64 << 20)  # any header we write or copy fits
-    magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
-    if magic != b"GGUF" or version not in (2, 3):
-        raise ValueError(f"{path} is not a GGUF v2/v3 file")
-    pos = 24
-
-    def string() -> bytes:
-        nonlocal pos
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        pos += 8 + n
-        return buf[pos - n:pos]
-
-    def scalar(vtype: int) -> object:
-        nonlocal pos
-        if vtype == _STRING:
-            return string()
-        fmt = "<" + _SCALAR_FMT[vtype]
-        (value,) = struct.unpack_from(fmt, buf, pos)
-        pos += struct.calcsize(fmt)
-        return value
-
-    kv: list[tuple[str, object, int, int | None]] = []
-    for _ in range(n_kv):
-        key = string().decode("utf-8")
-        (vtype,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if vtype != _ARRAY:
-            kv.append((key, scalar(vtype), vtype, None))
-            continue
-        sub, n = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if sub == _STRING:
-            value: object = [string() for _ in range(n)]
-        else:
-            fmt = "<" + _SCALAR_FMT[sub]
-            size = struct.calcsize(fmt)
-            value = [v[0] for v in struct.iter_unpack(fmt, buf[pos:pos + n * size])]
-            pos += n * size
-        kv.append((key, value, vtype, sub))
-
-    infos = []
-    for _ in range(n_tensors):
-        name = string().decode("utf-8")
-        (n_dims,) = struct.unpack_from("<I", buf, pos)
-        ne = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-        ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        infos.append((name, tuple(ne), ggml_type, offset))
-    alignment = next((v for k, v, _, _ in kv if k == "general.alignment"), 32)
-    data_start = -(-pos // alignment) * alignment  # type: ignore[operator]
-    return kv, [HeaderTensor(n, ne, t, data_start + off) for n, ne, t, off in infos]
+    hdr = read_header(path, verbatim=True)
+    kv = [(key, value, int(hdr.kv_types[key]), int(hdr.array_types[key]) if key in hdr.array_types else None)
+          for key, value in hdr.kv.items()]
+    return kv, [HeaderTensor(t.name, t.shape, int(t.ggml_type), hdr.data_offset + t.offset) for t in hdr.tensors]
 
 
 @functools.lru_cache(maxsize=1)
@@ -508,7 +282,7 @@ def write_model(path: str | os.PathLike, spec: SyntheticSpec,
     """
     dest = _check_dest(path, overwrite)
     n_vocab = _vocab_size()
-    plans = _layout(spec, n_vocab)
+    plans = tensor_layout(spec, n_vocab)
     supplied = dict(weights or {})
     unknown = sorted(set(supplied) - {p.name for p in plans})
     if unknown:
@@ -522,10 +296,8 @@ def write_model(path: str | os.PathLike, spec: SyntheticSpec,
     try:
         writer = _new_writer(tmp, spec, n_vocab, FILE_TYPE_F16, with_tokenizer=True)
         for plan in plans:
-            is_f32 = plan.role in ("norm", "router")
-            itemsize = 4 if is_f32 else 2
-            writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32 if is_f32 else np.float16),
-                                   int(np.prod(plan.shape)) * itemsize)
+            dtype = np.dtype(np.float32 if plan.role in ("norm", "router") else np.float16)
+            writer.add_tensor_info(plan.name, plan.shape, dtype, math.prod(plan.shape) * dtype.itemsize)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -555,7 +327,7 @@ def write_mistral_small_4_replica(path: str | os.PathLike, *, layout: str = "spl
         raise ValueError(f"layout must be 'split' or 'fused', got {layout!r}")
     spec = dataclasses.replace(MISTRAL_SMALL_4_SPEC, fused_gate_up=(layout == "fused"))
     dest = _check_dest(path, overwrite)
-    plans = _layout(spec, MISTRAL_SMALL_4_VOCAB)
+    plans = tensor_layout(spec, MISTRAL_SMALL_4_VOCAB)
 
     tmp = _temp_path(dest)
     try:
@@ -566,7 +338,7 @@ def write_mistral_small_4_replica(path: str | os.PathLike, *, layout: str = "spl
         writer.add_uint32(f"{spec.arch}.rope.scaling.original_context_length", yarn["original_context_length"])
         data_bytes = 0
         for plan in plans:
-            n = int(np.prod(plan.shape))
+            n = math.prod(plan.shape)
             if plan.role in ("norm", "router"):
                 writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), n * 4)
                 nbytes = n * 4
@@ -608,7 +380,7 @@ def demo_model_path() -> Path:
     """The embedded demo model (preset mistral4-split named APEX-Demo-MoE), generated on first
     use under <cache>/models/ and reused while the spec and generator are unchanged."""
     spec = demo_spec()
-    path = pin.cache_root() / "models" / f"apex-demo-moe-{spec_key(spec)}.gguf"
+    path = settings.cache_root() / "models" / f"apex-demo-moe-{spec_key(spec)}.gguf"
     if not path.is_file():
         # Concurrent first uses each write their own temp file; os.replace keeps one whole copy.
         write_model(path, spec, overwrite=True)

@@ -5,4 +5,8 @@ Gives: llama-perplexity's statistics (PPL, KL divergence mean / percentiles / ma
 computed through the bindings against one cached set of base log-probabilities
 (`base_cache`), or by the tool itself; quality gates; tables and Pareto plots comparing files
 (`compare`).
+
+Read in this order: `inputs` (settings, model and text facts), `evaluate` (plan and run),
+`session` (the bindings), `statistics` (the tool's formulas), `tool_backend` (the binary),
+`results`, `gates`, `base_cache`, `compare`.
 """

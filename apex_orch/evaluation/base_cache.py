@@ -57,7 +57,7 @@ from typing import Iterator
 
 import numpy as np
 
-from apex_orch.llama import pin
+from apex_orch.core import settings
 from apex_orch.core.errors import EvalError
 
 FORMAT = "apex-orch-base-logprobs"
@@ -68,8 +68,7 @@ ZLIB_LEVEL = 1                # fast; the zero runs do most of the work
 
 def cache_dir() -> Path:
     """<cache>/eval, or $APEX_ORCH_EVAL_CACHE (tests point it at a temp folder)."""
-    explicit = os.environ.get("APEX_ORCH_EVAL_CACHE")
-    return Path(explicit).expanduser() if explicit else pin.cache_root() / "eval"
+    return settings.eval_cache_dir()
 
 
 def cache_key(inputs: dict) -> str:

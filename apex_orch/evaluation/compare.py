@@ -19,10 +19,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from apex_orch.core.errors import UsageError
-from apex_orch.evaluation.evaluate import (EvalResult, EvalSettings, Gates, ModelFacts, Progress, SpeedResult,
-                                ToolBase, TextFacts, check_gates, ensure_base_cache, gate_failures,
-                                measure_speed, model_facts, plan_eval, run_eval, text_facts)
+from apex_orch.core.errors import GateFailedError, UsageError
+from apex_orch.core.text import binary_size
+from apex_orch.evaluation.base_cache import BaseLogProbs
+from apex_orch.evaluation.evaluate import ensure_base_cache, measure_speed, plan_eval, run_eval
+from apex_orch.evaluation.gates import check_gates, gate_failures
+from apex_orch.evaluation.inputs import EvalSettings, ModelFacts, Progress, TextFacts, model_facts, text_facts
+from apex_orch.evaluation.results import EvalResult, SpeedResult
+from apex_orch.evaluation.tool_backend import ToolBase, work_root
+from apex_orch.plan.gates import Gates
 
 FORMATS = ("md", "json", "csv")
 
@@ -80,7 +85,7 @@ class CompareReport:
         return {"backend": self.backend, "settings": self.settings, "text": asdict(self.text),
                 "base": asdict(self.base), "base_ppl": self.base_ppl, "base_ppl_err": self.base_ppl_err,
                 "base_speed": asdict(self.base_speed) if self.base_speed else None,
-                "gates": {k: getattr(self.gates, k) for k in Gates.KEYS},
+                "gates": asdict(self.gates),
                 "rows": [asdict(r) for r in self.rows()], "results": [r.to_dict() for r in self.results]}
 
     def check_gates(self) -> None:
@@ -106,13 +111,12 @@ def compare(files: Sequence[str | os.PathLike], base: str | os.PathLike, *,
     work = None
     try:
         if backend == "llama-perplexity":
-            work = tempfile.TemporaryDirectory(prefix="apex-compare-", dir=_work_root())
+            work = tempfile.TemporaryDirectory(prefix="apex-compare-", dir=work_root())
             tool_base = ToolBase(base_facts, tf, settings, Path(work.name))
         for f in files:
             plan = plan_eval(f, base=base, settings=settings, backend=backend, speed=speed, text_facts_=tf)
             results.append(run_eval(plan, progress=progress, tool_base=tool_base))
         if backend == "bindings":
-            from apex_orch.evaluation.base_cache import BaseLogProbs
             with BaseLogProbs(ensure_base_cache(base_facts, tf, settings)) as cache:
                 base_ppl, base_err = cache.meta["base_ppl"], cache.meta["base_ppl_err"]
         else:
@@ -127,21 +131,7 @@ def compare(files: Sequence[str | os.PathLike], base: str | os.PathLike, *,
                          text=tf, backend=backend, gates=gates or Gates())
 
 
-def _work_root() -> Path:
-    from apex_orch.evaluation.base_cache import cache_dir
-    root = cache_dir() / "work"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 # --------------------------------------------------------------------------- formatting
-
-def _size(n: int) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
-
 
 def _num(v: float | None, fmt: str) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
@@ -153,7 +143,7 @@ COLUMNS = ("file", "tier", "size", "bpw", "PPL", "KLD mean", "KLD 99.9%", "KLD m
 
 def _cells(r: CompareRow) -> list[str]:
     name = r.file + (" (base)" if r.is_base else "") + (" ✗" if r.gate_failures else "")
-    return [name, r.tier, _size(r.size_bytes), f"{r.bpw:.2f}", f"{r.ppl:.4f} ± {r.ppl_err:.4f}",
+    return [name, r.tier, binary_size(r.size_bytes), f"{r.bpw:.2f}", f"{r.ppl:.4f} ± {r.ppl_err:.4f}",
             _num(r.kld_mean, ".6f"), _num(r.kld_p999, ".6f"), _num(r.kld_max, ".6f"),
             _num(r.same_top_p, ".2f") + ("%" if r.same_top_p is not None else ""),
             _num(r.pp_tokens_per_s, ".1f"), _num(r.tg_tokens_per_s, ".1f")]
@@ -258,13 +248,13 @@ def eval_table(source: str | os.PathLike, outputs: Sequence[str | os.PathLike], 
     """Evaluate `outputs` against `source` (the F16/BF16 model they were quantized from) and
     return the rendered table. Defaults: ctx 512, every chunk of the text, flash attention on,
     all cores. Raises GateFailedError after building the table only if `gates` fail (the table
-    is in the exception's `table` attribute)."""
+    is in the error's `table` field)."""
     report = compare(outputs, source, text=text, corpus=corpus, settings=settings, speed=speed,
                      gates=gates, progress=progress)
     rendered = format_report(report, fmt)
     try:
         report.check_gates()
-    except Exception as exc:
-        exc.table = rendered  # type: ignore[attr-defined]
+    except GateFailedError as exc:
+        exc.table = rendered
         raise
     return rendered

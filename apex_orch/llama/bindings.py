@@ -1,8 +1,8 @@
 """Load the llama-cpp-python bindings against the pinned, shared libllama.
 
 The bindings are installed with -DLLAMA_BUILD=OFF (no second compile), so they need
-LLAMA_CPP_LIB_PATH to find libllama; we set it here, before the first import, so
-users never have to. libggml is found through libllama's RUNPATH.
+LLAMA_CPP_LIB_PATH to find libllama; we set it here (apex_orch.core.settings), before the
+first import, so users never have to. libggml is found through libllama's RUNPATH.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import os
 import sys
 from pathlib import Path
 
-from apex_orch.llama import pin
+from apex_orch.core import settings
 from apex_orch.core.errors import ToolNotFoundError
+from apex_orch.llama import pin
 from apex_orch.llama.tools import find_libllama
 
 
@@ -21,7 +22,7 @@ def load_llama_cpp(bin_dir: str | os.PathLike | None = None):
     if "llama_cpp" in sys.modules:
         return sys.modules["llama_cpp"]
     lib = find_libllama(bin_dir)
-    os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(lib.parent))
+    settings.export_llama_cpp_lib_path(lib.parent)
     try:
         import llama_cpp  # noqa: PLC0415 - import must follow the env var
     except ImportError as exc:

@@ -28,10 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from apex_orch.core.settings import PACKAGE_DIR
+from apex_orch.core import settings
 from apex_orch.llama import pin
 
-REPO_ROOT = PACKAGE_DIR.parent
+REPO_ROOT = settings.PACKAGE_DIR.parent
 
 
 def log(msg: str) -> None:
@@ -60,7 +60,7 @@ def sha256_file(path: Path) -> str:
 
 
 def sdist_path() -> Path:
-    return pin.cache_root() / "downloads" / pin.SDIST_NAME
+    return settings.cache_root() / "downloads" / pin.SDIST_NAME
 
 
 def fetch_sdist() -> Path:
@@ -194,7 +194,7 @@ def install_bindings() -> None:
     log("installing build helpers for the bindings")
     run([sys.executable, "-m", "pip", "install", "scikit-build-core[pyproject]>=0.9.2", "numpy",
          "typing-extensions>=4.5.0", "diskcache>=5.6.1", "jinja2>=2.11.3"], log_file=logs / "pip-deps.log")
-    env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF")
+    env = settings.child_environment(CMAKE_ARGS="-DLLAMA_BUILD=OFF")
     log("installing llama-cpp-python against the shared libllama (no second compile)")
     try:
         run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", str(sdist)],
@@ -208,8 +208,9 @@ def install_bindings() -> None:
 
 
 def extra_cmake_args_from_env() -> tuple[str, ...]:
+    """LLAMA_CMAKE_ARGS, checked: `make llama LLAMA_CMAKE_ARGS=...` passes the user's flags this way."""
     try:
-        return pin.parse_extra_cmake_args(os.environ.get("LLAMA_CMAKE_ARGS"))
+        return pin.parse_extra_cmake_args(settings.llama_cmake_args())
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
 

@@ -7,11 +7,10 @@ Changing any value here changes the cache key, so the next build starts fresh.
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
 from pathlib import Path
 
-from apex_orch.core.settings import PACKAGE_DIR
+from apex_orch.core import settings
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
@@ -42,7 +41,7 @@ PIN_KEY = f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}-{SDIST_SHA256[:12]}"
 
 def in_source_checkout() -> bool:
     """True when apex_orch runs from the project's checkout (the Makefile's world), not a wheel."""
-    repo = PACKAGE_DIR.parent
+    repo = settings.PACKAGE_DIR.parent
     return all((repo / name).is_file() for name in ("pyproject.toml", "Makefile", "apex_orch/llama/build.py"))
 
 
@@ -51,29 +50,9 @@ def setup_command(step: str = "llama") -> str:
     return f"make {step}" if in_source_checkout() else f"apex-orch build {step}"
 
 
-def cache_root() -> Path:
-    """User cache folder (XDG), overridable with APEX_ORCH_CACHE: imatrix, eval, corpora, models."""
-    explicit = os.environ.get("APEX_ORCH_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "apex-orch"
-
-
-def build_root() -> Path:
-    """Where pinned llama.cpp builds live: APEX_ORCH_BUILD_ROOT, else the cache folder.
-
-    Kept apart from cache_root() so the test suite can give every other cache a fresh
-    folder while it reads the one (expensive) build that `make llama` made.
-    """
-    explicit = os.environ.get("APEX_ORCH_BUILD_ROOT")
-    return Path(explicit).expanduser() if explicit else cache_root()
-
-
 def pin_dir() -> Path:
     """Everything built from the pin lives here: sdist tree, builds, bin."""
-    return build_root() / PIN_KEY
+    return settings.build_root() / PIN_KEY
 
 
 def sdist_tree() -> Path:
@@ -85,7 +64,7 @@ def llama_source() -> Path:
 
 
 def parse_extra_cmake_args(text: str | None) -> tuple[str, ...]:
-    """User CMake flags for their own build (e.g. "-DGGML_CUDA=ON"), from LLAMA_CMAKE_ARGS."""
+    """User CMake flags for their own build (e.g. "-DGGML_CUDA=ON"), from LLAMA_CMAKE_ARGS or --cmake-arg."""
     args = tuple(shlex.split(text or ""))
     for arg in args:
         if not arg.startswith("-D") or "=" not in arg:

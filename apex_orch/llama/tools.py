@@ -1,7 +1,8 @@
 """llama.cpp binaries: discovery, build info, and the one subprocess runner.
 
-Discovery order for each tool: explicit --llama-bin-dir > $APEX_LLAMA_BIN_DIR >
-the pinned build cache > PATH. Every subprocess apex-orch starts goes through
+Discovery order for each tool: an explicit `bin_dir` argument > the configured folder
+(the --llama-bin-dir option, held here for one command by `llama_bin_dir_option`, else
+$APEX_LLAMA_BIN_DIR) > the pinned build cache > PATH. Every subprocess apex-orch starts goes through
 `run_tool`: an argument list (never a shell string), output streamed to a log file
 and to a per-line callback, non-zero exit / signal / timeout raised as a typed error
 with the log tail.
@@ -17,28 +18,55 @@ import subprocess
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-from apex_orch.llama import pin
+from apex_orch.core import settings
 from apex_orch.core.errors import InterruptedRun, ToolFailedError, ToolNotFoundError, ToolTimeoutError
+from apex_orch.llama import pin
 
 
 @dataclass(frozen=True)
 class ToolLocation:
     name: str
     path: Path
-    source: str  # "flag", "env", "cache", "PATH"
+    # "flag" (a bin_dir argument), "env" (the configured folder: --llama-bin-dir or
+    # $APEX_LLAMA_BIN_DIR; users and tests know it by this label), "cache", "PATH"
+    source: str
+
+
+# The global --llama-bin-dir option of the command being run. A module value, not a ContextVar:
+# parallel quantize jobs look their tools up from worker threads.
+_bin_dir_option: Path | None = None
+
+
+@contextmanager
+def llama_bin_dir_option(folder: Path | None) -> Iterator[None]:
+    """Look tools and libllama up in `folder` (the --llama-bin-dir option) while the block runs, in
+    place of $APEX_LLAMA_BIN_DIR; the previous value comes back afterwards, so in-process callers
+    (tests, embedding programs) see no leftover."""
+    global _bin_dir_option
+    previous, _bin_dir_option = _bin_dir_option, folder
+    try:
+        yield
+    finally:
+        _bin_dir_option = previous
+
+
+def configured_bin_dir() -> Path | None:
+    """The folder the user named for llama.cpp: --llama-bin-dir, else $APEX_LLAMA_BIN_DIR."""
+    return _bin_dir_option or settings.llama_bin_dir()
 
 
 def _candidates(bin_dir: str | os.PathLike | None) -> list[tuple[str, Path | None]]:
     out: list[tuple[str, Path | None]] = []
     if bin_dir:
         out.append(("flag", Path(bin_dir)))
-    env = os.environ.get("APEX_LLAMA_BIN_DIR")
-    if env:
-        out.append(("env", Path(env)))
+    configured = configured_bin_dir()
+    if configured:
+        out.append(("env", configured))
     out.append(("cache", pin.bin_dir()))
     return out
 
@@ -122,10 +150,6 @@ class ToolResult:
 
 LineCallback = Callable[[str], None]
 
-# Credentials no llama.cpp tool needs: removed from every child's environment, and their
-# values masked in logs and error text (a tool that echoes its environment cannot leak them).
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_TOKEN", "HUGGINGFACE_TOKEN")
-
 # Why a tool may die by a signal it did not send itself, said in words.
 SIGNAL_HINTS = {
     "SIGKILL": "killed from outside: often the out-of-memory killer (see `dmesg`); lower -j or use a "
@@ -137,26 +161,16 @@ SIGNAL_HINTS = {
 }
 
 
-def secret_values(environ: dict | None = None) -> list[str]:
-    """Values of the credential variables set in `environ` (default: this process)."""
-    env = os.environ if environ is None else environ
-    return [env[k] for k in SECRET_ENV_VARS if env.get(k)]
-
-
 def mask_secrets(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with every credential value (from the environment, plus `secrets`) replaced by ***."""
-    for s in {*secret_values(), *secrets}:
+    """`text` with every credential value (settings.SECRET_ENV_VARS of this process, plus `secrets`)
+    replaced by ***: the one masking of tool logs and of the CLI's error text. Values shorter than
+    4 characters are left alone (masking them would garble every line); longest first, so a secret
+    that contains another is masked whole."""
+    for s in sorted({*settings.secret_values(), *secrets}, key=len, reverse=True):
         if s and len(s) >= 4:
             text = text.replace(s, "***")
     return text
 
-
-def child_env(env: dict | None) -> dict:
-    """The environment a tool gets: the given one (or ours) without credentials."""
-    base = dict(os.environ if env is None else env)
-    for key in SECRET_ENV_VARS:
-        base.pop(key, None)
-    return base
 
 # Children currently running, so an interrupt in the main thread can stop tools that
 # worker threads are waiting on (parallel quantize jobs).
@@ -206,7 +220,7 @@ def run_tool(
 
     Raises ToolFailedError (non-zero exit or signal), ToolTimeoutError, InterruptedRun
     (KeyboardInterrupt / SIGTERM delivered to us: the child is stopped first).
-    The child never sees credential variables (SECRET_ENV_VARS); their values and
+    The child never sees credential variables (settings.SECRET_ENV_VARS); their values and
     `secrets` are masked in the log and in error text. A log that cannot be written
     (disk full) is noted in the error, never raised over the tool's own result.
     """
@@ -214,22 +228,16 @@ def run_tool(
         raise TypeError("run_tool takes an argument list, never a shell string")
     argv = [os.fspath(a) for a in args]
     label = what or Path(argv[0]).name
-    masks = [s for s in {*secrets, *secret_values(), *secret_values(env or {})} if s and len(s) >= 4]
-
-    def mask(text: str) -> str:
-        for s in masks:
-            text = text.replace(s, "***")
-        return text
-
+    extra_secrets = [*secrets, *settings.secret_values(env or {})]
     log = _Log(log_path)
     tail: deque[str] = deque(maxlen=tail_lines)
     start = time.monotonic()
-    log.write("$ " + mask(" ".join(argv)) + "\n")
+    log.write("$ " + mask_secrets(" ".join(argv), extra_secrets) + "\n")
     log.flush()
     try:
         proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=child_env(env), cwd=cwd, start_new_session=True, bufsize=0,
+            env=settings.child_environment(env), cwd=cwd, start_new_session=True, bufsize=0,
         )
     except OSError as exc:   # missing, not executable, wrong format
         log.close()
@@ -259,14 +267,14 @@ def run_tool(
             # llama.cpp writes records with \n; progress dots arrive without one.
             *lines, pending = pending.split(b"\n")
             for raw in lines:
-                line = mask(raw.decode("utf-8", errors="replace"))
+                line = mask_secrets(raw.decode("utf-8", errors="replace"), extra_secrets)
                 tail.append(line)
                 log.write(line + "\n")
                 if on_line:
                     on_line(line)
             log.flush()
         if pending:
-            line = mask(pending.decode("utf-8", errors="replace"))
+            line = mask_secrets(pending.decode("utf-8", errors="replace"), extra_secrets)
             tail.append(line)
             log.write(line + "\n")
             if on_line:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from apex_orch.core.text import gb, gib, human_count, printable, table
 from apex_orch.model.info import ModelInfo
 from apex_orch.model.roles import Role, classify, decisions_used
-from apex_orch.core.text import gb, gib, human_count, printable, table
 
 
 def inspect_model(info: ModelInfo) -> dict:

@@ -6,14 +6,20 @@ This reader walks the header once with struct.unpack_from over an mmap, keeps sc
 values, keeps small arrays, records only the length of big ones, and never touches
 tensor data, so a 240 GB file inspects in milliseconds. Type names and sizes come
 from the gguf package's tables (GGMLQuantizationType, GGML_QUANT_SIZES).
+
+`verbatim=True` keeps every array whole and string values as raw bytes, so keys read here
+can be written into another GGUF byte for byte (the synthetic models copy a tokenizer so).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import mmap
 import os
 import stat
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,13 +46,11 @@ class ArrayInfo:
     length: int
 
 
-@dataclass(frozen=True)
-class TensorRecord:
-    name: str
-    shape: tuple[int, ...]          # ggml order: ne0 (row length) first
+class SizedTensor:
+    """Element count and byte size of a tensor record that has `shape` and `ggml_type`
+    (shared by the header's records and ModelInfo's tensors)."""
+    shape: tuple[int, ...]
     ggml_type: GGMLQuantizationType
-    offset: int                     # relative to the data section
-    shard: int = 0
 
     @property
     def n_elements(self) -> int:
@@ -57,20 +61,22 @@ class TensorRecord:
         return tensor_nbytes(self.ggml_type, self.shape)
 
 
+@dataclass(frozen=True)
+class TensorRecord(SizedTensor):
+    name: str
+    shape: tuple[int, ...]          # ggml order: ne0 (row length) first
+    ggml_type: GGMLQuantizationType
+    offset: int                     # relative to the data section
+    shard: int = 0
+
+
 def shape_elements(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape)
 
 
 def tensor_nbytes(ggml_type: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     block, type_size = GGML_QUANT_SIZES[ggml_type]
-    ne0 = shape[0]
-    rows = 1
-    for d in shape[1:]:
-        rows *= d
-    return rows * ((ne0 // block) * type_size)
+    return math.prod(shape[1:]) * ((shape[0] // block) * type_size)
 
 
 @dataclass
@@ -85,6 +91,7 @@ class GGUFHeader:
     file_size: int
     header_bytes: int = field(default=0)
     kv_sizes: dict[str, int] = field(default_factory=dict)   # bytes of each key/value entry
+    array_types: dict[str, GGUFValueType] = field(default_factory=dict)   # element type of each array key
 
     @property
     def data_end(self) -> int:
@@ -117,7 +124,7 @@ class _Cursor:
         self.pos += n
         return value
 
-    def string(self, what: str) -> str:
+    def raw_string(self, what: str) -> bytes:
         n = self.unpack("<Q", what)
         if n > 1 << 30:
             raise ModelError(f"GGUF header is corrupt: {what} claims a {n}-byte string",
@@ -125,7 +132,10 @@ class _Cursor:
         self.need(n, what)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
-        return raw.decode("utf-8", errors="replace")
+        return raw
+
+    def string(self, what: str) -> str:
+        return self.raw_string(what).decode("utf-8", errors="replace")
 
     def skip_string(self, what: str) -> None:
         n = self.unpack("<Q", what)
@@ -133,22 +143,24 @@ class _Cursor:
         self.pos += n
 
 
-def _value(cur: _Cursor, vtype: int, key: str):
+def _value(cur: _Cursor, vtype: int, key: str, verbatim: bool = False):
+    """(value type, value, array element type or None) of one metadata value."""
     try:
         vt = GGUFValueType(vtype)
     except ValueError:
         raise ModelError(f"GGUF header is corrupt: key {key!r} has unknown value type {vtype}",
                          where=str(cur.path), hint="the file is damaged or not a GGUF file") from None
+    read_string = cur.raw_string if verbatim else cur.string
     if vt in _SCALAR:
-        return vt, cur.unpack(_SCALAR[vt], key)
+        return vt, cur.unpack(_SCALAR[vt], key), None
     if vt == GGUFValueType.STRING:
-        return vt, cur.string(key)
+        return vt, read_string(key), None
     if vt == GGUFValueType.ARRAY:
         etype = GGUFValueType(cur.unpack("<I", key))
         length = cur.unpack("<Q", key)
         if etype == GGUFValueType.ARRAY:
             raise ModelError(f"nested arrays are not supported (key {key!r})", where=str(cur.path))
-        keep = length <= KEEP_ARRAY_MAX
+        keep = verbatim or length <= KEEP_ARRAY_MAX
         if etype in _SCALAR:
             width = struct.calcsize(_SCALAR[etype])
             cur.need(width * length, key)
@@ -157,16 +169,24 @@ def _value(cur: _Cursor, vtype: int, key: str):
             cur.pos += width * length
         else:  # strings
             if keep:
-                values = [cur.string(key) for _ in range(length)]
+                values = [read_string(key) for _ in range(length)]
             else:
                 for _ in range(length):
                     cur.skip_string(key)
-        return vt, (values if keep else ArrayInfo(etype, length))
+        return vt, (values if keep else ArrayInfo(etype, length)), etype
     raise ModelError(f"unsupported GGUF value type {vt!r} for {key!r}", where=str(cur.path))
 
 
-def read_header(path: str | os.PathLike, shard: int = 0) -> GGUFHeader:
+def read_header(path: str | os.PathLike, shard: int = 0, *, verbatim: bool = False) -> GGUFHeader:
     p = Path(path)
+    with _mapped_gguf(p) as (mm, size):
+        return _parse(mm, p, size, shard, verbatim)
+
+
+@contextlib.contextmanager
+def _mapped_gguf(p: Path) -> Iterator[tuple[mmap.mmap, int]]:
+    """The file mapped read-only, after the checks every reader needs: it opens (never blocking on
+    a FIFO), it is a regular file, it is long enough for a GGUF header."""
     try:
         # O_NONBLOCK: opening a FIFO for reading would otherwise wait forever for a writer.
         fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
@@ -195,12 +215,12 @@ def read_header(path: str | os.PathLike, shard: int = 0) -> GGUFHeader:
             raise ModelError(f"not a GGUF file ({size} bytes, too small for a GGUF header)",
                              where=str(p), hint="pass a .gguf model file")
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _parse(mm, p, size, shard)
+            yield mm, size
 
 
-def _parse(buf, path: Path, size: int, shard: int) -> GGUFHeader:
-    cur = _Cursor(buf, path)
-    magic = bytes(buf[0:4])
+def _preamble(cur: "_Cursor", path: Path) -> tuple[int, int, int]:
+    """Magic, version and the tensor and key counts (bounded): the cursor is left at the first key."""
+    magic = bytes(cur.buf[0:4])
     if magic != GGUF_MAGIC:
         raise ModelError(f"not a GGUF file (magic {magic!r}, expected b'GGUF')", where=str(path),
                          hint="pass a .gguf model file (convert safetensors with convert_hf_to_gguf.py)")
@@ -213,17 +233,26 @@ def _parse(buf, path: Path, size: int, shard: int) -> GGUFHeader:
     if n_tensors > 1_000_000 or n_kv > 1_000_000:
         raise ModelError(f"GGUF header is corrupt: {n_tensors} tensors / {n_kv} keys",
                          where=str(path), hint="the file is damaged; fetch it again")
+    return version, n_tensors, n_kv
+
+
+def _parse(buf, path: Path, size: int, shard: int, verbatim: bool) -> GGUFHeader:
+    cur = _Cursor(buf, path)
+    version, n_tensors, n_kv = _preamble(cur, path)
     kv: dict[str, object] = {}
     kv_types: dict[str, GGUFValueType] = {}
     kv_sizes: dict[str, int] = {}
+    array_types: dict[str, GGUFValueType] = {}
     for _ in range(n_kv):
         start = cur.pos
         key = cur.string("metadata key")
         vtype = cur.unpack("<I", key)
-        vt, value = _value(cur, vtype, key)
+        vt, value, etype = _value(cur, vtype, key, verbatim)
         kv[key] = value
         kv_types[key] = vt
         kv_sizes[key] = cur.pos - start
+        if etype is not None:
+            array_types[key] = etype
     tensors: list[TensorRecord] = []
     for _ in range(n_tensors):
         name = cur.string("tensor name")
@@ -246,8 +275,10 @@ def _parse(buf, path: Path, size: int, shard: int) -> GGUFHeader:
     header_end = cur.pos
     data_offset = (header_end + alignment - 1) // alignment * alignment
     _check_tensor_shapes(tensors, alignment, path)
-    hdr = GGUFHeader(path, version, kv, kv_types, tensors, alignment, data_offset, size, header_end, kv_sizes)
-    if hdr.data_end > size:
+    hdr = GGUFHeader(path, version, kv, kv_types, tensors, alignment, data_offset, size, header_end, kv_sizes,
+                     array_types)
+    # A file without tensors (vocab-only) has no data section, so nothing pads it to the alignment.
+    if hdr.tensors and hdr.data_end > size:
         raise ModelError(
             f"file is shorter than its tensors: it has {size:,} bytes but its header describes "
             f"{hdr.data_end:,} (an interrupted download, copy or write)",
@@ -314,3 +345,82 @@ def _gguf_version() -> str:
         return version("gguf")
     except Exception:  # pragma: no cover
         return "(unknown version)"
+
+
+# ------------------------------------------------------------------ a few keys only
+
+@contextlib.contextmanager
+def _metadata_cursor(path: str | os.PathLike) -> Iterator[tuple[_Cursor, int]]:
+    """A cursor at the first metadata key of a GGUF file, and the number of keys, after
+    read_header's checks (a regular file, the magic, the version, a sane key count)."""
+    p = Path(path)
+    with _mapped_gguf(p) as (buf, _size):
+        cur = _Cursor(buf, p)
+        _version, _n_tensors, n_kv = _preamble(cur, p)
+        yield cur, n_kv
+
+
+def read_kv(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, object]:
+    """The metadata values of `keys` that the file holds, kept as read_header keeps them (a long
+    array as its ArrayInfo). Stops once every key is found; tensor infos are never read."""
+    wanted = set(keys)
+    found: dict[str, object] = {}
+    with _metadata_cursor(path) as (cur, n_kv):
+        for _ in range(n_kv):
+            if len(found) == len(wanted):
+                break
+            key = cur.string("metadata key")
+            value = _checked_value(cur, cur.unpack("<I", key), key)
+            if key in wanted:
+                found[key] = value
+    return found
+
+
+def _checked_value(cur: _Cursor, vtype: int, key: str) -> object:
+    """_value's value, an array of an unknown element type refused like any other damage."""
+    try:
+        return _value(cur, vtype, key)[1]
+    except ValueError:   # GGUFValueType(<unknown element type>)
+        raise ModelError(f"GGUF header is corrupt: array {key!r} has elements of an unknown type",
+                         where=str(cur.path), hint="the file is damaged or not a GGUF file") from None
+
+
+def read_array_items(path: str | os.PathLike, key: str, indices: Iterable[int]) -> dict[int, object]:
+    """The elements at `indices` of the metadata array `key` (those within its length), stepping
+    over the others unread: a token's text without decoding the whole vocabulary. Empty when
+    the file has no such array."""
+    targets = sorted({i for i in indices if i >= 0})
+    with _metadata_cursor(path) as (cur, n_kv):
+        for _ in range(n_kv):
+            name = cur.string("metadata key")
+            vtype = cur.unpack("<I", name)
+            if name == key:
+                return _array_items(cur, key, targets) if vtype == GGUFValueType.ARRAY else {}
+            _checked_value(cur, vtype, name)
+    return {}
+
+
+def _array_items(cur: _Cursor, key: str, targets: list[int]) -> dict[int, object]:
+    raw_type = cur.unpack("<I", key)
+    length = cur.unpack("<Q", key)
+    targets = [t for t in targets if t < length]
+    items: dict[int, object] = {}
+    if raw_type == GGUFValueType.STRING:
+        index = 0
+        for target in targets:
+            while index < target:   # strings differ in length: step over each one
+                cur.skip_string(key)
+                index += 1
+            items[target] = cur.string(key)
+            index += 1
+        return items
+    try:
+        fmt = _SCALAR[GGUFValueType(raw_type)]
+    except (ValueError, KeyError):
+        raise ModelError(f"GGUF header is corrupt: array {key!r} has elements of an unknown type",
+                         where=str(cur.path), hint="the file is damaged or not a GGUF file") from None
+    start, width = cur.pos, struct.calcsize(fmt)
+    for target in targets:
+        cur.pos = start + target * width
+        items[target] = cur.unpack(fmt, key)
+    return items

@@ -15,36 +15,38 @@ from pathlib import Path
 from gguf.constants import GGMLQuantizationType
 
 from apex_orch.core.errors import ModelError
-from apex_orch.model.gguf_header import ArrayInfo, GGUFHeader, read_header, shape_elements, tensor_nbytes
+from apex_orch.core.text import file_name_part
+from apex_orch.model.gguf_header import ArrayInfo, GGUFHeader, SizedTensor, read_header
 
 # The most blocks (layers) apex-orch handles; the largest released models have under 200. Bounds
 # every loop sized by a block count or number, from a model header or a profile.
 MAX_BLOCKS = 4096
 
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+# A block tensor's name: `blk.<number>.<rest>`; the one place this pattern is written.
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
+BLOCK_NAME_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def block_of(name: str) -> int | None:
+    """The block (layer) number of a `blk.N.` tensor name; None for a name outside the blocks."""
     m = BLOCK_RE.match(name)
     return int(m.group(1)) if m else None
 
 
+def split_block_name(name: str) -> tuple[int, str] | None:
+    """(block number, the rest of the name) for `blk.N.<rest>`; None for a name outside the blocks."""
+    m = BLOCK_NAME_RE.match(name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(SizedTensor):
     name: str
     shape: tuple[int, ...]      # ggml order (ne0 first)
     ggml_type: GGMLQuantizationType
     shard: int
     block: int | None
-
-    @property
-    def n_elements(self) -> int:
-        return shape_elements(self.shape)
-
-    @property
-    def n_bytes(self) -> int:
-        return tensor_nbytes(self.ggml_type, self.shape)
 
     @property
     def n_dims(self) -> int:
@@ -398,6 +400,4 @@ def _check_split(headers: list[GGUFHeader]) -> None:
 
 def model_display_name(info: ModelInfo) -> str:
     """general.name or the file stem, made safe for a file name."""
-    raw = info.name
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", raw).strip("-.")
-    return safe or "model"
+    return file_name_part(info.name, "model")

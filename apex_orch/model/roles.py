@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from apex_orch.core.errors import DenseModelError, ModelError
-from apex_orch.model.info import ModelInfo
+from apex_orch.model.info import ModelInfo, split_block_name
 
 
 class Role(str, Enum):
@@ -35,14 +35,11 @@ class Role(str, Enum):
         return self.value
 
 
-# Roles a profile may give a type to (router, norm and aux are never quantized by llama.cpp).
-TYPEABLE_ROLES = (Role.ROUTED_EXPERT, Role.SHARED_EXPERT, Role.DENSE_FFN, Role.ATTENTION, Role.SSM,
-                  Role.EMBEDDING, Role.OUTPUT, Role.NEXTN)
+# Roles llama.cpp never quantizes: a profile cannot give them a type.
 NEVER_QUANTIZED_ROLES = (Role.ROUTER, Role.NORM, Role.AUX)
 
 ATTENTION_SLOTS = ("q", "k", "v", "qkv", "output", "gate", "q_a", "q_b", "kv_a_mqa", "kv_b", "k_b",
                    "v_b", "sinks")
-EXPERT_SLOTS = ("gate", "up", "gate_up", "down")
 
 
 @dataclass(frozen=True)
@@ -125,9 +122,6 @@ ROLE_DECISIONS: tuple[RoleDecision, ...] = (
        "the multi-token-prediction head: typed as an edge block (or by `nextn`)"),
 )
 
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
-
-
 @dataclass(frozen=True)
 class TensorRole:
     role: Role
@@ -147,13 +141,13 @@ def _match(name: str, block: bool) -> tuple[RoleDecision, str] | None:
 
 
 def classify_name(name: str, nextn_blocks: frozenset[int] = frozenset()) -> TensorRole:
-    m = _BLOCK_RE.match(name)
-    if not m:
+    in_block = split_block_name(name)
+    if in_block is None:
         hit = _match(name, block=False)
         if hit:
             return TensorRole(hit[0].role, hit[1], None, hit[0].kind)
         return TensorRole(Role.UNASSIGNED, name, None)
-    block, rest = int(m.group(1)), m.group(2)
+    block, rest = in_block
     hit = _match(rest, block=True)
     if hit:
         d, slot = hit

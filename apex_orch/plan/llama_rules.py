@@ -13,9 +13,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T, LlamaFileType as F
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
+from gguf.constants import LlamaFileType as F
 
 from apex_orch.core.errors import PlanError
+from apex_orch.model.info import block_of
 
 # llama-quantize's FTYPE names (tools/quantize/quantize.cpp QUANT_OPTIONS), case-insensitive.
 FTYPE_BY_NAME: dict[str, F] = {
@@ -62,13 +65,6 @@ def parse_ftype(name: str) -> F:
         raise PlanError(f"unknown llama-quantize type {name!r}",
                         hint="use one of: " + ", ".join(sorted(FTYPE_BY_NAME)))
     return ft
-
-
-def ftype_name(ft: F) -> str:
-    for name, value in FTYPE_BY_NAME.items():
-        if value == ft and name not in ("Q3_K", "Q4_K", "Q5_K"):
-            return name
-    return ft.name
 
 
 def default_type(ft: F) -> T:
@@ -201,8 +197,8 @@ class TypeDecision:
 
 def sort_key(name: str) -> tuple[int, str]:
     """weight_name_comparer: by block number (non-block tensors first), then name."""
-    m = re.match(r"blk\.(\d+)\.", name)
-    return (int(m.group(1)) if m else -1, name)
+    block = block_of(name)
+    return (-1 if block is None else block, name)
 
 
 def predict_types(
@@ -261,10 +257,10 @@ def _mixture(name, shape, new: T, ftype: F, cat: str, hp: ModelHParams, st: dict
     def layer_info(counter: str) -> tuple[int, int]:
         n_layer = hp.n_layer
         if n_expert > 1:
-            m = re.match(r"blk\.(\d+)\.", name)
-            if not m:
+            block = block_of(name)
+            if block is None:
                 raise PlanError(f"llama-quantize cannot determine the layer of {name}")
-            return int(m.group(1)), n_layer
+            return block, n_layer
         return st[counter], n_layer
 
     if hp.arch == "glm5-next" and any(s in name for s in ("attn_q_a", "attn_q_b", "nextn.eh_proj")):

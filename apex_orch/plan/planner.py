@@ -1,25 +1,26 @@
 """The Plan: every tensor's requested type, the type llama-quantize will write, and bytes.
 
 `make_plan(model, profile)` is pure: header + profile in, a Plan out. Everything
-downstream — render, dry-run display, size checks, the post-quantize verification,
-model cards — reads the same Plan.
+downstream — the rendered rules (render.py), dry-run display, size checks, the
+post-quantize verification, model cards — reads the same Plan. The plan carries its
+rules, built once by render.build_rules, and predicts the exact size of the output file.
 """
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from gguf.constants import GGMLQuantizationType as T
 
-from apex_orch.core.errors import PlanError, RenderError
+from apex_orch.core.errors import PlanError
 from apex_orch.model.gguf_header import shape_elements, tensor_nbytes
 from apex_orch.model.info import ModelInfo
-from apex_orch.plan.profiles import Profile, ResolvedBands, check_profile_fits
-from apex_orch.plan.llama_rules import (ModelHParams, TypeDecision, ggml_n_dims, parse_ftype, predict_types,
-                                sort_key)
 from apex_orch.model.roles import Role, classify, require_moe
+from apex_orch.plan.llama_rules import (ModelHParams, TypeDecision, allows_quantization, ggml_n_dims, parse_ftype,
+                                        predict_types, sort_key)
+from apex_orch.plan.profiles import Profile, ResolvedBands, check_profile_fits
+from apex_orch.plan.render import Rule, build_rules
 
 GIB = 1024 ** 3
 
@@ -48,16 +49,6 @@ class PlannedTensor:
     @property
     def source_bytes(self) -> int:
         return tensor_nbytes(self.source_type, self.shape)
-
-
-@dataclass(frozen=True)
-class Rule:
-    pattern: str     # what llama-quantize receives (already lowercase, anchored)
-    type: T
-    tensors: tuple[str, ...]
-
-    def render(self) -> str:
-        return f"{self.pattern}={self.type.name.lower()}"
 
 
 @dataclass
@@ -235,7 +226,6 @@ def make_plan(model: ModelInfo, profile: Profile, *, has_imatrix: bool | None = 
     requested: dict[str, tuple[T | None, str, str | None]] = {}
     missing_roles: dict[str, int] = defaultdict(int)
     unassigned: list[str] = []
-    from apex_orch.plan.llama_rules import allows_quantization
     for t in model.tensors:
         tr = roles[t.name]
         band = _band_for(tr.role, tr.block, bands, main_blocks)
@@ -288,76 +278,6 @@ def make_plan(model: ModelInfo, profile: Profile, *, has_imatrix: bool | None = 
                         hint="give those tensors a type whose block size divides their row length "
                              "(e.g. a 32-block type like Q8_0/Q5_0/IQ4_NL), or drop --strict")
     return plan
-
-
-# ------------------------------------------------------------------ rendering
-
-def _escape(text: str) -> str:
-    """Escape for an ECMAScript regex that llama-quantize lowercases: only [a-z0-9_] stay bare."""
-    return "".join(ch if (ch.isalnum() and ch.islower()) or ch.isdigit() or ch == "_" else "\\" + ch
-                   for ch in text)
-
-
-def build_rules(model: ModelInfo, requested: dict[str, T]) -> list[Rule]:
-    """Anchored rules, one per (tensor suffix, type): `^blk\\.(0|1|35)\\.ffn_down_exps\\.weight$`.
-
-    Every rule is a full-name anchor over an explicit set of names, so rules are disjoint:
-    no substring hits (attn_q vs attn_q_a), no blk.1 vs blk.1x, no order dependence.
-    """
-    groups: dict[tuple[str, T], list[int]] = defaultdict(list)
-    singles: list[tuple[str, T]] = []
-    for name, t in requested.items():
-        if name != name.lower():
-            raise RenderError(f"tensor {name!r} has upper-case letters; llama-quantize lowercases patterns, "
-                              "so no rule can match it exactly", hint="report this model's tensor names")
-        m = re.match(r"^blk\.(\d+)\.(.+)$", name)
-        if m:
-            groups[(m.group(2), t)].append(int(m.group(1)))
-        else:
-            singles.append((name, t))
-    rules: list[Rule] = []
-    for name, t in sorted(singles):
-        rules.append(Rule(f"^{_escape(name)}$", t, (name,)))
-    for (suffix, t), blocks in sorted(groups.items(), key=lambda kv: (kv[0][0], min(kv[1]))):
-        blocks = sorted(blocks)
-        alt = "|".join(str(b) for b in blocks)
-        body = f"({alt})" if len(blocks) > 1 else alt
-        rules.append(Rule(f"^blk\\.{body}\\.{_escape(suffix)}$", t, tuple(f"blk.{b}.{suffix}" for b in blocks)))
-    check_rules(model, rules, requested)
-    return rules
-
-
-def check_rules(model: ModelInfo, rules: list[Rule], requested: dict[str, T]) -> None:
-    """Simulate llama-quantize's matching (lowercase, regex search, first match wins)."""
-    compiled = [(re.compile(r.pattern.lower()), r) for r in rules]
-    hits: dict[str, int] = defaultdict(int)
-    for t in model.tensors:
-        first = next((r for rx, r in compiled if rx.search(t.name)), None)
-        if first is not None:
-            hits[first.pattern] += 1
-        want = requested.get(t.name)
-        got = first.type if first else None
-        if want is not None and got != want:
-            raise RenderError(f"rule for {t.name} would give {got.name if got else 'nothing'}, "
-                              f"planned {want.name}")
-        if want is None and first is not None:
-            raise RenderError(f"rule {first.pattern} would also hit {t.name}, which the plan leaves alone")
-    for rx, r in compiled:
-        if hits[r.pattern] == 0:
-            raise RenderError(f"rule {r.pattern} matches no tensor of {model.name}")
-
-
-def render_args(plan: Plan) -> list[str]:
-    out: list[str] = []
-    for r in plan.rules:
-        out += ["--tensor-type", r.render()]
-    return out
-
-
-def render_file(plan: Plan) -> str:
-    """The --tensor-type-file form: one PATTERN=TYPE per line (the tool reads whitespace-separated
-    tokens and has no comment syntax)."""
-    return "".join(r.render() + "\n" for r in plan.rules)
 
 
 # ------------------------------------------------------------------ file size

@@ -19,9 +19,10 @@ from pathlib import Path
 import yaml
 
 from apex_orch.core.errors import ProfileError
-from apex_orch.plan.profiles import BANDED_ROLES, Bands, TARGET_TYPES
-from apex_orch.plan.llama_rules import allows_quantization
+from apex_orch.model.info import block_of
 from apex_orch.model.roles import Role, classify_name
+from apex_orch.plan.llama_rules import allows_quantization
+from apex_orch.plan.profiles import BANDED_ROLES, TARGET_TYPES, Bands
 
 CANONICAL_SUFFIXES = (
     "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_qkv.weight", "attn_output.weight",
@@ -156,7 +157,7 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
                                    hint="tensor-type files hold a few dozen rules; use a profile's bands instead")
             rules.append((lineno, pattern, rx, qtype.name))
     universe = names or canonical_names(n_blocks)
-    blocks_in_universe = 1 + max((int(m.group(1)) for n in universe if (m := re.match(r"blk\.(\d+)\.", n))),
+    blocks_in_universe = 1 + max((b for n in universe if (b := block_of(n)) is not None),
                                  default=n_blocks - 1)
     assigned: dict[str, str] = {}
     hits: dict[int, int] = defaultdict(int)

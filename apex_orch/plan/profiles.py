@@ -26,6 +26,8 @@ Bands are symmetric, counted from each end of the main blocks (MTP blocks exclud
 `scale: auto` keeps the counts when the model has room for a middle band at least as
 deep as one edge, and otherwise scales them by blocks/reference_blocks (rounded, at
 least 1): 5/5/3 on 36 blocks; 2/2/1 on 12 blocks; 1/1/1 on 8 blocks.
+
+Which file a profile name means (user folders, then the built-ins): apex_orch.plan.profile_search.
 """
 
 from __future__ import annotations
@@ -40,14 +42,13 @@ from pathlib import Path
 
 from gguf.constants import GGMLQuantizationType as T
 
-from apex_orch.core.settings import PACKAGE_DIR
 from apex_orch.core.errors import ProfileError
-from apex_orch.model.info import MAX_BLOCKS
-from apex_orch.plan.llama_rules import FTYPE_BY_NAME, is_quantized
-from apex_orch.model.roles import Role
 from apex_orch.core.yamlio import YamlDoc, load_yaml
-
-PROFILE_NAME_RE = re.compile(r"^_?[a-z0-9][a-z0-9_-]{0,63}$")
+from apex_orch.model.info import MAX_BLOCKS
+from apex_orch.model.roles import Role
+from apex_orch.plan.gates import GATE_KEYS
+from apex_orch.plan.llama_rules import FTYPE_BY_NAME, is_quantized
+from apex_orch.plan.profile_search import PROFILE_NAME_RE, resolve_profile_path
 
 # Types llama-quantize accepts as --tensor-type targets.
 TARGET_TYPES: dict[str, T] = {t.name: t for t in (
@@ -70,32 +71,7 @@ TOP_KEYS = {"extends", "name", "tier", "description", "best_for", "base_ftype", 
 IMATRIX_KEYS = {"required", "corpus"}
 BAND_KEYS = {"edge", "near", "attention_edge", "scale", "reference_blocks"}
 OVERRIDE_KEYS = {"role", "slot", "band", "blocks", "type"}
-GATE_KEYS = {"max_mean_kld", "max_ppl_ratio", "min_same_top_p", "max_kld_99_9"}
 SCALES = ("auto", "fixed", "proportional")
-
-
-def builtin_profiles_dir() -> Path:
-    """The built-in profiles: the checkout's top-level `profiles/` (where users edit them), or,
-    in a wheel install, the same files packaged as `apex_orch/profiles/` (pyproject's package-dir)."""
-    packaged = PACKAGE_DIR / "profiles"
-    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / "profiles"
-
-
-def user_profile_dirs() -> list[Path]:
-    """The user's own profile folders, from APEX_ORCH_PROFILES (os.pathsep-separated; the
-    global --profiles-dir option sets it). They add to the built-ins and are searched first."""
-    explicit = os.environ.get("APEX_ORCH_PROFILES", "")
-    return [Path(part).expanduser() for part in explicit.split(os.pathsep) if part.strip()]
-
-
-def profile_search_path() -> list[tuple[str, Path]]:
-    """(source label, folder) in lookup order: user folders, then the built-ins."""
-    return [*((f"user {d}", d) for d in user_profile_dirs()), ("built-in", builtin_profiles_dir())]
-
-
-def profiles_dir() -> Path:
-    """The first folder a profile name is looked up in (kept for callers that show one folder)."""
-    return profile_search_path()[0][1]
 
 
 @dataclass(frozen=True)
@@ -208,61 +184,6 @@ class Profile:
 
 # ------------------------------------------------------------------ loading
 
-def resolve_profile_path(name_or_path: str, base_dir: Path | None = None, skip: Path | None = None) -> Path:
-    """A profile name (looked up in the user folders, then the built-ins) or a path ending in
-    .yaml/.yml. `skip` is the profile asking (for `extends`): a user's compact.yaml may extend
-    the built-in compact."""
-    text = str(name_or_path)
-    if text.endswith((".yaml", ".yml")):
-        p = Path(text)
-        if not p.is_absolute() and base_dir is not None:
-            p = base_dir / p
-        if not p.exists():
-            raise ProfileError("profile file not found", where=str(p),
-                               hint="check the path, or give a profile name (`apex-orch profile list`)")
-        return p
-    if not PROFILE_NAME_RE.match(text):
-        raise ProfileError(
-            f"{text!r} is not a profile name (names use a-z, 0-9, '-' and '_', no path separators or '..')",
-            hint="give a name from `apex-orch profile list`, or a file path ending in .yaml")
-    skip_resolved = skip.resolve() if skip is not None else None
-    for _source, folder in profile_search_path():
-        p = folder / f"{text}.yaml"
-        if p.is_file() and p.resolve() != skip_resolved:
-            return p
-    known = ", ".join(list_profiles()) or "(none)"
-    raise ProfileError(f"unknown profile {text!r}", hint=f"known profiles: {known}; or pass a .yaml path")
-
-
-@dataclass(frozen=True)
-class ProfileSource:
-    name: str
-    path: Path
-    source: str            # "built-in" or "user <folder>"
-    shadows_builtin: bool  # a user profile with a built-in's name wins the lookup
-
-
-def profile_sources() -> list[ProfileSource]:
-    """Every listable profile (not `_`-prefixed bases) with where it comes from, by name."""
-    found: dict[str, ProfileSource] = {}
-    builtin_names: set[str] = set()
-    for source, folder in profile_search_path():
-        if not folder.is_dir():
-            continue
-        for p in sorted(folder.glob("*.yaml")):
-            if p.stem.startswith("_") or not p.is_file():
-                continue
-            if source == "built-in":
-                builtin_names.add(p.stem)
-            found.setdefault(p.stem, ProfileSource(p.stem, p, source, False))
-    return [ProfileSource(s.name, s.path, s.source, s.source != "built-in" and s.name in builtin_names)
-            for s in sorted(found.values(), key=lambda s: s.name)]
-
-
-def list_profiles() -> list[str]:
-    return [s.name for s in profile_sources()]
-
-
 def _merge(parent: dict, child: dict) -> dict:
     out = copy.deepcopy(parent)
     for key, value in child.items():
@@ -344,7 +265,7 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
         if isinstance(d.get("bands"), dict):
             _check_keys(doc, ("bands",), d["bands"], BAND_KEYS)
         if isinstance(d.get("gates"), dict):
-            _check_keys(doc, ("gates",), d["gates"], GATE_KEYS)
+            _check_keys(doc, ("gates",), d["gates"], set(GATE_KEYS))
         if isinstance(d.get("types"), dict):
             allowed = set(BANDED_ROLES) | set(SINGLE_ROLES) | {"nextn"}
             for role in d["types"]:

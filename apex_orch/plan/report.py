@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from apex_orch.plan.planner import Plan
 from apex_orch.core.text import gb, gib, human_count, table
+from apex_orch.plan.planner import Plan
 
 ROLE_ORDER = ("routed_expert", "shared_expert", "dense_ffn", "attention", "ssm", "nextn", "embedding",
               "output", "router", "norm", "aux", "unassigned")

@@ -1,7 +1,7 @@
 """Cross-check the plan against the llama-quantize that will run, before it writes anything.
 
 apex-orch predicts every tensor's type with a port of the pinned llama.cpp's rules
-(quantmix.py). A user's own build (CUDA, Metal, a newer release) may assign types
+(plan/llama_rules.py). A user's own build (CUDA, Metal, a newer release) may assign types
 differently; without this check that is found only after a long quantization, by the
 verification. So every quantize first runs the tool's own `--dry-run` with the rendered
 rules (header only, ~60 ms on the 119B header) and compares it with the plan tensor by
@@ -20,10 +20,10 @@ from pathlib import Path
 from gguf.constants import GGMLQuantizationType as T
 
 from apex_orch.core.errors import ToolFailedError, ToolPlanMismatchError
-from apex_orch.model.gguf_header import tensor_nbytes
-from apex_orch.llama.tools import run_tool
-from apex_orch.plan.planner import Plan
 from apex_orch.llama.quantlog import parse_records
+from apex_orch.llama.tools import run_tool
+from apex_orch.model.gguf_header import tensor_nbytes
+from apex_orch.plan.planner import Plan
 
 TOOL_TYPES_SOURCE = "llama-quantize --dry-run"
 
@@ -38,12 +38,12 @@ class TypeDifference:
         return f"{self.tensor}: planned {self.planned}, the tool's dry-run {self.tool}"
 
 
-def tool_dry_run_types(argv: list[str], out_placeholder: Path) -> dict[str, str]:
-    """Run llama-quantize `argv` (a real quantize command line) as --dry-run; tensor -> type name."""
-    dry = [argv[0], "--dry-run", *argv[1:]]
+def tool_dry_run_types(dry_argv: list[str], out_placeholder: Path) -> dict[str, str]:
+    """Run a llama-quantize --dry-run command line (QuantizeJob.argv(..., dry_run=True)) whose output
+    would be `out_placeholder`; tensor -> type name."""
     with tempfile.TemporaryDirectory(prefix="apex-orch-dry-run-") as tmp:
         log = Path(tmp) / "dry-run.log"
-        run_tool(dry, log_path=log, what="llama-quantize --dry-run")
+        run_tool(dry_argv, log_path=log, what="llama-quantize --dry-run")
         text = log.read_text(errors="replace")
     if out_placeholder.exists():  # a dry run must never write; if this one did, nothing downstream is safe
         raise ToolFailedError(f"llama-quantize --dry-run wrote {out_placeholder}; this build's --dry-run "

@@ -10,12 +10,12 @@ bytes and a golden file can pin the text.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from apex_orch import __version__
+from apex_orch.core.text import hub_size, human_count, md_code, md_inline, md_table
 
 CARD_MARKER = "<!-- written by apex-orch release"
 BASE_TAGS = ("gguf", "moe", "apex", "quantized")
@@ -204,6 +204,7 @@ def _tier_facts(tier_cfg, job, ff: FileFacts, written: dict, record: dict | None
 
 def _mmproj_facts(path: Path) -> MmprojFacts:
     from gguf.constants import LlamaFileType
+
     from apex_orch.model.gguf_header import read_header
     kv = read_header(path).kv
     proj = kv.get("clip.projector_type") or kv.get("clip.vision.projector_type")
@@ -259,22 +260,6 @@ def facts_from_release(state, *, file_facts: Callable | None = None) -> CardFact
 
 # =========================================================================== formatting
 
-def fmt_size(n: int) -> str:
-    """Decimal units, as the Hub shows them."""
-    if n >= 1e9:
-        return f"{n / 1e9:.1f} GB"
-    if n >= 1e6:
-        return f"{n / 1e6:.1f} MB"
-    return f"{n / 1e3:.1f} KB"
-
-
-def fmt_params(n: int) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
-
-
 def fmt_ppl(v: float, err: float | None = None, *, large: bool | None = None) -> str:
     """4 decimals, or 1 with thousands separators when the column holds values >= 1000."""
     large = v >= 1000 if large is None else large
@@ -309,33 +294,6 @@ def apex_line(a: ArchFacts) -> str:
     kind = a.attention.removeprefix("hybrid ")
     aware = mapping.get(kind.split("+")[0], "role-aware")
     return f"{a.edge}+{a.edge} symmetric edge gradient across {a.band_blocks} layers, {aware} tensor mapping"
-
-
-def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
-    return out
-
-
-_SPACE_RE = re.compile(r"\s+")
-_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def md_inline(text: object) -> str:
-    """Text from configs, profiles or a GGUF on one line of Markdown: control characters dropped,
-    whitespace (newlines) collapsed so it can neither end the line nor start a heading, list or
-    table row, and '<' escaped so it cannot open HTML (a comment would hide the rest of the card)."""
-    return _CONTROL_RE.sub("", _SPACE_RE.sub(" ", str(text))).strip().replace("<", "&lt;")
-
-
-def md_cell(text: object) -> str:
-    """md_inline for a table cell: '|' escaped so it cannot split the row."""
-    return md_inline(text).replace("|", "\\|")
-
-
-def md_code(text: object) -> str:
-    """md_inline inside a `code span`: a backquote would end it."""
-    return md_inline(text).replace("`", "'")
 
 
 # =========================================================================== rendering
@@ -386,24 +344,24 @@ def render_card(f: CardFacts) -> str:
         large = max([t.eval.ppl for t in evaluated] + ([f.base_eval.ppl] if f.base_eval else [])) >= 1000
         if f.base_eval is not None:
             b = f.base_eval
-            rows.append([f"source ({b.file_type})", fmt_size(b.size), fmt_ppl(b.ppl, b.ppl_err, large=large), "—", "—"]
+            rows.append([f"source ({b.file_type})", hub_size(b.size), fmt_ppl(b.ppl, b.ppl_err, large=large), "—", "—"]
                         + ([fmt_speed(b.pp_tokens_per_s, b.tg_tokens_per_s)] if speed else []))
         for t in f.tiers:
             if t.eval is None:
-                rows.append([t.file.name, fmt_size(t.file.size), "pending", "pending", "pending"]
+                rows.append([t.file.name, hub_size(t.file.size), "pending", "pending", "pending"]
                             + (["pending"] if speed else []))
                 continue
             e = t.eval
-            rows.append([t.file.name, fmt_size(t.file.size), fmt_ppl(e.ppl, e.ppl_err, large=large), fmt_kld(e.kld_mean),
+            rows.append([t.file.name, hub_size(t.file.size), fmt_ppl(e.ppl, e.ppl_err, large=large), fmt_kld(e.kld_mean),
                          fmt_pct(e.same_top_p)] + ([fmt_speed(e.pp_tokens_per_s, e.tg_tokens_per_s)] if speed else []))
-        out += _md_table(headers, rows)
+        out += md_table(headers, rows)
     # ---- files
     out += ["", "## Available Files", ""]
-    rows = [[file_cell(t.file), t.tier, fmt_size(t.file.size), t.best_for] for t in f.tiers]
+    rows = [[file_cell(t.file), t.tier, hub_size(t.file.size), t.best_for] for t in f.tiers]
     if f.mmproj is not None:
-        rows.append([file_cell(f.mmproj.file), "Vision projector", fmt_size(f.mmproj.file.size),
+        rows.append([file_cell(f.mmproj.file), "Vision projector", hub_size(f.mmproj.file.size),
                      "Required for image understanding"])
-    out += _md_table(["File", "Profile", "Size", "Best For"], rows)
+    out += md_table(["File", "Profile", "Size", "Best For"], rows)
     if any(len(t.file.names) > 1 for t in f.tiers):
         out += ["", "Split files: download every part into one folder and point llama.cpp at the first part."]
     # ---- LocalAI
@@ -458,7 +416,7 @@ def render_card(f: CardFacts) -> str:
     out += [f"- **Model**: {md_inline(a.model)} (llama.cpp architecture `{md_code(a.arch)}`)",
             f"- **Layers**: {layers}",
             f"- **Experts**: {experts}",
-            f"- **Parameters**: {fmt_params(a.total_params)} total, {fmt_params(a.active_params)} active per token",
+            f"- **Parameters**: {human_count(a.total_params)} total, {human_count(a.active_params)} active per token",
             f"- **Attention**: {att}",
             f"- **Vision**: {vision}",
             f"- **Context**: {ctx}",
@@ -501,7 +459,7 @@ def render_card(f: CardFacts) -> str:
         for role, n, types in t.roles:
             by_band = "; ".join(f"{b}: {v}" for b, v in bands.get(role, ())) or "—"
             rows.append([ROLE_NAMES.get(role, role), str(n), ", ".join(f"{ty} ×{c}" for ty, c in types), by_band])
-        out += _md_table(["Role", "Tensors", "Types", "By band"], rows)
+        out += md_table(["Role", "Tensors", "Types", "By band"], rows)
     if f.mmproj is not None:
         out += ["", f"### {f.mmproj.file.name}", "",
                 "The vision projector, included unchanged by the APEX profiles.", ""]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from apex_orch.demo import synthetic
+from apex_orch.demo.spec import SyntheticSpec
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,9 @@ class RefConfig:
     eval_chunks: int = 32           # held-out chunks of seq_len tokens per domain
     name: str = "APEX-Reference-MoE"
 
-    def spec(self) -> synthetic.SyntheticSpec:
-        """The apex_orch.demo.synthetic spec with this architecture (the GGUF layout and metadata)."""
-        return synthetic.SyntheticSpec(
+    def spec(self) -> SyntheticSpec:
+        """The synthetic-model spec (apex_orch.demo.spec) with this architecture (the GGUF layout and metadata)."""
+        return SyntheticSpec(
             arch="mistral4", n_layer=self.n_layer, n_embd=self.n_embd, n_expert=self.n_expert,
             n_expert_used=self.n_expert_used, n_expert_shared=self.n_expert_shared,
             expert_ff=self.expert_ff, n_head=self.n_head, q_lora_rank=self.q_lora_rank,

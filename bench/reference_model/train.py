@@ -5,7 +5,7 @@
     .venv/bin/python -m bench.reference_model.train --config smoke --out-dir /tmp/x --no-results
     .venv/bin/python -m bench.reference_model.train --set steps=50   # experiment (own cache key)
 
-The GGUF lands at <cache>/models/reference-moe-<key>.gguf (cache = apex_orch.llama.pin.cache_root()),
+The GGUF lands at <cache>/models/reference-moe-<key>.gguf (cache = apex_orch.core.settings.cache_root()),
 next to reference-moe-<key>.json (the full record: config, data, training, validation) and the
 held-out texts reference-moe-<key>.heldout-{code,prose}.txt. <key> hashes the config, the
 selected text, the code that determines the weights, torch's version and the llama.cpp pin,
@@ -21,6 +21,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -41,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
+from apex_orch.core import settings  # noqa: E402
 from apex_orch.llama import pin  # noqa: E402
 from apex_orch.demo import synthetic  # noqa: E402
 from apex_orch.llama.tools import build_label  # noqa: E402
@@ -75,7 +77,7 @@ def cache_key(cfg: RefConfig, corpus_sha: str) -> str:
 
 
 def default_out_dir() -> Path:
-    return pin.cache_root() / "models"
+    return settings.cache_root() / "models"
 
 
 def paths(out_dir: Path, key: str) -> dict[str, Path]:
@@ -100,10 +102,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def param_counts(cfg: RefConfig, n_vocab: int) -> dict[str, int]:
     shapes = synthetic.tensor_shapes(cfg.spec(), n_vocab)
-    total = sum(int(np.prod(s)) for s in shapes.values())
-    routed = sum(int(np.prod(s)) for n, s in shapes.items() if n.endswith("_exps.weight"))
+    total = sum(math.prod(s) for s in shapes.values())
+    routed = sum(math.prod(s) for n, s in shapes.items() if n.endswith("_exps.weight"))
     inactive = routed * (cfg.n_expert - cfg.n_expert_used) // cfg.n_expert
-    embd = int(np.prod(shapes["token_embd.weight"]))
+    embd = math.prod(shapes["token_embd.weight"])
     return {"total": total, "active": total - inactive, "active_without_token_embd": total - inactive - embd,
             "routed_experts": routed, "tensors": len(shapes)}
 

@@ -17,8 +17,10 @@ import archkit
 from apex_orch.cli import main
 from apex_orch.llama.tools import find_tool, run_tool
 from apex_orch.model.info import read_model
-from apex_orch.plan.planner import make_plan, render_file
-from apex_orch.plan.profiles import list_profiles, load_profile
+from apex_orch.plan.planner import make_plan
+from apex_orch.plan.render import render_file
+from apex_orch.plan.profile_search import list_profiles
+from apex_orch.plan.profiles import load_profile
 from apex_orch.llama.quantlog import parse_records, quant_size_mib
 from apex_orch.model.roles import Role, classify
 

@@ -24,11 +24,11 @@ import pytest
 from click.testing import CliRunner, Result
 
 from apex_orch.llama import pin
-from apex_orch.demo import synthetic
+from apex_orch.demo.spec import SyntheticSpec
 from apex_orch.cli import main
 
-TINY_SPEC = synthetic.SyntheticSpec(arch="mistral4", n_layer=4, n_embd=256, n_expert=4, n_expert_used=2,
-                                    n_expert_shared=1, expert_ff=256, name="Tiny-MoE", seed=7)
+TINY_SPEC = SyntheticSpec(arch="mistral4", n_layer=4, n_embd=256, n_expert=4, n_expert_used=2,
+                          n_expert_shared=1, expert_ff=256, name="Tiny-MoE", seed=7)
 TINY_NAME = "Tiny-MoE"
 PLANTED_TOKEN = "hf_PlantedTokenValue4Reliability0123456789"
 

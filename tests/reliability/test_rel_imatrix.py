@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import pytest
 
-from apex_orch.calibration.imatrix import expected_tensors
+from apex_orch.calibration.imatrix_file import expected_tensors
 from apex_orch.model.info import read_model
 from relkit import assert_failed_cleanly, cli
 

@@ -27,7 +27,7 @@ import pytest
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
 from apex_orch.calibration import chat_template as chat_sandbox
-from apex_orch.calibration import corpus
+from apex_orch.calibration import sources
 from apex_orch.llama import pin
 from relkit import assert_failed_cleanly, assert_one_error, cli, compact_output, run_cli
 
@@ -309,7 +309,7 @@ def test_well_behaved_template_still_renders(templated, tmp_path):
 # ============================================================================ bounded work: corpus lines
 
 def test_corpus_line_too_long(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "MAX_LINE_CHARS", 1000)
+    monkeypatch.setattr(sources, "MAX_LINE_CHARS", 1000)
     data = tmp_path / "rows.jsonl"
     data.write_text('{"text": "short"}\n{"text": "' + "x" * 2000 + '"}\n')
     c = tmp_path / "rows.yaml"
@@ -320,7 +320,7 @@ def test_corpus_line_too_long(tmp_path, monkeypatch):
 
 
 def test_corpus_too_many_documents(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "MAX_SOURCE_DOCUMENTS", 10)
+    monkeypatch.setattr(sources, "MAX_SOURCE_DOCUMENTS", 10)
     data = tmp_path / "lines.txt"
     data.write_text("".join(f"line {i}\n" for i in range(11)))
     c = tmp_path / "lines.yaml"
@@ -331,7 +331,7 @@ def test_corpus_too_many_documents(tmp_path, monkeypatch):
 
 def test_corpus_gzip_bomb(tmp_path, monkeypatch):
     import gzip
-    monkeypatch.setattr(corpus, "MAX_SOURCE_CHARS", 1 << 20)
+    monkeypatch.setattr(sources, "MAX_SOURCE_CHARS", 1 << 20)
     data = tmp_path / "bomb.txt.gz"
     with gzip.open(data, "wt") as fh:
         fh.write("a" * (4 << 20))

@@ -6,7 +6,7 @@ change between its sampled blocks: those cases use the embedded demo model (`--d
 its Compact ~30 MB) and change bytes in the middle of the tensor data (`flip_middle`). The other
 cases use the 4-block tiny model. Real llama-quantize / llama-imatrix / bindings throughout; a
 FAKE llama-quantize (the `tripwire`) only where a case must prove that no tool was started, and
-a FAKE HfApi (records calls, no network) for publish.
+a FAKE Hub on 127.0.0.1 (tests/hubserver.py) for publish.
 
 The whole module runs under its own APEX_ORCH_CACHE (the pinned build linked in), so the
 imatrix, eval and sha256-memo caches start empty and the real cache is never written.
@@ -18,7 +18,6 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -166,7 +165,8 @@ def test_cache_keys_that_name_a_source_follow_its_bytes(demo_model, tmp_path, ev
     """Finding 1: the imatrix cache key, the --from-q8 Q8_0 copy and the eval base log-prob cache
     were keyed by the sampled fingerprint, so 2 MB of new weights reused the old entries. Each is
     now keyed by the source's full sha256 (memoised: an unchanged source is not read again)."""
-    from apex_orch.evaluation import evaluate as ev
+    from apex_orch.evaluation import base_cache as base_logprobs, evaluate as ev
+    from apex_orch.evaluation.inputs import EvalSettings, model_facts, text_facts
     from apex_orch.core import fingerprint
     from apex_orch.calibration import imatrix as im
     src = tmp_path / "src.gguf"
@@ -174,9 +174,9 @@ def test_cache_keys_that_name_a_source_follow_its_bytes(demo_model, tmp_path, ev
 
     def keys():
         plan = im.plan_imatrix(src, "diverse", ctx=128, chunks=4, tokens=100_000, from_q8=True)
-        base = ev.model_facts(src)
-        base_cache = ev.evalcache.cache_path(ev.base_cache_inputs(base, ev.text_facts(text=eval_text),
-                                                                  ev.EvalSettings()))
+        base = model_facts(src)
+        base_cache = base_logprobs.cache_path(ev.base_cache_inputs(base, text_facts(text=eval_text),
+                                                                  EvalSettings()))
         return plan.key_material["model"], plan.key, plan.q8_path, base.fingerprint, base_cache
 
     first = keys()
@@ -189,52 +189,45 @@ def test_cache_keys_that_name_a_source_follow_its_bytes(demo_model, tmp_path, ev
     assert [a != b for a, b in zip(first, second)] == [True] * 5
 
 
-class _FakeHfApi:
-    """A FAKE huggingface_hub.HfApi: records calls, holds nothing, no network."""
-
-    def __init__(self):
-        self.calls: list[str] = []
-
-    def create_repo(self, repo_id, **kw):
-        self.calls.append("create_repo")
-
-    def get_paths_info(self, repo_id, paths, **kw):
-        self.calls.append("get_paths_info")
-        return []
-
-    def preupload_lfs_files(self, repo_id, additions, **kw):
-        self.calls.append("preupload")
-
-    def create_commit(self, repo_id, operations, **kw):
-        self.calls.append("create_commit")
-        return SimpleNamespace(commit_url=None, oid=None)
+@pytest.fixture
+def hub(monkeypatch):
+    """A fake Hugging Face Hub on 127.0.0.1 (tests/hubserver.py) that the real huggingface_hub
+    client talks to: it records every request and keeps what arrives."""
+    from hubserver import running_hub   # tests/hubserver.py: only the publish case needs it
+    with running_hub(monkeypatch) as server:
+        yield server
 
 
-def test_publish_hashes_what_it_uploads(demo_release, monkeypatch):
+def test_publish_hashes_what_it_uploads(demo_release, hub, monkeypatch):
     """Finding 1: publish took the sha256 from the manifest and checked only the size. Here the
     bytes change and the mtime is set back, so even the stat check passes: publish's own full
-    hash refuses the file before anything is uploaded. (Bytes restored afterwards.)"""
+    hash refuses the file before anything is uploaded. (Bytes restored afterwards, and then the
+    same publish reaches the Hub: the refusal was publish's own.)"""
     from apex_orch.release import runner as rel
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    from apex_orch.release.config_reader import load_release
+    monkeypatch.setenv("HF_TOKEN", "hf_integrityTestToken0123456789abcd")
     cfg, out = demo_release
     gguf = out / "Demo-Integrity-APEX-Compact.gguf"
     st = gguf.stat()
     good = sha256(gguf)
     flip_middle(gguf, 64 << 10)
     os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))
-    fake = _FakeHfApi()
     try:
         with pytest.raises(PublishError) as err:
-            rel.run_release(rel.load_release(cfg), phases=["publish"], push=True, out_dir=out, api=fake)
+            rel.run_release(load_release(cfg), phases=["publish"], push=True, out_dir=out)
         msg = err.value.render()
         assert msg.startswith(f"{gguf}: Demo-Integrity-APEX-Compact.gguf changed since it was written: its sha256 "
                               f"is {sha256(gguf)[:16]}..., its manifest and the model card record {good[:16]}...")
         assert "nothing was uploaded" in msg
-        assert fake.calls == []
+        assert hub.requests == []
     finally:
         flip_middle(gguf, 64 << 10)
         os.utime(gguf, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert sha256(gguf) == good
+    rel.run_release(load_release(cfg), phases=["publish"], push=True, out_dir=out)
+    stored = hub.stored("apex-orch/Demo-Integrity-APEX-GGUF")
+    assert stored[gguf.name] == gguf.read_bytes()
+    assert hub.ops()[-1] == "commit"
 
 
 def test_card_is_not_rendered_for_changed_bytes(demo_release, tmp_path):
@@ -319,13 +312,14 @@ def test_compare_refuses_a_plot_over_its_base(src_copy, eval_text):
 
 def test_eval_base_cache_that_is_the_base_is_refused(src_copy, eval_text):
     """A base log-prob cache entry that is a link to the base model (planted in the cache)."""
-    from apex_orch.evaluation import evaluate as ev
+    from apex_orch.evaluation import base_cache as base_logprobs, evaluate as ev
+    from apex_orch.evaluation.inputs import EvalSettings, model_facts, text_facts
     good = sha256(src_copy)
-    base, text = ev.model_facts(src_copy), ev.text_facts(text=eval_text)
-    entry = ev.evalcache.cache_path(ev.base_cache_inputs(base, text, ev.EvalSettings()))
+    base, text = model_facts(src_copy), text_facts(text=eval_text)
+    entry = base_logprobs.cache_path(ev.base_cache_inputs(base, text, EvalSettings()))
     plant_link(entry, src_copy)
     with pytest.raises(OutputIsInputError, match="is the input"):
-        ev.ensure_base_cache(base, text, ev.EvalSettings())
+        ev.ensure_base_cache(base, text, EvalSettings())
     assert entry.is_symlink() and sha256(src_copy) == good
 
 

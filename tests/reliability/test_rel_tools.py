@@ -57,7 +57,7 @@ def test_tool_binary_missing(tiny_moe, tmp_path, monkeypatch):
 def test_tool_binary_missing_in_llama_bin_dir_flag(tiny_moe, tmp_path):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
-    # (the flag sets APEX_LLAMA_BIN_DIR for the process; env=... makes CliRunner restore it afterwards)
+    # (the flag is passed to tool discovery as a value; APEX_LLAMA_BIN_DIR is unset so only the flag counts)
     r = cli("--llama-bin-dir", empty, "quantize", "-p", "compact", tiny_moe, "--out-dir", tmp_path / "out", "--no-eval",
             env={"APEX_LLAMA_BIN_DIR": None})
     assert_failed_cleanly(r.output, 7, r.exit_code, f"{empty}/llama-quantize", "make llama")

@@ -1,0 +1,82 @@
+"""Quality gates as a profile or a release promises them: which bounds exist and their values.
+
+Takes: a mapping such as a profile's or release config's `gates:` ({max_mean_kld: 0.05, ...})
+or the eval/compare options. Gives: `Gates` (the bounds that are set) and `RULES`, one row per
+gate: its key, the statistic it bounds, how eval and the release word it.
+
+The one definition of the gates. It lives with the profiles (the lowest stage that declares
+gates) so plan, evaluation and release all read it without importing upwards; checking a
+measurement against it is evaluation.gates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from apex_orch.core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class GateRule:
+    key: str               # the config key; the CLI option is --key-with-dashes
+    stat: str              # the KLDStats field it bounds
+    summary_field: str     # the same number in a release's per-tier summary
+    eval_name: str         # how eval / compare name it
+    release_name: str      # how the release names it
+    upper: bool            # True: a maximum; False: a minimum
+    decimals: int          # eval shows the value with this many decimals
+    unit: str = ""
+
+    def passes(self, value: float, bound: float) -> bool:
+        # Written so that NaN fails both kinds of bound.
+        return value <= bound if self.upper else value >= bound
+
+
+RULES: tuple[GateRule, ...] = (
+    GateRule("max_mean_kld", "kld_mean", "kld_mean", "mean KLD", "mean KLD", upper=True, decimals=6),
+    GateRule("max_ppl_ratio", "mean_ppl_ratio", "ppl_ratio", "PPL(Q)/PPL(base)", "PPL(Q)/PPL(base)",
+             upper=True, decimals=6),
+    GateRule("min_same_top_p", "same_top_p", "same_top_p", "same top p", "same top p %", upper=False,
+             decimals=3, unit="%"),
+    GateRule("max_kld_99_9", "kld_p999", "kld_p999", "KLD 99.9%", "KLD 99.9%", upper=True, decimals=6),
+)
+GATE_KEYS: tuple[str, ...] = tuple(rule.key for rule in RULES)
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Quality thresholds; None = not checked. same_top_p is in percent like the tool prints."""
+    max_mean_kld: float | None = None
+    max_ppl_ratio: float | None = None
+    min_same_top_p: float | None = None
+    max_kld_99_9: float | None = None
+
+    KEYS = GATE_KEYS
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | None, *, where: str | None = None) -> "Gates":
+        """From a release config / profile dict, e.g. {max_mean_kld: 0.05, max_ppl_ratio: 1.02}."""
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.KEYS))
+        if unknown:
+            raise UsageError(f"unknown gate key(s): {', '.join(unknown)} (known: {', '.join(cls.KEYS)})",
+                             where=where)
+        values = {}
+        for key in cls.KEYS:
+            value = data.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UsageError(f"gate {key} must be a number, got {value!r}", where=where)
+            values[key] = float(value)
+        return cls(**values)
+
+    def bounds(self) -> dict[str, float]:
+        """The gates that are set, by key."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.bounds())

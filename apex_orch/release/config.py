@@ -1,0 +1,205 @@
+"""The release YAML schema: what `releases/*.yaml` may say, as typed values.
+
+A config is strict: an unknown key, a wrong type or a bad value is a ConfigError at `file:line`
+(config_reader.load_release reads the YAML into these types). Paths written in the YAML are
+relative to the YAML's folder (`~` and `${VAR}` expand; an unset variable is reported where the
+path is first needed, so `--dry-run --source` works on a machine without the models)::
+
+    name: Mistral-Small-4-119B          # files: <name>-APEX-<Tier>.gguf (made safe for file names)
+    title: ...                          # card title (default "<name> APEX GGUF")
+    base_model: mistralai/Mistral-Small-4-119B-2603   # card front matter
+    license: apache-2.0
+    description: ...                    # one paragraph for the card and LocalAI entries
+    tags: [mistral4, vision]            # added to gguf / moe / apex / quantized
+    source:                             # exactly one of:
+      gguf: path.gguf | [shard paths]   #   local GGUF (a split model: its shards)
+      demo: true                        #   the embedded demo model (apex_orch.demo.synthetic)
+      hf: {repo: org/name, revision: <40-hex commit>, files: [model.gguf]}
+      convert: {repo: org/name, revision: <40-hex>, outtype: bf16, mistral_format: false}
+      convert: {path: checkpoint-folder, outtype: bf16}   #   a local Hugging Face checkpoint folder
+    tiers: [i-balanced, quality, ...]   # profile names / .yaml paths, or {profile: NAME, best_for: TEXT}
+    imatrix: {corpus: diverse, ctx: 512, chunks: 200, from_q8: false}   # once, for every I-tier
+    eval: {enabled: true, corpus: NAME | text: path, ctx: 512, chunks: 64, speed: true,
+           gates: {max_mean_kld: .., max_ppl_ratio: .., min_same_top_p: .., max_kld_99_9: ..}}
+    mmproj:                             # optional vision projector, never touched by profiles
+      file: path.gguf | hf: {repo, revision, file} | convert: {outtype: f16|q8_0, repo?, revision?}
+                                        #   (convert without repo: the source's repo or checkpoint folder)
+      name: mmproj.gguf                 # its file name in the release
+    publish: {repo: owner/name, private: false}
+    split_max_size: 48G                 # optional: split outputs larger than this
+    output: path                        # release folder (default: out/release/<name> under the cwd)
+
+Only types and key sets live here (no YAML reading, no file access), so every phase, the dry run
+and the card can name a config's parts without pulling in the reader.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apex_orch.core.errors import ConfigError
+from apex_orch.core.settings import PACKAGE_DIR, config_variable
+from apex_orch.core.yamlio import YamlDoc
+from apex_orch.plan.profiles import Profile
+
+# The keys each section allows (the `gates` keys are plan.gates.GATE_KEYS).
+TOP_KEYS = {"name", "title", "base_model", "license", "description", "tags", "source", "tiers", "imatrix",
+            "eval", "mmproj", "publish", "split_max_size", "output"}
+SOURCE_KINDS = ("gguf", "demo", "hf", "convert")
+HF_KEYS = {"repo", "revision", "files"}
+HF_FILE_KEYS = {"repo", "revision", "file"}
+CONVERT_KEYS = {"repo", "revision", "path", "outtype", "mistral_format"}
+MMPROJ_KEYS = {"file", "hf", "convert", "name"}
+MMPROJ_CONVERT_KEYS = {"repo", "revision", "outtype", "mistral_format"}
+TIER_KEYS = {"profile", "best_for"}
+IMATRIX_KEYS = {"corpus", "ctx", "chunks", "from_q8"}
+EVAL_KEYS = {"enabled", "text", "corpus", "ctx", "chunks", "speed", "gates"}
+PUBLISH_KEYS = {"repo", "private"}
+
+CONVERT_OUTTYPES = ("bf16", "f16", "f32", "q8_0")
+MMPROJ_OUTTYPES = ("f16", "q8_0")
+ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class ConfigPath:
+    """A path as written in the YAML: expanded (env vars, ~) and resolved only when needed."""
+    raw: str
+    base: Path
+    where: str
+
+    def resolve(self) -> Path:
+        def sub(m: re.Match) -> str:
+            value = config_variable(m.group(1))
+            if not value:
+                raise ConfigError(f"path {self.raw!r} uses ${{{m.group(1)}}}, which is not set", where=self.where,
+                                  hint=f"set {m.group(1)} (the nightly workflow sets it from the runner's "
+                                       "variables); for the model itself, --source PATH also works")
+            return value
+        text = os.path.expanduser(ENV_RE.sub(sub, self.raw))
+        p = Path(text)
+        return Path(os.path.abspath(p if p.is_absolute() else self.base / p))
+
+
+@dataclass(frozen=True)
+class HFRef:
+    repo: str
+    revision: str
+    files: tuple[str, ...] = ()
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str                              # gguf | demo | hf | convert
+    paths: tuple[ConfigPath, ...] = ()     # gguf
+    hf: HFRef | None = None                # hf (files) / convert (repo + revision)
+    outtype: str = "bf16"                  # convert
+    mistral_format: bool = False           # convert
+    where: str = ""
+    checkpoint: ConfigPath | None = None   # convert: a local checkpoint folder instead of repo + revision
+
+    def describe(self) -> str:
+        if self.kind == "demo":
+            return "the embedded demo model (apex_orch.demo.synthetic, generated offline)"
+        if self.kind == "gguf":
+            return "local GGUF " + ", ".join(p.raw for p in self.paths)
+        if self.checkpoint is not None:
+            return f"local checkpoint {self.checkpoint.raw}, converted to {self.outtype.upper()} GGUF"
+        assert self.hf is not None
+        ref = f"{self.hf.repo}@{self.hf.revision[:12]}"
+        if self.kind == "hf":
+            return f"Hugging Face {ref}: " + ", ".join(self.hf.files)
+        return f"Hugging Face safetensors {ref}, converted to {self.outtype.upper()} GGUF"
+
+
+@dataclass(frozen=True)
+class MmprojConfig:
+    kind: str                              # file | hf | convert
+    name: str                              # file name in the release folder
+    path: ConfigPath | None = None
+    hf: HFRef | None = None                # hf: one file; convert: repo + revision (or the source's)
+    outtype: str | None = None             # convert
+    mistral_format: bool = False
+    where: str = ""
+    checkpoint: ConfigPath | None = None   # convert: the source's local checkpoint folder
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    profile: Profile
+    best_for: str
+    where: str
+
+    @property
+    def tier(self) -> str:
+        return self.profile.tier
+
+
+@dataclass(frozen=True)
+class ImatrixConfig:
+    corpus: str
+    ctx: int = 512
+    chunks: int | None = None
+    from_q8: bool = False
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    enabled: bool = True
+    text: ConfigPath | None = None
+    corpus: str | None = None
+    ctx: int = 512
+    chunks: int | None = None
+    speed: bool = False
+    gates: tuple[tuple[str, float], ...] = ()
+    where: str = ""
+
+    def text_label(self) -> str:
+        if self.text is not None:
+            return Path(self.text.raw).name
+        return f"corpus {self.corpus}"
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    repo: str
+    private: bool = False
+    where: str = ""
+
+
+@dataclass
+class ReleaseConfig:
+    path: Path
+    name: str
+    title: str
+    base_model: str | None
+    license: str
+    description: str
+    tags: tuple[str, ...]
+    source: SourceConfig
+    tiers: list[TierConfig]
+    imatrix: ImatrixConfig | None
+    eval: EvalConfig
+    mmproj: MmprojConfig | None
+    publish: PublishConfig
+    split_max_size: str | None
+    output: ConfigPath | None
+    warnings: list[str] = field(default_factory=list)
+    doc: YamlDoc | None = field(default=None, repr=False)
+
+    @property
+    def i_tiers(self) -> list[TierConfig]:
+        return [t for t in self.tiers if t.profile.imatrix_required]
+
+    def display_path(self) -> str:
+        """The config's path for cards and messages: relative to the project when inside it."""
+        root = PACKAGE_DIR.parent
+        try:
+            return self.path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            return self.path.name

@@ -1,0 +1,137 @@
+"""Phase eval: every tier measured against the source, and the quality gates.
+
+`run_phase(state, run)` evaluates each tier's file (PPL, KL divergence, same-top-p, and speed when
+the config asks) against the source model on the config's text, with one base-logits cache for
+all tiers, and the source's own PPL. Results are records in the work folder (`eval/<file>.json`,
+each with a manifest keyed by the file's sha256, the source's fingerprint, the text and the
+settings), so a rerun evaluates nothing; with `run` false it only reads the records that are
+fresh. It fills `state.evals` (per tier) and `state.base_eval` for the card. A tier that fails a
+gate (its profile's, overridden by the config's `eval.gates`; see plan.gates) stops the
+release here, after its record is kept, so the card and publish phases do not run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from apex_orch.core.errors import ApexError
+from apex_orch.core.fingerprint import file_record, source_sha256
+from apex_orch.core.manifest import inputs_key, manifest_path, up_to_date, write_manifest
+from apex_orch.core.outputs import atomic_write_text
+from apex_orch.core.safefiles import safe_mkdir
+from apex_orch.evaluation.base_cache import BaseLogProbs
+from apex_orch.evaluation.evaluate import ensure_base_cache, measure_speed, plan_eval, run_eval
+from apex_orch.evaluation.gates import gate_failed, summary_gate_failures
+from apex_orch.evaluation.inputs import EvalSettings, TextFacts, default_threads, model_facts, text_facts
+from apex_orch.evaluation.results import EvalResult
+from apex_orch.llama.tools import build_label
+from apex_orch.release.config import EvalConfig
+from apex_orch.release.state import PhaseReport, ReleaseState
+
+
+def _record_path(state: ReleaseState, file_name: str) -> Path:
+    return state.work / "eval" / f"{file_name}.json"
+
+
+def _settings(cfg: EvalConfig) -> EvalSettings:
+    return EvalSettings(n_ctx=cfg.ctx, chunks=cfg.chunks, n_threads=default_threads())
+
+
+def _text_facts(state: ReleaseState) -> TextFacts:
+    e = state.config.eval
+    if e.text is not None:
+        return text_facts(text=e.text.resolve())
+    return text_facts(corpus=e.corpus)
+
+
+def _tier_inputs(files: list[Path], base_fp: str, text_sha: str, settings: EvalSettings, speed: bool) -> dict:
+    # full sha256 of each file (free after the quantize phase verified it: memoised by stat)
+    return {"files": [source_sha256(f) for f in files], "base": base_fp, "text_sha256": text_sha,
+            "settings": settings.numeric_key(), "speed": speed, "llama": build_label()}
+
+
+def _summary(result: EvalResult) -> dict:
+    k = result.kld
+    sp = result.speed
+    return {"ppl": result.ppl, "ppl_err": result.ppl_err, "base_ppl": result.base_ppl,
+            "kld_mean": k.kld_mean if k else None, "kld_p999": k.kld_p999 if k else None,
+            "ppl_ratio": k.mean_ppl_ratio if k else None, "same_top_p": k.same_top_p if k else None,
+            "pp_tokens_per_s": sp.pp_tokens_per_s if sp else None, "tg_tokens_per_s": sp.tg_tokens_per_s if sp else None,
+            "n_chunks": result.n_chunks, "n_ctx": result.settings.get("n_ctx")}
+
+
+def _read_record(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        fresh, _ = up_to_date([path], key)
+    except ApexError:
+        return None
+    return json.loads(path.read_text()) if fresh else None
+
+
+def _write_record(path: Path, key: str, inputs: dict, body: dict) -> None:
+    safe_mkdir(path.parent)
+    atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
+    write_manifest(manifest_path(path), {"kind": "apex-orch release eval", "inputs": inputs, "inputs_key": key,
+                                         "files": [file_record(path)]})
+
+
+def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
+    cfg = state.config
+    e = cfg.eval
+    if not e.enabled:
+        return PhaseReport("eval", "not needed", detail="eval.enabled is false: benchmarks pending")
+    settings = _settings(e)
+    tf = _text_facts(state)
+    base = model_facts(state.model_path)
+    ran = fresh = 0
+    failures: list[str] = []
+    base_inputs = {"base": base.fingerprint, "text_sha256": tf.sha256, "settings": settings.numeric_key(),
+                   "speed": e.speed, "kind": "base"}
+    base_key = inputs_key(base_inputs)
+    base_path = _record_path(state, "base")
+    for job in state.jobs:
+        files = state.files.get(job.profile.tier)
+        if not files:
+            continue
+        inputs = _tier_inputs(files, base.fingerprint, tf.sha256, settings, e.speed)
+        key = inputs_key(inputs)
+        path = _record_path(state, files[0].name)
+        record = _read_record(path, key)
+        if record is None and run:
+            state.progress(f"eval: {files[0].name} against {Path(base.path).name} ({e.text_label()}, "
+                           f"ctx {e.ctx}, chunks {e.chunks or 'all'})")
+            plan = plan_eval(files[0], base=state.model_path, settings=settings, speed=e.speed, text_facts_=tf)
+            result = run_eval(plan, progress=state.progress)
+            record = {"tier": job.profile.tier, "file": files[0].name, "size": sum(f.stat().st_size for f in files),
+                      "summary": _summary(result), "text": e.text_label(), "settings": settings.to_dict()}
+            _write_record(path, key, inputs, record)
+            ran += 1
+        elif record is not None:
+            fresh += 1
+        if record is not None:
+            state.evals[job.profile.tier] = record
+            gates = dict(job.profile.gates)
+            gates.update(dict(e.gates))
+            failures += summary_gate_failures(record["summary"], gates, files[0].name)
+    if state.evals:
+        record = _read_record(base_path, base_key)
+        if record is None and run:
+            with BaseLogProbs(ensure_base_cache(base, tf, settings, progress=state.progress)) as cache:
+                ppl, err = cache.meta["base_ppl"], cache.meta["base_ppl_err"]
+            sp = measure_speed(state.model_path, settings) if e.speed else None
+            record = {"file": Path(base.path).name, "size": base.size_bytes, "type": state.model.source_ftype_label,
+                      "ppl": ppl, "ppl_err": err, "pp_tokens_per_s": sp.pp_tokens_per_s if sp else None,
+                      "tg_tokens_per_s": sp.tg_tokens_per_s if sp else None}
+            _write_record(base_path, base_key, base_inputs, record)
+        state.base_eval = record
+    if failures:
+        raise gate_failed(failures, hint="the results are kept in the release folder; the card and publish phases "
+                             "did not run. Pick other tiers or relax eval.gates in the release config")
+    pending = len(state.jobs) - len(state.evals)
+    detail = f"{ran} evaluated, {fresh} up to date" + (f", {pending} pending" if pending else "")
+    if not run:
+        return PhaseReport("eval", "resolved", detail=detail)
+    return PhaseReport("eval", "ran" if ran else "up to date", detail=detail)

@@ -1,0 +1,48 @@
+"""Phase imatrix: one importance matrix, computed once and shared by every I-tier.
+
+`run_phase(state, run)` plans llama-imatrix on the model from the convert phase with the config's
+`imatrix` section (corpus, ctx, chunks, from_q8), runs it when its content-keyed cache does not
+hold the result yet, and sets `state.imatrix` (what the quantize phase hands llama-quantize) and
+`state.imatrix_record` (what the card says about the calibration). Not needed without an I-tier.
+With `run` false a missing imatrix is an error: later phases never compute it.
+"""
+
+from __future__ import annotations
+
+from apex_orch.calibration.corpus_spec import load_corpus_spec
+from apex_orch.calibration.imatrix import ImatrixPlan, plan_imatrix, run_imatrix
+from apex_orch.core.errors import ApexError, ImatrixError
+from apex_orch.quantize.job import resolve_imatrix
+from apex_orch.release.state import PhaseReport, ReleaseState
+
+
+def imatrix_plan(state: ReleaseState, threads: int | None = None) -> ImatrixPlan:
+    c = state.config.imatrix
+    return plan_imatrix(state.model_path, c.corpus, ctx=c.ctx, chunks=c.chunks, threads=threads, from_q8=c.from_q8)
+
+
+def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
+    cfg = state.config
+    if cfg.imatrix is None:
+        return PhaseReport("imatrix", "not needed", detail="no I-tier")
+    plan = imatrix_plan(state)
+    status = "up to date" if plan.cached else "ran"
+    if not plan.cached:
+        if not run:
+            raise ImatrixError(f"the imatrix for corpus {cfg.imatrix.corpus} has not been computed yet",
+                               hint="run the imatrix phase (drop --skip imatrix / --from)")
+        state.progress(f"imatrix: corpus {plan.corpus_name}, {plan.chunks} chunks x {plan.ctx} tokens "
+                       f"(one imatrix for {len(cfg.i_tiers)} I-tiers)")
+    path = run_imatrix(plan, on_progress=state.progress) if run else plan.cache_path
+    state.imatrix = resolve_imatrix(state.model, path)
+    description = ""
+    try:
+        description = load_corpus_spec(cfg.imatrix.corpus).description or ""
+    except ApexError:
+        pass
+    state.imatrix_record = {"corpus": plan.corpus_name, "description": " ".join(description.split()),
+                            "ctx": plan.ctx, "chunks": plan.chunks, "tokens": plan.tokens,
+                            "sha256": state.imatrix.sha256}
+    if not run:
+        status = "resolved"
+    return PhaseReport("imatrix", status, detail=f"{plan.chunks} chunks x {plan.ctx} from {plan.corpus_name}")

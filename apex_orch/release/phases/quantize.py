@@ -1,0 +1,88 @@
+"""Phase quantize: every tier's GGUF, planned from its profile and written by llama-quantize.
+
+`run_phase(state, run)` plans one QuantizeJob per tier (`state.jobs`) and, when running, writes
+the ones whose files are missing, `state.parallel` at a time (each output carries a manifest keyed
+by its inputs, so finished tiers are skipped and a killed run resumes at the tier it was writing).
+A tier whose files exist but no longer match their manifest stops the run, unless `state.force`
+is set: then exactly those tiers are redone. With `run` false it only finds the tiers' up-to-date
+files. Either way `state.files` maps each found tier to its file(s).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from apex_orch.core.errors import ManifestError
+from apex_orch.core.manifest import up_to_date
+from apex_orch.quantize.job import ImatrixSource, QuantizeJob, plan_quantize
+from apex_orch.quantize.run import run_many
+from apex_orch.release.state import PhaseReport, ReleaseState
+
+
+def plan_jobs(state: ReleaseState, imatrix: ImatrixSource | None = None) -> list[QuantizeJob]:
+    """One job per tier; `imatrix` stands in for the state's (the dry run's preview)."""
+    cfg = state.config
+    imatrix = imatrix if imatrix is not None else state.imatrix
+    jobs = []
+    for t in cfg.tiers:
+        jobs.append(plan_quantize(state.model_path, t.profile, out_dir=state.out_dir, name=cfg.name,
+                                  imatrix=imatrix if t.profile.imatrix_required else None,
+                                  split_max_size=cfg.split_max_size, model=state.model))
+    return jobs
+
+
+def tier_files(job: QuantizeJob) -> list[Path]:
+    """The final names of a tier's output: its split parts when they exist, else the one file."""
+    if job.split_max_size:
+        parts = sorted(job.output.parent.glob(job.output.name[:-5] + "-*-of-*.gguf"))
+        if parts:
+            return parts
+    return [job.output]
+
+
+def existing_outputs(job: QuantizeJob) -> list[Path] | None:
+    """The tier's files when a valid manifest says they come from exactly these inputs."""
+    finals = tier_files(job)
+    if not all(f.exists() for f in finals):
+        return None
+    return finals if up_to_date(finals, job.key)[0] else None
+
+
+def stale_outputs(job: QuantizeJob) -> bool:
+    """True when some of the tier's files exist but are not the ones its manifest and inputs
+    describe (changed bytes, other inputs, a damaged or missing manifest)."""
+    finals = tier_files(job)
+    if not any(f.exists() for f in finals):
+        return False
+    if not all(f.exists() for f in finals):
+        return True
+    try:
+        return not up_to_date(finals, job.key)[0]
+    except ManifestError:
+        return True
+
+
+def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
+    state.jobs = plan_jobs(state)
+    if run:
+        # --force redoes exactly the stale tiers; up-to-date tiers are still skipped.
+        stale = [j for j in state.jobs if stale_outputs(j)] if state.force else []
+        for j in stale:
+            state.progress(f"quantize: {j.output.name} is stale; --force redoes it")
+        rest = [j for j in state.jobs if j not in stale]
+        done = (run_many(rest, parallel=state.parallel, progress=state.progress) if rest else []) + \
+            (run_many(stale, parallel=state.parallel, force=True, progress=state.progress) if stale else [])
+        order = {id(j): i for i, j in enumerate(state.jobs)}
+        results = sorted(done, key=lambda r: order[id(r.job)])
+        state.files = {r.job.profile.tier: list(r.files) for r in results}
+        skipped = sum(1 for r in results if r.skipped)
+        status = "up to date" if skipped == len(results) else "ran"
+        return PhaseReport("quantize", status,
+                           detail=f"{len(results) - skipped} written, {skipped} up to date")
+    for job in state.jobs:
+        files = existing_outputs(job)
+        if files:
+            state.files[job.profile.tier] = files
+    missing = [j.profile.tier for j in state.jobs if j.profile.tier not in state.files]
+    return PhaseReport("quantize", "resolved",
+                       detail=f"{len(state.files)} tiers present" + (f"; missing: {', '.join(missing)}" if missing else ""))

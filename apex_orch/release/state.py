@@ -1,0 +1,160 @@
+"""The release folder and what the phases hand to each other.
+
+`ReleaseState` is the one object every phase takes (with `run`: do the work, or only find earlier
+results) and fills in for the phases after it: the fetched source, the model, the imatrix, the
+tier jobs and files, the eval records. The run's options (--push, -j, --force) are fields too, so
+every phase has the same signature. `PhaseReport` is what a phase says it did.
+
+The folder's layout (the work folder, the card's and LocalAI entries' names) and its safety
+checks live here because both the run and the dry run need them before any phase: the folder may
+not be a project/home/root folder or hold a card apex-orch did not write (`check_out_dir`), no
+output may be an input (`check_release_paths`), and one run at a time holds the folder
+(`release_lock`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from apex_orch.core.errors import ApexError, ConfigError, LockedError, ModelError, OutputExistsError
+from apex_orch.core.locks import FileLock
+from apex_orch.core.outputs import sidecars
+from apex_orch.core.safefiles import check_not_inputs, safe_mkdir
+from apex_orch.model.info import ModelInfo
+from apex_orch.quantize.job import ImatrixSource, QuantizeJob, output_name
+from apex_orch.release.card import CARD_MARKER
+from apex_orch.release.config import ReleaseConfig
+
+Progress = Callable[[str], None]
+
+WORK_DIR = ".apex-release"       # logs, records, the converted source: never published
+CARD_NAME = "README.md"
+LOCALAI_DIR = "localai"
+
+
+@dataclass
+class PhaseReport:
+    name: str
+    status: str           # ran | up to date | resolved | skipped | not needed | failed
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class ReleaseState:
+    """Everything the phases hand to each other, and the run's options."""
+    config: ReleaseConfig
+    out_dir: Path
+    progress: Progress
+    source_override: Path | None = None
+    push: bool = False                                        # --push: publish uploads
+    parallel: int | None = None                               # -j: tiers quantized at once (None: automatic)
+    force: bool = False                                       # --force: redo stale outputs, not refuse
+    source_paths: list[Path] = field(default_factory=list)   # fetched GGUF(s)
+    snapshot_dir: Path | None = None                          # convert: the safetensors snapshot
+    mmproj_snapshot: Path | None = None
+    mmproj_src: Path | None = None                            # mmproj file to include as is
+    model_path: Path | None = None                            # the GGUF the tiers are made from
+    model: ModelInfo | None = None
+    mmproj: Path | None = None                                # the projector in the release folder
+    imatrix: ImatrixSource | None = None
+    imatrix_record: dict | None = None
+    jobs: list[QuantizeJob] = field(default_factory=list)     # one per tier
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    evals: dict[str, dict] = field(default_factory=dict)
+    base_eval: dict | None = None
+    converted_now: bool = False
+    reports: list[PhaseReport] = field(default_factory=list)
+
+    @property
+    def work(self) -> Path:
+        return self.out_dir / WORK_DIR
+
+    def require_all_files(self, phase: str) -> None:
+        missing = [j.profile.tier for j in self.jobs if j.profile.tier not in self.files]
+        if missing:
+            raise ModelError(f"{phase}: no up-to-date output for tier(s) {', '.join(missing)}",
+                             hint="run the quantize phase first (drop --skip quantize / --only)")
+
+
+def default_out_dir(config: ReleaseConfig) -> Path:
+    if config.output is not None:
+        return config.output.resolve()
+    return Path(os.path.abspath(Path("out") / "release" / config.name))
+
+
+def check_out_dir(out: Path, config: ReleaseConfig) -> None:
+    """The release folder gets a README.md and many large files: keep it away from the project,
+    the home folder and filesystem roots (a README.md there would be replaced)."""
+    out = Path(os.path.abspath(out))
+    protected = {Path("/"), Path.home(), config.path.resolve().parent}
+    protected |= set(config.path.resolve().parents)
+    if out in protected or out == Path(os.path.abspath(os.getcwd())):
+        raise ConfigError(f"release folder {out} is a folder that must not receive release files",
+                          where=config.output.where if config.output else str(config.path),
+                          hint="use a dedicated folder such as out/release/NAME")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"release folder {out} exists and is not a folder", hint="choose another --out-dir")
+    card = out / CARD_NAME
+    if card.exists():
+        head = card.read_text(encoding="utf-8", errors="replace")
+        if CARD_MARKER not in head:
+            raise OutputExistsError(f"{card} exists and was not written by apex-orch",
+                                    hint="move it away or choose another release folder; apex-orch replaces "
+                                         "only cards it wrote")
+
+
+def release_outputs(config: ReleaseConfig, out: Path) -> list[Path]:
+    """Every file name a release writes in its folder that could meet an input (tiers and their
+    sidecars, the projector, the card)."""
+    finals = [out / output_name(config.name, t.profile.tier) for t in config.tiers]
+    if config.mmproj is not None:
+        finals.append(out / config.mmproj.name)
+    return [x for f in finals for x in (f, *sidecars(f))] + [out / CARD_NAME]
+
+
+def release_inputs(config: ReleaseConfig, source: Path | None) -> list[Path]:
+    """The local files a release reads (what it can know before fetching anything)."""
+    found: list[Path] = []
+    refs = []
+    if source is not None:
+        found.append(source)
+    elif config.source.kind == "gguf":
+        refs += list(config.source.paths)
+    if config.mmproj is not None and config.mmproj.kind == "file":
+        refs.append(config.mmproj.path)
+    if config.eval.text is not None:
+        refs.append(config.eval.text)
+    for ref in refs:
+        try:
+            found.append(ref.resolve())
+        except ApexError:   # an unset ${VAR}: reported where the path is first needed
+            pass
+    return found
+
+
+def check_release_paths(config: ReleaseConfig, out: Path, source: Path | None) -> None:
+    """Inputs are never outputs (issue 15): refused before the lock, the log or any phase. The
+    projector included as is is hard-linked into the release on purpose: for it, only the same
+    path counts."""
+    flag = "release folder (--out-dir / output:) or source"
+    outputs, inputs = release_outputs(config, out), release_inputs(config, source)
+    mm = out / config.mmproj.name if config.mmproj is not None and config.mmproj.kind == "file" else None
+    check_not_inputs([o for o in outputs if o != mm], inputs, flag=flag)
+    if mm is not None:
+        check_not_inputs([mm], inputs, flag=flag, hard_links_ok=True)
+
+
+def release_lock(work: Path) -> FileLock:
+    """One release run per folder (core.locks: flock, dropped by the kernel when the run is
+    killed; the lock file is removed when the run ends)."""
+    safe_mkdir(work)                             # .apex-release itself must not be a link elsewhere
+
+    def busy(holder: str) -> LockedError:
+        return LockedError(f"another apex-orch release is running in {work.parent} ({holder or 'another process'})",
+                           hint="wait for it to finish; the lock frees itself when that process exits")
+    return FileLock(work / "lock", record=f"pid {os.getpid()}", busy=busy)
+
