@@ -29,7 +29,7 @@ PYTEST_ARGS ?=
 # flags gets its own build folder in the cache and becomes the build apex-orch uses.
 LLAMA_CMAKE_ARGS ?=
 
-.PHONY: help venv llama bindings install install-archs quantize imatrix release test test-archs test-fast bench bench-quality reference-model doctor clean
+.PHONY: help venv llama bindings install install-archs install-ray bench-distributed quantize imatrix release test test-archs test-fast bench bench-quality reference-model doctor clean
 
 help:
 	@echo "make quantize PROFILE=compact [MODEL=path.gguf] [IMATRIX=file] [OUT=dir]"
@@ -84,7 +84,17 @@ $(STAMP_DIR)/archs: pyproject.toml $(STAMP_DIR)/install
 
 install-archs: install $(STAMP_DIR)/archs
 
-test: install-archs
+# The `ray` extra for `release --executor ray` and tests/ray (a real cluster on 127.0.0.1).
+$(STAMP_DIR)/ray: pyproject.toml $(STAMP_DIR)/install
+	$(PYTHON) -m pip install -q -e ".[test,plot,ray]"
+	@touch $@
+
+install-ray: install $(STAMP_DIR)/ray
+
+bench-distributed: install-ray
+	$(PYTHON) bench/bench_distributed.py
+
+test: install-archs install-ray
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-archs: install-archs

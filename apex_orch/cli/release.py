@@ -11,6 +11,7 @@ from apex_orch.cli.progress import Progress
 from apex_orch.core.errors import UsageError
 from apex_orch.release.config_reader import load_release
 from apex_orch.release.dryrun import describe_release
+from apex_orch.release.executor import parse_executor
 from apex_orch.release.runner import PHASES, format_reports, run_release, select_phases
 
 
@@ -25,7 +26,9 @@ from apex_orch.release.runner import PHASES, format_reports, run_release, select
               help="Upload to the config's Hugging Face repo (token from HF_TOKEN or `hf auth login`). "
                    "Every GGUF is hashed in full first and refused unless it is the one its manifest and "
                    "card record (~3 min per 240 GB at ~1.4 GB/s).")
-@click.option("-j", "--jobs", type=JOBS, default=None, help="Tiers quantized in parallel (default: from cores and memory).")
+@click.option("-j", "--jobs", type=JOBS, default=None,
+              help="Tiers quantized in parallel (default: from cores and memory; with --executor ray, every tier "
+                   "at once, placed by the cluster).")
 @click.option("--source", type=click.Path(dir_okay=False), default=None,
               help="Use this local GGUF instead of the config's source (e.g. a header-only replica for --dry-run).")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
@@ -33,8 +36,13 @@ from apex_orch.release.runner import PHASES, format_reports, run_release, select
 @click.option("--force", is_flag=True,
               help="Redo the stale outputs of the selected phases (tier files whose bytes or inputs no longer "
                    "match their manifest) instead of stopping on them; up-to-date work is still skipped.")
+@click.option("--executor", default="local", show_default=True, metavar="TEXT",
+              help="Where imatrix, quantize and eval run: `local` (this machine), `ray` (the Ray cluster "
+                   "RAY_ADDRESS names, else the one `ray start` started on this machine) or `ray://HOST:PORT` "
+                   "(Ray Client). Ray needs `pip install 'apex-orch[ray]'` and storage every worker sees at the "
+                   "same paths; see docs/distributed.md.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir, force, quiet) -> None:
+def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir, force, executor, quiet) -> None:
     """Build (and with --push publish) a model's complete APEX release from CONFIG.
 
     \b
@@ -51,6 +59,7 @@ def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir
     """
     if jobs is not None and jobs < 1:
         raise UsageError("-j/--jobs must be at least 1")
+    parse_executor(executor)
     cfg = load_release(config)
     phases = select_phases(only, skip, from_phase)
     if push and "publish" not in phases:
@@ -61,5 +70,5 @@ def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir
         click.echo(describe_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src))
         return
     result = run_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src,
-                         progress=Progress(quiet, interval=10.0), force=force)
+                         progress=Progress(quiet, interval=10.0), force=force, executor=executor)
     click.echo(format_reports(result))

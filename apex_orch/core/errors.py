@@ -3,6 +3,9 @@
 Every error carries what went wrong, where, and how to fix it. The CLI prints
 `error: <message>` (plus `hint: <hint>` when there is one) and exits with `exit_code`;
 tracebacks only with --debug or APEX_ORCH_DEBUG=1.
+
+Errors pickle with all their fields (message, hint, where, and a subclass's own), so one raised
+in a Ray task reaches the driver as the same error, with the same message and exit code.
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ class ApexError(Exception):
 
     def __str__(self) -> str:  # keeps pytest output and logs readable
         return self.render()
+
+    def __reduce__(self):
+        # Exception pickles only `args`, and subclasses' __init__ differ: rebuild from the fields.
+        return _rebuild, (type(self), dict(self.__dict__))
+
+
+def _rebuild(cls: type, fields: dict) -> ApexError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, fields.get("message", ""))
+    err.__dict__.update(fields)
+    return err
 
 
 class UsageError(ApexError):
@@ -176,6 +190,12 @@ class UnsafeOutputError(OutputNotWritableError):
 class OutputIsInputError(UsageError):
     """An output resolves to one of the run's inputs (same path, same file through a link):
     refused before anything runs, so an input is never overwritten (issue 15)."""
+
+
+class ExecutorError(ApexError):
+    """The Ray cluster cannot be reached, cannot place a task, or lost a task on every attempt."""
+
+    exit_code = 18
 
 
 class InternalError(ApexError):

@@ -116,6 +116,29 @@ def export_llama_cpp_lib_path(folder: Path) -> None:
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(folder))
 
 
+def worker_environment(llama_bin_dir_: Path | None = None) -> dict[str, str]:
+    """The apex-orch settings in effect, as the variables a worker on another machine (a Ray task)
+    must be given to use the same caches and tools as this process: the cache root, the build root,
+    the eval cache (absolute: a worker's working folder differs), the llama.cpp folder
+    (`llama_bin_dir_`, the --llama-bin-dir value, else $APEX_LLAMA_BIN_DIR) and the user's profile
+    folders and debug switch when set. No credential is ever among them."""
+    env = {"APEX_ORCH_CACHE": os.path.abspath(cache_root()), "APEX_ORCH_BUILD_ROOT": os.path.abspath(build_root()),
+           "APEX_ORCH_EVAL_CACHE": os.path.abspath(eval_cache_dir())}
+    bin_dir = llama_bin_dir_ or llama_bin_dir()
+    if bin_dir is not None:
+        env["APEX_LLAMA_BIN_DIR"] = os.path.abspath(bin_dir)
+    for name in ("APEX_ORCH_PROFILES", "APEX_ORCH_DEBUG"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    return env
+
+
+def ray_address() -> str | None:
+    """RAY_ADDRESS: the Ray cluster `--executor ray` joins (Ray reads it itself; apex-orch only
+    names it in messages). None: the cluster `ray start` started on this machine."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 def hub_endpoint() -> str | None:
     """HF_ENDPOINT: the Hugging Face Hub (or a mirror) `release --push` talks to; None: huggingface_hub's
     default. Read here and passed to HfApi as a value, because huggingface_hub reads HF_ENDPOINT only

@@ -4,5 +4,7 @@ Takes: a release YAML (source, tiers, imatrix corpus, eval, publish target).
 Gives: a release folder: every tier quantized and verified, evaluated against one base, the
 model card (`card`), LocalAI gallery entries (`localai`) and, with `--push`, one Hub commit
 (`publish`). Phases run in order (fetch, convert, imatrix, quantize, eval, card, publish);
-each one skips what its manifests show is already done.
+each one skips what its manifests show is already done. The heavy work (imatrix, one quantization
+and one evaluation per tier) goes through an `executor`: this process, or a Ray cluster
+(`ray_executor`, the only module that imports Ray; docs/distributed.md).
 """

@@ -28,6 +28,10 @@ path is first needed, so `--dry-run --source` works on a machine without the mod
     publish: {repo: owner/name, private: false}
     split_max_size: 48G                 # optional: split outputs larger than this
     output: path                        # release folder (default: out/release/<name> under the cwd)
+    resources: {cpus: 8, gpus: 1, memory: 64G}   # optional, --executor ray only: what each task asks
+                                        #   the cluster for (cpus: also its tools' threads, default 1;
+                                        #   gpus: imatrix and eval tasks, default 0; memory: default
+                                        #   estimated from the model)
 
 Only types and key sets live here (no YAML reading, no file access), so every phase, the dry run
 and the card can name a config's parts without pulling in the reader.
@@ -47,7 +51,7 @@ from apex_orch.plan.profiles import Profile
 
 # The keys each section allows (the `gates` keys are plan.gates.GATE_KEYS).
 TOP_KEYS = {"name", "title", "base_model", "license", "description", "tags", "source", "tiers", "imatrix",
-            "eval", "mmproj", "publish", "split_max_size", "output"}
+            "eval", "mmproj", "publish", "split_max_size", "output", "resources"}
 SOURCE_KINDS = ("gguf", "demo", "hf", "convert")
 HF_KEYS = {"repo", "revision", "files"}
 HF_FILE_KEYS = {"repo", "revision", "file"}
@@ -58,6 +62,7 @@ TIER_KEYS = {"profile", "best_for"}
 IMATRIX_KEYS = {"corpus", "ctx", "chunks", "from_q8"}
 EVAL_KEYS = {"enabled", "text", "corpus", "ctx", "chunks", "speed", "gates"}
 PUBLISH_KEYS = {"repo", "private"}
+RESOURCES_KEYS = {"cpus", "gpus", "memory"}
 
 CONVERT_OUTTYPES = ("bf16", "f16", "f32", "q8_0")
 MMPROJ_OUTTYPES = ("f16", "q8_0")
@@ -172,6 +177,16 @@ class PublishConfig:
     where: str = ""
 
 
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """What each task of a release asks a Ray cluster for (`--executor ray`; a local run ignores it).
+    GPUs decide placement only: the pinned tools and bindings run where the task is placed."""
+    cpus: int = 1                  # per task, and the threads its tool runs with
+    gpus: float = 0                # per imatrix and eval task (a quantization never asks for one)
+    memory: int | None = None      # bytes per task; None: estimated from the model (ray_executor)
+    where: str = ""
+
+
 @dataclass
 class ReleaseConfig:
     path: Path
@@ -190,6 +205,7 @@ class ReleaseConfig:
     split_max_size: str | None
     output: ConfigPath | None
     warnings: list[str] = field(default_factory=list)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     doc: YamlDoc | None = field(default=None, repr=False)
 
     @property

@@ -20,9 +20,10 @@ from apex_orch.plan.gates import GATE_KEYS
 from apex_orch.plan.profiles import load_profile
 from apex_orch.quantize.job import check_distinct_outputs, output_name, parse_size
 from apex_orch.release.config import (CONVERT_KEYS, CONVERT_OUTTYPES, EVAL_KEYS, HF_FILE_KEYS, HF_KEYS, IMATRIX_KEYS,
-                                      MMPROJ_CONVERT_KEYS, MMPROJ_KEYS, MMPROJ_OUTTYPES, PUBLISH_KEYS, SOURCE_KINDS,
-                                      TIER_KEYS, TOP_KEYS, ConfigPath, EvalConfig, HFRef, ImatrixConfig, MmprojConfig,
-                                      PublishConfig, ReleaseConfig, SourceConfig, TierConfig)
+                                      MMPROJ_CONVERT_KEYS, MMPROJ_KEYS, MMPROJ_OUTTYPES, PUBLISH_KEYS, RESOURCES_KEYS,
+                                      SOURCE_KINDS, TIER_KEYS, TOP_KEYS, ConfigPath, EvalConfig, HFRef, ImatrixConfig,
+                                      MmprojConfig, PublishConfig, ReleaseConfig, ResourcesConfig, SourceConfig,
+                                      TierConfig)
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -184,10 +185,11 @@ def load_release(path: str | os.PathLike) -> ReleaseConfig:
         if parse_size(split) < 1_000_000:
             raise r.fail(("split_max_size",), f"{split} is too small (at least 1M)")
     output = r.path(("output",), data["output"], suffix=None) if data.get("output") is not None else None
+    resources = _parse_resources(r, data["resources"]) if data.get("resources") is not None else ResourcesConfig()
     return ReleaseConfig(path=p, name=name, title=title, base_model=base_model, license=license_,
                          description=description, tags=tuple(tags), source=source, tiers=tiers, imatrix=imatrix,
                          eval=eval_cfg, mmproj=mmproj, publish=publish, split_max_size=split, output=output,
-                         warnings=warnings, doc=doc)
+                         warnings=warnings, resources=resources, doc=doc)
 
 
 def _parse_source(r: _Reader, value) -> SourceConfig:
@@ -362,3 +364,22 @@ def _parse_mmproj(r: _Reader, value, source: SourceConfig) -> MmprojConfig:
     mf = r.boolean(kp + ("convert", "mistral_format"), c["mistral_format"]) if "mistral_format" in c \
         else (source.mistral_format if source.kind == "convert" else False)
     return MmprojConfig("convert", name, hf=ref, outtype=outtype, mistral_format=mf, where=where)
+
+
+def _parse_resources(r: _Reader, value) -> ResourcesConfig:
+    kp = ("resources",)
+    m = r.mapping(kp, value, RESOURCES_KEYS)
+    gpus = m.get("gpus", 0)
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0:
+        raise r.fail(kp + ("gpus",), f"expected a number >= 0, got {gpus!r}")
+    memory = None
+    if m.get("memory") is not None:
+        text = str(m["memory"]).strip()
+        try:
+            memory = parse_size(text) if SIZE_RE.match(text) else None
+        except ApexError:   # under 1M or over 1000T
+            pass
+        if memory is None:
+            raise r.fail(kp + ("memory",), f"{text!r} is not a size like 64G or 500M")
+    return ResourcesConfig(cpus=r.integer(kp + ("cpus",), m["cpus"], 1) if "cpus" in m else 1,
+                           gpus=gpus, memory=memory, where=r.where(kp))

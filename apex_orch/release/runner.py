@@ -9,9 +9,12 @@ where it stopped and a rerun is a no-op. `--only/--skip/--from` choose phases (`
 a phase not run still *resolves* its results (finding them, never recomputing) for the phases
 after it, which is also how `resolve_release` finds a finished release's results.
 
-`run_release(config, ...)` gives a ReleaseResult; every run appends to
-`<release>/.apex-release/release.log` and leaves the phase table in `last-run.json`, also when a
-phase fails. The dry run (release.dryrun) plans the same phases without this module's lock or log.
+`run_release(config, ..., executor=)` gives a ReleaseResult; `executor` says where the heavy work
+runs (release.executor: "local", "ray", "ray://HOST:PORT"), connected once the folder is locked and
+closed when the run ends, however it ends. Every run appends to `<release>/.apex-release/release.log`
+and leaves the phase table and the executor's tasks (what, which worker, how long, how many
+attempts) in `last-run.json`, also when a phase fails. The dry run (release.dryrun) plans the same
+phases without this module's lock or log.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.safefiles import open_nofollow, safe_mkdir
 from apex_orch.core.text import table
 from apex_orch.release.config import ReleaseConfig
+from apex_orch.release.executor import make_executor, parse_executor
 from apex_orch.release.phases import card, convert, evaluate, fetch, imatrix, publish, quantize
 from apex_orch.release.state import (WORK_DIR, PhaseReport, Progress, ReleaseState, check_out_dir, check_release_paths,
                                      default_out_dir, release_lock)
@@ -105,10 +109,11 @@ class _Log:
 
 def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push: bool = False,
                 jobs: int | None = None, out_dir: Path | None = None, source: Path | None = None,
-                progress: Progress | None = None, force: bool = False) -> ReleaseResult:
+                progress: Progress | None = None, force: bool = False, executor: str = "local") -> ReleaseResult:
     """Run the selected phases; the others resolve their earlier results for the ones after them.
-    `jobs`: tiers quantized in parallel. `force`: a selected phase redoes its stale outputs instead
-    of stopping on them."""
+    `jobs`: tiers quantized in parallel (local executor). `force`: a selected phase redoes its stale
+    outputs instead of stopping on them. `executor`: "local", "ray" or "ray://HOST:PORT"."""
+    parse_executor(executor)   # a bad spec is refused before the folder is touched
     selected = list(phases) if phases is not None else list(PHASES)
     out = Path(os.path.abspath(out_dir)) if out_dir else default_out_dir(config)
     check_out_dir(out, config)
@@ -120,6 +125,12 @@ def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push:
     t_all = time.monotonic()
     with release_lock(out / WORK_DIR):
         log.open()
+        try:
+            # after the lock: a second driver is refused before it reaches the cluster
+            state.executor = make_executor(executor, progress=log, resources=config.resources)
+        except BaseException:
+            log.close()
+            raise
         try:
             for w in config.warnings:
                 log(f"warning: {w}")
@@ -143,7 +154,10 @@ def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push:
                     log(f"{name}: {report.status} in {report.seconds:.1f} s" + (f" ({report.detail})" if report.detail else ""))
             _write_run_record(state, selected)
         finally:
-            log.close()
+            try:
+                state.executor.close()
+            finally:
+                log.close()
     return ReleaseResult(state, state.reports, time.monotonic() - t_all)
 
 
@@ -162,11 +176,18 @@ def _write_run_record(state: ReleaseState, selected: list[str]) -> None:
     doc = {"config": str(state.config.path), "selected": selected,
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
            "phases": [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 3), "detail": r.detail}
-                      for r in state.reports]}
+                      for r in state.reports],
+           "executor": state.executor.name, "tasks": [t.to_dict() for t in state.executor.records]}
     atomic_write_text(state.work / "last-run.json", json.dumps(doc, indent=2) + "\n")
 
 
 def format_reports(result: ReleaseResult) -> str:
+    """The phase table, then one row per task the executor ran (which worker made which file)."""
     rows = [[r.name, r.status, f"{r.seconds:.1f}", r.detail] for r in result.reports]
-    return table(["phase", "status", "seconds", "detail"], rows, align="llrl") + \
-        f"\nrelease folder: {result.state.out_dir}  ({result.seconds:.1f} s)"
+    text = table(["phase", "status", "seconds", "detail"], rows, align="llrl")
+    tasks = result.state.executor.records
+    if tasks:
+        text += "\n\n" + table(["task", "file", "worker", "seconds", "attempts"],
+                               [[t.phase, t.target, t.worker, f"{t.seconds:.1f}", str(t.attempts)] for t in tasks],
+                               align="lllrr")
+    return text + f"\nrelease folder: {result.state.out_dir}  ({result.seconds:.1f} s)"

@@ -3,7 +3,9 @@
 `ReleaseState` is the one object every phase takes (with `run`: do the work, or only find earlier
 results) and fills in for the phases after it: the fetched source, the model, the imatrix, the
 tier jobs and files, the eval records. The run's options (--push, -j, --force) are fields too, so
-every phase has the same signature. `PhaseReport` is what a phase says it did.
+every phase has the same signature, and so is the executor the phases hand their heavy work to
+(release.executor: this machine unless `--executor` names a Ray cluster). `PhaseReport` is what a
+phase says it did.
 
 The folder's layout (the work folder, the card's and LocalAI entries' names) and its safety
 checks live here because both the run and the dry run need them before any phase: the folder may
@@ -27,6 +29,7 @@ from apex_orch.model.info import ModelInfo
 from apex_orch.quantize.job import ImatrixSource, QuantizeJob, output_name
 from apex_orch.release.card import CARD_MARKER
 from apex_orch.release.config import ReleaseConfig
+from apex_orch.release.executor import Executor, LocalExecutor
 
 Progress = Callable[[str], None]
 
@@ -53,6 +56,7 @@ class ReleaseState:
     push: bool = False                                        # --push: publish uploads
     parallel: int | None = None                               # -j: tiers quantized at once (None: automatic)
     force: bool = False                                       # --force: redo stale outputs, not refuse
+    executor: Executor = field(default_factory=LocalExecutor) # where imatrix, quantize and eval run
     source_paths: list[Path] = field(default_factory=list)   # fetched GGUF(s)
     snapshot_dir: Path | None = None                          # convert: the safetensors snapshot
     mmproj_snapshot: Path | None = None

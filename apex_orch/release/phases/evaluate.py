@@ -2,17 +2,20 @@
 
 `run_phase(state, run)` evaluates each tier's file (PPL, KL divergence, same-top-p, and speed when
 the config asks) against the source model on the config's text, with one base-logits cache for
-all tiers, and the source's own PPL. Results are records in the work folder (`eval/<file>.json`,
-each with a manifest keyed by the file's sha256, the source's fingerprint, the text and the
-settings), so a rerun evaluates nothing; with `run` false it only reads the records that are
-fresh. It fills `state.evals` (per tier) and `state.base_eval` for the card. A tier that fails a
-gate (its profile's, overridden by the config's `eval.gates`; see plan.gates) stops the
-release here, after its record is kept, so the card and publish phases do not run.
+all tiers (computed first), and the source's own PPL. The work goes through `state.executor`
+(here, or one Ray task per tier); the records and the gates stay here. Results are records in the
+work folder (`eval/<file>.json`, each with a manifest keyed by the file's sha256, the source's
+fingerprint, the text and the settings), so a rerun evaluates nothing; with `run` false it only
+reads the records that are fresh. It fills `state.evals` (per tier) and `state.base_eval` for the
+card. A tier that fails a gate (its profile's, overridden by the config's `eval.gates`; see
+plan.gates) stops the release here, after its record is kept, so the card and publish phases do
+not run.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from apex_orch.core.errors import ApexError
@@ -21,11 +24,12 @@ from apex_orch.core.manifest import inputs_key, manifest_path, up_to_date, write
 from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.safefiles import safe_mkdir
 from apex_orch.evaluation.base_cache import BaseLogProbs
-from apex_orch.evaluation.evaluate import ensure_base_cache, measure_speed, plan_eval, run_eval
+from apex_orch.evaluation.evaluate import measure_speed, plan_eval
 from apex_orch.evaluation.gates import gate_failed, summary_gate_failures
-from apex_orch.evaluation.inputs import EvalSettings, TextFacts, default_threads, model_facts, text_facts
+from apex_orch.evaluation.inputs import EvalSettings, ModelFacts, TextFacts, default_threads, model_facts, text_facts
 from apex_orch.evaluation.results import EvalResult
 from apex_orch.llama.tools import build_label
+from apex_orch.quantize.job import QuantizeJob
 from apex_orch.release.config import EvalConfig
 from apex_orch.release.state import PhaseReport, ReleaseState
 
@@ -86,12 +90,12 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     settings = _settings(e)
     tf = _text_facts(state)
     base = model_facts(state.model_path)
-    ran = fresh = 0
     failures: list[str] = []
     base_inputs = {"base": base.fingerprint, "text_sha256": tf.sha256, "settings": settings.numeric_key(),
                    "speed": e.speed, "kind": "base"}
     base_key = inputs_key(base_inputs)
     base_path = _record_path(state, "base")
+    found: list[_Tier] = []   # the tiers with files, in config order: records fresh, or to make
     for job in state.jobs:
         files = state.files.get(job.profile.tier)
         if not files:
@@ -99,28 +103,23 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
         inputs = _tier_inputs(files, base.fingerprint, tf.sha256, settings, e.speed)
         key = inputs_key(inputs)
         path = _record_path(state, files[0].name)
-        record = _read_record(path, key)
-        if record is None and run:
-            state.progress(f"eval: {files[0].name} against {Path(base.path).name} ({e.text_label()}, "
-                           f"ctx {e.ctx}, chunks {e.chunks or 'all'})")
-            plan = plan_eval(files[0], base=state.model_path, settings=settings, speed=e.speed, text_facts_=tf)
-            result = run_eval(plan, progress=state.progress)
-            record = {"tier": job.profile.tier, "file": files[0].name, "size": sum(f.stat().st_size for f in files),
-                      "summary": _summary(result), "text": e.text_label(), "settings": settings.to_dict()}
-            _write_record(path, key, inputs, record)
-            ran += 1
-        elif record is not None:
-            fresh += 1
-        if record is not None:
-            state.evals[job.profile.tier] = record
-            gates = dict(job.profile.gates)
+        found.append(_Tier(job, files, path, key, inputs, _read_record(path, key)))
+    fresh = sum(1 for t in found if t.record is not None)
+    todo = [t for t in found if t.record is None] if run else []
+    cache = _evaluate(state, todo, base, tf, settings) if todo else None
+    ran = sum(1 for t in todo if t.record is not None)
+    for t in found:
+        if t.record is not None:
+            state.evals[t.job.profile.tier] = t.record
+            gates = dict(t.job.profile.gates)
             gates.update(dict(e.gates))
-            failures += summary_gate_failures(record["summary"], gates, files[0].name)
+            failures += summary_gate_failures(t.record["summary"], gates, t.files[0].name)
     if state.evals:
         record = _read_record(base_path, base_key)
         if record is None and run:
-            with BaseLogProbs(ensure_base_cache(base, tf, settings, progress=state.progress)) as cache:
-                ppl, err = cache.meta["base_ppl"], cache.meta["base_ppl_err"]
+            cache = cache or state.executor.base_cache(base, tf, settings, progress=state.progress)
+            with BaseLogProbs(cache) as c:
+                ppl, err = c.meta["base_ppl"], c.meta["base_ppl_err"]
             sp = measure_speed(state.model_path, settings) if e.speed else None
             record = {"file": Path(base.path).name, "size": base.size_bytes, "type": state.model.source_ftype_label,
                       "ppl": ppl, "ppl_err": err, "pp_tokens_per_s": sp.pp_tokens_per_s if sp else None,
@@ -135,3 +134,36 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     if not run:
         return PhaseReport("eval", "resolved", detail=detail)
     return PhaseReport("eval", "ran" if ran else "up to date", detail=detail)
+
+
+@dataclass
+class _Tier:
+    job: QuantizeJob
+    files: list[Path]
+    path: Path           # its record
+    key: str
+    inputs: dict
+    record: dict | None  # fresh, or made by this run
+
+
+def _evaluate(state: ReleaseState, todo: list[_Tier], base: ModelFacts, tf: TextFacts,
+              settings: EvalSettings) -> Path:
+    """Evaluate the tiers without a fresh record through the executor; each record is written as
+    soon as its tier is done (kept when another tier fails). Returns the base log-prob cache."""
+    e = state.config.eval
+    plans = []
+    for t in todo:
+        state.progress(f"eval: {t.files[0].name} against {Path(base.path).name} ({e.text_label()}, "
+                       f"ctx {e.ctx}, chunks {e.chunks or 'all'})")
+        plans.append(plan_eval(t.files[0], base=state.model_path, settings=settings, speed=e.speed, text_facts_=tf))
+    # Once, before the tiers: every tier's evaluation reads it (on a cluster, from shared storage).
+    cache = state.executor.base_cache(base, tf, settings, progress=state.progress)
+
+    def keep(i: int, result: EvalResult) -> None:
+        t = todo[i]
+        t.record = {"tier": t.job.profile.tier, "file": t.files[0].name,
+                    "size": sum(f.stat().st_size for f in t.files), "summary": _summary(result),
+                    "text": e.text_label(), "settings": settings.to_dict()}
+        _write_record(t.path, t.key, t.inputs, t.record)
+    state.executor.evaluate(plans, progress=state.progress, on_result=keep)
+    return cache

@@ -1,16 +1,17 @@
 """Phase imatrix: one importance matrix, computed once and shared by every I-tier.
 
 `run_phase(state, run)` plans llama-imatrix on the model from the convert phase with the config's
-`imatrix` section (corpus, ctx, chunks, from_q8), runs it when its content-keyed cache does not
-hold the result yet, and sets `state.imatrix` (what the quantize phase hands llama-quantize) and
-`state.imatrix_record` (what the card says about the calibration). Not needed without an I-tier.
+`imatrix` section (corpus, ctx, chunks, from_q8), has `state.executor` run it (here, or as one Ray
+task) when its content-keyed cache does not hold the result yet, and sets `state.imatrix` (what
+the quantize phase hands llama-quantize) and `state.imatrix_record` (what the card says about the
+calibration). Not needed without an I-tier.
 With `run` false a missing imatrix is an error: later phases never compute it.
 """
 
 from __future__ import annotations
 
 from apex_orch.calibration.corpus_spec import load_corpus_spec
-from apex_orch.calibration.imatrix import ImatrixPlan, plan_imatrix, run_imatrix
+from apex_orch.calibration.imatrix import ImatrixPlan, plan_imatrix
 from apex_orch.core.errors import ApexError, ImatrixError
 from apex_orch.quantize.job import resolve_imatrix
 from apex_orch.release.state import PhaseReport, ReleaseState
@@ -33,7 +34,7 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
                                hint="run the imatrix phase (drop --skip imatrix / --from)")
         state.progress(f"imatrix: corpus {plan.corpus_name}, {plan.chunks} chunks x {plan.ctx} tokens "
                        f"(one imatrix for {len(cfg.i_tiers)} I-tiers)")
-    path = run_imatrix(plan, on_progress=state.progress) if run else plan.cache_path
+    path = state.executor.imatrix(plan, progress=state.progress) if run else plan.cache_path
     state.imatrix = resolve_imatrix(state.model, path)
     description = ""
     try:

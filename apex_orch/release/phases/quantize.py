@@ -1,8 +1,9 @@
 """Phase quantize: every tier's GGUF, planned from its profile and written by llama-quantize.
 
-`run_phase(state, run)` plans one QuantizeJob per tier (`state.jobs`) and, when running, writes
-the ones whose files are missing, `state.parallel` at a time (each output carries a manifest keyed
-by its inputs, so finished tiers are skipped and a killed run resumes at the tier it was writing).
+`run_phase(state, run)` plans one QuantizeJob per tier (`state.jobs`) and, when running, has
+`state.executor` write the ones whose files are missing (here `state.parallel` at a time, or one
+Ray task per tier); each output carries a manifest keyed by its inputs, so finished tiers are
+skipped and a killed run resumes at the tier it was writing.
 A tier whose files exist but no longer match their manifest stops the run, unless `state.force`
 is set: then exactly those tiers are redone. With `run` false it only finds the tiers' up-to-date
 files. Either way `state.files` maps each found tier to its file(s).
@@ -15,7 +16,6 @@ from pathlib import Path
 from apex_orch.core.errors import ManifestError
 from apex_orch.core.manifest import up_to_date
 from apex_orch.quantize.job import ImatrixSource, QuantizeJob, plan_quantize
-from apex_orch.quantize.run import run_many
 from apex_orch.release.state import PhaseReport, ReleaseState
 
 
@@ -70,8 +70,9 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
         for j in stale:
             state.progress(f"quantize: {j.output.name} is stale; --force redoes it")
         rest = [j for j in state.jobs if j not in stale]
-        done = (run_many(rest, parallel=state.parallel, progress=state.progress) if rest else []) + \
-            (run_many(stale, parallel=state.parallel, force=True, progress=state.progress) if stale else [])
+        ex = state.executor
+        done = (ex.quantize(rest, force=False, parallel=state.parallel, progress=state.progress) if rest else []) + \
+            (ex.quantize(stale, force=True, parallel=state.parallel, progress=state.progress) if stale else [])
         order = {id(j): i for i, j in enumerate(state.jobs)}
         results = sorted(done, key=lambda r: order[id(r.job)])
         state.files = {r.job.profile.tier: list(r.files) for r in results}
