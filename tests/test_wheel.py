@@ -73,6 +73,21 @@ def test_the_wheel_is_what_runs(installed):
     assert sorted(n[len("apex_orch/corpora/"):-5] for n in names if n.startswith("apex_orch/corpora/")) == CORPORA
 
 
+def test_every_module_of_the_checkout_is_in_the_wheel(installed):
+    """pyproject lists packages by hand: a subpackage left out (release.phases once was) installs a
+    CLI whose `release` dies on import. Every module of the source tree must import from the wheel."""
+    import zipfile
+    source = sorted(p.relative_to(REPO).with_suffix("").as_posix() for p in (REPO / "apex_orch").rglob("*.py")
+                    if "__pycache__" not in p.parts)
+    names = zipfile.ZipFile(installed["wheel"]).namelist()
+    assert sorted(n[:-3] for n in names if n.startswith("apex_orch/") and n.endswith(".py")) == source
+    modules = [m.replace("/", ".").removesuffix(".__init__") for m in source   # samples/ is corpus data
+               if not m.endswith("__main__") and "/samples/" not in m]
+    p = subprocess.run([str(installed["python"]), "-c", f"import importlib; [importlib.import_module(m) for m in {modules!r}]"],
+                       cwd=installed["work"], capture_output=True, text=True, env=installed["env"])
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
 def test_profile_list_from_the_wheel_shows_every_built_in(installed):
     p = run(installed, "profile", "list")
     assert p.returncode == 0, p.stderr
