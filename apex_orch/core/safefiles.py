@@ -155,6 +155,11 @@ def copy_atomic(src: Path, path: Path, *, perm: int = 0o644) -> Path:
     return _replace_whole(Path(path), fill, perm=perm, mkdir=True)
 
 
+def write_atomic_with(path: Path, fill: Callable[[IO], object], *, perm: int = 0o644) -> Path:
+    """`write_atomic` for content that `fill(fh)` writes (a spliced GGUF, streamed from other files)."""
+    return _replace_whole(Path(path), fill, perm=perm, mkdir=False)
+
+
 def _replace_whole(path: Path, fill: Callable[[IO], object], *, perm: int, mkdir: bool) -> Path:
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ Schema (every key optional unless marked; see profiles/*.yaml and docs/profiles.
     overrides:                                       # applied in order after the bands; last wins
       - {role: routed_expert, slot: down, band: edge | blocks: "0-4,31-35", type: T}
     gates: {max_mean_kld: 0.05, max_ppl_ratio: 1.05, min_same_top_p: 90}
+    fitted: {target: 48.00 GB, method: exact, ...}   # written by `apex-orch fit`: where the types came from
 
 Bands are symmetric, counted from each end of the main blocks (MTP blocks excluded).
 `scale: auto` keeps the counts when the model has room for a middle band at least as
@@ -67,7 +68,7 @@ SINGLE_ROLES = (Role.EMBEDDING.value, Role.OUTPUT.value)
 NEVER_TYPED = (Role.ROUTER.value, Role.NORM.value, Role.AUX.value)
 
 TOP_KEYS = {"extends", "name", "tier", "description", "best_for", "base_ftype", "imatrix", "bands",
-            "types", "overrides", "gates"}
+            "types", "overrides", "gates", "fitted"}
 IMATRIX_KEYS = {"required", "corpus"}
 BAND_KEYS = {"edge", "near", "attention_edge", "scale", "reference_blocks"}
 OVERRIDE_KEYS = {"role", "slot", "band", "blocks", "type"}
@@ -391,6 +392,11 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
         overrides.append(Override(role, slot, band, block_set, parse_type(o["type"], docs, kp + ("type",)),
                                   _where(docs, kp)))
 
+    fitted = data.get("fitted")
+    if fitted is not None and not (isinstance(fitted, dict) and all(
+            isinstance(v, (str, int, float, bool)) for v in fitted.values())):
+        raise ProfileError("fitted: a mapping of plain values (the record `apex-orch fit` writes)",
+                           where=_where(docs, ("fitted",)))
     gates = data.get("gates") or {}
     for key, value in gates.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):

@@ -279,6 +279,19 @@ def _partial_coverage(info: ImatrixInfo, plan: Plan) -> list[str]:
     return out
 
 
+def stamped_kv_allowance(with_imatrix: bool) -> dict[str, object]:
+    """The largest metadata a quantize run stamps (each string at llama-quantize's 127-byte cap,
+    the keys of plan_quantize's `metadata` and `_written_kv`): what a size budget leaves room for
+    (fit.fitter), so a fitted file stays under its budget whatever its names and paths."""
+    keys = ["apex.version", "apex.profile", "apex.tier", "apex.profile_sha256", "apex.llama_cpp"]
+    if with_imatrix:
+        keys += ["apex.imatrix.sha256", "apex.imatrix.corpus", "quantize.imatrix.file", "quantize.imatrix.dataset"]
+    kv: dict[str, object] = {k: "x" * 127 for k in keys}
+    if with_imatrix:
+        kv.update({"quantize.imatrix.entries_count": 0, "quantize.imatrix.chunks_count": 0})
+    return kv
+
+
 def _written_kv(metadata: dict[str, str], imatrix: ImatrixSource | None) -> dict[str, object]:
     """Every key llama-quantize adds to the output header (ours, plus its imatrix notes)."""
     kv: dict[str, object] = {k: v[:127] for k, v in metadata.items()}

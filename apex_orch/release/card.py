@@ -3,9 +3,9 @@
 `facts_from_release(state)` collects everything the card says from the release itself: the
 source GGUF's header (architecture), each tier's plan and its quantize manifest (file names,
 sizes, sha256, the tensor types really written), the eval records, the projector's header and
-manifest, the imatrix record. `render_card(facts)` is a pure function of those facts: no
-timestamps, no absolute paths, stable ordering and number formats, so a rerun writes the same
-bytes and a golden file can pin the text.
+manifest, the imatrix record, a fitted tier's `fitted:` record. `render_card(facts)` is a pure
+function of those facts: no timestamps, no absolute paths, stable ordering and number formats,
+so a rerun writes the same bytes and a golden file can pin the text.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Callable
 
 from apex_orch import __version__
 from apex_orch.core.text import hub_size, human_count, md_code, md_inline, md_table
+from apex_orch.release.fit_tiers import fitted_sentence
 
 CARD_MARKER = "<!-- written by apex-orch release"
 BASE_TAGS = ("gguf", "moe", "apex", "quantized")
@@ -62,6 +63,7 @@ class TierFacts:
     roles: tuple[tuple[str, int, tuple[tuple[str, int], ...]], ...]   # (role, tensors, ((type, count), ...))
     bands: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]        # (role, ((band, "T1, T2"), ...))
     eval: EvalFacts | None = None
+    fitted: str = ""                # a `fit:` tier: how its types were chosen (release.fit_tiers)
 
 
 @dataclass(frozen=True)
@@ -197,9 +199,11 @@ def _tier_facts(tier_cfg, job, ff: FileFacts, written: dict, record: dict | None
         ev = EvalFacts(s["ppl"], s["ppl_err"], s.get("kld_mean"), s.get("same_top_p"), s.get("pp_tokens_per_s"),
                        s.get("tg_tokens_per_s"))
     p = job.profile
+    fitted = p.raw.get("fitted")
     return TierFacts(tier=p.tier, profile=p.name, best_for=tier_cfg.best_for, imatrix=job.imatrix is not None,
                      base_ftype=p.base_ftype, bpw=round(job.plan.bpw, 4), file=ff, roles=tuple(roles),
-                     bands=tuple(bands), eval=ev)
+                     bands=tuple(bands), eval=ev,
+                     fitted=fitted_sentence(p.tier, fitted) if isinstance(fitted, dict) else "")
 
 
 def _mmproj_facts(path: Path) -> MmprojFacts:
@@ -450,6 +454,8 @@ def render_card(f: CardFacts) -> str:
         out += ["", f"### {t.file.name}", ""]
         out.append(f"Profile `{md_code(t.profile)}` ({md_inline(t.tier)}), llama-quantize base {t.base_ftype}, {t.bpw:.3f} bits per "
                    f"weight, {'with' if t.imatrix else 'without'} imatrix.")
+        if t.fitted:
+            out += ["", t.fitted]
         out.append("")
         for name, sha in zip(t.file.names, t.file.sha256):
             out.append(f"- sha256 `{sha}`" + (f" ({name})" if len(t.file.names) > 1 else ""))

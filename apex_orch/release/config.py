@@ -18,6 +18,13 @@ path is first needed, so `--dry-run --source` works on a machine without the mod
       convert: {repo: org/name, revision: <40-hex>, outtype: bf16, mistral_format: false}
       convert: {path: checkpoint-folder, outtype: bf16}   #   a local Hugging Face checkpoint folder
     tiers: [i-balanced, quality, ...]   # profile names / .yaml paths, or {profile: NAME, best_for: TEXT}
+      - fit: {size: 48GB | bpw: 3.5,    #   or a tier fitted to a size (exactly one of size / bpw) when
+              sensitivity: sens.json,   #   the source is known, from `apex-orch sensitivity`'s result
+              from: i-balanced,         #   optional: the profile whose bands, best-for and corpus it keeps
+              structure: apex | free,   #   optional (default apex: APEX's ordering kept)
+              imatrix: true | false}    #   optional (default: as the sensitivity was measured)
+        tier: I-Compact-48GB            #   required: its display tier (file name, card)
+        best_for: TEXT                  #   optional
     imatrix: {corpus: diverse, ctx: 512, chunks: 200, from_q8: false}   # once, for every I-tier
     eval: {enabled: true, corpus: NAME | text: path, ctx: 512, chunks: 64, speed: true,
            gates: {max_mean_kld: .., max_ppl_ratio: .., min_same_top_p: .., max_kld_99_9: ..}}
@@ -33,6 +40,10 @@ path is first needed, so `--dry-run --source` works on a machine without the mod
                                         #   gpus: imatrix and eval tasks, default 0; memory: default
                                         #   estimated from the model)
 
+A `fit:` tier is read with a placeholder profile (its tier, imatrix need and corpus, from the
+sensitivity file, so the imatrix phase and the name checks work before the model exists); once
+the source model is known, release.fit_tiers fits it and puts the fitted profile in its place.
+
 Only types and key sets live here (no YAML reading, no file access), so every phase, the dry run
 and the card can name a config's parts without pulling in the reader.
 """
@@ -46,6 +57,7 @@ from pathlib import Path
 
 from apex_orch.core.errors import ConfigError
 from apex_orch.core.settings import PACKAGE_DIR, config_variable
+from apex_orch.core.text import gb
 from apex_orch.core.yamlio import YamlDoc
 from apex_orch.plan.profiles import Profile
 
@@ -58,7 +70,8 @@ HF_FILE_KEYS = {"repo", "revision", "file"}
 CONVERT_KEYS = {"repo", "revision", "path", "outtype", "mistral_format"}
 MMPROJ_KEYS = {"file", "hf", "convert", "name"}
 MMPROJ_CONVERT_KEYS = {"repo", "revision", "outtype", "mistral_format"}
-TIER_KEYS = {"profile", "best_for"}
+TIER_KEYS = {"profile", "best_for", "fit", "tier"}
+FIT_KEYS = {"size", "bpw", "sensitivity", "from", "structure", "imatrix"}
 IMATRIX_KEYS = {"corpus", "ctx", "chunks", "from_q8"}
 EVAL_KEYS = {"enabled", "text", "corpus", "ctx", "chunks", "speed", "gates"}
 PUBLISH_KEYS = {"repo", "private"}
@@ -134,14 +147,37 @@ class MmprojConfig:
 
 
 @dataclass(frozen=True)
+class FitSpec:
+    """A `fit:` tier: what to fit it to and from which measurement (fit.fitter.fit_profile's arguments)."""
+    size: int | None               # file bytes (GB = 10^9), or
+    bpw: float | None              # bits per weight
+    sensitivity: ConfigPath        # the result of `apex-orch sensitivity`
+    base: str | None               # `from:` profile name or path (bands, best-for, corpus); None: APEX's own
+    structure: bool                # apex (True) or free
+    imatrix: bool | None           # None: with an imatrix when the sensitivity was measured with one
+    tier: str
+    where: str
+
+    @property
+    def target(self) -> str:
+        return gb(self.size) if self.size is not None else f"{self.bpw:.2f} bpw"
+
+
+@dataclass(frozen=True)
 class TierConfig:
-    profile: Profile
+    profile: Profile               # for a fit tier: a placeholder until release.fit_tiers fits it
     best_for: str
     where: str
+    fit: FitSpec | None = None
 
     @property
     def tier(self) -> str:
         return self.profile.tier
+
+    @property
+    def fit_pending(self) -> bool:
+        """A fit tier whose profile is still the placeholder (a fitted profile carries `fitted:`)."""
+        return self.fit is not None and "fitted" not in self.profile.raw
 
 
 @dataclass(frozen=True)

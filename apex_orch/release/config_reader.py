@@ -1,7 +1,8 @@
 """Reads a release YAML into release.config's types, strictly, with `file:line` in every error.
 
 `load_release(path)` takes the YAML's path and gives a ReleaseConfig; it reads nothing but the
-YAML and the tier profiles (no model, no network), so `--dry-run` and the schema tests are cheap.
+YAML, the tier profiles and the sensitivity results of `fit:` tiers (release.fit_tiers; no model,
+no network), so `--dry-run` and the schema tests are cheap.
 `_Reader` is the typed access (a mapping with only allowed keys, a string matching a pattern, a
 path relative to the YAML's folder...) that turns any mismatch into a ConfigError pointing at the
 line; the `_parse_*` functions read one section each, in the order the schema lists them.
@@ -24,6 +25,7 @@ from apex_orch.release.config import (CONVERT_KEYS, CONVERT_OUTTYPES, EVAL_KEYS,
                                       SOURCE_KINDS, TIER_KEYS, TOP_KEYS, ConfigPath, EvalConfig, HFRef, ImatrixConfig,
                                       MmprojConfig, PublishConfig, ReleaseConfig, ResourcesConfig, SourceConfig,
                                       TierConfig)
+from apex_orch.release.fit_tiers import parse_fit_tier
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -131,7 +133,8 @@ def _kind(value) -> str:
 
 
 def load_release(path: str | os.PathLike) -> ReleaseConfig:
-    """Load and validate a release YAML (nothing is read or run besides the YAML and profiles)."""
+    """Load and validate a release YAML (nothing is read or run besides the YAML, profiles and
+    the sensitivity results `fit:` tiers name)."""
     p = Path(path)
     doc = load_yaml(p, ConfigError)
     r = _Reader(doc)
@@ -245,26 +248,42 @@ def _parse_tiers(r: _Reader, value) -> list[TierConfig]:
     for i, item in enumerate(value):
         kp = ("tiers", i)
         best_for = None
-        if isinstance(item, dict):
+        fit = None
+        if isinstance(item, dict) and "fit" in item:
             m = r.mapping(kp, item, TIER_KEYS)
+            if "profile" in m:
+                raise r.fail(kp, "give profile or fit, not both")
+            fit, prof = parse_fit_tier(r, kp, m)
+            if "best_for" in m:
+                best_for = r.string(kp + ("best_for",), m["best_for"])
+        elif isinstance(item, dict):
+            m = r.mapping(kp, item, TIER_KEYS)
+            if "tier" in m:
+                raise r.fail(kp + ("tier",), "a tier name is given only with `fit:` (a profile names its own tier)")
             if "profile" not in m:
-                raise r.fail(kp, "missing key 'profile'")
+                raise r.fail(kp, "missing key 'profile' (or 'fit')")
             ref = r.string(kp + ("profile",), m["profile"], what="a profile name")
             if "best_for" in m:
                 best_for = r.string(kp + ("best_for",), m["best_for"])
         else:
             ref = r.string(kp, item, what="a profile name")
-        if ref.endswith((".yaml", ".yml")) and not os.path.isabs(ref):
-            ref = str(r.doc.path.parent / ref)
-        try:
-            prof = load_profile(ref)
-        except ApexError as exc:
-            raise ConfigError(f"tiers[{i}]: {exc.message}", where=r.where(kp), hint=exc.hint) from None
+        if fit is None:
+            try:
+                prof = load_profile(_relative(r, ref))
+            except ApexError as exc:
+                raise ConfigError(f"tiers[{i}]: {exc.message}", where=r.where(kp), hint=exc.hint) from None
         if prof.tier in seen:
             raise r.fail(kp, f"tier {prof.tier} is listed twice (also at {seen[prof.tier]})")
         seen[prof.tier] = r.where(kp)
-        tiers.append(TierConfig(prof, best_for or prof.best_for or prof.description, r.where(kp)))
+        tiers.append(TierConfig(prof, best_for or prof.best_for or prof.description, r.where(kp), fit))
     return tiers
+
+
+def _relative(r: _Reader, ref: str) -> str:
+    """A profile reference: a relative .yaml path is relative to the release YAML's folder."""
+    if ref.endswith((".yaml", ".yml")) and not os.path.isabs(ref):
+        return str(r.doc.path.parent / ref)
+    return ref
 
 
 def _parse_imatrix(r: _Reader, value, tiers: list[TierConfig]) -> ImatrixConfig | None:

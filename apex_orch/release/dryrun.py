@@ -6,7 +6,8 @@ commands, one row per tier (file, predicted size, bpw, split parts, present or m
 llama-quantize command, the eval and publish settings, and the disk the release needs against
 what is free. It runs the phases' own resolving code (fetch, convert, plan) with `run` false, so
 the plan is the one the run would carry out; where an input does not exist yet it says so.
-Before the imatrix exists, tiers are sized with a full-coverage stand-in (`preview_imatrix`).
+Before the imatrix exists, tiers are sized with a full-coverage stand-in (`preview_imatrix`); `fit:`
+tiers are fitted as the run would fit them, their profiles written to a temporary folder only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from apex_orch.core.text import disk_size, table
 from apex_orch.quantize.job import ImatrixSource, parse_size, resolve_imatrix
 from apex_orch.quantize.run import default_jobs
 from apex_orch.release.config import ReleaseConfig
+from apex_orch.release.fit_tiers import resolve_fit_tiers
 from apex_orch.release.phases.convert import convert_argv, convert_source, converted_path
 from apex_orch.release.phases.fetch import fetch_mmproj, fetch_source
 from apex_orch.release.phases.imatrix import imatrix_plan
@@ -139,6 +141,7 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
             stand_in = resolve_imatrix(m, im_plan.cache_path)
         else:
             stand_in = preview_imatrix(state, im_plan)
+    resolve_fit_tiers(state, write=False)   # `fit:` tiers: fitted in a temporary folder, nothing kept
     job_list = plan_jobs(state, imatrix=stand_in)
     split = parse_size(cfg.split_max_size) if cfg.split_max_size else None
     lines.append("")

@@ -1,9 +1,10 @@
 """Phase quantize: every tier's GGUF, planned from its profile and written by llama-quantize.
 
-`run_phase(state, run)` plans one QuantizeJob per tier (`state.jobs`) and, when running, has
-`state.executor` write the ones whose files are missing (here `state.parallel` at a time, or one
-Ray task per tier); each output carries a manifest keyed by its inputs, so finished tiers are
-skipped and a killed run resumes at the tier it was writing.
+`run_phase(state, run)` plans one QuantizeJob per tier (`state.jobs`; a `fit:` tier is fitted
+first, release.fit_tiers) and, when running, has `state.executor` write the ones whose files are
+missing (here `state.parallel` at a time, or one Ray task per tier); each output carries a
+manifest keyed by its inputs, so finished tiers are skipped and a killed run resumes at the tier
+it was writing.
 A tier whose files exist but no longer match their manifest stops the run, unless `state.force`
 is set: then exactly those tiers are redone. With `run` false it only finds the tiers' up-to-date
 files. Either way `state.files` maps each found tier to its file(s).
@@ -16,11 +17,14 @@ from pathlib import Path
 from apex_orch.core.errors import ManifestError
 from apex_orch.core.manifest import up_to_date
 from apex_orch.quantize.job import ImatrixSource, QuantizeJob, plan_quantize
+from apex_orch.release.fit_tiers import resolve_fit_tiers
 from apex_orch.release.state import PhaseReport, ReleaseState
 
 
 def plan_jobs(state: ReleaseState, imatrix: ImatrixSource | None = None) -> list[QuantizeJob]:
-    """One job per tier; `imatrix` stands in for the state's (the dry run's preview)."""
+    """One job per tier; `imatrix` stands in for the state's (the dry run's preview). `fit:` tiers
+    are fitted first (once per state; their profiles kept in the work folder)."""
+    resolve_fit_tiers(state, write=True)
     cfg = state.config
     imatrix = imatrix if imatrix is not None else state.imatrix
     jobs = []

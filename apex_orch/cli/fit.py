@@ -1,0 +1,164 @@
+"""`apex-orch sensitivity` and `apex-orch fit`: measured sensitivity, and profiles fitted to a size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from apex_orch.cli.params import COUNT, FINITE, THREADS
+from apex_orch.cli.progress import Progress
+from apex_orch.core.errors import OutputExistsError, UsageError
+from apex_orch.core.outputs import write_new_text
+from apex_orch.core.safefiles import check_not_inputs
+from apex_orch.core.text import md_table
+from apex_orch.model.info import read_model
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--imatrix", "imatrix_path", type=click.Path(dir_okay=False),
+              help="Importance matrix the quantizations use (measures the I-variant types, IQ1/IQ2 included).")
+@click.option("--corpus", default=None, help="Build (or reuse from the cache) the imatrix from this corpus.")
+@click.option("--text", type=click.Path(dir_okay=False), default=None,
+              help="Held-out text the output is measured on (not the imatrix corpus).")
+@click.option("--text-corpus", default=None, help="Build the held-out text from this corpus instead.")
+@click.option("--chunks", type=COUNT, default=12, show_default=True, help="Chunks of the text per measurement.")
+@click.option("-c", "--ctx", type=click.IntRange(16, 1 << 20), default=512, show_default=True, help="Context.")
+@click.option("--types", "ladder", default=None,
+              help="Candidate types, comma-separated (default: IQ1_M..Q8_0 with an imatrix, Q2_K..Q8_0 without).")
+@click.option("--from", "bands_from", default=None,
+              help="Profile whose bands define the groups (default: APEX's own, profiles/_apex.yaml); "
+                   "a fit must use the same bands.")
+@click.option("--method", type=click.Choice(["exact", "proxy"]), default="exact", show_default=True,
+              help="exact: measure each group's KLD; proxy: imatrix-weighted quantization error only (no "
+                   "evaluations, no spliced files: for models too big to measure exactly; see docs/fit.md).")
+@click.option("--calibration", "calibration_path", type=click.Path(dir_okay=False), default=None,
+              help="With --method proxy: an exact result (of a smaller model of the family) whose exact/proxy "
+                   "ratios turn the proxy into KLD units per role.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result JSON here (it is always cached).")
+@click.option("--force", is_flag=True, help="Replace an existing --output.")
+@click.option("-t", "--threads", type=THREADS, default=None, help="Threads for llama-quantize and evaluation.")
+@click.option("--dry-run", is_flag=True, help="Print the groups, the ladder and the work, then stop.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def sensitivity(model, imatrix_path, corpus, text, text_corpus, chunks, ctx, ladder, bands_from, method,
+                calibration_path, output, force, threads, dry_run, quiet) -> None:
+    """Measure how much each group of tensors moves MODEL's output at each candidate type.
+
+    A group is what one profile line types (a role in one depth band; routed experts split
+    into gate/up and down). For each group and type: the source with only that group at that
+    type (spliced byte for byte from one uniform llama-quantize run per type), its mean KLD
+    and KLD 99.9% against the source on held-out chunks. Cost: one quantization per type plus
+    (groups + 1) x types short evaluations, written into the result; cached by model, imatrix,
+    text, settings and llama.cpp build, and resumed if interrupted. See docs/fit.md.
+    """
+    from apex_orch.fit.sensitivity import plan_sensitivity, run_sensitivity
+    from apex_orch.quantize.job import build_imatrix_for, resolve_imatrix
+
+    if imatrix_path and corpus:
+        raise UsageError("give --imatrix or --corpus, not both")
+    progress = Progress(quiet)
+    out = Path(output) if output else None
+    if out is not None:
+        check_not_inputs([out], [Path(model), Path(imatrix_path) if imatrix_path else None,
+                                 Path(text) if text else None], flag="-o/--output")
+        if out.exists() and not force:
+            raise OutputExistsError(f"{out} exists", hint="pass --force to replace it")
+    info = read_model(model)
+    imatrix = resolve_imatrix(info, imatrix_path) if imatrix_path else None
+    corpus_text = None
+    if corpus and not dry_run:
+        path = build_imatrix_for(Path(model), corpus, threads, progress)
+        imatrix = resolve_imatrix(info, path)
+    if corpus:
+        from apex_orch.calibration.corpus import build_corpus
+        corpus_text = build_corpus(corpus).data
+    from apex_orch.fit.measurements import load_sensitivity
+    calibration = load_sensitivity(calibration_path) if calibration_path else None
+    plan = plan_sensitivity(model, imatrix=imatrix, text=text, text_corpus=text_corpus, chunks=chunks, ctx=ctx,
+                            ladder=ladder, bands_from=bands_from, threads=threads, imatrix_corpus_text=corpus_text,
+                            method=method, calibration=calibration)
+    click.echo(plan.describe())
+    if dry_run:
+        return
+    result = run_sensitivity(plan, progress=progress)
+    d = result.data
+    rows = [[g["key"], str(g["tensors"])] + [f"{d['measurements'][g['key']][t]['kld_mean']:.5f}" for t in d["ladder"]]
+            for g in d["groups"]]
+    if d["uniform"]:
+        rows.append(["all groups (measured)", ""] + [f"{d['uniform'][t]['kld_mean']:.5f}" for t in d["ladder"]])
+        rows.append(["all groups (sum of parts)", ""] + [f"{d['uniform'][t]['sum_of_groups']:.5f}" for t in d["ladder"]])
+    click.echo("\n".join(md_table(["group", "tensors"] + d["ladder"], rows)))
+    c = d["cost"]
+    click.echo(f"cost: {c['total_s']:.0f} s = {c['as_tier_quantizations']} x one uniform quantization "
+               f"({c['one_tier_quantize_s']:.1f} s); result {result.path}")
+    if out is not None:
+        write_new_text(out, result.to_json(), force=force)
+        click.echo(f"wrote {out}")
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--sensitivity", "sensitivity_path", type=click.Path(dir_okay=False), required=True,
+              help="A result of `apex-orch sensitivity` (of this model, or of one with the same roles and bands).")
+@click.option("--size", default=None, help="Target file size: 48GB, 45.2GiB, 500MB (GB = 10^9 bytes).")
+@click.option("--bpw", type=FINITE, default=None, help="Target bits per weight (tensor bytes x 8 / weights).")
+@click.option("--from", "base", default=None,
+              help="Profile whose bands, best-for line and imatrix corpus the fitted profile keeps "
+                   "(default: APEX's own bands); the sensitivity must have been measured with the same bands.")
+@click.option("--tier", default=None, help="Display tier of the fitted profile (default Fit-<size>).")
+@click.option("--structure", type=click.Choice(["apex", "free"]), default="apex", show_default=True,
+              help="apex: edge >= near >= middle, shared expert and attention >= routed experts per block.")
+@click.option("--no-imatrix", is_flag=True, help="Fit without the IQ1/IQ2/IQ3_XXS types (a profile that needs no imatrix).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the profile YAML here.")
+@click.option("--force", is_flag=True, help="Replace an existing --output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
+def fit(model, sensitivity_path, size, bpw, base, tier, structure, no_imatrix, output, force, as_json) -> None:
+    """Fit an APEX profile to a size (or bits per weight) from measured sensitivity.
+
+    Chooses a type per group (and, to land on the budget, per block, edge blocks first) that
+    minimises the predicted mean KLD (the sum of the groups' measured effects) under the
+    budget, using the plan's exact bytes. Writes an ordinary profile: quantize, release and
+    the card use it like any other. The plan of the result is at most the budget and, when
+    the ladder allows, within 0.5% of it (otherwise the nearest size is printed).
+    """
+    from apex_orch.fit.fitter import fit_profile, parse_budget_size
+    from apex_orch.fit.measurements import load_sensitivity
+
+    if (size is None) == (bpw is None):
+        raise UsageError("give exactly one of --size or --bpw")
+    out = Path(output) if output else None
+    if out is not None:
+        check_not_inputs([out], [Path(model), Path(sensitivity_path)], flag="-o/--output")
+        if out.exists() and not force:
+            raise OutputExistsError(f"{out} exists", hint="pass --force to replace it")
+    budget = parse_budget_size(size) if size is not None else None
+    sens = load_sensitivity(sensitivity_path)
+    info = read_model(model)
+    m = sens.data["model"]
+    if (m["arch"], m["blocks"], m["name"]) != (info.arch, info.block_count, info.name):
+        click.echo(f"note: the sensitivity was measured on {m['name']} ({m['arch']}, {m['blocks']} blocks); "
+                   "applied here group by group", err=True)
+    result = fit_profile(info, sens, size=budget, bpw=bpw, base=base, tier=tier, structure=structure == "apex",
+                         imatrix=False if no_imatrix else None)
+    plan = result.plan
+    summary = {"target": result.target, "budget_bytes": result.budget_file_bytes,
+               "file_bytes": result.file_bytes, "under_budget_by": round(result.shortfall, 6),
+               "within_0.5%": result.within, "bpw": round(plan.bpw, 4),
+               "predicted_kld_mean": result.solution.loss, "steps": result.solution.steps}
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+    else:
+        click.echo(f"fitted to {result.target}: {result.file_bytes:,} bytes ({result.file_bytes / 1e9:.3f} GB, "
+                   f"{plan.bpw:.3f} bpw), {100 * result.shortfall:.2f}% under the budget; predicted mean KLD "
+                   f"{result.solution.loss:.5f}")
+        if not result.within:
+            click.echo(f"note: the nearest size this ladder reaches is {100 * result.shortfall:.2f}% under the "
+                       "budget (more than 0.5%)", err=True)
+    if out is not None:
+        write_new_text(out, result.yaml_text, force=force)
+        click.echo(f"wrote {out}", err=as_json)
+    elif not as_json:
+        click.echo(result.yaml_text, nl=False)
