@@ -29,13 +29,13 @@ PYTEST_ARGS ?=
 # flags gets its own build folder in the cache and becomes the build apex-orch uses.
 LLAMA_CMAKE_ARGS ?=
 
-.PHONY: help venv llama bindings install install-archs install-ray bench-distributed quantize imatrix release test test-archs test-fast bench bench-quality reference-model doctor clean
+.PHONY: help venv llama bindings install install-archs install-ray bench-distributed quantize imatrix release test test-archs test-fast bench bench-quality bench-fit reference-model doctor clean
 
 help:
 	@echo "make quantize PROFILE=compact [MODEL=path.gguf] [IMATRIX=file] [OUT=dir]"
 	@echo "make imatrix CORPUS=agentic [MODEL=path.gguf]"
 	@echo "make release RELEASE=releases/demo.yaml [PUSH=1] [JOBS=N]"
-	@echo "make test | make test-archs | make bench | make bench-quality | make reference-model | make doctor"
+	@echo "make test | make test-archs | make bench | make bench-quality | make bench-fit | make reference-model | make doctor"
 
 $(PYTHON):
 	$(BOOT_PYTHON) -m venv $(VENV)
@@ -105,6 +105,9 @@ bench: install
 
 bench-quality: install
 	$(PYTHON) bench/bench_quality.py
+
+bench-fit: install
+	$(PYTHON) bench/bench_fit.py
 
 reference-model: install
 	$(PYTHON) -m pip install -q "torch==2.13.0"

@@ -165,3 +165,37 @@ def test_bench_integrity_smoke_measures_first_run_and_reruns(tmp_path: Path) -> 
     assert {"first_run_checks_to_tool", "rerun_checks_to_tool", "touched_rerun_checks_to_tool",
             "publish_hash_to_tool"} <= set(d["ratios"]) and d["sha256"]["seconds_for_240_gb"] > 0
     assert "| rerun, all up to date (stat as recorded) |" in md_header(tmp_path / "integrity.md")
+
+
+def test_bench_fit_smoke_fits_measures_and_compares(tmp_path: Path) -> None:
+    env = os.environ.copy()
+    env["APEX_ORCH_EVAL_CACHE"] = str(tmp_path / "eval-cache")
+    p = run("bench_fit.py", "--smoke", "--out", str(tmp_path / "out"), env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(x.name for x in out.iterdir()) == ["fit.json", "fit.md", "fit.png"]
+    d = json.loads((out / "fit.json").read_text())
+    check_machine(d)
+    assert d["mode"] == "smoke" and d["sensitivity"]["ladder"] == ["Q3_K", "Q4_K", "Q8_0"]
+    # one fitted profile per distinct size among compact / i-compact / Q4_K_M, never over its budget
+    assert [f["label"] for f in d["fitted"]] == ["fit@compact", "fit@Q4_K_M"]
+    for f in d["fitted"]:
+        assert f["file_bytes"] <= f["budget_bytes"]
+    for dom in d["domains"].values():
+        assert [r["label"] for r in dom["rows"]] == ["compact", "i-compact", "Q4_K_M", "fit@compact", "fit@Q4_K_M"]
+    for c in d["comparison"]:
+        for dom in c["domains"].values():
+            assert dom["vs_same_size"] and all(isinstance(v["fitted_lower"], bool) for v in dom["vs_same_size"])
+    for proof in d["measurement_text"].values():   # measured tokens come after every scored one
+        assert proof["tokens_before_cut"] > proof["scored_tokens_end_before"]
+    assert len(d["additivity"]["uniform"]) == 3 and len(d["additivity"]["fitted"]) == 2
+    assert -1 <= d["proxy"]["spearman_raw"] <= 1
+    assert [r["card_gb"] for r in d["replica"]] == [72, 62, 48, 38]
+    md = md_header(out / "fit.md")
+    assert "Smoke run" in md and "## The additivity assumption, measured" in md
+    re_dir = tmp_path / "re"
+    re_dir.mkdir()
+    (re_dir / "fit.json").write_text((out / "fit.json").read_text())
+    again = run("bench_fit.py", "--rerender", "--out", str(re_dir), env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (re_dir / "fit.md").read_text() == (out / "fit.md").read_text()

@@ -79,7 +79,7 @@ def sensitivity(model, imatrix_path, corpus, text, text_corpus, chunks, ctx, lad
     calibration = load_sensitivity(calibration_path) if calibration_path else None
     plan = plan_sensitivity(model, imatrix=imatrix, text=text, text_corpus=text_corpus, chunks=chunks, ctx=ctx,
                             ladder=ladder, bands_from=bands_from, threads=threads, imatrix_corpus_text=corpus_text,
-                            method=method, calibration=calibration)
+                            method=method, calibration=calibration, imatrix_corpus=corpus)
     click.echo(plan.describe())
     if dry_run:
         return

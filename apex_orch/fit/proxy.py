@@ -62,6 +62,11 @@ def tensor_errors(source: Path, quantized: Path, names: set[str],
         q_all = np.asarray(t.data)
         n_mat = w_all.shape[0] if w_all.ndim == 3 else 1
         mean, share = weights.get(t.name, (None, None))
+        ne0 = w_all.shape[-1]
+        if mean is not None and mean.shape != (n_mat, ne0) and mean.shape != (1, ne0):
+            # the imatrix saw this tensor's input under another layout (an MLA k_b/v_b batched over
+            # heads): per matrix when the sizes allow it, else its mean activation for every column
+            mean = mean.reshape(n_mat, ne0) if mean.size == n_mat * ne0 else np.full((1, ne0), float(mean.mean()))
         total = 0.0
         for e in range(n_mat):
             w = (w_all[e] if w_all.ndim == 3 else w_all).astype(np.float32)
@@ -72,7 +77,7 @@ def tensor_errors(source: Path, quantized: Path, names: set[str],
             else:
                 row = mean[e] if mean.shape[0] == n_mat else mean[0]
                 # experts: weighted by the tokens routed to each; other 3-D tensors (MLA heads): summed
-                p = share[e] if "_exps" in t.name and mean.shape[0] == n_mat else 1.0
+                p = share[e] if "_exps" in t.name and mean.shape[0] == n_mat and len(share) == n_mat else 1.0
                 total += p * float(np.dot(row, d2))
         out[t.name] = total
     return out

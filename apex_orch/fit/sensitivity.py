@@ -70,6 +70,7 @@ class SensitivityPlan:
     key_material: dict = field(repr=False)
     method: str = "exact"
     calibration: Sensitivity | None = None
+    imatrix_corpus: str | None = None     # the corpus name, when the imatrix was built from one here
 
     @property
     def cache_path(self) -> Path:
@@ -112,7 +113,7 @@ def plan_sensitivity(model_path: str | os.PathLike, *, imatrix: ImatrixSource | 
                      chunks: int = DEFAULT_CHUNKS, ctx: int = 512, ladder: str | None = None,
                      bands_from: str | None = None, threads: int | None = None,
                      imatrix_corpus_text: bytes | None = None, method: str = "exact",
-                     calibration: Sensitivity | None = None) -> SensitivityPlan:
+                     calibration: Sensitivity | None = None, imatrix_corpus: str | None = None) -> SensitivityPlan:
     """Resolve everything (reads headers and the text; runs nothing)."""
     path = Path(model_path)
     model = read_model(path)
@@ -146,7 +147,7 @@ def plan_sensitivity(model_path: str | os.PathLike, *, imatrix: ImatrixSource | 
     }
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
     return SensitivityPlan(path, model, profile, groups, types, imatrix, tf, settings, threads, key, material, method,
-                           calibration)
+                           calibration, imatrix_corpus)
 
 
 def uniform_profile_for(t: T, bands_from: Profile, imatrix: bool) -> Profile:
@@ -184,6 +185,8 @@ def run_sensitivity(plan: SensitivityPlan, *, progress: Progress | None = None,
     weights = imatrix_weights(plan.imatrix.path if plan.imatrix else None)
     exact = plan.method == "exact"
     start = time.monotonic()
+    earlier_s = cost.get("total_s", 0.0)     # a resumed run: the time the interrupted one(s) spent
+    cost["_earlier_s"], cost["_start"] = earlier_s, start
     work = Path(tempfile.mkdtemp(prefix="sensitivity-", dir=work_dir)) if work_dir else \
         Path(tempfile.mkdtemp(prefix="apex-orch-sensitivity-"))
     done = sum(len(r) for r in rows.values()) + len(uniform_rows)
@@ -230,7 +233,9 @@ def run_sensitivity(plan: SensitivityPlan, *, progress: Progress | None = None,
                     p.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    cost["total_s"] = round(partial.get("cost", {}).get("total_s", 0.0) + time.monotonic() - start, 3)
+    cost["total_s"] = round(earlier_s + time.monotonic() - start, 3)
+    cost.pop("_earlier_s", None)
+    cost.pop("_start", None)
     if not exact:
         rows = _calibrated(plan, proxy_rows)
     data = _result(plan, rows, uniform_rows, cost, proxy_rows)
@@ -248,6 +253,7 @@ def _load_partial(plan: SensitivityPlan) -> dict:
 
 
 def _save_partial(plan: SensitivityPlan, rows: dict, uniform_rows: dict, cost: dict, proxy_rows: dict) -> None:
+    cost["total_s"] = round(cost["_earlier_s"] + time.monotonic() - cost["_start"], 3)
     write_atomic(plan.partial_path, json.dumps({"key": plan.key, "measurements": rows, "uniform": uniform_rows,
                                                 "cost": cost, "proxy": proxy_rows}) + "\n")
 
@@ -278,7 +284,8 @@ def _result(plan: SensitivityPlan, rows: dict, uniform_rows: dict, cost: dict, p
         "model": {"name": m.name, "file": plan.model_path.name, "arch": m.arch, "blocks": m.block_count,
                   "sha256": plan.key_material["model"]},
         "bands_from": plan.bands_from.name if plan.bands_from.name != "apex-bands" else None, "bands": plan.bands_from.raw.get("bands"),
-        "imatrix": ({"file": plan.imatrix.path.name, "sha256": plan.imatrix.sha256, "corpus": plan.imatrix.corpus}
+        "imatrix": ({"file": plan.imatrix.path.name, "sha256": plan.imatrix.sha256,
+                     "corpus": plan.imatrix_corpus or plan.imatrix.corpus}
                     if plan.imatrix else None),
         "text": {"label": Path(plan.text.label).name if not plan.text.label.startswith("corpus:") else plan.text.label,
                  "sha256": plan.text.sha256, "chunks": plan.settings.chunks, "ctx": plan.settings.n_ctx},
