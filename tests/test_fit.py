@@ -132,6 +132,7 @@ def test_sensitivity_rerun_is_a_cache_hit(measured, small_moe, tmp_path):
     ([], 2, "--text FILE or --text-corpus NAME"),
     (["--text-corpus", "wikipedia", "--types", "IQ2_S"], 2, "needs an importance matrix"),
     (["--text-corpus", "wikipedia", "--types", "F16"], 2, "not a quantized ggml type"),
+    (["--text-corpus", "wikipedia", "--types", "Q4_K,IQ2_XXS"], 2, "aborts writing token_embd/output"),
     (["--text-corpus", "wikipedia", "--types", "Q9_K"], 2, "not a quantized ggml type"),
     (["--text-corpus", "wikipedia", "--imatrix", "x.dat", "--corpus", "diverse"], 2, "not both"),
     (["--text-corpus", "wikipedia", "--chunks", "0"], 2, "0"),

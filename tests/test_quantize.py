@@ -198,3 +198,21 @@ def test_cli_dry_run_and_usage_errors(mistral4_split, tmp_path):
     r = CliRunner().invoke(main, ["quantize", "-p", "i-mini", str(mistral4_split), "--out-dir", str(tmp_path),
                                   "--no-eval", "--corpus", "no-such-corpus"])
     assert r.exit_code != 0 and "error:" in r.output
+
+
+@pytest.mark.parametrize("role, tensor", [("output", "output.weight"), ("embedding", "token_embd.weight")])
+def test_a_type_ggml_aborts_on_without_imatrix_data_is_refused_before_running(role, tensor, mistral4_split,
+                                                                              model_imatrix, tmp_path):
+    """IQ2_XXS/IQ2_XS/IQ1_S on token_embd/output: llama-quantize's own check exempts those tensors, then
+    ggml asserts (the imatrix has no data for them). The plan refuses it; the tool really aborts."""
+    prof = tmp_path / "abort.yaml"
+    prof.write_text(f"extends: i-compact\ntier: Abort\ntypes:\n  {role}: IQ2_XXS\n")
+    info = read_model(mistral4_split)
+    with pytest.raises(ImatrixError, match=tensor.replace(".", r"\.")):
+        q.plan_quantize(mistral4_split, load_profile(prof), out_dir=tmp_path / "out",
+                        imatrix=q.resolve_imatrix(info, model_imatrix))
+    assert not (tmp_path / "out").exists()
+    p = subprocess.run([str(find_tool("llama-quantize").path), "--imatrix", str(model_imatrix), "--tensor-type",
+                        f"^{tensor.replace('.', chr(92) + '.')}$=iq2_xxs", str(mistral4_split),
+                        str(tmp_path / "raw.gguf"), "Q4_K_M", "2"], capture_output=True, text=True)
+    assert p.returncode != 0 and "GGML_ASSERT(imatrix != NULL)" in p.stderr + p.stdout

@@ -24,7 +24,7 @@ from typing import Any
 
 from apex_orch.core.errors import ImatrixError
 from apex_orch.model.info import ModelInfo, TensorInfo
-from apex_orch.plan.llama_rules import allows_quantization
+from apex_orch.plan.llama_rules import ABORT_WITHOUT_IMATRIX_DATA, allows_quantization
 from apex_orch.plan.planner import Plan
 
 NOT_COLLECTED = ("token_embd.weight", "output.weight")   # never / only with --process-output
@@ -183,14 +183,15 @@ def check_imatrix_fits(info: ImatrixInfo, model_info: ModelInfo) -> None:
 
 
 def check_plan_coverage(info: ImatrixInfo, plan: Plan) -> list[str]:
-    """Names of planned tensors that need imatrix data (IQ1/IQ2/IQ3_XXS) but have none.
+    """Names of planned tensors that need imatrix data (IQ1/IQ2/IQ3_XXS; and token_embd/output at
+    IQ2_XXS/IQ2_XS/IQ1_S, where ggml asserts) but have none.
 
     `quantize` calls this first: llama-quantize would otherwise abort halfway through.
     A tensor whose entry exists but saw no token at all counts as having none.
     """
     lacking = []
     for planned in plan.tensors:
-        if not planned.requires_imatrix:
+        if not (planned.requires_imatrix or (planned.quantizable and planned.final_type in ABORT_WITHOUT_IMATRIX_DATA)):
             continue
         entry = info.entries.get(planned.name)
         if entry is None or not entry.has_data:

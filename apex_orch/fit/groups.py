@@ -25,14 +25,15 @@ from apex_orch.core.errors import UsageError
 from apex_orch.core.safefiles import write_atomic
 from apex_orch.model.info import ModelInfo
 from apex_orch.model.roles import Role
-from apex_orch.plan.llama_rules import IMATRIX_REQUIRED
+from apex_orch.plan.llama_rules import ABORT_WITHOUT_IMATRIX_DATA, IMATRIX_REQUIRED
 from apex_orch.plan.planner import Plan, make_plan
 from apex_orch.plan.profiles import BANDED_ROLES, SINGLE_ROLES, TARGET_TYPES, Profile, load_profile
 
 # The candidate types, cheapest first. With an importance matrix the IQ types below 3 bits are
-# allowed (llama-quantize refuses them without one); Q3_K stands for the 3.4-bit class (IQ3_S
+# allowed (llama-quantize refuses them without one) except IQ2_XXS/IQ2_XS/IQ1_S, which abort on
+# token_embd/output (no imatrix data for them: llama_rules.ABORT_WITHOUT_IMATRIX_DATA); Q3_K stands for the 3.4-bit class (IQ3_S
 # has the same size) and IQ4_XS/Q4_K both stay because their 6% size step is a useful fill.
-LADDER_IMATRIX = (T.IQ1_M, T.IQ2_XXS, T.IQ2_S, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
+LADDER_IMATRIX = (T.IQ1_M, T.IQ2_S, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 LADDER_PLAIN = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 ROUTED = Role.ROUTED_EXPERT.value
 MAX_LADDER = 16
@@ -57,6 +58,9 @@ def parse_ladder(text: str | None, has_imatrix: bool) -> tuple[T, ...]:
         if t is None or t in (T.F32, T.F16, T.BF16):
             raise UsageError(f"--types: {n!r} is not a quantized ggml type",
                              hint="e.g. --types IQ2_S,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0")
+        if t in ABORT_WITHOUT_IMATRIX_DATA:
+            raise UsageError(f"--types: {n} cannot be measured: llama-quantize aborts writing token_embd/output at "
+                             "it (the imatrix has no data for them)", hint="use IQ1_M or IQ2_S for the lowest bits")
         if t in IMATRIX_REQUIRED and not has_imatrix:
             raise UsageError(f"--types: {n} needs an importance matrix (llama-quantize refuses it without one)",
                              hint="pass --imatrix, or drop the IQ1/IQ2/IQ3_XXS types")

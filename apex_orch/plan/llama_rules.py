@@ -54,6 +54,11 @@ NOT_QUANTIZED = {T.F32, T.F16, T.BF16, T.F64, T.I8, T.I16, T.I32, T.I64}
 
 # Types that llama-quantize refuses to write without imatrix data (tensor_requires_imatrix).
 IMATRIX_REQUIRED = {T.IQ3_XXS, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_M, T.IQ1_S}
+# ggml_quantize_requires_imatrix(): ggml itself aborts (GGML_ASSERT) quantizing these types without
+# imatrix data for the tensor. tensor_requires_imatrix() exempts token_embd and output from the
+# polite check above, so a profile giving them one of these types, with no entry for them (the
+# imatrix never has token_embd; output only with --process-output), kills llama-quantize mid-run.
+ABORT_WITHOUT_IMATRIX_DATA = {T.IQ2_XXS, T.IQ2_XS, T.IQ1_S}
 
 _IQ_LOW_FTYPES = {F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S,
                   F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M}
