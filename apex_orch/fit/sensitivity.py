@@ -186,7 +186,11 @@ def run_sensitivity(plan: SensitivityPlan, *, progress: Progress | None = None,
     exact = plan.method == "exact"
     start = time.monotonic()
     earlier_s = cost.get("total_s", 0.0)     # a resumed run: the time the interrupted one(s) spent
-    cost["_earlier_s"], cost["_start"] = earlier_s, start
+
+    def save_progress() -> None:
+        cost["total_s"] = round(earlier_s + time.monotonic() - start, 3)
+        _save_partial(plan, rows, uniform_rows, cost, proxy_rows)
+
     work = Path(tempfile.mkdtemp(prefix="sensitivity-", dir=work_dir)) if work_dir else \
         Path(tempfile.mkdtemp(prefix="apex-orch-sensitivity-"))
     done = sum(len(r) for r in rows.values()) + len(uniform_rows)
@@ -208,7 +212,7 @@ def run_sensitivity(plan: SensitivityPlan, *, progress: Progress | None = None,
                 proxy_rows.setdefault(g.key, {})[t.name] = sum(errors[n] for n in g.tensors)
             cost["proxy_s"] += time.monotonic() - t0
             if not exact:
-                _save_partial(plan, rows, uniform_rows, cost, proxy_rows)
+                save_progress()
             elif t.name not in uniform_rows:
                 r = evaluate(donor, base=plan.model_path, text=plan.text.path, settings=plan.settings)
                 uniform_rows[t.name] = _kld_row(r)
@@ -227,15 +231,13 @@ def run_sensitivity(plan: SensitivityPlan, *, progress: Progress | None = None,
                 done += 1
                 emit(f"  {done}/{plan.n_measurements} {g.key} at {t.name}: mean KLD {r.kld.kld_mean:.6f} "
                      f"(99.9% {r.kld.kld_p999:.4f})")
-                _save_partial(plan, rows, uniform_rows, cost, proxy_rows)
+                save_progress()
             for p in work.iterdir():   # the next type's file replaces this one: keep one on disk
                 if p.is_file():
                     p.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     cost["total_s"] = round(earlier_s + time.monotonic() - start, 3)
-    cost.pop("_earlier_s", None)
-    cost.pop("_start", None)
     if not exact:
         rows = _calibrated(plan, proxy_rows)
     data = _result(plan, rows, uniform_rows, cost, proxy_rows)
@@ -253,7 +255,6 @@ def _load_partial(plan: SensitivityPlan) -> dict:
 
 
 def _save_partial(plan: SensitivityPlan, rows: dict, uniform_rows: dict, cost: dict, proxy_rows: dict) -> None:
-    cost["total_s"] = round(cost["_earlier_s"] + time.monotonic() - cost["_start"], 3)
     write_atomic(plan.partial_path, json.dumps({"key": plan.key, "measurements": rows, "uniform": uniform_rows,
                                                 "cost": cost, "proxy": proxy_rows}) + "\n")
 
