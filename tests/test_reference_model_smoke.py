@@ -1,5 +1,6 @@
 """Smoke test of the trained reference model's build: a tiny mistral4 MoE (2 blocks, n_embd 64,
-4 experts) is trained for 6 steps on a few KB of the standard library's text, exported to an
+4 experts, a 512-token BPE trained on its own text) is trained for 6 steps on a few KB of the
+standard library's text, exported to an
 F16 GGUF with apex_orch.demo.synthetic.write_model, and run through llama.cpp. This is the export
 correctness test: llama.cpp and PyTorch must agree on every logit of the held-out chunks
 within the tolerances of bench/reference_model/validate.py (the full build uses the same ones).
@@ -37,7 +38,12 @@ def test_tiny_model_trains_exports_and_matches_llama_cpp(tmp_path: Path) -> None
     assert not list(tmp_path.glob(".*staging*")), "no staging file may remain"
     assert not list(tmp_path.glob("*.unvalidated.gguf")), "the checked model is promoted, not copied"
     assert rec["model"]["arch"] == "mistral4"
-    assert rec["model"]["n_vocab"] == 32000
+    assert rec["model"]["n_vocab"] == 512
+    # the BPE vocabulary trained on the training text: llama.cpp encodes every text exactly as tokenizers
+    voc = rec["vocabulary"]
+    assert voc["kind"] == "bpe" and voc["n_vocab"] == 512 and voc["gguf_pre"] == "gpt-2"
+    assert set(voc["identical_encoding_tokens"]) == {"heldout/code", "heldout/prose", "train/code", "train/prose"}
+    assert all(n > 100 for n in voc["identical_encoding_tokens"].values())
     assert rec["model"]["params"]["tensors"] == 3 + 2 * 17   # token_embd, output_norm, output + 17 per block
     assert rec["training"]["loss_last10"] < rec["training"]["loss_first10"]
 

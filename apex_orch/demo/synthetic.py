@@ -51,7 +51,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Mapping, NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -256,7 +256,23 @@ def _check_dest(path: str | os.PathLike, overwrite: bool) -> Path:
     return dest
 
 
-def _new_writer(tmp: Path, spec: SyntheticSpec, n_vocab: int, file_type: int, with_tokenizer: bool):
+# A tokenizer as GGUF keys: (key, value, gguf.GGUFValueType, array sub-type or None), all
+# starting with "tokenizer.". Default: the pinned tree's llama-spm vocabulary.
+TokenizerKV = Sequence[tuple[str, object, int, "int | None"]]
+
+
+def tokenizer_vocab_size(tokenizer: TokenizerKV | None) -> int:
+    """Number of tokens of `tokenizer` (None: the default llama-spm vocabulary)."""
+    if tokenizer is None:
+        return _vocab_size()
+    for key, value, _, _ in tokenizer:
+        if key == "tokenizer.ggml.tokens":
+            return len(value)  # type: ignore[arg-type]
+    raise ValueError("the tokenizer has no tokenizer.ggml.tokens")
+
+
+def _new_writer(tmp: Path, spec: SyntheticSpec, n_vocab: int, file_type: int, with_tokenizer: bool,
+                tokenizer: TokenizerKV | None = None):
     import gguf
 
     writer = gguf.GGUFWriter(tmp, spec.arch)
@@ -266,22 +282,46 @@ def _new_writer(tmp: Path, spec: SyntheticSpec, n_vocab: int, file_type: int, wi
     for key, value, vtype in _arch_kv(spec, n_vocab):
         writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
     if with_tokenizer:
-        for key, value, vtype, sub in _tokenizer_kv():
+        for key, value, vtype, sub in (_tokenizer_kv() if tokenizer is None else tokenizer):
+            if not key.startswith("tokenizer."):
+                raise ValueError(f"tokenizer key {key!r} does not start with 'tokenizer.'")
             writer.add_key_value(key, value, gguf.GGUFValueType(vtype),
                                  sub_type=None if sub is None else gguf.GGUFValueType(sub))
     return writer
 
 
+def write_vocab_only(path: str | os.PathLike, spec: SyntheticSpec, tokenizer: TokenizerKV | None = None, *,
+                     overwrite: bool = False) -> Path:
+    """A GGUF with `spec`'s metadata and the tokenizer but no tensors: llama.cpp loads it with
+    vocab_only to tokenize text before the model exists (training)."""
+    dest = _check_dest(path, overwrite)
+    tmp = _temp_path(dest)
+    try:
+        writer = _new_writer(tmp, spec, tokenizer_vocab_size(tokenizer), FILE_TYPE_F16, True, tokenizer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
 def write_model(path: str | os.PathLike, spec: SyntheticSpec,
-                weights: Mapping[str, np.ndarray] | None = None, *, overwrite: bool = False) -> Path:
+                weights: Mapping[str, np.ndarray] | None = None, *, overwrite: bool = False,
+                tokenizer: TokenizerKV | None = None) -> Path:
     """Write a complete, loadable GGUF for `spec` and return its path.
 
     `weights` optionally supplies arrays by tensor name (numpy shapes, see tensor_shapes());
     they are cast to the file's type (F32 for norms/router, F16 otherwise). Missing names get
-    seeded random data. The file appears under its final name only when complete.
+    seeded random data. `tokenizer` replaces the default llama-spm vocabulary (the token
+    embedding and output rows follow its size). The file appears under its final name only
+    when complete.
     """
     dest = _check_dest(path, overwrite)
-    n_vocab = _vocab_size()
+    n_vocab = tokenizer_vocab_size(tokenizer)
     plans = tensor_layout(spec, n_vocab)
     supplied = dict(weights or {})
     unknown = sorted(set(supplied) - {p.name for p in plans})
@@ -294,7 +334,7 @@ def write_model(path: str | os.PathLike, spec: SyntheticSpec,
 
     tmp = _temp_path(dest)
     try:
-        writer = _new_writer(tmp, spec, n_vocab, FILE_TYPE_F16, with_tokenizer=True)
+        writer = _new_writer(tmp, spec, n_vocab, FILE_TYPE_F16, with_tokenizer=True, tokenizer=tokenizer)
         for plan in plans:
             dtype = np.dtype(np.float32 if plan.role in ("norm", "router") else np.float16)
             writer.add_tensor_info(plan.name, plan.shape, dtype, math.prod(plan.shape) * dtype.itemsize)

@@ -13,7 +13,8 @@ from apex_orch.demo.spec import SyntheticSpec
 
 @dataclass(frozen=True)
 class RefConfig:
-    # --- architecture (mistral4 as llama.cpp loads it: deepseek2 MLA + routed/shared experts)
+    # --- architecture (mistral4 as llama.cpp loads it: deepseek2 MLA + routed/shared experts).
+    # The defaults are the first reference model's; FULL below is the one shaped like a real MoE.
     n_layer: int = 12
     n_embd: int = 256
     n_head: int = 4
@@ -28,6 +29,9 @@ class RefConfig:
     n_expert_shared: int = 1
     expert_ff: int = 256
     seq_len: int = 512              # training context; written as mistral4.context_length
+    # --- vocabulary
+    vocab: str = "llama-spm"        # "llama-spm": the pinned tree's 32000 tokens; "bpe": a byte-level
+    bpe_vocab_size: int = 4096      # BPE of this many tokens trained on the training text (bpe.py)
     # --- data
     code_bytes: int = 4_000_000     # stdlib .py training text (~1.2 M tokens)
     prose_bytes: int | None = None  # pydoc topics training text (all of it, ~0.37 MB)
@@ -64,7 +68,19 @@ class RefConfig:
         return dataclasses.asdict(self)
 
 
-FULL = RefConfig()
+# Shaped like the MoEs APEX targets: routed experts ~90% of the weights (Mistral-Small-4: ~97%),
+# 32 routed experts with 4 used and a shared expert (Mistral-Small-4's 128/4/1, scaled), 16 blocks
+# (so the APEX bands have a middle), MLA, and a 4096-token BPE vocabulary (embeddings ~2%).
+# Every row length is a multiple of 256 except MLA's attn_k_b, as in the real model.
+FULL = RefConfig(
+    n_layer=16, n_expert=32, n_expert_used=4, n_expert_shared=1, expert_ff=256,
+    vocab="bpe", bpe_vocab_size=4096, code_bytes=8_000_000,
+    steps=360, batch_seqs=4, micro_seqs=4, lr=3e-3, min_lr=3e-4, warmup=40,
+)
+
+# The first reference model (61 M parameters, 37% of them token_embd + output with the 32000-token
+# llama-spm vocabulary): the vocabulary-heavy case. `--config vocab-heavy` rebuilds it.
+VOCAB_HEAVY = RefConfig()
 
 # CI smoke: 2 blocks, tiny widths, a handful of steps on ~40 KB of text; exercises the whole
 # path (tokenize, train, export, llama.cpp load, logit agreement) in well under a minute.
@@ -72,5 +88,8 @@ SMOKE = RefConfig(
     n_layer=2, n_embd=64, n_head=2, q_lora_rank=64, kv_lora_rank=64, qk_nope=16, qk_rope=16,
     v_head=32, n_expert=4, n_expert_used=2, expert_ff=64, seq_len=64,
     code_bytes=30_000, prose_bytes=10_000, heldout_bytes=4_000, steps=6, batch_seqs=4, micro_seqs=4,
-    lr=1e-2, min_lr=1e-3, warmup=2, eval_chunks=2, name="APEX-Reference-MoE-Smoke",
+    lr=1e-2, min_lr=1e-3, warmup=2, eval_chunks=2, vocab="bpe", bpe_vocab_size=512,
+    name="APEX-Reference-MoE-Smoke",
 )
+
+CONFIGS = {"full": FULL, "vocab-heavy": VOCAB_HEAVY, "smoke": SMOKE}

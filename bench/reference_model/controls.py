@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from . import validate, vocab  # noqa: E402
+from . import validate  # noqa: E402
+from .vocab import Vocab  # noqa: E402
 from .config import FULL, RefConfig  # noqa: E402
 from .model import RefMoE, load_gguf  # noqa: E402
 
@@ -88,21 +89,22 @@ class _FixedLogits:
 
 
 def load_model(cfg: RefConfig, gguf: Path) -> RefMoE:
-    m = RefMoE(cfg, vocab.n_vocab())
+    m = RefMoE(cfg, Vocab(gguf).n_vocab())
     load_gguf(m, gguf)
     return m.eval()
 
 
 def run(cfg: RefConfig, gguf: Path, heldout: dict[str, Path], chunks: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
-    bos = vocab.bos_id()
+    voc = Vocab(gguf)
+    bos = voc.bos_id()
     block = cfg.n_layer // 2
     rows = []
     runner = validate.LlamaRunner(gguf, cfg.seq_len, threads)
     try:
         for domain, path in heldout.items():
             text = path.read_text(encoding="utf-8")
-            toks = np.concatenate(([bos], vocab.tokenize(text[:-1] if text.endswith("\n") else text)))
+            toks = np.concatenate(([bos], voc.tokenize(text[:-1] if text.endswith("\n") else text)))
             parts = validate.chunks(toks, cfg.seq_len, chunks, bos)
 
             def add(name: str, expect_pass: bool, rep: validate.DomainReport) -> None:

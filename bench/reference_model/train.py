@@ -47,16 +47,17 @@ from apex_orch.llama import pin  # noqa: E402
 from apex_orch.demo import synthetic  # noqa: E402
 from apex_orch.llama.tools import build_label  # noqa: E402
 
-from . import data, vocab  # noqa: E402
-from .config import FULL, SMOKE, RefConfig  # noqa: E402
+from . import data  # noqa: E402
+from .config import CONFIGS, FULL, RefConfig  # noqa: E402
+from .vocab import Vocab  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
 # The files whose content determines the trained weights (train.py/validate.py only orchestrate
 # and check, so editing them does not retrain).
-WEIGHT_CODE = ("config.py", "data.py", "vocab.py", "model.py", "trainer.py")
-FORMAT_VERSION = 1
+WEIGHT_CODE = ("config.py", "data.py", "bpe.py", "vocab.py", "model.py", "trainer.py")
+FORMAT_VERSION = 2
 
 
 def code_sha256() -> str:
@@ -69,10 +70,15 @@ def code_sha256() -> str:
 def cache_key(cfg: RefConfig, corpus_sha: str) -> str:
     import torch
 
-    blob = json.dumps({
+    material = {
         "format": FORMAT_VERSION, "config": cfg.asdict(), "data": corpus_sha, "code": code_sha256(),
         "torch": torch.__version__, "pin": pin.PIN_KEY, "writer": synthetic.GENERATOR_VERSION,
-    }, sort_keys=True)
+    }
+    if cfg.vocab == "bpe":
+        import tokenizers
+
+        material["tokenizers"] = tokenizers.__version__
+    blob = json.dumps(material, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -90,6 +96,8 @@ def paths(out_dir: Path, key: str) -> dict[str, Path]:
         "unvalidated": out_dir / f"{stem}.unvalidated.gguf",
         "training": out_dir / f"{stem}.training.json",
         "staging": out_dir / f".{stem}.staging-{os.getpid()}.gguf",
+        "tokenizer": out_dir / f"{stem}.tokenizer.json",
+        "vocab": out_dir / f"{stem}.vocab.gguf",
         "log_dir": out_dir / f"{stem}.logs",
     }
 
@@ -100,14 +108,30 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def param_counts(cfg: RefConfig, n_vocab: int) -> dict[str, int]:
+def _param_kind(name: str) -> str:
+    if name.endswith("_exps.weight"):
+        return "routed_experts"
+    if name.endswith("_shexp.weight"):
+        return "shared_expert"
+    if name in ("token_embd.weight", "output.weight"):
+        return "embedding_and_output"
+    if "norm" in name or "ffn_gate_inp" in name:
+        return "norms_and_router"
+    return "attention"
+
+
+def param_counts(cfg: RefConfig, n_vocab: int) -> dict:
     shapes = synthetic.tensor_shapes(cfg.spec(), n_vocab)
     total = sum(math.prod(s) for s in shapes.values())
-    routed = sum(math.prod(s) for n, s in shapes.items() if n.endswith("_exps.weight"))
+    by_kind: dict[str, int] = {}
+    for name, shape in shapes.items():
+        by_kind[_param_kind(name)] = by_kind.get(_param_kind(name), 0) + math.prod(shape)
+    routed = by_kind.get("routed_experts", 0)
     inactive = routed * (cfg.n_expert - cfg.n_expert_used) // cfg.n_expert
     embd = math.prod(shapes["token_embd.weight"])
     return {"total": total, "active": total - inactive, "active_without_token_embd": total - inactive - embd,
-            "routed_experts": routed, "tensors": len(shapes)}
+            "routed_experts": routed, "tensors": len(shapes), "by_kind": by_kind,
+            "share": {k: round(v / total, 4) for k, v in by_kind.items()}}
 
 
 def environment() -> dict:
@@ -153,9 +177,52 @@ def git_commit() -> str | None:
     return None
 
 
+def _as_tool_reads(texts: dict[str, str]) -> dict[str, str]:
+    """Each text as llama-perplexity -f tokenizes its file: one trailing newline dropped."""
+    return {d: t[:-1] if t.endswith("\n") else t for d, t in texts.items()}
+
+
+def _vocabulary(cfg: RefConfig, corpus: data.Corpus, p: dict[str, Path], force: bool,
+                log: Callable[[str], None]) -> tuple[Vocab, list | None, dict]:
+    """The model's tokenizer: the pinned llama-spm vocabulary, or a BPE trained on the training
+    text (kept beside the model as <stem>.tokenizer.json and <stem>.vocab.gguf). A BPE must encode
+    the held-out and training text exactly as llama.cpp does with the GGUF form, token for token."""
+    if cfg.vocab == "llama-spm":
+        voc = Vocab(None)
+        return voc, None, {"kind": "llama-spm", "n_vocab": voc.n_vocab(), "source": synthetic.VOCAB_GGUF_NAME}
+    if cfg.vocab != "bpe":
+        raise ValueError(f"vocab must be 'llama-spm' or 'bpe', got {cfg.vocab!r}")
+    import tokenizers
+
+    from . import bpe
+
+    t0 = time.monotonic()
+    if not force and p["tokenizer"].is_file() and p["vocab"].is_file():
+        tok = bpe.from_json(p["tokenizer"].read_text(encoding="utf-8"))
+        log(f"BPE vocabulary: reusing {p['tokenizer'].name}")
+    else:
+        tok = bpe.train([corpus.train[d] for d in sorted(corpus.train)], cfg.bpe_vocab_size)
+        _atomic_write(p["tokenizer"], tok.to_str())
+        synthetic.write_vocab_only(p["vocab"], cfg.spec(), bpe.gguf_tokenizer_kv(tok), overwrite=True)
+    train_s = time.monotonic() - t0
+    kv = bpe.gguf_tokenizer_kv(tok)
+    voc = Vocab(p["vocab"])
+    t0 = time.monotonic()
+    texts = {f"heldout/{d}": t for d, t in _as_tool_reads(corpus.heldout).items()}
+    texts.update({f"train/{d}": t for d, t in corpus.train.items()})
+    agreement = bpe.check_same_tokens(tok, voc.tokenize, texts)
+    log(f"BPE vocabulary: {voc.n_vocab()} tokens; llama.cpp and tokenizers {tokenizers.__version__} encode "
+        f"identically: {agreement} ({time.monotonic() - t0:.1f}s)")
+    record = {"kind": "bpe", "n_vocab": voc.n_vocab(), "tokenizers": tokenizers.__version__,
+              "gguf_model": "gpt2", "gguf_pre": "gpt-2", "train_seconds": round(train_s, 1),
+              "sha256": hashlib.sha256(p["tokenizer"].read_bytes()).hexdigest(),
+              "identical_encoding_tokens": agreement}
+    return voc, kv, record
+
+
 def build(cfg: RefConfig = FULL, *, out_dir: Path | None = None, force: bool = False,
           run_perplexity_tool: bool = True, log: Callable[[str], None] = print,
-          corpus: data.Corpus | None = None) -> dict:
+          corpus: data.Corpus | None = None, checkpoints: int = 0, expert_share: bool = False) -> dict:
     """Build (or find in the cache) the reference model; returns its record (see module doc).
 
     Two phases, each leaving a file behind: training writes `<stem>.unvalidated.gguf` (+ the
@@ -170,22 +237,24 @@ def build(cfg: RefConfig = FULL, *, out_dir: Path | None = None, force: bool = F
     p = paths(out_dir, key)
     if not force and p["gguf"].is_file() and p["record"].is_file():
         log(f"reference model is cached: {p['gguf']}")
-        return json.loads(p["record"].read_text())
+        record = json.loads(p["record"].read_text())
+        if expert_share and "expert_share" not in record:
+            _add_expert_evidence(cfg, p, record, log)
+        return record
     out_dir.mkdir(parents=True, exist_ok=True)
     p["log_dir"].mkdir(exist_ok=True)
     log(f"data: {corpus.manifest['bytes']} (sha256 {corpus_sha[:16]})")
-    bos, n_vocab = vocab.bos_id(), vocab.n_vocab()
+    voc, tokenizer_kv, vocab_record = _vocabulary(cfg, corpus, p, force, log)
+    bos, n_vocab = voc.bos_id(), voc.n_vocab()
 
     if force or not (p["unvalidated"].is_file() and p["training"].is_file()):
-        training = _train_and_export(cfg, corpus, p, bos, n_vocab, log)
+        training = _train_and_export(cfg, corpus, p, voc, tokenizer_kv, log, checkpoints)
     else:
         training = json.loads(p["training"].read_text())
         log(f"reusing the trained, not yet validated {p['unvalidated']}")
 
     t0 = time.monotonic()
-    # Held-out text as llama-perplexity -f tokenizes its file: one trailing newline dropped, BOS first.
-    heldout = {d: np.concatenate(([bos], vocab.tokenize(t[:-1] if t.endswith("\n") else t)))
-               for d, t in corpus.heldout.items()}
+    heldout = {d: np.concatenate(([bos], voc.tokenize(t))) for d, t in _as_tool_reads(corpus.heldout).items()}
     for domain in ("code", "prose"):
         _atomic_write(p[f"heldout_{domain}"], corpus.heldout[domain])
     reports = _validate(cfg, p, heldout, bos, n_vocab, run_perplexity_tool, log)
@@ -203,6 +272,7 @@ def build(cfg: RefConfig = FULL, *, out_dir: Path | None = None, force: bool = F
         "model": {"path": str(p["gguf"]), "size_bytes": p["gguf"].stat().st_size, "arch": "mistral4",
                   "file_type": "F16 (norms and router F32)", "n_vocab": n_vocab,
                   "params": param_counts(cfg, n_vocab)},
+        "vocabulary": vocab_record,
         "config": cfg.asdict(),
         "data": {**corpus.manifest, "sha256": corpus_sha, "train_tokens": training["train_tokens"],
                  "heldout_tokens": {d: int(len(s)) for d, s in heldout.items()},
@@ -223,41 +293,100 @@ def build(cfg: RefConfig = FULL, *, out_dir: Path | None = None, force: bool = F
                            "this_run_total": round(time.monotonic() - t_start, 1)},
         "environment": {**environment(), "loadavg_1min_start_end": [training["loadavg_1min_start"], _loadavg()]},
     }
+    record["checkpoints"] = training.get("checkpoints", {})
     _atomic_write(p["record"], json.dumps(record, indent=2) + "\n")
     p["training"].unlink(missing_ok=True)
     log(f"reference model: {p['gguf']}")
+    if expert_share:   # after the record is written: a failure here never costs the training
+        _add_expert_evidence(cfg, p, record, log)
     return record
 
 
-def _train_and_export(cfg: RefConfig, corpus: data.Corpus, p: dict[str, Path], bos: int, n_vocab: int,
-                      log: Callable[[str], None]) -> dict:
-    """Tokenize, train, write <stem>.unvalidated.gguf and <stem>.training.json."""
-    from . import trainer  # torch is imported only when a build is really needed
+def _add_expert_evidence(cfg: RefConfig, p: dict[str, Path], record: dict, log: Callable[[str], None]) -> None:
+    t0 = time.monotonic()
+    record["expert_share"] = _expert_evidence(cfg, p, record, log)
+    record["timing_seconds"]["expert_share"] = round(time.monotonic() - t0, 1)
+    _atomic_write(p["record"], json.dumps(record, indent=2) + "\n")
+
+
+def _expert_evidence(cfg: RefConfig, p: dict[str, Path], training: dict, log: Callable[[str], None]) -> dict:
+    """The expert share of the IQ2_S damage (expert_share.py) on the final model, both held-out
+    domains, and on each training checkpoint (the curve against training tokens). Each file gets
+    its own imatrix from the `diverse` corpus, as the quality benchmarks do."""
+    from apex_orch.calibration import imatrix as im
+
+    from . import expert_share
+
+    texts = {d: p[f"heldout_{d}"] for d in ("code", "prose")}
+
+    def one(model: Path, domains: dict[str, Path]) -> dict:
+        plan = im.plan_imatrix(model, "diverse", ctx=cfg.seq_len, threads=cfg.threads)
+        imatrix = im.run_imatrix(plan)
+        return expert_share.measure(model, domains, imatrix=Path(imatrix), chunks=cfg.eval_chunks // 2,
+                                    ctx=cfg.seq_len, threads=cfg.threads, log=log)
+
+    final = one(p["gguf"], texts)
+    tokens_per_step = cfg.batch_seqs * cfg.seq_len
+    curve = []
+    for step, path in sorted((int(k), Path(v)) for k, v in training.get("checkpoints", {}).items()):
+        if path.is_file():
+            r = one(path, {"code": texts["code"]})
+            curve.append({"step": step, "tokens": step * tokens_per_step, "share": r["domains"]["code"]["share"],
+                          "all": r["domains"]["code"]["all"], "routed_only": r["domains"]["code"]["routed_only"]})
+    curve.append({"step": cfg.steps, "tokens": cfg.steps * tokens_per_step,
+                  "share": final["domains"]["code"]["share"], "all": final["domains"]["code"]["all"],
+                  "routed_only": final["domains"]["code"]["routed_only"]})
+    return {"final": final, "curve": curve}
+
+
+def _export(cfg: RefConfig, model, dest: Path, staging: Path, tokenizer_kv: list | None) -> None:
     from .model import gguf_weights
 
-    load_start = _loadavg()
-    t_start = t0 = time.monotonic()
-    streams = {d: vocab.tokenize(t) for d, t in corpus.train.items()}
-    tokenize_s = time.monotonic() - t0
-    log(f"training tokens: {({d: len(s) for d, s in streams.items()})} ({tokenize_s:.1f}s)")
-
-    result = trainer.train(cfg, streams, bos, n_vocab, log=log)
-    log(f"trained {cfg.steps} steps in {result.seconds:.1f}s (CPU {result.cpu_seconds:.1f}s); "
-        f"loss {result.loss_first:.3f} -> {result.loss_last:.3f}")
-
-    t0 = time.monotonic()
-    weights = gguf_weights(result.model)
+    weights = gguf_weights(model)
     missing = set(synthetic.tensor_names(cfg.spec())) - set(weights)
     if missing:  # write_model would fill these with random data
         raise RuntimeError(f"export is missing tensors: {sorted(missing)[:5]}")
     try:
-        synthetic.write_model(p["staging"], cfg.spec(), weights=weights, overwrite=True)
-        os.replace(p["staging"], p["unvalidated"])
+        synthetic.write_model(staging, cfg.spec(), weights=weights, overwrite=True, tokenizer=tokenizer_kv)
+        os.replace(staging, dest)
     finally:
-        p["staging"].unlink(missing_ok=True)
+        staging.unlink(missing_ok=True)
+
+
+def checkpoint_paths(p: dict[str, Path], steps: int, n: int) -> dict[int, Path]:
+    """Step -> GGUF of the model after that many steps, for n evenly spaced checkpoints before
+    the end (the expert-share curve measures them)."""
+    return {steps * (i + 1) // (n + 1): p["gguf"].with_name(p["gguf"].stem + f".step{steps * (i + 1) // (n + 1)}.gguf")
+            for i in range(n)}
+
+
+def _train_and_export(cfg: RefConfig, corpus: data.Corpus, p: dict[str, Path], voc: Vocab,
+                      tokenizer_kv: list | None, log: Callable[[str], None], checkpoints: int = 0) -> dict:
+    """Tokenize, train, write <stem>.unvalidated.gguf (+ checkpoints) and <stem>.training.json."""
+    from . import trainer  # torch is imported only when a build is really needed
+
+    load_start = _loadavg()
+    t_start = t0 = time.monotonic()
+    streams = {d: voc.tokenize(t) for d, t in corpus.train.items()}
+    tokenize_s = time.monotonic() - t0
+    log(f"training tokens: {({d: len(s) for d, s in streams.items()})} ({tokenize_s:.1f}s)")
+    ckpt = checkpoint_paths(p, cfg.steps, checkpoints)
+
+    def on_step(step: int, model) -> None:
+        if step in ckpt:
+            _export(cfg, model, ckpt[step], p["staging"], tokenizer_kv)
+            log(f"checkpoint after {step} steps: {ckpt[step].name}")
+
+    result = trainer.train(cfg, streams, voc.bos_id(), voc.n_vocab(), log=log, on_step=on_step)
+    log(f"trained {cfg.steps} steps in {result.seconds:.1f}s (CPU {result.cpu_seconds:.1f}s); "
+        f"loss {result.loss_first:.3f} -> {result.loss_last:.3f}")
+
+    t0 = time.monotonic()
+    _export(cfg, result.model, p["unvalidated"], p["staging"], tokenizer_kv)
     export_s = time.monotonic() - t0
     training = {
         "train_tokens": {d: int(len(s)) for d, s in streams.items()},
+        "checkpoints": {str(step): str(path) for step, path in ckpt.items()},
         "training": {"seconds": round(result.seconds, 1), "cpu_seconds": round(result.cpu_seconds, 1),
                      "tokens_seen": result.tokens_seen, "steps": cfg.steps,
                      "loss_first10": round(result.loss_first, 4), "loss_last10": round(result.loss_last, 4),
@@ -309,6 +438,15 @@ def _validate(cfg: RefConfig, p: dict[str, Path], heldout: dict[str, np.ndarray]
 
 # ----------------------------------------------------------------------------- results
 
+def _vocab_label(rec: dict) -> str:
+    v = rec.get("vocabulary", {"kind": "llama-spm"})
+    if v["kind"] == "bpe":
+        agree = sum(n for k, n in v["identical_encoding_tokens"].items() if k.startswith("heldout/"))
+        return (f"byte-level BPE trained on the training text, {rec['model']['n_vocab']} tokens (llama.cpp `gpt2`/`gpt-2`); "
+                f"llama.cpp and tokenizers {v['tokenizers']} encode all {agree:,} held-out tokens identically")
+    return f"llama-spm, {rec['model']['n_vocab']} tokens"
+
+
 def results_markdown(rec: dict) -> str:
     env, cfg, par = rec["environment"], rec["config"], rec["model"]["params"]
     val, tr, tm = rec["validation"], rec["training"], rec["timing_seconds"]
@@ -329,7 +467,7 @@ def results_markdown(rec: dict) -> str:
         f"| MLA q_lora / kv_lora / nope / rope / v | {cfg['q_lora_rank']} / {cfg['kv_lora_rank']} / "
         f"{cfg['qk_nope']} / {cfg['qk_rope']} / {cfg['v_head']} |",
         f"| expert FFN | {cfg['expert_ff']} |",
-        f"| vocabulary | llama-spm, {rec['model']['n_vocab']} tokens |",
+        f"| vocabulary | {_vocab_label(rec)} |",
         f"| parameters in the GGUF, total / active per token | {par['total'] / 1e6:.2f} M / {par['active'] / 1e6:.2f} M "
         f"({par['active_without_token_embd'] / 1e6:.2f} M without token_embd) |",
         f"| GGUF | {rec['model']['size_bytes'] / 2**20:.1f} MiB, {rec['model']['file_type']} |",
@@ -422,15 +560,20 @@ def _parse_overrides(items: list[str], base: RefConfig) -> RefConfig:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", choices=("full", "smoke"), default="full")
+    ap.add_argument("--config", choices=tuple(CONFIGS), default="full")
+    ap.add_argument("--checkpoints", type=int, default=None, metavar="N",
+                    help="export N evenly spaced checkpoints for the expert-share curve (default 3 for full, else 0)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a RefConfig field (changes the cache key)")
     ap.add_argument("--out-dir", type=Path, help="where the model goes (default <cache>/models)")
     ap.add_argument("--force", action="store_true", help="retrain even when the cache has the model")
     ap.add_argument("--no-results", action="store_true", help="do not write bench/results/reference-model.*")
     ap.add_argument("--no-perplexity-tool", action="store_true", help="skip the llama-perplexity cross-check")
+    ap.add_argument("--no-expert-share", action="store_true",
+                    help="skip the expert-share measurement (IQ2_S experts only vs all tensors, and its curve)")
     args = ap.parse_args(argv)
-    cfg = _parse_overrides(args.set, FULL if args.config == "full" else SMOKE)
+    cfg = _parse_overrides(args.set, CONFIGS[args.config])
+    checkpoints = args.checkpoints if args.checkpoints is not None else (3 if args.config == "full" else 0)
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -443,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"up to date: {cached['gguf']} (nothing to do)")
         return 0
     rec = build(cfg, out_dir=out_dir, force=args.force,
-                run_perplexity_tool=not args.no_perplexity_tool, log=log, corpus=pre)
+                run_perplexity_tool=not args.no_perplexity_tool, log=log, corpus=pre, checkpoints=checkpoints,
+                expert_share=not args.no_expert_share)
     if not args.no_results:
         for path in write_results(rec):
             log(f"wrote {path}")

@@ -83,7 +83,10 @@ def _param_groups(model: RefMoE, weight_decay: float) -> list[dict]:
 
 
 def train(cfg: RefConfig, streams: dict[str, np.ndarray], bos: int, n_vocab: int,
-          log: Callable[[str], None] = print, log_every: int = 10) -> TrainResult:
+          log: Callable[[str], None] = print, log_every: int = 10,
+          on_step: Callable[[int, RefMoE], None] | None = None) -> TrainResult:
+    """Train from the seed; `on_step(steps_done, model)` is called after every optimizer step
+    (checkpoints: it must not change the model)."""
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     model = RefMoE(cfg, n_vocab)
@@ -117,6 +120,8 @@ def train(cfg: RefConfig, streams: dict[str, np.ndarray], bos: int, n_vocab: int
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(lm_sum)
+        if on_step is not None:
+            on_step(step + 1, model)
         if step % log_every == 0 or step == cfg.steps - 1:
             elapsed = time.monotonic() - start
             rec = {"step": step, "loss": round(lm_sum, 4), "aux": round(aux_sum, 4),

@@ -164,6 +164,7 @@ class DomainReport:
     max_abs_logit: float
     expert_share_min: float               # smallest share of routed assignments any expert got (any block)
     expert_share_max: float
+    expert_token_fraction_min: float = 0.0  # smallest share of the positions routed to one expert (any block)
 
     def failures(self) -> list[str]:
         checks = [
@@ -225,6 +226,7 @@ def compare(model: RefMoE, runner: LlamaRunner, domain: str, tokens_with_bos: np
         max_abs_logit=max_logit,
         expert_share_min=float(min(x.min() for x in shares)),
         expert_share_max=float(max(x.max() for x in shares)),
+        expert_token_fraction_min=float(min(c.min() for c in expert_counts)) / positions,
     )
 
 
