@@ -16,8 +16,11 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 
-# Targets every apex-orch command may need.
-TOOL_TARGETS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split")
+# Targets every apex-orch command may need: llama-bench for the speed the community quotes
+# (pp512/tg128), llama-speculative-simple to prove an MTP head drafts (it links only llama-common
+# and llama; llama-cli would pull in the server, whose build downloads a web UI).
+TOOL_TARGETS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-bench",
+                "llama-speculative-simple")
 
 # Configure flags: shared libs (the bindings reuse libllama), nothing that downloads.
 CMAKE_FLAGS = (
@@ -26,7 +29,7 @@ CMAKE_FLAGS = (
     "-DLLAMA_CURL=OFF",
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=ON",      # configured, never built whole: only TOOL_TARGETS are
     "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_LLGUIDANCE=OFF",
     "-DGGML_CPU_KLEIDIAI=OFF",

@@ -522,7 +522,42 @@ def results_markdown(rec: dict) -> str:
         + f" (uniform would be {1 / cfg['n_expert']:.4f}).",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _shape_markdown(rec))
+
+
+def _shape_markdown(rec: dict) -> list[str]:
+    """Is this model shaped like a real MoE? Weights by kind, routing spread, expert share of the damage."""
+    cfg, par = rec["config"], rec["model"]["params"]
+    if "by_kind" not in par:
+        return []
+    names = {"routed_experts": "routed experts", "shared_expert": "shared expert", "attention": "attention (MLA)",
+             "embedding_and_output": "token_embd + output", "norms_and_router": "norms + router"}
+    lines = ["## Shape: where the weights are", "",
+             "| kind | parameters | share |", "|---|---|---|"]
+    lines += [f"| {names.get(k, k)} | {v:,} | {par['share'][k]:.1%} |"
+              for k, v in sorted(par["by_kind"].items(), key=lambda kv: -kv[1])]
+    lines += [f"| total | {par['total']:,} | |", ""]
+    val = rec["validation"]["domains"]
+    if all("expert_token_fraction_min" in r for r in val.values()):
+        lines += [f"Routing spread on held-out text: the least-used expert of any block is chosen for "
+                  + ", ".join(f"{r['expert_token_fraction_min']:.2%} of the {d} positions" for d, r in val.items())
+                  + f" (uniform: {cfg['n_expert_used'] / cfg['n_expert']:.1%}; required: at least 0.5%).", ""]
+    share = rec.get("expert_share")
+    if share:
+        f = share["final"]
+        lines += [f"## Do the routed experts carry weight? ({f['type']}, imatrix from `diverse`)", "",
+                  f"Mean KLD against the F16 model with only the {f['routed_tensors']} routed-expert tensors at "
+                  f"{f['type']} (everything else F16), against every typed tensor at {f['type']}; "
+                  f"{f['chunks']} chunks x {f['ctx']} per held-out domain. Required: share >= {f['target']:.0%}.", "",
+                  "| domain | routed experts only | all tensors | share |", "|---|---|---|---|"]
+        lines += [f"| {d} | {r['routed_only']:.5f} ± {r['routed_only_err']:.5f} | {r['all']:.5f} ± {r['all_err']:.5f} "
+                  f"| {r['share']:.1%} |" for d, r in f["domains"].items()]
+        lines += ["", "The share against training (code domain; one checkpoint per row):", "",
+                  "| step | training tokens | routed experts only | all tensors | share |", "|---|---|---|---|---|"]
+        lines += [f"| {c['step']} | {c['tokens']:,} | {c['routed_only']:.5f} | {c['all']:.5f} | {c['share']:.1%} |"
+                  for c in share["curve"]]
+        lines.append("")
+    return lines
 
 
 def write_results(rec: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
@@ -583,8 +618,13 @@ def main(argv: list[str] | None = None) -> int:
     key = cache_key(cfg, pre.sha256())
     cached = paths(out_dir, key)
     if not args.force and cached["gguf"].is_file() and cached["record"].is_file():
-        log(f"up to date: {cached['gguf']} (nothing to do)")
-        return 0
+        rec = json.loads(cached["record"].read_text())
+        if args.no_expert_share or "expert_share" in rec:
+            log(f"up to date: {cached['gguf']} (nothing to train)")
+            if not args.no_results:
+                for path in write_results(rec):
+                    log(f"wrote {path}")
+            return 0
     rec = build(cfg, out_dir=out_dir, force=args.force,
                 run_perplexity_tool=not args.no_perplexity_tool, log=log, corpus=pre, checkpoints=checkpoints,
                 expert_share=not args.no_expert_share)
