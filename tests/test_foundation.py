@@ -19,7 +19,8 @@ from apex_orch.cli import COMMANDS, main
 from apex_orch.core.errors import ToolNotFoundError
 from apex_orch.llama.tools import build_info, find_libllama, find_tool
 
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split")
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-gguf-split", "llama-bench",
+         "llama-speculative-simple")
 
 
 def test_pin_is_the_llama_cpp_python_sdist():
