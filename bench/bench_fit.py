@@ -121,10 +121,10 @@ def fitted_variants(model: Path, sens, sizes: list[tuple[str, int]], imatrix_src
         q = run_quantize(job, force=True)
         v = bq.Variant(f"fit@{label}", "fitted", True, path.name, q.files[0], q.seconds)
         v.fit = {"target_label": label, "budget_bytes": size, "file_bytes": q.files[0].stat().st_size,
-                 "predicted_kld_mean": res.solution.loss, "within_0.5%": res.within, "fit_s": round(fit_s, 2),
+                 "predicted_kld_mean": res.solution.kld_mean, "within_0.5%": res.within, "fit_s": round(fit_s, 2),
                  "yaml": res.yaml_text, "steps": res.solution.steps}
         log(f"fit@{label}: {v.fit['file_bytes'] / 2**20:.2f} MiB (budget {size / 2**20:.2f}), predicted KLD "
-            f"{res.solution.loss:.6f}, fit {fit_s:.1f} s")
+            f"{res.solution.kld_mean:.6f}, fit {fit_s:.1f} s")
         out.append(v)
     return out
 
@@ -148,7 +148,7 @@ def replica_fits(sens, work: Path) -> list[dict]:
             bands[role] = {b: sorted(ts) for b, ts in by_band.items()}
         rows.append({"card_tier": label, "card_gb": gb, "file_bytes": res.file_bytes, "shortfall": res.shortfall,
                      "within_0.5%": res.within, "bpw": round(res.plan.bpw, 4), "fit_s": round(time.monotonic() - t0, 2),
-                     "predicted_kld_mean_transferred": res.solution.loss, "bands": bands, "yaml": res.yaml_text})
+                     "predicted_kld_mean_transferred": res.solution.kld_mean, "bands": bands, "yaml": res.yaml_text})
         log(f"replica @{gb} GB: {res.file_bytes / 1e9:.3f} GB ({100 * res.shortfall:.3f}% under), {res.plan.bpw:.3f} bpw")
     src_bytes = sum(t.n_bytes for t in replica.tensors)
     return rows, src_bytes, replica
@@ -188,8 +188,8 @@ def proxy_check(sens, model: Path, sizes: list[tuple[str, int]]) -> dict:
         # the proxy fit's choice, scored with the exact table
         exact_of_proxy = sum(px.solution.shares[u] * d["measurements"][u[0]][t.name]["kld_mean"]
                              for u, t in px.solution.types.items())
-        fits.append({"target": label, "exact_fit_predicted": ex.solution.loss, "proxy_fit_scored_exactly": exact_of_proxy,
-                     "loss_given_up": exact_of_proxy / ex.solution.loss - 1 if ex.solution.loss else None})
+        fits.append({"target": label, "exact_fit_predicted": ex.solution.kld_mean, "proxy_fit_scored_exactly": exact_of_proxy,
+                     "loss_given_up": exact_of_proxy / ex.solution.kld_mean - 1 if ex.solution.kld_mean else None})
     ratios = [m / p for p, m in calibrated if p > 0]
     return {"spearman_raw": spearman([p for p, _ in pairs], [m for _, m in pairs]),
             "spearman_calibrated_held_out": spearman([p for p, _ in calibrated], [m for _, m in calibrated]),

@@ -379,3 +379,76 @@ def test_calibration_needs_the_proxy_method(small_moe, tmp_path, replica_sens):
     r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "--dry-run",
                                   "--method", "proxy", "--calibration", str(tmp_path / "missing.json")])
     assert r.exit_code == 2 and "not found" in r.output
+
+
+# ------------------------------------------------------------------ corrected prediction, tail bound
+
+def with_uniform(sens: Sensitivity, mean_factor: dict, tail_shape: dict) -> Sensitivity:
+    """`sens` with KLD 99.9% per group (its mean x a per-role tail weight) and uniform files whose
+    measured effects are the sums of the parts times `mean_factor[type]` (1.0 where absent)."""
+    data = json.loads(sens.to_json())
+    roles = {g.split(".")[0] for g in (x["key"] for x in data["groups"])}
+    for key, by_type in data["measurements"].items():
+        for row in by_type.values():
+            row["kld_p999"] = row["kld_mean"] * tail_shape.get(key.split(".")[0], 10.0)
+    data["uniform"] = {}
+    for t in data["ladder"]:
+        parts = [data["measurements"][g["key"]][t] for g in data["groups"]]
+        data["uniform"][t] = {"kld_mean": mean_factor.get(t, 1.0) * sum(p["kld_mean"] for p in parts),
+                              "kld_p999": sum(p["kld_p999"] for p in parts)}
+    assert roles
+    return Sensitivity(data)
+
+
+def test_fit_scales_each_types_effects_by_its_measured_additivity(ms4_replica, replica_sens):
+    sens = with_uniform(replica_sens, {"Q8_0": 0.5, "Q6_K": 0.5, "Q5_K": 0.6, "IQ1_M": 1.2}, {})
+    model = read_model(ms4_replica)
+    corrected = fit_profile(model, sens, size=parse_budget_size("48GB"))
+    plain = fit_profile(model, sens, size=parse_budget_size("48GB"), correct_additivity=False)
+    assert corrected.additivity[T.Q8_0] == pytest.approx(0.5) and corrected.additivity[T.IQ1_M] == pytest.approx(1.2)
+    assert plain.additivity[T.Q8_0] == 1.0
+    # the prediction is each unit's share of its group's effect at its type, times that type's factor
+    sol = corrected.solution
+    expected = sum(sol.shares[u] * corrected.additivity[t] * sens.loss(u[0], t) for u, t in sol.types.items())
+    assert sol.kld_mean == pytest.approx(expected, rel=1e-12)
+    assert sol.loss == sol.kld_mean                       # no tail weight: the objective is the mean
+    fitted = load_profile_text(corrected.yaml_text)["fitted"]
+    assert "Q8_0 x0.5" in fitted["additivity"] and fitted["predicted_kld_mean"] == pytest.approx(sol.kld_mean, rel=1e-5)
+
+
+def load_profile_text(text: str) -> dict:
+    import yaml
+    return yaml.safe_load(text)
+
+
+def test_fit_keeps_the_predicted_tail_under_a_bound(ms4_replica, replica_sens, tmp_path):
+    # the token embedding dominates the tail here (not the mean): the mean-optimal fit leaves it at a
+    # low type, the bounded one must raise it and pay for that elsewhere
+    sens = with_uniform(replica_sens, {}, {"embedding": 20000.0})
+    model = read_model(ms4_replica)
+    free = fit_profile(model, sens, size=parse_budget_size("48GB"))
+    bound = free.solution.kld_p999 * 0.5
+    bounded = fit_profile(model, sens, size=parse_budget_size("48GB"), max_kld_p999=bound)
+    assert bounded.solution.kld_p999 <= bound < free.solution.kld_p999
+    assert bounded.solution.kld_mean >= free.solution.kld_mean       # the price of the bound, in mean KLD
+    assert bounded.file_bytes <= parse_budget_size("48GB") and bounded.within
+    assert load_profile_text(bounded.yaml_text)["fitted"]["max_kld_p999"] == pytest.approx(bound, rel=1e-5)
+    check_structure(bounded.plan)
+    # a bound no profile of this size meets: one message, exit 5 (a plan that cannot be made), nothing written
+    path = tmp_path / "s.json"
+    path.write_text(sens.to_json())
+    out = tmp_path / "fitted.yaml"
+    r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(path), "--size", "48GB",
+                                  "--max-kld-99-9", "1e-12", "-o", str(out)])
+    assert r.exit_code == 5, r.output
+    assert "no profile of this size is predicted to keep KLD 99.9% at or under 1e-12" in r.output
+    assert not out.exists()
+
+
+def test_tail_bound_needs_tail_measurements(ms4_replica, replica_sens, tmp_path):
+    data = json.loads(replica_sens.to_json())           # no uniform files: no tail factors
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(data))
+    r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(path), "--size", "48GB",
+                                  "--max-kld-99-9", "0.5"])
+    assert r.exit_code == 5 and "has no KLD 99.9%" in r.output, r.output

@@ -110,7 +110,7 @@ def test_fit_tier_is_fitted_written_and_quantized_to_the_plan(released, expected
     line = next(m for m in released["log"] if m.startswith(f"fit: {TIER} fitted"))
     assert line == (f"fit: {TIER} fitted to 54.00 MB: {expected_fit.file_bytes:,} bytes "
                     f"({expected_fit.file_bytes / 1e6:.2f} MB, {expected_fit.plan.bpw:.3f} bpw), predicted mean KLD "
-                    f"{expected_fit.solution.loss:.5f}; profile {WORK_DIR}/fitted/{TIER}.yaml")
+                    f"{expected_fit.solution.kld_mean:.5f}; profile {WORK_DIR}/fitted/{TIER}.yaml")
     assert any("nearest size" in m for m in released["log"]) == (not expected_fit.within)
     # the caller's config still holds the placeholder; the state holds the fitted profile
     assert released["config"].tiers[0].fit_pending and not state.config.tiers[0].fit_pending
@@ -123,7 +123,7 @@ def test_card_says_how_the_fit_tier_was_chosen(released, expected_fit, sens_path
     sens = json.loads(sens_path.read_text())
     sentence = (f"{TIER} was fitted by `apex-orch fit` to 54.00 MB from exact sensitivity measured on "
                 f"{sens['model']['name']} ({sens['text']['label']}, sensitivity `{sens['key'][:12]}`): a type per "
-                f"group minimising the predicted mean KLD ({float(f'{expected_fit.solution.loss:.6g}'):.4g}) under "
+                f"group minimising the predicted mean KLD ({float(f'{expected_fit.solution.kld_mean:.6g}'):.4g}) under "
                 "the size, APEX structure kept.")
     assert sens["method"]["name"] == "exact"
     assert text.count(sentence) == 1
@@ -156,7 +156,7 @@ def test_dry_run_shows_the_fit_tier_and_writes_nothing(released, expected_fit, t
         f"{job.plan.bpw:.3f}", "1", "missing"]
     assert (f"note      fit: {TIER} fitted to 54.00 MB: {expected_fit.file_bytes:,} bytes "
             f"({expected_fit.file_bytes / 1e6:.2f} MB, {expected_fit.plan.bpw:.3f} bpw), predicted mean KLD "
-            f"{expected_fit.solution.loss:.5f}") in text.splitlines()
+            f"{expected_fit.solution.kld_mean:.5f}") in text.splitlines()
     assert f"  {TIER}: $ " in text
     assert not out.exists()
     assert config.tiers[0].fit_pending                               # the caller's config is untouched

@@ -112,15 +112,19 @@ def sensitivity(model, imatrix_path, corpus, text, text_corpus, chunks, ctx, lad
 @click.option("--structure", type=click.Choice(["apex", "free"]), default="apex", show_default=True,
               help="apex: edge >= near >= middle, shared expert and attention >= routed experts per block.")
 @click.option("--no-imatrix", is_flag=True, help="Fit without the IQ1/IQ2/IQ3_XXS types (a profile that needs no imatrix).")
+@click.option("--max-kld-99-9", "max_kld_p999", type=FINITE, default=None,
+              help="Keep the predicted KLD 99.9% (the tail users notice) at or under this value; the mean KLD "
+                   "is minimised under that bound.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write the profile YAML here.")
 @click.option("--force", is_flag=True, help="Replace an existing --output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the fit as JSON.")
-def fit(model, sensitivity_path, size, bpw, base, tier, structure, no_imatrix, output, force, as_json) -> None:
+def fit(model, sensitivity_path, size, bpw, base, tier, structure, no_imatrix, max_kld_p999, output, force,
+        as_json) -> None:
     """Fit an APEX profile to a size (or bits per weight) from measured sensitivity.
 
     Chooses a type per group (and, to land on the budget, per block, edge blocks first) that
-    minimises the predicted mean KLD (the sum of the groups' measured effects) under the
-    budget, using the plan's exact bytes. Writes an ordinary profile: quantize, release and
+    minimises the predicted mean KLD (the sum of the groups' measured effects, each scaled by
+    its type's measured additivity factor) under the budget, using the plan's exact bytes. Writes an ordinary profile: quantize, release and
     the card use it like any other. The plan of the result is at most the budget and, when
     the ladder allows, within 0.5% of it (otherwise the nearest size is printed).
     """
@@ -142,18 +146,21 @@ def fit(model, sensitivity_path, size, bpw, base, tier, structure, no_imatrix, o
         click.echo(f"note: the sensitivity was measured on {m['name']} ({m['arch']}, {m['blocks']} blocks); "
                    "applied here group by group", err=True)
     result = fit_profile(info, sens, size=budget, bpw=bpw, base=base, tier=tier, structure=structure == "apex",
-                         imatrix=False if no_imatrix else None)
+                         imatrix=False if no_imatrix else None, max_kld_p999=max_kld_p999)
     plan = result.plan
     summary = {"target": result.target, "budget_bytes": result.budget_file_bytes,
                "file_bytes": result.file_bytes, "under_budget_by": round(result.shortfall, 6),
                "within_0.5%": result.within, "bpw": round(plan.bpw, 4),
-               "predicted_kld_mean": result.solution.loss, "steps": result.solution.steps}
+               "predicted_kld_mean": result.solution.kld_mean, "predicted_kld_p999": result.solution.kld_p999,
+               "max_kld_p999": max_kld_p999,
+               "additivity": {t.name: f for t, f in result.additivity.items()}, "steps": result.solution.steps}
     if as_json:
         click.echo(json.dumps(summary, indent=1))
     else:
         click.echo(f"fitted to {result.target}: {result.file_bytes:,} bytes ({result.file_bytes / 1e9:.3f} GB, "
                    f"{plan.bpw:.3f} bpw), {100 * result.shortfall:.2f}% under the budget; predicted mean KLD "
-                   f"{result.solution.loss:.5f}")
+                   f"{result.solution.kld_mean:.5f}"
+                   + (f", KLD 99.9% {result.solution.kld_p999:.4f}" if result.solution.kld_p999 is not None else ""))
         if not result.within:
             click.echo(f"note: the nearest size this ladder reaches is {100 * result.shortfall:.2f}% under the "
                        "budget (more than 0.5%)", err=True)

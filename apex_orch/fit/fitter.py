@@ -10,6 +10,7 @@ plan's exact predicted file size (header, fallbacks and padding included).
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from collections import Counter
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from gguf.constants import GGMLQuantizationType as T
 
-from apex_orch.core.errors import InternalError, UsageError
+from apex_orch.core.errors import InternalError, PlanError, UsageError
 from apex_orch.core.safefiles import write_atomic
 from apex_orch.core.text import gb
 from apex_orch.fit.groups import ROUTED, bands_profile, bits, type_table
@@ -61,6 +62,7 @@ class FitResult:
     target: str               # "48.00 GB" / "3.50 bpw", as asked
     within: bool              # within TOLERANCE under the budget
     file_bytes: int           # the file apex-orch quantize writes, at most (its stamped metadata at full length)
+    additivity: dict = None   # type -> the factor its groups' summed mean KLD was scaled by
 
     @property
     def shortfall(self) -> float:
@@ -69,8 +71,12 @@ class FitResult:
 
 def fit_profile(model: ModelInfo, sens: Sensitivity, *, size: int | None = None, bpw: float | None = None,
                 base: str | None = None, tier: str | None = None, structure: bool = True,
-                imatrix: bool | None = None, work: Path | None = None) -> FitResult:
-    """Solve and render. `base`: the profile whose bands, tier wording and imatrix corpus the fit keeps."""
+                imatrix: bool | None = None, work: Path | None = None, max_kld_p999: float | None = None,
+                correct_additivity: bool = True) -> FitResult:
+    """Solve and render. `base`: the profile whose bands, tier wording and imatrix corpus the fit keeps;
+    `max_kld_p999`: an upper bound on the predicted KLD 99.9% (the tail users notice)."""
+    if max_kld_p999 is not None and not (math.isfinite(max_kld_p999) and max_kld_p999 > 0):
+        raise PlanError(f"the KLD 99.9% bound {max_kld_p999} must be a positive number")
     if (size is None) == (bpw is None):
         raise UsageError("give exactly one of --size or --bpw")
     if bpw is not None and not 1.0 <= bpw <= 16.0:
@@ -87,7 +93,8 @@ def fit_profile(model: ModelInfo, sens: Sensitivity, *, size: int | None = None,
     with scratch as tmp:
         folder = Path(tmp)
         table = type_table(model, ladder, bands_from=from_profile, work=folder)
-        problem = Problem(table, sens, ladder, model.block_count - model.nextn_layers, structure)
+        problem = Problem(table, sens, ladder, model.block_count - model.nextn_layers, structure,
+                          correct_additivity=correct_additivity)
         stamped = stamped_kv_allowance(with_imatrix)
         overhead = _overhead(model, from_profile, ladder[0], folder, stamped)
         if size is not None:
@@ -97,9 +104,10 @@ def fit_profile(model: ModelInfo, sens: Sensitivity, *, size: int | None = None,
             target = f"{bpw:.2f} bpw"
         budget = budget_file - overhead
         for _ in range(MAX_RESOLVES):
-            solution = problem.solve(budget)
+            solution = (problem.solve(budget) if max_kld_p999 is None
+                        else problem.solve_tail_bounded(budget, max_kld_p999))
             text = render_yaml(problem, solution, from_profile, tier=tier or _tier_name(target), target=target,
-                               imatrix=with_imatrix, sens=sens, structure=structure)
+                               imatrix=with_imatrix, sens=sens, structure=structure, max_kld_p999=max_kld_p999)
             path = folder / "fitted.yaml"
             write_atomic(path, text)
             plan = make_plan(model, load_profile(path), has_imatrix=with_imatrix)
@@ -110,7 +118,8 @@ def fit_profile(model: ModelInfo, sens: Sensitivity, *, size: int | None = None,
             budget -= excess          # padding moved with the types: tighten by what it cost
         else:
             raise InternalError("fit: the plan stayed over the budget after re-solving")
-    result = FitResult(solution, plan, text, budget_file, target, False, plan.predicted_file_size(stamped))
+    result = FitResult(solution, plan, text, budget_file, target, False, plan.predicted_file_size(stamped),
+                       dict(problem.factors["kld_mean"]))
     result.within = result.file_bytes >= budget_file * (1 - TOLERANCE)
     return result
 
@@ -148,7 +157,7 @@ def _majority(types: dict) -> T:
 
 
 def render_yaml(problem: Problem, solution: Solution, base: Profile, *, tier: str, target: str, imatrix: bool,
-                sens: Sensitivity, structure: bool) -> str:
+                sens: Sensitivity, structure: bool, max_kld_p999: float | None = None) -> str:
     band_type: dict[str, dict[str, T]] = {}
     overrides: list[str] = []
     singles: dict[str, T] = {}
@@ -216,7 +225,15 @@ def render_yaml(problem: Problem, solution: Solution, base: Profile, *, tier: st
         f"  measured_on: {q(sens.data['model']['name'])}",
         f"  text: {q(sens.data['text']['label'])}",
         f"  structure: {'apex' if structure else 'free'}",
-        f"  predicted_kld_mean: {solution.loss:.6g}",
+        f"  predicted_kld_mean: {solution.kld_mean:.6g}",
+    ]
+    if solution.kld_p999 is not None:
+        lines.append(f"  predicted_kld_p999: {solution.kld_p999:.6g}")
+    if max_kld_p999 is not None:
+        lines.append(f"  max_kld_p999: {max_kld_p999:.6g}")
+    factors = problem.factors["kld_mean"]
+    lines += [
+        "  additivity: " + q(", ".join(f"{t.name} x{factors[t]:.4g}" for t in problem.ladder)),
         f"  tensor_bytes: {solution.tensor_bytes}",
     ]
     return "\n".join(lines) + "\n"

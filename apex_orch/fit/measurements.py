@@ -48,6 +48,26 @@ class Sensitivity:
     def has(self, group: str, t: T) -> bool:
         return t.name in self.data["measurements"].get(group, {})
 
+    def has_metric(self, metric: str) -> bool:
+        """Every group at every ladder type, and every uniform file, has a finite `metric`."""
+        d = self.data
+        rows = [d["measurements"][g][t] for g in self.group_keys for t in d["ladder"]]
+        return all(_finite(r.get(metric)) for r in rows) and all(
+            _finite(d.get("uniform", {}).get(t, {}).get(metric)) for t in d["ladder"])
+
+    def additivity(self, t: T, metric: str = "kld_mean") -> float | None:
+        """Measured / predicted at `t`: `metric` of the uniform file (every group at t at once) over
+        the sum of the groups' own effects at t. None without a usable uniform measurement (the proxy
+        method, or a zero sum). The sum over-predicts high-bit types (small effects that partly
+        cancel) and under-predicts the lowest; fit multiplies each group's effect at t by this."""
+        u = self.data.get("uniform", {}).get(t.name)
+        if not isinstance(u, dict) or not _finite(u.get(metric)):
+            return None
+        parts = [self.data["measurements"][g][t.name].get(metric) for g in self.group_keys]
+        if not all(_finite(x) for x in parts) or sum(parts) <= 0:
+            return None
+        return float(u[metric]) / float(sum(parts))
+
     def summary(self) -> str:
         d = self.data
         return (f"{d['method']['name']} sensitivity of {d['model']['name']} ({len(d['groups'])} groups x "

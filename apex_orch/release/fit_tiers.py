@@ -174,7 +174,7 @@ def _fit_tier(state, model, t, folder: Path, write: bool) -> Profile:
     shown = os.path.relpath(path, state.out_dir) if write else path.name
     state.progress(f"fit: {spec.tier} fitted to {result.target}: {result.file_bytes:,} bytes "
                    f"({gb(result.file_bytes)}, {result.plan.bpw:.3f} bpw), predicted mean KLD "
-                   f"{result.solution.loss:.5f}" + (f"; profile {shown}" if write else ""))
+                   f"{result.solution.kld_mean:.5f}" + (f"; profile {shown}" if write else ""))
     if not result.within:
         state.progress(f"warning: fit: {spec.tier}: the nearest size the measured types reach is "
                        f"{gb(result.file_bytes)}, {100 * result.shortfall:.2f}% under {result.target} "
