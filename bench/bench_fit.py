@@ -97,7 +97,14 @@ def measurement_text(subject, eval_chunks: int, work: Path, ctx: int = CTX,
     return path, proof
 
 
+# Sizes (of these APEX tiers) also fitted with a bound on the predicted KLD 99.9%: TAIL_FACTOR x the
+# unbounded fit's prediction, to measure what `fit --max-kld-99-9` buys in the tail and costs in the mean.
+TAIL_BOUND_TIERS = ("i-quality", "i-compact", "i-mini")
+TAIL_FACTOR = 0.75
+
+
 def fitted_variants(model: Path, sens, sizes: list[tuple[str, int]], imatrix_src, work: Path, threads: int):
+    from apex_orch.core.errors import ApexError
     from apex_orch.fit.fitter import fit_profile
     from apex_orch.model.info import read_model
     from apex_orch.plan.profiles import load_profile
@@ -105,26 +112,39 @@ def fitted_variants(model: Path, sens, sizes: list[tuple[str, int]], imatrix_src
     from apex_orch.quantize.run import run_quantize
     info = read_model(model)
     out = []
-    from apex_orch.core.errors import UsageError
+    jobs = [(label, size, None) for label, size in sizes]
     for label, size in sizes:
+        if label in TAIL_BOUND_TIERS:
+            jobs.append((label, size, TAIL_FACTOR))
+    unbounded: dict[str, float] = {}
+    for label, size, tail in jobs:
+        name = f"fit@{label}" + ("+tail" if tail else "")
         t0 = time.monotonic()
         try:
-            res = fit_profile(info, sens, size=size, tier=f"Fit-{label.replace('+', '-')}")
-        except UsageError as exc:   # below every group at the cheapest measured type: said, not hidden
-            log(f"fit@{label}: {exc.message}")
+            bound = tail * unbounded[label] if tail else None
+            res = fit_profile(info, sens, size=size, tier=f"Fit-{label.replace('+', '-')}" + ("-tail" if tail else ""),
+                              max_kld_p999=bound)
+        except (ApexError, KeyError) as exc:   # below every group at the cheapest type, a bound no fit meets: said
+            log(f"{name}: {getattr(exc, 'message', exc)}")
             continue
+        sol = res.solution
+        if not tail and sol.kld_p999 is not None:
+            unbounded[label] = sol.kld_p999
         fit_s = time.monotonic() - t0
-        path = work / f"fit-{label.replace('+', '-').lower()}.yaml"
+        path = work / f"{name.replace('@', '-').replace('+', '-').lower()}.yaml"
         path.write_text(res.yaml_text)
         job = plan_quantize(model, load_profile(path), out_dir=work, name="Ref", imatrix=imatrix_src, threads=threads,
                             model=info)
         q = run_quantize(job, force=True)
-        v = bq.Variant(f"fit@{label}", "fitted", True, path.name, q.files[0], q.seconds)
+        v = bq.Variant(name, "fitted", True, path.name, q.files[0], q.seconds)
+        uncorrected = sum(sol.shares[u] * sens.loss(u[0], t) for u, t in sol.types.items())
         v.fit = {"target_label": label, "budget_bytes": size, "file_bytes": q.files[0].stat().st_size,
-                 "predicted_kld_mean": res.solution.kld_mean, "within_0.5%": res.within, "fit_s": round(fit_s, 2),
-                 "yaml": res.yaml_text, "steps": res.solution.steps}
-        log(f"fit@{label}: {v.fit['file_bytes'] / 2**20:.2f} MiB (budget {size / 2**20:.2f}), predicted KLD "
-            f"{res.solution.kld_mean:.6f}, fit {fit_s:.1f} s")
+                 "predicted_kld_mean": sol.kld_mean, "predicted_kld_mean_uncorrected": uncorrected,
+                 "predicted_kld_p999": sol.kld_p999, "max_kld_p999": bound,
+                 "additivity": {t.name: f for t, f in res.additivity.items()},
+                 "within_0.5%": res.within, "fit_s": round(fit_s, 2), "yaml": res.yaml_text, "steps": sol.steps}
+        log(f"{name}: {v.fit['file_bytes'] / 2**20:.2f} MiB (budget {size / 2**20:.2f}), predicted KLD "
+            f"{sol.kld_mean:.6f} (sum of parts {uncorrected:.6f}), 99.9% {sol.kld_p999}, fit {fit_s:.1f} s")
         out.append(v)
     return out
 
@@ -318,8 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     check = bq.evaluate_domain(subject, measurement, fitted, EvalSettings(n_ctx=ctx, chunks=2 * per_domain,
                                                                           n_threads=args.threads))
     timing["evaluate_s"] = time.monotonic() - t0
-    additivity = [{"fitted": v.label, "predicted": v.fit["predicted_kld_mean"],
-                   "measured": next(r["kld_mean"] for r in check["rows"] if r["label"] == v.label)} for v in fitted]
+    additivity = []
+    for v in fitted:
+        row = next(r for r in check["rows"] if r["label"] == v.label)
+        additivity.append({"fitted": v.label, "predicted": v.fit["predicted_kld_mean"],
+                           "predicted_uncorrected": v.fit["predicted_kld_mean_uncorrected"],
+                           "measured": row["kld_mean"], "measured_err": row["kld_mean_err"],
+                           "predicted_p999": v.fit["predicted_kld_p999"], "measured_p999": row["kld_p999"],
+                           "max_kld_p999": v.fit["max_kld_p999"]})
     proxy = proxy_check(sens, subject.model, sizes)
     log(f"proxy: Spearman {proxy['spearman_raw']:.3f} raw, {proxy['spearman_calibrated_held_out']:.3f} calibrated (held out)")
     rows, replica_bytes, replica = replica_fits(sens, work)
@@ -344,6 +370,24 @@ def main(argv: list[str] | None = None) -> int:
     j, m = write_results("fit", data, bench_fit_report.markdown(data), out)
     bench_fit_report.plot(data, out / "fit.png")
     log(f"wrote {j}, {m}")
+    # The same run's APEX tiers and uniform presets are the quality benchmark: written as its results too.
+    fixed_labels = {v.label for v in fixed}
+    q_domains = {name: {**d, "rows": [r for r in d["rows"] if r["label"] in fixed_labels], "n_ctx": ctx}
+                 for name, d in domains.items()}
+    im_q = {k: v for k, v in im.items() if k != "corpus_text"}
+    im_q["sha256"] = imatrix_src.sha256
+    overlap = {d.name: bq.overlap_with_corpus(d.path.read_text(encoding="utf-8", errors="replace"), im["corpus_text"])
+               for d in subject.domains}
+    qdata = bq.quality_data(subject, fixed, q_domains, im_q, overlap, settings_,
+                            {"quantize_s": round(timing["quantize_fixed_s"], 1), "eval_s": round(timing["evaluate_s"], 1),
+                             "total_s": round(timing["total_s"], 1)}, "smoke" if args.smoke else "full")
+    qdata["from_run"] = "bench/bench_fit.py (the APEX tiers and uniform presets of the fit benchmark's run)"
+    bq.derive(qdata)
+    png = bq.plot(q_domains, subject.model.stat().st_size, out / "quality.png",
+                  f"{subject.label}: mean KLD vs size (lower left is better)")
+    qdata["plot"] = png.name
+    qj, qm = write_results("quality", qdata, bq.markdown(qdata), out)
+    log(f"wrote {qj}, {qm}, {png}")
     if work_ctx:
         work_ctx.cleanup()
     return 0

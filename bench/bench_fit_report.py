@@ -71,14 +71,38 @@ def markdown(data: dict) -> str:
 def additivity(data: dict) -> list[str]:
     a = data["additivity"]
     out = ["## The additivity assumption, measured", "",
-           "The solver predicts a profile's mean KLD as the sum of its groups' effects. Two checks on the "
-           "measurement text: every group at one type (the uniform files), and each fitted profile.", "",
-           "| file | predicted (sum of groups) | measured | measured / predicted |", "|---|---|---|---|"]
+           "The sum of the groups' own effects, checked on the measurement text two ways: every group at one type "
+           "at once (the uniform files: their ratio is the factor fit applies to that type's effects), and each "
+           "fitted profile, against its corrected prediction (each group's effect times its type's factor) and the "
+           "plain sum.", "",
+           "| all groups at | sum of the groups | measured | measured / sum (the type's factor) |", "|---|---|---|---|"]
     for t, u in a["uniform"].items():
-        out.append(f"| all at {t} | {u['sum_of_groups']:.6f} | {u['measured']:.6f} | "
-                   f"{u['measured'] / u['sum_of_groups']:.2f} |")
+        out.append(f"| {t} | {u['sum_of_groups']:.6f} | {u['measured']:.6f} | {u['measured'] / u['sum_of_groups']:.2f} |")
+    out += ["", "| fitted | predicted (corrected) | plain sum | measured | measured / predicted | measured / plain sum "
+            "| KLD 99.9% predicted / measured |", "|---|---|---|---|---|---|---|"]
     for f in a["fitted"]:
-        out.append(f"| {f['fitted']} | {f['predicted']:.6f} | {f['measured']:.6f} | {f['measured'] / f['predicted']:.2f} |")
+        unc = f.get("predicted_uncorrected")
+        tail = (f"{f['predicted_p999']:.4f} / {f['measured_p999']:.4f}" if f.get("predicted_p999") is not None
+                else f"— / {f.get('measured_p999', 0):.4f}")
+        out.append(f"| {f['fitted']} | {f['predicted']:.6f} | {unc:.6f} | {f['measured']:.6f} | "
+                   f"{f['measured'] / f['predicted']:.2f} | {f['measured'] / unc:.2f} | {tail} |" if unc is not None else
+                   f"| {f['fitted']} | {f['predicted']:.6f} | — | {f['measured']:.6f} | {f['measured'] / f['predicted']:.2f} "
+                   f"| — | {tail} |")
+    ratios = [f["measured"] / f["predicted"] for f in a["fitted"] if f["predicted"]]
+    if ratios:
+        inside = sum(0.75 <= r <= 1.33 for r in ratios)
+        out += ["", f"Measured / predicted over the {len(ratios)} fitted profiles: {min(ratios):.2f} to {max(ratios):.2f}; "
+                f"{inside} of {len(ratios)} within 0.75-1.33."]
+    bounded = [f for f in a["fitted"] if f.get("max_kld_p999")]
+    if bounded:
+        by = {f["fitted"]: f for f in a["fitted"]}
+        out += ["", "`--max-kld-99-9` (bound = 0.75 x the unbounded fit's predicted KLD 99.9%), on the measurement text:", "",
+                "| size of | unbounded: mean / 99.9% | bounded: mean / 99.9% | bound (predicted) |", "|---|---|---|---|"]
+        for f in bounded:
+            base = by.get(f["fitted"].replace("+tail", ""))
+            if base:
+                out.append(f"| {f['fitted'].replace('+tail', '')[4:]} | {base['measured']:.6f} / {base['measured_p999']:.4f} | "
+                           f"{f['measured']:.6f} / {f['measured_p999']:.4f} | {f['max_kld_p999']:.4f} |")
     return out + [""]
 
 
@@ -138,6 +162,15 @@ def verdict_table(data: dict) -> list[str]:
                 beaten.append(f"{e['fitted']} in {dname}: " + ", ".join(d["uniform_at_or_below_that_beat_it"]))
     out += ["", "Uniform presets of equal or smaller size with a lower mean KLD than a fitted profile: "
             + ("; ".join(beaten) if beaten else "**none**, in either domain."), ""]
+    losses = [f"{e['fitted']} vs {v['file']} in {dname} ({d['kld_mean']:.6f} vs {v['kld_mean']:.6f}"
+              + (", beyond 2σ" if v["beyond_2_sigma"] else ", within 2σ") + ")"
+              for e in data["comparison"] for dname, d in e["domains"].items() for v in d["vs_same_size"]
+              if not v["fitted_lower"]]
+    tails = [f"{e['fitted']} vs {v['file']} in {dname} ({d['kld_p999']:.4f} vs {v['kld_p999']:.4f})"
+             for e in data["comparison"] for dname, d in e["domains"].items() for v in d["vs_same_size"]
+             if d["kld_p999"] > v["kld_p999"]]
+    out += ["Where the fit loses on mean KLD to a file of its size: " + ("; ".join(losses) if losses else "nowhere") + ".", "",
+            "Where its KLD 99.9% is higher than the same-size file's: " + ("; ".join(tails) if tails else "nowhere") + ".", ""]
     return out
 
 

@@ -486,10 +486,10 @@ def markdown(data: dict) -> str:
     lines += ["## Reading the results", ""] + data["findings"] + [""]
     if data["mode"] == "full":
         lines += ["## Caveats", "",
-                  "- One small model: n_embd 256 and 256-wide experts, so every matrix is small, the 32000-token "
-                  "embedding and output matrices hold a large share of the weights (see above), and the per-tensor "
-                  "type choices weigh differently than in a 100B+ MoE. The result says how the tiers behave on a "
-                  "real trained MoE of this shape, not on Mistral-Small-4 itself.",
+                  f"- One small model ({data['model'].get('params_note') or 'see above'}): n_embd 256 and 256-wide "
+                  "experts, so every matrix is small and the per-tensor type choices weigh differently than in a "
+                  "100B+ MoE. The result says how the tiers behave on a real trained MoE of this shape, not on "
+                  "Mistral-Small-4 itself.",
                   f"- {data['settings']['chunks']} chunks x {data['settings']['n_ctx']} tokens per domain; the ± are "
                   "the statistical errors llama-perplexity reports. Differences inside 2σ are marked; they are not "
                   "evidence either way.",
@@ -562,6 +562,49 @@ def rerender(json_path: Path, out_dir: Path) -> int:
     os.replace(tmp, path)
     log(f"re-rendered {path} and {png} from {json_path}")
     return 0
+
+
+def quality_data(subject: Subject, variants: list[Variant], domains: dict, im: dict, overlap: dict, settings,
+                 timing: dict, mode: str) -> dict:
+    """The quality results (quality.json's shape) from the measured rows; bench_fit calls it too."""
+    rec = subject.record
+    params = rec.get("model", {}).get("params", {})
+    params_note = ""
+    if params:
+        share = params.get("share") or {}
+        embd_out = share.get("embedding_and_output")
+        if embd_out is None:   # records of the first reference model: 32000-token vocabulary
+            embd_out = 2 * rec.get("model", {}).get("n_vocab", 32000) * rec["config"]["n_embd"] / params["total"]
+        params_note = (f"{params['total'] / 1e6:.1f} M parameters ({params['routed_experts'] / params['total']:.0%} "
+                       f"in routed experts; token_embd + output are {embd_out:.0%})")
+    cfg = rec.get("config", {})
+    n_vocab = rec.get("model", {}).get("n_vocab")
+    vocab = (f"{n_vocab}-token BPE vocabulary" if rec.get("vocabulary", {}).get("kind") == "bpe"
+             else f"{n_vocab or 32000}-token vocabulary")
+    return {
+        "machine": machine(),
+        "mode": mode,
+        "llama_cpp": build_label(),
+        "model": {"label": subject.label, "file": subject.model.name, "size_bytes": subject.model.stat().st_size,
+                  "cache_key": rec.get("cache_key"), "params": params, "params_note": params_note,
+                  "types": type_summary(subject.model),
+                  "description": (f"mistral4, {cfg['n_layer']} blocks, n_embd {cfg['n_embd']}, {cfg['n_expert']} "
+                                  f"experts (top-{cfg['n_expert_used']}) + {cfg['n_expert_shared']} shared, "
+                                  f"expert FFN {cfg['expert_ff']}, {vocab}; trained "
+                                  f"{cfg['steps']} steps on Python stdlib code + pydoc prose") if cfg else "",
+                  "heldout_ppl_at_build": {k: v.get("ppl_llama") for k, v in
+                                           rec.get("validation", {}).get("domains", {}).items()}},
+        "imatrix": im,
+        "settings": settings.to_dict(),
+        "overlap": overlap,
+        "variants": [{"label": v.label, "kind": v.kind, "profile_or_preset": v.name, "imatrix": v.imatrix,
+                      "file": v.path.name if v.path else None, "quantize_s": v.quantize_s,
+                      "up_to_date": v.skipped, "plan_warnings": v.warnings, "error": v.error}
+                     for v in variants],
+        "failed": [{"label": v.label, "error": v.error} for v in variants if v.error],
+        "domains": domains,
+        "timing": timing,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -648,39 +691,9 @@ def main(argv: list[str] | None = None) -> int:
             domains[d.name]["n_ctx"] = ctx
         eval_s = time.monotonic() - t_e
 
-        rec = subject.record
-        params = rec.get("model", {}).get("params", {})
-        params_note = ""
-        if params:
-            params_note = (f"{params['total'] / 1e6:.1f} M parameters ({params['routed_experts'] / params['total']:.0%} "
-                           f"in routed experts; token_embd + output are "
-                           f"{2 * 32000 * rec['config']['n_embd'] / params['total']:.0%})")
-        cfg = rec.get("config", {})
-        data = {
-            "machine": machine(),
-            "mode": "smoke" if args.smoke else "full",
-            "llama_cpp": build_label(),
-            "model": {"label": subject.label, "file": subject.model.name, "size_bytes": subject.model.stat().st_size,
-                      "cache_key": rec.get("cache_key"), "params": params, "params_note": params_note,
-                      "types": type_summary(subject.model),
-                      "description": (f"mistral4, {cfg['n_layer']} blocks, n_embd {cfg['n_embd']}, {cfg['n_expert']} "
-                                      f"experts (top-{cfg['n_expert_used']}) + {cfg['n_expert_shared']} shared, "
-                                      f"expert FFN {cfg['expert_ff']}, 32000-token vocabulary; trained "
-                                      f"{cfg['steps']} steps on Python stdlib code + pydoc prose") if cfg else "",
-                      "heldout_ppl_at_build": {k: v.get("ppl_llama") for k, v in
-                                               rec.get("validation", {}).get("domains", {}).items()}},
-            "imatrix": im,
-            "settings": settings.to_dict(),
-            "overlap": overlap,
-            "variants": [{"label": v.label, "kind": v.kind, "profile_or_preset": v.name, "imatrix": v.imatrix,
-                          "file": v.path.name if v.path else None, "quantize_s": v.quantize_s,
-                          "up_to_date": v.skipped, "plan_warnings": v.warnings, "error": v.error}
-                         for v in variants],
-            "failed": [{"label": v.label, "error": v.error} for v in variants if v.error],
-            "domains": domains,
-            "timing": {"quantize_s": round(quantize_s, 1), "eval_s": round(eval_s, 1),
-                       "total_s": round(time.monotonic() - t_start, 1)},
-        }
+        data = quality_data(subject, variants, domains, im, overlap, settings,
+                            {"quantize_s": round(quantize_s, 1), "eval_s": round(eval_s, 1),
+                             "total_s": round(time.monotonic() - t_start, 1)}, "smoke" if args.smoke else "full")
         derive(data)
         out_dir = args.out or RESULTS
         png = plot(domains, subject.model.stat().st_size, out_dir / "quality.png",

@@ -173,7 +173,12 @@ def test_bench_fit_smoke_fits_measures_and_compares(tmp_path: Path) -> None:
     p = run("bench_fit.py", "--smoke", "--out", str(tmp_path / "out"), env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = tmp_path / "out"
-    assert sorted(x.name for x in out.iterdir()) == ["fit.json", "fit.md", "fit.png"]
+    assert sorted(x.name for x in out.iterdir()) == ["fit.json", "fit.md", "fit.png",
+                                                      "quality.json", "quality.md", "quality.png"]
+    q = json.loads((out / "quality.json").read_text())   # the same run's fixed files, as the quality results
+    for dom in q["domains"].values():
+        assert [r["label"] for r in dom["rows"]] == ["compact", "i-compact", "Q4_K_M"]
+    assert [v["tier"] for v in q["verdicts"]] == ["compact", "i-compact"]
     d = json.loads((out / "fit.json").read_text())
     check_machine(d)
     assert d["mode"] == "smoke" and d["sensitivity"]["ladder"] == ["Q3_K", "Q4_K", "Q8_0"]
@@ -189,6 +194,8 @@ def test_bench_fit_smoke_fits_measures_and_compares(tmp_path: Path) -> None:
     for proof in d["measurement_text"].values():   # measured tokens come after every scored one
         assert proof["tokens_before_cut"] > proof["scored_tokens_end_before"]
     assert len(d["additivity"]["uniform"]) == 3 and len(d["additivity"]["fitted"]) == 2
+    for f in d["additivity"]["fitted"]:   # the corrected prediction, and the plain sum beside it
+        assert f["predicted"] > 0 and f["predicted_uncorrected"] > 0 and f["measured_p999"] >= 0
     assert -1 <= d["proxy"]["spearman_raw"] <= 1
     assert [r["card_gb"] for r in d["replica"]] == [72, 62, 48, 38]
     md = md_header(out / "fit.md")
