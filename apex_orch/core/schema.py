@@ -112,10 +112,10 @@ def _check(value: Any, kind: type, b: Bounds, kp: tuple, where: Where, error: ty
             raise error(f"{name} is {value:,}; at most {b.maximum}" + (f" ({b.why_maximum})" if b.why_maximum else ""),
                         where=at, hint=b.hint_maximum)
         return float(value) if kind is float else value
-    if not isinstance(value, str):
-        raise error(f"{name} must be {b.what or 'a string'}, got {value!r}", where=at)
     if b.choices is not None and value not in b.choices:
         raise error(f"{name} must be one of {', '.join(b.choices)}", where=at)
+    if not isinstance(value, str):
+        raise error(f"{name} must be {b.what or 'a string'}, got {value!r}", where=at)
     if b.pattern is not None and not b.pattern.match(value):
         raise error(f"{name}: {value!r} is not {b.what or 'valid here'}", where=at)
     return value

@@ -69,21 +69,10 @@ class Gates:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None, *, where: str | None = None) -> "Gates":
-        """From a release config / profile dict, e.g. {max_mean_kld: 0.05, max_ppl_ratio: 1.02}."""
-        data = dict(data or {})
-        unknown = sorted(set(data) - set(cls.KEYS))
-        if unknown:
-            raise ConfigError(f"unknown gate key(s): {', '.join(unknown)} (known: {', '.join(cls.KEYS)})",
-                              where=where)
-        values = {}
-        for key in cls.KEYS:
-            value = data.get(key)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"gate {key} must be a number, got {value!r}", where=where)
-            values[key] = float(value)
-        return cls(**values)
+        """From a release config / profile dict, e.g. {max_mean_kld: 0.05, max_ppl_ratio: 1.02}: the keys
+        and types of the fields below (core.schema, the checker every config uses)."""
+        from apex_orch.core.schema import read_section
+        return read_section(cls, dict(data or {}), lambda _kp: where, error=ConfigError)
 
     def bounds(self) -> dict[str, float]:
         """The gates that are set, by key."""
