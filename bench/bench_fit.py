@@ -155,12 +155,12 @@ def replica_fits(sens, work: Path) -> list[dict]:
     from apex_orch.model.info import read_model
     replica = read_model(write_mistral_small_4_replica(work / "ms4-replica.gguf"))
     rows = []
-    from apex_orch.core.errors import UsageError
+    from apex_orch.core.errors import RequestError, ResultFileError
     for label, gb in CARD_SIZES_GB.items():
         t0 = time.monotonic()
         try:
             res = fit_profile(replica, sens, size=gb * 10 ** 9, tier=f"Fit-{gb}GB")
-        except UsageError as exc:
+        except (RequestError, ResultFileError) as exc:
             rows.append({"card_tier": label, "card_gb": gb, "error": exc.message})
             continue
         bands = {}
@@ -198,12 +198,12 @@ def proxy_check(sens, model: Path, sizes: list[tuple[str, int]]) -> dict:
     proxy_sens = Sensitivity(proxy_data)
     info = read_model(model)
     fits = []
-    from apex_orch.core.errors import UsageError
+    from apex_orch.core.errors import RequestError, ResultFileError
     for label, size in sizes:
         try:
             ex = fit_profile(info, sens, size=size)
             px = fit_profile(info, proxy_sens, size=size)
-        except UsageError:
+        except (RequestError, ResultFileError):
             continue
         # the proxy fit's choice, scored with the exact table
         exact_of_proxy = sum(px.solution.shares[u] * d["measurements"][u[0]][t.name]["kld_mean"]

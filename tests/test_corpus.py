@@ -361,11 +361,11 @@ def test_hf_source_uses_the_pinned_revision_and_the_cache(tmp_path, monkeypatch)
 # =========================================================================== schema errors
 
 @pytest.mark.parametrize("body, line, needle", [
-    ("description: d\nsourcse: []\n", 2, "unknown key 'sourcse' in corpus"),
-    ("description: d\nsources:\n  - builtin: chat\n    wieght: 2\n", 4, "unknown key 'wieght' in source"),
+    ("description: d\nsourcse: []\n", 2, "unknown key 'sourcse'"),
+    ("description: d\nsources:\n  - builtin: chat\n    wieght: 2\n", 4, "unknown key 'sources[0].wieght'"),
     ("description: d\nsources:\n  - hf:\n      repo: a/b\n      revision: main\n      files: [x.jsonl]\n", 5,
      "full 40-hex commit"),
-    ("description: d\nsources:\n  - hf:\n      repo: a/b\n      revison: x\n", 5, "unknown key 'revison' in hf source"),
+    ("description: d\nsources:\n  - hf:\n      repo: a/b\n      revison: x\n", 5, "unknown key 'sources[0].hf.revison'"),
     ("description: d\nsources:\n  - builtin: chat\n    weight: -1\n", 4, "'weight' must be a positive number"),
     ("description: d\nsources:\n  - builtin: chat\n    weight: 2\n", 3, "has no effect without budget_tokens"),
     ("description: d\nsources:\n  - builtin: chat\n    path: x.txt\n", 3, "exactly one of"),
@@ -392,7 +392,7 @@ def test_unknown_key_error_through_the_cli(tmp_path):
     path = write(tmp_path / "typo.yaml", "description: d\nsources:\n  - builtin: chat\n    wieght: 2\n")
     res = CliRunner().invoke(main, ["corpus", "show", str(path)])
     assert res.exit_code == ConfigError.exit_code
-    assert f"error: {path}:4: unknown key 'wieght' in source" in res.output
+    assert f"error: {path}:4: unknown key 'sources[0].wieght'" in res.output
     assert "did you mean 'weight'?" in res.output
 
 

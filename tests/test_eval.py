@@ -26,7 +26,7 @@ from apex_orch.evaluation import tool_backend
 from apex_orch.demo import synthetic
 from apex_orch.demo.spec import SyntheticSpec
 from apex_orch.cli import main
-from apex_orch.core.errors import EvalError, GateFailedError, ModelError, UsageError
+from apex_orch.core.errors import ConfigError, EvalError, GateFailedError, ModelError, RequestError
 from apex_orch.llama.tools import find_tool, run_tool
 
 SETTINGS = inputs.EvalSettings(n_ctx=128, chunks=4, n_threads=2)
@@ -227,9 +227,9 @@ def test_gates(kld_pair) -> None:
     assert f"mean KLD {kld:.6f} > max 0.001" in text
     assert f"same top p {ours.kld.same_top_p:.3f}% < min 99.5%" in text
     assert err.value.exit_code == 15
-    with pytest.raises(UsageError, match="unknown gate key"):
+    with pytest.raises(ConfigError, match="unknown key 'max_kld'"):
         Gates.from_mapping({"max_kld": 0.1})
-    with pytest.raises(UsageError, match="must be a number"):
+    with pytest.raises(ConfigError, match="max_ppl_ratio must be a number"):
         Gates.from_mapping({"max_ppl_ratio": "1.1"})
 
 
@@ -293,8 +293,9 @@ def test_corpus_text_is_written_for_the_tool(eval_text: Path, tmp_path: Path) ->
     assert hashlib.sha256(data).hexdigest() == tf.sha256 and len(data) == tf.n_bytes > 100_000
     assert Path(tf.path).parent == evalcache.cache_dir() / "texts"
     assert inputs.text_facts(corpus=str(spec)) == tf            # deterministic: same file, same hash
-    with pytest.raises(UsageError, match="exactly one of"):
+    with pytest.raises(RequestError, match="exactly one evaluation text") as info:
         inputs.text_facts(eval_text, corpus=str(spec))
+    assert info.value.fields == ("text", "corpus")
 
 
 # --------------------------------------------------------------------------- errors
@@ -341,9 +342,9 @@ def test_corrupt_and_non_gguf_files(mistral4_split: Path, eval_text: Path, tmp_p
 
 
 def test_settings_are_validated() -> None:
-    with pytest.raises(UsageError, match="must be between 1 and the context"):
+    with pytest.raises(RequestError, match="must be between 1 and the context"):
         inputs.EvalSettings(n_ctx=128, n_batch=256)
-    with pytest.raises(UsageError, match="even number"):
+    with pytest.raises(RequestError, match="even number"):
         inputs.EvalSettings(n_ctx=127)
     assert inputs.EvalSettings(n_ctx=128).numeric_key() == {
         "n_ctx": 128, "chunks": None, "n_batch": 128, "n_ubatch": 128, "flash_attn": True, "repack": False}

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from apex_orch.cli import main
 from apex_orch.core import errors, settings
-from apex_orch.core.errors import ApexError, ConfigError, ExecutorError, ToolNotFoundError, UsageError
+from apex_orch.core.errors import ApexError, ConfigError, ExecutorError, RequestError, ToolNotFoundError
 from apex_orch.core.outputs import check_free_space
 from apex_orch.llama.tools import configured_bin_dir, llama_bin_dir_option
 from apex_orch.release import runner as rel
@@ -56,16 +56,16 @@ def test_parse_executor(spec, expected):
                                   "ray://head:0", "ray://head:65536", "ray://head:port", "ray:head:10001",
                                   "http://head:10001"])
 def test_bad_executor_specs_are_usage_errors(spec):
-    with pytest.raises(UsageError) as info:
+    with pytest.raises(RequestError) as info:
         parse_executor(spec)
-    assert info.value.message == f"--executor {spec!r}: expected local, ray or ray://HOST:PORT"
-    assert info.value.exit_code == 2
+    assert info.value.message == f"{spec!r}: expected local, ray or ray://HOST:PORT"
+    assert info.value.fields == ("executor",) and info.value.exit_code == 2
 
 
 def test_bad_spec_through_the_cli_is_refused_before_anything(tmp_path):
     r = invoke("release", tmp_path / "missing.yaml", "--executor", "ray://head")
     assert r.exit_code == 2
-    assert r.output == "error: --executor 'ray://head': expected local, ray or ray://HOST:PORT\n"
+    assert r.output == "error: --executor: 'ray://head': expected local, ray or ray://HOST:PORT\n"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -89,7 +89,8 @@ def test_missing_ray_says_what_to_install(monkeypatch):
     _hide_ray(monkeypatch)
     with pytest.raises(ToolNotFoundError) as info:
         make_executor("ray://head:10001")
-    assert "--executor ray needs Ray, which is not installed here" in info.value.message
+    assert "running on a Ray cluster needs Ray, which is not installed here" in info.value.message
+    assert info.value.options == ("executor",)
     assert info.value.message.endswith("pip install 'apex-orch[ray]'")
     assert "ray[client]==2.60.0" in info.value.hint
     assert info.value.exit_code == 7
@@ -103,8 +104,9 @@ def test_missing_ray_through_the_cli_leaves_the_folder_unlocked(monkeypatch, tmp
     out = tmp_path / "out"
     r = invoke("release", cfg, "--out-dir", out, "--executor", "ray")
     assert r.exit_code == 7
-    assert r.output.startswith("error: --executor ray needs Ray, which is not installed here (")
+    assert r.output.startswith("error: running on a Ray cluster needs Ray, which is not installed here (")
     assert "pip install 'apex-orch[ray]'\nhint: the extra installs the pinned ray[client]==2.60.0" in r.output
+    assert "docs/distributed.md) [--executor]\n" in r.output
     assert sorted(p.name for p in (out / ".apex-release").iterdir()) == ["release.log"]   # lock removed
     assert not list(out.glob("*.gguf"))
 
@@ -194,11 +196,16 @@ def test_resources_section(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("resources: {cpus: 0}", "resources.cpus: expected an integer >= 1, got 0"),
     ("resources: {gpus: -1}", "resources.gpus: expected a number >= 0, got -1"),
-    ("resources: {memory: lots}", "resources.memory: 'lots' is not a size like 64G or 500M"),
-    ("resources: {memory: 10K}", "resources.memory: '10K' is not a size like 64G or 500M"),
-    ("resources: {disk: 1T}", "resources.disk: unknown key"),
+    ("resources: {memory: lots}", "resources.memory: 'lots' is not a size such as 48G, 48GB, 45GiB, 48e9 or 500M "
+                                  "(K/M/G/T and KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, a plain number is bytes)"),
+    ("resources: {memory: 10K}", "resources.memory: 10K is too small: at least 1 MB"),
+    ("resources: {memory: 1.5GiB}", None),
+    ("resources: {disk: 1T}", "unknown key 'resources.disk'"),
 ])
 def test_bad_resources_name_file_and_line(tmp_path, text, message):
+    if message is None:   # binary units read too: 1.5 x 2^30 bytes
+        assert load_release(_cfg(tmp_path, text + "\n")).resources.memory == 3 * 2 ** 29
+        return
     with pytest.raises(ConfigError) as info:
         load_release(_cfg(tmp_path, text + "\n"))
     assert info.value.message == message and info.value.where.endswith("release.yaml:6")

@@ -16,7 +16,9 @@ from gguf.constants import GGMLQuantizationType as T
 from apex_orch.cli import main
 from apex_orch.demo import synthetic
 from apex_orch.demo.spec import SyntheticSpec
-from apex_orch.fit.fitter import fit_profile, parse_budget_size
+from apex_orch.core.errors import ResultFileError
+from apex_orch.core.sizes import parse_size
+from apex_orch.fit.fitter import fit_profile
 from apex_orch.fit.groups import LADDER_IMATRIX, bands_profile, bits, groups_of, uniform_profile
 from apex_orch.fit.measurements import FORMAT, FORMAT_VERSION, Sensitivity
 from apex_orch.fit.proxy import calibrate, spearman
@@ -129,7 +131,7 @@ def test_sensitivity_rerun_is_a_cache_hit(measured, small_moe, tmp_path):
 
 
 @pytest.mark.parametrize("args, code, message", [
-    ([], 2, "--text FILE or --text-corpus NAME"),
+    ([], 2, "--text / --text-corpus: give the held-out text the output is measured on"),
     (["--text-corpus", "wikipedia", "--types", "IQ2_S"], 2, "needs an importance matrix"),
     (["--text-corpus", "wikipedia", "--types", "F16"], 2, "not a quantized ggml type"),
     (["--text-corpus", "wikipedia", "--types", "Q4_K,IQ2_XXS"], 2, "aborts writing token_embd/output"),
@@ -213,8 +215,8 @@ def check_structure(plan) -> None:
 
 @pytest.mark.parametrize("size", REPLICA_CARD_SIZES)
 def test_fit_hits_the_flagship_card_sizes_within_half_a_percent(ms4_replica, replica_sens, size):
-    result = fit_profile(read_model(ms4_replica), replica_sens, size=parse_budget_size(size))
-    budget = parse_budget_size(size)
+    result = fit_profile(read_model(ms4_replica), replica_sens, size=parse_size(size))
+    budget = parse_size(size)
     assert result.file_bytes <= budget
     assert result.file_bytes >= budget * 0.995, result.shortfall
     assert result.within
@@ -222,7 +224,7 @@ def test_fit_hits_the_flagship_card_sizes_within_half_a_percent(ms4_replica, rep
 
 
 def test_fitted_yaml_is_an_ordinary_profile_that_plans_to_the_solution(ms4_replica, replica_sens, tmp_path):
-    result = fit_profile(read_model(ms4_replica), replica_sens, size=parse_budget_size("48GB"), tier="Fit-48")
+    result = fit_profile(read_model(ms4_replica), replica_sens, size=parse_size("48GB"), tier="Fit-48")
     path = tmp_path / "fitted.yaml"
     path.write_text(result.yaml_text)
     prof = load_profile(path)
@@ -237,7 +239,7 @@ def test_fitted_yaml_is_an_ordinary_profile_that_plans_to_the_solution(ms4_repli
 
 def test_more_budget_never_predicts_more_loss(ms4_replica, replica_sens):
     model = read_model(ms4_replica)
-    losses = [fit_profile(model, replica_sens, size=parse_budget_size(s)).solution.loss
+    losses = [fit_profile(model, replica_sens, size=parse_size(s)).solution.loss
               for s in ("38GB", "48GB", "62GB", "72GB")]
     assert losses == sorted(losses, reverse=True)
 
@@ -245,8 +247,8 @@ def test_more_budget_never_predicts_more_loss(ms4_replica, replica_sens):
 def test_free_structure_is_never_worse_than_apex_structure(ms4_replica):
     sens = synthetic_sensitivity(ms4_replica, edge_weight=0.2)   # edges cheap: APEX's shape costs loss
     model = read_model(ms4_replica)
-    apex = fit_profile(model, sens, size=parse_budget_size("48GB"))
-    free = fit_profile(model, sens, size=parse_budget_size("48GB"), structure=False)
+    apex = fit_profile(model, sens, size=parse_size("48GB"))
+    free = fit_profile(model, sens, size=parse_size("48GB"), structure=False)
     assert free.solution.loss <= apex.solution.loss
     check_structure(apex.plan)
 
@@ -257,7 +259,7 @@ def test_fit_by_bits_per_weight(ms4_replica, replica_sens):
 
 
 def test_fit_without_imatrix_uses_no_imatrix_only_types(ms4_replica, replica_sens):
-    result = fit_profile(read_model(ms4_replica), replica_sens, size=parse_budget_size("62GB"), imatrix=False)
+    result = fit_profile(read_model(ms4_replica), replica_sens, size=parse_size("62GB"), imatrix=False)
     assert not any(t.requires_imatrix for t in result.plan.tensors)
     assert "required: false" in result.yaml_text
 
@@ -282,16 +284,16 @@ def test_fit_refuses_a_sensitivity_that_does_not_cover_the_model(mistral4_dense_
     sens = tmp_path / "s.json"
     sens.write_text(replica_sens.to_json())
     r = CliRunner().invoke(main, ["fit", str(mistral4_dense_lead), "--sensitivity", str(sens), "--size", "20MB"])
-    assert r.exit_code == 2 and "dense_ffn" in r.output
+    assert r.exit_code == ResultFileError.exit_code and "dense_ffn" in r.output
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "something-else"}))
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(bad), "--size", "48GB"])
-    assert r.exit_code == 2 and "not a sensitivity result" in r.output
+    assert r.exit_code == ResultFileError.exit_code and "not a sensitivity result" in r.output
     partial = json.loads(replica_sens.to_json())
     del partial["measurements"]["output"]["Q8_0"]
     bad.write_text(json.dumps(partial))
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(bad), "--size", "48GB"])
-    assert r.exit_code == 2 and "output at Q8_0" in r.output
+    assert r.exit_code == ResultFileError.exit_code and "output at Q8_0" in r.output
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(sens), "--size", "48GB",
                                   "--from", "compact"])
     assert r.exit_code == 0, r.output   # compact keeps APEX's bands: the same groups
@@ -375,10 +377,10 @@ def test_calibration_needs_the_proxy_method(small_moe, tmp_path, replica_sens):
     sens.write_text(replica_sens.to_json())
     r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "--dry-run",
                                   "--calibration", str(sens)])
-    assert r.exit_code == 2 and "--method proxy" in r.output
+    assert r.exit_code == 2 and "--calibration / --method: a calibration is an exact result" in r.output
     r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "--dry-run",
                                   "--method", "proxy", "--calibration", str(tmp_path / "missing.json")])
-    assert r.exit_code == 2 and "not found" in r.output
+    assert r.exit_code == ResultFileError.exit_code == 19 and "not found" in r.output
 
 
 # ------------------------------------------------------------------ corrected prediction, tail bound
@@ -403,8 +405,8 @@ def with_uniform(sens: Sensitivity, mean_factor: dict, tail_shape: dict) -> Sens
 def test_fit_scales_each_types_effects_by_its_measured_additivity(ms4_replica, replica_sens):
     sens = with_uniform(replica_sens, {"Q8_0": 0.5, "Q6_K": 0.5, "Q5_K": 0.6, "IQ1_M": 1.2}, {})
     model = read_model(ms4_replica)
-    corrected = fit_profile(model, sens, size=parse_budget_size("48GB"))
-    plain = fit_profile(model, sens, size=parse_budget_size("48GB"), correct_additivity=False)
+    corrected = fit_profile(model, sens, size=parse_size("48GB"))
+    plain = fit_profile(model, sens, size=parse_size("48GB"), correct_additivity=False)
     assert corrected.additivity[T.Q8_0] == pytest.approx(0.5) and corrected.additivity[T.IQ1_M] == pytest.approx(1.2)
     assert plain.additivity[T.Q8_0] == 1.0
     # the prediction is each unit's share of its group's effect at its type, times that type's factor
@@ -426,12 +428,12 @@ def test_fit_keeps_the_predicted_tail_under_a_bound(ms4_replica, replica_sens, t
     # low type, the bounded one must raise it and pay for that elsewhere
     sens = with_uniform(replica_sens, {}, {"embedding": 20000.0})
     model = read_model(ms4_replica)
-    free = fit_profile(model, sens, size=parse_budget_size("48GB"))
+    free = fit_profile(model, sens, size=parse_size("48GB"))
     bound = free.solution.kld_p999 * 0.5
-    bounded = fit_profile(model, sens, size=parse_budget_size("48GB"), max_kld_p999=bound)
+    bounded = fit_profile(model, sens, size=parse_size("48GB"), max_kld_p999=bound)
     assert bounded.solution.kld_p999 <= bound < free.solution.kld_p999
     assert bounded.solution.kld_mean >= free.solution.kld_mean       # the price of the bound, in mean KLD
-    assert bounded.file_bytes <= parse_budget_size("48GB") and bounded.within
+    assert bounded.file_bytes <= parse_size("48GB") and bounded.within
     assert load_profile_text(bounded.yaml_text)["fitted"]["max_kld_p999"] == pytest.approx(bound, rel=1e-5)
     check_structure(bounded.plan)
     # a bound no profile of this size meets: one message, exit 5 (a plan that cannot be made), nothing written

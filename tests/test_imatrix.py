@@ -123,6 +123,19 @@ def test_cache_key_and_plan_purity(cache, mistral4_split):
     assert base.argv == [tool, "-m", str(mistral4_split), "-f", str(base.corpus_file), "-o", str(base.tmp_path),
                          "-c", str(CTX), "--chunks", str(CHUNKS), "-ngl", "0", "-t", "2", "--no-repack"]
     assert base.cache_path == cache / "imatrix" / f"{base.key}.gguf"
+    assert base.tmp_path == cache / "imatrix" / f".{base.key}.partial-{os.getpid()}.gguf"
+    # Another process (a Ray worker) runs the same plan with its own threads and scratch names: the
+    # command line is built again from those values, never edited.
+    worker = base.for_process(threads=7, pid=4242)
+    assert (worker.key, worker.cache_path, base.threads) == (base.key, base.cache_path, 2)
+    assert worker.argv == [tool, "-m", str(mistral4_split), "-f", str(base.corpus_file), "-o",
+                           str(cache / "imatrix" / f".{base.key}.partial-4242.gguf"), "-c", str(CTX), "--chunks",
+                           str(CHUNKS), "-ngl", "0", "-t", "7", "--no-repack"]
+    q8 = I.plan_imatrix(mistral4_split, "agentic", ctx=CTX, chunks=CHUNKS, threads=2, from_q8=True)
+    moved = q8.for_process(threads=5, pid=4242)
+    assert moved.q8_argv == [str(llama.find_tool("llama-quantize").path), str(mistral4_split),
+                             str(q8.q8_path.with_name(f".{q8.q8_path.name}.partial-4242")), "Q8_0", "5"]
+    assert moved.argv[moved.argv.index("-m") + 1] == str(q8.q8_path)
 
 
 @pytest.fixture(scope="module")

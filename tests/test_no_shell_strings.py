@@ -3,8 +3,9 @@
 - no shell anywhere: no `shell=True`, no os.system / os.popen / os.exec* / os.spawn* /
   pty.spawn / subprocess.getoutput / asyncio.create_subprocess_shell, and no subprocess call
   whose command is a string (literal, f-string, concatenation or `%`);
-- every subprocess goes through `apex_orch.llama.tools.run_tool`, except the documented exceptions
-  in ALLOWED_SUBPROCESS (each with its reason);
+- every subprocess is started by the one runner module, `apex_orch.llama.tools` (run_tool,
+  capture_tool, start_worker): no other module of the package imports subprocess (or pty,
+  multiprocessing), the build, doctor and the chat-template worker included;
 - YAML only through safe loading: no yaml.load / load_all without a SafeLoader, no
   yaml.unsafe_load / full_load, no yaml.Loader / FullLoader / UnsafeLoader, and any custom
   loader class derives from a safe one.
@@ -23,14 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "apex_orch"
 
-# module (relative to the repo root) -> why it may call subprocess directly (argument lists only)
-ALLOWED_SUBPROCESS = {
-    "apex_orch/llama/tools.py": "the one runner (run_tool) itself",
-    "apex_orch/llama/build.py": "builds llama.cpp before the package's dependencies exist (standard library only)",
-    "apex_orch/cli/doctor.py": "probes loading libllama in a throw-away Python, so a crash cannot kill doctor",
-    "apex_orch/calibration/chat_template.py": "a long-lived worker that renders a GGUF's chat template with bounded time and "
-                                 "memory (JSON requests over pipes, not a tool run with a log)",
-}
+# The one module that may import subprocess: the runner (argument lists only).
+RUNNER = "apex_orch/llama/tools.py"
 SUBPROCESS_FUNCS = {"run", "call", "check_call", "check_output", "Popen"}
 SHELL_FUNCS = {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"), ("subprocess", "getstatusoutput"),
                ("pty", "spawn"), ("asyncio", "create_subprocess_shell"), ("commands", "getoutput")}
@@ -163,10 +158,20 @@ def test_no_shell_strings_in_package_or_bench():
     assert problems == [], "\n".join(problems)
 
 
-def test_subprocesses_only_through_run_tool():
-    uses = [u for f in _sources(PACKAGE) if _rel(f) not in ALLOWED_SUBPROCESS for u in direct_subprocess_uses(f)]
-    assert uses == [], ("start processes with apex_orch.llama.tools.run_tool (argument list, logged, typed errors), "
-                        "or document the exception in ALLOWED_SUBPROCESS:\n" + "\n".join(uses))
+def test_subprocesses_only_through_the_runner():
+    files = _sources(PACKAGE)
+    assert any(_rel(f) == RUNNER for f in files) and direct_subprocess_uses(ROOT / RUNNER)
+    uses = [u for f in files if _rel(f) != RUNNER for u in direct_subprocess_uses(f)]
+    assert uses == [], ("start processes through apex_orch.llama.tools (run_tool: a tool with a log and typed "
+                        "errors; capture_tool: a short probe; start_worker: a helper over pipes):\n" + "\n".join(uses))
+
+
+@pytest.mark.parametrize("snippet", ["import subprocess\n", "from subprocess import run\n",
+                                     "import multiprocessing.pool\n", "import pty\n"])
+def test_checker_catches_a_subprocess_import(snippet, tmp_path):
+    src = tmp_path / "probe.py"
+    src.write_text(snippet)
+    assert direct_subprocess_uses(src)
 
 
 def test_yaml_only_through_safe_loading():

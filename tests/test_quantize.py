@@ -136,7 +136,7 @@ def test_planted_mismatch_fails_verification(mistral4_split, tmp_path, monkeypat
 
 
 def test_split_output_parts_are_verified(mistral4_split, tmp_path):
-    job, res = quantize_one(mistral4_split, "compact", tmp_path, split_max_size="12M")
+    job, res = quantize_one(mistral4_split, "compact", tmp_path, split_max_size=12_000_000)
     assert len(res.files) >= 2
     assert all("-of-" in f.name for f in res.files)
     names = set()
@@ -216,3 +216,31 @@ def test_a_type_ggml_aborts_on_without_imatrix_data_is_refused_before_running(ro
                         f"^{tensor.replace('.', chr(92) + '.')}$=iq2_xxs", str(mistral4_split),
                         str(tmp_path / "raw.gguf"), "Q4_K_M", "2"], capture_output=True, text=True)
     assert p.returncode != 0 and "GGML_ASSERT(imatrix != NULL)" in p.stderr + p.stdout
+
+
+def test_the_request_decides_the_imatrix_and_the_jobs(mistral4_split, model_imatrix, tmp_path):
+    """quantize's policy lives in the library (quantize.request): an I-tier without an imatrix waits for
+    one built from its profile's corpus; a given imatrix goes to every tier; the request's own errors
+    name its fields, which the CLI words as flags."""
+    from apex_orch.core.errors import RequestError
+    from apex_orch.quantize.request import ImatrixToBuild, QuantizeRequest, plan_request
+    out = tmp_path / "out"
+    setup = plan_request(QuantizeRequest(["i-compact", "compact"], model=mistral4_split, out_dir=out, threads=3))
+    assert setup.build == ImatrixToBuild("diverse", 512, None) and setup.jobs == [] and not setup.evaluate
+    assert setup.describe().splitlines()[0].startswith(f"I-Compact: {out}/")
+    assert all(line.endswith("imatrix from corpus diverse will be built first)") for line in setup.describe().splitlines())
+    given = plan_request(QuantizeRequest(["i-compact", "compact"], model=mistral4_split, out_dir=out, threads=3,
+                                         imatrix=model_imatrix, split_max_size=12_000_000))
+    assert given.build is None and [j.profile.tier for j in given.jobs] == ["I-Compact", "Compact"]
+    assert all(j.imatrix is not None and j.threads == 3 and j.split_max_size == 12_000_000 for j in given.jobs)
+    assert given.describe() == "\n".join(j.describe() for j in given.jobs) and not out.exists()
+    for request, fields in [
+        (QuantizeRequest(["compact"]), ("model", "demo")),
+        (QuantizeRequest(["compact", "quality"], model=mistral4_split, out=tmp_path / "x.gguf"), ("out",)),
+        (QuantizeRequest(["compact"], model=mistral4_split, imatrix=model_imatrix, corpus="diverse"),
+         ("imatrix", "corpus")),
+        (QuantizeRequest(["compact"], model=mistral4_split, split_max_size=999_999), ("split_max_size",)),
+    ]:
+        with pytest.raises(RequestError) as err:
+            plan_request(request)
+        assert err.value.fields == fields

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from apex_orch.release.phases.fetch import fetch_source
 from apex_orch.release.phases.quantize import plan_jobs
 from apex_orch.release.state import WORK_DIR, ReleaseState, check_out_dir, default_out_dir
 from apex_orch.cli import main
-from apex_orch.core.errors import ConfigError, GateFailedError, OutputExistsError, PublishError, UsageError
+from apex_orch.core.errors import ConfigError, GateFailedError, OutputExistsError, PublishError, RequestError
 from apex_orch.core.text import hub_size
 from apex_orch.llama.tools import build_label
 from apex_orch.plan.planner import make_plan
@@ -456,6 +457,21 @@ def test_flagship_dry_run_on_the_replica(ms4_replica, monkeypatch):
     assert re.search(r"^disk      the release needs [\d.]+ GB", res.output, re.M)
     assert res.output.count("$ ") == 7                           # one llama-quantize command per tier
     assert not (ROOT / "out" / "release" / "Mistral-Small-4-119B").exists()   # a dry run writes nothing
+    # --json: the same plan, from the same object, as data
+    js = invoke("release", str(cfg), "--dry-run", "--json", "--source", str(ms4_replica))
+    assert js.exit_code == 0, js.output
+    data = json.loads(js.output)
+    assert (data["format"], data["format_version"]) == ("apex-orch-release-dry-run", 1)
+    assert data["phases"] == data["selected"] == list(rel.PHASES) and data["push"] is False
+    assert data["fetch"]["given"] == str(ms4_replica) and data["source"]["path"] == str(ms4_replica)
+    assert data["split_max_size"] == {"text": "48G", "bytes": 48_000_000_000}
+    assert {t["tier"]: (t["file"], f"{t['size'] / 1e9:.2f}", f"{t['bpw']:.3f}", str(t["parts"]))
+            for t in data["tiers"]} == expected
+    assert all(not t["present"] and f"  {t['tier']}: $ {shlex.join(t['argv'])}" in res.output for t in data["tiers"])
+    largest = max(t["size"] for t in data["tiers"])
+    assert data["disk"]["need"] == data["disk"]["tiers"] + largest == sum(t["size"] for t in data["tiers"]) + largest
+    assert data["publish_repo"] == "mudler/Mistral-Small-4-119B-2603-APEX-GGUF" and data["private"] is False
+    assert invoke("release", str(cfg), "--json").exit_code == 2          # --json prints the plan of --dry-run
 
 
 def test_dry_run_of_a_converted_source_shows_the_pinned_converter(tmp_path, monkeypatch):
@@ -512,9 +528,9 @@ def write_cfg(tmp_path: Path, text: str) -> Path:
 
 @pytest.mark.parametrize("text, line, message", [
     ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nsplit: 48G\n", 6,
-     "split: unknown key"),
+     "unknown key 'split'"),
     ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\neval:\n  corpus: c\n"
-     "  chunk: 3\n", 8, "eval.chunk: unknown key"),
+     "  chunk: 3\n", 8, "unknown key 'eval.chunk'"),
     ("name: X\nlicense: mit\nsource:\n  hf: {repo: o/m, revision: main, files: [m.gguf]}\ntiers: [compact]\n"
      "publish: {repo: o/x}\n", 4, "is not a pinned revision"),
     ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmmproj:\n"
@@ -526,7 +542,7 @@ def write_cfg(tmp_path: Path, text: str) -> Path:
     ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\nimatrix: {corpus: diverse}\n"
      "publish: {repo: o/x}\n", 5, "no tier needs an imatrix"),
     ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nsplit_max_size: big\n", 6,
-     "is not a size like 48G"),
+     "split_max_size: 'big' is not a size such as 48G, 48GB"),
     ("name: X\nlicense: mit\nsource: {demo: true, gguf: a.gguf}\ntiers: [compact]\npublish: {repo: o/x}\n", 3,
      "give exactly one of gguf, demo, hf, convert"),
     ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [nosuch]\npublish: {repo: o/x}\n", 4,
@@ -547,7 +563,7 @@ def test_config_error_through_the_cli(tmp_path):
                             "colour: red\n")
     res = CliRunner().invoke(main, ["release", str(p), "--dry-run"])
     assert res.exit_code == ConfigError.exit_code
-    assert res.output.startswith(f"error: {p}:6: colour: unknown key\nhint: allowed here: ")
+    assert res.output.startswith(f"error: {p}:6: unknown key 'colour'\nhint: allowed here: ")
 
 
 def test_unset_variable_is_reported_where_the_path_is_needed(tmp_path, monkeypatch):
@@ -594,10 +610,12 @@ def test_phase_selection(only, skip, start, expected):
 
 
 def test_phase_selection_errors():
-    with pytest.raises(UsageError, match="unknown phase upload"):
+    with pytest.raises(RequestError, match="unknown phase upload") as info:
         rel.select_phases(only="upload")
-    with pytest.raises(UsageError, match="--only cannot be combined"):
+    assert info.value.fields == ("only",)
+    with pytest.raises(RequestError, match="cannot be combined") as info:
         rel.select_phases(only="card", skip="eval")
+    assert info.value.fields == ("only", "skip", "from_phase")
 
 
 def test_every_cli_option_is_documented():

@@ -28,6 +28,7 @@ from apex_orch.model.gguf_header import read_header
 from apex_orch.model.info import read_model
 from apex_orch.release import runner as rel
 from apex_orch.release.config_reader import load_release
+from apex_orch.cli.release_preview import format_preview
 from apex_orch.release.dryrun import describe_release
 from apex_orch.release.fit_tiers import fitted_sentence
 from apex_orch.release.state import WORK_DIR
@@ -148,8 +149,12 @@ def test_rerun_fits_again_and_changes_nothing(released):
 def test_dry_run_shows_the_fit_tier_and_writes_nothing(released, expected_fit, tmp_path):
     config = load_release(released["cfg"])
     out = tmp_path / "out"
-    text = describe_release(config, out_dir=out)
+    preview = describe_release(config, out_dir=out)
+    text = format_preview(preview)
     job = released["result"].state.jobs[0]
+    tier = next(t for t in preview.tiers if t.tier == TIER)
+    assert (tier.file, tier.size, tier.bpw, tier.parts, tier.present) == (
+        f"{NAME}-APEX-{TIER}.gguf", job.predicted_size, job.plan.bpw, 1, False)
     row = next(l for l in text.splitlines() if l.startswith(f"{TIER} "))
     assert re.split(r"\s{2,}", row.strip()) == [
         TIER, f"{NAME}-APEX-{TIER}.gguf", disk_size(job.predicted_size), f"{job.predicted_size / 2**30:.2f}",
@@ -167,7 +172,7 @@ def test_a_fit_short_of_the_size_warns_with_the_nearest_size(tmp_path, sens_path
     """80 MB is more than the all-Q8_0 file: the nearest size is that file, far more than 0.5% under."""
     cfg = load_release(write_config(tmp_path, sens_path, [{"fit": {"size": "80MB", "sensitivity": "sens.json"},
                                                            "tier": "Q8-80MB"}]))
-    text = describe_release(cfg, out_dir=tmp_path / "out")
+    text = format_preview(describe_release(cfg, out_dir=tmp_path / "out"))
     fit = fit_profile(read_model(demo_model_path()), load_sensitivity(sens_path), size=80_000_000, tier="Q8-80MB")
     assert not fit.within and set(fit.solution.types.values()) == {T.Q8_0}
     assert (f"note      warning: fit: Q8-80MB: the nearest size the measured types reach is "
@@ -225,32 +230,32 @@ def fit_config(tmp_path: Path, tiers: str) -> Path:
 
 @pytest.mark.parametrize("tiers, line, message", [
     ("  - fit: {size: 55MB, bpw: 4.5, sensitivity: s.json}\n    tier: F\n", 5,
-     "tiers.0.fit: give exactly one of size or bpw (got size and bpw)"),
-    ("  - fit: {sensitivity: s.json}\n    tier: F\n", 5, "tiers.0.fit: give exactly one of size or bpw (got neither)"),
+     "tiers[0].fit: give exactly one of size or bpw (got size and bpw)"),
+    ("  - fit: {sensitivity: s.json}\n    tier: F\n", 5, "tiers[0].fit: give exactly one of size or bpw (got neither)"),
     ("  - fit:\n      size: 55 parsecs\n      sensitivity: s.json\n    tier: F\n", 6,
-     "tiers.0.fit.size: '55 parsecs' is not a size like 48GB, 45.2GiB or 500MB"),
+     "tiers[0].fit.size: '55 parsecs' is not a size such as 48G, 48GB, 45GiB, 48e9 or 500M (K/M/G/T and KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, a plain number is bytes)"),
     ("  - fit:\n      size: 0.5MB\n      sensitivity: s.json\n    tier: F\n", 6,
-     "tiers.0.fit.size: 0.5MB: between 1 MB and 1000 TB"),
+     "tiers[0].fit.size: 0.5MB is too small: at least 1 MB"),
     ("  - fit:\n      bpw: 40\n      sensitivity: s.json\n    tier: F\n", 6,
-     "tiers.0.fit.bpw: expected bits per weight between 1 and 16, got 40"),
+     "tiers[0].fit.bpw: expected bits per weight between 1 and 16, got 40"),
     ("  - fit:\n      size: 55MB\n      sensitivity: missing.json\n    tier: F\n", 7,
-     "tiers.0.fit.sensitivity: {folder}/missing.json: sensitivity file not found"),
+     "tiers[0].fit.sensitivity: {folder}/missing.json: sensitivity file not found"),
     ("  - fit:\n      size: 55MB\n      sensitivity: not-sens.json\n    tier: F\n", 7,
-     "tiers.0.fit.sensitivity: {folder}/not-sens.json: not a sensitivity result (no format: apex-orch-sensitivity)"),
+     "tiers[0].fit.sensitivity: {folder}/not-sens.json: not a sensitivity result (no format: apex-orch-sensitivity)"),
     ("  - fit:\n      size: 55MB\n      sensitivity: s.json\n      colour: red\n    tier: F\n", 8,
-     "tiers.0.fit.colour: unknown key"),
+     "unknown key 'tiers[0].fit.colour'"),
     ("  - fit: {size: 55MB}\n    tier: F\n", 5,
-     "tiers.0.fit: missing key 'sensitivity' (the result of `apex-orch sensitivity MODEL -o FILE`)"),
+     "tiers[0].fit: missing key 'sensitivity' (the result of `apex-orch sensitivity MODEL -o FILE`)"),
     ("  - fit: {size: 55MB, sensitivity: s.json}\n", 5,
-     "tiers.0: missing key 'tier' (the fitted file's display tier, e.g. I-Compact-48GB)"),
-    ("  - fit: {size: 55MB, sensitivity: s.json}\n    tier: 'a: b'\n", 6, "tiers.0.tier: 'a: b' is not a tier name"),
+     "tiers[0]: missing key 'tier' (the fitted file's display tier, e.g. I-Compact-48GB)"),
+    ("  - fit: {size: 55MB, sensitivity: s.json}\n    tier: 'a: b'\n", 6, "tiers[0].tier: 'a: b' is not a tier name"),
     ("  - fit: {size: 55MB, sensitivity: s.json}\n    profile: compact\n    tier: F\n", 5,
-     "tiers.0: give profile or fit, not both"),
+     "tiers[0]: give profile or fit, not both"),
     ("  - {profile: compact, tier: F}\n", 5,
-     "tiers.0.tier: a tier name is given only with `fit:` (a profile names its own tier)"),
-    ("  - fit: [55MB]\n    tier: F\n", 5, "tiers.0.fit: expected a mapping, got a list"),
+     "tiers[0].tier: a tier name is given only with `fit:` (a profile names its own tier)"),
+    ("  - fit: [55MB]\n    tier: F\n", 5, "tiers[0].fit: expected a mapping, got a list"),
     ("  - fit: {size: 55MB, sensitivity: .}\n    tier: F\n", 5,
-     "tiers.0.fit.sensitivity: {folder}: cannot be read (Is a directory)"),
+     "tiers[0].fit.sensitivity: {folder}: cannot be read (Is a directory)"),
 ])
 def test_fit_config_errors_name_file_and_line(tmp_path, tiers, line, message):
     p = fit_config(tmp_path, tiers)
@@ -262,15 +267,15 @@ def test_fit_config_errors_name_file_and_line(tmp_path, tiers, line, message):
 @pytest.mark.slow
 @pytest.mark.parametrize("tiers, line, message", [
     ("  - compact\n  - fit: {size: 55MB, sensitivity: sens.json}\n    tier: Compact\n", 6,
-     "tiers.1: tier Compact is listed twice (also at {path}:5)"),
+     "tiers[1]: tier Compact is listed twice (also at {path}:5)"),
     ("  - fit: {size: 55MB, sensitivity: sens.json}\n    tier: Fit-55MB\n"
      "  - fit: {size: 50MB, sensitivity: sens.json}\n    tier: Fit+55MB\n", 7,
      "tiers 'Fit-55MB' and 'Fit+55MB' both map to the file X-APEX-Fit-55MB.gguf; one would silently replace the other"),
     ("  - fit:\n      size: 55MB\n      sensitivity: sens.json\n      from: wide.yaml\n    tier: F\n", 7,
-     "tiers.0.fit.sensitivity: the sensitivity was measured with the bands of APEX's own (no --from), not those "
+     "tiers[0].fit.sensitivity: the sensitivity was measured with the bands of APEX's own profile, not those "
      "of wide.yaml"),
     ("  - fit: {size: 55MB, sensitivity: sens.json, from: nosuch}\n    tier: F\n", 5,
-     "tiers.0.fit.from: unknown profile 'nosuch'"),
+     "tiers[0].fit.from: unknown profile 'nosuch'"),
 ])
 def test_fit_tier_checks_that_need_the_measurement(tmp_path, sens_path, tiers, line, message):
     (tmp_path / "sens.json").write_bytes(sens_path.read_bytes())

@@ -88,6 +88,17 @@ def test_every_module_of_the_checkout_is_in_the_wheel(installed):
     assert p.returncode == 0, p.stderr[-3000:]
 
 
+def test_the_card_template_is_in_the_wheel(installed):
+    """The model card is rendered from a jinja2 template shipped as package data: the installed
+    package finds and compiles it from site-packages."""
+    import zipfile
+    assert "apex_orch/release/card.md.j2" in zipfile.ZipFile(installed["wheel"]).namelist()
+    code = "from apex_orch.release import card; print(card._environment().get_template(card.TEMPLATE).filename)"
+    p = subprocess.run([str(installed["python"]), "-c", code], cwd=installed["work"], capture_output=True, text=True,
+                       env=installed["env"])
+    assert p.returncode == 0 and Path(p.stdout.strip()).is_relative_to(installed["site"]), p.stdout + p.stderr
+
+
 def test_profile_list_from_the_wheel_shows_every_built_in(installed):
     p = run(installed, "profile", "list")
     assert p.returncode == 0, p.stderr

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import selectors
-import subprocess
 import sys
 import time
 
@@ -142,9 +141,10 @@ class TemplateWorker:
         if len(template) > MAX_TEMPLATE_CHARS:
             raise ModelError(f"{TEMPLATE_KEY} is {len(template):,} characters; at most {MAX_TEMPLATE_CHARS:,}",
                              where=where, hint="chat templates are a few KB; fix the key in the GGUF "
-                                               "(gguf-set-metadata) or build the corpus without --model")
-        self.proc = subprocess.Popen([sys.executable, "-m", "apex_orch.calibration.chat_template"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                               "(gguf-set-metadata) or build the corpus without the model's "
+                                               "template (plain format)")
+        from apex_orch.llama.tools import start_worker
+        self.proc = start_worker([sys.executable, "-m", "apex_orch.calibration.chat_template"])
         self._buf = b""
         self._sel = selectors.DefaultSelector()
         self._sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -169,14 +169,14 @@ class TemplateWorker:
                 raise ModelError(f"{TEMPLATE_KEY} ran past {seconds:g} s {doing} and was stopped",
                                  where=self.where, hint="the model's chat template loops without end or is "
                                  "far too slow; fix the key in the GGUF (gguf-set-metadata) or build the "
-                                 "corpus without --model (plain format)")
+                                 "corpus without the model's template (plain format)")
             data = os.read(self.proc.stdout.fileno(), 1 << 20)
             if not data:
                 self.close()
                 raise ModelError(f"{TEMPLATE_KEY}: the sandboxed renderer stopped {doing} "
                                  f"(it needed more than {WORKER_MEMORY_BYTES >> 20} MiB?)", where=self.where,
                                  hint="fix the key in the GGUF (gguf-set-metadata) or build the corpus "
-                                      "without --model (plain format)")
+                                      "without the model's template (plain format)")
             self._buf += data
         line, _, self._buf = self._buf.partition(b"\n")
         return json.loads(line)
@@ -197,10 +197,12 @@ class TemplateWorker:
             raise ModelError(f"{TEMPLATE_KEY} rendered the conversation at {origin} to more than {limit:,} "
                              f"characters (its input is {len(payload):,}) and was stopped", where=self.where,
                              hint="the model's chat template repeats text without bound; fix the key in the "
-                                  "GGUF (gguf-set-metadata) or build the corpus without --model (plain format)")
+                                  "GGUF (gguf-set-metadata) or build the corpus without the model's template "
+                                  "(plain format)")
         raise ModelError(f"{TEMPLATE_KEY} needed more than {WORKER_MEMORY_BYTES >> 20} MiB rendering the "
                          f"conversation at {origin} and was stopped", where=self.where,
-                         hint="fix the key in the GGUF (gguf-set-metadata) or build the corpus without --model")
+                         hint="fix the key in the GGUF (gguf-set-metadata) or build the corpus without the "
+                              "model's template (plain format)")
 
     def close(self) -> None:
         proc = self.proc

@@ -263,7 +263,8 @@ def write_corpus(built: BuiltCorpus, out: str | os.PathLike, *, model: str | os.
         same_text = text_path.is_file() and text_path.read_bytes() == data
         for p in (text_path, manifest_path):
             if p.exists() and not same_text:
-                raise OutputExistsError(f"{p} exists", hint="pass --force to replace it, or choose -o")
+                raise OutputExistsError(f"{p} exists", hint="ask to replace it, or choose another output",
+                                        options=("force", "out"))
     total = count_tokens(built, model) if model else None
     manifest = make_manifest(built, text_name=text_path.name, total_tokens=total, model=model)
     write_atomic(text_path, data)

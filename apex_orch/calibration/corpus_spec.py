@@ -33,6 +33,7 @@ import yaml
 
 from apex_orch.core.errors import ConfigError
 from apex_orch.core.fingerprint import sha256_file
+from apex_orch.core.schema import check_keys
 from apex_orch.core.settings import PACKAGE_DIR
 from apex_orch.core.yamlio import YamlDoc, compose_config, node_to_doc, read_config_text
 
@@ -158,16 +159,6 @@ def _load_yaml(path: Path) -> YamlDoc:
     return doc
 
 
-def _reject_unknown(doc: YamlDoc, at: tuple, mapping: dict, allowed: set[str], what: str) -> None:
-    for key in mapping:
-        if key not in allowed:
-            close = get_close_matches(key, sorted(allowed), n=1)
-            raise ConfigError(
-                f"unknown key {key!r} in {what}; allowed: {', '.join(sorted(allowed))}",
-                where=doc.where(at + (key,)),
-                hint=f"did you mean {close[0]!r}?" if close else None)
-
-
 def _expect(doc: YamlDoc, key: str, types: type | tuple[type, ...], what: str) -> Any:
     """A top-level value of the given type(s); a bool is not an int unless bool is named."""
     value = doc.data[key]
@@ -182,7 +173,7 @@ def load_corpus_spec(name_or_path: str | os.PathLike, *, search: Iterable[Path] 
     path = resolve_corpus(name_or_path, search=search)
     doc = _load_yaml(path)
     data = doc.data
-    _reject_unknown(doc, (), data, TOP_KEYS, "corpus")
+    check_keys(data, TOP_KEYS, doc.where, (), ConfigError)
     if "name" in data:
         declared = _expect(doc, "name", str, "a string")
         if declared != path.stem:
@@ -225,7 +216,7 @@ def _parse_source(doc: YamlDoc, index: int) -> SourceSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"each source must be a mapping, got {raw!r}", where=str(doc.path),
                           hint="e.g. `- builtin: chat`")
-    _reject_unknown(doc, at, raw, SOURCE_KEYS, "source")
+    check_keys(raw, SOURCE_KEYS, doc.where, at, ConfigError)
     where = doc.where_value(at)
     kinds = [k for k in SOURCE_KINDS if k in raw]
     if len(kinds) != 1:
@@ -278,7 +269,7 @@ def _parse_source(doc: YamlDoc, index: int) -> SourceSpec:
 def _parse_hf(doc: YamlDoc, at: tuple, value: Any, kwhere: str) -> HFFiles:
     if not isinstance(value, dict):
         raise ConfigError("'hf' must be a mapping with repo, revision, files", where=kwhere)
-    _reject_unknown(doc, at, value, HF_KEYS, "hf source")
+    check_keys(value, HF_KEYS, doc.where, at, ConfigError)
     for key in ("repo", "revision", "files"):
         if key not in value:
             raise ConfigError(f"hf source is missing {key!r}", where=doc.where_value(at))

@@ -2,8 +2,10 @@
 
 Stages (see DESIGN.md):
 - `plan_imatrix(...)` -> ImatrixPlan: pure (reads the model header, builds the corpus in
-  memory, counts its tokens with the model's tokenizer; writes nothing). Holds the exact
-  llama-imatrix argument list, the cache key and the output path.
+  memory, counts its tokens with the model's tokenizer; writes nothing). Holds the values the
+  llama-imatrix argument list is built from (`ImatrixPlan.argv`, never patched in place), the
+  cache key and the output path. The threads and the process that names the scratch files are
+  plan values too: `for_process` gives the same plan for another process (a Ray worker).
 - `run_imatrix(plan)` -> Path: writes the corpus text, optionally makes a Q8_0 copy of the
   model, runs llama-imatrix into a temporary name and renames it into the cache; a rerun
   with the same inputs is a cache hit and runs nothing.
@@ -22,6 +24,7 @@ side so they can become the project's one lock later.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +36,8 @@ from typing import Callable
 from apex_orch.calibration.corpus import BuiltCorpus, build_corpus, make_manifest, manifest_path_for
 from apex_orch.calibration.imatrix_file import read_imatrix
 from apex_orch.calibration.tokenizer import ModelTokenizer
-from apex_orch.core.errors import ImatrixError, LockedError, ModelError, OutputExistsError, ToolFailedError
+from apex_orch.core.errors import (ImatrixError, LockedError, ModelError, OutputExistsError, RequestError,
+                                   ToolFailedError)
 from apex_orch.core.fingerprint import sha256_file, source_sha256
 from apex_orch.core.locks import FileLock
 from apex_orch.core.safefiles import check_not_inputs, clear_name, copy_atomic, refuse_links, write_atomic
@@ -74,18 +78,61 @@ class ImatrixPlan:
     key: str
     key_material: dict
     cache_path: Path
-    tmp_path: Path
     log_path: Path
     out: Path | None
     force: bool
-    argv: list[str]
+    tool: Path                    # llama-imatrix
     corpus: BuiltCorpus = field(repr=False)    # the text in memory
+    pass_chunks: bool = False     # chunks were asked for: --chunks (else the tool takes every chunk)
+    no_repack: bool = False       # an MLA model: --no-repack (see plan_imatrix)
     q8_path: Path | None = None
-    q8_argv: list[str] | None = None
+    quantize_tool: Path | None = None          # llama-quantize for the Q8_0 copy (from_q8)
+    # The process whose scratch names the run writes (".partial-<pid>"): the one that runs the plan.
+    scratch_pid: int = field(default_factory=os.getpid)
 
     @property
     def output(self) -> Path:
         return self.out or self.cache_path
+
+    @property
+    def tmp_path(self) -> Path:
+        """Per-process scratch name (a killed run's orphan can never share it); .gguf suffix:
+        llama-imatrix warns otherwise. Stale partials of the key are removed under the lock."""
+        return self.cache_path.with_name(f".{self.key}.partial-{self.scratch_pid}.gguf")
+
+    @property
+    def run_model(self) -> Path:
+        return self.q8_path if self.q8_path is not None else self.model_path
+
+    @property
+    def argv(self) -> list[str]:
+        argv = [str(self.tool), "-m", str(self.run_model), "-f", str(self.corpus_file), "-o", str(self.tmp_path),
+                "-c", str(self.ctx)]
+        if self.pass_chunks:
+            argv += ["--chunks", str(self.chunks)]
+        argv += ["-ngl", str(self.ngl), "-t", str(self.threads)]
+        if self.parse_special:
+            argv.append("--parse-special")
+        if self.no_repack:
+            argv.append("--no-repack")
+        return argv
+
+    @property
+    def q8_partial(self) -> Path | None:
+        if self.q8_path is None:
+            return None
+        return self.q8_path.with_name(f".{self.q8_path.name}.partial-{self.scratch_pid}")
+
+    @property
+    def q8_argv(self) -> list[str] | None:
+        if self.q8_path is None or self.quantize_tool is None:
+            return None
+        return [str(self.quantize_tool), str(self.model_path), str(self.q8_partial), "Q8_0", str(self.threads)]
+
+    def for_process(self, *, threads: int, pid: int | None = None) -> "ImatrixPlan":
+        """This plan run by another process (default: this one) with `threads` threads: the same
+        key and outputs, its own scratch names."""
+        return dataclasses.replace(self, threads=threads, scratch_pid=os.getpid() if pid is None else pid)
 
     @property
     def cached(self) -> bool:
@@ -119,14 +166,14 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
         raise ModelError(f"model not found: {model}")
     model_info = read_model(model)   # the header checked against itself (a FIFO, a folder refused) first
     if ctx < 8:
-        raise ImatrixError(f"context {ctx} is too small", hint="use -c 512 (the usual) or at least 64")
+        raise RequestError(f"context {ctx} is too small", fields=("ctx",), hint="use 512 (the usual) or at least 64")
     if chunks is not None and chunks < 1:
-        raise ImatrixError(f"--chunks must be at least 1, got {chunks}")
+        raise RequestError(f"chunks must be at least 1, got {chunks}", fields=("chunks",))
     if ngl < 0:
-        raise ImatrixError(f"--ngl must be 0 or more, got {ngl}")
+        raise RequestError(f"GPU layers must be 0 or more, got {ngl}", fields=("ngl",))
     threads = threads or os.cpu_count() or 1
     if out is not None:   # inputs are never outputs (issue 15): refused before anything runs
-        check_not_inputs([Path(out)], shard_paths(model), flag="-o")
+        check_not_inputs([Path(out)], shard_paths(model), options=("out",))
 
     built = build_corpus(corpus_name, model=model)
     if tokens is None:
@@ -156,40 +203,22 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
     }
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
     cache_dir = _cache_dir()
-    cache_path = cache_dir / f"{key}.gguf"
-    # Per-process name (a killed run's orphan can never share it); .gguf suffix: llama-imatrix
-    # warns otherwise. Stale partials of this key are removed under the lock before running.
-    tmp_path = cache_dir / f".{key}.partial-{os.getpid()}.gguf"
     corpus_file = cache_root() / "corpora" / f"{built.name}-{built.sha256[:12]}.txt"
-
-    run_model = model
-    q8_path = q8_argv = None
+    q8_path = quantize_tool = None
     if from_q8:
         fp = hashlib.sha256(material["model"].encode()).hexdigest()[:24]
         q8_path = cache_root() / "q8" / f"{model.stem}.{fp}.Q8_0.gguf"
-        q8_argv = [str(tools.find_tool("llama-quantize", bin_dir).path), str(model),
-                   str(q8_path.with_name(f".{q8_path.name}.partial-{os.getpid()}")), "Q8_0", str(threads)]
-        run_model = q8_path
-
-    argv = [str(tools.find_tool("llama-imatrix", bin_dir).path), "-m", str(run_model), "-f", str(corpus_file),
-            "-o", str(tmp_path), "-c", str(ctx)]
-    if chunks is not None:
-        argv += ["--chunks", str(effective)]
-    argv += ["-ngl", str(ngl), "-t", str(threads)]
-    if built.parse_special:
-        argv.append("--parse-special")
-    if any(t.name.endswith("attn_k_b.weight") for t in model_info.tensors):   # MLA
-        # On CPUs with AMX, repacked attn_k_b cannot take MLA's permuted q_nope and llama.cpp
-        # aborts (GGML_ASSERT(*cur_backend_id != -1)); repacking only speeds up, never changes data.
-        argv.append("--no-repack")
-
+        quantize_tool = tools.find_tool("llama-quantize", bin_dir).path
+    # On CPUs with AMX, repacked attn_k_b cannot take MLA's permuted q_nope and llama.cpp aborts
+    # (GGML_ASSERT(*cur_backend_id != -1)); repacking only speeds up, never changes data.
+    mla = any(t.name.endswith("attn_k_b.weight") for t in model_info.tensors)
     return ImatrixPlan(
         model_path=model, corpus_name=built.name, corpus_sha256=built.sha256, corpus_file=corpus_file,
         ctx=ctx, chunks=effective, requested_chunks=chunks, available_chunks=available, tokens=tokens,
         ngl=ngl, threads=threads, from_q8=from_q8, parse_special=built.parse_special, key=key,
-        key_material=material, cache_path=cache_path, tmp_path=tmp_path,
-        log_path=cache_dir / f"{key}.log", out=Path(out) if out else None, force=force, argv=argv,
-        q8_path=q8_path, q8_argv=q8_argv, corpus=built)
+        key_material=material, cache_path=cache_dir / f"{key}.gguf", log_path=cache_dir / f"{key}.log",
+        out=Path(out) if out else None, force=force, tool=tools.find_tool("llama-imatrix", bin_dir).path,
+        corpus=built, pass_chunks=chunks is not None, no_repack=mla, q8_path=q8_path, quantize_tool=quantize_tool)
 
 
 # =========================================================================== progress
@@ -259,7 +288,7 @@ def _ensure_q8(plan: ImatrixPlan, emit: ProgressCallback, timeout: float | None)
         if plan.q8_path.is_file():
             emit(f"imatrix: using cached Q8_0 copy {plan.q8_path}")
             return
-        partial = Path(plan.q8_argv[2])
+        partial = plan.q8_partial
         for stale in plan.q8_path.parent.glob(f".{plan.q8_path.name}.partial*"):
             if stale != partial:   # left by a killed run (we hold the lock: nobody else is writing)
                 stale.unlink(missing_ok=True)
@@ -287,7 +316,7 @@ def _publish(plan: ImatrixPlan, emit: ProgressCallback) -> Path:
             return out
         if not plan.force:
             raise OutputExistsError(f"{out} exists and holds a different imatrix",
-                                    hint="pass --force to replace it, or choose another -o")
+                                    hint="ask to replace it, or choose another output", options=("force", "out"))
     copy_atomic(plan.cache_path, out)
     return out
 

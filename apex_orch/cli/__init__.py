@@ -1,8 +1,8 @@
 """The apex-orch command line: thin Click commands over the library.
 
 Errors raised by the library (apex_orch.core.errors.ApexError) are translated here, once,
-into `error: ...` + `hint: ...` and the error's exit code. Tracebacks only with
---debug or APEX_ORCH_DEBUG=1.
+into `error: ...` + `hint: ...` and the error's exit code, the parameters they name worded as
+the command's flags (apex_orch.cli.errors). Tracebacks only with --debug or APEX_ORCH_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import click
 
 from apex_orch import __version__
 from apex_orch.core import settings
-from apex_orch.core.errors import ApexError, InternalError, InterruptedRun
 from apex_orch.core.text import printable
 from apex_orch.llama.tools import build_label, llama_bin_dir_option, mask_secrets
 from apex_orch.plan.profile_search import profile_dirs_option
@@ -53,35 +52,14 @@ class ApexGroup(click.Group):
                 pass
         try:
             return super().invoke(ctx)
-        except ApexError as exc:
-            if _debug_enabled(ctx):
-                raise
-            click.echo(f"error: {_masked(exc.render())}", err=True)
-            ctx.exit(exc.exit_code)
-        except OSError as exc:
-            # A file-system failure no library code translated: still one message, never a traceback.
-            if _debug_enabled(ctx):
-                raise
-            from apex_orch.core.translate import translate_os_error
-            err = translate_os_error(exc)
-            click.echo(f"error: {_masked(err.render())}", err=True)
-            ctx.exit(err.exit_code)
-        except KeyboardInterrupt:
-            if _debug_enabled(ctx):
-                raise
-            err = InterruptedRun("interrupted; partial outputs were removed",
-                                 hint="rerun the same command to start again")
-            click.echo(f"error: {err.render()}", err=True)
-            ctx.exit(err.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise   # click's own exits and usage errors: already one message
-        except Exception as exc:
-            # Last resort: a failure no layer translated is still one line, never a traceback.
+        except (Exception, KeyboardInterrupt) as exc:
             if _debug_enabled(ctx):
                 raise
-            err = InternalError(f"unexpected {type(exc).__name__}: {exc}",
-                                hint="this is a bug in apex-orch; rerun with --debug for the traceback and report it")
-            click.echo(f"error: {_masked(err.render())}", err=True)
+            from apex_orch.cli.errors import as_apex_error, flag_names
+            err = as_apex_error(exc)
+            click.echo(f"error: {_masked(err.render(flag_names(ctx)))}", err=True)
             ctx.exit(err.exit_code)
         finally:
             for sig, handler in previous.items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from apex_orch.core.errors import ToolFailedError, UsageError
+from apex_orch.cli.errors import UsageError
 from apex_orch.llama import build as build_lib
 from apex_orch.llama import pin
 
@@ -28,10 +28,4 @@ def build(what: str, cmake_args: tuple[str, ...]) -> None:
                  else build_lib.extra_cmake_args_from_env())
     except ValueError as exc:
         raise UsageError(str(exc), hint="give flags as -DNAME=VALUE, e.g. --cmake-arg -DGGML_CUDA=ON") from exc
-    try:
-        build_lib.build(what, extra)
-    except SystemExit as exc:
-        if exc.code in (0, None):
-            return
-        raise ToolFailedError(str(exc.code).removeprefix("error: "),
-                              hint=f"see the logs under {pin.pin_dir()}") from exc
+    build_lib.build(what, extra)   # a failure is a BuildError (exit 8), printed like every error

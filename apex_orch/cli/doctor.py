@@ -6,17 +6,16 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import click
 
 from apex_orch import __version__
-from apex_orch.core import settings
-from apex_orch.core.errors import ToolNotFoundError
+from apex_orch.core.errors import ApexError, ToolNotFoundError
 from apex_orch.llama import pin
-from apex_orch.llama.tools import build_info, build_label, configured_bin_dir, find_libllama, find_tool
+from apex_orch.llama.tools import (build_info, build_label, capture_tool, configured_bin_dir, find_libllama,
+                                   find_tool)
 
 
 def _bindings_probe(lib_dir: Path | None) -> dict:
@@ -29,8 +28,10 @@ def _bindings_probe(lib_dir: Path | None) -> dict:
         "m = load_llama_cpp(sys.argv[1] or None)\n"
         "print(json.dumps({'version': getattr(m, '__version__', '?'), 'lib': str(loaded_libllama())}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(lib_dir or "")], capture_output=True, text=True,
-                          env=settings.child_environment(), timeout=120)
+    try:
+        proc = capture_tool([sys.executable, "-c", code, str(lib_dir or "")], timeout=120, what="the bindings probe")
+    except ApexError as exc:
+        return {"ok": False, "error": exc.message}
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
         return {"ok": False, "error": last}
@@ -94,11 +95,10 @@ def tool_build(path: Path) -> dict:
     pin: built by apex-orch from the pinned sdist (its build-info.json says so), or printing the
     pinned commit."""
     try:
-        proc = subprocess.run([str(path), *VERSION_PROBES.get(path.name, ["--version"])],
-                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        proc = capture_tool([path, *VERSION_PROBES.get(path.name, ["--version"])], timeout=30)
         text = proc.stdout + proc.stderr
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        text = str(exc)
+    except ApexError as exc:
+        text = exc.message
     m = VERSION_LINE.search(text)
     version, commit = (m.group(1), m.group(2)) if m else ("?", "?")
     info_path = path.resolve().parent.parent / "build-info.json"

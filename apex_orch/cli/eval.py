@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import click
 
+from apex_orch.cli.errors import UsageError
 from apex_orch.cli.params import COUNT, FINITE, THREADS
-from apex_orch.core.errors import UsageError
 from apex_orch.evaluation.evaluate import BACKENDS, plan_eval, run_eval
 from apex_orch.evaluation.gates import check_gates
 from apex_orch.evaluation.inputs import EvalSettings, default_threads
 from apex_orch.evaluation.results import format_result
-from apex_orch.plan.gates import Gates
+from apex_orch.plan.gates import RULES, Gates
 
 
 def _settings_options(fn):
@@ -35,14 +35,9 @@ def _settings_options(fn):
                           "slightly, and crash MLA models on AMX CPUs in the pinned build."),
         click.option("--backend", type=click.Choice(BACKENDS), default="bindings", show_default=True,
                      help="Evaluate in-process, or run the llama-perplexity binary (same result fields)."),
-        click.option("--max-mean-kld", type=FINITE, default=None, help="Gate: fail if mean KLD is above this."),
-        click.option("--max-ppl-ratio", type=FINITE, default=None,
-                     help="Gate: fail if PPL(Q)/PPL(base) is above this."),
-        click.option("--min-same-top-p", type=FINITE, default=None,
-                     help="Gate: fail if 'Same top p' (percent) is below this."),
-        click.option("--max-kld-99-9", type=FINITE, default=None,
-                     help="Gate: fail if the 99.9th percentile of KLD is above this."),
     ]
+    # The gates, one option per row of plan.gates.RULES (a new gate is one row there).
+    options += [click.option(rule.option, rule.key, type=FINITE, default=None, help=rule.help) for rule in RULES]
     for option in reversed(options):
         fn = option(fn)
     return fn
@@ -73,15 +68,13 @@ def _progress(quiet: bool):
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None, ctx: int, chunks: int | None,
              batch: int | None, ubatch: int, threads: int | None, flash_attn: bool, repack: bool, backend: str,
-             max_mean_kld: float | None, max_ppl_ratio: float | None, min_same_top_p: float | None,
-             max_kld_99_9: float | None, speed: bool, as_json: bool, dry_run: bool, quiet: bool) -> None:
+             speed: bool, as_json: bool, dry_run: bool, quiet: bool, **bounds: float | None) -> None:
     """Perplexity of MODEL (and, with --base, llama-perplexity's KL-divergence statistics),
     computed exactly like llama-perplexity: chunks of --ctx tokens, BOS first, second half scored.
 
-    Exits 15 when a gate (--max-mean-kld, --max-ppl-ratio, --min-same-top-p, --max-kld-99-9) fails.
+    Exits 15 when a gate (the --max-*/--min-* options) fails.
     """
-    gates = Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p,
-                  max_kld_99_9=max_kld_99_9)
+    gates = Gates(**bounds)
     if gates.active and base is None:
         raise UsageError("gates compare against a base: give --base")
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
@@ -111,21 +104,20 @@ def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None,
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | None, ctx: int,
             chunks: int | None, batch: int | None, ubatch: int, threads: int | None, flash_attn: bool,
-            repack: bool, backend: str, max_mean_kld: float | None, max_ppl_ratio: float | None,
-            min_same_top_p: float | None, max_kld_99_9: float | None, speed: bool, fmt: str, plot: str | None,
-            quiet: bool) -> None:
+            repack: bool, backend: str, speed: bool, fmt: str, plot: str | None, quiet: bool,
+            **bounds: float | None) -> None:
     """One table for FILES against --base: tier, size, bpw, PPL, KLD mean/99.9%/max, same top p,
     speed. Exits 15 (after printing the table) when a gate fails for any file."""
     from apex_orch.evaluation import compare as evalreport
 
-    gates = Gates(max_mean_kld=max_mean_kld, max_ppl_ratio=max_ppl_ratio, min_same_top_p=min_same_top_p,
-                  max_kld_99_9=max_kld_99_9)
+    gates = Gates(**bounds)
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
     if plot:   # inputs are never outputs (issue 15): refused before minutes of evaluation
         from pathlib import Path
 
         from apex_orch.core.safefiles import check_not_inputs
-        check_not_inputs([Path(plot)], [Path(f) for f in (*files, base, text) if f], flag="--plot")
+        check_not_inputs([Path(plot)], [Path(f) for f in (*files, base, text) if f], what="plot file",
+                         options=("plot",))
     report = evalreport.compare(list(files), base, text=text, corpus=corpus, settings=settings,
                                 backend=backend, speed=speed, gates=gates, progress=_progress(quiet))
     click.echo(evalreport.format_report(report, fmt), nl=False)

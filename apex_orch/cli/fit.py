@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
-from apex_orch.cli.params import COUNT, FINITE, THREADS
+from apex_orch.cli.errors import UsageError
+from apex_orch.cli.params import BUDGET_SIZE, COUNT, FINITE, THREADS
 from apex_orch.cli.progress import Progress
-from apex_orch.core.errors import OutputExistsError, UsageError
+from apex_orch.core.errors import OutputExistsError
 from apex_orch.core.outputs import write_new_text
 from apex_orch.core.safefiles import check_not_inputs
 from apex_orch.core.text import md_table
@@ -18,7 +19,7 @@ from apex_orch.model.info import read_model
 
 @click.command()
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--imatrix", "imatrix_path", type=click.Path(dir_okay=False),
+@click.option("--imatrix", type=click.Path(dir_okay=False),
               help="Importance matrix the quantizations use (measures the I-variant types, IQ1/IQ2 included).")
 @click.option("--corpus", default=None, help="Build (or reuse from the cache) the imatrix from this corpus.")
 @click.option("--text", type=click.Path(dir_okay=False), default=None,
@@ -43,7 +44,7 @@ from apex_orch.model.info import read_model
 @click.option("-t", "--threads", type=THREADS, default=None, help="Threads for llama-quantize and evaluation.")
 @click.option("--dry-run", is_flag=True, help="Print the groups, the ladder and the work, then stop.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def sensitivity(model, imatrix_path, corpus, text, text_corpus, chunks, ctx, ladder, bands_from, method,
+def sensitivity(model, imatrix, corpus, text, text_corpus, chunks, ctx, ladder, bands_from, method,
                 calibration_path, output, force, threads, dry_run, quiet) -> None:
     """Measure how much each group of tensors moves MODEL's output at each candidate type.
 
@@ -57,27 +58,27 @@ def sensitivity(model, imatrix_path, corpus, text, text_corpus, chunks, ctx, lad
     from apex_orch.fit.sensitivity import plan_sensitivity, run_sensitivity
     from apex_orch.quantize.job import build_imatrix_for, resolve_imatrix
 
-    if imatrix_path and corpus:
+    if imatrix and corpus:
         raise UsageError("give --imatrix or --corpus, not both")
     progress = Progress(quiet)
     out = Path(output) if output else None
     if out is not None:
-        check_not_inputs([out], [Path(model), Path(imatrix_path) if imatrix_path else None,
-                                 Path(text) if text else None], flag="-o/--output")
+        check_not_inputs([out], [Path(model), Path(imatrix) if imatrix else None, Path(text) if text else None],
+                         options=("output",))
         if out.exists() and not force:
             raise OutputExistsError(f"{out} exists", hint="pass --force to replace it")
     info = read_model(model)
-    imatrix = resolve_imatrix(info, imatrix_path) if imatrix_path else None
+    source = resolve_imatrix(info, imatrix) if imatrix else None
     corpus_text = None
     if corpus and not dry_run:
         path = build_imatrix_for(Path(model), corpus, threads, progress)
-        imatrix = resolve_imatrix(info, path)
+        source = resolve_imatrix(info, path)
     if corpus:
         from apex_orch.calibration.corpus import build_corpus
         corpus_text = build_corpus(corpus).data
     from apex_orch.fit.measurements import load_sensitivity
     calibration = load_sensitivity(calibration_path) if calibration_path else None
-    plan = plan_sensitivity(model, imatrix=imatrix, text=text, text_corpus=text_corpus, chunks=chunks, ctx=ctx,
+    plan = plan_sensitivity(model, imatrix=source, text=text, text_corpus=text_corpus, chunks=chunks, ctx=ctx,
                             ladder=ladder, bands_from=bands_from, threads=threads, imatrix_corpus_text=corpus_text,
                             method=method, calibration=calibration, imatrix_corpus=corpus)
     click.echo(plan.describe())
@@ -103,7 +104,9 @@ def sensitivity(model, imatrix_path, corpus, text, text_corpus, chunks, ctx, lad
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--sensitivity", "sensitivity_path", type=click.Path(dir_okay=False), required=True,
               help="A result of `apex-orch sensitivity` (of this model, or of one with the same roles and bands).")
-@click.option("--size", default=None, help="Target file size: 48GB, 45.2GiB, 500MB (GB = 10^9 bytes).")
+@click.option("--size", type=BUDGET_SIZE, default=None,
+              help="Target file size: 48GB = 48G = 48e9 bytes (K/M/G/T are decimal, as the Hub lists sizes; "
+                   "KiB/MiB/GiB/TiB binary), at least 1MB.")
 @click.option("--bpw", type=FINITE, default=None, help="Target bits per weight (tensor bytes x 8 / weights).")
 @click.option("--from", "base", default=None,
               help="Profile whose bands, best-for line and imatrix corpus the fitted profile keeps "
@@ -128,24 +131,23 @@ def fit(model, sensitivity_path, size, bpw, base, tier, structure, no_imatrix, m
     the card use it like any other. The plan of the result is at most the budget and, when
     the ladder allows, within 0.5% of it (otherwise the nearest size is printed).
     """
-    from apex_orch.fit.fitter import fit_profile, parse_budget_size
+    from apex_orch.fit.fitter import fit_profile
     from apex_orch.fit.measurements import load_sensitivity
 
     if (size is None) == (bpw is None):
         raise UsageError("give exactly one of --size or --bpw")
     out = Path(output) if output else None
     if out is not None:
-        check_not_inputs([out], [Path(model), Path(sensitivity_path)], flag="-o/--output")
+        check_not_inputs([out], [Path(model), Path(sensitivity_path)], options=("output",))
         if out.exists() and not force:
             raise OutputExistsError(f"{out} exists", hint="pass --force to replace it")
-    budget = parse_budget_size(size) if size is not None else None
     sens = load_sensitivity(sensitivity_path)
     info = read_model(model)
     m = sens.data["model"]
     if (m["arch"], m["blocks"], m["name"]) != (info.arch, info.block_count, info.name):
         click.echo(f"note: the sensitivity was measured on {m['name']} ({m['arch']}, {m['blocks']} blocks); "
                    "applied here group by group", err=True)
-    result = fit_profile(info, sens, size=budget, bpw=bpw, base=base, tier=tier, structure=structure == "apex",
+    result = fit_profile(info, sens, size=size, bpw=bpw, base=base, tier=tier, structure=structure == "apex",
                          imatrix=False if no_imatrix else None, max_kld_p999=max_kld_p999)
     plan = result.plan
     summary = {"target": result.target, "budget_bytes": result.budget_file_bytes,

@@ -9,8 +9,9 @@ import click
 from apex_orch.calibration import imatrix as imatrix_lib
 from apex_orch.calibration.imatrix_file import read_imatrix
 from apex_orch.calibration.imatrix_report import build_report, format_report, report_problems
+from apex_orch.cli.errors import UsageError
 from apex_orch.cli.params import COUNT, SECONDS, THREADS
-from apex_orch.core.errors import ImatrixError, UsageError
+from apex_orch.core.errors import ImatrixError
 
 
 @click.command("imatrix")

@@ -7,6 +7,8 @@ import math
 
 import click
 
+from apex_orch.core.sizes import MB, SizeError, parse_size
+
 # Bounded: a thread or job count far past any machine is a typo, not a request.
 THREADS = click.IntRange(1, 4096)
 JOBS = click.IntRange(1, 256)
@@ -36,3 +38,26 @@ class _FiniteFloat(click.ParamType):
 
 SECONDS = _FiniteFloat(True, "seconds")
 FINITE = _FiniteFloat(False, "number")
+
+
+class _Size(click.ParamType):
+    """A size in the one grammar (apex_orch.core.sizes): 48G, 48GB, 45GiB, 48e9; whole bytes.
+    A bad value is Click's usage error naming the option (exit 2)."""
+
+    name = "size"
+
+    def __init__(self, minimum: int):
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return parse_size(value, minimum=self.minimum)
+        except SizeError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+# Split parts and size budgets: at least a megabyte (llama-gguf-split splits in whole megabytes).
+SPLIT_SIZE = _Size(MB)
+BUDGET_SIZE = _Size(MB)

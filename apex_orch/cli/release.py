@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
+from apex_orch.cli.errors import UsageError
 from apex_orch.cli.params import JOBS
 from apex_orch.cli.progress import Progress
-from apex_orch.core.errors import UsageError
+from apex_orch.cli.release_preview import format_preview
 from apex_orch.release.config_reader import load_release
 from apex_orch.release.dryrun import describe_release
 from apex_orch.release.executor import parse_executor
@@ -19,6 +21,8 @@ from apex_orch.release.runner import PHASES, format_reports, run_release, select
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True,
               help="Print the plan (tiers, predicted sizes, disk needed, commands) and stop; writes nothing.")
+@click.option("--json", "as_json", is_flag=True,
+              help="With --dry-run: print the plan as JSON (schema in docs/release.md).")
 @click.option("--only", default=None, metavar="PHASE[,PHASE]", help=f"Run only these phases ({', '.join(PHASES)}).")
 @click.option("--skip", default=None, metavar="PHASE[,PHASE]", help="Run every phase except these.")
 @click.option("--from", "from_phase", default=None, metavar="PHASE", help="Start at this phase.")
@@ -42,7 +46,8 @@ from apex_orch.release.runner import PHASES, format_reports, run_release, select
                    "(Ray Client). Ray needs `pip install 'apex-orch[ray]'` and storage every worker sees at the "
                    "same paths; see docs/distributed.md.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir, force, executor, quiet) -> None:
+def release(config, dry_run, as_json, only, skip, from_phase, push, jobs, source, out_dir, force, executor,
+            quiet) -> None:
     """Build (and with --push publish) a model's complete APEX release from CONFIG.
 
     \b
@@ -57,8 +62,8 @@ def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir
     data; a changed stat means a full sha256 (~3 min per 240 GB, once). The source
     is keyed by its full sha256 (~3 min per 240 GB, once, then remembered).
     """
-    if jobs is not None and jobs < 1:
-        raise UsageError("-j/--jobs must be at least 1")
+    if as_json and not dry_run:
+        raise UsageError("--json prints the plan of --dry-run; give both")
     parse_executor(executor)
     cfg = load_release(config)
     phases = select_phases(only, skip, from_phase)
@@ -67,7 +72,8 @@ def release(config, dry_run, only, skip, from_phase, push, jobs, source, out_dir
     out = Path(out_dir) if out_dir else None
     src = Path(source) if source else None
     if dry_run:
-        click.echo(describe_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src))
+        preview = describe_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src)
+        click.echo(json.dumps(preview.to_dict(), indent=2) if as_json else format_preview(preview))
         return
     result = run_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src,
                          progress=Progress(quiet, interval=10.0), force=force, executor=executor)

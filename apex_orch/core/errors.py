@@ -2,7 +2,14 @@
 
 Every error carries what went wrong, where, and how to fix it. The CLI prints
 `error: <message>` (plus `hint: <hint>` when there is one) and exits with `exit_code`;
-tracebacks only with --debug or APEX_ORCH_DEBUG=1.
+tracebacks only with --debug or APEX_ORCH_DEBUG=1. The classes below, each with its exit code,
+are the one table of exit codes (docs/reliability.md lists it).
+
+Library messages name no command-line flag: a library function does not know which command (or
+program) called it. An error names the *parameters* involved instead, by the library's own names:
+`fields` (RequestError: the arguments at fault) and `options` (any error: the arguments that fix
+it, e.g. `force`). `render()` shows them by those names; the CLI renders them as its flags
+(apex_orch.cli.errors), e.g. `options=("force",)` becomes `[--force]` after the hint.
 
 Errors pickle with all their fields (message, hint, where, and a subclass's own), so one raised
 in a Ray task reaches the driver as the same error, with the same message and exit code.
@@ -10,21 +17,36 @@ in a Ray task reaches the driver as the same error, with the same message and ex
 
 from __future__ import annotations
 
+from typing import Mapping
+
 
 class ApexError(Exception):
     """Base class: a user-facing failure with an actionable message."""
 
     exit_code = 1
+    options: tuple[str, ...] = ()
 
-    def __init__(self, message: str, *, hint: str | None = None, where: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, where: str | None = None,
+                 options: tuple[str, ...] | list[str] = ()):
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.where = where
+        self.options = tuple(options)
 
-    def render(self) -> str:
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        """The message, where and hint; `names` maps parameter names to what the caller calls them
+        (the CLI: its flags). Without it, parameters are shown by their library names."""
         head = f"{self.where}: {self.message}" if self.where else self.message
-        return head if not self.hint else f"{head}\nhint: {self.hint}"
+        hint = self.hint_text(names)
+        return head if not hint else f"{head}\nhint: {hint}"
+
+    def hint_text(self, names: Mapping[str, str] | None = None) -> str | None:
+        """The hint, followed by the options that act on it as the caller names them."""
+        shown = _named(self.options, names)
+        if not shown:
+            return self.hint
+        return f"{self.hint} [{shown}]" if self.hint else f"see {shown}"
 
     def __str__(self) -> str:  # keeps pytest output and logs readable
         return self.render()
@@ -41,10 +63,35 @@ def _rebuild(cls: type, fields: dict) -> ApexError:
     return err
 
 
-class UsageError(ApexError):
-    """Bad command-line arguments that Click itself cannot catch."""
+def _named(params: tuple[str, ...], names: Mapping[str, str] | None) -> str:
+    """Parameters as the caller names them: by `names` (those it lacks are left out: the caller
+    has no such option), else by the library's own names."""
+    if names is None:
+        return ", ".join(f"`{p}`" for p in params)
+    return ", ".join(dict.fromkeys(names[p] for p in params if p in names))
+
+
+class RequestError(ApexError):
+    """A library call asked for something these arguments cannot give: a value out of its range,
+    two arguments that exclude each other, a name that would steer a file elsewhere. `fields` names
+    the arguments at fault (by the library's parameter names); the CLI shows them as its flags in
+    front of the message. Exit 2 like Click's own usage errors: the request is at fault."""
 
     exit_code = 2
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, message: str, *, fields: tuple[str, ...] | list[str] = (), hint: str | None = None,
+                 where: str | None = None, options: tuple[str, ...] | list[str] = ()):
+        super().__init__(message, hint=hint, where=where, options=options)
+        self.fields = tuple(fields)
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        shown = _named(self.fields, names)
+        if shown and not self.where:
+            head = f"{shown.replace(', ', ' / ')}: {self.message}"
+            hint = self.hint_text(names)
+            return head if not hint else f"{head}\nhint: {hint}"
+        return super().render(names)
 
 
 class ProfileError(ApexError):
@@ -99,22 +146,29 @@ class ToolFailedError(ApexError):
     exit_code = 8
 
     def __init__(self, message: str, *, returncode: int | None = None, log_path=None,
-                 log_tail: str = "", hint: str | None = None, where: str | None = None):
-        super().__init__(message, hint=hint, where=where)
+                 log_tail: str = "", hint: str | None = None, where: str | None = None,
+                 options: tuple[str, ...] | list[str] = ()):
+        super().__init__(message, hint=hint, where=where, options=options)
         self.returncode = returncode
         self.log_path = log_path
         self.log_tail = log_tail
 
-    def render(self) -> str:
+    def render(self, names: Mapping[str, str] | None = None) -> str:
         # what went wrong, then the evidence (log tail), then how to fix it, last, where it is read
         text = f"{self.where}: {self.message}" if self.where else self.message
         if self.log_tail:
             text += "\n--- last lines of the tool's log ---\n" + self.log_tail.rstrip()
         if self.log_path:
             text += f"\nfull log: {self.log_path}"
-        if self.hint:
-            text += f"\nhint: {self.hint}"
+        hint = self.hint_text(names)
+        if hint:
+            text += f"\nhint: {hint}"
         return text
+
+
+class BuildError(ToolFailedError):
+    """Setting up the pinned llama.cpp failed: the download, its sha256, the unpacked tree, the
+    CMake build or the bindings install (what `make llama` / `apex-orch build` do)."""
 
 
 class ToolTimeoutError(ToolFailedError):
@@ -184,18 +238,25 @@ class PublishError(ApexError):
 
 class UnsafeOutputError(OutputNotWritableError):
     """A name apex-orch writes is a symbolic link (or a hard link / not a regular file): apex-orch
-    never writes through it, so nothing outside the output folder is touched (issue 15)."""
+    never writes through it, so nothing outside the output folder is touched."""
 
 
-class OutputIsInputError(UsageError):
+class OutputIsInputError(RequestError):
     """An output resolves to one of the run's inputs (same path, same file through a link):
-    refused before anything runs, so an input is never overwritten (issue 15)."""
+    refused before anything runs, so an input is never overwritten."""
 
 
 class ExecutorError(ApexError):
     """The Ray cluster cannot be reached, cannot place a task, or lost a task on every attempt."""
 
     exit_code = 18
+
+
+class ResultFileError(ApexError):
+    """A result apex-orch wrote and reads back (a sensitivity result) is missing, corrupt, of
+    another format version, or does not describe the model or settings it is used with."""
+
+    exit_code = 19
 
 
 class InternalError(ApexError):

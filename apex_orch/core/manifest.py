@@ -53,13 +53,15 @@ def read_manifest(path: Path) -> dict:
         raise
     except (OSError, ValueError) as exc:
         raise ManifestError(f"manifest is corrupt ({exc.__class__.__name__}: {exc})", where=str(path),
-                            hint="it cannot be trusted; rerun with --force to rebuild the output") from None
+                            hint="it cannot be trusted; rerun, forced, to rebuild the output",
+                            options=("force",)) from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ManifestError("not an apex-orch manifest (unknown schema)", where=str(path),
-                            hint="rerun with --force to rebuild the output")
+                            hint="rerun, forced, to rebuild the output", options=("force",))
     if doc.get("self_sha256") != _self_hash(doc):
         raise ManifestError("manifest content does not match its own checksum (edited or damaged)",
-                            where=str(path), hint="it cannot be trusted; rerun with --force to rebuild the output")
+                            where=str(path), hint="it cannot be trusted; rerun, forced, to rebuild the output",
+                            options=("force",))
     return doc
 
 

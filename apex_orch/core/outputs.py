@@ -63,8 +63,8 @@ class OutputGuard:
                 for f in [self.final, *self.extra_finals]:
                     if f.exists():
                         raise OutputExistsError(f"{f} already exists",
-                                                hint="pass --force to replace it (it is kept until the new "
-                                                     "file is complete and verified)")
+                                                hint="ask to replace it (it is kept until the new file is "
+                                                     "complete and verified)", options=("force",))
         except BaseException:
             self._release()
             raise
@@ -148,7 +148,8 @@ def ensure_writable_folder(folder: Path) -> None:
         ro = _is_read_only_mount(folder)
         raise OutputNotWritableError(
             f"output folder {folder} is not writable" + (" (read-only file system)" if ro else " (permission denied)"),
-            hint="choose another --out-dir (or -o)" + ("" if ro else ", or fix the folder's permissions"))
+            hint="choose another output folder" + ("" if ro else ", or fix the folder's permissions"),
+            options=("out_dir", "out"))
 
 
 def _is_read_only_mount(folder: Path) -> bool:
@@ -168,14 +169,14 @@ def check_free_space(folder: Path, needed: int, *, margin_fraction: float = 0.02
         raise DiskSpaceError(
             f"not enough free disk in {folder}: {free / 1e9:.2f} GB free, the output needs about "
             f"{needed / 1e9:.2f} GB plus a {want - needed >> 20} MiB margin",
-            hint="free some space or choose another --out-dir")
+            hint="free some space or choose another output folder", options=("out_dir", "out"))
     return free
 
 
 def write_new_text(path: Path, text: str, *, force: bool = False) -> None:
-    """A small user-requested file (-o): refused if it exists without --force, written atomically."""
+    """A small user-requested file: refused if it exists unless `force`, written atomically."""
     if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists", hint="pass --force to overwrite")
+        raise OutputExistsError(f"{path} exists", hint="ask to overwrite it", options=("force",))
     atomic_write_text(path, text)
 
 

@@ -199,11 +199,12 @@ def same_file(a: Path, b: Path) -> bool:
     return ia is not None and ia == ib
 
 
-def check_not_inputs(outputs: Iterable[Path], inputs: Iterable[Path | None], *, flag: str = "-o / --out-dir",
-                     hard_links_ok: bool = False) -> None:
+def check_not_inputs(outputs: Iterable[Path], inputs: Iterable[Path | None], *, what: str = "output",
+                     options: tuple[str, ...] = ("out", "out_dir"), hard_links_ok: bool = False) -> None:
     """OutputIsInputError when any output names the same file as any input. Run before anything.
-    `hard_links_ok`: only the same path (after resolving links) counts — for an output that
-    apex-orch itself hard-links to its input (the release's projector included as is)."""
+    `what` and `options` say what to choose instead (the hint), by the caller's words and the
+    parameters that set it. `hard_links_ok`: only the same path (after resolving links) counts —
+    for an output that apex-orch itself hard-links to its input (the release's projector)."""
     ins = [Path(i) for i in inputs if i is not None]
     for out in outputs:
         out = Path(out)
@@ -213,5 +214,5 @@ def check_not_inputs(outputs: Iterable[Path], inputs: Iterable[Path | None], *, 
                        else "the same file through a hard link")
                 raise OutputIsInputError(
                     f"output {out} is the input {src} ({how}); writing it would destroy the input",
-                    hint=f"choose another {flag}: apex-orch never writes over one of its inputs "
-                         "(--force does not change that)")
+                    hint=f"choose another {what}: apex-orch never writes over one of its inputs "
+                         "(asking to replace outputs does not change that)", options=options)

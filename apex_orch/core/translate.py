@@ -31,12 +31,13 @@ class _WriteFailure:
     error: type[ApexError]
     message: str
     hint: str
+    options: tuple[str, ...] = ("out_dir", "out")   # the parameters that choose another place
 
 
 _DISK_FULL = _WriteFailure(DiskSpaceError, "the disk is full: {verb} {where} ({reason})",
                            "free some space or write to another folder, then rerun")
 _NO_PERMISSION = _WriteFailure(OutputNotWritableError, "{access} {where}: {reason}",
-                               "fix the permissions, or choose another --out-dir (or -o)")
+                               "fix the permissions, or choose another output folder")
 
 WRITE_FAILURES: dict[int, _WriteFailure] = {
     errno.ENOSPC: _DISK_FULL,
@@ -45,7 +46,7 @@ WRITE_FAILURES: dict[int, _WriteFailure] = {
                                "file too large: {verb} {where} ({reason}; a file size limit, `ulimit -f`?)",
                                "raise the file size limit or write to another file system"),
     errno.EROFS: _WriteFailure(OutputNotWritableError, "{verb} {where}: {reason}",
-                               "choose another --out-dir (or -o) on a writable file system"),
+                               "choose another output folder, on a writable file system"),
     errno.EACCES: _NO_PERMISSION,
     errno.EPERM: _NO_PERMISSION,
 }
@@ -60,7 +61,7 @@ def translate_os_error(exc: OSError, path: Path | str | None = None, *, creating
         return failure.error(failure.message.format(
             verb="cannot create" if creating else "cannot write",
             access="cannot create" if creating else "cannot access",
-            where=where, reason=exc.strerror), hint=failure.hint)
+            where=where, reason=exc.strerror), hint=failure.hint, options=failure.options)
     return ApexError(f"{exc.strerror or exc}: {where}" if where else f"{exc.strerror or exc}",
                      hint="check that path and its file system, then rerun")
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from apex_orch.core.errors import GateFailedError, UsageError
+from apex_orch.core.errors import EvalError, GateFailedError, RequestError
 from apex_orch.core.text import binary_size
 from apex_orch.evaluation.base_cache import BaseLogProbs
 from apex_orch.evaluation.evaluate import ensure_base_cache, measure_speed, plan_eval, run_eval
@@ -99,7 +99,7 @@ def compare(files: Sequence[str | os.PathLike], base: str | os.PathLike, *,
     """Evaluate every file against `base` with one shared base cache. Gates are recorded per
     row; call `report.check_gates()` to raise GateFailedError after printing the table."""
     if not files:
-        raise UsageError("compare needs at least one file besides the base")
+        raise RequestError("compare needs at least one file besides the base", fields=("files",))
     settings = settings or EvalSettings()
     tf = text_facts(text, corpus)
     # Read every header first: a corrupt file fails before minutes of evaluation.
@@ -151,7 +151,7 @@ def _cells(r: CompareRow) -> list[str]:
 
 def format_report(report: CompareReport, fmt: str = "md") -> str:
     if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise RequestError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", fields=("fmt",))
     rows = report.rows()
     if fmt == "json":
         return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
@@ -205,7 +205,7 @@ def pareto_plot(report: CompareReport, out: str | os.PathLike) -> Path:
     pts = [(r.model.size_bytes / div, r.kld.kld_mean, r.model.tier or Path(r.model.path).stem)
            for r in report.results if r.kld is not None and r.kld.kld_mean > 0]
     if not pts:
-        raise UsageError("nothing to plot: no file has a positive mean KLD")
+        raise EvalError("nothing to plot: no file has a positive mean KLD")
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3)
     for x, y, label in pts:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apex_orch.core.errors import EvalError, UsageError
+from apex_orch.core.errors import EvalError, RequestError
 from apex_orch.core.safefiles import check_not_inputs
 from apex_orch.evaluation import base_cache as evalcache
 from apex_orch.evaluation.inputs import (EvalSettings, ModelFacts, Progress, TextFacts, count_chunks, model_facts,
@@ -90,7 +90,7 @@ def plan_eval(model: str | os.PathLike, *, base: str | os.PathLike | None = None
               speed: bool = False, text_facts_: TextFacts | None = None) -> EvalPlan:
     """Resolve inputs (reads GGUF headers and the text; runs nothing)."""
     if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise RequestError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", fields=("backend",))
     settings = settings or EvalSettings()
     facts = model_facts(model, fingerprint=False)
     base_facts = model_facts(base) if base is not None else None
@@ -111,7 +111,8 @@ def ensure_base_cache(base: ModelFacts, text: TextFacts, settings: EvalSettings,
     path = evalcache.cache_path(inputs)
     # Inputs are never outputs (issue 15): a cache file that is the base or the text (a link or
     # hard link planted in the cache, or APEX_ORCH_EVAL_CACHE pointed at the inputs) is refused.
-    check_not_inputs([path], [*shard_paths(Path(base.path)), Path(text.path)], flag="APEX_ORCH_EVAL_CACHE")
+    check_not_inputs([path], [*shard_paths(Path(base.path)), Path(text.path)],
+                     what="eval cache folder (APEX_ORCH_EVAL_CACHE)", options=())
     if path.is_file() and not refresh:
         try:
             with evalcache.BaseLogProbs(path):
@@ -176,7 +177,7 @@ def _run_bindings(plan: EvalPlan, progress: Progress | None) -> EvalResult:
                 n_text_tokens = int(cache.meta["n_text_tokens"])
                 n_chunks = cache.n_chunks
                 if s.chunks is not None and s.chunks > n_chunks:
-                    notes.append(f"--chunks {s.chunks} asked for more than the text holds; "
+                    notes.append(f"{s.chunks} chunks asked for, more than the text holds; "
                                  f"evaluated all {n_chunks} chunks")
             else:
                 tokens = bm.tokenize(read_text_bytes(plan.text))

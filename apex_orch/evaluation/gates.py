@@ -29,7 +29,7 @@ def gate_failures(result: EvalResult, gates: Gates) -> list[str]:
         return []
     name = Path(result.model.path).name
     if result.kld is None:
-        return [f"{name}: gates need KL statistics; give --base"]
+        return [f"{name}: gates need KL statistics, measured against a base model"]
     out = []
     for rule in RULES:
         if rule.key not in bounds:

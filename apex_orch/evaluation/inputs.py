@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from gguf.constants import LlamaFileType
-
 from apex_orch.calibration import corpus as corpus_mod
-from apex_orch.core.errors import EvalError, UsageError
+from apex_orch.core.errors import EvalError, RequestError
 from apex_orch.core.fingerprint import source_sha256
 from apex_orch.core.safefiles import write_atomic
 from apex_orch.evaluation import base_cache
 from apex_orch.model.info import read_model
+from apex_orch.plan.llama_rules import ftype_label
 
 Progress = Callable[[str], None]
 
@@ -60,16 +59,17 @@ class EvalSettings:
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16 or self.n_ctx % 2:
-            raise UsageError(f"context {self.n_ctx} must be an even number >= 16")
+            raise RequestError(f"context {self.n_ctx} must be an even number >= 16", fields=("n_ctx",))
         if self.chunks is not None and self.chunks < 1:
-            raise UsageError(f"--chunks {self.chunks} must be >= 1")
+            raise RequestError(f"{self.chunks} chunks: must be >= 1", fields=("chunks",))
         if self.n_batch is not None and not (1 <= self.n_batch <= self.n_ctx):
-            raise UsageError(
-                f"batch {self.n_batch} must be between 1 and the context {self.n_ctx}",
+            raise RequestError(
+                f"batch {self.n_batch} must be between 1 and the context {self.n_ctx}", fields=("n_batch",),
                 hint="a batch larger than the context packs several chunks per decode, which changes "
-                     "the numbers; leave --batch unset (= context)")
+                     "the numbers; leave the batch unset (= context)")
         if self.n_ubatch < 1 or self.n_threads < 1:
-            raise UsageError("--ubatch and --threads must be >= 1")
+            raise RequestError("the physical batch and the thread count must be >= 1",
+                               fields=("n_ubatch", "n_threads"))
 
     @property
     def batch(self) -> int:
@@ -99,16 +99,16 @@ class EvalSettings:
 
 def count_chunks(n_tokens: int, settings: EvalSettings, model_label: str) -> tuple[int, list[str]]:
     """How many chunks of n_ctx tokens are evaluated (the tool's floor division, capped by
-    --chunks), and a note when --chunks asked for more than the text holds."""
+    `chunks`), and a note when `chunks` asked for more than the text holds."""
     if n_tokens < 2 * settings.n_ctx:
         raise EvalError(
             f"the evaluation text is too short: {n_tokens} tokens, but a context of {settings.n_ctx} "
             f"needs at least {2 * settings.n_ctx}", where=model_label,
-            hint="use a longer text (--text/--corpus) or a smaller context (-c)")
+            hint="use a longer text or a smaller context", options=("text", "corpus", "n_ctx"))
     n_max = n_tokens // settings.n_ctx
     notes = []
     if settings.chunks is not None and settings.chunks > n_max:
-        notes.append(f"--chunks {settings.chunks} asked for more than the text holds; "
+        notes.append(f"{settings.chunks} chunks asked for, more than the text holds; "
                      f"evaluated all {n_max} chunks")
     return (n_max if settings.chunks is None else min(settings.chunks, n_max)), notes
 
@@ -147,13 +147,7 @@ def tier_of(kv: Mapping[str, Any], path: Path) -> str:
     m = _QUANT_RE.search(stem)
     if m:
         return m.group(1).upper()
-    ftype = kv.get("general.file_type")
-    if isinstance(ftype, int):
-        try:
-            return LlamaFileType(ftype).name.removeprefix("MOSTLY_")
-        except ValueError:
-            pass
-    return "?"
+    return ftype_label(kv.get("general.file_type")) or "?"
 
 
 def model_facts(path: str | os.PathLike, *, fingerprint: bool = True) -> ModelFacts:
@@ -185,13 +179,14 @@ def text_facts(text: str | os.PathLike | None = None, corpus: str | None = None)
     """The evaluation text: a file, or a corpus built by name (plain format, so that no special
     tokens are parsed — the tool never parses them) and written under the cache."""
     if (text is None) == (corpus is None):
-        raise UsageError("give exactly one of --text FILE or --corpus NAME")
+        raise RequestError("give exactly one evaluation text: a file or a corpus name", fields=("text", "corpus"))
     if text is not None:
         p = Path(text)
         try:
             data = p.read_bytes()
         except FileNotFoundError:
-            raise EvalError("evaluation text not found", where=str(p), hint="check the --text path") from None
+            raise EvalError("evaluation text not found", where=str(p), hint="check the path",
+                            options=("text",)) from None
         except IsADirectoryError:
             raise EvalError("evaluation text is a folder", where=str(p)) from None
         return TextFacts(label=str(p), path=str(p), sha256=hashlib.sha256(data).hexdigest(), n_bytes=len(data))

@@ -113,7 +113,7 @@ def run_tool_logged(argv: list[str], what: str, log_dir: Path,
                 need = next((int(n.group(1)) for n in map(_NEED_RE.search, lines) if n), None)
                 raise EvalError(f"the evaluation text is too short: {m.group(1)} tokens, but the context "
                                 f"needs at least {need}", where=model,
-                                hint="use a longer text (--text/--corpus) or a smaller context (-c)")
+                                hint="use a longer text or a smaller context", options=("text", "corpus", "n_ctx"))
             m = _VOCAB_RE.search(line)
             if m:
                 raise EvalError(f"the base has a different vocabulary ({m.group(1)} vs {m.group(2)} tokens)",
@@ -124,7 +124,7 @@ def run_tool_logged(argv: list[str], what: str, log_dir: Path,
         f"llama-perplexity exited without printing its final records, {TOOL_ATTEMPTS} times; its last lines:\n"
         + _tail(lines), where=model,
         hint="the pinned llama.cpp loses its last log lines at exit on a busy machine (llama.cpp#22142); "
-             "rerun when the machine is less loaded, or use --backend bindings")
+             "rerun when the machine is less loaded, or use the bindings backend", options=("backend",))
 
 
 def _has_final(lines: list[str]) -> bool:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from gguf.constants import GGMLQuantizationType as T
 
-from apex_orch.core.errors import InternalError, PlanError, UsageError
+from apex_orch.core.errors import InternalError, PlanError, RequestError, ResultFileError
 from apex_orch.core.safefiles import write_atomic
+from apex_orch.core.sizes import MB
 from apex_orch.core.text import gb
 from apex_orch.fit.groups import ROUTED, bands_profile, bits, type_table
 from apex_orch.fit.measurements import Sensitivity
@@ -34,23 +35,11 @@ from apex_orch.quantize.job import stamped_kv_allowance
 
 TOLERANCE = 0.005           # "within 0.5% of the budget"
 MAX_RESOLVES = 6
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(GB|GiB|MB|MiB|TB|B)?\s*$", re.I)
-UNITS = {"B": 1, "MB": 1000 ** 2, "GB": 1000 ** 3, "TB": 1000 ** 4, "MIB": 1024 ** 2, "GIB": 1024 ** 3}
+MIN_BUDGET = MB            # a budget under a megabyte is a typo (48 bytes for 48GB?)
 # The llama-quantize FTYPE written as general.file_type: the one named after the type holding most bytes.
 FTYPE_FOR = {T.Q8_0: "Q8_0", T.Q6_K: "Q6_K", T.Q5_K: "Q5_K_M", T.Q4_K: "Q4_K_M", T.IQ4_XS: "IQ4_XS",
              T.Q3_K: "Q3_K_M", T.IQ3_S: "IQ3_S", T.IQ3_XXS: "IQ3_XXS", T.Q2_K: "Q2_K", T.IQ2_S: "IQ2_S",
              T.IQ2_XS: "IQ2_XS", T.IQ2_XXS: "IQ2_XXS", T.IQ1_M: "IQ1_M"}
-
-
-def parse_budget_size(text: str) -> int:
-    """'48GB' / '48 GB' / '45.2GiB' / '48' (GB) -> bytes; GB is 10^9 like file listings on the Hub."""
-    m = SIZE_RE.match(str(text))
-    if not m:
-        raise UsageError(f"--size {text!r} is not a size like 48GB, 45.2GiB or 500MB")
-    value = float(m.group(1)) * UNITS[(m.group(2) or "GB").upper()]
-    if not 1000 ** 2 <= value <= 1000 ** 5:
-        raise UsageError(f"--size {text}: between 1 MB and 1000 TB")
-    return int(value)
 
 
 @dataclass
@@ -78,16 +67,18 @@ def fit_profile(model: ModelInfo, sens: Sensitivity, *, size: int | None = None,
     if max_kld_p999 is not None and not (math.isfinite(max_kld_p999) and max_kld_p999 > 0):
         raise PlanError(f"the KLD 99.9% bound {max_kld_p999} must be a positive number")
     if (size is None) == (bpw is None):
-        raise UsageError("give exactly one of --size or --bpw")
+        raise RequestError("give exactly one target: a size or bits per weight", fields=("size", "bpw"))
+    if size is not None and size < MIN_BUDGET:
+        raise RequestError(f"{size:,} bytes: at least 1 MB", fields=("size",))
     if bpw is not None and not 1.0 <= bpw <= 16.0:
-        raise UsageError(f"--bpw {bpw}: between 1 and 16 bits per weight")
+        raise RequestError(f"{bpw} bits per weight: between 1 and 16", fields=("bpw",))
     scratch = tempfile.TemporaryDirectory(prefix="apex-orch-fit-")
     from_profile = bands_profile(base, Path(scratch.name))
     if sens.data.get("bands") != from_profile.raw.get("bands"):
-        measured = sens.data.get("bands_from") or "APEX's own (no --from)"
-        raise UsageError(f"the sensitivity was measured with the bands of {measured}, not those of "
-                         f"{base or 'APEX (no --from)'}", hint="fit with the --from the measurement used, "
-                         "or measure with these bands")
+        own = "APEX's own profile"
+        raise ResultFileError(f"the sensitivity was measured with the bands of {sens.data.get('bands_from') or own}, "
+                              f"not those of {base or own}", options=("base",),
+                              hint="fit from the base profile the measurement used, or measure with these bands")
     with_imatrix = sens.data.get("imatrix") is not None if imatrix is None else imatrix
     ladder = tuple(t for t in sens.ladder if with_imatrix or t not in IMATRIX_REQUIRED)
     with scratch as tmp:
@@ -192,8 +183,8 @@ def render_yaml(problem: Problem, solution: Solution, base: Profile, *, tier: st
     if unknown:   # an imatrix given as a file whose corpus is not a name: the profile cannot name it
         corpus = "diverse"
     q = json.dumps   # a JSON string is a valid, exactly-read YAML scalar: names with ': ' or '#' stay intact
-    lines = ([f"# Measured with imatrix {measured.get('file')} (no corpus name): quantize with --imatrix to use "
-               "the same one; `corpus: diverse` below is only what quantize builds without it."]
+    lines = ([f"# Measured with imatrix {measured.get('file')} (no corpus name): quantize with that imatrix file "
+               "to use the same one; `corpus: diverse` below is only what quantize builds without it."]
              if imatrix and unknown else []) + [
         f"# Fitted by apex-orch fit to {target} from measured sensitivity ({sens.key[:12]}); edit freely:",
         "# it is an ordinary profile (quantize, release and extends treat it like any other).",

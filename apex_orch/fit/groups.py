@@ -21,7 +21,7 @@ from pathlib import Path
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
 
-from apex_orch.core.errors import UsageError
+from apex_orch.core.errors import InternalError, RequestError
 from apex_orch.core.safefiles import write_atomic
 from apex_orch.model.info import ModelInfo
 from apex_orch.model.roles import Role
@@ -51,19 +51,21 @@ def parse_ladder(text: str | None, has_imatrix: bool) -> tuple[T, ...]:
         return LADDER_IMATRIX if has_imatrix else LADDER_PLAIN
     names = [n.strip().upper() for n in text.split(",") if n.strip()]
     if not names or len(names) > MAX_LADDER:
-        raise UsageError(f"--types: give 1 to {MAX_LADDER} ggml types, comma-separated (got {len(names)})")
+        raise RequestError(f"give 1 to {MAX_LADDER} ggml types, comma-separated (got {len(names)})", fields=("ladder",))
     out = []
     for n in names:
         t = TARGET_TYPES.get(n)
         if t is None or t in (T.F32, T.F16, T.BF16):
-            raise UsageError(f"--types: {n!r} is not a quantized ggml type",
-                             hint="e.g. --types IQ2_S,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0")
+            raise RequestError(f"{n!r} is not a quantized ggml type", fields=("ladder",),
+                               hint="e.g. IQ2_S,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0")
         if t in ABORT_WITHOUT_IMATRIX_DATA:
-            raise UsageError(f"--types: {n} cannot be measured: llama-quantize aborts writing token_embd/output at "
-                             "it (the imatrix has no data for them)", hint="use IQ1_M or IQ2_S for the lowest bits")
+            raise RequestError(f"{n} cannot be measured: llama-quantize aborts writing token_embd/output at "
+                               "it (the imatrix has no data for them)", fields=("ladder",),
+                               hint="use IQ1_M or IQ2_S for the lowest bits")
         if t in IMATRIX_REQUIRED and not has_imatrix:
-            raise UsageError(f"--types: {n} needs an importance matrix (llama-quantize refuses it without one)",
-                             hint="pass --imatrix, or drop the IQ1/IQ2/IQ3_XXS types")
+            raise RequestError(f"{n} needs an importance matrix (llama-quantize refuses it without one)",
+                               fields=("ladder",), hint="give an imatrix, or drop the IQ1/IQ2/IQ3_XXS types",
+                               options=("imatrix",))
         out.append(t)
     return tuple(sorted(set(out), key=lambda t: (bits(t), t.value)))
 
@@ -182,6 +184,6 @@ def type_table(model: ModelInfo, ladder: tuple[T, ...], *, bands_from: Profile, 
         fixed.add(sum(pt.n_bytes for pt in plan.tensors if pt.name not in grouped))
     assert plan is not None and groups is not None
     if len(fixed) != 1:  # an unassigned tensor's mixture type would depend on the base FTYPE only
-        raise UsageError("internal: the bytes outside the fit's groups changed with the ladder type")
+        raise InternalError("fit: the bytes outside the fit's groups changed with the ladder type")
     return TypeTable(ladder, groups, dict(tensor_bytes), dict(final_types), fixed.pop(), plan.n_elements,
                      {pt.name: pt.block for pt in plan.tensors}, {pt.name: pt.n_elements for pt in plan.tensors})

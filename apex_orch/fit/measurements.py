@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gguf.constants import GGMLQuantizationType as T
 
-from apex_orch.core.errors import UsageError
+from apex_orch.core.errors import ResultFileError
 from apex_orch.plan.profiles import TARGET_TYPES
 
 FORMAT = "apex-orch-sensitivity"
@@ -82,37 +82,37 @@ def load_sensitivity(path: str | Path) -> Sensitivity:
     p = Path(path)
     try:
         if p.stat().st_size > MAX_FILE_BYTES:
-            raise UsageError(f"{p} is over {MAX_FILE_BYTES >> 20} MiB: not a sensitivity result")
+            raise ResultFileError(f"{p} is over {MAX_FILE_BYTES >> 20} MiB: not a sensitivity result")
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError("sensitivity file not found", where=str(p),
+        raise ResultFileError("sensitivity file not found", where=str(p),
                          hint="measure one first: apex-orch sensitivity MODEL -o sens.json") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"not a sensitivity result (not JSON: {exc})", where=str(p)) from None
+        raise ResultFileError(f"not a sensitivity result (not JSON: {exc})", where=str(p)) from None
     check_sensitivity(data, str(p))
     return Sensitivity(data, p)
 
 
 def check_sensitivity(data, where: str) -> None:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise UsageError("not a sensitivity result (no format: apex-orch-sensitivity)", where=where)
+        raise ResultFileError("not a sensitivity result (no format: apex-orch-sensitivity)", where=where)
     if data.get("format_version") != FORMAT_VERSION:
-        raise UsageError(f"sensitivity format {data.get('format_version')!r}; this apex-orch reads "
+        raise ResultFileError(f"sensitivity format {data.get('format_version')!r}; this apex-orch reads "
                          f"{FORMAT_VERSION}", where=where, hint="measure again with this version")
     for key in ("key", "model", "ladder", "groups", "measurements", "method", "text"):
         if key not in data:
-            raise UsageError(f"sensitivity result lacks {key!r}", where=where)
+            raise ResultFileError(f"sensitivity result lacks {key!r}", where=where)
     for name in data["ladder"]:
         if name not in TARGET_TYPES:
-            raise UsageError(f"sensitivity ladder names an unknown type {name!r}", where=where)
+            raise ResultFileError(f"sensitivity ladder names an unknown type {name!r}", where=where)
     for g in data["groups"]:
         row = data["measurements"].get(g.get("key"))
         if not isinstance(row, dict):
-            raise UsageError(f"sensitivity result has no measurements for group {g.get('key')!r}", where=where)
+            raise ResultFileError(f"sensitivity result has no measurements for group {g.get('key')!r}", where=where)
         for name in data["ladder"]:
             m = row.get(name)
             if not isinstance(m, dict) or not _finite(m.get("kld_mean")):
-                raise UsageError(f"sensitivity result lacks {g['key']} at {name} (an interrupted measurement?)",
+                raise ResultFileError(f"sensitivity result lacks {g['key']} at {name} (an interrupted measurement?)",
                                  where=where, hint="rerun apex-orch sensitivity: it resumes where it stopped")
 
 

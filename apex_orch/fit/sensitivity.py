@@ -31,7 +31,7 @@ from typing import Callable
 from gguf.constants import GGMLQuantizationType as T
 
 from apex_orch.core import settings as env
-from apex_orch.core.errors import ModelError, UsageError
+from apex_orch.core.errors import ModelError, RequestError
 from apex_orch.core.fingerprint import source_sha256
 from apex_orch.core.safefiles import write_atomic
 from apex_orch.evaluation.inputs import EvalSettings, TextFacts, text_facts
@@ -121,22 +121,24 @@ def plan_sensitivity(model_path: str | os.PathLike, *, imatrix: ImatrixSource | 
         raise ModelError("sensitivity measurement needs a single-file model", where=str(path),
                          hint="merge the parts first: llama-gguf-split --merge FIRST-PART OUT.gguf")
     if method not in METHODS:
-        raise UsageError(f"--method {method!r}: one of {', '.join(METHODS)}")
+        raise RequestError(f"method {method!r}: one of {', '.join(METHODS)}", fields=("method",))
     if calibration is not None and (method != "proxy" or "proxy" not in calibration.data):
-        raise UsageError("--calibration takes an exact result that recorded proxy values, with --method proxy",
-                         hint="measure a smaller model of the family with --method exact first")
+        raise RequestError("a calibration is an exact result that recorded proxy values, for the proxy method",
+                           fields=("calibration", "method"),
+                           hint="measure a smaller model of the family with the exact method first")
     check_source_unquantized(model)   # raises: KLD against a quantized source measures the wrong thing
     profile = bands_profile(bands_from, cache_dir() / "profiles")
     types = parse_ladder(ladder, imatrix is not None)
     groups = groups_of(make_plan(model, uniform_profile_for(types[0], profile, imatrix is not None),
                                  has_imatrix=True))
     if (text is None) == (text_corpus is None):
-        raise UsageError("give the held-out text the output is measured on: --text FILE or --text-corpus NAME",
-                         hint="not the imatrix corpus: a text the model was not calibrated on")
+        raise RequestError("give the held-out text the output is measured on: a file or a corpus name",
+                           fields=("text", "text_corpus"),
+                           hint="not the imatrix corpus: a text the model was not calibrated on")
     tf = text_facts(text, text_corpus)
     if imatrix_corpus_text is not None and hashlib.sha256(imatrix_corpus_text).hexdigest() == tf.sha256:
-        raise UsageError("the measurement text is the imatrix corpus itself; it must be held out",
-                         hint="pick another --text-corpus, or a --text file")
+        raise RequestError("the measurement text is the imatrix corpus itself; it must be held out",
+                           fields=("text_corpus",), hint="pick another corpus, or a text file", options=("text",))
     settings = EvalSettings(n_ctx=ctx, chunks=chunks, **({"n_threads": threads} if threads else {}))
     material = {
         "format": FORMAT_VERSION, "method": method, "calibration": calibration.key if calibration else None,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from gguf.constants import GGMLQuantizationType as T
 
-from apex_orch.core.errors import PlanError, UsageError
+from apex_orch.core.errors import PlanError, RequestError, ResultFileError
 from apex_orch.fit.groups import ROUTED, Group, TypeTable, bits
 from apex_orch.fit.measurements import Sensitivity
 
@@ -64,7 +64,7 @@ class Problem:
         self.bits = {t: bits(t) for t in ladder}
         missing = [g.key for g in table.groups if g.key not in sens.group_keys]
         if missing:
-            raise UsageError(f"the sensitivity result has no measurement for group(s) {', '.join(missing)}",
+            raise ResultFileError(f"the sensitivity result has no measurement for group(s) {', '.join(missing)}",
                              hint="measure this model (or one with the same roles and bands) with apex-orch sensitivity")
         self.groups: dict[str, Group] = {g.key: g for g in table.groups}
         self.units: dict[str, list[Unit]] = {}
@@ -177,9 +177,9 @@ class Problem:
         cheapest = {u: self.ladder[0] for units in self.units.values() for u in units}
         floor = self.nbytes(cheapest)
         if floor > budget:
-            raise UsageError(f"the budget is below the smallest file this ladder can make ({floor:,} bytes of "
-                             f"tensors, every group at {self.ladder[0].name})",
-                             hint="give a larger size, or a ladder with smaller types (--types)")
+            raise RequestError(f"the budget is below the smallest file this ladder can make ({floor:,} bytes of "
+                               f"tensors, every group at {self.ladder[0].name})", fields=("size", "bpw"),
+                               hint="give a larger size, or measure a ladder with smaller types")
         state, steps = cheapest, []
         for find in (self._best_upgrade, self._best_exchange, self._best_fill):
             state = self._repeat(find, state, budget, steps)

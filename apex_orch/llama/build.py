@@ -1,7 +1,9 @@
 """Build the pinned llama.cpp once, and install the bindings against it.
 
 Run as `python -m apex_orch.llama.build [llama|bindings|all]` (what `make llama` does).
-Standard library only: it runs before the package's dependencies exist.
+Standard library only: it runs before the package's dependencies exist. Every command (pip, cmake)
+runs through the one runner (apex_orch.llama.tools.run_tool), its output in a log file; a failure
+is a typed error (BuildError, with the log's tail) that `main` and `apex-orch build` print as one.
 
 Steps, each skipped when its result is already in the cache:
 1. download the llama-cpp-python sdist with pip and check its sha256 (apex_orch/llama/pin.py);
@@ -16,12 +18,10 @@ Steps, each skipped when its result is already in the cache:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -29,7 +29,10 @@ import time
 from pathlib import Path
 
 from apex_orch.core import settings
+from apex_orch.core.errors import ApexError, BuildError, RequestError, ToolFailedError, ToolNotFoundError
+from apex_orch.core.fingerprint import sha256_file
 from apex_orch.llama import pin
+from apex_orch.llama.tools import capture_tool, run_tool
 
 REPO_ROOT = settings.PACKAGE_DIR.parent
 
@@ -38,25 +41,18 @@ def log(msg: str) -> None:
     print(f"[apex-orch build] {msg}", flush=True)
 
 
-def run(args: list[str], *, log_file: Path | None = None, env: dict | None = None) -> None:
-    """Run an argument list; on failure print the log tail and exit non-zero."""
-    if log_file is None:
-        subprocess.run(args, check=True, env=env)
-        return
-    with open(log_file, "w") as fh:
-        proc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        tail = log_file.read_text(errors="replace").splitlines()[-40:]
-        sys.stderr.write("\n".join(tail) + "\n")
-        raise SystemExit(f"error: {args[0]} failed (exit {proc.returncode}); full log: {log_file}")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def run(args: list[str], *, log_file: Path, env: dict | None = None) -> None:
+    """Run one build step, its output in `log_file`; a failure is a BuildError with the log's tail."""
+    what = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(args[:3]))
+    try:
+        run_tool(args, log_path=log_file, env=env, tail_lines=40, what=what)
+    except ToolNotFoundError as exc:
+        raise BuildError(exc.message, hint="building llama.cpp needs cmake, a C/C++ compiler and pip") from None
+    except ToolFailedError as exc:
+        if isinstance(exc, BuildError):
+            raise
+        raise BuildError(exc.message, returncode=exc.returncode, log_path=exc.log_path, log_tail=exc.log_tail,
+                         hint=f"the log says why; the build's logs are under {pin.pin_dir()}") from None
 
 
 def sdist_path() -> Path:
@@ -78,11 +74,13 @@ def fetch_sdist() -> Path:
             log_file=target.parent / "pip-download.log")
         got = Path(tmp) / pin.SDIST_NAME
         if not got.exists():
-            raise SystemExit(f"error: pip did not produce {pin.SDIST_NAME} in {tmp}")
+            raise BuildError(f"pip did not produce {pin.SDIST_NAME} in {tmp}",
+                             log_path=target.parent / "pip-download.log")
         digest = sha256_file(got)
         if digest != pin.SDIST_SHA256:
-            raise SystemExit(f"error: sha256 of {pin.SDIST_NAME} is {digest}, pinned {pin.SDIST_SHA256}; "
-                             "refusing to build an unpinned llama.cpp")
+            raise BuildError(f"sha256 of {pin.SDIST_NAME} is {digest}, pinned {pin.SDIST_SHA256}; "
+                             "refusing to build an unpinned llama.cpp",
+                             hint="the package index served other bytes than the pin; check which index pip uses")
         os.replace(got, target)
     return target
 
@@ -111,8 +109,8 @@ def llama_version(src: Path) -> dict:
     m = re.search(r"llama\.cpp@([0-9a-f]{7,40})", section)
     found = m.group(1) if m else None
     if found != pin.LLAMA_CPP_COMMIT:
-        raise SystemExit(f"error: the sdist's CHANGELOG names llama.cpp@{found}, apex_orch/llama/pin.py says "
-                         f"{pin.LLAMA_CPP_COMMIT}; update LLAMA_CPP_COMMIT together with the pin")
+        raise BuildError(f"the sdist's CHANGELOG names llama.cpp@{found}, apex_orch/llama/pin.py says "
+                         f"{pin.LLAMA_CPP_COMMIT}", hint="update LLAMA_CPP_COMMIT together with the pin")
     info["commit"] = found
     return info
 
@@ -180,8 +178,7 @@ def link_vendor() -> None:
 
 
 def bindings_installed() -> bool:
-    probe = subprocess.run([sys.executable, "-m", "pip", "show", "llama-cpp-python"],
-                           capture_output=True, text=True)
+    probe = capture_tool([sys.executable, "-m", "pip", "show", "llama-cpp-python"], timeout=300, what="pip show")
     return probe.returncode == 0 and f"Version: {pin.LLAMA_CPP_PYTHON_VERSION}" in probe.stdout
 
 
@@ -199,9 +196,9 @@ def install_bindings() -> None:
     try:
         run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", str(sdist)],
             log_file=logs / "pip-bindings.log", env=env)
-    except SystemExit as exc:
-        log(f"WARNING: reuse install failed ({exc}); falling back to a normal compiled install "
-            "(a second llama.cpp compile, several minutes)")
+    except BuildError as exc:
+        log(f"WARNING: reuse install failed ({exc.message}; log: {exc.log_path}); falling back to a normal "
+            "compiled install (a second llama.cpp compile, several minutes)")
         run([sys.executable, "-m", "pip", "install", "--no-deps", str(sdist)],
             log_file=logs / "pip-bindings-fallback.log")
         (pin.pin_dir() / "bindings-fallback").write_text("compiled install\n")
@@ -212,13 +209,17 @@ def extra_cmake_args_from_env() -> tuple[str, ...]:
     try:
         return pin.parse_extra_cmake_args(settings.llama_cmake_args())
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise RequestError(str(exc), where="LLAMA_CMAKE_ARGS",
+                           hint="give flags as -DNAME=VALUE, e.g. LLAMA_CMAKE_ARGS=-DGGML_CUDA=ON") from None
+
+
+TARGETS = ("llama", "bindings", "all")
 
 
 def build(what: str = "all", extra_args: tuple[str, ...] = ()) -> None:
     """The one set-up path: `make llama`/`make bindings` and `apex-orch build` all call this."""
-    if what not in ("llama", "bindings", "all"):
-        raise SystemExit("usage: python -m apex_orch.llama.build [llama|bindings|all]")
+    if what not in TARGETS:
+        raise RequestError(f"unknown build target {what!r}; one of {', '.join(TARGETS)}", fields=("what",))
     if what in ("llama", "all"):
         unpack(fetch_sdist())
         build_tools(extra_args)
@@ -228,7 +229,18 @@ def build(what: str = "all", extra_args: tuple[str, ...] = ()) -> None:
 
 
 def main(argv: list[str]) -> int:
-    build(argv[0] if argv else "all", extra_cmake_args_from_env())
+    """`python -m apex_orch.llama.build [llama|bindings|all]`: the error, if any, as one message."""
+    if len(argv) > 1 or (argv and argv[0] not in TARGETS):
+        print("usage: python -m apex_orch.llama.build [llama|bindings|all]", file=sys.stderr)
+        return 2
+    try:
+        build(argv[0] if argv else "all", extra_cmake_args_from_env())
+    except ApexError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

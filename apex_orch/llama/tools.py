@@ -2,10 +2,16 @@
 
 Discovery order for each tool: an explicit `bin_dir` argument > the configured folder
 (the --llama-bin-dir option, held here for one command by `llama_bin_dir_option`, else
-$APEX_LLAMA_BIN_DIR) > the pinned build cache > PATH. Every subprocess apex-orch starts goes through
-`run_tool`: an argument list (never a shell string), output streamed to a log file
-and to a per-line callback, non-zero exit / signal / timeout raised as a typed error
-with the log tail.
+$APEX_LLAMA_BIN_DIR) > the pinned build cache > PATH.
+
+Every subprocess apex-orch starts, the build's cmake and pip included, is started in this module
+(the only one that imports subprocess; tests/test_no_shell_strings.py checks it), always from an
+argument list (never a shell string), always with settings.child_environment (no credentials):
+- `run_tool`: a tool run to completion, output streamed to a log file and to a per-line callback,
+  a non-zero exit / signal / timeout raised as a typed error with the log tail;
+- `capture_tool`: a short probe whose output is read back (a `--version`, `pip show`, a throw-away
+  Python that loads the bindings), its exit status returned, not raised;
+- `start_worker`: a long-lived helper process spoken to over pipes (the chat-template renderer).
 """
 
 from __future__ import annotations
@@ -98,8 +104,8 @@ def find_tool(name: str, bin_dir: str | os.PathLike | None = None) -> ToolLocati
     target = pin.setup_command("llama")
     raise ToolNotFoundError(
         f"{name} not found; searched: " + ", ".join(searched),
-        hint=f"run `{target}` to build the pinned llama.cpp, or point --llama-bin-dir / "
-             f"APEX_LLAMA_BIN_DIR at a folder that holds {name}",
+        hint=f"run `{target}` to build the pinned llama.cpp, or point APEX_LLAMA_BIN_DIR at a folder that "
+             f"holds {name}", options=("llama_bin_dir",),
     )
 
 
@@ -242,7 +248,8 @@ def run_tool(
     except OSError as exc:   # missing, not executable, wrong format
         log.close()
         raise ToolNotFoundError(f"cannot start {label}: {exc.strerror}: {argv[0]}",
-                                hint=f"run `{pin.setup_command()}` or check --llama-bin-dir") from exc
+                                hint=f"run `{pin.setup_command()}` or check the llama.cpp folder",
+                                options=("llama_bin_dir",)) from exc
 
     with _ACTIVE_LOCK:
         _ACTIVE.add(proc)
@@ -300,7 +307,7 @@ def run_tool(
     if timed_out.is_set():
         raise ToolTimeoutError(f"{label} ran past the {timeout:g} s timeout and was stopped",
                                returncode=returncode, log_path=log_path, log_tail=tail_text,
-                               hint="raise --timeout, or check the log for a hang")
+                               hint="allow more time, or check the log for a hang", options=("timeout",))
     if returncode != 0:
         hint = "the tool's log (above) says why"
         if returncode < 0:
@@ -314,6 +321,42 @@ def run_tool(
             msg = f"{label} failed with exit code {returncode}"
         raise ToolFailedError(msg, returncode=returncode, log_path=log_path, log_tail=tail_text, hint=hint)
     return ToolResult(argv, returncode, seconds, log_path, list(tail))
+
+
+@dataclass
+class CapturedRun:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def capture_tool(args: Sequence[str | os.PathLike], *, timeout: float, env: dict | None = None,
+                 what: str | None = None) -> CapturedRun:
+    """Run a short probe to completion and return its exit status and output (text). Raises only
+    when it cannot start (ToolNotFoundError) or runs past `timeout` (ToolTimeoutError; it is killed)."""
+    if isinstance(args, (str, bytes)):
+        raise TypeError("capture_tool takes an argument list, never a shell string")
+    argv = [os.fspath(a) for a in args]
+    label = what or Path(argv[0]).name
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout,
+                              stdin=subprocess.DEVNULL, env=settings.child_environment(env))
+    except subprocess.TimeoutExpired:
+        raise ToolTimeoutError(f"{label} ran past the {timeout:g} s timeout and was stopped") from None
+    except OSError as exc:
+        raise ToolNotFoundError(f"cannot start {label}: {exc.strerror}: {argv[0]}") from None
+    return CapturedRun(argv, proc.returncode, mask_secrets(proc.stdout), mask_secrets(proc.stderr))
+
+
+def start_worker(args: Sequence[str | os.PathLike]) -> subprocess.Popen:
+    """A long-lived helper process with binary pipes to its stdin and stdout (stderr discarded),
+    in this process's session (Ctrl-C reaches it too). The caller owns it: write requests, read
+    answers, and kill() and wait() it when done."""
+    if isinstance(args, (str, bytes)):
+        raise TypeError("start_worker takes an argument list, never a shell string")
+    return subprocess.Popen([os.fspath(a) for a in args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=settings.child_environment())
 
 
 class _Log:

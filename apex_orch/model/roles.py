@@ -38,6 +38,12 @@ class Role(str, Enum):
 # Roles llama.cpp never quantizes: a profile cannot give them a type.
 NEVER_QUANTIZED_ROLES = (Role.ROUTER, Role.NORM, Role.AUX)
 
+# The order roles are shown in (plan tables, the model card): the big, banded roles first, the
+# fixed tensors after, then what llama.cpp never quantizes. Every role appears once.
+ROLE_ORDER: tuple[str, ...] = tuple(r.value for r in (
+    Role.ROUTED_EXPERT, Role.SHARED_EXPERT, Role.DENSE_FFN, Role.ATTENTION, Role.SSM, Role.NEXTN, Role.EMBEDDING,
+    Role.OUTPUT, Role.ROUTER, Role.NORM, Role.AUX, Role.UNASSIGNED))
+
 ATTENTION_SLOTS = ("q", "k", "v", "qkv", "output", "gate", "q_a", "q_b", "kv_a_mqa", "kv_b", "k_b",
                    "v_b", "sinks")
 

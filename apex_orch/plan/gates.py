@@ -2,7 +2,8 @@
 
 Takes: a mapping such as a profile's or release config's `gates:` ({max_mean_kld: 0.05, ...})
 or the eval/compare options. Gives: `Gates` (the bounds that are set) and `RULES`, one row per
-gate: its key, the statistic it bounds, how eval and the release word it.
+gate: its key, the statistic it bounds, how eval, the release and the CLI word it. A new gate is one
+row here (and its field in Gates): eval's and compare's options are made from RULES.
 
 The one definition of the gates. It lives with the profiles (the lowest stage that declares
 gates) so plan, evaluation and release all read it without importing upwards; checking a
@@ -15,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from apex_orch.core.errors import UsageError
+from apex_orch.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,16 @@ class GateRule:
     release_name: str      # how the release names it
     upper: bool            # True: a maximum; False: a minimum
     decimals: int          # eval shows the value with this many decimals
+    described: str         # what the option's help says it bounds: "Gate: fail if <described> is above this."
     unit: str = ""
+
+    @property
+    def option(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def help(self) -> str:
+        return f"Gate: fail if {self.described} is {'above' if self.upper else 'below'} this."
 
     def passes(self, value: float, bound: float) -> bool:
         # Written so that NaN fails both kinds of bound.
@@ -35,12 +45,14 @@ class GateRule:
 
 
 RULES: tuple[GateRule, ...] = (
-    GateRule("max_mean_kld", "kld_mean", "kld_mean", "mean KLD", "mean KLD", upper=True, decimals=6),
+    GateRule("max_mean_kld", "kld_mean", "kld_mean", "mean KLD", "mean KLD", upper=True, decimals=6,
+             described="mean KLD"),
     GateRule("max_ppl_ratio", "mean_ppl_ratio", "ppl_ratio", "PPL(Q)/PPL(base)", "PPL(Q)/PPL(base)",
-             upper=True, decimals=6),
+             upper=True, decimals=6, described="PPL(Q)/PPL(base)"),
     GateRule("min_same_top_p", "same_top_p", "same_top_p", "same top p", "same top p %", upper=False,
-             decimals=3, unit="%"),
-    GateRule("max_kld_99_9", "kld_p999", "kld_p999", "KLD 99.9%", "KLD 99.9%", upper=True, decimals=6),
+             decimals=3, described="'Same top p' (percent)", unit="%"),
+    GateRule("max_kld_99_9", "kld_p999", "kld_p999", "KLD 99.9%", "KLD 99.9%", upper=True, decimals=6,
+             described="the 99.9th percentile of KLD"),
 )
 GATE_KEYS: tuple[str, ...] = tuple(rule.key for rule in RULES)
 
@@ -57,21 +69,10 @@ class Gates:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any] | None, *, where: str | None = None) -> "Gates":
-        """From a release config / profile dict, e.g. {max_mean_kld: 0.05, max_ppl_ratio: 1.02}."""
-        data = dict(data or {})
-        unknown = sorted(set(data) - set(cls.KEYS))
-        if unknown:
-            raise UsageError(f"unknown gate key(s): {', '.join(unknown)} (known: {', '.join(cls.KEYS)})",
-                             where=where)
-        values = {}
-        for key in cls.KEYS:
-            value = data.get(key)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UsageError(f"gate {key} must be a number, got {value!r}", where=where)
-            values[key] = float(value)
-        return cls(**values)
+        """From a release config / profile dict, e.g. {max_mean_kld: 0.05, max_ppl_ratio: 1.02}: the keys
+        and types of the fields below (core.schema, the checker every config uses)."""
+        from apex_orch.core.schema import read_section
+        return read_section(cls, dict(data or {}), lambda _kp: where, error=ConfigError)
 
     def bounds(self) -> dict[str, float]:
         """The gates that are set, by key."""
@@ -80,3 +81,9 @@ class Gates:
     @property
     def active(self) -> bool:
         return bool(self.bounds())
+
+
+# Gates holds one field per row of RULES, in the same order: a gate added to one and not the other
+# fails here, at import, not in some later comparison.
+if tuple(f.name for f in dataclasses.fields(Gates)) != GATE_KEYS:   # pragma: no cover - a contributor's slip
+    raise AssertionError(f"plan.gates: Gates fields {[f.name for f in dataclasses.fields(Gates)]} != RULES {GATE_KEYS}")

@@ -36,6 +36,19 @@ FTYPE_BY_NAME: dict[str, F] = {
     "F16": F.MOSTLY_F16, "BF16": F.MOSTLY_BF16, "F32": F.ALL_F32,
 }
 
+
+
+def ftype_label(file_type: object) -> str | None:
+    """A GGUF's `general.file_type` as llama.cpp names the FTYPE (MOSTLY_Q4_K_M -> Q4_K_M,
+    ALL_F32 -> F32); None when it is not a known value. The one way apex-orch labels it."""
+    if isinstance(file_type, bool) or not isinstance(file_type, int):
+        return None
+    try:
+        return F(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return None
+
+
 _DEFAULT_TYPE: dict[F, T] = {
     F.MOSTLY_Q4_0: T.Q4_0, F.MOSTLY_Q4_1: T.Q4_1, F.MOSTLY_Q5_0: T.Q5_0, F.MOSTLY_Q5_1: T.Q5_1,
     F.MOSTLY_Q8_0: T.Q8_0, F.MOSTLY_F16: T.F16, F.MOSTLY_BF16: T.BF16, F.ALL_F32: T.F32,

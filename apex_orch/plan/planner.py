@@ -274,9 +274,10 @@ def make_plan(model: ModelInfo, profile: Profile, *, has_imatrix: bool | None = 
                 tensors=planned, rules=rules, warnings=warnings)
     if strict and plan.fallbacks:
         lines = [f"{g['count']} x {g['from']} -> {g['to']}" for g in plan.fallback_summary()]
-        raise PlanError(f"--strict: {len(plan.fallbacks)} tensor(s) need a row-size fallback: " + "; ".join(lines),
+        raise PlanError(f"strict plan: {len(plan.fallbacks)} tensor(s) need a row-size fallback: " + "; ".join(lines),
                         hint="give those tensors a type whose block size divides their row length "
-                             "(e.g. a 32-block type like Q8_0/Q5_0/IQ4_NL), or drop --strict")
+                             "(e.g. a 32-block type like Q8_0/Q5_0/IQ4_NL), or accept the fallbacks",
+                        options=("strict",))
     return plan
 
 

@@ -110,10 +110,10 @@ def _nested_repeat(pattern: str) -> str | None:
 
 def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blocks: int = 36,
                             base_ftype: str = "Q4_K_M", tier: str | None = None) -> ImportReport:
-    from apex_orch.core.errors import UsageError
+    from apex_orch.core.errors import RequestError
     from apex_orch.model.info import MAX_BLOCKS
     if not 1 <= n_blocks <= MAX_BLOCKS:
-        raise UsageError(f"--blocks {n_blocks}: give 1 to {MAX_BLOCKS} blocks")
+        raise RequestError(f"{n_blocks} blocks: give 1 to {MAX_BLOCKS}", fields=("n_blocks",))
     try:
         with open(path, "rb") as fh:
             raw_bytes = fh.read(MAX_IMPORT_BYTES + 1)

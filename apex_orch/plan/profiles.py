@@ -23,6 +23,10 @@ Schema (every key optional unless marked; see profiles/*.yaml and docs/profiles.
     gates: {max_mean_kld: 0.05, max_ppl_ratio: 1.05, min_same_top_p: 90}
     fitted: {target: 48.00 GB, method: exact, ...}   # written by `apex-orch fit`: where the types came from
 
+The schema is the dataclasses below (ProfileDoc and the sections it holds: ImatrixSpec, Bands,
+plan.gates.Gates, Override): their fields are the keys, their annotations and `bounds` the
+checks (apex_orch.core.schema), so a new key is a new field. Every error names file:line and key.
+
 Bands are symmetric, counted from each end of the main blocks (MTP blocks excluded).
 `scale: auto` keeps the counts when the model has room for a middle band at least as
 deep as one edge, and otherwise scales them by blocks/reference_blocks (rounded, at
@@ -44,10 +48,11 @@ from pathlib import Path
 from gguf.constants import GGMLQuantizationType as T
 
 from apex_orch.core.errors import ProfileError
+from apex_orch.core.schema import bounds, check_keys, read_section, yaml_keys
 from apex_orch.core.yamlio import YamlDoc, load_yaml
 from apex_orch.model.info import MAX_BLOCKS
-from apex_orch.model.roles import Role
-from apex_orch.plan.gates import GATE_KEYS
+from apex_orch.model.roles import NEVER_QUANTIZED_ROLES, Role
+from apex_orch.plan.gates import Gates
 from apex_orch.plan.llama_rules import FTYPE_BY_NAME, is_quantized
 from apex_orch.plan.profile_search import PROFILE_NAME_RE, resolve_profile_path
 
@@ -65,23 +70,32 @@ BANDED_ROLES = {
     Role.SSM.value: ("edge", "rest"),
 }
 SINGLE_ROLES = (Role.EMBEDDING.value, Role.OUTPUT.value)
-NEVER_TYPED = (Role.ROUTER.value, Role.NORM.value, Role.AUX.value)
+NEVER_TYPED = tuple(r.value for r in NEVER_QUANTIZED_ROLES)
 
-TOP_KEYS = {"extends", "name", "tier", "description", "best_for", "base_ftype", "imatrix", "bands",
-            "types", "overrides", "gates", "fitted"}
-IMATRIX_KEYS = {"required", "corpus"}
-BAND_KEYS = {"edge", "near", "attention_edge", "scale", "reference_blocks"}
-OVERRIDE_KEYS = {"role", "slot", "band", "blocks", "type"}
 SCALES = ("auto", "fixed", "proportional")
+
+
+def _blocks(minimum: int) -> dict:
+    """A count of blocks: a size past the largest model apex-orch handles is a typo, said as such."""
+    return bounds(minimum=minimum, maximum=MAX_BLOCKS, why_maximum=f"apex-orch handles models of up to {MAX_BLOCKS} "
+                  "blocks", hint_maximum="band sizes count blocks from each end of the model, e.g. edge: 5")
+
+
+@dataclass(frozen=True)
+class ImatrixSpec:
+    """`imatrix:` of a profile."""
+    required: bool = False
+    corpus: str | None = field(default=None, metadata=bounds(pattern=PROFILE_NAME_RE, what="a corpus name"))
 
 
 @dataclass(frozen=True)
 class Bands:
-    edge: int = 5
-    near: int = 5
-    attention_edge: int = 3
-    scale: str = "auto"
-    reference_blocks: int = 36
+    """`bands:` of a profile."""
+    edge: int = field(default=5, metadata=_blocks(0))
+    near: int = field(default=5, metadata=_blocks(0))
+    attention_edge: int = field(default=3, metadata=_blocks(0))
+    scale: str = field(default="auto", metadata=bounds(choices=SCALES))
+    reference_blocks: int = field(default=36, metadata=_blocks(1))
 
     def resolve(self, n_blocks: int) -> "ResolvedBands":
         edge, near, attn = self.edge, self.near, self.attention_edge
@@ -132,12 +146,36 @@ class ResolvedBands:
 
 @dataclass(frozen=True)
 class Override:
+    """One entry of `overrides:` (read by _override: its values depend on each other)."""
     role: str
     slot: str | None
     band: str | None
     blocks: frozenset[int] | None
     type: T
-    where: str
+    where: str = field(default="", metadata={"yaml": False})
+
+
+@dataclass(frozen=True)
+class ProfileDoc:
+    """The keys of a profile document (after `extends`); the module docstring shows them."""
+    extends: str | None = None
+    name: str | None = None
+    tier: str | None = None
+    description: str | None = None
+    best_for: str | None = None
+    base_ftype: str | None = None
+    imatrix: ImatrixSpec | None = None
+    bands: Bands | None = None
+    types: dict | None = None
+    overrides: list | None = None
+    gates: Gates | None = None
+    fitted: dict | None = None     # written by `apex-orch fit`: where the types came from
+
+
+# The mappings of a profile whose keys are dataclass fields, by key path.
+SECTIONS: dict[tuple, type] = {("imatrix",): ImatrixSpec, ("bands",): Bands, ("gates",): Gates}
+TOP_KEYS = set(yaml_keys(ProfileDoc))
+OVERRIDE_KEYS = set(yaml_keys(Override))
 
 
 @dataclass
@@ -208,7 +246,7 @@ def _load_chain(path: Path, seen: list[Path]) -> tuple[dict, list[YamlDoc]]:
     doc = load_yaml(path, ProfileError)
     if not isinstance(doc.data, dict):
         raise ProfileError("a profile must be a YAML mapping", where=doc.where())
-    _check_keys(doc, (), doc.data, TOP_KEYS)
+    check_keys(doc.data, TOP_KEYS, doc.where)
     parent_ref = doc.data.get("extends")
     if parent_ref is None:
         return doc.data, [doc]
@@ -220,14 +258,6 @@ def _load_chain(path: Path, seen: list[Path]) -> tuple[dict, list[YamlDoc]]:
         raise ProfileError(f"extends: {exc.message}", where=doc.where(("extends",)), hint=exc.hint) from None
     parent_data, docs = _load_chain(parent_path, seen + [resolved])
     return _merge(parent_data, doc.data), [doc] + docs
-
-
-def _check_keys(doc: YamlDoc, kp: tuple, mapping: dict, allowed: set[str]) -> None:
-    for key in mapping:
-        if key not in allowed:
-            dotted = ".".join(str(k) for k in kp + (key,))
-            raise ProfileError(f"unknown key {dotted!r}", where=doc.where(kp + (key,)),
-                               hint="allowed here: " + ", ".join(sorted(allowed)))
 
 
 def _where(docs: list[YamlDoc], kp: tuple) -> str:
@@ -258,17 +288,14 @@ def load_profile(name_or_path: str | os.PathLike) -> Profile:
     return _validate(path, data, docs)
 
 
-def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
-    for doc in docs:  # nested keys, checked in the file that wrote them
+def _check_document_keys(docs: list[YamlDoc]) -> None:
+    """Nested keys, each checked in the file of the extends chain that wrote it."""
+    for doc in docs:
         d = doc.data
-        if isinstance(d.get("imatrix"), dict):
-            _check_keys(doc, ("imatrix",), d["imatrix"], IMATRIX_KEYS)
-        if isinstance(d.get("bands"), dict):
-            _check_keys(doc, ("bands",), d["bands"], BAND_KEYS)
-        if isinstance(d.get("gates"), dict):
-            _check_keys(doc, ("gates",), d["gates"], set(GATE_KEYS))
+        for kp, cls in SECTIONS.items():
+            if isinstance(d.get(kp[0]), dict):
+                check_keys(d[kp[0]], yaml_keys(cls), doc.where, kp)
         if isinstance(d.get("types"), dict):
-            allowed = set(BANDED_ROLES) | set(SINGLE_ROLES) | {"nextn"}
             for role in d["types"]:
                 if role in NEVER_TYPED:
                     raise ProfileError(
@@ -276,11 +303,21 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
                         f"({'ffn_gate_inp / exp_probs_b' if role == 'router' else '*_norm'}); "
                         "a type here would be silently ignored", where=doc.where(("types", role)),
                         hint=f"remove types.{role}")
-            _check_keys(doc, ("types",), d["types"], allowed)
-            for role, bands in d["types"].items():
-                if role in BANDED_ROLES and isinstance(bands, dict):
-                    _check_keys(doc, ("types", role), bands, set(BANDED_ROLES[role]))
+            check_keys(d["types"], set(BANDED_ROLES) | set(SINGLE_ROLES) | {"nextn"}, doc.where, ("types",))
+            for role, bands_ in d["types"].items():
+                if role in BANDED_ROLES and isinstance(bands_, dict):
+                    check_keys(bands_, BANDED_ROLES[role], doc.where, ("types", role))
 
+
+def _section(cls: type, data: dict, key: str, docs: list[YamlDoc]):
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise ProfileError(f"{key} must be a mapping", where=_where(docs, (key,)))
+    return read_section(cls, value, lambda kp: _where(docs, kp), (key,))
+
+
+def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
+    _check_document_keys(docs)
     tier = data.get("tier")
     if not isinstance(tier, str) or not tier.strip():
         raise ProfileError("missing `tier` (the display name, e.g. Compact or I-Compact)", where=_where(docs, ()))
@@ -301,35 +338,29 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
         raise ProfileError(
             f"base_ftype {base}: with an unquantized FTYPE llama-quantize ignores every --tensor-type override",
             where=_where(docs, ("base_ftype",)), hint="use a quantized FTYPE such as Q4_K_M or Q6_K")
+    im: ImatrixSpec = _section(ImatrixSpec, data, "imatrix", docs)
+    bands: Bands = _section(Bands, data, "bands", docs)
+    gates: Gates = _section(Gates, data, "gates", docs)
+    types, nextn = _types(data, docs)
+    raw_overrides = data.get("overrides") or []
+    if not isinstance(raw_overrides, list):
+        raise ProfileError("overrides must be a list of {role, slot, band|blocks, type}",
+                           where=_where(docs, ("overrides",)))
+    overrides = [_override(o, i, docs) for i, o in enumerate(raw_overrides)]
+    fitted = data.get("fitted")
+    if fitted is not None and not (isinstance(fitted, dict) and all(
+            isinstance(v, (str, int, float, bool)) for v in fitted.values())):
+        raise ProfileError("fitted: a mapping of plain values (the record `apex-orch fit` writes)",
+                           where=_where(docs, ("fitted",)))
+    return Profile(name=path.stem, path=path, tier=tier.strip(), description=str(data.get("description", "")).strip(),
+                   best_for=str(data.get("best_for", "")).strip(), base_ftype=base.upper(),
+                   imatrix_required=im.required, corpus=im.corpus, bands=bands, types=types, nextn=nextn,
+                   overrides=overrides, gates=gates.bounds(), chain=[d.path.stem for d in docs],
+                   raw=data, doc=docs[0])
 
-    im = data.get("imatrix") or {}
-    if not isinstance(im, dict):
-        raise ProfileError("imatrix must be a mapping {required, corpus}", where=_where(docs, ("imatrix",)))
-    required = im.get("required", False)
-    if not isinstance(required, bool):
-        raise ProfileError("imatrix.required must be true or false", where=_where(docs, ("imatrix", "required")))
-    corpus = im.get("corpus")
-    if corpus is not None and not (isinstance(corpus, str) and PROFILE_NAME_RE.match(corpus)):
-        raise ProfileError(f"imatrix.corpus: {corpus!r} is not a corpus name", where=_where(docs, ("imatrix", "corpus")))
 
-    b = data.get("bands") or {}
-    if not isinstance(b, dict):
-        raise ProfileError("bands must be a mapping", where=_where(docs, ("bands",)))
-    for key in ("edge", "near", "attention_edge", "reference_blocks"):
-        if key in b and (not isinstance(b[key], int) or isinstance(b[key], bool) or b[key] < 0):
-            raise ProfileError(f"bands.{key} must be a non-negative integer", where=_where(docs, ("bands", key)))
-        if key in b and b[key] > MAX_BLOCKS:
-            raise ProfileError(f"bands.{key} is {b[key]:,}; at most {MAX_BLOCKS} (apex-orch handles models of up "
-                               f"to {MAX_BLOCKS} blocks)", where=_where(docs, ("bands", key)),
-                               hint="band sizes count blocks from each end of the model, e.g. edge: 5")
-    if b.get("reference_blocks", 36) < 1:
-        raise ProfileError("bands.reference_blocks must be at least 1", where=_where(docs, ("bands", "reference_blocks")))
-    if b.get("scale", "auto") not in SCALES:
-        raise ProfileError(f"bands.scale must be one of {', '.join(SCALES)}", where=_where(docs, ("bands", "scale")))
-    bands = Bands(**{k: b[k] for k in BAND_KEYS if k in b})
-    if bands.attention_edge > bands.edge + bands.near and bands.scale == "fixed":
-        pass  # allowed: attention edge is its own band
-
+def _types(data: dict, docs: list[YamlDoc]) -> tuple[dict[str, dict[str, T]], str | T]:
+    """`types:` -> (role -> band -> type, with "all" for one type; the nextn choice)."""
     raw_types = data.get("types") or {}
     if not isinstance(raw_types, dict):
         raise ProfileError("types must be a mapping of role -> types", where=_where(docs, ("types",)))
@@ -339,11 +370,7 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
         kp = ("types", role)
         if role == "nextn":
             nextn = "edge" if spec == "edge" else parse_type(spec, docs, kp)
-            continue
-        if role in SINGLE_ROLES:
-            types[role] = {"all": parse_type(spec, docs, kp)}
-            continue
-        if isinstance(spec, str):
+        elif role in SINGLE_ROLES or isinstance(spec, str):
             types[role] = {"all": parse_type(spec, docs, kp)}
         elif isinstance(spec, dict):
             expected = BANDED_ROLES[role]
@@ -354,60 +381,39 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
             types[role] = {band: parse_type(spec[band], docs, kp + (band,)) for band in expected}
         else:
             raise ProfileError(f"types.{role}: expected a type or a mapping of bands", where=_where(docs, kp))
-    for role in (Role.ROUTED_EXPERT.value,):
-        if role not in types:
-            raise ProfileError(f"types.{role} is required (it is what APEX is about)", where=_where(docs, ("types",)))
+    if Role.ROUTED_EXPERT.value not in types:
+        raise ProfileError(f"types.{Role.ROUTED_EXPERT.value} is required (it is what APEX is about)",
+                           where=_where(docs, ("types",)))
+    return types, nextn
 
-    overrides: list[Override] = []
-    for i, o in enumerate(data.get("overrides") or []):
-        kp = ("overrides", i)
-        if not isinstance(o, dict):
-            raise ProfileError("each override is a mapping {role, slot, band|blocks, type}", where=_where(docs, kp))
-        for key in o:
-            if key not in OVERRIDE_KEYS:
-                raise ProfileError(f"unknown key 'overrides[{i}].{key}'", where=_where(docs, kp + (key,)),
-                                   hint="allowed: " + ", ".join(sorted(OVERRIDE_KEYS)))
-        role = o.get("role")
-        if role in NEVER_TYPED:
-            raise ProfileError(f"overrides[{i}]: llama.cpp never quantizes {role} tensors; a type here would be "
-                               "silently ignored", where=_where(docs, kp + ("role",)),
-                               hint=f"remove overrides[{i}] ({role} tensors keep their source type)")
-        if role not in BANDED_ROLES and role not in SINGLE_ROLES and role != "nextn":
-            raise ProfileError(f"overrides[{i}].role: unknown role {role!r}", where=_where(docs, kp + ("role",)),
-                               hint="roles: " + ", ".join(list(BANDED_ROLES) + list(SINGLE_ROLES) + ["nextn"]))
-        band = o.get("band")
-        if band is not None and band not in BANDED_ROLES.get(role, ()):
-            raise ProfileError(f"overrides[{i}].band: {band!r} is not a band of {role}",
-                               where=_where(docs, kp + ("band",)),
-                               hint="bands: " + ", ".join(BANDED_ROLES.get(role, ("(none)",))))
-        blocks = o.get("blocks")
-        block_set = parse_blocks(blocks, docs, kp + ("blocks",)) if blocks is not None else None
-        if band is not None and block_set is not None:
-            raise ProfileError(f"overrides[{i}]: give band or blocks, not both", where=_where(docs, kp))
-        slot = o.get("slot")
-        if slot is not None and not isinstance(slot, str):
-            raise ProfileError(f"overrides[{i}].slot must be a string", where=_where(docs, kp + ("slot",)))
-        if "type" not in o:
-            raise ProfileError(f"overrides[{i}]: missing type", where=_where(docs, kp))
-        overrides.append(Override(role, slot, band, block_set, parse_type(o["type"], docs, kp + ("type",)),
-                                  _where(docs, kp)))
 
-    fitted = data.get("fitted")
-    if fitted is not None and not (isinstance(fitted, dict) and all(
-            isinstance(v, (str, int, float, bool)) for v in fitted.values())):
-        raise ProfileError("fitted: a mapping of plain values (the record `apex-orch fit` writes)",
-                           where=_where(docs, ("fitted",)))
-    gates = data.get("gates") or {}
-    for key, value in gates.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ProfileError(f"gates.{key} must be a number", where=_where(docs, ("gates", key)))
-
-    name = path.stem
-    return Profile(name=name, path=path, tier=tier.strip(), description=str(data.get("description", "")).strip(),
-                   best_for=str(data.get("best_for", "")).strip(), base_ftype=base.upper(),
-                   imatrix_required=required, corpus=corpus, bands=bands, types=types, nextn=nextn,
-                   overrides=overrides, gates=dict(gates), chain=[d.path.stem for d in docs],
-                   raw=data, doc=docs[0])
+def _override(o, i: int, docs: list[YamlDoc]) -> Override:
+    kp = ("overrides", i)
+    if not isinstance(o, dict):
+        raise ProfileError("each override is a mapping {role, slot, band|blocks, type}", where=_where(docs, kp))
+    check_keys(o, OVERRIDE_KEYS, lambda k: _where(docs, k), kp)
+    role = o.get("role")
+    if role in NEVER_TYPED:
+        raise ProfileError(f"overrides[{i}]: llama.cpp never quantizes {role} tensors; a type here would be "
+                           "silently ignored", where=_where(docs, kp + ("role",)),
+                           hint=f"remove overrides[{i}] ({role} tensors keep their source type)")
+    if role not in BANDED_ROLES and role not in SINGLE_ROLES and role != "nextn":
+        raise ProfileError(f"overrides[{i}].role: unknown role {role!r}", where=_where(docs, kp + ("role",)),
+                           hint="roles: " + ", ".join(list(BANDED_ROLES) + list(SINGLE_ROLES) + ["nextn"]))
+    band = o.get("band")
+    if band is not None and band not in BANDED_ROLES.get(role, ()):
+        raise ProfileError(f"overrides[{i}].band: {band!r} is not a band of {role}", where=_where(docs, kp + ("band",)),
+                           hint="bands: " + ", ".join(BANDED_ROLES.get(role, ("(none)",))))
+    blocks = o.get("blocks")
+    block_set = parse_blocks(blocks, docs, kp + ("blocks",)) if blocks is not None else None
+    if band is not None and block_set is not None:
+        raise ProfileError(f"overrides[{i}]: give band or blocks, not both", where=_where(docs, kp))
+    slot = o.get("slot")
+    if slot is not None and not isinstance(slot, str):
+        raise ProfileError(f"overrides[{i}].slot must be a string", where=_where(docs, kp + ("slot",)))
+    if "type" not in o:
+        raise ProfileError(f"overrides[{i}]: missing type", where=_where(docs, kp))
+    return Override(role, slot, band, block_set, parse_type(o["type"], docs, kp + ("type",)), _where(docs, kp))
 
 
 def _is_control(ch: str) -> bool:

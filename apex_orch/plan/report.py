@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from apex_orch.core.text import gb, gib, human_count, table
+from apex_orch.model.roles import ROLE_ORDER
 from apex_orch.plan.planner import Plan
-
-ROLE_ORDER = ("routed_expert", "shared_expert", "dense_ffn", "attention", "ssm", "nextn", "embedding",
-              "output", "router", "norm", "aux", "unassigned")
 
 
 def format_plan(plan: Plan, *, show_tensors: bool = False) -> str:

@@ -15,7 +15,6 @@ argument behind.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,11 +22,12 @@ from typing import Callable
 from apex_orch import __version__
 from apex_orch.calibration.imatrix import plan_imatrix, run_imatrix
 from apex_orch.calibration.imatrix_file import ImatrixInfo, check_imatrix_fits, check_plan_coverage, read_imatrix
-from apex_orch.core.errors import ImatrixError, ModelError, UsageError
+from apex_orch.core.errors import ImatrixError, ModelError, RequestError
 from apex_orch.core.fingerprint import source_sha256
 from apex_orch.core.manifest import inputs_key
 from apex_orch.core.outputs import sidecars
 from apex_orch.core.safefiles import check_not_inputs
+from apex_orch.core.sizes import MB
 from apex_orch.core.text import file_name_part
 from apex_orch.llama.tools import build_label, find_tool
 from apex_orch.model.info import ModelInfo, model_display_name, read_model
@@ -37,7 +37,9 @@ from apex_orch.plan.profiles import Profile, load_profile
 
 
 Progress = Callable[[str], None]
-SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([KMGT]?)$", re.I)
+# llama-gguf-split takes whole megabytes (--split-max-size NM): a smaller part would be "0M" and
+# fail only after the whole quantization, so plan_quantize refuses it first.
+MIN_SPLIT_SIZE = MB
 
 
 def output_name(model_name: str, tier: str) -> str:
@@ -46,35 +48,18 @@ def output_name(model_name: str, tier: str) -> str:
 
 
 def safe_model_name(name: str) -> str:
-    """A user-given --name, refused when it looks like a path (it must not steer where files go)."""
+    """A user-given model name, refused when it looks like a path (it must not steer where files go)."""
     if not name.strip() or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
-        raise UsageError(f"--name {name!r} is not a plain model name: it may not contain '/' or '\\', "
-                         "or start with '.'",
-                         hint="--name only names the files inside --out-dir; use -o PATH to choose another "
-                              "place, or --out-dir for the folder")
+        raise RequestError(f"{name!r} is not a plain model name: it may not contain '/' or '\\', "
+                           "or start with '.'", fields=("name",),
+                           hint="the name only names the files inside the output folder; give an output path or "
+                                "another output folder to choose where they go", options=("out", "out_dir"))
     return file_name_part(name, "model")
 
 
-def parse_size(text: str) -> int:
-    """'48G' -> bytes (decimal units, like llama-gguf-split's --split-max-size)."""
-    m = SIZE_RE.match(text.strip())
-    if not m:
-        raise UsageError(f"--split-max-size {text!r} is not a size like 48G or 500M")
-    mult = {"": 1, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4}[m.group(2).upper()]
-    value = float(m.group(1)) * mult
-    # llama-gguf-split takes whole megabytes: a smaller size would become "0M" and fail only after
-    # the whole quantization. Checked here, when the job is planned, before anything runs.
-    if not value >= 1000 ** 2:
-        raise UsageError(f"--split-max-size {text}: too small; parts are at least 1M (llama-gguf-split "
-                         "splits in whole megabytes)", hint="use a size such as 48G or 500M")
-    if not value <= 1000 ** 5:
-        raise UsageError(f"--split-max-size {text}: too large (at most 1000T)", hint="use a size such as 48G")
-    return int(value)
-
-
-def check_distinct_outputs(pairs: list[tuple[str, Path]], *, error=UsageError, where: str | None = None) -> None:
+def check_distinct_outputs(pairs: list[tuple[str, Path]], *, error=RequestError, where: str | None = None) -> None:
     """(tier, output path) pairs: two tiers that map to one file (after names are made safe, e.g.
-    "A B" and "A-B", or equal but for case) are refused up front, naming both (issue 15)."""
+    "A B" and "A-B", or equal but for case) are refused up front, naming both."""
     seen: dict[str, str] = {}
     for tier, path in pairs:
         key = os.path.normcase(os.path.abspath(path)).casefold()
@@ -120,6 +105,14 @@ class QuantizeJob:
         return inputs_key(self.inputs)
 
     @property
+    def memory_bytes(self) -> int:
+        """What one llama-quantize run of this job holds at its peak, estimated: its largest tensor
+        as f32, twice (the dequantized source and the work buffer), plus 512 MiB for the rest. The
+        one estimate: local parallelism (quantize.run.default_jobs) and Ray placement use it."""
+        biggest = max((t.n_elements for t in self.plan.tensors), default=0)
+        return biggest * 4 * 2 + (512 << 20)
+
+    @property
     def rules_path(self) -> Path:
         """Where the rendered --tensor-type-file sits beside the output once committed."""
         return self.output.with_name(self.output.name + ".tensor-types.txt")
@@ -156,7 +149,8 @@ def resolve_imatrix(model: ModelInfo, path: str | os.PathLike | None) -> Imatrix
         return None
     p = Path(path)
     if not p.exists():
-        raise ImatrixError("imatrix file not found", where=str(p), hint="check --imatrix, or use --corpus NAME")
+        raise ImatrixError("imatrix file not found", where=str(p),
+                           hint="check the path, or name a corpus to build one from", options=("imatrix", "corpus"))
     info = read_imatrix(p)
     check_imatrix_fits(info, model)
     # full sha256 (memoised by stat: a rerun does not read a large imatrix again)
@@ -183,30 +177,37 @@ def check_source_unquantized(model: ModelInfo, allow_requantize: bool = False) -
         raise ModelError(f"the source is already quantized: {what}. Quantizing it again compounds the "
                          "rounding errors of both quantizations, so the result is worse than the same tier "
                          "made from the original weights", where=str(model.path),
-                         hint="quantize from the F16/BF16/F32 GGUF; pass --allow-requantize if you accept the "
-                              "loss (llama-quantize's own --allow-requantize is passed on)")
-    return [f"requantizing an already-quantized source (--allow-requantize): {what}; the output is worse "
+                         hint="quantize from the F16/BF16/F32 GGUF, or accept the loss (llama-quantize's own "
+                              "--allow-requantize is passed on)", options=("allow_requantize",))
+    return [f"requantizing an already-quantized source (accepted on request): {what}; the output is worse "
             "than the same tier made from the original weights"]
 
 
 def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out: Path | None = None,
                   out_dir: Path = Path("out"), name: str | None = None, imatrix: ImatrixSource | None = None,
-                  threads: int | None = None, split_max_size: str | None = None,
-                  model: ModelInfo | None = None, allow_requantize: bool = False) -> QuantizeJob:
+                  threads: int | None = None, split_max_size: int | None = None,
+                  model: ModelInfo | None = None, allow_requantize: bool = False,
+                  trust_tool_plan: bool = False) -> QuantizeJob:
+    """One tier's job, decided before anything runs. `split_max_size`: bytes per part (None: one
+    file); `threads`: llama-quantize's (default: every core)."""
+    if split_max_size is not None and split_max_size < MIN_SPLIT_SIZE:
+        raise RequestError(f"parts of {split_max_size:,} bytes are too small: at least 1 MB (llama-gguf-split "
+                           "splits in whole megabytes)", fields=("split_max_size",), hint="use a size such as 48G")
     model = model or read_model(model_path)
     requantize_warnings = check_source_unquantized(model, allow_requantize)
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     if prof.imatrix_required and imatrix is None:
         raise ImatrixError(
             f"profile {prof.name} ({prof.tier}) needs an importance matrix",
-            hint=f"pass --imatrix FILE, or --corpus {prof.corpus or 'diverse'} to build one "
-                 "(cached, shared by every I-tier)")
+            hint=f"give an imatrix file, or a corpus to build one from ({prof.corpus or 'diverse'}; cached, "
+                 "shared by every I-tier)", options=("imatrix", "corpus"))
     plan = make_plan(model, prof, has_imatrix=imatrix is not None)
     plan.warnings.extend(requantize_warnings)
     if plan.needs_imatrix and imatrix is None:
         names = ", ".join(t.name for t in plan.needs_imatrix[:3])
         raise ImatrixError(f"{len(plan.needs_imatrix)} planned tensors use types llama-quantize refuses to "
-                           f"write without an imatrix ({names} ...)", hint="pass --imatrix or --corpus")
+                           f"write without an imatrix ({names} ...)",
+                           hint="give an imatrix file, or a corpus to build one from", options=("imatrix", "corpus"))
     if imatrix is not None:
         missing = check_plan_coverage(imatrix.info, plan)
         if missing:
@@ -228,14 +229,14 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
         output = Path(out)   # an explicit file: the user chose where it goes
     else:
         output = Path(out_dir) / output_name(display, prof.tier)
-        if output.parent.resolve() != Path(out_dir).resolve():   # defence in depth: never outside --out-dir
-            raise UsageError(f"output name {output.name!r} would leave --out-dir {out_dir}",
-                             hint="use a plain --name without path separators")
+        if output.parent.resolve() != Path(out_dir).resolve():   # defence in depth: never outside out_dir
+            raise RequestError(f"output name {output.name!r} would leave the output folder {out_dir}",
+                               fields=("name",), hint="use a plain name without path separators")
     if output.suffix != ".gguf":
-        raise UsageError(f"output {output} must end in .gguf")
-    # Inputs are never outputs (issue 15): refused here, before anything runs, --force or not.
+        raise RequestError(f"output {output} must end in .gguf", fields=("out",))
+    # Inputs are never outputs: refused here, before anything runs, replacing outputs allowed or not.
     check_not_inputs([output, *sidecars(output)], [*model.paths, imatrix.path if imatrix else None],
-                     flag="-o / --out-dir / --name")
+                     options=("out", "out_dir", "name"))
     threads = threads or os.cpu_count() or 1
     metadata = {
         "apex.version": __version__,
@@ -255,13 +256,13 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
         "llama_cpp": build_label(),
         "apex_orch": __version__,
         "metadata": metadata,
-        "split_max_size": split_max_size,
+        "split_max_size": split_max_size,   # bytes: 48G and 48GB are the same split
     }
     if requantize_warnings:
         inputs["allow_requantize"] = True
     return QuantizeJob(model=model, profile=prof, plan=plan, output=output, imatrix=imatrix, threads=threads,
-                       split_max_size=parse_size(split_max_size) if split_max_size else None,
-                       tool=tool, requantize=bool(requantize_warnings), metadata=metadata, inputs=inputs,
+                       split_max_size=split_max_size, tool=tool, requantize=bool(requantize_warnings),
+                       metadata=metadata, inputs=inputs, trust_tool_plan=trust_tool_plan,
                        predicted_size=plan.predicted_file_size(_written_kv(metadata, imatrix)))
 
 

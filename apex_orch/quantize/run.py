@@ -62,11 +62,11 @@ def run_quantize(job: QuantizeJob, *, force: bool = False, progress: Progress | 
     if not force and all(f.exists() for f in finals):
         fresh, why = up_to_date(finals, job.key)   # a damaged manifest raises ManifestError: never trusted
         if fresh:
-            emit(f"{job.output.name}: up to date (manifest matches inputs); --force redoes it")
+            emit(f"{job.output.name}: up to date (manifest matches inputs); a forced run redoes it")
             return QuantizeResult(job, finals, True, 0.0, "up to date")
         raise OutputExistsError(f"{finals[0]} already exists and is not up to date ({why})",
-                                hint="pass --force to replace it (it is kept until the new file is complete "
-                                     "and verified)")
+                                hint="ask to replace it (it is kept until the new file is complete and verified)",
+                                options=("force",))
     try:
         return _run_guarded(job, force, emit, timeout, start, existing_parts)
     except OSError as exc:   # disk full, read-only, quota... while writing our own files
@@ -83,8 +83,8 @@ def _disk_full_error(folder: Path, what: str, log_path: Path | None) -> DiskSpac
         return None
     return DiskSpaceError(
         f"the disk holding {folder} is full: it filled up while {what} ({free / 1e6:.1f} MB free)",
-        hint="free some space or choose another --out-dir, then rerun; the partial file was removed and "
-             "nothing was published" + (f" (log: {log_path})" if log_path else ""))
+        hint="free some space or choose another output folder, then rerun; the partial file was removed and "
+             "nothing was published" + (f" (log: {log_path})" if log_path else ""), options=("out_dir", "out"))
 
 
 def _run_guarded(job: QuantizeJob, force: bool, emit: Progress, timeout: float | None, start: float,
@@ -187,7 +187,7 @@ def _check_tool_agrees(job: QuantizeJob, out: Path, rules: Path, emit: Progress)
     if not job.trust_tool_plan:
         raise toolcheck.mismatch_error(str(job.tool), diffs)
     emit(f"WARNING: {job.tool} assigns other types than the pinned rules for {len(diffs)} tensor(s) "
-         f"(e.g. {diffs[0]}); --trust-tool-plan: its dry-run is the plan")
+         f"(e.g. {diffs[0]}); as asked, its dry-run is the plan")
     job.replace_plan(toolcheck.plan_with_tool_types(job.plan, tool_types))
 
 
@@ -212,14 +212,13 @@ def _split(job: QuantizeJob, guard: OutputGuard, tmp: Path, emit: Progress,
 
 
 def default_jobs(jobs: list[QuantizeJob]) -> int:
-    """Parallel tiers: bounded by cores and by memory (largest tensor as f32, twice, + 512 MiB)."""
+    """Parallel tiers: bounded by cores and by memory (QuantizeJob.memory_bytes each)."""
     cores = os.cpu_count() or 1
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         avail = 8 << 30
-    biggest = max((t.n_elements for j in jobs for t in j.plan.tensors), default=0)
-    per_job = biggest * 4 * 2 + (512 << 20)
+    per_job = max(j.memory_bytes for j in jobs)
     return max(1, min(len(jobs), max(1, cores // 2), max(1, avail // per_job)))
 
 

@@ -46,8 +46,8 @@ def tool_dry_run_types(dry_argv: list[str], out_placeholder: Path) -> dict[str, 
         run_tool(dry_argv, log_path=log, what="llama-quantize --dry-run")
         text = log.read_text(errors="replace")
     if out_placeholder.exists():  # a dry run must never write; if this one did, nothing downstream is safe
-        raise ToolFailedError(f"llama-quantize --dry-run wrote {out_placeholder}; this build's --dry-run "
-                              "is not a dry run", hint="use the pinned build (`apex-orch build`)")
+        raise ToolFailedError(f"llama-quantize --dry-run wrote {out_placeholder}; this build's dry run writes "
+                              "files", hint="use the pinned build (`apex-orch build`)")
     records = parse_records(text)
     if not records:
         raise ToolFailedError("llama-quantize --dry-run printed no per-tensor records, so its types cannot "
@@ -68,9 +68,9 @@ def mismatch_error(tool: str, diffs: list[TypeDifference]) -> ToolPlanMismatchEr
     return ToolPlanMismatchError(
         f"{tool} would write other types than the plan for {len(diffs)} tensor(s): {shown}",
         hint="this llama.cpp build assigns types differently from the pinned rules apex-orch plans with. "
-             "Use the pinned build (`apex-orch build`, or drop --llama-bin-dir / APEX_LLAMA_BIN_DIR), or pass "
-             "--trust-tool-plan to take the tool's dry-run as the plan (verification, manifest and card "
-             "then use its types and say so)")
+             "Use the pinned build (`apex-orch build`, and no other llama.cpp folder or APEX_LLAMA_BIN_DIR), or "
+             "take the tool's dry-run as the plan (verification, manifest and card then use its types and say "
+             "so)", options=("llama_bin_dir", "trust_tool_plan"))
 
 
 def plan_with_tool_types(plan: Plan, tool_types: dict[str, str]) -> Plan:

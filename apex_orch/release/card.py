@@ -6,6 +6,10 @@ sizes, sha256, the tensor types really written), the eval records, the projector
 manifest, the imatrix record, a fitted tier's `fitted:` record. `render_card(facts)` is a pure
 function of those facts: no timestamps, no absolute paths, stable ordering and number formats,
 so a rerun writes the same bytes and a golden file can pin the text.
+
+Rendering: `card_context` formats and escapes every value; the body's layout is the jinja2
+template card.md.j2 beside this module (one block per section, empty blocks where later sections
+go); the YAML front matter is huggingface_hub's ModelCardData, the whole a ModelCard.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ from typing import Callable
 
 from apex_orch import __version__
 from apex_orch.core.text import hub_size, human_count, md_code, md_inline, md_table
+from apex_orch.model.roles import ROLE_ORDER
+from apex_orch.plan.llama_rules import ftype_label
 from apex_orch.release.fit_tiers import fitted_sentence
 
 CARD_MARKER = "<!-- written by apex-orch release"
 BASE_TAGS = ("gguf", "moe", "apex", "quantized")
-ROLE_ORDER = ("routed_expert", "shared_expert", "dense_ffn", "attention", "ssm", "nextn", "embedding", "output",
-              "router", "norm", "aux", "unassigned")
 ROLE_NAMES = {"routed_expert": "Routed experts", "shared_expert": "Shared expert", "dense_ffn": "Dense FFN",
               "attention": "Attention", "ssm": "SSM", "nextn": "MTP / NextN", "embedding": "Token embedding",
               "output": "Output head", "router": "Router", "norm": "Norms",
@@ -207,19 +211,10 @@ def _tier_facts(tier_cfg, job, ff: FileFacts, written: dict, record: dict | None
 
 
 def _mmproj_facts(path: Path) -> MmprojFacts:
-    from gguf.constants import LlamaFileType
-
     from apex_orch.model.gguf_header import read_header
     kv = read_header(path).kv
     proj = kv.get("clip.projector_type") or kv.get("clip.vision.projector_type")
-    ftype = kv.get("general.file_type")
-    label = None
-    if isinstance(ftype, int):
-        try:
-            label = LlamaFileType(ftype).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            label = None
-    return MmprojFacts(_manifest_files(path), str(proj) if proj else None, label)
+    return MmprojFacts(_manifest_files(path), str(proj) if proj else None, ftype_label(kv.get("general.file_type")))
 
 
 def facts_from_release(state, *, file_facts: Callable | None = None) -> CardFacts:
@@ -302,79 +297,21 @@ def apex_line(a: ArchFacts) -> str:
 
 # =========================================================================== rendering
 
-def render_card(f: CardFacts) -> str:
+TEMPLATE = "card.md.j2"          # beside this module; shipped in the wheel as package data
+# The front matter's keys in the order the card has always had (ModelCardData would append
+# base_model_relation last).
+FRONT_MATTER_ORDER = ["base_model", "base_model_relation", "license", "tags"]
+
+
+def front_matter(f: CardFacts):
+    """The card's metadata as huggingface_hub's ModelCardData (its YAML quotes what needs quoting)."""
+    from huggingface_hub import ModelCardData
+    return ModelCardData(base_model=f.base_model, base_model_relation="quantized" if f.base_model else None,
+                         license=f.license, tags=list(f.tags))
+
+
+def _arch_context(f: CardFacts) -> dict[str, str]:
     a = f.arch
-    out: list[str] = ["---"]
-    if f.base_model:
-        out += [f"base_model: {f.base_model}", "base_model_relation: quantized"]
-    out += [f"license: {f.license}", "tags:"] + [f"- {t}" for t in f.tags] + ["---", ""]
-    out.append(f"{CARD_MARKER} from {f.config_path}; edits here are replaced on the next run -->")
-    out.append("")
-    out.append(f"# {md_inline(f.title)}")
-    out.append("")
-    source = f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model else f"`{md_code(a.model)}`"
-    out.append(f"APEX GGUF files of {source}: {len(f.tiers)} tiers" + (" and its vision projector" if f.mmproj else "")
-               + f", made with apex-orch and llama.cpp.")
-    if f.description:
-        out += ["", f.description]
-    out += ["", "## What is APEX?", "",
-            "APEX (Adaptive Precision for EXpert Models) quantizes a Mixture-of-Experts model by spending bits "
-            "where they matter. Most of an MoE model's weights live in its routed experts, yet each token passes "
-            "through only a few of them, while attention, the shared expert and the router run for every token. "
-            "APEX gives each tensor a type chosen by its role and its depth: the always-active tensors keep high "
-            "precision, the routed experts are compressed harder, and the first and last layers, where errors hurt "
-            "most, keep more bits than the middle of the network.",
-            "",
-            "Every tensor is classified from the model's own tensor names, every rule given to llama-quantize is "
-            "anchored to exact tensor names, and every file is checked against its plan, tensor by tensor, before "
-            "it is published. The I-variants use the same layouts, quantized with an importance matrix computed on "
-            "a diverse calibration corpus."]
-    # ---- benchmarks
-    out += ["", "## Benchmarks", ""]
-    evaluated = [t for t in f.tiers if t.eval is not None]
-    if not evaluated:
-        out.append("Benchmarks pending: these files have not been evaluated yet.")
-    else:
-        speed = any(t.eval.tg_tokens_per_s is not None for t in evaluated) or (
-            f.base_eval is not None and f.base_eval.tg_tokens_per_s is not None)
-        out.append(f"Measured by apex-orch against the unquantized source on {f.eval_setup} (the second half of "
-                   "each chunk is scored). KLD is the mean Kullback-Leibler divergence from the source's "
-                   "next-token distribution; Same top p is how often both pick the same most likely token."
-                   + (" Speed is prompt processing / generation in tokens per second on the release machine's "
-                      "CPU (pp512 / tg128)." if speed else ""))
-        out.append("")
-        headers = ["File", "Size", "PPL", "Mean KLD", "Same top p"] + (["Speed (t/s)"] if speed else [])
-        rows = []
-        large = max([t.eval.ppl for t in evaluated] + ([f.base_eval.ppl] if f.base_eval else [])) >= 1000
-        if f.base_eval is not None:
-            b = f.base_eval
-            rows.append([f"source ({b.file_type})", hub_size(b.size), fmt_ppl(b.ppl, b.ppl_err, large=large), "—", "—"]
-                        + ([fmt_speed(b.pp_tokens_per_s, b.tg_tokens_per_s)] if speed else []))
-        for t in f.tiers:
-            if t.eval is None:
-                rows.append([t.file.name, hub_size(t.file.size), "pending", "pending", "pending"]
-                            + (["pending"] if speed else []))
-                continue
-            e = t.eval
-            rows.append([t.file.name, hub_size(t.file.size), fmt_ppl(e.ppl, e.ppl_err, large=large), fmt_kld(e.kld_mean),
-                         fmt_pct(e.same_top_p)] + ([fmt_speed(e.pp_tokens_per_s, e.tg_tokens_per_s)] if speed else []))
-        out += md_table(headers, rows)
-    # ---- files
-    out += ["", "## Available Files", ""]
-    rows = [[file_cell(t.file), t.tier, hub_size(t.file.size), t.best_for] for t in f.tiers]
-    if f.mmproj is not None:
-        rows.append([file_cell(f.mmproj.file), "Vision projector", hub_size(f.mmproj.file.size),
-                     "Required for image understanding"])
-    out += md_table(["File", "Profile", "Size", "Best For"], rows)
-    if any(len(t.file.names) > 1 for t in f.tiers):
-        out += ["", "Split files: download every part into one folder and point llama.cpp at the first part."]
-    # ---- LocalAI
-    out += ["", "## Run with LocalAI", "", "```bash"]
-    out += [f"local-ai run {f.repo}@{t.file.name}" for t in f.tiers]
-    out += ["```", "", f"The first line is the recommended tier ({md_inline(f.tiers[0].tier)}); LocalAI gallery entries for "
-            "every file are in the `localai/` folder of this repository."]
-    # ---- architecture
-    out += ["", "## Architecture", ""]
     layers = f"{a.blocks}"
     if a.leading_dense:
         layers += f" ({a.leading_dense} dense, {a.blocks - a.nextn - a.leading_dense} MoE)"
@@ -417,21 +354,43 @@ def render_card(f: CardFacts) -> str:
     else:
         ctx = "not stated in the GGUF"
     middle = a.band_blocks - 2 * (a.edge + a.near)
-    out += [f"- **Model**: {md_inline(a.model)} (llama.cpp architecture `{md_code(a.arch)}`)",
-            f"- **Layers**: {layers}",
-            f"- **Experts**: {experts}",
-            f"- **Parameters**: {human_count(a.total_params)} total, {human_count(a.active_params)} active per token",
-            f"- **Attention**: {att}",
-            f"- **Vision**: {vision}",
-            f"- **Context**: {ctx}",
-            f"- **APEX config**: {apex_line(a)}",
-            f"- **Bands**: edge = the first and last {a.edge} layers, near = the next {a.near} inward on each "
-            f"side, middle = the other {middle}; attention keeps its edge types on the first and last "
-            f"{a.attention_edge}"]
-    # ---- calibration
-    out += ["", "## Calibration", ""]
+    return {"model": md_inline(a.model), "arch": md_code(a.arch), "layers": layers, "experts": experts,
+            "parameters": f"{human_count(a.total_params)} total, {human_count(a.active_params)} active per token",
+            "attention": att, "vision": vision, "context": ctx, "apex_config": apex_line(a),
+            "bands": f"edge = the first and last {a.edge} layers, near = the next {a.near} inward on each side, "
+                     f"middle = the other {middle}; attention keeps its edge types on the first and last "
+                     f"{a.attention_edge}"}
+
+
+def _benchmarks_context(f: CardFacts) -> dict | None:
+    evaluated = [t for t in f.tiers if t.eval is not None]
+    if not evaluated:
+        return None
+    speed = any(t.eval.tg_tokens_per_s is not None for t in evaluated) or (
+        f.base_eval is not None and f.base_eval.tg_tokens_per_s is not None)
+    headers = ["File", "Size", "PPL", "Mean KLD", "Same top p"] + (["Speed (t/s)"] if speed else [])
+    rows = []
+    large = max([t.eval.ppl for t in evaluated] + ([f.base_eval.ppl] if f.base_eval else [])) >= 1000
+    if f.base_eval is not None:
+        b = f.base_eval
+        rows.append([f"source ({b.file_type})", hub_size(b.size), fmt_ppl(b.ppl, b.ppl_err, large=large), "—", "—"]
+                    + ([fmt_speed(b.pp_tokens_per_s, b.tg_tokens_per_s)] if speed else []))
+    for t in f.tiers:
+        if t.eval is None:
+            rows.append([t.file.name, hub_size(t.file.size), "pending", "pending", "pending"]
+                        + (["pending"] if speed else []))
+            continue
+        e = t.eval
+        rows.append([t.file.name, hub_size(t.file.size), fmt_ppl(e.ppl, e.ppl_err, large=large), fmt_kld(e.kld_mean),
+                     fmt_pct(e.same_top_p)] + ([fmt_speed(e.pp_tokens_per_s, e.tg_tokens_per_s)] if speed else []))
+    return {"setup": f.eval_setup, "speed": speed, "table": "\n".join(md_table(headers, rows))}
+
+
+def _calibration_context(f: CardFacts) -> tuple[str | None, str | None]:
+    """(the imatrix paragraph, the without-imatrix sentence)."""
     i_tiers = [md_inline(t.tier) for t in f.tiers if t.imatrix]
     plain = [md_inline(t.tier) for t in f.tiers if not t.imatrix]
+    text = None
     if f.calibration is not None and i_tiers:
         c = f.calibration
         text = (f"{', '.join(i_tiers)} use an importance matrix computed with llama-imatrix on {c.chunks} chunks "
@@ -441,38 +400,54 @@ def render_card(f: CardFacts) -> str:
             desc = desc[0].lower() + desc[1:] if len(desc) > 1 and desc[1].islower() else desc
             text += f": {desc}"
         text += f". The imatrix file's sha256 is `{c.sha256}`."
-        out.append(text)
-    if plain:
-        if f.calibration is not None and i_tiers:
-            out.append("")
-        out.append(f"{', '.join(plain)} are quantized without an importance matrix.")
-    # ---- per file
-    out += ["", "## Files in detail", ""]
-    out.append("Types are the ones written into each file (verified against its plan). Band columns show the types "
-               "per depth band.")
-    for t in f.tiers:
-        out += ["", f"### {t.file.name}", ""]
-        out.append(f"Profile `{md_code(t.profile)}` ({md_inline(t.tier)}), llama-quantize base {t.base_ftype}, {t.bpw:.3f} bits per "
-                   f"weight, {'with' if t.imatrix else 'without'} imatrix.")
-        if t.fitted:
-            out += ["", t.fitted]
-        out.append("")
-        for name, sha in zip(t.file.names, t.file.sha256):
-            out.append(f"- sha256 `{sha}`" + (f" ({name})" if len(t.file.names) > 1 else ""))
-        out.append("")
-        bands = dict(t.bands)
-        rows = []
-        for role, n, types in t.roles:
-            by_band = "; ".join(f"{b}: {v}" for b, v in bands.get(role, ())) or "—"
-            rows.append([ROLE_NAMES.get(role, role), str(n), ", ".join(f"{ty} ×{c}" for ty, c in types), by_band])
-        out += md_table(["Role", "Tensors", "Types", "By band"], rows)
+    return text, (f"{', '.join(plain)} are quantized without an importance matrix." if plain else None)
+
+
+def _tier_detail(t: TierFacts) -> dict:
+    bands = dict(t.bands)
+    rows = []
+    for role, n, types in t.roles:
+        by_band = "; ".join(f"{b}: {v}" for b, v in bands.get(role, ())) or "—"
+        rows.append([ROLE_NAMES.get(role, role), str(n), ", ".join(f"{ty} ×{c}" for ty, c in types), by_band])
+    return {"name": t.file.name, "fitted": t.fitted,
+            "summary": f"Profile `{md_code(t.profile)}` ({md_inline(t.tier)}), llama-quantize base {t.base_ftype}, "
+                       f"{t.bpw:.3f} bits per weight, {'with' if t.imatrix else 'without'} imatrix.",
+            "sha256": [f"- sha256 `{sha}`" + (f" ({name})" if len(t.file.names) > 1 else "")
+                       for name, sha in zip(t.file.names, t.file.sha256)],
+            "table": "\n".join(md_table(["Role", "Tensors", "Types", "By band"], rows))}
+
+
+def card_context(f: CardFacts) -> dict:
+    """What the template is given: every value formatted and escaped for Markdown here."""
+    calibration, without_imatrix = _calibration_context(f)
+    files = [[file_cell(t.file), t.tier, hub_size(t.file.size), t.best_for] for t in f.tiers]
     if f.mmproj is not None:
-        out += ["", f"### {f.mmproj.file.name}", "",
-                "The vision projector, included unchanged by the APEX profiles.", ""]
-        out += [f"- sha256 `{sha}`" for sha in f.mmproj.file.sha256]
-    # ---- provenance
-    out += ["", "## How these files were made", "",
-            f"- apex-orch {f.apex_orch_version}",
-            f"- llama.cpp build `{f.llama_build}`",
-            f"- release config `{f.config_path}`: `apex-orch release {f.config_path}` reproduces this folder", ""]
-    return "\n".join(out)
+        files.append([file_cell(f.mmproj.file), "Vision projector", hub_size(f.mmproj.file.size),
+                      "Required for image understanding"])
+    return {
+        "marker": CARD_MARKER, "config_path": f.config_path, "title": md_inline(f.title),
+        "source": (f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model
+                   else f"`{md_code(f.arch.model)}`"),
+        "description": f.description, "tiers": f.tiers, "mmproj": f.mmproj, "repo": f.repo,
+        "recommended": md_inline(f.tiers[0].tier), "benchmarks": _benchmarks_context(f),
+        "files_table": "\n".join(md_table(["File", "Profile", "Size", "Best For"], files)),
+        "split": any(len(t.file.names) > 1 for t in f.tiers), "arch": _arch_context(f),
+        "calibration": calibration, "without_imatrix": without_imatrix,
+        "details": [_tier_detail(t) for t in f.tiers],
+        "apex_orch_version": f.apex_orch_version, "llama_build": f.llama_build,
+    }
+
+
+def _environment():
+    import jinja2
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)), autoescape=False,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                              undefined=jinja2.StrictUndefined)
+
+
+def render_card(f: CardFacts) -> str:
+    """The card: front matter (ModelCardData) + the template's body, as one ModelCard."""
+    from huggingface_hub import ModelCard
+    body = _environment().get_template(TEMPLATE).render(**card_context(f))
+    yaml = front_matter(f).to_yaml(original_order=FRONT_MATTER_ORDER)
+    return str(ModelCard(f"---\n{yaml}\n---\n{body}"))

@@ -33,7 +33,8 @@ path is first needed, so `--dry-run --source` works on a machine without the mod
                                         #   (convert without repo: the source's repo or checkpoint folder)
       name: mmproj.gguf                 # its file name in the release
     publish: {repo: owner/name, private: false}
-    split_max_size: 48G                 # optional: split outputs larger than this
+    split_max_size: 48G                 # optional: split outputs larger than this (48G = 48GB = 48e9
+                                        #   bytes; sizes as apex_orch/core/sizes.py reads them)
     output: path                        # release folder (default: out/release/<name> under the cwd)
     resources: {cpus: 8, gpus: 1, memory: 64G}   # optional, --executor ray only: what each task asks
                                         #   the cluster for (cpus: also its tools' threads, default 1;
@@ -57,6 +58,7 @@ from pathlib import Path
 
 from apex_orch.core.errors import ConfigError
 from apex_orch.core.settings import PACKAGE_DIR, config_variable
+from apex_orch.core.sizes import Size
 from apex_orch.core.text import gb
 from apex_orch.core.yamlio import YamlDoc
 from apex_orch.plan.profiles import Profile
@@ -95,7 +97,8 @@ class ConfigPath:
             if not value:
                 raise ConfigError(f"path {self.raw!r} uses ${{{m.group(1)}}}, which is not set", where=self.where,
                                   hint=f"set {m.group(1)} (the nightly workflow sets it from the runner's "
-                                       "variables); for the model itself, --source PATH also works")
+                                       "variables); for the model itself, a local GGUF given in place of the "
+                                       "config's source also works", options=("source",))
             return value
         text = os.path.expanduser(ENV_RE.sub(sub, self.raw))
         p = Path(text)
@@ -238,7 +241,7 @@ class ReleaseConfig:
     eval: EvalConfig
     mmproj: MmprojConfig | None
     publish: PublishConfig
-    split_max_size: str | None
+    split_max_size: Size | None                    # as written, and its bytes (core.sizes)
     output: ConfigPath | None
     warnings: list[str] = field(default_factory=list)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)

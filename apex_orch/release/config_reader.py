@@ -15,11 +15,13 @@ import re
 from pathlib import Path
 
 from apex_orch.core.errors import ApexError, ConfigError
+from apex_orch.core.schema import check_keys, key_name
+from apex_orch.core.sizes import MB, Size, SizeError, read_size
 from apex_orch.core.text import file_name_part
 from apex_orch.core.yamlio import YamlDoc, load_yaml
 from apex_orch.plan.gates import GATE_KEYS
 from apex_orch.plan.profiles import load_profile
-from apex_orch.quantize.job import check_distinct_outputs, output_name, parse_size
+from apex_orch.quantize.job import MIN_SPLIT_SIZE, check_distinct_outputs, output_name
 from apex_orch.release.config import (CONVERT_KEYS, CONVERT_OUTTYPES, EVAL_KEYS, HF_FILE_KEYS, HF_KEYS, IMATRIX_KEYS,
                                       MMPROJ_CONVERT_KEYS, MMPROJ_KEYS, MMPROJ_OUTTYPES, PUBLISH_KEYS, RESOURCES_KEYS,
                                       SOURCE_KINDS, TIER_KEYS, TOP_KEYS, ConfigPath, EvalConfig, HFRef, ImatrixConfig,
@@ -31,7 +33,6 @@ COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 SAFE_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
-SIZE_RE = re.compile(r"^\d+(?:\.\d+)?[KMGT]?$", re.I)
 
 
 class _Reader:
@@ -44,15 +45,13 @@ class _Reader:
         return self.doc.where(kp)
 
     def fail(self, kp: tuple, message: str, hint: str | None = None) -> ConfigError:
-        dotted = ".".join(str(k) for k in kp)
+        dotted = key_name(kp)
         return ConfigError(f"{dotted}: {message}" if dotted else message, where=self.where(kp), hint=hint)
 
     def mapping(self, kp: tuple, value, allowed: set[str]) -> dict:
         if not isinstance(value, dict):
             raise self.fail(kp, f"expected a mapping, got {_kind(value)}")
-        for key in value:
-            if key not in allowed:
-                raise self.fail(kp + (key,), "unknown key", hint="allowed here: " + ", ".join(sorted(allowed)))
+        check_keys(value, allowed, self.where, kp, ConfigError)
         return value
 
     def string(self, kp: tuple, value, *, pattern: re.Pattern | None = None, what: str = "a string",
@@ -68,6 +67,13 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.fail(kp, f"expected an integer >= {minimum}, got {value!r}")
         return value
+
+    def size(self, kp: tuple, value, minimum: int) -> Size:
+        """A size in the one grammar (core.sizes), kept as written for messages."""
+        try:
+            return read_size(value, minimum=minimum)
+        except SizeError as exc:
+            raise self.fail(kp, str(exc)) from None
 
     def boolean(self, kp: tuple, value) -> bool:
         if not isinstance(value, bool):
@@ -180,13 +186,8 @@ def load_release(path: str | os.PathLike) -> ReleaseConfig:
         repo=r.string(("publish", "repo"), pub["repo"], pattern=REPO_RE, what="a repo id like owner/name"),
         private=r.boolean(("publish", "private"), pub["private"]) if "private" in pub else False,
         where=r.where(("publish",)))
-    split = None
-    if data.get("split_max_size") is not None:
-        split = str(data["split_max_size"]).strip()
-        if not SIZE_RE.match(split):
-            raise r.fail(("split_max_size",), f"{split!r} is not a size like 48G or 500M")
-        if parse_size(split) < 1_000_000:
-            raise r.fail(("split_max_size",), f"{split} is too small (at least 1M)")
+    split = r.size(("split_max_size",), data["split_max_size"], MIN_SPLIT_SIZE) \
+        if data.get("split_max_size") is not None else None
     output = r.path(("output",), data["output"], suffix=None) if data.get("output") is not None else None
     resources = _parse_resources(r, data["resources"]) if data.get("resources") is not None else ResourcesConfig()
     return ReleaseConfig(path=p, name=name, title=title, base_model=base_model, license=license_,
@@ -391,14 +392,6 @@ def _parse_resources(r: _Reader, value) -> ResourcesConfig:
     gpus = m.get("gpus", 0)
     if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0:
         raise r.fail(kp + ("gpus",), f"expected a number >= 0, got {gpus!r}")
-    memory = None
-    if m.get("memory") is not None:
-        text = str(m["memory"]).strip()
-        try:
-            memory = parse_size(text) if SIZE_RE.match(text) else None
-        except ApexError:   # under 1M or over 1000T
-            pass
-        if memory is None:
-            raise r.fail(kp + ("memory",), f"{text!r} is not a size like 64G or 500M")
+    memory = r.size(kp + ("memory",), m["memory"], MB).bytes if m.get("memory") is not None else None
     return ResourcesConfig(cpus=r.integer(kp + ("cpus",), m["cpus"], 1) if "cpus" in m else 1,
                            gpus=gpus, memory=memory, where=r.where(kp))

@@ -1,27 +1,30 @@
 """The dry run: a release's whole plan, computed without running, downloading or writing anything.
 
-`describe_release(config, ...)` takes what `run_release` takes and gives the text `apex-orch
-release --dry-run` prints: the phases, the source and projector, the converter and llama-imatrix
-commands, one row per tier (file, predicted size, bpw, split parts, present or missing) with its
-llama-quantize command, the eval and publish settings, and the disk the release needs against
-what is free. It runs the phases' own resolving code (fetch, convert, plan) with `run` false, so
-the plan is the one the run would carry out; where an input does not exist yet it says so.
+`describe_release(config, ...)` takes what `run_release` takes and gives a ReleasePreview, plain
+data: the phases, the source and projector, the converter and llama-imatrix commands, one row per
+tier (file, predicted size, bpw, split parts, present or missing) with its llama-quantize
+command, the eval and publish settings, and the disk the release needs against what is free.
+`apex-orch release --dry-run` prints it as text (apex_orch.cli.release_preview) or, with --json,
+as `ReleasePreview.to_dict()` (schema in docs/release.md). It runs the phases' own resolving code
+(fetch, convert, plan) with `run` false, so the plan is the one the run would carry out; where an
+input does not exist yet, the step says why in its `problem`.
 Before the imatrix exists, tiers are sized with a full-coverage stand-in (`preview_imatrix`); `fit:`
 tiers are fitted as the run would fit them, their profiles written to a temporary folder only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shlex
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from apex_orch.calibration.imatrix import ImatrixPlan
 from apex_orch.calibration.imatrix_file import ImatrixEntry, ImatrixInfo, expected_tensors
 from apex_orch.core.errors import ApexError
-from apex_orch.core.text import disk_size, table
-from apex_orch.quantize.job import ImatrixSource, parse_size, resolve_imatrix
+from apex_orch.core.sizes import Size
+from apex_orch.quantize.job import ImatrixSource, resolve_imatrix
 from apex_orch.quantize.run import default_jobs
 from apex_orch.release.config import ReleaseConfig
 from apex_orch.release.fit_tiers import resolve_fit_tiers
@@ -51,8 +54,132 @@ def preview_imatrix(state: ReleaseState, plan_or_none: ImatrixPlan | None) -> Im
     return ImatrixSource(path, "0" * 64, dataset, info)
 
 
+SCHEMA = "apex-orch-release-dry-run"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class FetchPreview:
+    source: str                       # the config's source, described
+    given: str | None = None          # a local GGUF given in place of it
+    problem: str | None = None        # why it is not fetched yet (None: it is here)
+
+
+@dataclass
+class MmprojPreview:
+    what: str                         # where the projector comes from, described
+    name: str                         # its file name in the release
+    path: str | None = None           # the file to include, once fetched
+    size: int | None = None
+    problem: str | None = None        # why it is not available here (the whole error, hint included)
+
+
+@dataclass
+class ConvertPreview:
+    what: str                         # "source" or "mmproj"
+    argv: list[str]
+
+
+@dataclass
+class SourcePreview:
+    path: str
+    size: int
+    arch: str
+    blocks: int
+    experts: int
+    type: str                         # the type holding most of its weights (F16, BF16...)
+
+
+@dataclass
+class ImatrixPreview:
+    corpus: str
+    ctx: int
+    chunks: int | None                # None: every chunk of the corpus
+    i_tiers: list[str]
+    cached: bool | None = None        # None: it cannot be planned here (see problem)
+    cache_path: str | None = None
+    argv: list[str] | None = None
+    problem: str | None = None
+
+
+@dataclass
+class TierPreview:
+    tier: str
+    file: str
+    size: int                         # predicted bytes of the file (all parts)
+    bpw: float
+    parts: int
+    present: bool                     # its up-to-date files are already in the release folder
+    argv: list[str]                   # the llama-quantize command line
+
+
+@dataclass
+class EvalPreview:
+    enabled: bool
+    files: int = 0
+    base: str | None = None
+    text: str | None = None
+    ctx: int | None = None
+    chunks: int | None = None         # None: every chunk of the text
+    speed: bool = False
+    gates: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DiskPreview:
+    need: int                         # bytes the release needs in its folder
+    tiers: int                        # of which the tier files
+    split_scratch: bool               # plus the largest tier once more, while it is split
+    projector: int
+    present: int                      # bytes of tier files already there
+    free: int
+    folder: str                       # where free space was measured
+
+    @property
+    def enough(self) -> bool:
+        return self.free + self.present >= self.need
+
+
+@dataclass
+class ReleasePreview:
+    name: str
+    config: str
+    title: str
+    output: str
+    phases: list[str]                 # every phase, in order
+    selected: list[str]               # the ones this run would run
+    push: bool
+    warnings: list[str]
+    fetch: FetchPreview
+    mmproj: MmprojPreview | None
+    converts: list[ConvertPreview]
+    source_problem: str | None = None           # why the source GGUF cannot be read yet
+    source: SourcePreview | None = None         # None: it does not exist yet; nothing below is known
+    imatrix: ImatrixPreview | None = None       # None: no I-tier
+    parallel: int | None = None                 # tiers quantized at a time
+    split_max_size: Size | None = None
+    tiers: list[TierPreview] = field(default_factory=list)
+    eval: EvalPreview | None = None
+    card: str | None = None
+    localai: str | None = None
+    publish_repo: str = ""
+    private: bool = False
+    disk: DiskPreview | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The preview as JSON-ready values (docs/release.md, "The dry run as JSON")."""
+        data = dataclasses.asdict(self)
+        data["split_max_size"] = (None if self.split_max_size is None
+                                  else {"text": self.split_max_size.text, "bytes": self.split_max_size.bytes})
+        if self.disk is not None:
+            data["disk"]["enough"] = self.disk.enough
+        return {"format": SCHEMA, "format_version": SCHEMA_VERSION, **data}
+
+
 def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, push: bool = False,
-                     jobs: int | None = None, out_dir: Path | None = None, source: Path | None = None) -> str:
+                     jobs: int | None = None, out_dir: Path | None = None,
+                     source: Path | None = None) -> ReleasePreview:
     """The whole plan, computed without running or writing anything."""
     selected = list(phases) if phases is not None else list(PHASES)
     out = Path(os.path.abspath(out_dir)) if out_dir else default_out_dir(config)
@@ -62,22 +189,18 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
     state = ReleaseState(config, out, notes.append,
                          source_override=Path(os.path.abspath(source)) if source else None)
     cfg = config
-    lines = [f"release   {cfg.name}  ({cfg.display_path()})",
-             f"title     {cfg.title}",
-             f"output    {out}",
-             f"phases    {' -> '.join(p if p in selected else f'({p})' for p in PHASES)}"
-             + ("" if push else "   [publish uploads only with --push]")]
-    for w in cfg.warnings:
-        lines.append(f"warning   {w}")
-    lines.append("")
+    preview = ReleasePreview(
+        name=cfg.name, config=cfg.display_path(), title=cfg.title, output=str(out), phases=list(PHASES),
+        selected=[p for p in PHASES if p in selected], push=push, warnings=list(cfg.warnings),
+        fetch=FetchPreview(cfg.source.describe(), given=str(source) if source is not None else None),
+        mmproj=None, converts=[], notes=notes, publish_repo=cfg.publish.repo, private=cfg.publish.private)
     # fetch + convert
-    lines.append(f"fetch     {cfg.source.describe() if source is None else f'local GGUF {source} (--source)'}")
     try:
         fetch_source(state, run=False)
         fetched = True
     except ApexError as exc:
         fetched = False
-        lines.append(f"          not fetched yet: {exc.message}")
+        preview.fetch.problem = exc.message
     mmproj_size = 0
     if cfg.mmproj is not None:
         mm = cfg.mmproj
@@ -86,22 +209,22 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
                 "convert": lambda: ("converted from " + (f"local checkpoint {mm.checkpoint.raw}" if mm.checkpoint
                                                          else f"{mm.hf.repo}@{mm.hf.revision[:12]}")
                                     + f" at {mm.outtype.upper()}")}[mm.kind]()
-        lines.append(f"mmproj    {what} -> {mm.name} (never touched by profiles)")
+        preview.mmproj = MmprojPreview(what, mm.name)
         try:
             fetch_mmproj(state, run=False)
             if state.mmproj_src is not None:
                 mmproj_size = state.mmproj_src.stat().st_size
-                lines.append(f"          {state.mmproj_src} ({disk_size(mmproj_size)})")
+                preview.mmproj.path, preview.mmproj.size = str(state.mmproj_src), mmproj_size
         except ApexError as exc:
-            lines.append("          not available here: " + exc.render().replace("\n", "\n          "))
+            preview.mmproj.problem = exc.render({})   # hint included; no parameter names (a caller's words)
     if cfg.source.kind == "convert" and source is None:
         snap = state.snapshot_dir or Path("<snapshot>")
-        lines.append("convert   $ " + shlex.join(convert_argv(snap, converted_path(state), cfg.source.outtype,
-                                                           mistral_format=cfg.source.mistral_format, name=cfg.name)))
+        preview.converts.append(ConvertPreview("source", convert_argv(
+            snap, converted_path(state), cfg.source.outtype, mistral_format=cfg.source.mistral_format, name=cfg.name)))
     if cfg.mmproj is not None and cfg.mmproj.kind == "convert":
         snap = state.mmproj_snapshot or Path("<snapshot>")
-        lines.append("convert   $ " + shlex.join(convert_argv(snap, out / cfg.mmproj.name, cfg.mmproj.outtype,
-                                                           mmproj=True, mistral_format=cfg.mmproj.mistral_format)))
+        preview.converts.append(ConvertPreview("mmproj", convert_argv(
+            snap, out / cfg.mmproj.name, cfg.mmproj.outtype, mmproj=True, mistral_format=cfg.mmproj.mistral_format)))
     model_known = False
     if fetched:
         try:
@@ -110,30 +233,24 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
         except ApexError as exc:
             if state.model_path is not None and Path(state.model_path).is_file():
                 raise   # the source exists but is refused (a header that disagrees with itself...)
-            lines.append(f"          not converted yet: {exc.message}")
+            preview.source_problem = exc.message
     if not model_known:
-        lines.append("")
-        lines.append("the source GGUF does not exist yet, so tier sizes cannot be predicted; run the fetch and "
-                     "convert phases first (or pass --source PATH)")
-        return "\n".join(lines)
+        return preview
     m = state.model
-    lines.append(f"source    {state.model_path} ({disk_size(m.file_size)}, {m.arch}, {m.block_count} blocks, "
-                 f"{m.expert_count} experts, {m.source_ftype_label})")
-    lines.append("")
+    preview.source = SourcePreview(str(state.model_path), m.file_size, m.arch, m.block_count, m.expert_count,
+                                   m.source_ftype_label)
     # imatrix
     im_plan = None
     if cfg.imatrix is not None:
         c = cfg.imatrix
-        lines.append(f"imatrix   corpus {c.corpus}, ctx {c.ctx}, chunks {c.chunks or 'all'}; computed once for "
-                     f"{len(cfg.i_tiers)} I-tiers ({', '.join(t.tier for t in cfg.i_tiers)})")
+        preview.imatrix = ImatrixPreview(c.corpus, c.ctx, c.chunks, [t.tier for t in cfg.i_tiers])
         try:
             im_plan = imatrix_plan(state)
-            lines.append(f"          {'cached: ' + str(im_plan.cache_path) if im_plan.cached else 'not computed yet'}")
-            lines.append("          $ " + shlex.join(im_plan.argv))
+            preview.imatrix.cached = im_plan.cached
+            preview.imatrix.cache_path = str(im_plan.cache_path)
+            preview.imatrix.argv = im_plan.argv
         except ApexError as exc:
-            lines.append(f"          cannot be planned here: {exc.message}")
-    else:
-        lines.append("imatrix   not needed (no I-tier)")
+            preview.imatrix.problem = exc.message
     # quantize
     stand_in = None
     if cfg.imatrix is not None:
@@ -143,37 +260,24 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
             stand_in = preview_imatrix(state, im_plan)
     resolve_fit_tiers(state, write=False)   # `fit:` tiers: fitted in a temporary folder, nothing kept
     job_list = plan_jobs(state, imatrix=stand_in)
-    split = parse_size(cfg.split_max_size) if cfg.split_max_size else None
-    lines.append("")
-    n_par = jobs or default_jobs(job_list)
-    lines.append(f"quantize  {len(job_list)} tiers, {n_par} at a time"
-                 + (f", split into parts of at most {cfg.split_max_size}" if split else ""))
-    rows = []
+    split = cfg.split_max_size.bytes if cfg.split_max_size else None
+    preview.split_max_size = cfg.split_max_size
+    preview.parallel = jobs or default_jobs(job_list)
     total = 0
     for job in job_list:
         size = job.predicted_size
         total += size
-        parts = -(-size // split) if split and size > split else 1
-        state_txt = "present" if existing_outputs(job) else "missing"
-        rows.append([job.profile.tier, job.output.name, disk_size(size), f"{size / 2**30:.2f}", f"{job.plan.bpw:.3f}",
-                     str(parts) if parts > 1 else "1", state_txt])
-    lines.append(table(["tier", "file", "size", "GiB", "bpw", "parts", "state"], rows, align="llrrrrl"))
-    for job in job_list:
-        argv = job.argv(job.output, job.output.with_name(job.output.name + ".tensor-types.txt"))
-        lines.append(f"  {job.profile.tier}: $ " + shlex.join(argv))
-    # eval
-    lines.append("")
+        preview.tiers.append(TierPreview(
+            job.profile.tier, job.output.name, size, job.plan.bpw,
+            -(-size // split) if split and size > split else 1, bool(existing_outputs(job)),
+            job.argv(job.output, job.rules_path)))
+    # eval, card, publish
     e = cfg.eval
+    preview.eval = EvalPreview(enabled=False)
     if e.enabled:
-        gates = ", ".join(f"{k} {v:g}" for k, v in e.gates) or "none"
-        lines.append(f"eval      {len(job_list)} files against {state.model_path.name} on {e.text_label()}, ctx {e.ctx}, "
-                     f"chunks {e.chunks or 'all'}, one base-logits cache; speed {'yes' if e.speed else 'no'}; "
-                     f"gates: {gates}")
-    else:
-        lines.append("eval      disabled (the card says benchmarks pending)")
-    lines.append(f"card      {out / CARD_NAME} + {len(job_list)} LocalAI entries in {out / LOCALAI_DIR}")
-    lines.append(f"publish   {cfg.publish.repo} ({'private' if cfg.publish.private else 'public'}); "
-                 + ("runs with --push" if push else "not without --push"))
+        preview.eval = EvalPreview(True, len(job_list), state.model_path.name, e.text_label(), e.ctx, e.chunks,
+                                   e.speed, dict(e.gates))
+    preview.card, preview.localai = str(out / CARD_NAME), str(out / LOCALAI_DIR)
     # disk
     need = total
     if split:
@@ -183,15 +287,7 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
     probe = out
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    present = sum(f.stat().st_size for j in job_list for f in (existing_outputs(j) or []))
-    lines.append("")
-    lines.append(f"disk      the release needs {disk_size(need)} (tiers {disk_size(total)}"
-                 + (", split scratch for the largest tier" if split else "")
-                 + (f", projector {disk_size(mmproj_size)}" if mmproj_size else "") + ")"
-                 + (f", {disk_size(present)} already present" if present else "")
-                 + f"; {disk_size(free)} free in {probe}"
-                 + ("" if free + present >= need else "  -> NOT ENOUGH"))
-    for n in notes:
-        lines.append(f"note      {n}")
-    return "\n".join(lines)
+    preview.disk = DiskPreview(need, total, bool(split), mmproj_size if cfg.mmproj is not None else 0,
+                               sum(f.stat().st_size for j in job_list for f in (existing_outputs(j) or [])),
+                               shutil.disk_usage(probe).free, str(probe))
+    return preview

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from apex_orch.calibration.imatrix import ImatrixPlan, run_imatrix
-from apex_orch.core.errors import UsageError
+from apex_orch.core.errors import RequestError
 from apex_orch.evaluation.evaluate import EvalPlan, ensure_base_cache, run_eval
 from apex_orch.evaluation.inputs import EvalSettings, ModelFacts, TextFacts
 from apex_orch.evaluation.results import EvalResult
@@ -121,7 +121,7 @@ def parse_executor(spec: str) -> tuple[str, str | None]:
         host, sep, port = text[len("ray://"):].rpartition(":")
         if sep and host and port.isdigit() and 0 < int(port) < 65536:
             return "ray", text
-    raise UsageError(f"--executor {spec!r}: expected local, ray or ray://HOST:PORT")
+    raise RequestError(f"{spec!r}: expected local, ray or ray://HOST:PORT", fields=("executor",))
 
 
 def make_executor(spec: str = LOCAL, *, progress: Progress | None = None,

@@ -23,10 +23,11 @@ import re
 import tempfile
 from pathlib import Path
 
-from apex_orch.core.errors import ApexError, ConfigError, UsageError
+from apex_orch.core.errors import ApexError, ConfigError, RequestError, ResultFileError
 from apex_orch.core.safefiles import safe_mkdir, write_atomic
+from apex_orch.core.sizes import GRAMMAR, SizeError, parse_size
 from apex_orch.core.text import file_name_part, gb, md_code, md_inline
-from apex_orch.fit.fitter import fit_profile, parse_budget_size
+from apex_orch.fit.fitter import MIN_BUDGET, fit_profile
 from apex_orch.fit.groups import bands_profile
 from apex_orch.fit.measurements import Sensitivity, load_sensitivity
 from apex_orch.plan.llama_rules import IMATRIX_REQUIRED
@@ -53,14 +54,11 @@ def parse_fit_tier(r, kp: tuple, m: dict) -> tuple[FitSpec, Profile]:
         raise r.fail(fkp, f"give exactly one of size or bpw (got {' and '.join(given) or 'neither'})")
     size = bpw = None
     if "size" in f:
-        value = f["size"]
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise r.fail(fkp + ("size",), f"expected a size like 48GB, got {value!r}")
         try:
-            size = parse_budget_size(str(value))
-        except ApexError as exc:
-            raise r.fail(fkp + ("size",), exc.message.removeprefix("--size "),
-                         hint="GB = 10^9 bytes, as the Hub lists file sizes; a bare number is GB") from None
+            size = parse_size(f["size"], minimum=MIN_BUDGET)
+        except SizeError as exc:
+            raise r.fail(fkp + ("size",), str(exc),
+                         hint=f"GB = 10^9 bytes, as the Hub lists file sizes ({GRAMMAR})") from None
     else:
         bpw = f["bpw"]
         if isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or not 1.0 <= bpw <= 16.0:
@@ -94,14 +92,14 @@ def parse_fit_tier(r, kp: tuple, m: dict) -> tuple[FitSpec, Profile]:
         except ApexError as exc:
             raise r.fail(fkp + ("from",), exc.message, hint=exc.hint) from None
     if sens.data.get("bands") != base_prof.raw.get("bands"):
-        measured = sens.data.get("bands_from") or "APEX's own (no --from)"
+        measured = sens.data.get("bands_from") or "APEX's own profile"
         raise r.fail(skp, f"the sensitivity was measured with the bands of {measured}, not those of "
                           f"{f.get('from') or 'APEX (no from:)'}",
                      hint="fit from the profile the measurement used (from:), or measure with these bands")
     with_imatrix = sens.data.get("imatrix") is not None if imatrix is None else imatrix
     if not any(with_imatrix or t not in IMATRIX_REQUIRED for t in sens.ladder):
         raise r.fail(fkp + ("imatrix",), "without an imatrix none of the measured types can be written",
-                     hint="measure types llama-quantize writes without one too (apex-orch sensitivity --types)")
+                     hint="measure types llama-quantize writes without one too (the ladder of `apex-orch sensitivity`)")
     spec = FitSpec(size=size, bpw=bpw, sensitivity=sens_path, base=base, structure=structure, imatrix=imatrix,
                    tier=tier, where=r.where(kp))
     return spec, _placeholder(spec, base_prof, sens, with_imatrix)
@@ -157,7 +155,7 @@ def _fit_tier(state, model, t, folder: Path, write: bool) -> Profile:
     try:
         result = fit_profile(model, sens, size=spec.size, bpw=spec.bpw, base=spec.base, tier=spec.tier,
                              structure=spec.structure, imatrix=spec.imatrix)
-    except UsageError as exc:   # the sensitivity does not fit this model or these bands
+    except (RequestError, ResultFileError) as exc:   # the sensitivity does not fit this model, bands or size
         raise ConfigError(f"tier {spec.tier}: fit: {exc.message}", where=spec.where, hint=exc.hint) from None
     path = folder / (file_name_part(spec.tier, "tier") + ".yaml")
     if write:

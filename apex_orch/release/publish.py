@@ -119,7 +119,8 @@ def plan_publish(request: PublishRequest) -> PublishPlan:
         p = rec.local
         if not p.is_file() or p.stat().st_size != rec.size:
             raise PublishError(f"{p.name} does not match its manifest", where=str(p),
-                               hint="rerun the release without --only/--skip to rebuild it")
+                               hint="rerun the release with every phase selected to rebuild it",
+                               options=("only", "skip"))
         digest = sha256_file(p)   # what is uploaded is what was recorded, byte for byte
         if digest != rec.sha256:
             raise PublishError(f"{p.name} changed since it was written: its sha256 is {digest[:16]}..., its "

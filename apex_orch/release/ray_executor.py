@@ -9,7 +9,7 @@ name, verified, renamed and given their manifest as on one machine. Workers get 
 settings (`runtime_env`: core.settings.worker_environment) and return (result, worker, seconds).
 
 Placement: `resources.cpus` CPUs (the tool's threads), memory (the config's, else a quantization's
-largest tensor as f32 twice + 512 MiB, as quantize.run.default_jobs bounds it, or the model's size)
+estimate QuantizeJob.memory_bytes, which also bounds local parallelism, or the model's size)
 and, for imatrix and eval, `resources.gpus`; a task no node can hold is refused before any starts.
 
 Failures: a worker that dies makes Ray run its task elsewhere, at most MAX_RETRIES more times; the
@@ -53,7 +53,6 @@ from apex_orch.release.tasks import OnResult, Progress, TaskRecord
 RAY_REQUIREMENT = "ray[client]==2.60.0"      # the pin of the `ray` extra in pyproject.toml
 MAX_RETRIES = 2                              # more attempts after a worker died
 RECORD_INTERVAL_S = 1.0                      # a task forwards tool records ("[i/n] ...") at most this often
-PARTIAL = ".partial-"                        # the scratch-name tag the library puts before a pid
 
 
 def import_ray():
@@ -61,8 +60,8 @@ def import_ray():
     try:
         import ray
     except ImportError as exc:
-        raise ToolNotFoundError(f"--executor ray needs Ray, which is not installed here ({exc}): "
-                                "pip install 'apex-orch[ray]'",
+        raise ToolNotFoundError(f"running on a Ray cluster needs Ray, which is not installed here ({exc}): "
+                                "pip install 'apex-orch[ray]'", options=("executor",),
                                 hint=f"the extra installs the pinned {RAY_REQUIREMENT}; every worker of the "
                                      "cluster needs the same apex-orch and Ray (docs/distributed.md)") from None
     return ray
@@ -133,16 +132,9 @@ def run_task(work: Callable[..., Any], progress_arg: str | None, sink: Any, tag:
     return result, relay.worker, time.monotonic() - t0
 
 
-def imatrix_work(plan: ImatrixPlan, threads: int, planner_pid: int, *, on_progress: Progress) -> Path:
-    """run_imatrix with this process's scratch names (the plan named them for the driver's pid)
-    and `threads` threads."""
-    old, new = f"{PARTIAL}{planner_pid}", f"{PARTIAL}{os.getpid()}"
-    argv = [a.replace(old, new) for a in plan.argv]
-    argv[argv.index("-t") + 1] = str(threads)
-    q8_argv = None if plan.q8_argv is None else [a.replace(old, new) for a in plan.q8_argv[:-1]] + [str(threads)]
-    plan = dataclasses.replace(plan, tmp_path=Path(str(plan.tmp_path).replace(old, new)), argv=argv,
-                               q8_argv=q8_argv, threads=threads)
-    return run_imatrix(plan, on_progress=on_progress)
+def imatrix_work(plan: ImatrixPlan, threads: int, *, on_progress: Progress) -> Path:
+    """run_imatrix on this worker: the plan's scratch names made for this process, `threads` threads."""
+    return run_imatrix(plan.for_process(threads=threads), on_progress=on_progress)
 
 
 # --------------------------------------------------------------------------- on the driver
@@ -200,7 +192,7 @@ class RayExecutor:
             except Exception as exc:   # noqa: BLE001 - ConnectionError, a bad address, a version mismatch
                 raise ExecutorError(f"cannot reach the Ray cluster at {named}: {_first_line(exc)}",
                                     hint="start it (`ray start --head`, docs/distributed.md), check the address, "
-                                         "or run on this machine with --executor local") from None
+                                         "or run on this machine (the local executor)", options=("executor",)) from None
             finally:
                 if sigterm is not None:   # ray.init replaces it with sys.exit; ours cleans up first
                     signal.signal(signal.SIGTERM, sigterm)
@@ -214,7 +206,7 @@ class RayExecutor:
     # ---- the Executor protocol
     def imatrix(self, plan: ImatrixPlan, *, progress: Progress) -> Path:
         memory = sum(p.stat().st_size for p in shard_paths(plan.model_path))
-        call = (imatrix_work, "on_progress", (plan, self.resources.cpus, os.getpid()), {})
+        call = (imatrix_work, "on_progress", (plan, self.resources.cpus), {})
         task = self._task("imatrix", plan.cache_path.name, call, memory, gpu=True)
         return self._run([task], progress)[0]
 
@@ -227,10 +219,8 @@ class RayExecutor:
             _ = job.key   # the source's sha256: computed here once, not on every worker
             remote_job = copy.copy(job)
             remote_job.threads = self.resources.cpus
-            biggest = max((t.n_elements for t in job.plan.tensors), default=0)   # as quantize.run.default_jobs
             call = (run_quantize, "progress", (remote_job,), {"force": force})
-            memory = biggest * 4 * 2 + (512 << 20)
-            tasks.append(self._task("quantize", job.output.name, call, memory, output=job.output))
+            tasks.append(self._task("quantize", job.output.name, call, job.memory_bytes, output=job.output))
         results = self._run(tasks, progress)
         for job, result in zip(jobs, results):
             if job.trust_tool_plan:

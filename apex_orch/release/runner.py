@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from apex_orch.core.errors import UsageError
+from apex_orch.core.errors import RequestError
 from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.safefiles import open_nofollow, safe_mkdir
 from apex_orch.core.text import table
@@ -49,27 +49,28 @@ PHASES = tuple(PHASE_RUNNERS)
 
 
 def select_phases(only: str | None = None, skip: str | None = None, from_phase: str | None = None) -> list[str]:
-    """The phases to run, in order. --only/--skip take comma-separated names; --from a single one."""
-    def parse(text: str, flag: str) -> list[str]:
+    """The phases to run, in order. `only`/`skip` take comma-separated names; `from_phase` a single one."""
+    def parse(text: str, field: str) -> list[str]:
         names = [n.strip() for n in text.split(",") if n.strip()]
         bad = [n for n in names if n not in PHASES]
         if bad or not names:
-            raise UsageError(f"{flag} {text!r}: unknown phase {', '.join(bad) or '(none)'}",
-                             hint="phases: " + ", ".join(PHASES))
+            raise RequestError(f"{text!r}: unknown phase {', '.join(bad) or '(none)'}", fields=(field,),
+                               hint="phases: " + ", ".join(PHASES))
         return names
     if only and (skip or from_phase):
-        raise UsageError("--only cannot be combined with --skip or --from")
+        raise RequestError("a list of phases to run alone cannot be combined with phases to skip or a first phase",
+                           fields=("only", "skip", "from_phase"))
     selected = list(PHASES)
     if only:
-        wanted = set(parse(only, "--only"))
+        wanted = set(parse(only, "only"))
         selected = [p for p in PHASES if p in wanted]
     if from_phase:
-        start = parse(from_phase, "--from")
+        start = parse(from_phase, "from_phase")
         if len(start) != 1:
-            raise UsageError("--from takes one phase")
+            raise RequestError("the first phase is one phase", fields=("from_phase",))
         selected = list(PHASES[PHASES.index(start[0]):])
     if skip:
-        dropped = set(parse(skip, "--skip"))
+        dropped = set(parse(skip, "skip"))
         selected = [p for p in selected if p not in dropped]
     return selected
 

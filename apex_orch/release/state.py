@@ -2,7 +2,7 @@
 
 `ReleaseState` is the one object every phase takes (with `run`: do the work, or only find earlier
 results) and fills in for the phases after it: the fetched source, the model, the imatrix, the
-tier jobs and files, the eval records. The run's options (--push, -j, --force) are fields too, so
+tier jobs and files, the eval records. The run's options (push, parallel, force) are fields too, so
 every phase has the same signature, and so is the executor the phases hand their heavy work to
 (release.executor: this machine unless `--executor` names a Ray cluster). `PhaseReport` is what a
 phase says it did.
@@ -53,9 +53,9 @@ class ReleaseState:
     out_dir: Path
     progress: Progress
     source_override: Path | None = None
-    push: bool = False                                        # --push: publish uploads
-    parallel: int | None = None                               # -j: tiers quantized at once (None: automatic)
-    force: bool = False                                       # --force: redo stale outputs, not refuse
+    push: bool = False                                        # publish uploads
+    parallel: int | None = None                               # tiers quantized at once (None: automatic)
+    force: bool = False                                       # redo stale outputs, not refuse
     executor: Executor = field(default_factory=LocalExecutor) # where imatrix, quantize and eval run
     source_paths: list[Path] = field(default_factory=list)   # fetched GGUF(s)
     snapshot_dir: Path | None = None                          # convert: the safetensors snapshot
@@ -81,7 +81,7 @@ class ReleaseState:
         missing = [j.profile.tier for j in self.jobs if j.profile.tier not in self.files]
         if missing:
             raise ModelError(f"{phase}: no up-to-date output for tier(s) {', '.join(missing)}",
-                             hint="run the quantize phase first (drop --skip quantize / --only)")
+                             hint="run the quantize phase first", options=("only", "skip", "from_phase"))
 
 
 def default_out_dir(config: ReleaseConfig) -> Path:
@@ -101,7 +101,8 @@ def check_out_dir(out: Path, config: ReleaseConfig) -> None:
                           where=config.output.where if config.output else str(config.path),
                           hint="use a dedicated folder such as out/release/NAME")
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"release folder {out} exists and is not a folder", hint="choose another --out-dir")
+        raise ConfigError(f"release folder {out} exists and is not a folder", hint="choose another release folder",
+                          options=("out_dir",))
     card = out / CARD_NAME
     if card.exists():
         head = card.read_text(encoding="utf-8", errors="replace")
@@ -144,12 +145,12 @@ def check_release_paths(config: ReleaseConfig, out: Path, source: Path | None) -
     """Inputs are never outputs (issue 15): refused before the lock, the log or any phase. The
     projector included as is is hard-linked into the release on purpose: for it, only the same
     path counts."""
-    flag = "release folder (--out-dir / output:) or source"
+    what, options = "release folder (the config's `output:`) or source", ("out_dir", "source")
     outputs, inputs = release_outputs(config, out), release_inputs(config, source)
     mm = out / config.mmproj.name if config.mmproj is not None and config.mmproj.kind == "file" else None
-    check_not_inputs([o for o in outputs if o != mm], inputs, flag=flag)
+    check_not_inputs([o for o in outputs if o != mm], inputs, what=what, options=options)
     if mm is not None:
-        check_not_inputs([mm], inputs, flag=flag, hard_links_ok=True)
+        check_not_inputs([mm], inputs, what=what, options=options, hard_links_ok=True)
 
 
 def release_lock(work: Path) -> FileLock:

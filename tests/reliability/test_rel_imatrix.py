@@ -60,7 +60,7 @@ def refused(model: Path, imatrix: Path, tmp_path: Path, tripwire: Path, *needles
 
 def test_imatrix_file_missing(mistral4_split, tmp_path, tripwire):
     refused(mistral4_split, tmp_path / "none.gguf", tmp_path, tripwire,
-            f"{tmp_path / 'none.gguf'}: imatrix file not found", "--corpus NAME")
+            f"{tmp_path / 'none.gguf'}: imatrix file not found", "name a corpus to build one from [--imatrix, --corpus]")
 
 
 def test_imatrix_corrupt(mistral4_split, tmp_path, tripwire):

@@ -271,7 +271,7 @@ def test_quantize_refuses_an_output_that_is_its_source(how, src_copy, tmp_path, 
     r = cli("quantize", "-p", "compact", src_copy, *args, "--force", "--no-eval")
     kind = "the same file through a hard link" if how == "hard link" else "the same file"
     assert_one_error(r.output, 2, r.exit_code, f"output {shown} is the input {src_copy} ({kind})",
-                     "(--force does not change that)")
+                     "(asking to replace outputs does not change that)", "[--output, --out-dir, --name]")
     assert "pass --force" not in r.output
     assert sha256(src_copy) == good and not tripwire.exists()
 

@@ -131,7 +131,7 @@ def test_corrupted_manifest_is_detected_not_trusted(tiny_moe, existing_output, t
     before = snapshot(existing_output)
     r = cli("quantize", "-p", "compact", tiny_moe, "--out-dir", existing_output, "--no-eval")
     assert_failed_cleanly(r.output, 13, r.exit_code, f"{mpath}: manifest content does not match its own checksum",
-                          "rerun with --force", out_dir=existing_output, before=before)
+                          "rerun, forced, to rebuild the output [--force]", out_dir=existing_output, before=before)
     assert "up to date" not in r.output and not tripwire.exists()
 
 
@@ -150,7 +150,7 @@ def test_output_without_manifest_is_not_up_to_date(tiny_moe, existing_output, tr
     before = snapshot(existing_output)
     r = cli("quantize", "-p", "compact", tiny_moe, "--out-dir", existing_output, "--no-eval")
     assert_failed_cleanly(r.output, 9, r.exit_code, "already exists and is not up to date (no manifest)",
-                          "pass --force to replace it", out_dir=existing_output, before=before)
+                          "ask to replace it", "[--force]", out_dir=existing_output, before=before)
     assert not tripwire.exists()
 
 

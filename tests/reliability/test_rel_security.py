@@ -112,7 +112,8 @@ def test_name_cannot_steer_files_out_of_out_dir(name, tiny_moe, tmp_path, tripwi
     out = root / "a" / "b" / "out"
     before = snapshot(tmp_path)
     r = cli("quantize", "-p", "compact", tiny_moe, "--out-dir", out, "--name", name, "--no-eval")
-    assert_one_error(r.output, 2, r.exit_code, f"--name {name!r} is not a plain model name", "use -o PATH")
+    assert_one_error(r.output, 2, r.exit_code, f"--name: {name!r} is not a plain model name",
+                     "give an output path or another output folder", "[--output, --out-dir]")
     assert snapshot(tmp_path) == before and not root.exists() and not tripwire.exists()
 
 

@@ -53,7 +53,7 @@ def test_other_build_with_opt_in_verifies_against_the_tools_types(tmp_path, tiny
     r = cli("--llama-bin-dir", _other_build(tmp_path), "quantize", "-p", "compact", tiny_moe,
             "--out-dir", out, "-t", "2", "--no-eval", "--trust-tool-plan")
     assert r.exit_code == 0, r.output
-    assert "--trust-tool-plan: its dry-run is the plan" in r.output
+    assert "as asked, its dry-run is the plan" in r.output
     final = out / f"{TINY_NAME}-APEX-Compact.gguf"
     types = {t.name: t.ggml_type for t in read_header(final).tensors}
     assert types["output.weight"] == T.Q8_0

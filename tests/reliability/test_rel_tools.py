@@ -89,7 +89,7 @@ def test_tool_hangs_and_timeout_stops_it(model_beside, tmp_path, ignores_sigterm
     ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignores_sigterm else ""
     r, before = force_run_with_fake(tmp_path, model_beside, ignore + HANG + "time.sleep(600)\n", "--timeout", "1")
     assert_failed_cleanly(r.output, 8, r.exit_code, "llama-quantize ran past the 1 s timeout and was stopped",
-                          "raise --timeout", out_dir=model_beside, before=before)
+                          "allow more time, or check the log for a hang [--timeout]", out_dir=model_beside, before=before)
     assert process_gone(int((tmp_path / "tool.pid").read_text()))
 
 
@@ -139,7 +139,8 @@ def test_disk_fills_during_writing(tiny_moe, tmp_path):
                 pass
         output, _ = proc.communicate(timeout=120)
         (fs / "filler").unlink()
-        assert_failed_cleanly(output, 11, proc.returncode, "is full", str(out), "choose another --out-dir",
+        assert_failed_cleanly(output, 11, proc.returncode, "is full", str(out), "choose another output folder",
+                              "[--out-dir, --output]",
                               out_dir=out, before={})
         assert not any(p.suffix == ".gguf" for p in out.iterdir())
 
@@ -162,7 +163,7 @@ def test_not_enough_free_disk_refused_before_starting(tiny_moe, tmp_path, tripwi
     with tmpfs(tmp_path / "fs", "20m") as fs:
         r = cli("quantize", "-p", "compact", tiny_moe, "--out-dir", fs, "--no-eval")
         assert_failed_cleanly(r.output, 11, r.exit_code, f"not enough free disk in {fs}", "0.02 GB free",
-                              "choose another --out-dir", out_dir=fs, before={})
+                              "choose another output folder", "[--out-dir, --output]", out_dir=fs, before={})
         assert os.listdir(fs) == [] and not tripwire.exists()
 
 
@@ -175,7 +176,8 @@ def test_output_folder_read_only(tiny_moe, existing_output, tmp_path, tripwire):
         before = snapshot(fs / "out")
         r = cli("quantize", "-p", "compact", tiny_moe, "--out-dir", fs / "out", "--no-eval", "--force")
         assert_failed_cleanly(r.output, 17, r.exit_code, f"output folder {fs / 'out'} is not writable "
-                              "(read-only file system)", "choose another --out-dir", out_dir=fs / "out", before=before)
+                              "(read-only file system)", "choose another output folder", "[--out-dir, --output]",
+                              out_dir=fs / "out", before=before)
         assert not tripwire.exists()
 
 
@@ -183,7 +185,7 @@ def test_output_folder_cannot_be_created(tiny_moe, tmp_path, tripwire):
     with tmpfs(tmp_path / "fs", "1m", read_only=True) as fs:
         r = cli("quantize", "-p", "compact", tiny_moe, "--out-dir", fs / "new" / "out", "--no-eval")
         assert_failed_cleanly(r.output, 17, r.exit_code, f"cannot create {fs / 'new'}", "Read-only file system",
-                              "choose another --out-dir")
+                              "choose another output folder", "[--out-dir, --output]")
         assert not tripwire.exists()
 
 

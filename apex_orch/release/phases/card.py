@@ -25,7 +25,7 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
         card_path = state.out_dir / CARD_NAME
         if state.push and not (card_path.is_file() and card_path.read_text(encoding="utf-8") == text):
             raise PublishError(f"{card_path} is missing or out of date, so it cannot be published",
-                               hint="run the card phase (drop --skip card / --from)")
+                               hint="run the card phase first", options=("only", "skip", "from_phase"))
         return PhaseReport("card", "resolved")
     changed = 0
     targets = {state.out_dir / CARD_NAME: text}

@@ -141,7 +141,7 @@ def convert_source(state: ReleaseState, run: bool) -> str:
             state.converted_now = state.converted_now or wrote
         elif not final.is_file():
             raise ModelError(f"the converted source {final} does not exist yet",
-                             hint="run the convert phase (drop --skip convert / --from)")
+                             hint="run the convert phase first", options=("only", "skip", "from_phase"))
         state.model_path = final
     else:
         state.model_path = state.source_paths[0]
@@ -176,7 +176,7 @@ def convert_mmproj(state: ReleaseState, run: bool) -> str:
         state.converted_now = state.converted_now or wrote
     elif not (final.is_file() and manifest_path(final).is_file()):
         raise ModelError(f"the projector {final} is not in the release folder yet",
-                         hint="run the convert phase (drop --skip convert / --from)")
+                         hint="run the convert phase first", options=("only", "skip", "from_phase"))
     check_projector(final)
     state.mmproj = final
     return did

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterable
 
-from apex_orch.core.errors import ConfigError, ToolNotFoundError, UsageError
+from apex_orch.core.errors import ConfigError, ModelError, ToolNotFoundError
 from apex_orch.core.translate import translate_hub_download_error
 from apex_orch.demo.synthetic import demo_model_path
 from apex_orch.release.config import ConfigPath, HFRef
@@ -71,7 +71,8 @@ def local_ggufs(paths: Iterable[ConfigPath]) -> list[Path]:
         p = cp.resolve()
         if not p.is_file():
             raise ConfigError(f"source file not found: {p}", where=cp.where,
-                              hint="fix the path, or pass --source PATH")
+                              hint="fix the path, or give a local GGUF in place of the config's source",
+                              options=("source",))
         out.append(p)
     return out
 
@@ -89,9 +90,10 @@ def fetch_source(state: ReleaseState, run: bool) -> str:
     if state.source_override is not None:
         p = state.source_override
         if not p.is_file():
-            raise UsageError(f"--source {p}: file not found")
+            raise ModelError("source file not found", where=str(p), options=("source",),
+                             hint="check the path of the GGUF given in place of the config's source")
         state.source_paths = [p]
-        return f"source {p.name} (--source)"
+        return f"source {p.name} (given in place of the config's)"
     if src.kind == "demo":
         state.source_paths = [demo_model_path()]
         return "demo model"

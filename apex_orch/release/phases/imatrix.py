@@ -31,7 +31,7 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     if not plan.cached:
         if not run:
             raise ImatrixError(f"the imatrix for corpus {cfg.imatrix.corpus} has not been computed yet",
-                               hint="run the imatrix phase (drop --skip imatrix / --from)")
+                               hint="run the imatrix phase first", options=("only", "skip", "from_phase"))
         state.progress(f"imatrix: corpus {plan.corpus_name}, {plan.chunks} chunks x {plan.ctx} tokens "
                        f"(one imatrix for {len(cfg.i_tiers)} I-tiers)")
     path = state.executor.imatrix(plan, progress=state.progress) if run else plan.cache_path

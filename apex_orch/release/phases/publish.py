@@ -28,7 +28,7 @@ def publish_request(state: ReleaseState) -> publish.PublishRequest:
 
 def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     if not (run and state.push):
-        return PhaseReport("publish", "skipped", detail=f"local release only; --push uploads it to "
+        return PhaseReport("publish", "skipped", detail=f"local release only; not pushed to "
                                                         f"{state.config.publish.repo}")
     state.require_all_files("publish")
     plan = publish.plan_publish(publish_request(state))

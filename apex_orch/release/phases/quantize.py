@@ -31,7 +31,8 @@ def plan_jobs(state: ReleaseState, imatrix: ImatrixSource | None = None) -> list
     for t in cfg.tiers:
         jobs.append(plan_quantize(state.model_path, t.profile, out_dir=state.out_dir, name=cfg.name,
                                   imatrix=imatrix if t.profile.imatrix_required else None,
-                                  split_max_size=cfg.split_max_size, model=state.model))
+                                  split_max_size=cfg.split_max_size.bytes if cfg.split_max_size else None,
+                                  model=state.model))
     return jobs
 
 
@@ -69,10 +70,10 @@ def stale_outputs(job: QuantizeJob) -> bool:
 def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     state.jobs = plan_jobs(state)
     if run:
-        # --force redoes exactly the stale tiers; up-to-date tiers are still skipped.
+        # A forced run redoes exactly the stale tiers; up-to-date tiers are still skipped.
         stale = [j for j in state.jobs if stale_outputs(j)] if state.force else []
         for j in stale:
-            state.progress(f"quantize: {j.output.name} is stale; --force redoes it")
+            state.progress(f"quantize: {j.output.name} is stale; redone, as forced")
         rest = [j for j in state.jobs if j not in stale]
         ex = state.executor
         done = (ex.quantize(rest, force=False, parallel=state.parallel, progress=state.progress) if rest else []) + \

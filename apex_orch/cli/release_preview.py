@@ -1,0 +1,84 @@
+"""`apex-orch release --dry-run` as text: the ReleasePreview (apex_orch.release.dryrun) in the
+layout the dry run has always printed. `--dry-run --json` prints `ReleasePreview.to_dict()`."""
+
+from __future__ import annotations
+
+import shlex
+
+from apex_orch.core.text import disk_size, table
+from apex_orch.release.dryrun import ReleasePreview
+
+
+def _indented(text: str) -> str:
+    return text.replace("\n", "\n          ")
+
+
+def format_preview(p: ReleasePreview) -> str:
+    lines = [f"release   {p.name}  ({p.config})",
+             f"title     {p.title}",
+             f"output    {p.output}",
+             f"phases    {' -> '.join(x if x in p.selected else f'({x})' for x in p.phases)}"
+             + ("" if p.push else "   [publish uploads only with --push]")]
+    lines += [f"warning   {w}" for w in p.warnings]
+    lines.append("")
+    lines.append(f"fetch     {p.fetch.source if p.fetch.given is None else f'local GGUF {p.fetch.given} (--source)'}")
+    if p.fetch.problem is not None:
+        lines.append(f"          not fetched yet: {p.fetch.problem}")
+    if p.mmproj is not None:
+        mm = p.mmproj
+        lines.append(f"mmproj    {mm.what} -> {mm.name} (never touched by profiles)")
+        if mm.problem is not None:
+            lines.append("          not available here: " + _indented(mm.problem))
+        elif mm.path is not None:
+            lines.append(f"          {mm.path} ({disk_size(mm.size or 0)})")
+    lines += ["convert   $ " + shlex.join(c.argv) for c in p.converts]
+    if p.source_problem is not None:
+        lines.append(f"          not converted yet: {p.source_problem}")
+    if p.source is None:
+        lines += ["", "the source GGUF does not exist yet, so tier sizes cannot be predicted; run the fetch and "
+                      "convert phases first (or pass --source PATH)"]
+        return "\n".join(lines)
+    s = p.source
+    lines += [f"source    {s.path} ({disk_size(s.size)}, {s.arch}, {s.blocks} blocks, {s.experts} experts, "
+              f"{s.type})", ""]
+    if p.imatrix is None:
+        lines.append("imatrix   not needed (no I-tier)")
+    else:
+        im = p.imatrix
+        lines.append(f"imatrix   corpus {im.corpus}, ctx {im.ctx}, chunks {im.chunks or 'all'}; computed once for "
+                     f"{len(im.i_tiers)} I-tiers ({', '.join(im.i_tiers)})")
+        if im.problem is not None:
+            lines.append(f"          cannot be planned here: {im.problem}")
+        else:
+            lines.append(f"          {'cached: ' + str(im.cache_path) if im.cached else 'not computed yet'}")
+            lines.append("          $ " + shlex.join(im.argv or []))
+    lines.append("")
+    lines.append(f"quantize  {len(p.tiers)} tiers, {p.parallel} at a time"
+                 + (f", split into parts of at most {p.split_max_size}" if p.split_max_size else ""))
+    rows = [[t.tier, t.file, disk_size(t.size), f"{t.size / 2**30:.2f}", f"{t.bpw:.3f}", str(t.parts),
+             "present" if t.present else "missing"] for t in p.tiers]
+    lines.append(table(["tier", "file", "size", "GiB", "bpw", "parts", "state"], rows, align="llrrrrl"))
+    lines += [f"  {t.tier}: $ " + shlex.join(t.argv) for t in p.tiers]
+    lines.append("")
+    e = p.eval
+    if e is not None and e.enabled:
+        gates = ", ".join(f"{k} {v:g}" for k, v in e.gates.items()) or "none"
+        lines.append(f"eval      {e.files} files against {e.base} on {e.text}, ctx {e.ctx}, "
+                     f"chunks {e.chunks or 'all'}, one base-logits cache; speed {'yes' if e.speed else 'no'}; "
+                     f"gates: {gates}")
+    else:
+        lines.append("eval      disabled (the card says benchmarks pending)")
+    lines.append(f"card      {p.card} + {len(p.tiers)} LocalAI entries in {p.localai}")
+    lines.append(f"publish   {p.publish_repo} ({'private' if p.private else 'public'}); "
+                 + ("runs with --push" if p.push else "not without --push"))
+    d = p.disk
+    if d is not None:
+        lines.append("")
+        lines.append(f"disk      the release needs {disk_size(d.need)} (tiers {disk_size(d.tiers)}"
+                     + (", split scratch for the largest tier" if d.split_scratch else "")
+                     + (f", projector {disk_size(d.projector)}" if d.projector else "") + ")"
+                     + (f", {disk_size(d.present)} already present" if d.present else "")
+                     + f"; {disk_size(d.free)} free in {d.folder}"
+                     + ("" if d.enough else "  -> NOT ENOUGH"))
+    lines += [f"note      {n}" for n in p.notes]
+    return "\n".join(lines)
