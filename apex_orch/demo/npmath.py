@@ -10,14 +10,14 @@ Sandybridge and Prescott kernels give four different results for the same float6
 (measured); 1 and 2 threads differ too. numpy's exp/log/sin/cos are dispatched by CPU as well.
 
 What this module does instead:
-- `matmul`: every row of the left operand and the right operand as a whole are scaled by a
-  power of two and rounded
-  to an integer of at most `bits` bits, chosen so that every product and every partial sum of
-  the dot products is an integer below 2^53. Such sums are exact in float64 in any order, with
-  or without FMA, on any kernel and thread count, so BLAS returns the same bits everywhere;
-  the result is scaled back by powers of two (exact). The price is the rounding of the
-  operands: 21 bits relative to the row's largest entry for sums over up to 1024 terms
-  (about float32's precision; the reference model trains in bf16 with 8).
+- `matmul`: each row of the left operand, and the right operand as a whole, is scaled by a
+  power of two and rounded to an integer of at most `bits` bits, chosen so that every product
+  and every partial sum of the dot products is an integer below 2^53. Such sums are exact in
+  float64 in any order, with or without FMA, on any kernel and thread count, so BLAS returns
+  the same bits everywhere; the result is scaled back by powers of two (exact). The price is
+  the rounding of the operands: 21 bits relative to the largest entry of the row (left) or
+  matrix (right) for sums over up to 1024 terms, about float32's precision (the PyTorch
+  reference trains with bf16 matmuls: 8 bits).
 - `exp`, `log`, `sincos`: range reduction and polynomials written with + - * / only (IEEE
   correctly rounded, hence deterministic in any SIMD width), accurate to ~1e-14.
 Everything else npmodel does is elementwise + - * / sqrt (correctly rounded), comparisons, and
