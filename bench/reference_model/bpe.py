@@ -21,9 +21,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-BOS_TEXT = "<|bos|>"
-EOS_TEXT = "<|endoftext|>"   # a name llama.cpp counts as end-of-generation
-TOKEN_NORMAL, TOKEN_CONTROL = 1, 3     # gguf.TokenType
+from apex_orch.demo.vocab import bpe_tokenizer_kv
+
 MIN_FREQUENCY = 2
 
 
@@ -57,30 +56,20 @@ def _merges(tok) -> list[str]:
 
 
 def gguf_tokenizer_kv(tok) -> list[tuple[str, object, int, int | None]]:
-    """The tokenizer as GGUF keys for apex_orch.demo.synthetic (TokenizerKV): gpt2 / gpt-2,
-    the BPE tokens by id, then BOS and EOS as control tokens; BOS added at the start."""
-    from gguf import GGUFValueType as V
+    """The tokenizer as GGUF keys (apex_orch.demo.vocab.bpe_tokenizer_kv: gpt2 / gpt-2, the BPE
+    tokens by id, then BOS and EOS as control tokens; BOS added at the start)."""
+    tokens, merges = tokens_and_merges(tok)
+    return bpe_tokenizer_kv(tokens, merges)
 
+
+def tokens_and_merges(tok) -> tuple[list[str], list[str]]:
     vocab = tok.get_vocab()
     tokens = [""] * len(vocab)
     for text, idx in vocab.items():
         tokens[idx] = text
     if any(t == "" for t in tokens):
         raise ValueError("the BPE vocabulary has holes in its ids")
-    bos, eos = len(tokens), len(tokens) + 1
-    tokens += [BOS_TEXT, EOS_TEXT]
-    types = [TOKEN_NORMAL] * (len(tokens) - 2) + [TOKEN_CONTROL, TOKEN_CONTROL]
-    return [
-        ("tokenizer.ggml.model", "gpt2", int(V.STRING), None),
-        ("tokenizer.ggml.pre", "gpt-2", int(V.STRING), None),
-        ("tokenizer.ggml.tokens", tokens, int(V.ARRAY), int(V.STRING)),
-        ("tokenizer.ggml.token_type", types, int(V.ARRAY), int(V.INT32)),
-        ("tokenizer.ggml.merges", _merges(tok), int(V.ARRAY), int(V.STRING)),
-        ("tokenizer.ggml.bos_token_id", bos, int(V.UINT32), None),
-        ("tokenizer.ggml.eos_token_id", eos, int(V.UINT32), None),
-        ("tokenizer.ggml.add_bos_token", True, int(V.BOOL), None),
-        ("tokenizer.ggml.add_eos_token", False, int(V.BOOL), None),
-    ]
+    return tokens, _merges(tok)
 
 
 def encode(tok, text: str) -> np.ndarray:
