@@ -15,7 +15,7 @@ import click
 
 from apex_orch import __version__
 from apex_orch.core import settings
-from apex_orch.core.errors import ApexError, InternalError, InterruptedRun
+from apex_orch.core.errors import ApexError, InternalError, InterruptedRun, exit_codes
 from apex_orch.core.text import printable
 from apex_orch.llama.tools import build_label, llama_bin_dir_option, mask_secrets
 from apex_orch.plan.profile_search import profile_dirs_option
@@ -57,7 +57,8 @@ class ApexGroup(click.Group):
             if _debug_enabled(ctx):
                 raise
             click.echo(f"error: {_masked(exc.render())}", err=True)
-            ctx.exit(exc.exit_code)
+            # a code outside the table (a class that forgot its own) is a bug's code, never another one
+            ctx.exit(exc.exit_code if exc.exit_code in exit_codes() else InternalError.exit_code)
         except OSError as exc:
             # A file-system failure no library code translated: still one message, never a traceback.
             if _debug_enabled(ctx):
@@ -73,8 +74,27 @@ class ApexGroup(click.Group):
                                  hint="rerun the same command to start again")
             click.echo(f"error: {err.render()}", err=True)
             ctx.exit(err.exit_code)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise   # click's own exits and usage errors: already one message
+        except click.exceptions.Exit:
+            raise   # click's own exits (ctx.exit above, --help): already a code of the table
+        except click.ClickException as exc:
+            if exc.exit_code not in exit_codes():   # click's base class exits 1: a usage error here
+                exc.exit_code = 2
+            raise   # click's usage errors: already one message
+        except click.Abort:   # Ctrl-C or end of input at a prompt
+            if _debug_enabled(ctx):
+                raise
+            err = InterruptedRun("interrupted", hint="rerun the same command to start again")
+            click.echo(f"error: {err.render()}", err=True)
+            ctx.exit(err.exit_code)
+        except SystemExit as exc:
+            if isinstance(exc.code, int) and exc.code in exit_codes():
+                raise
+            if _debug_enabled(ctx):
+                raise
+            err = InternalError(f"unexpected exit {exc.code!r}", hint="this is a bug in apex-orch; rerun with --debug "
+                                                                      "for the traceback and report it")
+            click.echo(f"error: {_masked(err.render())}", err=True)
+            ctx.exit(err.exit_code)
         except Exception as exc:
             # Last resort: a failure no layer translated is still one line, never a traceback.
             if _debug_enabled(ctx):
