@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from apex_orch.core.errors import ProfileError
-from apex_orch.core.outputs import write_new_text
-from apex_orch.plan.profile_import import dump_profile, import_tensor_type_file
+from apex_orch.core.outputs import check_new_output, write_output
+from apex_orch.plan.profile_import import check_importable, dump_profile, import_tensor_type_file
 from apex_orch.plan.profile_search import profile_search_path, profile_sources
 from apex_orch.plan.profiles import load_profile
 
@@ -69,20 +69,24 @@ def show(name: str, as_json: bool) -> None:
 @click.option("--blocks", type=int, default=36, show_default=True, help="Blocks of the canonical layout (without --model).")
 @click.option("--base-ftype", default="Q4_K_M", show_default=True, help="llama-quantize FTYPE the file was used with.")
 @click.option("--tier", default=None, help="Tier name for the new profile.")
-@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@click.option("--force", is_flag=True, help="Replace an existing --output (never the input itself).")
 def import_cmd(file: str, output: str | None, model: str | None, blocks: int, base_ftype: str,
                tier: str | None, force: bool) -> None:
     """Turn an upstream apex-quant tensor-type file (PATTERN=TYPE lines) into a YAML profile,
     and report the lines it did not understand."""
-    names = None
+    out = None
+    if output:   # before anything is read: never an input (--force or not), no overwrite without --force
+        out = check_new_output(output, inputs=[Path(file), Path(model) if model else None], force=force)
+    info = names = None
     if model:
         from apex_orch.model.info import read_model
-        names = [t.name for t in read_model(model).tensors]
+        info = read_model(model)
+        names = [t.name for t in info.tensors]
     rep = import_tensor_type_file(Path(file), names=names, n_blocks=blocks, base_ftype=base_ftype, tier=tier)
+    check_importable(rep.profile, Path(file), info)
     text = dump_profile(rep.profile)
-    if output:
-        out = Path(output)
-        write_new_text(out, text, force=force)
+    if out is not None:
+        write_output(out, text, force=force)
         click.echo(f"wrote {out}")
     else:
         click.echo(text, nl=False)
