@@ -286,12 +286,12 @@ def test_fit_refuses_a_sensitivity_that_does_not_cover_the_model(mistral4_dense_
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "something-else"}))
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(bad), "--size", "48GB"])
-    assert r.exit_code == 2 and "not a sensitivity result" in r.output
+    assert r.exit_code == 19 and "not a sensitivity result" in r.output       # ResultFileError
     partial = json.loads(replica_sens.to_json())
     del partial["measurements"]["output"]["Q8_0"]
-    bad.write_text(json.dumps(partial))
+    bad.write_text(Sensitivity(partial).to_json())   # a consistent checksum: the structure is what fails
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(bad), "--size", "48GB"])
-    assert r.exit_code == 2 and "output at Q8_0" in r.output
+    assert r.exit_code == 19 and "output at Q8_0" in r.output
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(sens), "--size", "48GB",
                                   "--from", "compact"])
     assert r.exit_code == 0, r.output   # compact keeps APEX's bands: the same groups

@@ -110,7 +110,8 @@ def parse_fit_tier(r, kp: tuple, m: dict) -> tuple[FitSpec, Profile]:
 def _placeholder(spec: FitSpec, base: Profile, sens: Sensitivity, with_imatrix: bool) -> Profile:
     """The base profile renamed: tier, imatrix need, corpus and best-for as fit.fitter.render_yaml
     will write them. No `fitted:` record, which is how TierConfig.fit_pending tells it apart."""
-    corpus = base.corpus or (sens.data.get("imatrix") or {}).get("corpus") or "diverse"
+    # as fit.fitter.render_yaml names it: an imatrix given as a file has no corpus name
+    corpus = base.corpus or sens.imatrix_corpus or "diverse"
     raw = {k: v for k, v in base.raw.items() if k != "fitted"}
     return dataclasses.replace(
         base, name=file_name_part(spec.tier, "tier"), tier=spec.tier, imatrix_required=with_imatrix,
