@@ -61,6 +61,8 @@ KINDS: dict[str, InputKind] = {k.name: k for k in (
     # per source, after gunzip), not by their compressed size.
     InputKind("corpus-data", "corpus data files", None, ConfigError,
               "point the corpus source at text, JSON or JSONL files"),
+    # The base log-probs of an evaluation: chunks x ctx/2 x vocabulary x 2 bytes, checked by their format.
+    InputKind("eval-cache", "base log-prob caches", None, EvalError, "delete the file; it will be recomputed"),
     InputKind("record", "records apex-orch wrote (manifests, cache entries, eval records)", 64 * MiB,
               ManifestError, "it cannot be trusted; rerun with --force to rebuild it"),
 )}
@@ -120,13 +122,19 @@ def _open_fd(path: Path, k: InputKind, error: type[ApexError]) -> tuple[int, os.
     return fd, st
 
 
+def open_checked(path: str | os.PathLike, kind: str | InputKind, *,
+                 error: type[ApexError] | None = None) -> BinaryIO:
+    """The file opened for reading (binary), after the checks; the caller closes it."""
+    k = _kind(kind)
+    fd, _st = _open_fd(Path(path), k, error or k.error)
+    return os.fdopen(fd, "rb")
+
+
 @contextlib.contextmanager
 def open_input(path: str | os.PathLike, kind: str | InputKind, *,
                error: type[ApexError] | None = None) -> Iterator[BinaryIO]:
     """The file opened for reading (binary), after the checks; `error` replaces the kind's class."""
-    k = _kind(kind)
-    fd, _st = _open_fd(Path(path), k, error or k.error)
-    with os.fdopen(fd, "rb") as fh:
+    with open_checked(path, kind, error=error) as fh:
         yield fh
 
 
@@ -151,6 +159,28 @@ def read_input(path: str | os.PathLike, kind: str | InputKind, *, error: type[Ap
         raise err(f"file grew past {k.max_bytes:,} bytes while it was read; {k.what} may hold at most that",
                   where=str(path), hint=k.hint)
     return data
+
+
+def read_gguf(path: str | os.PathLike, kind: str | InputKind, *, error: type[ApexError] | None = None):
+    """gguf's GGUFReader over the file opened here (the checks first): the reader maps the open file,
+    and the mapping outlives it."""
+    from gguf import GGUFReader
+    with open_input(path, kind, error=error) as fh:
+        return GGUFReader(fh, "r")
+
+
+def holds(path: str | os.PathLike, data: bytes | str) -> bool:
+    """True when `path` is a regular file whose bytes are `data` (an output apex-orch would write
+    again: unchanged, nothing to rewrite); anything else, a FIFO or a link included, is False."""
+    want = data.encode("utf-8") if isinstance(data, str) else data
+    p = Path(path)
+    if p.is_symlink() or not p.is_file():
+        return False
+    try:
+        with open_input(p, InputKind("output", "outputs", len(want), ApexError, "")) as fh:
+            return fh.read(len(want) + 1) == want
+    except ApexError:
+        return False
 
 
 def json_depth_within(data: object, limit: int = MAX_JSON_DEPTH) -> bool:

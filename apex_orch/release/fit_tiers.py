@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from apex_orch.core.errors import ApexError, ConfigError, UsageError
+from apex_orch.core.infiles import holds
 from apex_orch.core.safefiles import safe_mkdir, write_atomic
 from apex_orch.core.text import file_name_part, gb, md_code, md_inline
 from apex_orch.fit.fitter import fit_profile, parse_budget_size
@@ -164,7 +165,7 @@ def _fit_tier(state, model, t, folder: Path, write: bool) -> Profile:
     if write:
         safe_mkdir(state.work)
         safe_mkdir(folder)
-    if not (path.is_file() and not path.is_symlink() and path.read_text(encoding="utf-8") == result.yaml_text):
+    if not holds(path, result.yaml_text):
         write_atomic(path, result.yaml_text, mkdir=False)   # unchanged on a rerun: nothing rewritten
     profile = load_profile(path)
     if (profile.tier, profile.imatrix_required) != (t.profile.tier, t.profile.imatrix_required):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from apex_orch.core.errors import ApexError
 from apex_orch.core.fingerprint import file_record, source_sha256
+from apex_orch.core.infiles import read_json
 from apex_orch.core.manifest import inputs_key, manifest_path, up_to_date, write_manifest
 from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.safefiles import safe_mkdir
@@ -72,7 +73,13 @@ def _read_record(path: Path, key: str) -> dict | None:
         fresh, _ = up_to_date([path], key)
     except ApexError:
         return None
-    return json.loads(path.read_text()) if fresh else None
+    if not fresh:
+        return None
+    try:   # its bytes are the recorded ones (the manifest's sha256); read back the one way, bounded
+        record = read_json(path, "record")
+    except ApexError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("summary", {}), dict) else None
 
 
 def _write_record(path: Path, key: str, inputs: dict, body: dict) -> None:

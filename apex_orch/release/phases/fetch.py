@@ -10,10 +10,12 @@ Hugging Face cache, so a rerun is free and works offline.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 from apex_orch.core.errors import ConfigError, ToolNotFoundError, UsageError
+from apex_orch.core.infiles import check_input
 from apex_orch.core.translate import translate_hub_download_error
 from apex_orch.demo.synthetic import demo_model_path
 from apex_orch.release.config import ConfigPath, HFRef
@@ -114,8 +116,9 @@ def fetch_mmproj(state: ReleaseState, run: bool) -> str:
         return ""
     if mm.kind == "file":
         p = mm.path.resolve()
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise ConfigError(f"mmproj file not found: {p}", where=mm.where)
+        check_input(p, "model", error=ConfigError)   # a FIFO or device refused before it is linked or copied
         state.mmproj_src = p
         return ""
     if mm.kind == "hf":
