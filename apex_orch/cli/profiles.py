@@ -10,7 +10,7 @@ import click
 from apex_orch.core.errors import ProfileError
 from apex_orch.core.outputs import check_new_output, write_output
 from apex_orch.plan.profile_import import check_importable, dump_profile, import_tensor_type_file
-from apex_orch.plan.profile_search import profile_search_path, profile_sources
+from apex_orch.plan.profile_search import profile_search_path, profile_sources, source_of
 from apex_orch.plan.profiles import load_profile
 
 
@@ -33,7 +33,29 @@ def list_cmd() -> None:
         p = load_profile(src.path)
         im = f"imatrix ({p.corpus or 'any'})" if p.imatrix_required else "no imatrix"
         origin = src.source + (" (shadows the built-in)" if src.shadows_builtin else "")
+        origin += "".join(f"; {link}" for link in _shadowing_links(p))
         click.echo(f"{src.name:<12} {p.tier:<11} base {p.base_ftype:<7} {im:<20} {p.best_for}  [{origin}]")
+
+
+def _shadowing_links(p) -> list[str]:
+    """The links of a profile's extends chain (after its own file) that do not come from the built-ins:
+    a user `_apex.yaml` changes every built-in profile that extends it, and `profile list` says so."""
+    out = []
+    for path in p.chain_paths[1:]:
+        label, shadows = source_of(path)
+        if label != "built-in":
+            out.append(f"extends {path.stem} from {label if label != 'file' else path}"
+                       + (" (shadows the built-in)" if shadows else ""))
+    return out
+
+
+def _chain_text(p) -> str:
+    links = []
+    for path in p.chain_paths:
+        label, shadows = source_of(path)
+        where = label if label != "file" else str(path)
+        links.append(f"{path.stem} [{where}{', shadows the built-in' if shadows else ''}]")
+    return " <- ".join(links)
 
 
 @profile.command("show")
@@ -44,9 +66,12 @@ def show(name: str, as_json: bool) -> None:
     p = load_profile(name)
     if as_json:
         click.echo(json.dumps({"name": p.name, "tier": p.tier, "sha256": p.sha256, "chain": p.chain,
+                               "chain_sources": [dict(zip(("source", "shadows_builtin"), source_of(q)), path=str(q))
+                                                 for q in p.chain_paths],
                                **p.raw}, indent=2, default=str))
         return
-    click.echo(f"profile    {p.name}  (from {p.path}; extends chain: {' <- '.join(p.chain)})")
+    click.echo(f"profile    {p.name}  (from {p.path})")
+    click.echo(f"chain      {_chain_text(p)}")
     click.echo(f"tier       {p.tier}   best for: {p.best_for}")
     click.echo(f"base       {p.base_ftype}   imatrix: {'required, corpus ' + str(p.corpus) if p.imatrix_required else 'not required'}")
     b = p.bands

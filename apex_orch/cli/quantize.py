@@ -17,7 +17,7 @@ from apex_orch.plan.profile_search import list_profiles
 from apex_orch.plan.profiles import load_profile
 from apex_orch.quantize.job import (build_imatrix_for, check_distinct_outputs, check_source_unquantized, output_name,
                                     parse_size, plan_quantize, resolve_imatrix, safe_model_name)
-from apex_orch.quantize.run import run_many
+from apex_orch.quantize.run import run_many, share_threads
 
 
 @click.command()
@@ -128,6 +128,7 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
                            f"({plan.total_bytes / 2**30:.2f} GiB predicted, {plan.bpw:.3f} bpw; imatrix from corpus "
                            f"{corpus or p.corpus or 'diverse'} will be built first)")
             return
+        share_threads(job_list, jobs)   # the threads each tier's tool gets, as the run gives them
         for job in job_list:
             click.echo(job.describe())
         return

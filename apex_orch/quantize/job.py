@@ -72,6 +72,34 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+NAME_MAX = 255   # bytes per file name on every common file system
+
+
+def check_name_length(output: Path) -> None:
+    """The output, its sidecars and its temporary name must each fit a file name's 255 bytes: a long
+    tier or --name is refused when the job is planned, never met as "File name too long" mid-run."""
+    names = [output.name, *(s.name for s in sidecars(output)), f".{output.name}.tensor-types.txt.partial-4194304"]
+    longest = max(names, key=lambda n: len(os.fsencode(n)))
+    if len(os.fsencode(longest)) > NAME_MAX:
+        raise UsageError(f"output name {output.name[:48]}... is {len(os.fsencode(output.name))} bytes; with its "
+                         f"sidecars and temporary names ({len(os.fsencode(longest))} bytes at most) it exceeds the "
+                         f"{NAME_MAX} bytes a file name may have",
+                         hint="use a shorter tier name (the profile's `tier`), --name or -o")
+
+
+def check_split_fits(plan: Plan, split_bytes: int, text: str) -> None:
+    """llama-gguf-split puts whole tensors in parts of at most the size (whole megabytes); a tensor
+    larger than that cannot be placed (the first one fails the tool, later ones overrun the size):
+    refused when the job is planned, not after the quantization."""
+    limit = split_bytes // 1000 ** 2 * 1000 ** 2
+    biggest = max(plan.tensors, key=lambda t: t.n_bytes, default=None)
+    padded = (biggest.n_bytes + 31) // 32 * 32 if biggest is not None else 0   # GGUF_DEFAULT_ALIGNMENT
+    if padded > limit:
+        raise UsageError(f"--split-max-size {text}: the tensor {biggest.name} alone is {biggest.n_bytes:,} bytes "
+                         f"at its planned type, more than a part may hold ({limit:,} bytes)",
+                         hint=f"use at least {-(-padded // 1000 ** 2)}M; parts hold whole tensors")
+
+
 def check_distinct_outputs(pairs: list[tuple[str, Path]], *, error=UsageError, where: str | None = None) -> None:
     """(tier, output path) pairs: two tiers that map to one file (after names are made safe, e.g.
     "A B" and "A-B", or equal but for case) are refused up front, naming both (issue 15)."""
@@ -110,6 +138,7 @@ class QuantizeJob:
     predicted_size: int
     # Take llama-quantize's own --dry-run types as the plan when they differ (a user's own build).
     trust_tool_plan: bool = False
+    threads_given: bool = False          # -t was given: every job runs with exactly that many threads
 
     @property
     def key(self) -> str:
@@ -233,9 +262,13 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
                              hint="use a plain --name without path separators")
     if output.suffix != ".gguf":
         raise UsageError(f"output {output} must end in .gguf")
+    check_name_length(output)
     # Inputs are never outputs (issue 15): refused here, before anything runs, --force or not.
     check_not_inputs([output, *sidecars(output)], [*model.paths, imatrix.path if imatrix else None],
                      flag="-o / --out-dir / --name")
+    if split_max_size:
+        check_split_fits(plan, parse_size(split_max_size), split_max_size)
+    threads_given = threads is not None
     threads = threads or os.cpu_count() or 1
     metadata = {
         "apex.version": __version__,
@@ -260,6 +293,7 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
     if requantize_warnings:
         inputs["allow_requantize"] = True
     return QuantizeJob(model=model, profile=prof, plan=plan, output=output, imatrix=imatrix, threads=threads,
+                       threads_given=threads_given,
                        split_max_size=parse_size(split_max_size) if split_max_size else None,
                        tool=tool, requantize=bool(requantize_warnings), metadata=metadata, inputs=inputs,
                        predicted_size=plan.predicted_file_size(_written_kv(metadata, imatrix)))
