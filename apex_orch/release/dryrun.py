@@ -27,6 +27,7 @@ from apex_orch.release.config import ReleaseConfig
 from apex_orch.release.fit_tiers import resolve_fit_tiers
 from apex_orch.release.phases.convert import convert_argv, convert_source, converted_path
 from apex_orch.release.phases.fetch import fetch_mmproj, fetch_source
+from apex_orch.release.phases.evaluate import check_text_early
 from apex_orch.release.phases.imatrix import imatrix_plan
 from apex_orch.release.phases.quantize import existing_outputs, plan_jobs
 from apex_orch.release.runner import PHASES
@@ -169,6 +170,9 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
         lines.append(f"eval      {len(job_list)} files against {state.model_path.name} on {e.text_label()}, ctx {e.ctx}, "
                      f"chunks {e.chunks or 'all'}, one base-logits cache; speed {'yes' if e.speed else 'no'}; "
                      f"gates: {gates}")
+        if "eval" in selected:   # refused here, as the run refuses it before its first tool
+            n_tokens, n_chunks = check_text_early(state)
+            lines.append(f"          the text holds {n_tokens:,} tokens: {n_chunks} chunk(s) of {e.ctx} evaluated")
     else:
         lines.append("eval      disabled (the card says benchmarks pending)")
     lines.append(f"card      {out / CARD_NAME} + {len(job_list)} LocalAI entries in {out / LOCALAI_DIR}")
