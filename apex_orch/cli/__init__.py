@@ -77,7 +77,7 @@ class ApexGroup(click.Group):
         except click.exceptions.Exit:
             raise   # click's own exits (ctx.exit above, --help): already a code of the table
         except click.ClickException as exc:
-            if exc.exit_code not in exit_codes():   # click's base class exits 1: a usage error here
+            if exc.exit_code != 2:   # click's base class exits 1 (doctor's code): here it is a usage error
                 exc.exit_code = 2
             raise   # click's usage errors: already one message
         except click.Abort:   # Ctrl-C or end of input at a prompt

@@ -56,7 +56,7 @@ KINDS: dict[str, InputKind] = {k.name: k for k in (
     InputKind("text", "evaluation and measurement texts", 512 * MiB, EvalError,
               "pass a UTF-8 text file (wikitext-2's test set is 1.3 MB); cut a larger one down"),
     InputKind("sensitivity", "sensitivity results", 64 * MiB, ResultFileError,
-              "pass the JSON `apex-orch sensitivity -o FILE` wrote"),
+              "pass the JSON `apex-orch sensitivity -o FILE` wrote (measure again if it was damaged)"),
     # Corpus data files are bounded by what they may hold once read (calibration.sources: per line,
     # per source, after gunzip), not by their compressed size.
     InputKind("corpus-data", "corpus data files", None, ConfigError,
@@ -200,18 +200,19 @@ def json_depth_within(data: object, limit: int = MAX_JSON_DEPTH) -> bool:
     return True
 
 
-def parse_json(raw: bytes, where: str, error: type[ApexError], *, what: str = "JSON") -> object:
+def parse_json(raw: bytes, where: str, error: type[ApexError], *, what: str = "JSON",
+               hint: str | None = None) -> object:
     """JSON text -> data, with its nesting bounded; damage is one `error`, never a foreign exception."""
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise error(f"not {what}: not UTF-8 text ({exc.reason} at byte {exc.start})", where=where) from None
+        raise error(f"not {what}: not UTF-8 text ({exc.reason} at byte {exc.start})", where=where, hint=hint) from None
     except RecursionError:
-        raise error(f"not {what}: nested more than {MAX_JSON_DEPTH} levels deep", where=where) from None
+        raise error(f"not {what}: nested more than {MAX_JSON_DEPTH} levels deep", where=where, hint=hint) from None
     except ValueError as exc:   # JSONDecodeError: truncated, edited, not JSON
-        raise error(f"not {what}: {exc.__class__.__name__}: {exc}", where=where) from None
+        raise error(f"not {what}: {exc.__class__.__name__}: {exc}", where=where, hint=hint) from None
     if not json_depth_within(data):
-        raise error(f"not {what}: nested more than {MAX_JSON_DEPTH} levels deep", where=where)
+        raise error(f"not {what}: nested more than {MAX_JSON_DEPTH} levels deep", where=where, hint=hint)
     return data
 
 
@@ -220,4 +221,4 @@ def read_json(path: str | os.PathLike, kind: str | InputKind, *, error: type[Ape
     """A JSON file of this kind: the file checks, then `parse_json`."""
     k = _kind(kind)
     err = error or k.error
-    return parse_json(read_input(path, k, error=err), str(path), err, what=what)
+    return parse_json(read_input(path, k, error=err), str(path), err, what=what, hint=k.hint)

@@ -12,7 +12,7 @@ substring accident, and invalid lines are reported, never dropped silently.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +175,7 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
     bands = Bands().resolve(blocks_in_universe)
     per_role_band: dict[tuple[str, str], set[str]] = defaultdict(set)
     per_slot: dict[tuple[str, str, str], set[int]] = defaultdict(set)
+    band_counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
     types: dict = {}
     for name, tname in assigned.items():
         tr = classify_name(name)
@@ -188,6 +189,7 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
         else:
             band = bands.edge_rest(tr.block, attention=tr.role == Role.ATTENTION)
         per_role_band[(tr.role.value, band)].add(tname)
+        band_counts[(tr.role.value, band)][tname] += 1
         per_slot[(tr.role.value, tr.slot, tname)].add(tr.block)
     overrides = []
     for role, band_names in BANDED_ROLES.items():
@@ -202,6 +204,11 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
             for (r, slot, tname), blocks in sorted(per_slot.items()):
                 if r == role:
                     overrides.append({"role": role, "slot": slot, "blocks": _ranges(sorted(blocks)), "type": tname})
+            if role == Role.ROUTED_EXPERT.value:
+                # A profile needs the routed experts' bands (the overrides above keep every tensor the rules
+                # typed): each band takes its most common type, a band the rules never reach its neighbour's.
+                types[role] = _complete_bands({band: band_counts[(role, band)].most_common(1)[0][0]
+                                               for band in band_names if band_counts[(role, band)]}, band_names)
     profile = {"extends": "_apex", "tier": tier or path.stem.replace("_", "-").title(),
                "description": f"Imported from {path.name} by apex-orch profile import",
                "base_ftype": base_ftype, "types": types}
@@ -209,6 +216,15 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
         profile["overrides"] = overrides
     report.profile = profile
     return report
+
+
+def _complete_bands(found: dict[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    last = next(iter(found.values()))
+    for name in names:
+        last = found.get(name, last)
+        out[name] = last
+    return out
 
 
 def _ranges(blocks: list[int]) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from apex_orch.calibration.imatrix import ImatrixPlan
 from apex_orch.calibration.imatrix_file import ImatrixEntry, ImatrixInfo, expected_tensors
-from apex_orch.core.errors import ApexError
+from apex_orch.core.errors import ApexError, ModelError
 from apex_orch.core.text import disk_size, table
 from apex_orch.quantize.job import ImatrixSource, parse_size, resolve_imatrix
 from apex_orch.quantize.run import default_jobs
@@ -76,6 +76,8 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
     try:
         fetch_source(state, run=False)
         fetched = True
+    except ModelError:
+        raise   # the source is there but refused (not a regular file): not "not fetched yet"
     except ApexError as exc:
         fetched = False
         lines.append(f"          not fetched yet: {exc.message}")
@@ -93,6 +95,8 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
             if state.mmproj_src is not None:
                 mmproj_size = state.mmproj_src.stat().st_size
                 lines.append(f"          {state.mmproj_src} ({disk_size(mmproj_size)})")
+        except ModelError:
+            raise   # a local projector that is there but refused (not a regular file)
         except ApexError as exc:
             lines.append("          not available here: " + exc.render().replace("\n", "\n          "))
     if cfg.source.kind == "convert" and source is None:

@@ -23,7 +23,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from apex_orch.core.errors import ApexError, ConfigError, UsageError
+from apex_orch.core.errors import ApexError, ConfigError, ResultFileError, UsageError
 from apex_orch.core.infiles import holds
 from apex_orch.core.safefiles import safe_mkdir, write_atomic
 from apex_orch.core.text import file_name_part, gb, md_code, md_inline
@@ -74,6 +74,9 @@ def parse_fit_tier(r, kp: tuple, m: dict) -> tuple[FitSpec, Profile]:
     resolved = sens_path.resolve()          # an unset ${VAR}: a ConfigError at this line
     try:
         sens = load_sensitivity(resolved)
+    except ResultFileError as exc:   # a damaged result keeps its own exit code, at the config's line
+        raise ResultFileError(f"{exc.where + ': ' if exc.where else ''}{exc.message}", where=r.where(skp),
+                              hint=exc.hint) from None
     except ApexError as exc:
         raise r.fail(skp, f"{exc.where + ': ' if exc.where else ''}{exc.message}", hint=exc.hint) from None
     except OSError as exc:                  # a folder, no permission...
@@ -150,6 +153,8 @@ def _fit_tier(state, model, t, folder: Path, write: bool) -> Profile:
     where = spec.sensitivity.where
     try:
         sens = load_sensitivity(spec.sensitivity.resolve())
+    except ResultFileError as exc:
+        raise ResultFileError(f"tier {spec.tier}: {exc.message}", where=where, hint=exc.hint) from None
     except ApexError as exc:
         raise ConfigError(f"tier {spec.tier}: {exc.message}", where=where, hint=exc.hint) from None
     m = sens.data["model"]

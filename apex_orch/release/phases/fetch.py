@@ -71,9 +71,10 @@ def local_ggufs(paths: Iterable[ConfigPath]) -> list[Path]:
     out = []
     for cp in paths:
         p = cp.resolve()
-        if not p.is_file():
+        if not os.path.lexists(p) or p.is_dir():
             raise ConfigError(f"source file not found: {p}", where=cp.where,
                               hint="fix the path, or pass --source PATH")
+        check_input(p, "model")   # a FIFO or device: refused (exit 4), never read
         out.append(p)
     return out
 
@@ -90,8 +91,9 @@ def fetch_source(state: ReleaseState, run: bool) -> str:
     src = state.config.source
     if state.source_override is not None:
         p = state.source_override
-        if not p.is_file():
+        if not os.path.lexists(p) or p.is_dir():
             raise UsageError(f"--source {p}: file not found")
+        check_input(p, "model")
         state.source_paths = [p]
         return f"source {p.name} (--source)"
     if src.kind == "demo":
@@ -118,7 +120,7 @@ def fetch_mmproj(state: ReleaseState, run: bool) -> str:
         p = mm.path.resolve()
         if not os.path.lexists(p):
             raise ConfigError(f"mmproj file not found: {p}", where=mm.where)
-        check_input(p, "model", error=ConfigError)   # a FIFO or device refused before it is linked or copied
+        check_input(p, "model")   # a FIFO or device refused (exit 4) before it is linked or copied
         state.mmproj_src = p
         return ""
     if mm.kind == "hf":
