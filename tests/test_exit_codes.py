@@ -146,5 +146,5 @@ def test_the_cli_exits_only_through_the_wrapper_and_doctor():
     assert sorted(found) == sorted([
         *["__init__.py: ctx.exit(err.exit_code)"] * 5,
         "__init__.py: ctx.exit(exc.exit_code if exc.exit_code in exit_codes()",
-        "__init__.py: ctx.exit()", "__init__.py: sys.exit(main())", "doctor.py: SystemExit(1)",
+        "__init__.py: ctx.exit()", "__init__.py: sys.exit(main()", "doctor.py: SystemExit(1)",
     ]), found
