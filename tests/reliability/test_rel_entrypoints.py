@@ -23,7 +23,6 @@ import yaml
 
 from apex_orch.core.manifest import manifest_path
 from apex_orch.demo.synthetic import demo_text
-from apex_orch.fit.measurements import Sensitivity, stamped
 from relkit import (assert_failed_cleanly, assert_one_error, cli, cli_cmd, made_up_sensitivity, run_cli, snapshot,
                     tmpfs, wait_for)
 
@@ -83,6 +82,7 @@ def test_an_edited_cache_entry_is_never_served_nor_copied(tiny_moe, text, tmp_pa
     first = cli("sensitivity", tiny_moe, "--text", t, *PROXY)
     assert first.exit_code == 0, first.output
     entry = cache_path_of(first.output)
+    from apex_orch.fit.measurements import Sensitivity
     data = json.loads(entry.read_text())
     data["measurements"]["output"]["Q8_0"]["kld_mean"] = -1.0
     entry.write_text(Sensitivity(data).to_json() if restamp else json.dumps(data))
@@ -97,6 +97,7 @@ def test_an_edited_cache_entry_is_never_served_nor_copied(tiny_moe, text, tmp_pa
 
 def damaged(kind: str, model: Path) -> str:
     """The text of a damaged sensitivity file: a consistent checksum over a wrong content, or no JSON."""
+    from apex_orch.fit.measurements import stamped
     if kind == "negative":
         return made_up_sensitivity(model, edit=lambda d: d["measurements"]["attention.edge"]["Q4_K"].update(
             kld_mean=-0.25)).to_json()
