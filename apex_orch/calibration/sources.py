@@ -199,6 +199,8 @@ def _read_json_file(path: Path, src: SourceSpec, fmt: str, budget: _SourceBudget
                     origin = f"{path}:{lineno}"
                     try:
                         record = json.loads(line)
+                    except RecursionError:
+                        raise ConfigError("invalid JSON line: nested too deeply", where=origin) from None
                     except ValueError as exc:
                         raise ConfigError(f"invalid JSON line: {exc}", where=origin) from None
                     docs.append(_record_to_doc(record, src, origin))
