@@ -184,6 +184,7 @@ def check_new_output(path: str | os.PathLike, *, inputs: Iterable[Path | None] =
     lower case, with the dot), never one of the run's `inputs` (--force or not), no link planted at
     it or its sidecars, not an existing file without `force`, a name the file system can hold."""
     path = Path(path)
+    check_not_inputs([path], inputs, flag=flag)   # first: the one refusal --force never changes
     if suffixes is not None:
         allowed = tuple(suffixes)
         if path.suffix.lower() not in allowed:
@@ -193,7 +194,6 @@ def check_new_output(path: str | os.PathLike, *, inputs: Iterable[Path | None] =
         raise UsageError(f"{flag} {path.name[:40]}...: the name is {len(os.fsencode(path.name))} bytes; at most "
                          f"{MAX_NAME_BYTES} (file systems allow 255 per name, with room for the temporary name)",
                          hint="choose a shorter name")
-    check_not_inputs([path], inputs, flag=flag)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder", hint="give a file name")
     refuse_links([path, *sidecars(path)])
