@@ -104,8 +104,8 @@ def count_chunks(n_tokens: int, settings: EvalSettings, text_label: str) -> tupl
     text (it is what is too short), never the model."""
     if n_tokens < 2 * settings.n_ctx:
         raise EvalError(
-            f"the evaluation text is too short: {n_tokens} tokens with this model's tokenizer, but a context of "
-            f"{settings.n_ctx} needs at least {2 * settings.n_ctx}", where=text_label,
+            f"the evaluation text is too short: {n_tokens} tokens, but a context of {settings.n_ctx} needs at "
+            f"least {2 * settings.n_ctx} (tokens of this model's vocabulary)", where=text_label,
             hint="use a longer text (--text/--corpus) or a smaller context (-c)")
     n_max = n_tokens // settings.n_ctx
     notes = []

@@ -72,6 +72,8 @@ def parse_fit_tier(r, kp: tuple, m: dict) -> tuple[FitSpec, Profile]:
     skp = fkp + ("sensitivity",)
     sens_path = r.path(skp, f["sensitivity"], suffix=None)
     resolved = sens_path.resolve()          # an unset ${VAR}: a ConfigError at this line
+    if resolved.is_dir():
+        raise r.fail(skp, f"{resolved}: cannot be read (Is a directory)")
     try:
         sens = load_sensitivity(resolved)
     except ResultFileError as exc:   # a damaged result keeps its own exit code, at the config's line
