@@ -51,14 +51,16 @@ class UsageError(ApexError):
     """Bad command-line arguments that Click itself cannot catch."""
 
     exit_code = 2
-    meaning = 'usage (bad flags, `--name` that is a path, an output that is an input, two tiers writing one file, an output whose name is too long)'
+    meaning = ("usage (bad flags, `--name` that is a path, an output that is an input, two tiers writing one "
+               "file, an output whose name is too long)")
 
 
 class ProfileError(ApexError):
     """A YAML profile (or corpus/release config) is malformed or inconsistent."""
 
     exit_code = 3
-    meaning = 'profile / config invalid (also a tensor-type file for `profile import`, or a profile layer that does not plan)'
+    meaning = ("profile / config invalid (also a tensor-type file for `profile import`, or imported rules that "
+               "would not plan)")
 
 
 class ConfigError(ProfileError):
@@ -69,7 +71,8 @@ class ModelError(ApexError):
     """A GGUF file is missing, unreadable, truncated, or not something APEX can handle."""
 
     exit_code = 4
-    meaning = 'model file invalid (not GGUF, truncated, torn, dense, unknown architecture, bad split, not a regular file)'
+    meaning = ("model file invalid (not GGUF, truncated, torn, dense, unknown architecture, bad split, not a "
+               "regular file)")
 
 
 class DenseModelError(ModelError):
@@ -80,7 +83,7 @@ class PlanError(ApexError):
     """A plan cannot be made or violates a constraint (e.g. a fallback under --strict)."""
 
     exit_code = 5
-    meaning = 'plan cannot be made'
+    meaning = "plan cannot be made"
 
 
 class ToolPlanMismatchError(PlanError):
@@ -95,21 +98,21 @@ class ImatrixError(ApexError):
     """An importance matrix is missing, corrupt, from another model, or lacks needed data."""
 
     exit_code = 6
-    meaning = 'imatrix missing, corrupt, from another model, lacking data'
+    meaning = "imatrix missing, corrupt, from another model, lacking data"
 
 
 class ToolNotFoundError(ApexError):
     """A llama.cpp binary or library could not be found."""
 
     exit_code = 7
-    meaning = 'llama.cpp tool not found (or Ray, for `--executor ray`, not installed)'
+    meaning = "llama.cpp tool not found (or Ray, for `--executor ray`, not installed)"
 
 
 class ToolFailedError(ApexError):
     """A llama.cpp tool exited non-zero, was killed, or timed out."""
 
     exit_code = 8
-    meaning = 'tool failed, was killed or timed out'
+    meaning = "tool failed, was killed or timed out"
 
     def __init__(self, message: str, *, returncode: int | None = None, log_path=None,
                  log_tail: str = "", hint: str | None = None, where: str | None = None):
@@ -138,63 +141,65 @@ class InterruptedRun(ApexError):
     """SIGINT/SIGTERM arrived; partial outputs were removed."""
 
     exit_code = 130
-    meaning = 'interrupted (SIGINT / SIGTERM / SIGHUP)'
+    meaning = "interrupted (SIGINT / SIGTERM / SIGHUP)"
 
 
 class OutputExistsError(ApexError):
     """The output exists and --force was not given."""
 
     exit_code = 9
-    meaning = 'output exists (and is not up to date); pass `--force`'
+    meaning = "output exists (and is not up to date); pass `--force`"
 
 
 class OutputNotWritableError(ApexError):
     """The output folder cannot be created or written (read-only file system, permissions)."""
 
     exit_code = 17
-    meaning = 'output folder not writable (read-only file system, permissions), or a link / hard link / FIFO planted at a name apex-orch writes'
+    meaning = ("output folder not writable (read-only file system, permissions), or a link / hard link / FIFO "
+               "planted at a name apex-orch writes")
 
 
 class LockedError(ApexError):
     """Another apex-orch run holds the lock on this output."""
 
     exit_code = 10
-    meaning = 'locked by another run'
+    meaning = "locked by another run"
 
 
 class DiskSpaceError(ApexError):
     """Not enough free disk for the predicted output (checked before starting)."""
 
     exit_code = 11
-    meaning = 'disk space (before starting, or filled while writing)'
+    meaning = "disk space (before starting, or filled while writing)"
 
 
 class VerificationError(ApexError):
     """A written file does not match its plan (types, size, hash)."""
 
     exit_code = 12
-    meaning = 'written file does not match the plan'
+    meaning = "written file does not match the plan"
 
 
 class ManifestError(ApexError):
     """A manifest is corrupt or does not describe the file beside it."""
 
     exit_code = 13
-    meaning = 'manifest damaged'
+    meaning = "manifest damaged"
 
 
 class EvalError(ApexError):
     """An evaluation cannot run (text too short, vocabulary mismatch, corrupt file...)."""
 
     exit_code = 14
-    meaning = 'evaluation cannot run (the text is too short for the context and chunks, not a regular file, too large, vocabularies differ)'
+    meaning = ("evaluation cannot run (the text is too short for the context and chunks, not a regular file, too"
+               " large, vocabularies differ)")
 
 
 class GateFailedError(ApexError):
     """A quality gate (max KLD, max PPL ratio...) was not met."""
 
     exit_code = 15
-    meaning = 'a quality gate failed'
+    meaning = "a quality gate failed"
     table: str | None = None    # the rendered comparison the failures were found in (compare.eval_table)
 
 
@@ -202,7 +207,7 @@ class PublishError(ApexError):
     """Publishing to Hugging Face failed or was refused."""
 
     exit_code = 16
-    meaning = 'publishing failed'
+    meaning = "publishing failed"
 
 
 class UnsafeOutputError(OutputNotWritableError):
@@ -219,14 +224,16 @@ class ExecutorError(ApexError):
     """The Ray cluster cannot be reached, cannot place a task, or lost a task on every attempt."""
 
     exit_code = 18
-    meaning = '`release --executor ray`: the cluster cannot be reached, cannot place a task, or lost a tier on every attempt'
+    meaning = ("`release --executor ray`: the cluster cannot be reached, cannot place a task, or lost a tier on "
+               "every attempt")
 
 
 class InternalError(ApexError):
     """A failure no layer translated (a bug): still one message; the traceback with --debug."""
 
     exit_code = 70
-    meaning = 'an unexpected failure no layer translated (a bug): still one `error: unexpected ...` line; the traceback only with `--debug`'
+    meaning = ("an unexpected failure no layer translated (a bug): still one `error: unexpected ...` line; the "
+               "traceback only with `--debug`")
 
 
 class ResultFileError(ApexError):

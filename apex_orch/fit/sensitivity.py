@@ -110,7 +110,6 @@ class SensitivityPlan:
         return Sensitivity(data, self.cache_path), "hit"
 
     def _check_is_mine(self, data: dict) -> None:
-        from apex_orch.core.errors import ResultFileError
         want = (self.key, [t.name for t in self.ladder], [g.key for g in self.groups], self.method)
         got = (data["key"], data["ladder"], [g["key"] for g in data["groups"]], data["method"]["name"])
         if got != want:
@@ -140,8 +139,8 @@ class SensitivityPlan:
                  f"method    {self.method}" + (f" (calibrated by {self.calibration.key[:12]})" if self.calibration
                                                    else " (uncalibrated: proxy units)" if self.method == "proxy" else ""),
                  f"work      {len(self.ladder)} uniform quantizations + {self.n_measurements} evaluations",
-                 f"tokens    {self.n_text_tokens:,} in the text: {self.n_chunks} chunk(s) of {self.settings.n_ctx} measured, "
-                 f"{self.n_chunks * self.settings.scored_per_chunk:,} tokens scored per measurement"
+                 f"tokens    {self.n_text_tokens:,} in the text: {self.n_chunks} chunk(s) of {self.settings.n_ctx} "
+                 f"measured, {self.n_chunks * self.settings.scored_per_chunk:,} tokens scored per measurement"
                  if self.n_text_tokens else "",
                  f"cache     {self.cache_path} ({self.cache_entry()[1]})"]
         lines = [line for line in lines if line]
