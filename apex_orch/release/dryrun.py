@@ -175,8 +175,11 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
                      f"chunks {e.chunks or 'all'}, one base-logits cache; speed {'yes' if e.speed else 'no'}; "
                      f"gates: {gates}")
         if "eval" in selected:   # refused here, as the run refuses it before its first tool
-            n_tokens, n_chunks = check_text_early(state)
-            lines.append(f"          the text holds {n_tokens:,} tokens: {n_chunks} chunk(s) of {e.ctx} evaluated")
+            try:
+                n_tokens, n_chunks = check_text_early(state)
+                lines.append(f"          the text holds {n_tokens:,} tokens: {n_chunks} chunk(s) of {e.ctx} evaluated")
+            except ModelError as exc:   # a header-only stand-in (--source REPLICA) has no loadable vocabulary
+                lines.append(f"          the text is not checked here: {exc.message}")
     else:
         lines.append("eval      disabled (the card says benchmarks pending)")
     lines.append(f"card      {out / CARD_NAME} + {len(job_list)} LocalAI entries in {out / LOCALAI_DIR}")
