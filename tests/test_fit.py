@@ -291,7 +291,7 @@ def test_fit_refuses_a_sensitivity_that_does_not_cover_the_model(mistral4_dense_
     assert r.exit_code == ResultFileError.exit_code and "not a sensitivity result" in r.output
     partial = json.loads(replica_sens.to_json())
     del partial["measurements"]["output"]["Q8_0"]
-    bad.write_text(json.dumps(partial))
+    bad.write_text(Sensitivity(partial).to_json())   # a consistent checksum: the structure is what fails
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(bad), "--size", "48GB"])
     assert r.exit_code == ResultFileError.exit_code and "output at Q8_0" in r.output
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(sens), "--size", "48GB",
@@ -448,9 +448,8 @@ def test_fit_keeps_the_predicted_tail_under_a_bound(ms4_replica, replica_sens, t
 
 
 def test_tail_bound_needs_tail_measurements(ms4_replica, replica_sens, tmp_path):
-    data = json.loads(replica_sens.to_json())           # no uniform files: no tail factors
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(data))
+    path = tmp_path / "s.json"                           # no uniform files: no tail factors
+    path.write_text(replica_sens.to_json())
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(path), "--size", "48GB",
                                   "--max-kld-99-9", "0.5"])
     assert r.exit_code == 5 and "has no KLD 99.9%" in r.output, r.output

@@ -246,4 +246,4 @@ def test_write_failures_keep_their_words_and_exit_codes(tmp_path):
     err = translate_os_error(OSError(errno.EACCES, os.strerror(errno.EACCES)), tmp_path, creating=True)
     assert err.message == f"cannot create {tmp_path}: Permission denied" and err.exit_code == 17
     err = translate_os_error(OSError(errno.EIO, os.strerror(errno.EIO)), target)
-    assert err.message == f"Input/output error: {target}" and err.exit_code == 1
+    assert err.message == f"Input/output error: {target}" and err.exit_code == 20   # FileSystemError, in the table

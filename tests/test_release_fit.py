@@ -19,11 +19,11 @@ import pytest
 import yaml
 from gguf.constants import GGMLQuantizationType as T
 
-from apex_orch.core.errors import ConfigError
+from apex_orch.core.errors import ConfigError, ResultFileError
 from apex_orch.core.text import disk_size
 from apex_orch.demo.synthetic import demo_model_path
 from apex_orch.fit.fitter import fit_profile
-from apex_orch.fit.measurements import load_sensitivity
+from apex_orch.fit.measurements import Sensitivity, load_sensitivity
 from apex_orch.model.gguf_header import read_header
 from apex_orch.model.info import read_model
 from apex_orch.release import runner as rel
@@ -210,7 +210,7 @@ def test_fit_tier_needs_the_imatrix_its_sensitivity_was_measured_with(tmp_path, 
     data = json.loads(sens_path.read_text())
     data["imatrix"] = {"file": "demo.imatrix.gguf", "sha256": "0" * 64, "corpus": "diverse"}
     measured = tmp_path / "im.json"
-    measured.write_text(json.dumps(data))
+    measured.write_text(Sensitivity(data).to_json())   # an edited result: its checksum made anew
     cfg = load_release(write_config(tmp_path, measured, [
         {"fit": {"size": "55MB", "sensitivity": str(measured)}, "tier": "I-Fit"}, "compact"]))
     assert [t.tier for t in cfg.i_tiers] == ["I-Fit"]
@@ -240,8 +240,6 @@ def fit_config(tmp_path: Path, tiers: str) -> Path:
      "tiers[0].fit.bpw: expected bits per weight between 1 and 16, got 40"),
     ("  - fit:\n      size: 55MB\n      sensitivity: missing.json\n    tier: F\n", 7,
      "tiers[0].fit.sensitivity: {folder}/missing.json: sensitivity file not found"),
-    ("  - fit:\n      size: 55MB\n      sensitivity: not-sens.json\n    tier: F\n", 7,
-     "tiers[0].fit.sensitivity: {folder}/not-sens.json: not a sensitivity result (no format: apex-orch-sensitivity)"),
     ("  - fit:\n      size: 55MB\n      sensitivity: s.json\n      colour: red\n    tier: F\n", 8,
      "unknown key 'tiers[0].fit.colour'"),
     ("  - fit: {size: 55MB}\n    tier: F\n", 5,
@@ -262,6 +260,14 @@ def test_fit_config_errors_name_file_and_line(tmp_path, tiers, line, message):
     with pytest.raises(ConfigError) as err:
         load_release(p)
     assert (err.value.where, err.value.message) == (f"{p}:{line}", message.format(folder=tmp_path))
+
+
+def test_a_fit_tier_on_a_file_that_is_no_sensitivity_result_keeps_its_exit_code(tmp_path):
+    p = fit_config(tmp_path, "  - fit:\n      size: 55MB\n      sensitivity: not-sens.json\n    tier: F\n")
+    with pytest.raises(ResultFileError) as err:
+        load_release(p)
+    assert (err.value.where, err.value.message, err.value.exit_code) == (
+        f"{p}:7", f"{tmp_path}/not-sens.json: not a sensitivity result (no format: apex-orch-sensitivity)", 19)
 
 
 @pytest.mark.slow

@@ -127,7 +127,10 @@ def test_profile_list_shows_where_each_profile_comes_from(tmp_path):
     r = CliRunner().invoke(main, ["--profiles-dir", str(mine), "profile", "list"])
     assert r.exit_code == 0, r.output
     lines = {line.split()[0]: line for line in r.output.splitlines()}
-    assert lines["house"].endswith(f"[user {mine}]") and "House" in lines["house"]
+    # house extends compact, which the user's compact shadows: the list says where that link comes from
+    assert lines["house"].endswith(f"[user {mine}; extends compact from user {mine} (shadows the built-in)]")
+    assert "House" in lines["house"]
+    assert lines["i-compact"].endswith(f"[built-in; extends compact from user {mine} (shadows the built-in)]")
     assert lines["compact"].endswith(f"[user {mine} (shadows the built-in)]")
     assert "our own compact" in lines["compact"]
     assert lines["quality"].endswith("[built-in]")

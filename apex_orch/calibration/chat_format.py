@@ -35,6 +35,7 @@ from pathlib import Path
 from apex_orch.calibration.chat_template import TEMPLATE_KEY, TemplateWorker
 from apex_orch.calibration.sources import Document
 from apex_orch.core.errors import ModelError
+from apex_orch.core.infiles import check_input
 
 # Chat templates that print today's date would change the corpus (and the imatrix cache
 # key) every day; rendering always sees this fixed instant instead.
@@ -61,11 +62,9 @@ PLAIN = ChatFormat()
 def chat_format_from_model(model_path: str | os.PathLike) -> ChatFormat:
     """The model's own `tokenizer.chat_template` (+ BOS/EOS text), or PLAIN when it has none."""
     path = Path(model_path)
-    if not path.is_file():
-        if path.exists():   # a FIFO or device would block the read below
-            raise ModelError("is not a regular file; apex-orch reads GGUF models from regular files only",
-                             where=str(path), hint="pass the .gguf file itself")
+    if not os.path.lexists(path):
         raise ModelError(f"model not found: {path}")
+    check_input(path, "model")   # core.infiles: a FIFO or device is refused, never read
     # imported here: the header reader loads gguf and numpy, which `corpus list/show` never need
     from apex_orch.model.gguf_header import read_array_items, read_kv
 

@@ -30,6 +30,7 @@ from apex_orch.calibration.corpus_spec import CorpusSpec, SourceSpec, load_corpu
 from apex_orch.calibration.sources import Document, approx_tokens, read_source
 from apex_orch.calibration.tokenizer import ModelTokenizer
 from apex_orch.core.errors import ConfigError, OutputExistsError
+from apex_orch.core.infiles import holds
 from apex_orch.core.safefiles import write_atomic
 
 APPROX_METHOD = "approximate: UTF-8 bytes / 4"
@@ -260,7 +261,7 @@ def write_corpus(built: BuiltCorpus, out: str | os.PathLike, *, model: str | os.
     manifest_path = manifest_path_for(text_path)
     data = built.data
     if not force:
-        same_text = text_path.is_file() and text_path.read_bytes() == data
+        same_text = holds(text_path, data)
         for p in (text_path, manifest_path):
             if p.exists() and not same_text:
                 raise OutputExistsError(f"{p} exists", hint="ask to replace it, or choose another output",

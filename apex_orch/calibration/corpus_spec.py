@@ -72,7 +72,7 @@ def resolve_corpus(name_or_path: str | os.PathLike, *, search: Iterable[Path] = 
     looks_like_path = text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text
     if looks_like_path:
         path = Path(text).expanduser()
-        if not path.is_file():
+        if not os.path.lexists(path) or path.is_dir():   # a FIFO is refused when it is read (core.infiles)
             raise ConfigError(f"corpus file not found: {path}",
                               hint="give an existing .yaml file or a corpus name (`apex-orch corpus list`)")
         return path.resolve()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from apex_orch.core.errors import ImatrixError
+from apex_orch.core.infiles import open_input, read_gguf
 from apex_orch.model.info import ModelInfo, TensorInfo
 from apex_orch.plan.llama_rules import ABORT_WITHOUT_IMATRIX_DATA, allows_quantization
 from apex_orch.plan.planner import Plan
@@ -68,23 +69,24 @@ def read_imatrix(path: str | os.PathLike) -> ImatrixInfo:
     """Read a GGUF imatrix. Missing, corrupt or legacy (.dat) files raise ImatrixError."""
     # imported here: numpy and gguf's reader are only needed when a file is read
     import numpy as np
-    from gguf import GGUFReader
 
     p = Path(path)
-    if not p.is_file():
+    if not os.path.lexists(p):
         raise ImatrixError(f"imatrix file not found: {p}",
                            hint="compute one with `apex-orch imatrix MODEL --corpus NAME`")
-    try:
-        with open(p, "rb") as fh:
+    with open_input(p, "imatrix") as fh:   # core.infiles: a regular file within its bound, never blocking
+        try:
             magic = fh.read(4)
-    except OSError as exc:
-        raise ImatrixError(f"cannot read imatrix file: {exc.strerror}", where=str(p)) from None
+        except OSError as exc:
+            raise ImatrixError(f"cannot read imatrix file: {exc.strerror}", where=str(p)) from None
     if magic != b"GGUF":
         raise ImatrixError("not a GGUF imatrix (legacy .dat or another file type)", where=str(p),
                            hint="recompute it with apex-orch (GGUF output), or convert it with "
                                 "`llama-imatrix --in-file OLD.dat -o NEW.gguf`")
     try:
-        reader = GGUFReader(p, "r")
+        reader = read_gguf(p, "imatrix")
+    except ImatrixError:
+        raise
     except Exception as exc:  # GGUFReader raises ValueError/IndexError/struct errors on damage
         raise ImatrixError(f"corrupt imatrix file: {exc}", where=str(p),
                            hint="delete it and compute it again") from None

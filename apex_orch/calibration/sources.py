@@ -13,16 +13,20 @@ corpora, built by corpus.py.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
+import io
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Iterator
 
 from apex_orch.calibration.corpus_spec import HFFiles, SourceSpec, samples_dir
 from apex_orch.core.errors import ConfigError, ToolNotFoundError
+from apex_orch.core.infiles import open_input
 from apex_orch.core.settings import hf_hub_offline
 from apex_orch.core.translate import translate_hub_download_error
 
@@ -165,11 +169,23 @@ class _SourceBudget:
             self.refuse(f"the source holds more than {MAX_SOURCE_DOCUMENTS:,} documents", where)
 
 
+@contextlib.contextmanager
+def _open_text(path: Path) -> Iterator[IO[str]]:
+    """A data file as text (gunzipped for .gz), opened the one way inputs are (core.infiles): a FIFO
+    or device is refused, never read; what it may hold is bounded by _SourceBudget."""
+    with open_input(path, "corpus-data", error=ConfigError) as raw:
+        if path.suffix == ".gz":
+            with gzip.GzipFile(fileobj=raw) as gz, io.TextIOWrapper(gz, encoding="utf-8") as fh:
+                yield fh
+        else:
+            with io.TextIOWrapper(raw, encoding="utf-8") as fh:
+                yield fh
+
+
 def _read_json_file(path: Path, src: SourceSpec, fmt: str, budget: _SourceBudget) -> list[Document]:
-    opener = gzip.open if path.suffix == ".gz" else open
     docs: list[Document] = []
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
+        with _open_text(path) as fh:
             if fmt == "jsonl":
                 lineno = 0
                 while True:
@@ -183,6 +199,8 @@ def _read_json_file(path: Path, src: SourceSpec, fmt: str, budget: _SourceBudget
                     origin = f"{path}:{lineno}"
                     try:
                         record = json.loads(line)
+                    except RecursionError:
+                        raise ConfigError("invalid JSON line: nested too deeply", where=origin) from None
                     except ValueError as exc:
                         raise ConfigError(f"invalid JSON line: {exc}", where=origin) from None
                     docs.append(_record_to_doc(record, src, origin))
@@ -203,9 +221,8 @@ def _read_json_file(path: Path, src: SourceSpec, fmt: str, budget: _SourceBudget
 
 
 def _read_text_file(path: Path, src: SourceSpec, budget: _SourceBudget) -> list[Document]:
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
+        with _open_text(path) as fh:
             text = budget.read(fh, str(path))
     except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
         raise ConfigError(f"cannot read text file: {exc}", where=str(path)) from None
@@ -258,8 +275,8 @@ def _expand_local(pattern: str, base: Path, where: str) -> list[Path]:
     elif full.is_dir():
         files = sorted(p for p in full.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(full).parts))
-    elif full.is_file():
-        files = [full]
+    elif os.path.lexists(full):
+        files = [full]   # a FIFO or device is refused when it is opened (core.infiles), never read
     else:
         raise ConfigError(f"path not found: {full}", where=where,
                           hint="paths are relative to the corpus YAML's folder")

@@ -15,6 +15,7 @@ import click
 
 from apex_orch import __version__
 from apex_orch.core import settings
+from apex_orch.core.errors import InternalError, InterruptedRun, exit_codes
 from apex_orch.core.text import printable
 from apex_orch.llama.tools import build_label, llama_bin_dir_option, mask_secrets
 from apex_orch.plan.profile_search import profile_dirs_option
@@ -52,15 +53,35 @@ class ApexGroup(click.Group):
                 pass
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise   # click's own exits and usage errors: already one message
+        except click.exceptions.Exit:
+            raise   # click's own exits (ctx.exit below, --help): already a code of the table
+        except click.ClickException as exc:
+            if exc.exit_code != 2:   # click's base class exits 1 (doctor's code): here it is a usage error
+                exc.exit_code = 2
+            raise   # click's usage errors: already one message
+        except click.Abort:   # Ctrl-C or end of input at a prompt
+            if _debug_enabled(ctx):
+                raise
+            err = InterruptedRun("interrupted", hint="rerun the same command to start again")
+            click.echo(f"error: {err.render()}", err=True)
+            ctx.exit(err.exit_code)
+        except SystemExit as exc:
+            if isinstance(exc.code, int) and exc.code in exit_codes():
+                raise
+            if _debug_enabled(ctx):
+                raise
+            err = InternalError(f"unexpected exit {exc.code!r}", hint="this is a bug in apex-orch; rerun with --debug "
+                                                                      "for the traceback and report it")
+            click.echo(f"error: {_masked(err.render())}", err=True)
+            ctx.exit(err.exit_code)
         except (Exception, KeyboardInterrupt) as exc:
             if _debug_enabled(ctx):
                 raise
             from apex_orch.cli.errors import as_apex_error, flag_names
             err = as_apex_error(exc)
             click.echo(f"error: {_masked(err.render(flag_names(ctx)))}", err=True)
-            ctx.exit(err.exit_code)
+            # a code outside the table (a class that forgot its own) is a bug's code, never another one
+            ctx.exit(err.exit_code if err.exit_code in exit_codes() else InternalError.exit_code)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

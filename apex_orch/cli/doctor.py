@@ -13,6 +13,7 @@ import click
 
 from apex_orch import __version__
 from apex_orch.core.errors import ApexError, ToolNotFoundError
+from apex_orch.core.infiles import read_json
 from apex_orch.llama import pin
 from apex_orch.llama.tools import (build_info, build_label, capture_tool, configured_bin_dir, find_libllama,
                                    find_tool)
@@ -103,9 +104,10 @@ def tool_build(path: Path) -> dict:
     version, commit = (m.group(1), m.group(2)) if m else ("?", "?")
     info_path = path.resolve().parent.parent / "build-info.json"
     try:
-        info = json.loads(info_path.read_text())
-    except (OSError, ValueError):
+        info = read_json(info_path, "record")
+    except ApexError:   # none, or damaged: judged by the tool's own --version below
         info = {}
+    info = info if isinstance(info, dict) else {}
     from_pin = info.get("sdist_sha256") == pin.SDIST_SHA256 and info.get("commit") == pin.LLAMA_CPP_COMMIT
     pinned = from_pin or (commit != "?" and len(commit) >= 7 and
                           (pin.LLAMA_CPP_COMMIT.startswith(commit) or commit.startswith(pin.LLAMA_CPP_COMMIT)))

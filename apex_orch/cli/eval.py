@@ -100,11 +100,13 @@ def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None,
               help="Measure pp512/tg128 tokens/s of every file (and the base).")
 @click.option("--format", "fmt", type=click.Choice(("md", "json", "csv")), default="md", show_default=True)
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
-              help="Write a Pareto plot (mean KLD vs size, log scales) to this PNG/SVG/PDF.")
+              help="Write a Pareto plot (mean KLD vs size, log scales) to this .png/.svg/.pdf "
+                   "(checked before the evaluation; an existing file only with --force).")
+@click.option("--force", is_flag=True, help="Replace an existing --plot.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | None, ctx: int,
             chunks: int | None, batch: int | None, ubatch: int, threads: int | None, flash_attn: bool,
-            repack: bool, backend: str, speed: bool, fmt: str, plot: str | None, quiet: bool,
+            repack: bool, backend: str, speed: bool, fmt: str, plot: str | None, force: bool, quiet: bool,
             **bounds: float | None) -> None:
     """One table for FILES against --base: tier, size, bpw, PPL, KLD mean/99.9%/max, same top p,
     speed. Exits 15 (after printing the table) when a gate fails for any file."""
@@ -112,16 +114,16 @@ def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | N
 
     gates = Gates(**bounds)
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
-    if plot:   # inputs are never outputs (issue 15): refused before minutes of evaluation
+    if plot:   # the output's checks before minutes of evaluation: format, never an input, no overwrite
         from pathlib import Path
 
-        from apex_orch.core.safefiles import check_not_inputs
-        check_not_inputs([Path(plot)], [Path(f) for f in (*files, base, text) if f], what="plot file",
-                         options=("plot",))
+        from apex_orch.core.outputs import check_new_output
+        check_new_output(plot, inputs=[Path(f) for f in (*files, base, text) if f], force=force, option="plot",
+                         what="plot file", suffixes=evalreport.PLOT_SUFFIXES)
     report = evalreport.compare(list(files), base, text=text, corpus=corpus, settings=settings,
                                 backend=backend, speed=speed, gates=gates, progress=_progress(quiet))
     click.echo(evalreport.format_report(report, fmt), nl=False)
     if plot:
-        path = evalreport.pareto_plot(report, plot)
+        path = evalreport.pareto_plot(report, plot, force=force)
         click.echo(f"plot: {path}", err=True)
     report.check_gates()

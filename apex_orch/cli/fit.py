@@ -10,9 +10,7 @@ import click
 from apex_orch.cli.errors import UsageError
 from apex_orch.cli.params import BUDGET_SIZE, COUNT, FINITE, THREADS
 from apex_orch.cli.progress import Progress
-from apex_orch.core.errors import OutputExistsError
-from apex_orch.core.outputs import write_new_text
-from apex_orch.core.safefiles import check_not_inputs
+from apex_orch.core.outputs import check_new_output, write_output
 from apex_orch.core.text import md_table
 from apex_orch.model.info import read_model
 
@@ -61,43 +59,48 @@ def sensitivity(model, imatrix, corpus, text, text_corpus, chunks, ctx, ladder, 
     if imatrix and corpus:
         raise UsageError("give --imatrix or --corpus, not both")
     progress = Progress(quiet)
-    out = Path(output) if output else None
-    if out is not None:
-        check_not_inputs([out], [Path(model), Path(imatrix) if imatrix else None, Path(text) if text else None],
-                         options=("output",))
-        if out.exists() and not force:
-            raise OutputExistsError(f"{out} exists", hint="pass --force to replace it")
+    out = None
+    if output is not None:   # before anything runs: never an input, no overwrite unless forced
+        out = check_new_output(output, inputs=[Path(p) for p in (model, imatrix, text, calibration_path) if p],
+                               force=force)
     info = read_model(model)
     source = resolve_imatrix(info, imatrix) if imatrix else None
-    corpus_text = None
-    if corpus and not dry_run:
-        path = build_imatrix_for(Path(model), corpus, threads, progress)
-        source = resolve_imatrix(info, path)
-    if corpus:
-        from apex_orch.calibration.corpus import build_corpus
-        corpus_text = build_corpus(corpus).data
     from apex_orch.fit.measurements import load_sensitivity
     calibration = load_sensitivity(calibration_path) if calibration_path else None
-    plan = plan_sensitivity(model, imatrix=source, text=text, text_corpus=text_corpus, chunks=chunks, ctx=ctx,
-                            ladder=ladder, bands_from=bands_from, threads=threads, imatrix_corpus_text=corpus_text,
-                            method=method, calibration=calibration, imatrix_corpus=corpus)
+    plan_args = dict(text=text, text_corpus=text_corpus, chunks=chunks, ctx=ctx, ladder=ladder, bands_from=bands_from,
+                     threads=threads, method=method, calibration=calibration, imatrix_corpus=corpus)
+    if corpus and not dry_run:
+        # everything that can be checked is, before llama-imatrix runs (the text against the corpus too)
+        plan_sensitivity(model, imatrix=None, imatrix_coming=True, **plan_args)
+        path = build_imatrix_for(Path(model), corpus, threads, progress)
+        source = resolve_imatrix(info, path)
+    plan = plan_sensitivity(model, imatrix=source, imatrix_coming=bool(corpus), **plan_args)
     click.echo(plan.describe())
     if dry_run:
         return
     result = run_sensitivity(plan, progress=progress)
     d = result.data
-    rows = [[g["key"], str(g["tensors"])] + [f"{d['measurements'][g['key']][t]['kld_mean']:.5f}" for t in d["ladder"]]
-            for g in d["groups"]]
-    if d["uniform"]:
-        rows.append(["all groups (measured)", ""] + [f"{d['uniform'][t]['kld_mean']:.5f}" for t in d["ladder"]])
-        rows.append(["all groups (sum of parts)", ""] + [f"{d['uniform'][t]['sum_of_groups']:.5f}" for t in d["ladder"]])
+    rows = [[g["key"], str(g.get("tensors", ""))] + [f"{d['measurements'][g['key']][t]['kld_mean']:.5f}"
+                                                     for t in d["ladder"]] for g in d["groups"]]
+    uniform = d.get("uniform") or {}
+    if uniform:
+        rows.append(["all groups (measured)", ""] + [_cell(uniform.get(t), "kld_mean") for t in d["ladder"]])
+        rows.append(["all groups (sum of parts)", ""] + [_cell(uniform.get(t), "sum_of_groups") for t in d["ladder"]])
     click.echo("\n".join(md_table(["group", "tensors"] + d["ladder"], rows)))
-    c = d["cost"]
-    click.echo(f"cost: {c['total_s']:.0f} s = {c['as_tier_quantizations']} x one uniform quantization "
-               f"({c['one_tier_quantize_s']:.1f} s); result {result.path}")
+    c = d.get("cost") or {}
+    if isinstance(c.get("total_s"), (int, float)) and isinstance(c.get("one_tier_quantize_s"), (int, float)):
+        click.echo(f"cost: {c['total_s']:.0f} s = {c.get('as_tier_quantizations')} x one uniform quantization "
+                   f"({c['one_tier_quantize_s']:.1f} s); result {result.path}")
+    else:
+        click.echo(f"result {result.path}")
     if out is not None:
-        write_new_text(out, result.to_json(), force=force)
+        write_output(out, result.to_json(), force=force)
         click.echo(f"wrote {out}")
+
+
+def _cell(row, key: str) -> str:
+    value = row.get(key) if isinstance(row, dict) else None
+    return f"{value:.5f}" if isinstance(value, (int, float)) else "—"
 
 
 @click.command()
@@ -136,11 +139,9 @@ def fit(model, sensitivity_path, size, bpw, base, tier, structure, no_imatrix, m
 
     if (size is None) == (bpw is None):
         raise UsageError("give exactly one of --size or --bpw")
-    out = Path(output) if output else None
-    if out is not None:
-        check_not_inputs([out], [Path(model), Path(sensitivity_path)], options=("output",))
-        if out.exists() and not force:
-            raise OutputExistsError(f"{out} exists", hint="pass --force to replace it")
+    out = None
+    if output is not None:   # before anything is read: never an input, no overwrite unless forced
+        out = check_new_output(output, inputs=[Path(model), Path(sensitivity_path)], force=force)
     sens = load_sensitivity(sensitivity_path)
     info = read_model(model)
     m = sens.data["model"]
@@ -167,7 +168,7 @@ def fit(model, sensitivity_path, size, bpw, base, tier, structure, no_imatrix, m
             click.echo(f"note: the nearest size this ladder reaches is {100 * result.shortfall:.2f}% under the "
                        "budget (more than 0.5%)", err=True)
     if out is not None:
-        write_new_text(out, result.yaml_text, force=force)
+        write_output(out, result.yaml_text, force=force)
         click.echo(f"wrote {out}", err=as_json)
     elif not as_json:
         click.echo(result.yaml_text, nl=False)

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from apex_orch.core.errors import ProfileError
-from apex_orch.core.outputs import write_new_text
-from apex_orch.plan.profile_import import dump_profile, import_tensor_type_file
-from apex_orch.plan.profile_search import profile_search_path, profile_sources
+from apex_orch.core.outputs import check_new_output, write_output
+from apex_orch.plan.profile_import import check_importable, dump_profile, import_tensor_type_file
+from apex_orch.plan.profile_search import profile_search_path, profile_sources, source_of
 from apex_orch.plan.profiles import load_profile
 
 
@@ -33,7 +33,29 @@ def list_cmd() -> None:
         p = load_profile(src.path)
         im = f"imatrix ({p.corpus or 'any'})" if p.imatrix_required else "no imatrix"
         origin = src.source + (" (shadows the built-in)" if src.shadows_builtin else "")
+        origin += "".join(f"; {link}" for link in _shadowing_links(p))
         click.echo(f"{src.name:<12} {p.tier:<11} base {p.base_ftype:<7} {im:<20} {p.best_for}  [{origin}]")
+
+
+def _shadowing_links(p) -> list[str]:
+    """The links of a profile's extends chain (after its own file) that do not come from the built-ins:
+    a user `_apex.yaml` changes every built-in profile that extends it, and `profile list` says so."""
+    out = []
+    for path in p.chain_paths[1:]:
+        label, shadows = source_of(path)
+        if label != "built-in":
+            out.append(f"extends {path.stem} from {label if label != 'file' else path}"
+                       + (" (shadows the built-in)" if shadows else ""))
+    return out
+
+
+def _chain_text(p) -> str:
+    links = []
+    for path in p.chain_paths:
+        label, shadows = source_of(path)
+        where = label if label != "file" else str(path)
+        links.append(f"{path.stem} [{where}{', shadows the built-in' if shadows else ''}]")
+    return " <- ".join(links)
 
 
 @profile.command("show")
@@ -44,9 +66,12 @@ def show(name: str, as_json: bool) -> None:
     p = load_profile(name)
     if as_json:
         click.echo(json.dumps({"name": p.name, "tier": p.tier, "sha256": p.sha256, "chain": p.chain,
+                               "chain_sources": [dict(zip(("source", "shadows_builtin"), source_of(q)), path=str(q))
+                                                 for q in p.chain_paths],
                                **p.raw}, indent=2, default=str))
         return
-    click.echo(f"profile    {p.name}  (from {p.path}; extends chain: {' <- '.join(p.chain)})")
+    click.echo(f"profile    {p.name}  (from {p.path})")
+    click.echo(f"chain      {_chain_text(p)}")
     click.echo(f"tier       {p.tier}   best for: {p.best_for}")
     click.echo(f"base       {p.base_ftype}   imatrix: {'required, corpus ' + str(p.corpus) if p.imatrix_required else 'not required'}")
     b = p.bands
@@ -69,20 +94,24 @@ def show(name: str, as_json: bool) -> None:
 @click.option("--blocks", type=int, default=36, show_default=True, help="Blocks of the canonical layout (without --model).")
 @click.option("--base-ftype", default="Q4_K_M", show_default=True, help="llama-quantize FTYPE the file was used with.")
 @click.option("--tier", default=None, help="Tier name for the new profile.")
-@click.option("--force", is_flag=True, help="Overwrite --output if it exists.")
+@click.option("--force", is_flag=True, help="Replace an existing --output (never the input itself).")
 def import_cmd(file: str, output: str | None, model: str | None, blocks: int, base_ftype: str,
                tier: str | None, force: bool) -> None:
     """Turn an upstream apex-quant tensor-type file (PATTERN=TYPE lines) into a YAML profile,
     and report the lines it did not understand."""
-    names = None
+    out = None
+    if output:   # before anything is read: never an input (--force or not), no overwrite without --force
+        out = check_new_output(output, inputs=[Path(file), Path(model) if model else None], force=force)
+    info = names = None
     if model:
         from apex_orch.model.info import read_model
-        names = [t.name for t in read_model(model).tensors]
+        info = read_model(model)
+        names = [t.name for t in info.tensors]
     rep = import_tensor_type_file(Path(file), names=names, n_blocks=blocks, base_ftype=base_ftype, tier=tier)
+    check_importable(rep.profile, Path(file), info)
     text = dump_profile(rep.profile)
-    if output:
-        out = Path(output)
-        write_new_text(out, text, force=force)
+    if out is not None:
+        write_output(out, text, force=force)
         click.echo(f"wrote {out}")
     else:
         click.echo(text, nl=False)

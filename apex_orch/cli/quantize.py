@@ -12,7 +12,7 @@ from apex_orch.cli.progress import Progress
 from apex_orch.cli.quantize_eval import print_eval_table
 from apex_orch.plan.profile_search import list_profiles
 from apex_orch.quantize.request import QuantizeRequest, plan_request, prepare_imatrix
-from apex_orch.quantize.run import run_many
+from apex_orch.quantize.run import run_many, share_threads
 
 
 @click.command()
@@ -84,6 +84,7 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
     for warning in setup.warnings:   # loud, never silent: fallbacks to the mixture, partial imatrix coverage...
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
+        share_threads(setup.jobs, jobs)   # the threads each tier's tool gets, as the run gives them
         click.echo(setup.describe())
         return
     results = run_many(setup.jobs, parallel=jobs, force=force, progress=progress, timeout=timeout)

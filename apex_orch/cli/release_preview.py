@@ -66,6 +66,10 @@ def format_preview(p: ReleasePreview) -> str:
         lines.append(f"eval      {e.files} files against {e.base} on {e.text}, ctx {e.ctx}, "
                      f"chunks {e.chunks or 'all'}, one base-logits cache; speed {'yes' if e.speed else 'no'}; "
                      f"gates: {gates}")
+        if e.text_tokens is not None:
+            lines.append(f"          the text holds {e.text_tokens:,} tokens: {e.text_chunks} chunk(s) of {e.ctx} evaluated")
+        elif e.text_note:
+            lines.append(f"          {e.text_note}")
     else:
         lines.append("eval      disabled (the card says benchmarks pending)")
     lines.append(f"card      {p.card} + {len(p.tiers)} LocalAI entries in {p.localai}")

@@ -21,9 +21,15 @@ from typing import Mapping
 
 
 class ApexError(Exception):
-    """Base class: a user-facing failure with an actionable message."""
+    """Base class: a user-facing failure with an actionable message.
 
-    exit_code = 1
+    Every class that introduces an exit code says what it means in `meaning`: the exit-code table
+    of docs/reliability.md is generated from these (`exit_code_table`), and the CLI never exits
+    with a code outside it. The base itself is never raised: its code is InternalError's.
+    """
+
+    exit_code = 70
+    meaning = ""
     options: tuple[str, ...] = ()
 
     def __init__(self, message: str, *, hint: str | None = None, where: str | None = None,
@@ -78,6 +84,8 @@ class RequestError(ApexError):
     front of the message. Exit 2 like Click's own usage errors: the request is at fault."""
 
     exit_code = 2
+    meaning = ("usage (bad arguments, a name that is a path, an output that is an input, two tiers writing "
+               "one file, an output whose name is too long)")
     fields: tuple[str, ...] = ()
 
     def __init__(self, message: str, *, fields: tuple[str, ...] | list[str] = (), hint: str | None = None,
@@ -98,6 +106,8 @@ class ProfileError(ApexError):
     """A YAML profile (or corpus/release config) is malformed or inconsistent."""
 
     exit_code = 3
+    meaning = ("profile / config invalid (also a tensor-type file for `profile import`, or imported rules that "
+               "would not plan)")
 
 
 class ConfigError(ProfileError):
@@ -108,6 +118,8 @@ class ModelError(ApexError):
     """A GGUF file is missing, unreadable, truncated, or not something APEX can handle."""
 
     exit_code = 4
+    meaning = ("model file invalid (not GGUF, truncated, torn, dense, unknown architecture, bad split, not a "
+               "regular file)")
 
 
 class DenseModelError(ModelError):
@@ -118,6 +130,7 @@ class PlanError(ApexError):
     """A plan cannot be made or violates a constraint (e.g. a fallback under --strict)."""
 
     exit_code = 5
+    meaning = "plan cannot be made"
 
 
 class ToolPlanMismatchError(PlanError):
@@ -132,18 +145,21 @@ class ImatrixError(ApexError):
     """An importance matrix is missing, corrupt, from another model, or lacks needed data."""
 
     exit_code = 6
+    meaning = "imatrix missing, corrupt, from another model, lacking data"
 
 
 class ToolNotFoundError(ApexError):
     """A llama.cpp binary or library could not be found."""
 
     exit_code = 7
+    meaning = "llama.cpp tool not found (or Ray, for releases on a Ray cluster, not installed)"
 
 
 class ToolFailedError(ApexError):
     """A llama.cpp tool exited non-zero, was killed, or timed out."""
 
     exit_code = 8
+    meaning = "tool failed, was killed or timed out"
 
     def __init__(self, message: str, *, returncode: int | None = None, log_path=None,
                  log_tail: str = "", hint: str | None = None, where: str | None = None,
@@ -179,54 +195,65 @@ class InterruptedRun(ApexError):
     """SIGINT/SIGTERM arrived; partial outputs were removed."""
 
     exit_code = 130
+    meaning = "interrupted (SIGINT / SIGTERM / SIGHUP)"
 
 
 class OutputExistsError(ApexError):
     """The output exists and --force was not given."""
 
     exit_code = 9
+    meaning = "output exists (and is not up to date); replacing it must be asked for"
 
 
 class OutputNotWritableError(ApexError):
     """The output folder cannot be created or written (read-only file system, permissions)."""
 
     exit_code = 17
+    meaning = ("output folder not writable (read-only file system, permissions), or a link / hard link / FIFO "
+               "planted at a name apex-orch writes")
 
 
 class LockedError(ApexError):
     """Another apex-orch run holds the lock on this output."""
 
     exit_code = 10
+    meaning = "locked by another run"
 
 
 class DiskSpaceError(ApexError):
     """Not enough free disk for the predicted output (checked before starting)."""
 
     exit_code = 11
+    meaning = "disk space (before starting, or filled while writing)"
 
 
 class VerificationError(ApexError):
     """A written file does not match its plan (types, size, hash)."""
 
     exit_code = 12
+    meaning = "written file does not match the plan"
 
 
 class ManifestError(ApexError):
     """A manifest is corrupt or does not describe the file beside it."""
 
     exit_code = 13
+    meaning = "manifest damaged"
 
 
 class EvalError(ApexError):
     """An evaluation cannot run (text too short, vocabulary mismatch, corrupt file...)."""
 
     exit_code = 14
+    meaning = ("evaluation cannot run (the text is too short for the context and chunks, not a regular file, too"
+               " large, vocabularies differ)")
 
 
 class GateFailedError(ApexError):
     """A quality gate (max KLD, max PPL ratio...) was not met."""
 
     exit_code = 15
+    meaning = "a quality gate failed"
     table: str | None = None    # the rendered comparison the failures were found in (compare.eval_table)
 
 
@@ -234,6 +261,7 @@ class PublishError(ApexError):
     """Publishing to Hugging Face failed or was refused."""
 
     exit_code = 16
+    meaning = "publishing failed"
 
 
 class UnsafeOutputError(OutputNotWritableError):
@@ -250,16 +278,67 @@ class ExecutorError(ApexError):
     """The Ray cluster cannot be reached, cannot place a task, or lost a task on every attempt."""
 
     exit_code = 18
-
-
-class ResultFileError(ApexError):
-    """A result apex-orch wrote and reads back (a sensitivity result) is missing, corrupt, of
-    another format version, or does not describe the model or settings it is used with."""
-
-    exit_code = 19
+    meaning = ("a release on a Ray cluster: the cluster cannot be reached, cannot place a task, or lost a tier on "
+               "every attempt")
 
 
 class InternalError(ApexError):
     """A failure no layer translated (a bug): still one message; the traceback with --debug."""
 
     exit_code = 70
+    meaning = ("an unexpected failure no layer translated (a bug): still one `error: unexpected ...` line; the "
+               "traceback only in debug mode")
+
+
+class ResultFileError(ApexError):
+    """A result apex-orch wrote and reads back (a sensitivity result: the cache entry, an `-o` file, a
+    `--sensitivity` / `--calibration` / release `fit:` file) is missing, damaged, edited or not one:
+    it fails its own checksum, its values (negative or non-finite KLDs) or its structure, is of
+    another format version, or does not describe the model or settings it is used with."""
+
+    exit_code = 19
+    meaning = ("a result file (a sensitivity result given to `fit`, to `sensitivity` as its calibration, or in "
+               "a release `fit:` tier) is damaged, edited, too large or not one")
+
+
+class FileSystemError(ApexError):
+    """An OSError with no more specific meaning (an I/O error, a name the file system refuses, too many
+    open files...): one message naming the path, never a traceback."""
+
+    exit_code = 20
+    meaning = "a file-system failure without a more specific cause (an I/O error, a name the file system refuses)"
+
+
+# Exit codes that are no ApexError's: success, and `doctor` reporting a problem.
+OTHER_EXIT_CODES = {
+    0: "success",
+    1: "`doctor` found a problem (its report says what to run)",
+}
+
+
+def exit_codes() -> dict[int, str]:
+    """Every exit code apex-orch can end with -> its meaning: the classes' own, and OTHER_EXIT_CODES."""
+    codes = dict(OTHER_EXIT_CODES)
+    seen: list[type] = []
+    todo: list[type] = [ApexError]
+    while todo:
+        cls = todo.pop(0)
+        seen.append(cls)
+        todo.extend(c for c in cls.__subclasses__() if c not in seen and c.__module__ == __name__)
+    for cls in seen:
+        if cls is ApexError:
+            continue
+        if cls.__dict__.get("meaning"):
+            codes.setdefault(cls.exit_code, cls.__dict__["meaning"])
+    return dict(sorted(codes.items()))
+
+
+def exit_code_table() -> str:
+    """The Markdown table docs/reliability.md shows (tests/test_exit_codes.py keeps them equal)."""
+    rows = ["| code | meaning |", "|---|---|"]
+    rows += [f"| {code} | {text} |" for code, text in exit_codes().items()]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":   # python -m apex_orch.core.errors: the table for docs/reliability.md
+    print(exit_code_table(), end="")

@@ -28,6 +28,9 @@ import json
 import os
 from pathlib import Path
 
+from apex_orch.core.errors import ApexError
+from apex_orch.core.infiles import read_json
+
 HEAD_BYTES = 8 << 20
 SAMPLE_BYTES = 64 << 10
 SAMPLES = 16
@@ -83,8 +86,8 @@ def _memo_entry(real: str, st: os.stat_result) -> Path:
 
 def _memo_lookup(real: str, st: os.stat_result) -> str | None:
     try:
-        doc = json.loads(_memo_entry(real, st).read_text())
-    except (OSError, ValueError):
+        doc = read_json(_memo_entry(real, st), "record")
+    except ApexError:   # missing or damaged: the file is hashed again
         return None
     if isinstance(doc, dict) and doc.get("path") == real and doc.get("stat") == _stat_identity(st):
         sha = doc.get("sha256")

@@ -9,12 +9,15 @@ edited or truncated is detected and never trusted.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from apex_orch.core.errors import ManifestError
 from apex_orch.core.fingerprint import check_record
+from apex_orch.core.infiles import json_depth_within, read_input
 from apex_orch.core.outputs import atomic_write_text
 
 SCHEMA = "apex-orch/manifest/v1"
@@ -47,14 +50,19 @@ def write_manifest(path: Path, doc: dict) -> dict:
 
 
 def read_manifest(path: Path) -> dict:
+    if not os.path.lexists(path):
+        raise FileNotFoundError(errno.ENOENT, "no manifest", str(path))
+    raw = read_input(path, "record")   # core.infiles: a regular file, at most 64 MiB, never blocking
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as exc:
+        doc = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:   # UnicodeDecodeError is a ValueError
         raise ManifestError(f"manifest is corrupt ({exc.__class__.__name__}: {exc})", where=str(path),
                             hint="it cannot be trusted; rerun, forced, to rebuild the output",
                             options=("force",)) from None
+    if not json_depth_within(doc):
+        raise ManifestError("manifest is corrupt (nested too deeply)", where=str(path),
+                            hint="it cannot be trusted; rerun, forced, to rebuild the output",
+                            options=("force",))
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ManifestError("not an apex-orch manifest (unknown schema)", where=str(path),
                             hint="rerun, forced, to rebuild the output", options=("force",))

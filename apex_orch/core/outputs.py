@@ -23,10 +23,12 @@ import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
-from apex_orch.core.errors import DiskSpaceError, LockedError, OutputExistsError, OutputNotWritableError
+from apex_orch.core.errors import (DiskSpaceError, LockedError, OutputExistsError, OutputNotWritableError,
+                                   RequestError)
 from apex_orch.core.locks import FileLock
-from apex_orch.core.safefiles import refuse_links, write_atomic
+from apex_orch.core.safefiles import check_not_inputs, clear_name, refuse_links, write_atomic, write_new
 from apex_orch.core.translate import translate_os_error
 
 PARTIAL_TAG = ".partial-"
@@ -173,11 +175,66 @@ def check_free_space(folder: Path, needed: int, *, margin_fraction: float = 0.02
     return free
 
 
+MAX_NAME_BYTES = 255 - len(".") - len(PARTIAL_TAG) - 10 - len(".manifest.json")   # a temporary's and sidecars' room
+
+
+def check_new_output(path: str | os.PathLike, *, inputs: Iterable[Path | None] = (), force: bool = False,
+                     option: str = "out", what: str = "output file",
+                     suffixes: Iterable[str] | None = None) -> Path:
+    """Up front, before any work: the checks OutputGuard makes when it writes a small output (a
+    profile, a plot), so a run never computes for minutes and then cannot write. Its format
+    (`suffixes`, lower case, with the dot), never one of the run's `inputs` (forced or not), no link
+    planted at it or its sidecars, not an existing file without `force`, a name the file system can
+    hold. `option` names the parameter that sets the path (the CLI words it as its flag)."""
+    path = Path(path)
+    check_not_inputs([path], inputs, what=what, options=(option,))   # first: the refusal force never changes
+    if suffixes is not None:
+        allowed = tuple(suffixes)
+        if path.suffix.lower() not in allowed:
+            raise RequestError(f"{path}: the file name must end in {', '.join(allowed)}", fields=(option,),
+                               hint="the ending chooses the format")
+    if len(os.fsencode(path.name)) > MAX_NAME_BYTES:
+        raise RequestError(f"{path.name[:40]}...: the name is {len(os.fsencode(path.name))} bytes; at most "
+                           f"{MAX_NAME_BYTES} (file systems allow 255 per name, with room for the temporary name)",
+                           fields=(option,), hint="choose a shorter name")
+    if path.is_dir():
+        raise RequestError(f"{path} is a folder", fields=(option,), hint="give a file name")
+    refuse_links([path, *sidecars(path)])
+    if os.path.lexists(path) and not force:
+        raise OutputExistsError(f"{path} exists", hint="ask to replace it", options=("force",))
+    return path
+
+
+def write_output(path: str | os.PathLike, data: bytes | str | Callable[[Path], object], *,
+                 force: bool = False) -> Path:
+    """Write a small output the way quantize writes its files: under OutputGuard (its folder writable,
+    no link planted, the lock, no overwrite without `force`), into a temporary name of this run with
+    normal permissions (0644 less the umask), renamed over `path` only when complete. `data` may be a
+    function that writes the temporary file whose path it is given (a plot)."""
+    path = Path(path)
+    with OutputGuard(path, force=force) as guard:
+        tmp = guard.temp_for(path)
+        if callable(data):
+            clear_name(tmp)
+            data(tmp)
+            if not tmp.is_file() or tmp.is_symlink():
+                raise OutputNotWritableError(f"{tmp} was not written as a regular file")
+            os.chmod(tmp, 0o644 & ~_umask())
+        else:
+            write_new(tmp, data)
+        guard.commit()
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_new_text(path: Path, text: str, *, force: bool = False) -> None:
-    """A small user-requested file: refused if it exists unless `force`, written atomically."""
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists", hint="ask to overwrite it", options=("force",))
-    atomic_write_text(path, text)
+    """A small user-requested file: refused if it exists unless `force`, written through the guard."""
+    write_output(path, text, force=force)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from apex_orch.core.errors import ApexError, ConfigError, DiskSpaceError, OutputNotWritableError
+from apex_orch.core.errors import ApexError, ConfigError, DiskSpaceError, FileSystemError, OutputNotWritableError
 
 # --------------------------------------------------------------------------- the file system
 
@@ -49,12 +49,16 @@ WRITE_FAILURES: dict[int, _WriteFailure] = {
                                "choose another output folder, on a writable file system"),
     errno.EACCES: _NO_PERMISSION,
     errno.EPERM: _NO_PERMISSION,
+    errno.ENAMETOOLONG: _WriteFailure(FileSystemError, "{verb} {where}: {reason} (file systems allow 255 bytes "
+                                      "per name)", "use a shorter name (a tier, the model's, the output file or folder)",
+                                      ("name", "out", "out_dir")),
 }
 
 
 def translate_os_error(exc: OSError, path: Path | str | None = None, *, creating: bool = False) -> ApexError:
     """An OSError met while writing outputs (or one no layer translated, in the CLI), as one
-    actionable ApexError: WRITE_FAILURES by errno, else a plain ApexError naming the path."""
+    actionable ApexError: WRITE_FAILURES by errno, else a FileSystemError naming the path (so every
+    OSError ends with a code of the exit-code table)."""
     where = str(path or exc.filename or "")
     failure = WRITE_FAILURES.get(exc.errno)
     if failure is not None:
@@ -62,8 +66,8 @@ def translate_os_error(exc: OSError, path: Path | str | None = None, *, creating
             verb="cannot create" if creating else "cannot write",
             access="cannot create" if creating else "cannot access",
             where=where, reason=exc.strerror), hint=failure.hint, options=failure.options)
-    return ApexError(f"{exc.strerror or exc}: {where}" if where else f"{exc.strerror or exc}",
-                     hint="check that path and its file system, then rerun")
+    return FileSystemError(f"{exc.strerror or exc}: {where}" if where else f"{exc.strerror or exc}",
+                           hint="check that path and its file system, then rerun")
 
 
 def translate_read_error(exc: OSError, error_cls: type[ApexError], where: str, *, thing: str = "file") -> ApexError:

@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from apex_orch.core.errors import ProfileError
-from apex_orch.core.translate import translate_read_error, translate_yaml_error
+from apex_orch.core.infiles import KINDS, read_input
+from apex_orch.core.translate import translate_yaml_error
 
 
 @dataclass
@@ -86,27 +87,14 @@ def _convert(node, path: tuple, lines: dict, value_lines: dict, src: Path, error
 # Bounds on a config file (profiles, corpora, release configs are a few KB): its size, and the
 # number of values it holds once aliases are expanded (a "billion laughs" document is a few
 # lines whose aliases expand to billions of values).
-MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = KINDS["config"].max_bytes
 MAX_YAML_VALUES = 100_000
 
 
 def read_config_text(path: Path, error_cls=ProfileError) -> str:
-    """A config file's text, refusing one larger than MAX_CONFIG_BYTES or not a regular file."""
-    import os
-    import stat as stat_mod
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise translate_read_error(exc, error_cls, str(path)) from None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat_mod.S_ISREG(st.st_mode):
-            raise error_cls("is not a regular file", where=str(path), hint="pass a .yaml file")
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise error_cls(f"file is {st.st_size:,} bytes; config files may hold at most {MAX_CONFIG_BYTES:,}",
-                            where=str(path), hint="is this the right file? configs are a few KB of YAML")
-        os.set_blocking(fh.fileno(), True)
-        raw = fh.read(MAX_CONFIG_BYTES + 1)
+    """A config file's text, refusing one larger than MAX_CONFIG_BYTES or not a regular file
+    (core.infiles: the one way inputs are opened)."""
+    raw = read_input(path, "config", error=error_cls)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

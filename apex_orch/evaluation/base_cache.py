@@ -59,6 +59,7 @@ import numpy as np
 
 from apex_orch.core import settings
 from apex_orch.core.errors import EvalError
+from apex_orch.core.infiles import open_checked, parse_json
 
 FORMAT = "apex-orch-base-logprobs"
 FORMAT_VERSION = 1
@@ -218,23 +219,27 @@ class BaseLogProbs:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        # core.infiles: the one way a file is opened (a FIFO planted in the cache is refused, not read)
+        self._fh = open_checked(self.path, "eval-cache")
         try:
-            self._zip = zipfile.ZipFile(self.path, "r")
-            self.meta = json.loads(self._zip.read("meta.json"))
-            if self.meta.get("format") != FORMAT or self.meta.get("version") != FORMAT_VERSION:
-                raise ValueError(f"format {self.meta.get('format')!r} v{self.meta.get('version')}")
+            self._zip = zipfile.ZipFile(self._fh, "r")
+            self.meta = parse_json(self._zip.read("meta.json"), str(self.path), EvalError)
+            if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT \
+                    or self.meta.get("version") != FORMAT_VERSION:
+                raise ValueError("not a base log-prob cache of this format")
             self.tokens = self._array("tokens.npy")
             self.scale = self._array("scale.npy")
             self.min_log_prob = self._array("min_log_prob.npy")
             self.nll = self._array("nll.npy")
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-            raise EvalError(f"base log-prob cache is unreadable ({exc})", where=str(self.path),
-                            hint="delete the file; it will be recomputed") from None
-        self.n_ctx = int(self.meta["n_ctx"])
-        self.n_vocab = int(self.meta["n_vocab"])
-        self.n_chunks = int(self.meta["n_chunks"])
-        self.first = int(self.meta["first"])
-        self.n_scored = int(self.meta["n_scored"])
+            self.n_ctx = int(self.meta["n_ctx"])
+            self.n_vocab = int(self.meta["n_vocab"])
+            self.n_chunks = int(self.meta["n_chunks"])
+            self.first = int(self.meta["first"])
+            self.n_scored = int(self.meta["n_scored"])
+        except (OSError, KeyError, ValueError, TypeError, EvalError, zipfile.BadZipFile) as exc:
+            self._fh.close()
+            raise EvalError(f"base log-prob cache is unreadable ({getattr(exc, 'message', exc)})",
+                            where=str(self.path), hint="delete the file; it will be recomputed") from None
 
     def _array(self, name: str) -> np.ndarray:
         with self._zip.open(name) as fh:
@@ -254,6 +259,7 @@ class BaseLogProbs:
 
     def close(self) -> None:
         self._zip.close()
+        self._fh.close()
 
     def __enter__(self) -> "BaseLogProbs":
         return self

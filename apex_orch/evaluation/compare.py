@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from apex_orch.core.errors import EvalError, GateFailedError, RequestError
+from apex_orch.core.outputs import write_output
 from apex_orch.core.text import binary_size
 from apex_orch.evaluation.base_cache import BaseLogProbs
 from apex_orch.evaluation.evaluate import ensure_base_cache, measure_speed, plan_eval, run_eval
@@ -194,7 +195,10 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def pareto_plot(report: CompareReport, out: str | os.PathLike) -> Path:
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def pareto_plot(report: CompareReport, out: str | os.PathLike, *, force: bool = False) -> Path:
     """KLD vs size (both log scale), the Pareto front joined, the base as a vertical line."""
     import matplotlib
     matplotlib.use("Agg")
@@ -225,15 +229,8 @@ def pareto_plot(report: CompareReport, out: str | os.PathLike) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=out.suffix or ".png", dir=out.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=(out.suffix.lstrip(".") or "png"))
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    try:   # the one way outputs are written (core.outputs: the guard, a temporary, normal permissions)
+        write_output(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lstrip(".").lower()), force=force)
     finally:
         plt.close(fig)
     return out

@@ -99,7 +99,33 @@ def plan_eval(model: str | os.PathLike, *, base: str | os.PathLike | None = None
     if base_facts is not None and backend == "bindings":
         plan.cache_path = evalcache.cache_path(base_cache_inputs(base_facts, tf, settings))
         plan.cache_hit = plan.cache_path.is_file()
+    if not plan.cache_hit:   # before any tool runs (--dry-run too): the text holds the chunks asked for
+        check_eval_text(base if base is not None else model, tf, settings, kld=base_facts is not None)
     return plan
+
+
+_TEXT_TOKENS: dict[tuple[str, str], int] = {}
+
+
+def check_eval_text(model: str | os.PathLike, text: TextFacts, settings: EvalSettings, *,
+                    kld: bool) -> tuple[int, int]:
+    """(tokens, chunks evaluated) of `text` with `model`'s tokenizer (its vocabulary only, loaded in
+    tens of milliseconds), checked before any tool runs: at least two contexts of tokens, and, for KL
+    divergence, at least MIN_KLD_TOKENS scored tokens in the chunks evaluated. Errors name the text."""
+    memo_key = (os.path.realpath(model), text.sha256)
+    n_tokens = _TEXT_TOKENS.get(memo_key)
+    if n_tokens is None:   # once per (model, text) in a process: compare and a release plan one file each
+        with BindingsModel(model, vocab_only=True) as vm:
+            n_tokens = len(vm.tokenize(read_text_bytes(text)))
+        _TEXT_TOKENS[memo_key] = n_tokens
+    n_chunks, _notes = count_chunks(n_tokens, settings, text.label)
+    scored = n_chunks * settings.scored_per_chunk
+    if kld and scored < MIN_KLD_TOKENS:
+        raise EvalError(f"{n_chunks} chunk(s) of {settings.n_ctx} tokens score {scored} tokens; KL statistics need "
+                        f"at least {MIN_KLD_TOKENS} (llama-perplexity prints none below that)", where=text.label,
+                        hint="use more chunks or a larger context; each chunk scores its second half",
+                        options=("chunks", "n_ctx"))
+    return n_tokens, n_chunks
 
 
 # --------------------------------------------------------------------------- bindings runner
@@ -124,7 +150,7 @@ def ensure_base_cache(base: ModelFacts, text: TextFacts, settings: EvalSettings,
     t0 = time.monotonic()
     with BindingsModel(base.path, repack=settings.repack) as bm:
         tokens = bm.tokenize(data)
-        n_chunks, _ = count_chunks(len(tokens), settings, base.path)
+        n_chunks, _ = count_chunks(len(tokens), settings, text.label)
         first, n_scored, n_ctx = settings.first, settings.scored_per_chunk, settings.n_ctx
         meta = {"format": evalcache.FORMAT, "version": evalcache.FORMAT_VERSION, "inputs": inputs,
                 "base_path": base.path, "text": text.label, "n_ctx": n_ctx, "n_vocab": bm.n_vocab,
@@ -182,7 +208,7 @@ def _run_bindings(plan: EvalPlan, progress: Progress | None) -> EvalResult:
             else:
                 tokens = bm.tokenize(read_text_bytes(plan.text))
                 n_text_tokens = len(tokens)
-                n_chunks, notes = count_chunks(n_text_tokens, s, plan.model.path)
+                n_chunks, notes = count_chunks(n_text_tokens, s, plan.text.label)
             first, n_ctx = s.first, s.n_ctx
             nll_parts: list[np.ndarray] = []
             kld_parts: list[KLDRows] = []

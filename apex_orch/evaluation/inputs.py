@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from apex_orch.calibration import corpus as corpus_mod
-from apex_orch.core.errors import EvalError, RequestError
+from apex_orch.core.errors import ApexError, EvalError, RequestError
 from apex_orch.core.fingerprint import source_sha256
+from apex_orch.core.infiles import read_input
 from apex_orch.core.safefiles import write_atomic
 from apex_orch.evaluation import base_cache
 from apex_orch.model.info import read_model
@@ -97,13 +98,14 @@ class EvalSettings:
                 "n_threads": self.n_threads, "flash_attn": self.flash_attn, "repack": self.repack}
 
 
-def count_chunks(n_tokens: int, settings: EvalSettings, model_label: str) -> tuple[int, list[str]]:
+def count_chunks(n_tokens: int, settings: EvalSettings, text_label: str) -> tuple[int, list[str]]:
     """How many chunks of n_ctx tokens are evaluated (the tool's floor division, capped by
-    `chunks`), and a note when `chunks` asked for more than the text holds."""
+    `chunks`), and a note when `chunks` asked for more than the text holds. The error names the
+    text (it is what is too short), never the model."""
     if n_tokens < 2 * settings.n_ctx:
         raise EvalError(
-            f"the evaluation text is too short: {n_tokens} tokens, but a context of {settings.n_ctx} "
-            f"needs at least {2 * settings.n_ctx}", where=model_label,
+            f"the evaluation text is too short: {n_tokens} tokens, but a context of {settings.n_ctx} needs at "
+            f"least {2 * settings.n_ctx} (tokens of this model's vocabulary)", where=text_label,
             hint="use a longer text or a smaller context", options=("text", "corpus", "n_ctx"))
     n_max = n_tokens // settings.n_ctx
     notes = []
@@ -182,26 +184,28 @@ def text_facts(text: str | os.PathLike | None = None, corpus: str | None = None)
         raise RequestError("give exactly one evaluation text: a file or a corpus name", fields=("text", "corpus"))
     if text is not None:
         p = Path(text)
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            raise EvalError("evaluation text not found", where=str(p), hint="check the path",
-                            options=("text",)) from None
-        except IsADirectoryError:
-            raise EvalError("evaluation text is a folder", where=str(p)) from None
+        # core.infiles: a regular file (a FIFO or /dev/zero refused before a byte is read), at most 512 MiB
+        data = read_input(p, "text")
         return TextFacts(label=str(p), path=str(p), sha256=hashlib.sha256(data).hexdigest(), n_bytes=len(data))
     built = corpus_mod.build_corpus(corpus)
     data = built.data
     sha = hashlib.sha256(data).hexdigest()
     out = base_cache.cache_dir() / "texts" / f"{Path(str(corpus)).stem}-{sha[:16]}.txt"
-    if not out.is_file() or hashlib.sha256(out.read_bytes()).hexdigest() != sha:
+    if not _holds(out, sha):
         write_atomic(out, data)
     return TextFacts(label=f"corpus:{corpus}", path=str(out), sha256=sha, n_bytes=len(data))
 
 
+def _holds(path: Path, sha: str) -> bool:
+    try:
+        return hashlib.sha256(read_input(path, "text")).hexdigest() == sha
+    except ApexError:
+        return False
+
+
 def read_text_bytes(facts: TextFacts) -> bytes:
     """The bytes llama-perplexity tokenizes: the file with one trailing newline removed (-f)."""
-    data = Path(facts.path).read_bytes()
+    data = read_input(facts.path, "text")
     if hashlib.sha256(data).hexdigest() != facts.sha256:
         raise EvalError("evaluation text changed while it was being used", where=facts.path)
     return data[:-1] if data.endswith(b"\n") else data

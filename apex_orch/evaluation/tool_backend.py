@@ -202,7 +202,7 @@ def run_with_tool(model: ModelFacts, text: TextFacts, settings: EvalSettings, *,
         # Checked here, not only parsed from the tool's log: its last lines can be lost (see
         # run_tool_logged), and this error deserves to be deterministic.
         with BindingsModel(base.path if base else model.path, vocab_only=True) as vm:
-            count_chunks(len(vm.tokenize(read_text_bytes(text))), s, vm.path.as_posix())
+            count_chunks(len(vm.tokenize(read_text_bytes(text))), s, text.label)
         if base is None:
             say(f"llama-perplexity: {Path(model.path).name}")
             lines = run_tool_logged(tool_argv(model.path, s, text=text.path), "model", work, _has_final)

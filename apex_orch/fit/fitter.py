@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -29,7 +28,6 @@ from apex_orch.fit.solver import Problem, Solution
 from apex_orch.model.info import ModelInfo
 from apex_orch.plan.llama_rules import IMATRIX_REQUIRED
 from apex_orch.plan.planner import Plan, make_plan
-from apex_orch.plan.profile_search import PROFILE_NAME_RE
 from apex_orch.plan.profiles import BANDED_ROLES, Profile, load_profile
 from apex_orch.quantize.job import stamped_kv_allowance
 
@@ -178,9 +176,9 @@ def render_yaml(problem: Problem, solution: Solution, base: Profile, *, tier: st
         heaviest[t] += problem.unit_bytes[u][t]
     ftype = FTYPE_FOR.get(heaviest.most_common(1)[0][0], "Q4_K_M") if heaviest else "Q4_K_M"
     measured = sens.data["imatrix"] or {}
-    corpus = base.corpus or measured.get("corpus")
-    unknown = not (isinstance(corpus, str) and PROFILE_NAME_RE.match(corpus))
-    if unknown:   # an imatrix given as a file whose corpus is not a name: the profile cannot name it
+    corpus = base.corpus or sens.imatrix_corpus
+    unknown = corpus is None
+    if unknown:   # an imatrix given as a file: the profile cannot name its text
         corpus = "diverse"
     q = json.dumps   # a JSON string is a valid, exactly-read YAML scalar: names with ': ' or '#' stay intact
     lines = ([f"# Measured with imatrix {measured.get('file')} (no corpus name): quantize with that imatrix file "

@@ -27,8 +27,8 @@ def imatrix_weights(path: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray
     """tensor name -> (mean squared activation [n_mat, ne0], token share per matrix [n_mat])."""
     if path is None:
         return {}
-    from gguf import GGUFReader
-    reader = GGUFReader(path, "r")
+    from apex_orch.core.infiles import read_gguf
+    reader = read_gguf(path, "imatrix")
     sums, counts = {}, {}
     for t in reader.tensors:
         if t.name.endswith(".in_sum2"):
@@ -50,11 +50,12 @@ def imatrix_weights(path: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray
 def tensor_errors(source: Path, quantized: Path, names: set[str],
                   weights: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     """The proxy E of each named tensor of `quantized` against `source` (one matrix at a time)."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
-    src = {t.name: t for t in GGUFReader(source, "r").tensors if t.name in names}
+
+    from apex_orch.core.infiles import read_gguf
+    src = {t.name: t for t in read_gguf(source, "model").tensors if t.name in names}
     out: dict[str, float] = {}
-    for t in GGUFReader(quantized, "r").tensors:
+    for t in read_gguf(quantized, "model").tensors:
         if t.name not in names:
             continue
         s = src[t.name]

@@ -11,10 +11,12 @@ equivalent rules, byte for byte in every tensor.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from pathlib import Path
 
 from apex_orch.core.errors import ModelError
+from apex_orch.core.infiles import open_input
 from apex_orch.core.safefiles import write_atomic_with
 from apex_orch.model.gguf_header import GGUFHeader, read_header
 
@@ -69,26 +71,26 @@ def write_spliced(source: Path, donors: dict[str, Path], out: Path) -> Path:
     kv_end = 24 + sum(src.kv_sizes.values())
 
     def fill(fo) -> None:
-        with open(source, "rb") as fh:
+        with open_input(source, "model") as fh:
             fo.write(fh.read(kv_end))      # preamble + metadata, verbatim
         for info in infos:
             fo.write(info)
         fo.write(b"\0" * (pad(fo.tell()) - fo.tell()))
         files: dict[Path, object] = {}
         try:
-            for _, _, _, path, start, n in plan:
-                fi = files.get(path) or files.setdefault(path, open(path, "rb"))
-                fi.seek(start)
-                left = n
-                while left:
-                    buf = fi.read(min(COPY_CHUNK, left))
-                    if not buf:
-                        raise ModelError(f"{path.name} ended inside a tensor", where=str(path))
-                    fo.write(buf)
-                    left -= len(buf)
-                fo.write(b"\0" * (pad(n) - n))
+            with contextlib.ExitStack() as opened:
+                for _, _, _, path, start, n in plan:
+                    fi = files.get(path) or files.setdefault(path, opened.enter_context(open_input(path, "model")))
+                    fi.seek(start)
+                    left = n
+                    while left:
+                        buf = fi.read(min(COPY_CHUNK, left))
+                        if not buf:
+                            raise ModelError(f"{path.name} ended inside a tensor", where=str(path))
+                        fo.write(buf)
+                        left -= len(buf)
+                    fo.write(b"\0" * (pad(n) - n))
         finally:
-            for fi in files.values():
-                fi.close()
+            files.clear()
 
     return write_atomic_with(out, fill)

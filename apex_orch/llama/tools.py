@@ -16,7 +16,6 @@ argument list (never a shell string), always with settings.child_environment (no
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -30,7 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from apex_orch.core import settings
-from apex_orch.core.errors import InterruptedRun, ToolFailedError, ToolNotFoundError, ToolTimeoutError
+from apex_orch.core.errors import ApexError, InterruptedRun, ToolFailedError, ToolNotFoundError, ToolTimeoutError
+from apex_orch.core.infiles import read_json
 from apex_orch.llama import pin
 
 
@@ -132,9 +132,10 @@ def build_info() -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        info = read_json(path, "record")
+    except ApexError:   # damaged: no build info (doctor says the build is not the pinned one)
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 def build_label() -> str:

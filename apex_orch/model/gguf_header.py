@@ -17,7 +17,6 @@ import contextlib
 import math
 import mmap
 import os
-import stat
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from apex_orch.core.errors import ModelError
+from apex_orch.core.infiles import open_input
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -185,32 +185,10 @@ def read_header(path: str | os.PathLike, shard: int = 0, *, verbatim: bool = Fal
 
 @contextlib.contextmanager
 def _mapped_gguf(p: Path) -> Iterator[tuple[mmap.mmap, int]]:
-    """The file mapped read-only, after the checks every reader needs: it opens (never blocking on
-    a FIFO), it is a regular file, it is long enough for a GGUF header."""
-    try:
-        # O_NONBLOCK: opening a FIFO for reading would otherwise wait forever for a writer.
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ModelError("file not found", where=str(p), hint="check the path") from None
-    except IsADirectoryError:
-        raise ModelError("is a folder, not a GGUF file", where=str(p)) from None
-    except PermissionError:
-        raise ModelError("permission denied reading the file", where=str(p)) from None
-    except ValueError:   # a NUL byte in the path
-        raise ModelError("the path contains a NUL byte; no file can have this name", where=repr(str(p))) from None
-    except OSError as exc:   # a name too long, a loop of links...
-        raise ModelError(f"cannot open the file: {exc.strerror}", where=str(p)) from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise ModelError("is a folder, not a GGUF file", where=str(p))
-        raise ModelError(f"is not a regular file (a {_file_kind(st.st_mode)}); apex-orch reads GGUF models "
-                         "from regular files only", where=str(p),
-                         hint="pass the .gguf file itself (a pipe or device would block or change under the tools)")
-    os.set_blocking(fd, True)
-    with os.fdopen(fd, "rb") as fh:
-        size = st.st_size
+    """The file mapped read-only, after the checks every input gets (core.infiles: it opens without
+    blocking on a FIFO, it is a regular file) and the one a GGUF needs (long enough for a header)."""
+    with open_input(p, "model") as fh:
+        size = os.fstat(fh.fileno()).st_size
         if size < 24:
             raise ModelError(f"not a GGUF file ({size} bytes, too small for a GGUF header)",
                              where=str(p), hint="pass a .gguf model file")
@@ -325,18 +303,6 @@ def _check_tensor_ranges(tensors: list[TensorRecord], data_offset: int, path: Pa
                 f"GGUF header is inconsistent: tensors {prev.name!r} and {cur.name!r} overlap: "
                 f"{prev.name!r} occupies bytes {data_offset + prev.offset:,}..{data_offset + end:,} "
                 f"and {cur.name!r} starts at byte {data_offset + cur.offset:,}", where=str(path), hint=_DAMAGED)
-
-
-def _file_kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "FIFO / named pipe"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "special file"
 
 
 def _gguf_version() -> str:

@@ -12,13 +12,14 @@ substring accident, and invalid lines are reported, never dropped silently.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from apex_orch.core.errors import ProfileError
+from apex_orch.core.infiles import KINDS, read_input
 from apex_orch.model.info import block_of
 from apex_orch.model.roles import Role, classify_name
 from apex_orch.plan.llama_rules import allows_quantization
@@ -52,7 +53,7 @@ def canonical_names(n_blocks: int) -> list[str]:
 # Bounds on an imported file: its size, its rules, each pattern's length. Patterns whose
 # matching time can grow exponentially with the name ((a+)+, (x|xy)*) are refused: llama-quantize
 # would run them too (std::regex), and they would hang both.
-MAX_IMPORT_BYTES = 1 << 20
+MAX_IMPORT_BYTES = KINDS["tensor-types"].max_bytes
 MAX_IMPORT_RULES = 1000
 MAX_PATTERN_CHARS = 4096
 
@@ -114,15 +115,8 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
     from apex_orch.model.info import MAX_BLOCKS
     if not 1 <= n_blocks <= MAX_BLOCKS:
         raise RequestError(f"{n_blocks} blocks: give 1 to {MAX_BLOCKS}", fields=("n_blocks",))
-    try:
-        with open(path, "rb") as fh:
-            raw_bytes = fh.read(MAX_IMPORT_BYTES + 1)
-    except OSError as exc:
-        raise ProfileError(f"cannot read tensor-type file: {exc.strerror}", where=str(path)) from None
-    if len(raw_bytes) > MAX_IMPORT_BYTES:
-        raise ProfileError(f"tensor-type file is larger than {MAX_IMPORT_BYTES:,} bytes", where=str(path),
-                           hint="tensor-type files hold a few dozen PATTERN=TYPE lines; is this the right file?")
-    text = raw_bytes.decode("utf-8", errors="replace")
+    # core.infiles: a regular file (a FIFO never blocks), at most MAX_IMPORT_BYTES
+    text = read_input(path, "tensor-types").decode("utf-8", errors="replace")
     rules: list[tuple[int, str, re.Pattern, str]] = []
     report = ImportReport(profile={})
     for lineno, raw in enumerate(text.splitlines(), 1):
@@ -181,6 +175,7 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
     bands = Bands().resolve(blocks_in_universe)
     per_role_band: dict[tuple[str, str], set[str]] = defaultdict(set)
     per_slot: dict[tuple[str, str, str], set[int]] = defaultdict(set)
+    band_counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
     types: dict = {}
     for name, tname in assigned.items():
         tr = classify_name(name)
@@ -194,6 +189,7 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
         else:
             band = bands.edge_rest(tr.block, attention=tr.role == Role.ATTENTION)
         per_role_band[(tr.role.value, band)].add(tname)
+        band_counts[(tr.role.value, band)][tname] += 1
         per_slot[(tr.role.value, tr.slot, tname)].add(tr.block)
     overrides = []
     for role, band_names in BANDED_ROLES.items():
@@ -208,6 +204,11 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
             for (r, slot, tname), blocks in sorted(per_slot.items()):
                 if r == role:
                     overrides.append({"role": role, "slot": slot, "blocks": _ranges(sorted(blocks)), "type": tname})
+            if role == Role.ROUTED_EXPERT.value:
+                # A profile needs the routed experts' bands (the overrides above keep every tensor the rules
+                # typed): each band takes its most common type, a band the rules never reach its neighbour's.
+                types[role] = _complete_bands({band: band_counts[(role, band)].most_common(1)[0][0]
+                                               for band in band_names if band_counts[(role, band)]}, band_names)
     profile = {"extends": "_apex", "tier": tier or path.stem.replace("_", "-").title(),
                "description": f"Imported from {path.name} by apex-orch profile import",
                "base_ftype": base_ftype, "types": types}
@@ -215,6 +216,15 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
         profile["overrides"] = overrides
     report.profile = profile
     return report
+
+
+def _complete_bands(found: dict[str, str], names: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    last = next(iter(found.values()))
+    for name in names:
+        last = found.get(name, last)
+        out[name] = last
+    return out
 
 
 def _ranges(blocks: list[int]) -> str:
@@ -234,3 +244,27 @@ def _ranges(blocks: list[int]) -> str:
 
 def dump_profile(profile: dict) -> str:
     return yaml.safe_dump(profile, sort_keys=False, default_flow_style=None)
+
+
+def check_importable(profile: dict, source: Path, model=None) -> None:
+    """Refuse (ProfileError) an imported profile that would not load, or, with the model given, not
+    plan: `profile import` never writes a profile `plan` then rejects. Loaded from a scratch file
+    beside nothing of the user's (its `extends: _apex` resolves as any profile's would)."""
+    import tempfile
+
+    from apex_orch.core.safefiles import write_atomic
+    from apex_orch.plan.planner import make_plan
+    from apex_orch.plan.profiles import load_profile
+    with tempfile.TemporaryDirectory(prefix="apex-orch-import-") as tmp:
+        scratch = Path(tmp) / "imported.yaml"
+        write_atomic(scratch, dump_profile(profile))
+        try:
+            loaded = load_profile(scratch)
+            if model is not None:
+                make_plan(model, loaded)
+        except ProfileError as exc:
+            what = exc.message.replace(str(scratch), "the imported profile")
+            hint = ("give routed experts a type: add PATTERN=TYPE lines for ffn_*_exps (e.g. "
+                    "ffn_down_exps=q4_k)" if "routed_expert" in exc.message else exc.hint)
+            raise ProfileError(f"the rules do not make a profile that plans: {what}", where=str(source),
+                               hint=hint) from None

@@ -2,8 +2,11 @@
 
 Takes: the global --profiles-dir options (held here for one command by `profile_dirs_option`,
 never exported through the environment) and $APEX_ORCH_PROFILES (apex_orch.core.settings).
-Gives: the search path (user folders first, then the built-ins), `resolve_profile_path` (a name
-or a .yaml path to a file), and the listing `apex-orch profile list` shows (`profile_sources`).
+Gives: the search path, in layers (the --profiles-dir folders in the order given, then
+$APEX_ORCH_PROFILES's, then the built-ins; a name is the first layer's file of that name, and
+`extends:` of a file's own name reaches the next layer down), `resolve_profile_path` (a name or a
+.yaml path to a file), where a file comes from (`source_of`) and the listing `apex-orch profile
+list` shows (`profile_sources`).
 
 Apart from apex_orch.plan.profiles (the schema and its validation) so that finding a profile
 needs neither YAML nor gguf, and one place decides which file a name means.
@@ -11,6 +14,7 @@ needs neither YAML nor gguf, and one place decides which file a name means.
 
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,14 +58,33 @@ def user_profile_dirs() -> list[Path]:
 
 
 def profile_search_path() -> list[tuple[str, Path]]:
-    """(source label, folder) in lookup order: user folders, then the built-ins."""
+    """(source label, folder) in lookup order, the layers: the --profiles-dir folders in the order
+    given, then $APEX_ORCH_PROFILES's in its order, then the built-ins. A name is the first layer's
+    file of that name. A folder of $APEX_ORCH_PROFILES that does not exist is an error, as it is for
+    --profiles-dir (checked when the option is parsed): a typo never silently drops a layer."""
+    for d in settings.user_profile_dirs():
+        if not d.is_dir():
+            raise ProfileError(f"APEX_ORCH_PROFILES names {d}, which is not a folder",
+                               hint="fix the variable (folders separated by " + repr(os.pathsep) + "), or unset it")
     return [*((f"user {d}", d) for d in user_profile_dirs()), ("built-in", builtin_profiles_dir())]
 
 
+def _layer_of(path: Path, layers: list[tuple[str, Path]]) -> int | None:
+    """The index of the layer whose folder holds `path` (None: a file outside every layer)."""
+    parent = os.path.realpath(path.parent)
+    for i, (_label, folder) in enumerate(layers):
+        if os.path.realpath(folder) == parent:
+            return i
+    return None
+
+
 def resolve_profile_path(name_or_path: str, base_dir: Path | None = None, skip: Path | None = None) -> Path:
-    """A profile name (looked up in the user folders, then the built-ins) or a path ending in
-    .yaml/.yml. `skip` is the profile asking (for `extends`): a user's compact.yaml may extend
-    the built-in compact."""
+    """A profile name (looked up in the layers, first one wins) or a path ending in .yaml/.yml.
+
+    `skip` is the profile asking (for `extends`). `extends:` of the asking file's own name reaches
+    the next layer down, never the asking layer or one above it (a user's compact.yaml may extend
+    the built-in compact; two user folders may each extend `compact` and stack): so a chain can only
+    go down the layers and same-name extends never loop."""
     text = str(name_or_path)
     if text.endswith((".yaml", ".yml")):
         p = Path(text)
@@ -75,13 +98,35 @@ def resolve_profile_path(name_or_path: str, base_dir: Path | None = None, skip: 
         raise ProfileError(
             f"{text!r} is not a profile name (names use a-z, 0-9, '-' and '_', no path separators or '..')",
             hint="give a name from `apex-orch profile list`, or a file path ending in .yaml")
-    skip_resolved = skip.resolve() if skip is not None else None
-    for _source, folder in profile_search_path():
+    layers = profile_search_path()
+    start = 0
+    skip_resolved = os.path.realpath(skip) if skip is not None else None
+    if skip is not None and skip.stem == text:
+        own = _layer_of(skip, layers)
+        if own is not None:
+            start = own + 1    # the next layer down
+    for _source, folder in layers[start:]:
         p = folder / f"{text}.yaml"
-        if p.is_file() and p.resolve() != skip_resolved:
+        if p.is_file() and os.path.realpath(p) != skip_resolved:
             return p
+    if start:
+        raise ProfileError(f"extends: {text!r} names its own file's name, and no layer below "
+                           f"{layers[start - 1][1]} has a profile of that name",
+                           hint="layers: " + " > ".join(str(f) for _l, f in layers) + "; extend a profile of "
+                                "another name, or drop extends")
     known = ", ".join(list_profiles()) or "(none)"
     raise ProfileError(f"unknown profile {text!r}", hint=f"known profiles: {known}; or pass a .yaml path")
+
+
+def source_of(path: Path) -> tuple[str, bool]:
+    """(where a profile file comes from: "built-in", "user <folder>" or "file", whether it shadows a
+    built-in of the same name) — how `profile list` and `show` label every link of a chain."""
+    layers = profile_search_path()
+    i = _layer_of(Path(path), layers)
+    label = layers[i][0] if i is not None else "file"
+    builtin = builtin_profiles_dir() / Path(path).name
+    shadows = label != "built-in" and builtin.is_file() and os.path.realpath(builtin) != os.path.realpath(path)
+    return label, shadows
 
 
 @dataclass(frozen=True)

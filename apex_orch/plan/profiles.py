@@ -194,6 +194,7 @@ class Profile:
     overrides: list[Override]
     gates: dict[str, float]
     chain: list[str] = field(default_factory=list)   # extends chain, child first
+    chain_paths: list[Path] = field(default_factory=list)   # the files of that chain, child first
     raw: dict = field(default_factory=dict, repr=False)
     doc: YamlDoc | None = field(default=None, repr=False)
 
@@ -356,7 +357,7 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
                    best_for=str(data.get("best_for", "")).strip(), base_ftype=base.upper(),
                    imatrix_required=im.required, corpus=im.corpus, bands=bands, types=types, nextn=nextn,
                    overrides=overrides, gates=gates.bounds(), chain=[d.path.stem for d in docs],
-                   raw=data, doc=docs[0])
+                   chain_paths=[d.path for d in docs], raw=data, doc=docs[0])
 
 
 def _types(data: dict, docs: list[YamlDoc]) -> tuple[dict[str, dict[str, T]], str | T]:

@@ -57,6 +57,35 @@ def safe_model_name(name: str) -> str:
     return file_name_part(name, "model")
 
 
+NAME_MAX = 255   # bytes per file name on every common file system
+
+
+def check_name_length(output: Path) -> None:
+    """The output, its sidecars and its temporary name must each fit a file name's 255 bytes: a long
+    tier or name is refused when the job is planned, never met as "File name too long" mid-run."""
+    names = [output.name, *(s.name for s in sidecars(output)), f".{output.name}.tensor-types.txt.partial-4194304"]
+    longest = max(names, key=lambda n: len(os.fsencode(n)))
+    if len(os.fsencode(longest)) > NAME_MAX:
+        raise RequestError(f"output name {output.name[:48]}... is {len(os.fsencode(output.name))} bytes; with its "
+                           f"sidecars and temporary names ({len(os.fsencode(longest))} bytes at most) it exceeds the "
+                           f"{NAME_MAX} bytes a file name may have", fields=("name", "out"),
+                           hint="use a shorter tier name (the profile's `tier`), model name or output file")
+
+
+def check_split_fits(plan: Plan, split_bytes: int) -> None:
+    """llama-gguf-split puts whole tensors in parts of at most the size (whole megabytes); a tensor
+    larger than that cannot be placed (the first one fails the tool, later ones overrun the size):
+    refused when the job is planned, not after the quantization."""
+    limit = split_bytes // 1000 ** 2 * 1000 ** 2
+    biggest = max(plan.tensors, key=lambda t: t.n_bytes, default=None)
+    padded = (biggest.n_bytes + 31) // 32 * 32 if biggest is not None else 0   # GGUF_DEFAULT_ALIGNMENT
+    if padded > limit:
+        raise RequestError(f"parts of {split_bytes:,} bytes: the tensor {biggest.name} alone is "
+                           f"{biggest.n_bytes:,} bytes at its planned type, more than a part may hold "
+                           f"({limit:,} bytes)", fields=("split_max_size",),
+                           hint=f"use at least {-(-padded // 1000 ** 2)}M; parts hold whole tensors")
+
+
 def check_distinct_outputs(pairs: list[tuple[str, Path]], *, error=RequestError, where: str | None = None) -> None:
     """(tier, output path) pairs: two tiers that map to one file (after names are made safe, e.g.
     "A B" and "A-B", or equal but for case) are refused up front, naming both."""
@@ -95,6 +124,7 @@ class QuantizeJob:
     predicted_size: int
     # Take llama-quantize's own --dry-run types as the plan when they differ (a user's own build).
     trust_tool_plan: bool = False
+    threads_given: bool = False          # -t was given: every job runs with exactly that many threads
 
     @property
     def key(self) -> str:
@@ -234,9 +264,13 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
                                fields=("name",), hint="use a plain name without path separators")
     if output.suffix != ".gguf":
         raise RequestError(f"output {output} must end in .gguf", fields=("out",))
+    check_name_length(output)
     # Inputs are never outputs: refused here, before anything runs, replacing outputs allowed or not.
     check_not_inputs([output, *sidecars(output)], [*model.paths, imatrix.path if imatrix else None],
                      options=("out", "out_dir", "name"))
+    if split_max_size:
+        check_split_fits(plan, split_max_size)
+    threads_given = threads is not None
     threads = threads or os.cpu_count() or 1
     metadata = {
         "apex.version": __version__,
@@ -261,6 +295,7 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
     if requantize_warnings:
         inputs["allow_requantize"] = True
     return QuantizeJob(model=model, profile=prof, plan=plan, output=output, imatrix=imatrix, threads=threads,
+                       threads_given=threads_given,
                        split_max_size=split_max_size, tool=tool, requantize=bool(requantize_warnings),
                        metadata=metadata, inputs=inputs, trust_tool_plan=trust_tool_plan,
                        predicted_size=plan.predicted_file_size(_written_kv(metadata, imatrix)))

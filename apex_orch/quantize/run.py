@@ -222,18 +222,26 @@ def default_jobs(jobs: list[QuantizeJob]) -> int:
     return max(1, min(len(jobs), max(1, cores // 2), max(1, avail // per_job)))
 
 
+def share_threads(jobs: list[QuantizeJob], parallel: int | None) -> int:
+    """How many tiers run at once; without -t the cores are shared between them (the command line is
+    built from `threads` when a job runs, and the dry run shows it). -t reaches every job as given."""
+    n = parallel or default_jobs(jobs)
+    if n > 1:
+        for j in jobs:
+            if not j.threads_given:
+                j.threads = max(1, (os.cpu_count() or 1) // n)
+    return n
+
+
 def run_many(jobs: list[QuantizeJob], *, parallel: int | None = None, force: bool = False,
              progress: Progress | None = None, timeout: float | None = None) -> list[QuantizeResult]:
     """Run several tiers with bounded parallelism; the first failure cancels the rest."""
     if not jobs:
         return []
     check_distinct_outputs([(j.profile.tier, j.output) for j in jobs])
-    n = parallel or default_jobs(jobs)
+    n = share_threads(jobs, parallel)
     if n <= 1:
         return [run_quantize(j, force=force, progress=progress, timeout=timeout) for j in jobs]
-    per_job_threads = max(1, (os.cpu_count() or 1) // n)
-    for j in jobs:
-        j.threads = per_job_threads   # the command line is built from it when the job runs
     results: list[QuantizeResult] = []
     with cf.ThreadPoolExecutor(max_workers=n) as pool:
         futures = {pool.submit(run_quantize, j, force=force, progress=progress, timeout=timeout): j for j in jobs}

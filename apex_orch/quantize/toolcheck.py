@@ -20,6 +20,7 @@ from pathlib import Path
 from gguf.constants import GGMLQuantizationType as T
 
 from apex_orch.core.errors import ToolFailedError, ToolPlanMismatchError
+from apex_orch.core.infiles import read_input
 from apex_orch.llama.quantlog import parse_records
 from apex_orch.llama.tools import run_tool
 from apex_orch.model.gguf_header import tensor_nbytes
@@ -44,7 +45,7 @@ def tool_dry_run_types(dry_argv: list[str], out_placeholder: Path) -> dict[str, 
     with tempfile.TemporaryDirectory(prefix="apex-orch-dry-run-") as tmp:
         log = Path(tmp) / "dry-run.log"
         run_tool(dry_argv, log_path=log, what="llama-quantize --dry-run")
-        text = log.read_text(errors="replace")
+        text = read_input(log, "record").decode("utf-8", errors="replace")
     if out_placeholder.exists():  # a dry run must never write; if this one did, nothing downstream is safe
         raise ToolFailedError(f"llama-quantize --dry-run wrote {out_placeholder}; this build's dry run writes "
                               "files", hint="use the pinned build (`apex-orch build`)")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from apex_orch.calibration.imatrix import ImatrixPlan
 from apex_orch.calibration.imatrix_file import ImatrixEntry, ImatrixInfo, expected_tensors
-from apex_orch.core.errors import ApexError
+from apex_orch.core.errors import ApexError, ModelError
 from apex_orch.core.sizes import Size
 from apex_orch.quantize.job import ImatrixSource, resolve_imatrix
 from apex_orch.quantize.run import default_jobs
@@ -30,6 +30,7 @@ from apex_orch.release.config import ReleaseConfig
 from apex_orch.release.fit_tiers import resolve_fit_tiers
 from apex_orch.release.phases.convert import convert_argv, convert_source, converted_path
 from apex_orch.release.phases.fetch import fetch_mmproj, fetch_source
+from apex_orch.release.phases.evaluate import check_text_early
 from apex_orch.release.phases.imatrix import imatrix_plan
 from apex_orch.release.phases.quantize import existing_outputs, plan_jobs
 from apex_orch.release.runner import PHASES
@@ -123,6 +124,9 @@ class EvalPreview:
     chunks: int | None = None         # None: every chunk of the text
     speed: bool = False
     gates: dict[str, float] = field(default_factory=dict)
+    text_tokens: int | None = None    # the text's tokens in the source's vocabulary (checked before any tool)
+    text_chunks: int | None = None    # chunks of ctx tokens evaluated
+    text_note: str | None = None      # why the text could not be checked here
 
 
 @dataclass
@@ -198,6 +202,8 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
     try:
         fetch_source(state, run=False)
         fetched = True
+    except ModelError:
+        raise   # the source is there but refused (not a regular file): not "not fetched yet"
     except ApexError as exc:
         fetched = False
         preview.fetch.problem = exc.message
@@ -215,6 +221,8 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
             if state.mmproj_src is not None:
                 mmproj_size = state.mmproj_src.stat().st_size
                 preview.mmproj.path, preview.mmproj.size = str(state.mmproj_src), mmproj_size
+        except ModelError:
+            raise   # a local projector that is there but refused (not a regular file)
         except ApexError as exc:
             preview.mmproj.problem = exc.render({})   # hint included; no parameter names (a caller's words)
     if cfg.source.kind == "convert" and source is None:
@@ -277,6 +285,13 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
     if e.enabled:
         preview.eval = EvalPreview(True, len(job_list), state.model_path.name, e.text_label(), e.ctx, e.chunks,
                                    e.speed, dict(e.gates))
+        if "eval" in selected:   # refused here, as the run refuses it before its first tool
+            try:
+                checked = check_text_early(state)
+                if checked is not None:
+                    preview.eval.text_tokens, preview.eval.text_chunks = checked
+            except ModelError as exc:   # a header-only stand-in (a replica as the source) has no loadable vocabulary
+                preview.eval.text_note = f"the text is not checked here: {exc.message}"
     preview.card, preview.localai = str(out / CARD_NAME), str(out / LOCALAI_DIR)
     # disk
     need = total

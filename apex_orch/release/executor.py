@@ -47,6 +47,7 @@ from apex_orch.release.config import ResourcesConfig
 from apex_orch.release.tasks import OnResult, Progress, TaskRecord
 
 LOCAL = "local"
+TASK_PHASES = ("imatrix", "quantize", "eval")   # the phases whose work an executor runs (the others: here)
 
 
 class Executor(Protocol):

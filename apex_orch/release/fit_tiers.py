@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from apex_orch.core.errors import ApexError, ConfigError, RequestError, ResultFileError
+from apex_orch.core.infiles import holds
 from apex_orch.core.safefiles import safe_mkdir, write_atomic
 from apex_orch.core.sizes import GRAMMAR, SizeError, parse_size
 from apex_orch.core.text import file_name_part, gb, md_code, md_inline
@@ -69,8 +70,13 @@ def parse_fit_tier(r, kp: tuple, m: dict) -> tuple[FitSpec, Profile]:
     skp = fkp + ("sensitivity",)
     sens_path = r.path(skp, f["sensitivity"], suffix=None)
     resolved = sens_path.resolve()          # an unset ${VAR}: a ConfigError at this line
+    if resolved.is_dir():
+        raise r.fail(skp, f"{resolved}: cannot be read (Is a directory)")
     try:
         sens = load_sensitivity(resolved)
+    except ResultFileError as exc:   # a damaged result keeps its own exit code, at the config's line
+        raise ResultFileError(f"{exc.where + ': ' if exc.where else ''}{exc.message}", where=r.where(skp),
+                              hint=exc.hint) from None
     except ApexError as exc:
         raise r.fail(skp, f"{exc.where + ': ' if exc.where else ''}{exc.message}", hint=exc.hint) from None
     except OSError as exc:                  # a folder, no permission...
@@ -108,7 +114,8 @@ def parse_fit_tier(r, kp: tuple, m: dict) -> tuple[FitSpec, Profile]:
 def _placeholder(spec: FitSpec, base: Profile, sens: Sensitivity, with_imatrix: bool) -> Profile:
     """The base profile renamed: tier, imatrix need, corpus and best-for as fit.fitter.render_yaml
     will write them. No `fitted:` record, which is how TierConfig.fit_pending tells it apart."""
-    corpus = base.corpus or (sens.data.get("imatrix") or {}).get("corpus") or "diverse"
+    # as fit.fitter.render_yaml names it: an imatrix given as a file has no corpus name
+    corpus = base.corpus or sens.imatrix_corpus or "diverse"
     raw = {k: v for k, v in base.raw.items() if k != "fitted"}
     return dataclasses.replace(
         base, name=file_name_part(spec.tier, "tier"), tier=spec.tier, imatrix_required=with_imatrix,
@@ -146,6 +153,8 @@ def _fit_tier(state, model, t, folder: Path, write: bool) -> Profile:
     where = spec.sensitivity.where
     try:
         sens = load_sensitivity(spec.sensitivity.resolve())
+    except ResultFileError as exc:
+        raise ResultFileError(f"tier {spec.tier}: {exc.message}", where=where, hint=exc.hint) from None
     except ApexError as exc:
         raise ConfigError(f"tier {spec.tier}: {exc.message}", where=where, hint=exc.hint) from None
     m = sens.data["model"]
@@ -161,7 +170,7 @@ def _fit_tier(state, model, t, folder: Path, write: bool) -> Profile:
     if write:
         safe_mkdir(state.work)
         safe_mkdir(folder)
-    if not (path.is_file() and not path.is_symlink() and path.read_text(encoding="utf-8") == result.yaml_text):
+    if not holds(path, result.yaml_text):
         write_atomic(path, result.yaml_text, mkdir=False)   # unchanged on a rerun: nothing rewritten
     profile = load_profile(path)
     if (profile.tier, profile.imatrix_required) != (t.profile.tier, t.profile.imatrix_required):

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable
 from apex_orch import __version__
 from apex_orch.core.errors import PublishError
 from apex_orch.core.fingerprint import sha256_file
+from apex_orch.core.infiles import read_input
 from apex_orch.core.manifest import manifest_path, read_manifest
 from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.settings import hub_endpoint
@@ -178,7 +179,7 @@ def _hub_holds(remote: RepoFile | None, f: PublishFile) -> bool:
         return False
     if f.lfs:
         return remote.lfs is not None and remote.lfs.sha256 == f.sha256
-    return remote.blob_id == git_hash(f.local.read_bytes())
+    return remote.blob_id == git_hash(read_input(f.local, "record", error=PublishError))
 
 
 def _upload(plan: PublishPlan, api: HfApi, emit: Progress) -> PublishResult:

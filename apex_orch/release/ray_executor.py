@@ -32,6 +32,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -187,8 +188,10 @@ class RayExecutor:
                 _check_reachable(address)
                 # "auto": RAY_ADDRESS if set (Ray reads it), else the cluster `ray start` started here;
                 # never a new cluster of our own.
-                ray.init(address=address or "auto", runtime_env={"env_vars": env}, log_to_driver=False,
-                         logging_level=logging.WARNING)
+                with warnings.catch_warnings():   # Ray Client's own warnings: the error below says it once
+                    warnings.simplefilter("ignore")
+                    ray.init(address=address or "auto", runtime_env={"env_vars": env}, log_to_driver=False,
+                             logging_level=logging.WARNING)
             except Exception as exc:   # noqa: BLE001 - ConnectionError, a bad address, a version mismatch
                 raise ExecutorError(f"cannot reach the Ray cluster at {named}: {_first_line(exc)}",
                                     hint="start it (`ray start --head`, docs/distributed.md), check the address, "
@@ -406,15 +409,27 @@ def _route_ray_messages(progress: Progress) -> Callable[[], None]:
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+CONNECT_TIMEOUT_S = 5.0
+
+
 def _check_reachable(address: str | None) -> None:
-    """ray.init retries for many minutes where nothing listens: try the port first (ray:// gives up alone)."""
-    if address is None and "://" not in (settings.ray_address() or ""):
+    """ray.init retries for many minutes where nothing listens (and Ray Client for half a minute, with a
+    warning of its own): try the port first, so an unreachable address fails in seconds."""
+    if address is None:
+        address = settings.ray_address()
+    if address is None or address == "auto":
         from ray._private.services import canonicalize_bootstrap_address   # RAY_ADDRESS, else `ray start`'s
         address = canonicalize_bootstrap_address("auto")
-    if address is None or "://" in address:
+    if address is None:
         return
+    if address.startswith("ray://"):
+        address = address[len("ray://"):]
+    elif "://" in address:
+        return   # another scheme: Ray's own
     host, _, port = address.rpartition(":")
-    socket.create_connection((host, int(port)), timeout=10).close()
+    if not host or not port.isdigit():
+        return
+    socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
 
 
 def _near_driver(ray: Any) -> dict:

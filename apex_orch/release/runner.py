@@ -31,8 +31,9 @@ from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.safefiles import open_nofollow, safe_mkdir
 from apex_orch.core.text import table
 from apex_orch.release.config import ReleaseConfig
-from apex_orch.release.executor import make_executor, parse_executor
+from apex_orch.release.executor import TASK_PHASES, make_executor, parse_executor
 from apex_orch.release.phases import card, convert, evaluate, fetch, imatrix, publish, quantize
+from apex_orch.release.phases.evaluate import check_text_early
 from apex_orch.release.state import (WORK_DIR, PhaseReport, Progress, ReleaseState, check_out_dir, check_release_paths,
                                      default_out_dir, release_lock)
 
@@ -127,8 +128,10 @@ def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push:
     with release_lock(out / WORK_DIR):
         log.open()
         try:
-            # after the lock: a second driver is refused before it reaches the cluster
-            state.executor = make_executor(executor, progress=log, resources=config.resources)
+            # after the lock: a second driver is refused before it reaches the cluster; only when a
+            # selected phase can run tasks (`--only card` or `--only publish` never asks for a cluster)
+            if any(p in TASK_PHASES for p in selected):
+                state.executor = make_executor(executor, progress=log, resources=config.resources)
         except BaseException:
             log.close()
             raise
@@ -140,6 +143,8 @@ def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push:
                 if i > last_needed:
                     break
                 run = name in selected
+                if name == "imatrix" and "eval" in selected:
+                    check_text_early(state)   # the source is known; no imatrix or tier is made yet
                 t0 = time.monotonic()
                 if run:
                     log(f"== {name}")

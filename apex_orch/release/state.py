@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from apex_orch.core.errors import ApexError, ConfigError, LockedError, ModelError, OutputExistsError
+from apex_orch.core.errors import (ApexError, ConfigError, LockedError, ModelError, OutputExistsError,
+                                   UnsafeOutputError)
+from apex_orch.core.infiles import read_input
 from apex_orch.core.locks import FileLock
 from apex_orch.core.outputs import sidecars
 from apex_orch.core.safefiles import check_not_inputs, safe_mkdir
@@ -105,7 +107,8 @@ def check_out_dir(out: Path, config: ReleaseConfig) -> None:
                           options=("out_dir",))
     card = out / CARD_NAME
     if card.exists():
-        head = card.read_text(encoding="utf-8", errors="replace")
+        # the one way inputs are read: a FIFO or device planted there is refused, never read
+        head = read_input(card, "record", error=UnsafeOutputError).decode("utf-8", errors="replace")
         if CARD_MARKER not in head:
             raise OutputExistsError(f"{card} exists and was not written by apex-orch",
                                     hint="move it away or choose another release folder; apex-orch replaces "

@@ -173,3 +173,40 @@ def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+# ---------------------------------------------------------------------------- sensitivity results
+
+def made_up_sensitivity(model: Path, ladder: tuple[str, ...] = ("Q4_K", "Q8_0"), *, edit=None):
+    """A sensitivity result of `model`'s real groups with MADE-UP numbers (loss falls with bits), in
+    this format with a valid self checksum; `edit(data)` changes it before the checksum is stamped
+    (a consistent file whose content is what a test wants checked). For checks of what is read back,
+    never for fitting claims."""
+    import copy
+
+    from apex_orch.fit.measurements import Sensitivity, stamped
+    from apex_orch.fit.sensitivity import plan_sensitivity
+    from apex_orch.demo.synthetic import demo_text
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "t.txt"
+        text.write_text(demo_text())
+        plan = plan_sensitivity(model, text=text, ladder=",".join(ladder), method="proxy")
+    bits = {"Q2_K": 2.6, "Q3_K": 3.4, "IQ4_XS": 4.2, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.6, "Q8_0": 8.5}
+    rows = {g.key: {t: {"kld_mean": g.n_params * 1e-6 * 2 ** -bits[t], "kld_p999": g.n_params * 1e-5 * 2 ** -bits[t]}
+                    for t in ladder} for g in plan.groups}
+    data = {"format": "apex-orch-sensitivity", "key": plan.key,
+            "method": {"name": "exact", "text": "made up", "calibration": None},
+            "model": {"name": plan.model.name, "file": model.name, "arch": plan.model.arch,
+                      "blocks": plan.model.block_count, "sha256": plan.key_material["model"]},
+            "bands_from": None, "bands": plan.bands_from.raw.get("bands"), "imatrix": None,
+            "text": {"label": "made-up", "sha256": "0" * 64, "chunks": 2, "ctx": 128}, "llama": "made up",
+            "ladder": list(ladder),
+            "groups": [{"key": g.key, "role": g.role, "band": g.band, "slots": list(g.slots),
+                        "tensors": len(g.tensors), "params": g.n_params, "blocks": list(g.blocks)}
+                       for g in plan.groups],
+            "measurements": rows, "uniform": {}, "proxy": {}, "cost": {"total_s": 0.0}}
+    data = copy.deepcopy(data)
+    if edit is not None:
+        edit(data)
+    return Sensitivity(stamped(data))

@@ -189,10 +189,10 @@ def test_output_folder_cannot_be_created(tiny_moe, tmp_path, tripwire):
         assert not tripwire.exists()
 
 
-def test_unguarded_write_into_read_only_folder_is_one_message(tiny_moe, tmp_path):
-    """`render -o` writes without the quantize guard: the CLI's last line of defence still turns
-    the file-system error into one message (no traceback)."""
+def test_small_output_into_read_only_folder_is_one_message(tiny_moe, tmp_path):
+    """`render -o` writes through the quantize guard too (core.outputs.write_output): a read-only
+    folder is one message before anything is written (no traceback)."""
     with tmpfs(tmp_path / "fs", "1m", read_only=True) as fs:
         r = cli("render", "-p", "compact", tiny_moe, "-o", fs / "rules.txt")
-        assert_failed_cleanly(r.output, 17, r.exit_code, f"cannot write {fs}/.rules.txt.tmp-",
-                              "on a writable file system")
+        assert_failed_cleanly(r.output, 17, r.exit_code, f"output folder {fs} is not writable (read-only file system)",
+                              "choose another --out-dir (or -o)")

@@ -10,6 +10,7 @@ a stale card is never published.
 from __future__ import annotations
 
 from apex_orch.core.errors import PublishError
+from apex_orch.core.infiles import holds
 from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.safefiles import safe_mkdir
 from apex_orch.release import card, localai
@@ -23,7 +24,7 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     entries = localai.render_entries(facts)
     if not run:
         card_path = state.out_dir / CARD_NAME
-        if state.push and not (card_path.is_file() and card_path.read_text(encoding="utf-8") == text):
+        if state.push and not holds(card_path, text):
             raise PublishError(f"{card_path} is missing or out of date, so it cannot be published",
                                hint="run the card phase first", options=("only", "skip", "from_phase"))
         return PhaseReport("card", "resolved")
@@ -32,7 +33,7 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     targets.update({state.out_dir / LOCALAI_DIR / name: body for name, body in entries.items()})
     safe_mkdir(state.out_dir / LOCALAI_DIR)   # never a link to a folder elsewhere
     for path, body in targets.items():
-        if path.is_file() and path.read_text(encoding="utf-8") == body:
+        if holds(path, body):
             continue
         atomic_write_text(path, body)
         changed += 1

@@ -18,8 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from apex_orch.core.errors import ApexError
+from apex_orch.core.errors import ApexError, EvalError
 from apex_orch.core.fingerprint import file_record, source_sha256
+from apex_orch.core.infiles import read_json
 from apex_orch.core.manifest import inputs_key, manifest_path, up_to_date, write_manifest
 from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.safefiles import safe_mkdir
@@ -49,6 +50,21 @@ def _text_facts(state: ReleaseState) -> TextFacts:
     return text_facts(corpus=e.corpus)
 
 
+def check_text_early(state: ReleaseState) -> tuple[int, int] | None:
+    """(tokens, chunks) of the eval text with the source's tokenizer, checked before any tool runs
+    (the imatrix and every tier would otherwise be made first): long enough for the context, and
+    enough scored tokens for KL statistics in the chunks asked for. None when eval is off."""
+    from apex_orch.evaluation.evaluate import check_eval_text
+    e = state.config.eval
+    if not e.enabled or state.model_path is None:
+        return None
+    try:
+        return check_eval_text(state.model_path, _text_facts(state), _settings(e), kld=True)
+    except EvalError as exc:   # the same finding, said in the release config's words
+        raise EvalError(exc.message, where=exc.where, hint="in the release config: a longer eval.text (or another "
+                        "eval.corpus), a smaller eval.ctx, or more eval.chunks") from None
+
+
 def _tier_inputs(files: list[Path], base_fp: str, text_sha: str, settings: EvalSettings, speed: bool) -> dict:
     # full sha256 of each file (free after the quantize phase verified it: memoised by stat)
     return {"files": [source_sha256(f) for f in files], "base": base_fp, "text_sha256": text_sha,
@@ -72,7 +88,13 @@ def _read_record(path: Path, key: str) -> dict | None:
         fresh, _ = up_to_date([path], key)
     except ApexError:
         return None
-    return json.loads(path.read_text()) if fresh else None
+    if not fresh:
+        return None
+    try:   # its bytes are the recorded ones (the manifest's sha256); read back the one way, bounded
+        record = read_json(path, "record")
+    except ApexError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("summary", {}), dict) else None
 
 
 def _write_record(path: Path, key: str, inputs: dict, body: dict) -> None:

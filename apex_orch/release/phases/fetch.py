@@ -10,10 +10,12 @@ Hugging Face cache, so a rerun is free and works offline.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 from apex_orch.core.errors import ConfigError, ModelError, ToolNotFoundError
+from apex_orch.core.infiles import check_input
 from apex_orch.core.translate import translate_hub_download_error
 from apex_orch.demo.synthetic import demo_model_path
 from apex_orch.release.config import ConfigPath, HFRef
@@ -69,10 +71,11 @@ def local_ggufs(paths: Iterable[ConfigPath]) -> list[Path]:
     out = []
     for cp in paths:
         p = cp.resolve()
-        if not p.is_file():
+        if not os.path.lexists(p) or p.is_dir():
             raise ConfigError(f"source file not found: {p}", where=cp.where,
                               hint="fix the path, or give a local GGUF in place of the config's source",
                               options=("source",))
+        check_input(p, "model")   # a FIFO or device: refused (exit 4), never read
         out.append(p)
     return out
 
@@ -89,9 +92,10 @@ def fetch_source(state: ReleaseState, run: bool) -> str:
     src = state.config.source
     if state.source_override is not None:
         p = state.source_override
-        if not p.is_file():
+        if not os.path.lexists(p) or p.is_dir():
             raise ModelError("source file not found", where=str(p), options=("source",),
                              hint="check the path of the GGUF given in place of the config's source")
+        check_input(p, "model")
         state.source_paths = [p]
         return f"source {p.name} (given in place of the config's)"
     if src.kind == "demo":
@@ -116,8 +120,9 @@ def fetch_mmproj(state: ReleaseState, run: bool) -> str:
         return ""
     if mm.kind == "file":
         p = mm.path.resolve()
-        if not p.is_file():
+        if not os.path.lexists(p):
             raise ConfigError(f"mmproj file not found: {p}", where=mm.where)
+        check_input(p, "model")   # a FIFO or device refused (exit 4) before it is linked or copied
         state.mmproj_src = p
         return ""
     if mm.kind == "hf":
