@@ -169,6 +169,14 @@ class EvalError(ApexError):
     exit_code = 14
 
 
+class TaskError(EvalError):
+    """A task set for llama-perplexity's scorers (HellaSwag, Winogrande, multiple choice) cannot be
+    used: an unknown task name, a missing or non-regular file, a malformed file (the line or task
+    named), data whose sha256 is not the pinned one, a task the tool could not score."""
+
+    exit_code = 19
+
+
 class GateFailedError(ApexError):
     """A quality gate (max KLD, max PPL ratio...) was not met."""
 
