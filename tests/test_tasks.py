@@ -213,6 +213,15 @@ def test_bad_task_inputs_are_one_message_each(mistral4_split: Path, tmp_path: Pa
         assert r.stderr.count("error:") + r.stderr.count("Error:") == 1, r.stderr
         assert message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and r.stdout == ""
+    from click.testing import CliRunner
+
+    from apex_orch.cli import main
+    for args, message in [(["--task-count", "mmlu=5"], "--task-count needs --tasks"),
+                          (["--tasks", "mmlu", "--task-count", "mmlu=0"], "'mmlu=0': write NAME=N (N >= 1) or NAME=all"),
+                          (["--tasks", f"mmlu={mc}", "--task-count", "hellaswag=5"],
+                           "a count is given for hellaswag, which is not among the tasks")]:
+        res = CliRunner().invoke(main, ["eval", str(mistral4_split), *args])
+        assert res.exit_code == 2 and message in res.output, res.output
 
 
 # --------------------------------------------------------------------------- on a trained model
@@ -391,3 +400,25 @@ def test_compare_has_a_column_per_task_set_and_llama_bench_speed(trained: Path, 
     assert [t["accuracy"] for t in data["base_tasks"]] == [t.accuracy for t in report.base_tasks]
     assert all(t["cached"] for r in data["results"] for t in r["tasks"])
     assert data["base_speed"] is None
+
+
+def test_dry_run_prints_each_task_sets_cost(mistral4_split: Path, task_dir: Path) -> None:
+    """Tokens decoded (the shared prefix once, every candidate's own tokens), log-softmax rows and
+    the tool's logits buffer, with the model's tokenizer: here llama-spm, 32000 tokens."""
+    from apex_orch.evaluation.session import BindingsModel
+    from task_reference import _common_prefix
+    r = _cli("eval", mistral4_split, "--tasks", f"hellaswag={task_dir / 'hs.txt'},mmlu={task_dir / 'mmlu.bin'}",
+             "--dry-run")
+    assert r.returncode == 0, r.stderr
+    with BindingsModel(mistral4_split, vocab_only=True) as bm:
+        tok = lambda text: bm.tokenize(text.encode()).tolist()  # noqa: E731
+        for title, sets, parallel in (("HellaSwag", [[t.context + " " + e for e in t.endings] for t in S.HELLASWAG], 4),
+                                      ("MMLU", [[t.question + " " + a for a in t.answers] for t in S.CHOICES], 16)):
+            seqs = [[tok(c) for c in cands] for cands in sets]
+            cps = [_common_prefix(s) for s in seqs]
+            tokens = sum(cp + sum(len(x) - cp for x in s) for cp, s in zip(cps, seqs))
+            rows = sum(1 + sum(len(x) - cp - 1 for x in s) for cp, s in zip(cps, seqs))
+            line = (f"cost: ~{tokens:,} tokens decoded, ~{rows:,} log-softmax rows of 32,000; the tool's logits "
+                    f"buffer {parallel * 4096 * 32000 * 4 / 2**30:.2f} GiB")
+            assert line in r.stdout, (title, line, r.stdout)
+    assert "12 of 12 tasks from" in r.stdout and "-np 16" in r.stdout

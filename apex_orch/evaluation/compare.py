@@ -63,9 +63,10 @@ def _task_cells(results: list[TaskResult]) -> dict:
 
 
 def _speed_fields(sp: SpeedResult | None) -> dict:
+    spread = sp is not None and sp.repetitions > 1      # one run has no standard deviation to show
     return {"pp_tokens_per_s": sp.pp_tokens_per_s if sp else None, "tg_tokens_per_s": sp.tg_tokens_per_s if sp else None,
-            "pp_tokens_per_s_sd": sp.pp_tokens_per_s_sd if sp else None,
-            "tg_tokens_per_s_sd": sp.tg_tokens_per_s_sd if sp else None}
+            "pp_tokens_per_s_sd": sp.pp_tokens_per_s_sd if spread else None,
+            "tg_tokens_per_s_sd": sp.tg_tokens_per_s_sd if spread else None}
 
 
 @dataclass

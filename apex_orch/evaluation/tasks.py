@@ -33,6 +33,7 @@ of the vocabulary (4 x 4096 x 131072 x 4 bytes = 8 GiB for the flagship's HellaS
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -48,7 +49,7 @@ from apex_orch.evaluation import base_cache, task_data
 from apex_orch.evaluation.inputs import EvalSettings, ModelFacts, Progress, default_threads, model_facts
 from apex_orch.evaluation.results import TaskResult
 from apex_orch.evaluation.task_files import (HELLASWAG, MULTIPLE_CHOICE, WINOGRANDE, TaskKind, TaskSet,
-                                             read_task_set, task_kind)
+                                             read_task_bytes, read_task_set, task_kind)
 from apex_orch.evaluation.tool_backend import run_tool_logged, work_root
 from apex_orch.llama.tools import build_label, find_tool
 from apex_orch.model.info import shard_paths
@@ -166,13 +167,54 @@ class PlannedTask:
         return self.set
 
 
+@dataclass(frozen=True)
+class TaskCost:
+    """What one task set costs llama-perplexity, computed from the file and the model's tokenizer."""
+    n_tasks: int
+    tokens: int                 # tokens decoded: per task the shared prefix once and every candidate's own tokens
+    logit_rows: int             # rows of n_vocab log-softmax it computes
+    longest: int                # the largest task (it must fit the tool's context, n_parallel x ctx)
+    n_vocab: int
+    logits_buffer_bytes: int    # the tool's buffer: n_parallel x ctx rows of n_vocab floats
+
+
+def _candidates(task) -> list[str]:
+    if hasattr(task, "endings"):
+        return [task.context + " " + e for e in task.endings]
+    if hasattr(task, "choices"):
+        first, second = task.parts
+        return [first + c + second for c in task.choices]
+    return [task.question + " " + a for a in task.answers]
+
+
+def task_cost(model_path: str | os.PathLike, tset: TaskSet, n_tasks: int, settings: TaskSettings) -> TaskCost:
+    """Tokens the tool decodes for `n_tasks` of the set (a subset drawn at random: the file's mean
+    per task times n_tasks), with the model's own tokenizer (vocabulary only, no weights)."""
+    from apex_orch.evaluation.session import BindingsModel
+    per_task, rows = [], []
+    with BindingsModel(model_path, vocab_only=True) as bm:
+        for task in tset.tasks:
+            seqs = [bm.tokenize(c.encode("utf-8")).tolist() for c in _candidates(task)]
+            cp = 0
+            while cp < min(map(len, seqs)) and len({s[cp] for s in seqs}) == 1:
+                cp += 1
+            own = [len(s) - cp for s in seqs]
+            per_task.append(cp + sum(own))
+            rows.append(1 + sum(own) - (0 if tset.file.scorer == WINOGRANDE else len(seqs)))
+        n_vocab = bm.n_vocab
+    scale = n_tasks / len(per_task)
+    n_par = settings.parallel(tset.file.scorer, tset.file.max_answers)
+    return TaskCost(n_tasks, round(sum(per_task) * scale), round(sum(rows) * scale), max(per_task), n_vocab,
+                    n_par * settings.n_ctx * n_vocab * 4)
+
+
 @dataclass
 class TaskPlan:
     model: ModelFacts
     settings: TaskSettings
     tasks: list[PlannedTask]
 
-    def describe(self) -> str:
+    def describe(self, cost: bool = True) -> str:
         s = self.settings
         lines = [f"tasks    llama-perplexity, ctx {s.n_ctx} per sequence, batch {s.n_batch}, ubatch {s.n_ubatch}, "
                  f"threads {s.n_threads}, flash-attn {'on' if s.flash_attn else 'off'}, "
@@ -184,6 +226,12 @@ class TaskPlan:
             f = t.set.file
             lines.append(f"  {t.kind.title}: {t.n_tasks} of {f.n_tasks} tasks from {f.label} (sha256 {f.sha256[:12]}), "
                          f"--{t.kind.scorer}, -np {s.parallel(f.scorer, f.max_answers)}")
+            if cost:
+                c = task_cost(self.model.path, t.set, t.n_tasks, s)
+                fits = c.longest <= s.parallel(f.scorer, f.max_answers) * s.n_ctx
+                lines.append(f"    cost: ~{c.tokens:,} tokens decoded, ~{c.logit_rows:,} log-softmax rows of {c.n_vocab:,}; "
+                             f"the tool's logits buffer {c.logits_buffer_bytes / 2**30:.2f} GiB; largest task "
+                             f"{c.longest} tokens{'' if fits else ' (does NOT fit: raise --task-ctx)'}")
             lines += [f"    note: {n}" for n in f.notes]
         return "\n".join(lines)
 
@@ -199,10 +247,11 @@ def plan_tasks(model: str | os.PathLike | ModelFacts, specs: Iterable[TaskSpec],
             planned.append(PlannedTask(spec, kind, read_task_set(kind, spec.path), None))
             continue
         source = task_data.pinned_source(kind.name)
-        cached = task_data.cached_path(source)
-        tset = read_task_set(kind, cached, label=source.label) if cached.is_file() else None
-        if tset is not None and tset.file.sha256 != source.sha256:
-            tset = None                       # damaged cache entry: fetched again at run time
+        cached, tset = task_data.cached_path(source), None
+        if cached.is_file():
+            data = read_task_bytes(cached)
+            if hashlib.sha256(data).hexdigest() == source.sha256:     # else damaged: fetched again at run time
+                tset = read_task_set(kind, cached, label=source.label, data=data)
         planned.append(PlannedTask(spec, kind, tset, source))
     if not planned:
         raise TaskError("no tasks given", hint="--tasks hellaswag=FILE,winogrande=FILE,mmlu=FILE")
@@ -246,8 +295,9 @@ def _parse(lines: list[str], planned: PlannedTask, n_tasks: int, model: str, set
     for line in lines:
         m = _NO_FIT.search(line)
         if m:
+            n_par = settings.parallel(f.scorer, f.max_answers)
             raise TaskError(f"{kind.title}: a task needs {m.group(2)} tokens, more than the scorer's context of "
-                            f"{settings.n_ctx} per sequence", where=f.label,
+                            f"{n_par * settings.n_ctx} ({n_par} sequences x {settings.n_ctx})", where=f.label,
                             hint="raise --task-ctx (the tool's memory grows with it) or drop that task")
         if _TOOL_ERRORS.search(line):
             raise TaskError(f"{kind.title}: llama-perplexity refused the task file: {line.strip()}", where=f.label)
