@@ -139,6 +139,21 @@ def test_malformed_multiple_choice_files_name_the_task(tmp_path: Path) -> None:
         assert err.value.where == str(p) and err.value.message.startswith(message), err.value.message
 
 
+def test_results_round_trip_through_json() -> None:
+    from apex_orch.evaluation.inputs import ModelFacts
+    from apex_orch.evaluation.results import EvalResult, SpeedResult, TaskResult
+    t = TaskResult(task="hellaswag", title="HellaSwag", scorer="hellaswag", accuracy=62.5, n_tasks=400,
+                   n_available=10042, data="hs.txt", data_sha256="a" * 64, settings={"n_ctx": 4096}, ci95=(57.6, 67.1),
+                   outcomes="10" * 200)
+    sp = SpeedResult(512, 100.0, 128, 10.0, 2, 2048, 512, True, 5, 1.5, 0.2, False, "llama-bench", "0c1e570")
+    r = EvalResult(model=ModelFacts("m.gguf", "", 1, 1, 16.0, "F16", "mistral4", "m"), backend="llama-perplexity",
+                   settings={}, text=None, n_tokens=None, n_chunks=0, n_scored=0, ppl=None, ppl_err=None,
+                   tasks=[t], speed=sp)
+    assert EvalResult.from_dict(json.loads(r.to_json())) == r
+    assert t.describe() == "62.50 [57.60, 67.10]" and replace(t, error=2.42).describe() == "62.50 ± 2.42"
+    assert "pp512 100.0 ± 1.5 t/s, tg128 10.0 ± 0.2 t/s (llama-bench" in sp.describe()
+
+
 def test_task_specs() -> None:
     specs = tasks.parse_task_specs("hellaswag=a.txt,winogrande=b.csv,mmlu", {"winogrande": 0})
     assert specs == [tasks.TaskSpec("hellaswag", "a.txt"), tasks.TaskSpec("winogrande", "b.csv", 0),
@@ -160,17 +175,19 @@ def hub(monkeypatch: pytest.MonkeyPatch):
 
 def test_pinned_data_is_fetched_once_through_the_hub(hub, task_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = (task_dir / "mmlu.bin").read_bytes()
+    sha = read_task_set("mmlu", task_dir / "mmlu.bin").file.sha256
     repo = task_data.SOURCES["mmlu"].repo
     commit = hub.add_file(repo, "mmlu-validation.bin", data)
-    pin = task_data.pin_source("mmlu")                      # what a maintainer runs to fill SOURCES
-    assert (pin.revision, pin.sha256) == (commit, read_task_set("mmlu", task_dir / "mmlu.bin").file.sha256)
-    monkeypatch.setitem(task_data.SOURCES, "mmlu", pin)
+    monkeypatch.setitem(task_data.SOURCES, "mmlu", task_data.TaskSource(repo, "mmlu-validation.bin", commit, sha, "test"))
     hub.requests.clear()
     path, source = task_data.fetch("mmlu")
-    assert path == task_data.tasks_cache_dir() / pin.sha256 / "mmlu-validation.bin"
+    assert [r.op for r in hub.requests] == ["resolve", "resolve"]        # HEAD, GET: the real client downloaded it
+    assert path == task_data.tasks_cache_dir() / sha / "mmlu-validation.bin"
     assert path.read_bytes() == data and source.label == f"hf:{repo}@{commit[:12]}/mmlu-validation.bin"
     hub.requests.clear()
     assert task_data.fetch("mmlu")[0] == path and hub.requests == []     # the cache: no request at all
+    pin = task_data.pin_source("mmlu")                      # what a maintainer runs to fill SOURCES
+    assert (pin.repo, pin.filename, pin.revision, pin.sha256) == (repo, "mmlu-validation.bin", commit, sha)
     # a pin the Hub's bytes do not match: refused, nothing cached
     monkeypatch.setitem(task_data.SOURCES, "arc-easy", replace(pin, filename="mmlu-validation.bin", sha256="0" * 64))
     with pytest.raises(TaskError, match="the downloaded file's sha256 is .*, the pin says 0000"):

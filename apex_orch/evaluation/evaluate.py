@@ -250,8 +250,9 @@ def _run_bindings(plan: EvalPlan, progress: Progress | None) -> EvalResult:
 def run_eval(plan: EvalPlan, *, progress: Progress | None = None, tool_base: ToolBase | None = None) -> EvalResult:
     """Perplexity (and KL statistics) when the plan has a text, then its task sets, then speed."""
     if plan.text is None:
-        result = EvalResult(model=plan.model, backend="llama-perplexity", settings=plan.settings.to_dict(), text=None,
-                            n_tokens=None, n_chunks=0, n_scored=0, ppl=None, ppl_err=None, llama_build=build_label())
+        # no perplexity part: the task results carry their own settings
+        result = EvalResult(model=plan.model, backend="llama-perplexity", settings={}, text=None, n_tokens=None,
+                            n_chunks=0, n_scored=0, ppl=None, ppl_err=None, llama_build=build_label())
     elif plan.backend == "bindings":
         result = _run_bindings(plan, progress)
     else:
