@@ -11,6 +11,8 @@ requests huggingface_hub 2.4.0 makes for what apex_orch/release/publish.py does:
   PUT  /lfs-objects/<sha256>                        the LFS object itself (one PUT, no token)
   POST /<repo>.git/info/lfs/objects/verify          the LFS verify action
   POST /api/models/<repo>/commit/<rev>              the NDJSON commit
+  HEAD, GET /datasets/<repo>/resolve/<rev>/<file>   hf_hub_download of a dataset file (`add_file` puts it there)
+  GET  /api/datasets/<repo>/revision/<rev>          HfApi.dataset_info (the commit a revision names)
 
 It keeps each repo's files (path -> bytes, and the sha256 of those stored through LFS) so a test
 asserts on what actually arrived, records every request (method, path, what it was, its
@@ -99,7 +101,8 @@ class FakeHub:
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._answers = {"create_repo": self._create_repo, "paths_info": self._paths_info,
+        self._answers = {"resolve": self._resolve, "dataset_info": self._dataset_info,
+                         "create_repo": self._create_repo, "paths_info": self._paths_info,
                          "preupload": self._preupload, "validate_yaml": self._validate_yaml,
                          "lfs_batch": self._lfs_batch, "lfs_upload": self._lfs_upload,
                          "lfs_verify": self._lfs_verify, "commit": self._commit, "xet": self._xet,
@@ -130,6 +133,16 @@ class FakeHub:
         """Answer every `op` request with `status` and {"error": message}; "{authorization}" in
         the message is replaced by the Authorization header the request carried."""
         self.failures[op] = (status, message)
+
+    def add_file(self, repo_id: str, path: str, data: bytes) -> str:
+        """Commit `data` as `path` in `repo_id` (created when new), as a download test's fixture;
+        returns the commit oid (what a pinned revision names)."""
+        with self.lock:
+            repo = self.repos.setdefault(repo_id, Repo(repo_id, None))
+            repo.files[path] = StoredFile(data, hashlib.sha256(data).hexdigest())
+            commit = Commit(self._new_oid(repo), "main", f"add {path}", "", [path])
+            repo.commits.append(commit)
+            return commit.oid
 
     def ops(self) -> list[str]:
         return [r.op for r in self.requests]
@@ -176,9 +189,31 @@ class FakeHub:
         repo = self._repo(repo_id)
         if repo is None:
             return 404, {"X-Error-Code": "RepoNotFound"}, {"error": "Repository not found"}
-        if revision not in {c.revision for c in repo.commits}:
+        if revision not in {c.revision for c in repo.commits} | {c.oid for c in repo.commits}:
             return 404, {"X-Error-Code": "RevisionNotFound"}, {"error": f"Invalid rev id: {revision}"}
         return None
+
+    def _resolve(self, match, body, raw):
+        """A file download: headers for HEAD, the bytes (not JSON) for GET."""
+        repo_id, revision, path = match.group(1), unquote(match.group(2)), unquote(match.group(3))
+        if (err := self._revision_error(repo_id, revision)) is not None:
+            return err
+        repo = self.repos[repo_id]
+        held = repo.files.get(path)
+        if held is None:
+            return 404, {"X-Error-Code": "EntryNotFound"}, {"error": f"{path} does not exist"}
+        commit = next((c.oid for c in repo.commits if revision in (c.oid, c.revision)), repo.commits[-1].oid)
+        etag = held.lfs_sha256 or git_blob_oid(held.data)
+        return 200, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, held.data
+
+    def _dataset_info(self, match, body, raw):
+        repo_id, revision = match.group(1), unquote(match.group(2))
+        if (err := self._revision_error(repo_id, revision)) is not None:
+            return err
+        commits = self.repos[repo_id].commits
+        sha = next((c.oid for c in reversed(commits) if revision in (c.oid, c.revision)))
+        return 200, {}, {"id": repo_id, "sha": sha, "private": False, "siblings": [
+            {"rfilename": p} for p in self.repos[repo_id].files]}
 
     def _paths_info(self, match, body, raw):
         repo_id, revision = match.group(1), unquote(match.group(2))
@@ -291,6 +326,9 @@ def running_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
 
 _REPO = r"([^/]+/[^/]+)"
 _ROUTES = [
+    ("HEAD", re.compile(rf"^/datasets/{_REPO}/resolve/([^/]+)/(.+)$"), "resolve"),
+    ("GET", re.compile(rf"^/datasets/{_REPO}/resolve/([^/]+)/(.+)$"), "resolve"),
+    ("GET", re.compile(rf"^/api/datasets/{_REPO}/revision/(.+)$"), "dataset_info"),
     ("POST", re.compile(r"^/api/repos/create$"), "create_repo"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/paths-info/(.+)$"), "paths_info"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/preupload/(.+)$"), "preupload"),
@@ -343,16 +381,18 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             raw = self._body()
             headers = {k.lower(): v for k, v in self.headers.items()}
             status, extra, answer = hub.handle(self.command, self.path, headers, raw)
-            data = json.dumps(answer).encode()
+            binary = isinstance(answer, bytes)        # a file's bytes; everything else is JSON
+            data = answer if binary else json.dumps(answer).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
             self.send_header("Content-Length", str(len(data)))
             for k, v in extra.items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
-        do_GET = do_POST = do_PUT = do_DELETE = _serve
+        do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _serve
 
         def log_message(self, format: str, *args) -> None:   # quiet: the records are in hub.requests
             pass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from apex_orch.demo import synthetic
 from apex_orch.demo.spec import SyntheticSpec
 from apex_orch.cli import main
 from apex_orch.core.errors import ConfigError, EvalError, GateFailedError, ModelError, RequestError
+from apex_orch.llama import pin
 from apex_orch.llama.tools import find_tool, run_tool
 
 SETTINGS = inputs.EvalSettings(n_ctx=128, chunks=4, n_threads=2)
@@ -278,10 +280,29 @@ def test_cli_compare_json_and_eval_dry_run(q4: Path, mistral4_split: Path, eval_
     assert "cache" in dry.output and "(hit)" in dry.output and "ctx 128, chunks 4" in dry.output
 
 
-def test_speed_is_measured_with_its_settings(mistral4_split: Path) -> None:
-    sp = ev.measure_speed(mistral4_split, SETTINGS, n_prompt=64, n_gen=8)
-    assert (sp.pp_tokens, sp.tg_tokens, sp.n_threads, sp.flash_attn, sp.n_batch) == (64, 8, 2, True, 64)
+@pytest.mark.requires_tools("llama-bench")
+def test_speed_is_llama_bench_with_the_evaluation_settings(mistral4_split: Path) -> None:
+    """llama-bench's own records (-o jsonl), run with the evaluation's threads, ubatch, flash
+    attention and repack (off: the MLA model would abort on AMX with it on)."""
+    sp = ev.measure_speed(mistral4_split, SETTINGS, n_prompt=64, n_gen=8, repetitions=2)
+    assert (sp.tool, sp.pp_tokens, sp.tg_tokens, sp.repetitions) == ("llama-bench", 64, 8, 2)
+    assert (sp.n_threads, sp.n_ubatch, sp.n_batch, sp.flash_attn, sp.repack) == (2, 512, 2048, True, False)
+    assert sp.build_commit and pin.LLAMA_CPP_COMMIT.startswith(sp.build_commit)
     assert sp.pp_tokens_per_s > 0 and sp.tg_tokens_per_s > 0
+    assert sp.pp_tokens_per_s_sd is not None and sp.tg_tokens_per_s_sd is not None
+    no_fa = ev.measure_speed(mistral4_split, replace(SETTINGS, flash_attn=False), n_prompt=16, n_gen=2, repetitions=1)
+    assert (no_fa.flash_attn, no_fa.repetitions, no_fa.pp_tokens) == (False, 1, 16)
+
+
+def test_speed_records_are_checked() -> None:
+    from apex_orch.evaluation.speed import _records
+    good = ('{"n_prompt": 512, "n_gen": 0, "n_threads": 2, "n_batch": 2048, "n_ubatch": 512, "avg_ts": 1.5, '
+            '"stddev_ts": 0.1, "samples_ts": [1.4, 1.6]}')
+    assert _records(["llama-bench: loading", good], "m.gguf")[0]["avg_ts"] == 1.5
+    with pytest.raises(EvalError, match="lacks avg_ts"):
+        _records([good.replace('"avg_ts": 1.5', '"avg_ts": "fast"')], "m.gguf")
+    with pytest.raises(EvalError, match="not JSON"):
+        _records(['{"n_prompt": 512,}'], "m.gguf")
 
 
 def test_corpus_text_is_written_for_the_tool(eval_text: Path, tmp_path: Path) -> None:

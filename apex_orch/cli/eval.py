@@ -1,5 +1,5 @@
-"""`apex-orch eval` (PPL, KL divergence vs a base, speed) and `apex-orch compare` (a table and a
-Pareto plot for several files against one base)."""
+"""`apex-orch eval` (PPL, KL divergence vs a base, task accuracy, speed) and `apex-orch compare` (a
+table and a Pareto plot for several files against one base)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import click
 
 from apex_orch.cli.errors import UsageError
 from apex_orch.cli.params import COUNT, FINITE, THREADS
-from apex_orch.evaluation.evaluate import BACKENDS, plan_eval, run_eval
+from apex_orch.core.errors import TaskError
+from apex_orch.evaluation.evaluate import BACKENDS, SPEED_REPETITIONS, plan_eval, run_eval
 from apex_orch.evaluation.gates import check_gates
 from apex_orch.evaluation.inputs import EvalSettings, default_threads
 from apex_orch.evaluation.results import format_result
@@ -43,6 +44,65 @@ def _settings_options(fn):
     return fn
 
 
+class _TaskSpecs(click.ParamType):
+    """NAME[=FILE][,NAME[=FILE]...]: the names are checked when parsed (exit 2); the files when read."""
+    name = "NAME[=FILE],..."
+
+    def convert(self, value, param, ctx):
+        from apex_orch.evaluation.task_files import TASK_KINDS
+        if not isinstance(value, str):
+            return value
+        for part in value.split(","):
+            name = part.partition("=")[0].strip().lower()
+            if name not in TASK_KINDS:
+                self.fail(f"unknown task {name!r} in {value!r}; known: {', '.join(TASK_KINDS)}", param, ctx)
+        return value
+
+
+class _TaskCount(click.ParamType):
+    name = "NAME=N|all"
+
+    def convert(self, value, param, ctx):
+        if not isinstance(value, str):
+            return value
+        name, eq, count = value.partition("=")
+        count = count.strip().lower()
+        if not eq or not (count == "all" or (count.isdigit() and int(count) > 0)):
+            self.fail(f"{value!r}: write NAME=N (N >= 1) or NAME=all", param, ctx)
+        return name.strip().lower(), 0 if count == "all" else int(count)
+
+
+def _task_options(fn):
+    options = [
+        click.option("--tasks", "tasks", multiple=True, type=_TaskSpecs(),
+                     help="Task accuracy by llama-perplexity's own scorers: hellaswag, winogrande, mmlu, arc-challenge, "
+                          "arc-easy, truthfulqa, each =FILE (llama.cpp's formats) or alone for the pinned data, e.g. "
+                          "--tasks hellaswag=hs.txt,winogrande=wg.csv,mmlu=mmlu.bin. See docs/eval.md."),
+        click.option("--task-count", "task_counts", multiple=True, type=_TaskCount(), metavar="NAME=N|NAME=all",
+                     help="Tasks to score, NAME=N or NAME=all (defaults: hellaswag 400, winogrande 400, the others all)."),
+        click.option("--task-ctx", default=4096, show_default=True, type=click.IntRange(16, 1 << 20),
+                     help="The scorers' context per sequence (-c), as the APEX pipeline runs them; the tool keeps "
+                          "n_parallel x this many rows of logits."),
+        click.option("--speed-reps", default=SPEED_REPETITIONS, show_default=True, type=click.IntRange(1, 100),
+                     help="llama-bench repetitions per speed test (--speed)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _task_specs(tasks: tuple[str, ...], counts: tuple[tuple[str, int], ...]):
+    if not tasks:
+        if counts:
+            raise UsageError("--task-count needs --tasks")
+        return None
+    from apex_orch.evaluation.tasks import parse_task_specs
+    try:
+        return parse_task_specs(tasks, dict(counts))
+    except TaskError as exc:        # a spelling mistake in the option itself: a usage error
+        raise UsageError(f"--tasks: {exc.message}", hint=exc.hint) from None
+
+
 def _settings(ctx: int, chunks: int | None, batch: int | None, ubatch: int, threads: int | None,
               flash_attn: bool, repack: bool) -> EvalSettings:
     return EvalSettings(n_ctx=ctx, chunks=chunks, n_batch=batch, n_ubatch=ubatch,
@@ -61,25 +121,33 @@ def _progress(quiet: bool):
               help="Reference model (the F16/BF16 source) for KL divergence; its log-probs are cached, keyed "
                    "by its full sha256 (~3 min once for 240 GB, then remembered by stat).")
 @_settings_options
+@_task_options
 @click.option("--speed/--no-speed", default=False, show_default=True,
-              help="Also measure pp512/tg128 tokens/s through the bindings.")
+              help="Also measure llama-bench's pp512/tg128 tokens/s (mean ± sd over --speed-reps runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (inputs, settings, cache) and stop.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None, ctx: int, chunks: int | None,
              batch: int | None, ubatch: int, threads: int | None, flash_attn: bool, repack: bool, backend: str,
+             tasks: tuple[str, ...], task_counts: tuple[tuple[str, int], ...], task_ctx: int, speed_reps: int,
              speed: bool, as_json: bool, dry_run: bool, quiet: bool, **bounds: float | None) -> None:
     """Perplexity of MODEL (and, with --base, llama-perplexity's KL-divergence statistics),
     computed exactly like llama-perplexity: chunks of --ctx tokens, BOS first, second half scored.
+    With --tasks, task accuracies by llama-perplexity's own scorers (no text needed); with --speed,
+    llama-bench's pp512/tg128.
 
     Exits 15 when a gate (the --max-*/--min-* options) fails.
     """
+    from apex_orch.evaluation.tasks import TaskSettings
+
     gates = Gates(**bounds)
     if gates.active and base is None:
         raise UsageError("gates compare against a base: give --base")
+    specs = _task_specs(tasks, task_counts)
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
     plan = plan_eval(model, base=base, text=text, corpus=corpus, settings=settings, backend=backend,
-                     speed=speed)
+                     speed=speed, tasks=specs, task_settings=TaskSettings.from_eval(settings, n_ctx=task_ctx),
+                     speed_repetitions=speed_reps)
     if dry_run:
         click.echo(plan.describe())
         return
@@ -96,8 +164,9 @@ def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None,
               help="Reference model (the F16/BF16 source); its log-probs are computed once and shared, keyed "
                    "by its full sha256 (~3 min once for 240 GB, then remembered by stat).")
 @_settings_options
+@_task_options
 @click.option("--speed/--no-speed", default=True, show_default=True,
-              help="Measure pp512/tg128 tokens/s of every file (and the base).")
+              help="Measure llama-bench's pp512/tg128 tokens/s of every file (and the base).")
 @click.option("--format", "fmt", type=click.Choice(("md", "json", "csv")), default="md", show_default=True)
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
               help="Write a Pareto plot (mean KLD vs size, log scales) to this .png/.svg/.pdf "
@@ -106,13 +175,17 @@ def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None,
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | None, ctx: int,
             chunks: int | None, batch: int | None, ubatch: int, threads: int | None, flash_attn: bool,
-            repack: bool, backend: str, speed: bool, fmt: str, plot: str | None, force: bool, quiet: bool,
+            repack: bool, backend: str, tasks: tuple[str, ...], task_counts: tuple[tuple[str, int], ...],
+            task_ctx: int, speed_reps: int, speed: bool, fmt: str, plot: str | None, force: bool, quiet: bool,
             **bounds: float | None) -> None:
     """One table for FILES against --base: tier, size, bpw, PPL, KLD mean/99.9%/max, same top p,
-    speed. Exits 15 (after printing the table) when a gate fails for any file."""
+    a column per --tasks set, llama-bench speed. Exits 15 (after printing the table) when a gate
+    fails for any file."""
     from apex_orch.evaluation import compare as evalreport
+    from apex_orch.evaluation.tasks import TaskSettings
 
     gates = Gates(**bounds)
+    specs = _task_specs(tasks, task_counts)
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
     if plot:   # the output's checks before minutes of evaluation: format, never an input, no overwrite
         from pathlib import Path
@@ -121,7 +194,9 @@ def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | N
         check_new_output(plot, inputs=[Path(f) for f in (*files, base, text) if f], force=force, option="plot",
                          what="plot file", suffixes=evalreport.PLOT_SUFFIXES)
     report = evalreport.compare(list(files), base, text=text, corpus=corpus, settings=settings,
-                                backend=backend, speed=speed, gates=gates, progress=_progress(quiet))
+                                backend=backend, speed=speed, gates=gates, progress=_progress(quiet), tasks=specs,
+                                task_settings=TaskSettings.from_eval(settings, n_ctx=task_ctx),
+                                speed_repetitions=speed_reps)
     click.echo(evalreport.format_report(report, fmt), nl=False)
     if plot:
         path = evalreport.pareto_plot(report, plot, force=force)

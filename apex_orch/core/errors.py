@@ -249,6 +249,16 @@ class EvalError(ApexError):
                " large, vocabularies differ)")
 
 
+class TaskError(EvalError):
+    """A task set for llama-perplexity's scorers (HellaSwag, Winogrande, multiple choice) cannot be
+    used: an unknown task name, a missing or non-regular file, a malformed file (the line or task
+    named), data whose sha256 is not the pinned one, a task the tool could not score."""
+
+    exit_code = 21
+    meaning = ("a task set for llama-perplexity's scorers cannot be used (unknown task, malformed file, data "
+               "not the pinned sha256, a task the tool could not score)")
+
+
 class GateFailedError(ApexError):
     """A quality gate (max KLD, max PPL ratio...) was not met."""
 

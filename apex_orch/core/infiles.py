@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from apex_orch.core.errors import (ApexError, ConfigError, EvalError, ImatrixError, ManifestError, ModelError,
-                                   ProfileError, ResultFileError)
+                                   ProfileError, ResultFileError, TaskError)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 MAX_JSON_DEPTH = 64          # results and records are a few levels deep
@@ -55,6 +55,8 @@ KINDS: dict[str, InputKind] = {k.name: k for k in (
               "tensor-type files hold a few dozen PATTERN=TYPE lines; is this the right file?"),
     InputKind("text", "evaluation and measurement texts", 512 * MiB, EvalError,
               "pass a UTF-8 text file (wikitext-2's test set is 1.3 MB); cut a larger one down"),
+    InputKind("tasks", "task files", 256 * MiB, TaskError,
+              "give a task file in llama.cpp's format (HellaSwag text, Winogrande CSV, multiple-choice binary)"),
     InputKind("sensitivity", "sensitivity results", 64 * MiB, ResultFileError,
               "pass the JSON `apex-orch sensitivity -o FILE` wrote (measure again if it was damaged)"),
     # Corpus data files are bounded by what they may hold once read (calibration.sources: per line,

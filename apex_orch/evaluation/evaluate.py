@@ -18,9 +18,13 @@ one sequence per batch, flash attention on (what the tool's `auto` picks on CPU)
 `--backend llama-perplexity` runs the binary with the same settings (`tool_backend`) and
 parses its records into the same `EvalResult`.
 
-This module is the orchestration: `plan_eval` / `run_eval` / `evaluate`, `ensure_base_cache`,
-`measure_speed`. The pieces it joins: `inputs` (settings, model and text facts), `session`
-(the bindings), `statistics` (the tool's formulas), `results`, `gates`, `tool_backend`.
+Task accuracy (`tasks`: llama-perplexity's HellaSwag, Winogrande and multiple-choice scorers)
+and speed (`speed`: llama-bench's pp512/tg128) are added to the same result. An evaluation with
+tasks may have no text: then it has no perplexity part.
+
+This module is the orchestration: `plan_eval` / `run_eval` / `evaluate`, `ensure_base_cache`.
+The pieces it joins: `inputs` (settings, model and text facts), `session` (the bindings),
+`statistics` (the tool's formulas), `results`, `gates`, `tool_backend`, `tasks`, `speed`.
 """
 
 from __future__ import annotations
@@ -37,15 +41,18 @@ from apex_orch.core.safefiles import check_not_inputs
 from apex_orch.evaluation import base_cache as evalcache
 from apex_orch.evaluation.inputs import (EvalSettings, ModelFacts, Progress, TextFacts, count_chunks, model_facts,
                                          read_text_bytes, text_facts)
-from apex_orch.evaluation.results import EvalResult, SpeedResult
+from apex_orch.evaluation.results import EvalResult
 from apex_orch.evaluation.session import BindingsModel, check_same_vocab, chunk_logits
+from apex_orch.evaluation.speed import measure_speed
 from apex_orch.evaluation.statistics import (MIN_KLD_TOKENS, KLDRows, kld_rows, kld_stats, map_row_blocks, ppl_from_nll,
                                              ppl_rows)
+from apex_orch.evaluation.tasks import TaskPlan, TaskSettings, TaskSpec, plan_tasks, run_tasks
 from apex_orch.evaluation.tool_backend import ToolBase, run_with_tool
 from apex_orch.llama.tools import build_label
 from apex_orch.model.info import shard_paths
 
 BACKENDS = ("bindings", "llama-perplexity")
+SPEED_REPETITIONS = 5        # llama-bench's default
 
 
 # --------------------------------------------------------------------------- plan
@@ -54,28 +61,33 @@ BACKENDS = ("bindings", "llama-perplexity")
 class EvalPlan:
     """Everything an evaluation will do, resolved and printable before anything runs."""
     model: ModelFacts
-    text: TextFacts
+    text: TextFacts | None               # None: tasks (and speed) only
     settings: EvalSettings
     backend: str = "bindings"
     base: ModelFacts | None = None
     cache_path: Path | None = None       # base log-probs (bindings backend)
     cache_hit: bool = False
     speed: bool = False
+    speed_repetitions: int = SPEED_REPETITIONS
+    tasks: TaskPlan | None = None
 
     def describe(self) -> str:
         s = self.settings
         lines = [f"model    {self.model.path} ({self.model.tier}, {self.model.size_bytes / 2**20:.1f} MiB, "
-                 f"{self.model.bpw:.2f} bpw)",
-                 f"text     {self.text.label} (sha256 {self.text.sha256[:12]}, {self.text.n_bytes} bytes)",
-                 f"backend  {self.backend}",
-                 f"settings ctx {s.n_ctx}, chunks {s.chunks or 'all'}, batch {s.batch}, ubatch {s.ubatch}, "
-                 f"threads {s.n_threads}, flash-attn {'on' if s.flash_attn else 'off'}"]
+                 f"{self.model.bpw:.2f} bpw)"]
+        if self.text is not None:
+            lines += [f"text     {self.text.label} (sha256 {self.text.sha256[:12]}, {self.text.n_bytes} bytes)",
+                      f"backend  {self.backend}",
+                      f"settings ctx {s.n_ctx}, chunks {s.chunks or 'all'}, batch {s.batch}, ubatch {s.ubatch}, "
+                      f"threads {s.n_threads}, flash-attn {'on' if s.flash_attn else 'off'}"]
         if self.base:
             lines.append(f"base     {self.base.path}")
             if self.backend == "bindings":
                 lines.append(f"cache    {self.cache_path} ({'hit' if self.cache_hit else 'will be computed'})")
+        if self.tasks is not None:
+            lines.append(self.tasks.describe())
         if self.speed:
-            lines.append("speed    pp512/tg128 through the bindings")
+            lines.append(f"speed    llama-bench pp512/tg128, {self.speed_repetitions} repetition(s)")
         return "\n".join(lines)
 
 
@@ -87,19 +99,28 @@ def base_cache_inputs(base: ModelFacts, text: TextFacts, settings: EvalSettings)
 def plan_eval(model: str | os.PathLike, *, base: str | os.PathLike | None = None,
               text: str | os.PathLike | None = None, corpus: str | None = None,
               settings: EvalSettings | None = None, backend: str = "bindings",
-              speed: bool = False, text_facts_: TextFacts | None = None) -> EvalPlan:
-    """Resolve inputs (reads GGUF headers and the text; runs nothing)."""
+              speed: bool = False, text_facts_: TextFacts | None = None,
+              tasks: list[TaskSpec] | None = None, task_settings: TaskSettings | None = None,
+              speed_repetitions: int = SPEED_REPETITIONS) -> EvalPlan:
+    """Resolve inputs (reads GGUF headers, the text and the task files; runs nothing). Without a
+    text (`text`, `corpus`, `text_facts_`) the evaluation is tasks and/or speed only."""
     if backend not in BACKENDS:
         raise RequestError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}", fields=("backend",))
     settings = settings or EvalSettings()
     facts = model_facts(model, fingerprint=False)
     base_facts = model_facts(base) if base is not None else None
-    tf = text_facts_ or text_facts(text, corpus)
-    plan = EvalPlan(model=facts, text=tf, settings=settings, backend=backend, base=base_facts, speed=speed)
+    has_text = text_facts_ is not None or text is not None or corpus is not None
+    if not has_text and (tasks or speed) and base is None:
+        tf = None
+    else:
+        tf = text_facts_ or text_facts(text, corpus)
+    task_plan = plan_tasks(facts, tasks, task_settings or TaskSettings.from_eval(settings)) if tasks else None
+    plan = EvalPlan(model=facts, text=tf, settings=settings, backend=backend, base=base_facts, speed=speed,
+                    speed_repetitions=speed_repetitions, tasks=task_plan)
     if base_facts is not None and backend == "bindings":
         plan.cache_path = evalcache.cache_path(base_cache_inputs(base_facts, tf, settings))
         plan.cache_hit = plan.cache_path.is_file()
-    if not plan.cache_hit:   # before any tool runs (--dry-run too): the text holds the chunks asked for
+    if tf is not None and not plan.cache_hit:   # before any tool runs (--dry-run too): the text holds the chunks
         check_eval_text(base if base is not None else model, tf, settings, kld=base_facts is not None)
     return plan
 
@@ -227,7 +248,6 @@ def _run_bindings(plan: EvalPlan, progress: Progress | None) -> EvalResult:
                         kld_parts.append(kld_rows(rows, targets, cache.chunk(i), cache.scale[i],
                                                   cache.min_log_prob[i], s.n_threads))
                     say(f"{Path(plan.model.path).name}: chunk {i + 1}/{n_chunks}")
-            speed = measure_speed_loaded(bm, s) if plan.speed else None
     finally:
         if cache is not None:
             cache.close()
@@ -247,76 +267,40 @@ def _run_bindings(plan: EvalPlan, progress: Progress | None) -> EvalResult:
     return EvalResult(
         model=plan.model, backend="bindings", settings={**s.to_dict(), "chunks": n_chunks},
         text=plan.text, n_tokens=n_text_tokens, n_chunks=n_chunks, n_scored=n_scored, ppl=ppl,
-        ppl_err=ppl_err, base=plan.base, base_ppl=base_ppl, base_ppl_err=base_err, kld=kld, speed=speed,
+        ppl_err=ppl_err, base=plan.base, base_ppl=base_ppl, base_ppl_err=base_err, kld=kld,
         seconds=time.monotonic() - t0, eval_tokens_per_s=(n_chunks * n_ctx / decode_s) if decode_s else None,
         llama_build=build_label(), cache=str(plan.cache_path) if plan.cache_path else None, notes=notes)
-
-
-# --------------------------------------------------------------------------- speed
-
-def measure_speed_loaded(bm: BindingsModel, settings: EvalSettings, *, n_prompt: int = 512,
-                         n_gen: int = 128, repetitions: int = 1) -> SpeedResult:
-    """pp<n_prompt> / tg<n_gen> like llama-bench: random tokens, an empty cache per run, the
-    prompt as one batch (ubatch from the settings), generation one token per decode. A short
-    warm-up (32 prompt tokens, 4 generated) runs first; the figures are means over repetitions."""
-    rng = np.random.default_rng(0)
-    n_ubatch = min(settings.n_ubatch, n_prompt)
-    with bm.context(n_ctx=n_prompt + n_gen, n_batch=n_prompt, n_ubatch=n_ubatch,
-                    n_threads=settings.n_threads, flash_attn=settings.flash_attn) as cx:
-        def pp(n: int) -> float:
-            toks = rng.integers(0, bm.n_vocab, n, dtype=np.int32)
-            outs = np.zeros(n, bool)
-            outs[-1] = True
-            cx.clear()
-            t = time.perf_counter()
-            cx.decode(toks, 0, outs)
-            cx.synchronize()
-            return time.perf_counter() - t
-
-        def tg(n: int) -> float:
-            toks = rng.integers(0, bm.n_vocab, n, dtype=np.int32)
-            one = np.ones(1, bool)
-            cx.clear()
-            t = time.perf_counter()
-            for i in range(n):
-                cx.decode(toks[i:i + 1], i, one)
-            cx.synchronize()
-            return time.perf_counter() - t
-
-        pp(min(32, n_prompt)), tg(min(4, n_gen))  # warm-up: first-touch of the weights, graph allocation
-        pp_t = [pp(n_prompt) for _ in range(repetitions)]
-        tg_t = [tg(n_gen) for _ in range(repetitions)]
-    return SpeedResult(pp_tokens=n_prompt, pp_tokens_per_s=n_prompt * len(pp_t) / sum(pp_t),
-                       tg_tokens=n_gen, tg_tokens_per_s=n_gen * len(tg_t) / sum(tg_t),
-                       n_threads=settings.n_threads, n_batch=n_prompt, n_ubatch=n_ubatch,
-                       flash_attn=settings.flash_attn, repetitions=repetitions)
-
-
-def measure_speed(model: str | os.PathLike, settings: EvalSettings | None = None, *,
-                  n_prompt: int = 512, n_gen: int = 128, repetitions: int = 1) -> SpeedResult:
-    """Throughput of one model through the bindings (see measure_speed_loaded)."""
-    settings = settings or EvalSettings()
-    model_facts(model, fingerprint=False)  # a clear error for a corrupt file before llama.cpp sees it
-    with BindingsModel(model, repack=settings.repack) as bm:
-        return measure_speed_loaded(bm, settings, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions)
 
 
 # --------------------------------------------------------------------------- entry points
 
 def run_eval(plan: EvalPlan, *, progress: Progress | None = None, tool_base: ToolBase | None = None) -> EvalResult:
-    if plan.backend == "bindings":
-        return _run_bindings(plan, progress)
-    result = run_with_tool(plan.model, plan.text, plan.settings, base=plan.base, progress=progress,
-                           tool_base=tool_base)
+    """Perplexity (and KL statistics) when the plan has a text, then its task sets, then speed."""
+    if plan.text is None:
+        # no perplexity part: the task results carry their own settings
+        result = EvalResult(model=plan.model, backend="llama-perplexity", settings={}, text=None, n_tokens=None,
+                            n_chunks=0, n_scored=0, ppl=None, ppl_err=None, llama_build=build_label())
+    elif plan.backend == "bindings":
+        result = _run_bindings(plan, progress)
+    else:
+        result = run_with_tool(plan.model, plan.text, plan.settings, base=plan.base, progress=progress,
+                               tool_base=tool_base)
+    if plan.tasks is not None:
+        result.tasks = run_tasks(plan.tasks, progress=progress)
     if plan.speed:
-        result.speed = measure_speed(plan.model.path, plan.settings)
+        if progress:
+            progress(f"llama-bench: {Path(plan.model.path).name}")
+        result.speed = measure_speed(plan.model.path, plan.settings, repetitions=plan.speed_repetitions)
     return result
 
 
 def evaluate(model: str | os.PathLike, *, base: str | os.PathLike | None = None,
              text: str | os.PathLike | None = None, corpus: str | None = None,
              settings: EvalSettings | None = None, backend: str = "bindings", speed: bool = False,
+             tasks: list[TaskSpec] | None = None, task_settings: TaskSettings | None = None,
              progress: Progress | None = None) -> EvalResult:
-    """One call: plan and run an evaluation (PPL; with `base`, the KL statistics too)."""
-    plan = plan_eval(model, base=base, text=text, corpus=corpus, settings=settings, backend=backend, speed=speed)
+    """One call: plan and run an evaluation (PPL; with `base`, the KL statistics too; task sets;
+    llama-bench speed)."""
+    plan = plan_eval(model, base=base, text=text, corpus=corpus, settings=settings, backend=backend, speed=speed,
+                     tasks=tasks, task_settings=task_settings)
     return run_eval(plan, progress=progress)
