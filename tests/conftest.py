@@ -17,12 +17,15 @@ Text:
                          (`apex_orch.demo.synthetic.demo_text()`), enough for llama-perplexity /
                          llama-imatrix with any -c up to ~4096 and several chunks.
 
-Isolation (set in pytest_configure, before collection): every cache the suite touches — models,
-imatrix, eval base log-probs, corpora, downloads, the Hugging Face cache — lives in a fresh
+Isolation (set in pytest_configure, before collection): the whole suite runs with HOME and the XDG
+folders (cache, config, data, state) in a throwaway folder, and every cache the suite touches —
+models, imatrix, eval base log-probs, corpora, downloads, the Hugging Face cache — in a fresh
 per-session folder (APEX_ORCH_CACHE, HF_HOME). Only the pinned llama.cpp build is shared, read
-from where `make llama` put it (APEX_ORCH_BUILD_ROOT). The user's own cache is snapshotted when
-the session starts and compared when it ends: any change fails the run (see
-tests/test_isolation.py for the test that proves it on real commands).
+from where `make llama` put it (APEX_ORCH_BUILD_ROOT, resolved before HOME moves). When the session
+ends, the places apex-orch's cache would land if some code ignored APEX_ORCH_CACHE (the throwaway
+HOME's .cache/apex-orch and XDG_CACHE_HOME/apex-orch) must still be absent: anything there fails
+the run. The user's own cache is never looked at, so an apex-orch run of the user's beside the
+suite cannot fail it (tests/test_isolation.py proves both on real runs).
 
 Tools: tests that run llama.cpp binaries use `@pytest.mark.requires_tools("llama-perplexity", ...)`
 (also as `pytestmark`), or call the `require_tools` fixture: `require_tools("llama-imatrix")`
@@ -87,64 +90,73 @@ def require_tools_fixture():
     return require_tools
 
 
-# The user's cache (CI's own fresh one under .ci/run) and the pinned build inside it, resolved
-# before the session moves APEX_ORCH_CACHE.
-USER_CACHE = settings.cache_root()
+# The pinned build (the user's cache, or CI's own fresh one under .ci/run), resolved before the
+# session moves HOME and the caches.
 BUILD_ROOT = settings.build_root()
 _SAVED_ENV: dict[str, str | None] = {}
-_SESSION_CACHE: list[Path] = []
-_USER_CACHE_BEFORE: dict[str, tuple[int, int]] = {}
+_SESSION_ROOT: list[Path] = []
 
 
-def snapshot_tree(root: Path) -> dict[str, tuple[int, int]]:
-    """relative path -> (size, mtime_ns) of every file and link under root (nothing followed)."""
-    out: dict[str, tuple[int, int]] = {}
-    if not root.is_dir():
-        return out
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(folder) / name
-            st = p.lstat()
-            if p.is_symlink() or not p.is_dir():
-                out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
-            else:
-                out[str(p.relative_to(root)) + "/"] = (0, 0)
-    return out
+def session_root() -> Path:
+    """The throwaway folder of this session: HOME, the XDG folders and the caches live under it."""
+    return _SESSION_ROOT[0]
 
 
 def session_cache() -> Path:
-    """The per-session folder that stands in for the user's cache."""
-    return _SESSION_CACHE[0]
+    """The per-session folder that stands in for the user's cache (APEX_ORCH_CACHE points into it)."""
+    return session_root() / "cache"
+
+
+def default_cache_locations() -> list[Path]:
+    """Where apex-orch's cache goes when APEX_ORCH_CACHE is not followed: under XDG_CACHE_HOME, and
+    under HOME's .cache (XDG_CACHE_HOME unset). Both lie in the throwaway folder and stay absent."""
+    root = session_root()
+    return [root / "xdg-cache" / "apex-orch", root / "home" / ".cache" / "apex-orch"]
 
 
 def _isolate_environment() -> None:
-    root = Path(tempfile.mkdtemp(prefix="apex-orch-test-cache-"))
-    _SESSION_CACHE.append(root)
-    wanted = {"APEX_ORCH_CACHE": str(root / "cache"), "APEX_ORCH_BUILD_ROOT": str(BUILD_ROOT),
+    root = Path(tempfile.mkdtemp(prefix="apex-orch-test-"))
+    _SESSION_ROOT.append(root)
+    for name in ("home", "xdg-cache", "xdg-config", "xdg-data", "xdg-state"):
+        (root / name).mkdir()
+    wanted = {"HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "xdg-cache"),
+              "XDG_CONFIG_HOME": str(root / "xdg-config"), "XDG_DATA_HOME": str(root / "xdg-data"),
+              "XDG_STATE_HOME": str(root / "xdg-state"),
+              "APEX_ORCH_CACHE": str(session_cache()), "APEX_ORCH_BUILD_ROOT": str(BUILD_ROOT),
               "HF_HOME": str(root / "hf-home"), "APEX_ORCH_EVAL_CACHE": None, "APEX_ORCH_PROFILES": None,
-              "APEX_LLAMA_BIN_DIR": None, "LLAMA_CMAKE_ARGS": None, "XDG_CACHE_HOME": str(root / "xdg")}
+              "APEX_LLAMA_BIN_DIR": None, "LLAMA_CMAKE_ARGS": None}
     for name, value in wanted.items():
         _SAVED_ENV[name] = os.environ.get(name)
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    _USER_CACHE_BEFORE.update(snapshot_tree(USER_CACHE))
+
+
+def stray_cache_files() -> list[str]:
+    """Every path under the default cache locations (default_cache_locations): written by code that
+    did not follow APEX_ORCH_CACHE."""
+    found = []
+    for location in default_cache_locations():
+        if location.exists() or location.is_symlink():
+            found.append(str(location))
+            if location.is_dir() and not location.is_symlink():
+                found += sorted(str(p) for p in location.rglob("*"))
+    return found
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Fail the run if anything under the user's cache changed (the pinned build included)."""
-    if not _SESSION_CACHE:
+    """Fail the run if anything was written where the cache goes when APEX_ORCH_CACHE is ignored."""
+    if not _SESSION_ROOT:
         return
-    after = snapshot_tree(USER_CACHE)
-    changed = sorted(k for k in after.keys() | _USER_CACHE_BEFORE.keys()
-                     if after.get(k) != _USER_CACHE_BEFORE.get(k))
-    if changed:
+    stray = stray_cache_files()
+    if stray:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"ISOLATION FAILURE: the suite changed {len(changed)} path(s) under the user's "
-                                f"cache {USER_CACHE}: " + ", ".join(changed[:10]), red=True)
+            reporter.write("\n")   # after the progress line, which the reporter has not ended yet
+            reporter.write_line(f"ISOLATION FAILURE: the suite wrote {len(stray)} path(s) where apex-orch's cache "
+                                "goes when APEX_ORCH_CACHE is not followed: " + ", ".join(stray[:10]), red=True)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -153,20 +165,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    for root in _SESSION_CACHE:
+    for root in _SESSION_ROOT:
         shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def user_cache() -> Path:
-    """The cache the user (or .ci/run) has: the suite must never write under it."""
-    return USER_CACHE
-
-
-@pytest.fixture(scope="session")
 def isolated_cache_root() -> Path:
-    """The per-session folder the suite's APEX_ORCH_CACHE points into."""
-    return session_cache()
+    """The throwaway folder of the session: HOME, the XDG folders and APEX_ORCH_CACHE are in it."""
+    return session_root()
 
 
 @pytest.fixture(scope="session")
