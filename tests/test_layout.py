@@ -24,8 +24,6 @@ def _modules() -> dict[str, Path]:
     out = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE.parent).with_suffix("")
-        if "samples" in rel.parts:     # calibration data that happens to be Python, not the package
-            continue
         parts = list(rel.parts)
         if parts[-1] == "__init__":
             parts.pop()

@@ -142,7 +142,7 @@ def _library_strings() -> list[tuple[str, str]]:
     out = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith("apex_orch/cli/") or "/samples/" in rel:
+        if rel.startswith("apex_orch/cli/"):
             continue
         tree = ast.parse(path.read_text())
         docs = {id(n.body[0].value) for n in ast.walk(tree)

@@ -59,8 +59,8 @@ Progress = Callable[[str], None]
 # ----------------------------------------------------------------------------- inputs
 
 def samples_text() -> str:
-    """The built-in calibration samples, raw, in path order (the tool that generated some of them
-    is not text the model should learn)."""
+    """The built-in calibration samples, raw, in path order (a sample is a file in one of the samples'
+    folders)."""
     root = settings.PACKAGE_DIR / "calibration" / "samples"
     parts = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.parent != root):

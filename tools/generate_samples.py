@@ -1,6 +1,9 @@
 """Regenerate the `generated-*.jsonl` built-in samples (deterministic; no network).
 
-    python apex_orch/calibration/samples/generate.py
+    python tools/generate_samples.py
+
+It writes into apex_orch/calibration/samples/ (the package's data); it is a tool of the checkout,
+not part of the package, so the wheel carries its output and not it.
 
 Hand-written samples live beside them (`*.jsonl` without the `generated-` prefix). The
 generated ones vary entities, numbers and phrasing over scenarios written for this
@@ -18,7 +21,8 @@ import string
 from fractions import Fraction
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+# The samples folder of the package this checkout holds.
+HERE = Path(__file__).resolve().parent.parent / "apex_orch" / "calibration" / "samples"
 SEED = 20250101
 ALNUM = string.ascii_letters + string.digits
 
