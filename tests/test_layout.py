@@ -24,6 +24,8 @@ def _modules() -> dict[str, Path]:
     out = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        if "samples" in rel.parts:     # calibration samples that happen to be code: corpus data, not modules
+            continue
         parts = list(rel.parts)
         if parts[-1] == "__init__":
             parts.pop()

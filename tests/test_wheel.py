@@ -37,9 +37,10 @@ def installed(tmp_path_factory) -> dict:
     for folder in ("apex_orch", "profiles", "corpora"):
         shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     dist = root / "dist"
-    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "--no-index",
                         "-w", str(dist), str(src)], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    build_log = p.stdout + p.stderr
     wheel = next(dist.glob("apex_orch-*.whl"))
     env_dir = root / "venv"
     venv.create(env_dir, with_pip=True)
@@ -54,7 +55,34 @@ def installed(tmp_path_factory) -> dict:
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}"
-    return {"bin": env_dir / "bin", "python": py, "work": work, "env": env, "wheel": wheel, "site": site}
+    return {"bin": env_dir / "bin", "python": py, "work": work, "env": env, "wheel": wheel, "site": site,
+            "build_log": build_log}
+
+
+def test_the_build_is_quiet(installed):
+    """Package data is declared (every folder under apex_orch/ is a listed package with its files as data):
+    setuptools has nothing to warn about, so a newcomer's `make install` shows no screens of warnings."""
+    warnings = [line.strip() for line in installed["build_log"].splitlines()
+                if "Warning" in line or "is absent from the `packages`" in line]
+    assert warnings == []
+
+
+def test_the_wheel_carries_the_package_data(installed):
+    """Every calibration sample, the card template, the trained demo's vocabulary and record (when the
+    checkout has them), the built-in profiles and corpora: the checkout's files, byte for byte."""
+    import zipfile
+    wheel = zipfile.ZipFile(installed["wheel"])
+    data = {n for n in wheel.namelist() if n.startswith("apex_orch/") and not n.endswith(".py")}
+    expected = {f"apex_orch/{p.relative_to(REPO / 'apex_orch').as_posix()}"
+                for p in (REPO / "apex_orch").rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
+    expected |= {f"apex_orch/{folder}/{p.name}" for folder in ("profiles", "corpora") for p in (REPO / folder).glob("*.yaml")}
+    assert data == expected
+    assert "apex_orch/release/card.md.j2" in data and len([n for n in data if "/samples/" in n]) > 40
+    for name in sorted(data):
+        local = REPO / name.removeprefix("apex_orch/")
+        if name.split("/")[1] not in ("profiles", "corpora"):
+            local = REPO / name
+        assert wheel.read(name) == local.read_bytes(), name
 
 
 def run(installed: dict, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -81,7 +109,8 @@ def test_every_module_of_the_checkout_is_in_the_wheel(installed):
                     if "__pycache__" not in p.parts)
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     assert sorted(n[:-3] for n in names if n.startswith("apex_orch/") and n.endswith(".py")) == source
-    modules = [m.replace("/", ".").removesuffix(".__init__") for m in source if not m.endswith("__main__")]
+    modules = [m.replace("/", ".").removesuffix(".__init__") for m in source   # samples/ is corpus data
+               if not m.endswith("__main__") and "/samples/" not in m]
     p = subprocess.run([str(installed["python"]), "-c", f"import importlib; [importlib.import_module(m) for m in {modules!r}]"],
                        cwd=installed["work"], capture_output=True, text=True, env=installed["env"])
     assert p.returncode == 0, p.stderr[-3000:]
