@@ -1,4 +1,4 @@
-"""Cost of the integrity checks (issue 15): on a first run of the demo release, and on reruns.
+"""Cost of the integrity checks: on a first run of the demo release, and on reruns.
 
     .venv/bin/python bench/bench_integrity.py [--config releases/demo.yaml] [--out DIR]
     .venv/bin/python bench/bench_integrity.py --smoke --out /tmp/i     # CI: tiny model, one tier
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     r = data["ratios"]
     mib = 2 ** 20
     lines = [
-        "# Integrity checks (issue 15): cost on a first run and on reruns of a release",
+        "# Integrity checks: cost on a first run and on reruns of a release",
         "",
         f"`apex-orch release {data['config']}` in-process, cold APEX_ORCH_CACHE, -j 1; tiers "
         f"{', '.join(data['tiers'])}; {out_bytes / mib:.1f} MiB of GGUF outputs. Check time = time inside "

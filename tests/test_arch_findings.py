@@ -1,4 +1,4 @@
-"""Issue 14's three findings, on small GGUF headers shaped like the pinned converter's output.
+"""Three findings of the converter matrix, on small GGUF headers shaped like the pinned converter's output.
 
 (a) quantizability is decided as llama.cpp decides it: `ggml_n_dims` ignores trailing
     dimensions of 1, so Qwen2-MoE's shared-expert gate `ffn_gate_inp_shexp.weight`
@@ -261,7 +261,7 @@ def test_predicted_size_counts_dims_as_gguf_writes_them(tmp_path):
     assert header_dims["blk.3.ffn_gate_inp_shexp.weight"] == 1
 
 
-# ---- the release starts from a local checkpoint folder (issue 14, 3); the real run is tests/archs
+# ---- the release starts from a local checkpoint folder; the real run is tests/archs
 def test_release_source_convert_from_a_local_checkpoint_folder(tmp_path):
     import yaml
 

@@ -1,4 +1,4 @@
-"""Where a release's heavy work runs (issue 18): `--executor local|ray|ray://HOST:PORT`.
+"""Where a release's heavy work runs: `--executor local|ray|ray://HOST:PORT`.
 
 No cluster is needed here: the executor spec and its errors, Ray missing (the message says what
 to install), a cluster that does not answer, errors crossing a process boundary (pickling), the

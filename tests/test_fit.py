@@ -1,4 +1,4 @@
-"""apex-orch sensitivity and fit (issue 17): spliced files equal llama-quantize's bytes, measurements
+"""apex-orch sensitivity and fit: spliced files equal llama-quantize's bytes, measurements
 are real and cached, the solver lands on the budget under APEX's structure, and the YAML it writes
 plans to exactly the types it chose."""
 

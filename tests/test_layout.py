@@ -1,4 +1,4 @@
-"""The package layout keeps its promises (issue 16): packages import downwards along the flow,
+"""The package layout keeps its promises: packages import downwards along the flow,
 no module imports itself back through others, no module grows past the size a newcomer can read,
 and every package says what stage it is.
 

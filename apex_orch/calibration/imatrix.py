@@ -45,7 +45,7 @@ from apex_orch.core.settings import cache_root
 from apex_orch.llama import tools
 from apex_orch.model.info import read_model, shard_paths
 
-KEY_SCHEME = "imatrix-v2"      # v2: the model is keyed by its full sha256 (issue 15)
+KEY_SCHEME = "imatrix-v2"      # v2: the model is keyed by its full sha256 (a stat alone would let edited bytes pass as the same model)
 
 ProgressCallback = Callable[[str], None]
 
@@ -172,7 +172,7 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
     if ngl < 0:
         raise RequestError(f"GPU layers must be 0 or more, got {ngl}", fields=("ngl",))
     threads = threads or os.cpu_count() or 1
-    if out is not None:   # inputs are never outputs (issue 15): refused before anything runs
+    if out is not None:   # inputs are never outputs: refused before anything runs
         check_not_inputs([Path(out)], shard_paths(model), options=("out",))
 
     built = build_corpus(corpus_name, model=model)

@@ -1,4 +1,4 @@
-"""Fingerprints of files: full sha256, made cheap to repeat by stat-keyed memos (issue 15).
+"""Fingerprints of files: full sha256, made cheap to repeat by stat-keyed memos.
 
 Verification means the bytes: a file is up to date, carded or published only when its bytes are
 the ones recorded. Two cheap-when-unchanged checks, one full check:

@@ -9,7 +9,7 @@
   on any failure, interrupt (SIGINT/SIGTERM) or exit; partials left by a killed run are
   removed by the next run that takes the lock;
 - `commit()` renames temporaries to their final names only after verification;
-- never writes through a link (issue 15): a symbolic link at the output's name or any of its
+- never writes through a link (it could point anywhere): a symbolic link at the output's name or any of its
   sidecars (.log, .lock, .manifest.json, .tensor-types.txt, .split.log) is refused up front
   (UnsafeOutputError), and the lock file is opened with O_NOFOLLOW and never truncated when it
   is not a plain file of ours (see apex_orch.core.safefiles).

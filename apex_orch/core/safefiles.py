@@ -1,6 +1,6 @@
 """Safe files: nothing outside the output folder is touched, and an output is never an input.
 
-Every file apex-orch creates goes through this module (issue 15):
+Every file apex-orch creates goes through this module, so that every one is whole or absent:
 
 - `write_atomic(path, data)` (and `copy_atomic(src, path)`, streamed) — files written whole (manifests, rules, cards, LocalAI entries,
   records, cache sidecars): written to a fresh temporary made with O_CREAT|O_EXCL in the same

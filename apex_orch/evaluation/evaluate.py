@@ -156,7 +156,7 @@ def ensure_base_cache(base: ModelFacts, text: TextFacts, settings: EvalSettings,
     """Compute the base's log-probs once per (base, text, settings) and return the cache file."""
     inputs = base_cache_inputs(base, text, settings)
     path = evalcache.cache_path(inputs)
-    # Inputs are never outputs (issue 15): a cache file that is the base or the text (a link or
+    # Inputs are never outputs: a cache file that is the base or the text (a link or
     # hard link planted in the cache, or APEX_ORCH_EVAL_CACHE pointed at the inputs) is refused.
     check_not_inputs([path], [*shard_paths(Path(base.path)), Path(text.path)],
                      what="eval cache folder (APEX_ORCH_EVAL_CACHE)", options=())

@@ -57,7 +57,8 @@ def run_quantize(job: QuantizeJob, *, force: bool = False, progress: Progress | 
     existing_parts = sorted(job.output.parent.glob(_split_parts_pattern(job.output))) if job.split_max_size else []
     if job.split_max_size and existing_parts:
         finals = existing_parts
-    # Nothing is written through a link planted at an output's (or sidecar's) name (issue 15).
+    # Nothing is written through a link planted at an output's (or sidecar's) name: a link
+    # planted there by someone else would redirect the write to a file they chose.
     refuse_links([x for f in [job.output, *finals] for x in (f, *sidecars(f))])
     if not force and all(f.exists() for f in finals):
         fresh, why = up_to_date(finals, job.key)   # a damaged manifest raises ManifestError: never trusted

@@ -8,7 +8,7 @@ it in the release's work folder.
 `plan_publish(request)` uploads nothing: the repo id, exactly which files go up (the tier GGUFs, the
 projector, README.md and the LocalAI entries; never manifests, logs or work files, which hold
 local paths), their sizes and sha256, and the commit message naming apex-orch and llama.cpp.
-Verification means the bytes (issue 15): every GGUF is hashed in full, here, with no memo or stat
+Verification means the bytes: every GGUF is hashed in full, here, with no memo or stat
 shortcut (about 3 min per 240 GB at the sha256 speed bench/bench_integrity.py measures), and a
 file whose sha256 is not the one its manifest (and so the card) records is refused.
 `execute_publish(plan)` talks to the Hub through a `huggingface_hub.HfApi`: create_repo(exist_ok=True),

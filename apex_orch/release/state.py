@@ -145,7 +145,7 @@ def release_inputs(config: ReleaseConfig, source: Path | None) -> list[Path]:
 
 
 def check_release_paths(config: ReleaseConfig, out: Path, source: Path | None) -> None:
-    """Inputs are never outputs (issue 15): refused before the lock, the log or any phase. The
+    """Inputs are never outputs: refused before the lock, the log or any phase. The
     projector included as is is hard-linked into the release on purpose: for it, only the same
     path counts."""
     what, options = "release folder (the config's `output:`) or source", ("out_dir", "source")

@@ -264,7 +264,7 @@ ARCHS: list[ArchSpec] = [
 
 
 # Registered by the pinned converter and present in transformers 5.22.2, but not converting yet
-# from transformers' own classes (kept out of the matrix, with the reason; issue 14 follow-up):
+# from transformers' own classes (kept out of the matrix, with the reason):
 NOT_YET: list[tuple[ArchSpec, str]] = [
     (ArchSpec("kimi-linear", "Kimi-Linear", "KimiLinearForCausalLM",
              _std_attn(num_hidden_layers=3, num_experts=4, num_experts_per_token=2, num_shared_experts=1,

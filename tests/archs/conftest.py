@@ -1,4 +1,4 @@
-"""The real-converter matrix (issue 14): needs the `archs` extra (transformers + the CPU torch).
+"""The real-converter matrix: needs the `archs` extra (transformers + the CPU torch).
 
 `make test-archs` runs this folder alone; `make test` installs the extra and runs it with the
 rest. Without the extra installed the whole folder is skipped with that reason.

@@ -1,4 +1,4 @@
-"""Issue 14's matrix: tiny random checkpoints of real MoE architectures (transformers' own classes),
+"""The real-converter matrix: tiny random checkpoints of real MoE architectures (transformers' own classes),
 converted by the pinned, unpatched convert_hf_to_gguf.py, then checked tensor by tensor:
 
 - every tensor has a role (roles.ROLE_DECISIONS), none is `unassigned`;

@@ -1,4 +1,4 @@
-"""Issue 14 (3): a release that starts from a local Hugging Face checkpoint folder, offline.
+"""A release that starts from a local Hugging Face checkpoint folder, offline.
 
 The tiny Mistral-Small-4 + Pixtral checkpoint of the matrix (tests/archs/archkit.py) is the
 source: the release's convert phase runs the pinned converter on the folder for the text model and

@@ -1,4 +1,4 @@
-"""Issue 15, part B: inputs, headers and bounds.
+"""Reliability of inputs: headers and bounds.
 
 - The header is checked against itself before anything plans or runs: block count, expert
   counts, dimensions, tensor offsets and sizes (exit 4 from every entry point).

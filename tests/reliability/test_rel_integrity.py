@@ -1,4 +1,4 @@
-"""Integrity (issue 15, part A): verification means the bytes; inputs are never outputs; nothing
+"""Integrity: verification means the bytes; inputs are never outputs; nothing
 outside the output folder is touched; two tiers never share one file name.
 
 Finding 1 needs files larger than the 8 MiB head the old sampled fingerprint read in full, and a
