@@ -45,7 +45,8 @@ from apex_orch.core.settings import cache_root
 from apex_orch.llama import tools
 from apex_orch.model.info import read_model, shard_paths
 
-KEY_SCHEME = "imatrix-v2"      # v2: the model is keyed by its full sha256 (a stat alone would let edited bytes pass as the same model)
+# v2: the model is keyed by its full sha256 (a stat alone would let edited bytes pass as the same model)
+KEY_SCHEME = "imatrix-v2"
 
 ProgressCallback = Callable[[str], None]
 
