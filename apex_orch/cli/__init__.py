@@ -17,8 +17,9 @@ from apex_orch import __version__
 from apex_orch.core import settings
 from apex_orch.core.errors import InternalError, InterruptedRun, exit_codes
 from apex_orch.core.text import printable
-from apex_orch.llama.tools import build_label, llama_bin_dir_option, mask_secrets
-from apex_orch.plan.profile_search import profile_dirs_option
+
+# apex_orch.llama.tools (the runner: subprocess, threads, the pin) and the profile search are imported
+# where they are used: a header-only command such as `plan` starts without them.
 
 
 def _debug_enabled(ctx: click.Context | None) -> bool:
@@ -91,12 +92,14 @@ def _masked(text: str) -> str:
     """Error text with credential values (HF_TOKEN...) replaced by *** (the tools' own masking),
     and control characters (from file names, GGUF strings, tool logs) shown as escapes, never
     sent to the terminal raw."""
+    from apex_orch.llama.tools import mask_secrets
     return printable(mask_secrets(text), keep="\n\t")
 
 
 def _print_version(ctx: click.Context) -> None:
     if ctx.resilient_parsing:
         return
+    from apex_orch.llama.tools import build_label
     click.echo(f"apex-orch {__version__}\nllama.cpp {build_label()}")
     ctx.exit()
 
@@ -129,8 +132,10 @@ def main(ctx: click.Context, debug: bool, llama_bin_dir: str | None, profiles_di
     # The two global options are values held by the modules that use them, for this command
     # only (undone when it ends), never exported through os.environ.
     if llama_bin_dir:
+        from apex_orch.llama.tools import llama_bin_dir_option
         ctx.with_resource(llama_bin_dir_option(Path(llama_bin_dir)))
     if profiles_dirs:
+        from apex_orch.plan.profile_search import profile_dirs_option
         ctx.with_resource(profile_dirs_option([Path(d).expanduser() for d in profiles_dirs]))
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from apex_orch.core.outputs import write_new_text
 from apex_orch.model.info import read_model
 from apex_orch.plan.planner import make_plan
 from apex_orch.plan.profiles import load_profile
@@ -55,6 +54,7 @@ def render(profile_name: str, model: str, fmt: str, output: str | None, force: b
     if not output:
         click.echo(text, nl=False)
         return
+    from apex_orch.core.outputs import write_new_text   # the safe-file machinery only when writing
     out = Path(output)
     write_new_text(out, text, force=force)
     click.echo(f"wrote {len(p.rules)} rules to {out}", err=True)

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf.constants import GGMLQuantizationType as T
+from apex_orch.model.gguf_tables import GGMLQuantizationType as T
 
 from apex_orch.core.errors import InternalError, PlanError, RequestError, ResultFileError
 from apex_orch.core.safefiles import write_atomic

@@ -18,8 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf.constants import GGML_QUANT_SIZES
-from gguf.constants import GGMLQuantizationType as T
+from apex_orch.model.gguf_tables import GGML_QUANT_SIZES
+from apex_orch.model.gguf_tables import GGMLQuantizationType as T
 
 from apex_orch.core.errors import InternalError, RequestError
 from apex_orch.core.safefiles import write_atomic

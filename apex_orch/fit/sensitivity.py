@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from gguf.constants import GGMLQuantizationType as T
+from apex_orch.model.gguf_tables import GGMLQuantizationType as T
 
 from apex_orch.core import settings as env
 from apex_orch.core.errors import ApexError, DiskSpaceError, LockedError, ModelError, RequestError, ResultFileError

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from gguf.constants import GGMLQuantizationType as T
+from apex_orch.model.gguf_tables import GGMLQuantizationType as T
 
 from apex_orch.core.errors import PlanError, RequestError, ResultFileError
 from apex_orch.fit.groups import ROUTED, Group, TypeTable, bits

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from apex_orch.model.gguf_tables import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from apex_orch.core.errors import ModelError
 from apex_orch.core.infiles import open_input

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from gguf.constants import GGMLQuantizationType
+from apex_orch.model.gguf_tables import GGMLQuantizationType
 
 from apex_orch.core.errors import ModelError
 from apex_orch.core.text import file_name_part

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gguf.constants import GGML_QUANT_SIZES
-from gguf.constants import GGMLQuantizationType as T
-from gguf.constants import LlamaFileType as F
+from apex_orch.model.gguf_tables import GGML_QUANT_SIZES
+from apex_orch.model.gguf_tables import GGMLQuantizationType as T
+from apex_orch.model.gguf_tables import LlamaFileType as F
 
 from apex_orch.core.errors import PlanError
 from apex_orch.model.info import block_of
@@ -116,6 +116,19 @@ _ARCH_BLOCKED = {
 }
 
 
+# tensor_allows_quantization(): name parts llama-quantize keeps as they are, for every architecture (one
+# regular expression: a plan tests every tensor name of the header against all of them)
+_BLOCKED_PARTS = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
+                  "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight", "indexer.k_proj.weight",
+                  "indexer.q_proj.weight", "time_mix_first.weight", "time_mix_w0.weight", "time_mix_w1.weight",
+                  "time_mix_w2.weight", "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
+                  "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight", "time_mix_g1.weight",
+                  "time_mix_g2.weight", "time_mix_decay_w1.weight", "time_mix_decay_w2.weight",
+                  "time_mix_lerp_fused.weight", "attn_rel_b.weight", ".position_embd", "sam.pos_embd", "sam.neck.",
+                  "sam.net_", ".rel_pos", ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd")
+_BLOCKED = re.compile("|".join(re.escape(part) for part in _BLOCKED_PARTS))
+
+
 def allows_quantization(name: str, shape: tuple[int, ...] | int, arch: str = "") -> bool:
     """tensor_allows_quantization() of the pinned llama.cpp.
 
@@ -128,17 +141,7 @@ def allows_quantization(name: str, shape: tuple[int, ...] | int, arch: str = "")
         return False
     if any(b in name for b in _ARCH_BLOCKED.get(arch, ())):
         return False
-    blocked = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "altup", "laurel",
-               "per_layer_model_proj", "ssm_conv1d", "shortconv.conv.weight",
-               "indexer.k_proj.weight", "indexer.q_proj.weight", "time_mix_first.weight",
-               "time_mix_w0.weight", "time_mix_w1.weight", "time_mix_w2.weight",
-               "time_mix_v0.weight", "time_mix_v1.weight", "time_mix_v2.weight",
-               "time_mix_a0.weight", "time_mix_a1.weight", "time_mix_a2.weight",
-               "time_mix_g1.weight", "time_mix_g2.weight", "time_mix_decay_w1.weight",
-               "time_mix_decay_w2.weight", "time_mix_lerp_fused.weight", "attn_rel_b.weight",
-               ".position_embd", "sam.pos_embd", "sam.neck.", "sam.net_", ".rel_pos",
-               ".patch_embd", ".patch_merger", "a.rvq.codebook", "mm.a.code_embd")
-    if any(b in name for b in blocked):
+    if _BLOCKED.search(name):
         return False
     if name in ("position_embd.weight", "token_types.weight"):
         return False

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from gguf.constants import GGMLQuantizationType as T
+from apex_orch.model.gguf_tables import GGMLQuantizationType as T
 
 from apex_orch.core.errors import PlanError
 from apex_orch.model.gguf_header import shape_elements, tensor_nbytes

@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf.constants import GGMLQuantizationType as T
+from apex_orch.model.gguf_tables import GGMLQuantizationType as T
 
 from apex_orch.core.errors import ToolFailedError, ToolPlanMismatchError
 from apex_orch.core.infiles import read_input
