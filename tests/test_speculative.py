@@ -94,3 +94,5 @@ def test_a_model_without_a_head_is_refused(qwen3moe):
     assert "--draft is not an MTP draft file: it must hold only the MTP block(s)" in r.output
     r = CliRunner().invoke(main, ["speculate", str(qwen3moe), "-n", "1"])
     assert r.exit_code == 2 and "-n" in r.output
+    r = CliRunner().invoke(main, ["speculate", str(qwen3moe), "--prompt", "  "])
+    assert r.exit_code == 14 and "error: the prompt is empty" in r.output

@@ -173,6 +173,8 @@ def plan_speculative(model: str | Path, *, draft: str | Path | None = None, prom
     if n_predict < 2 or draft_max < 1 or ctx < 1:   # with one token to generate there is nothing to draft
         raise EvalError(f"speculative settings out of range: {n_predict} tokens (at least 2), {draft_max} "
                         f"drafted per step, ctx {ctx}")
+    if not prompt.strip():   # the tool starts decoding from the prompt's last token: it needs one
+        raise EvalError("the prompt is empty", hint="give --prompt some text (or leave the default)")
     info = read_model(model)
     where = str(info.path)
     if info.is_mtp_draft:
@@ -263,11 +265,16 @@ def _run(argv: list[str], label: str, log_dir: Path) -> DecodeRun:
                          "(llama.cpp#22142); rerun when the machine is less loaded")
 
 
-def run_speculative(plan: SpeculativePlan, log_dir: Path) -> SpeculativeResult:
-    """Generate with the head and without speculation; the tools' logs go to `log_dir`."""
+def run_speculative(plan: SpeculativePlan, log_dir: Path, *, without_first: bool = False) -> SpeculativeResult:
+    """Generate with the head and without speculation (in that order, or the other: a benchmark
+    alternates it so drifting load does not favour one side); the tools' logs go to `log_dir`."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    with_head = _run(plan.mtp_argv(), "with-head", log_dir)
-    without = _run(plan.baseline_argv(), "without-head", log_dir)
+    if without_first:
+        without = _run(plan.baseline_argv(), "without-head", log_dir)
+        with_head = _run(plan.mtp_argv(), "with-head", log_dir)
+    else:
+        with_head = _run(plan.mtp_argv(), "with-head", log_dir)
+        without = _run(plan.baseline_argv(), "without-head", log_dir)
     if without.n_drafted:
         raise EvalError(f"the run without the head drafted {without.n_drafted} tokens; it must draft none",
                         where=str(log_dir))
