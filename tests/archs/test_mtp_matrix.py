@@ -1,4 +1,4 @@
-"""MTP heads through the real converter and llama.cpp (issue 23, phase 1).
+"""MTP heads through the real converter and llama.cpp.
 
 Every MTP family of the matrix carries the head its release ships (archkit.MTP_LAYOUTS). Here:
 
