@@ -40,7 +40,9 @@ class ApexGroup(click.Group):
         if target is None:
             return None
         import importlib
-        return getattr(importlib.import_module(target[0]), target[1])
+        command = getattr(importlib.import_module(target[0]), target[1])
+        _conventions(command, name)
+        return command
 
     def invoke(self, ctx: click.Context):
         def on_sigterm(signum, frame):  # SIGTERM/SIGHUP are handled like Ctrl-C: clean up, then exit
@@ -86,6 +88,30 @@ class ApexGroup(click.Group):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        root = ctx.find_root()
+        root.ensure_object(dict)
+        root.obj["debug"] = True
+
+
+def _conventions(command: click.Command, path: str) -> None:
+    """What every command has, added where it is loaded: `--debug` (so it works after the command
+    name too) and, at the end of --help, the exit codes it can end with (apex_orch.cli.glossary)."""
+    if getattr(command, "apex_conventions", False):
+        return
+    command.apex_conventions = True   # type: ignore[attr-defined]
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            _conventions(sub, f"{path} {name}")
+        return
+    from apex_orch.cli.glossary import EXITS, exits_epilog
+    command.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, callback=_set_debug,
+                                       help="Show tracebacks instead of one-line errors (as before the command)."))
+    if path in EXITS:
+        command.epilog = exits_epilog(path) if not command.epilog else f"{command.epilog}\n\n{exits_epilog(path)}"
 
 
 def _masked(text: str) -> str:

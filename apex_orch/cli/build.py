@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from apex_orch.cli.errors import UsageError
+from apex_orch.cli.options import quiet_option
 from apex_orch.llama import build as build_lib
 from apex_orch.llama import pin
 
@@ -19,7 +20,8 @@ from apex_orch.llama import pin
               help="Extra CMake flag for your own build (repeatable), e.g. -DGGML_CUDA=ON. "
                    "Default: $LLAMA_CMAKE_ARGS. Each set of flags gets its own build folder "
                    "and becomes the build apex-orch uses.")
-def build(what: str, cmake_args: tuple[str, ...]) -> None:
+@quiet_option
+def build(what: str, cmake_args: tuple[str, ...], quiet: bool) -> None:
     """Download the pinned llama.cpp (llama-cpp-python sdist, sha256-checked), build
     llama-quantize/imatrix/perplexity/gguf-split once into the cache, and install the
     bindings against the same libllama. Reruns are no-ops when nothing changed."""
@@ -28,4 +30,4 @@ def build(what: str, cmake_args: tuple[str, ...]) -> None:
                  else build_lib.extra_cmake_args_from_env())
     except ValueError as exc:
         raise UsageError(str(exc), hint="give flags as -DNAME=VALUE, e.g. --cmake-arg -DGGML_CUDA=ON") from exc
-    build_lib.build(what, extra)   # a failure is a BuildError (exit 8), printed like every error
+    build_lib.build(what, extra, quiet=quiet)   # a failure is a BuildError (exit 8), printed like every error

@@ -9,6 +9,8 @@ import click
 
 from apex_orch.calibration import corpus as corpus_lib
 from apex_orch.calibration.corpus_spec import available_corpora, load_corpus_spec
+from apex_orch.cli.options import json_option, quiet_option
+from apex_orch.cli.progress import Progress
 
 
 @click.group("corpus")
@@ -17,7 +19,7 @@ def corpus() -> None:
 
 
 @corpus.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@json_option
 def list_cmd(as_json: bool) -> None:
     """List the corpora in the repo's corpora/ folder."""
     rows = []
@@ -37,7 +39,7 @@ def list_cmd(as_json: bool) -> None:
 
 @corpus.command("show")
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@json_option
 def show_cmd(name: str, as_json: bool) -> None:
     """Show a corpus: its sources, weights and what each supplies (plain chat format)."""
     info = corpus_lib.describe(load_corpus_spec(name))
@@ -60,18 +62,25 @@ def show_cmd(name: str, as_json: bool) -> None:
 
 @corpus.command("build")
 @click.argument("name")
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Text file to write (default: ./NAME.txt); the manifest goes to FILE.manifest.json.")
 @click.option("--model", "model", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Render conversations with this GGUF's chat template and count tokens with its tokenizer.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
-def build_cmd(name: str, out: str | None, model: str | None, force: bool) -> None:
+@quiet_option
+@json_option
+def build_cmd(name: str, output: str | None, model: str | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Build a corpus into one text file plus a manifest (sha256, per-source bytes and tokens)."""
+    progress = Progress(quiet)
+    progress(f"corpus {name}: reading its sources" + (f", tokens counted with {model}" if model else ""))
     built = corpus_lib.build_corpus(name, model=model)
-    target = Path(out) if out else Path.cwd() / f"{built.name}.txt"
+    target = Path(output) if output else Path.cwd() / f"{built.name}.txt"
     text_path, manifest_path, manifest = corpus_lib.write_corpus(built, target, model=model, force=force)
     for w in manifest["warnings"]:
         click.echo(f"warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps({"text": str(text_path), "manifest": str(manifest_path), **manifest}, indent=2))
+        return
     click.echo(f"{text_path}: {manifest['bytes']} bytes, {manifest['documents']} documents, "
                f"{manifest['tokens']} tokens ({manifest['tokens_method']}), sha256 {manifest['sha256']}")
     click.echo(f"manifest: {manifest_path}")

@@ -35,7 +35,8 @@ class UsageError(RequestError):
     other...): raised by the commands only, worded with their flags."""
 
 
-# Library parameter names that a command's Click parameter spells differently.
+# Library parameter names that a command's Click parameter spells differently (used where the command
+# has no parameter of the library's own name: `ctx` is eval's --ctx, and imatrix's --imatrix-ctx).
 ALIASES: dict[str, tuple[str, ...]] = {
     "imatrix": ("imatrix_path",),
     "out": ("output",),
@@ -46,6 +47,12 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "calibration": ("calibration_path",),
     "n_blocks": ("blocks",),
     "sensitivity": ("sensitivity_path",),
+    "ctx": ("imatrix_ctx",),
+    "chunks": ("imatrix_chunks",),
+    "corpus": ("eval_corpus",),
+    "text_corpus": ("eval_corpus",),
+    "base": ("base_profile",),
+    "bands_from": ("base_profile",),
 }
 
 

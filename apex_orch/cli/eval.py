@@ -3,10 +3,14 @@ table and a Pareto plot for several files against one base)."""
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from apex_orch.cli.errors import UsageError
-from apex_orch.cli.params import COUNT, FINITE, THREADS
+from apex_orch.cli.options import Renamed, json_option, quiet_option, renamed
+from apex_orch.cli.params import COUNT, CTX, FINITE, THREADS
+from apex_orch.cli.progress import Progress
 from apex_orch.core.errors import TaskError
 from apex_orch.evaluation.evaluate import BACKENDS, SPEED_REPETITIONS, plan_eval, run_eval
 from apex_orch.evaluation.gates import check_gates
@@ -20,9 +24,9 @@ def _settings_options(fn):
     options = [
         click.option("--text", "text", type=click.Path(exists=True, dir_okay=False), default=None,
                      help="Evaluation text file (at least 2 x ctx tokens)."),
-        click.option("--corpus", "corpus", default=None,
+        click.option("--eval-corpus", "eval_corpus", default=None,
                      help="Build the evaluation text from a corpus (corpora/NAME.yaml or a YAML path)."),
-        click.option("-c", "--ctx", default=512, show_default=True, type=int,
+        click.option("-c", "--ctx", default=512, show_default=True, type=CTX,
                      help="Tokens per chunk; the second half of each chunk is scored."),
         click.option("--chunks", default=None, type=COUNT, help="Evaluate at most N chunks (default: all)."),
         click.option("-b", "--batch", default=None, type=int,
@@ -109,12 +113,11 @@ def _settings(ctx: int, chunks: int | None, batch: int | None, ubatch: int, thre
                         n_threads=threads or default_threads(), flash_attn=flash_attn, repack=repack)
 
 
-def _progress(quiet: bool):
-    if quiet:
-        return None
-    return lambda msg: click.echo(msg, err=True)
+# The evaluation text's old spelling in eval and compare (--corpus is the imatrix's calibration corpus).
+_OLD_CORPUS = Renamed(("--corpus",), "--eval-corpus", "eval_corpus", type=str)
 
 
+@renamed(_OLD_CORPUS)
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--base", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -124,10 +127,10 @@ def _progress(quiet: bool):
 @_task_options
 @click.option("--speed/--no-speed", default=False, show_default=True,
               help="Also measure llama-bench's pp512/tg128 tokens/s (mean ± sd over --speed-reps runs).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (inputs, settings, cache) and stop.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None, ctx: int, chunks: int | None,
+@quiet_option
+def eval_cmd(model: str, base: str | None, text: str | None, eval_corpus: str | None, ctx: int, chunks: int | None,
              batch: int | None, ubatch: int, threads: int | None, flash_attn: bool, repack: bool, backend: str,
              tasks: tuple[str, ...], task_counts: tuple[tuple[str, int], ...], task_ctx: int, speed_reps: int,
              speed: bool, as_json: bool, dry_run: bool, quiet: bool, **bounds: float | None) -> None:
@@ -143,21 +146,29 @@ def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None,
     gates = Gates(**bounds)
     if gates.active and base is None:
         raise UsageError("gates compare against a base: give --base")
+    if dry_run and as_json:
+        raise UsageError("--json prints the result; the dry run (--dry-run) prints its plan as text")
     specs = _task_specs(tasks, task_counts)
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
-    plan = plan_eval(model, base=base, text=text, corpus=corpus, settings=settings, backend=backend,
+    plan = plan_eval(model, base=base, text=text, corpus=eval_corpus, settings=settings, backend=backend,
                      speed=speed, tasks=specs, task_settings=TaskSettings.from_eval(settings, n_ctx=task_ctx),
                      speed_repetitions=speed_reps)
     if dry_run:
         click.echo(plan.describe())
         return
-    result = run_eval(plan, progress=_progress(quiet))
+    result = run_eval(plan, progress=Progress(quiet))
     for note in result.notes:
         click.echo(f"warning: {note}", err=True)
     click.echo(result.to_json() if as_json else format_result(result))
     check_gates(result, gates)
 
 
+def _format_choice(value: str) -> dict:
+    return {"md": {}, "json": {"as_json": True}, "csv": {"as_csv": True}}[value]
+
+
+@renamed(_OLD_CORPUS, Renamed(("--format",), "--json / --csv", "as_json", type=click.Choice(("md", "json", "csv")),
+                              convert=_format_choice))
 @click.command("compare")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--base", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -167,23 +178,26 @@ def eval_cmd(model: str, base: str | None, text: str | None, corpus: str | None,
 @_task_options
 @click.option("--speed/--no-speed", default=True, show_default=True,
               help="Measure llama-bench's pp512/tg128 tokens/s of every file (and the base).")
-@click.option("--format", "fmt", type=click.Choice(("md", "json", "csv")), default="md", show_default=True)
+@json_option
+@click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV on stdout (default: Markdown).")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None,
               help="Write a Pareto plot (mean KLD vs size, log scales) to this .png/.svg/.pdf "
                    "(checked before the evaluation; an existing file only with --force).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | None, ctx: int,
+@quiet_option
+def compare(files: tuple[str, ...], base: str, text: str | None, eval_corpus: str | None, ctx: int,
             chunks: int | None, batch: int | None, ubatch: int, threads: int | None, flash_attn: bool,
             repack: bool, backend: str, tasks: tuple[str, ...], task_counts: tuple[tuple[str, int], ...],
-            task_ctx: int, speed_reps: int, speed: bool, fmt: str, plot: str | None, force: bool, quiet: bool,
-            **bounds: float | None) -> None:
+            task_ctx: int, speed_reps: int, speed: bool, as_json: bool, as_csv: bool, plot: str | None, force: bool,
+            quiet: bool, **bounds: float | None) -> None:
     """One table for FILES against --base: tier, size, bpw, PPL, KLD mean/99.9%/max, same top p,
     a column per --tasks set, llama-bench speed. Exits 15 (after printing the table) when a gate
     fails for any file."""
     from apex_orch.evaluation import compare as evalreport
     from apex_orch.evaluation.tasks import TaskSettings
 
+    if as_json and as_csv:
+        raise UsageError("give --json or --csv, not both")
     gates = Gates(**bounds)
     specs = _task_specs(tasks, task_counts)
     settings = _settings(ctx, chunks, batch, ubatch, threads, flash_attn, repack)
@@ -193,12 +207,16 @@ def compare(files: tuple[str, ...], base: str, text: str | None, corpus: str | N
         from apex_orch.core.outputs import check_new_output
         check_new_output(plot, inputs=[Path(f) for f in (*files, base, text) if f], force=force, option="plot",
                          what="plot file", suffixes=evalreport.PLOT_SUFFIXES)
-    report = evalreport.compare(list(files), base, text=text, corpus=corpus, settings=settings,
-                                backend=backend, speed=speed, gates=gates, progress=_progress(quiet), tasks=specs,
+    report = evalreport.compare(list(files), base, text=text, corpus=eval_corpus, settings=settings,
+                                backend=backend, speed=speed, gates=gates, progress=Progress(quiet), tasks=specs,
                                 task_settings=TaskSettings.from_eval(settings, n_ctx=task_ctx),
                                 speed_repetitions=speed_reps)
-    click.echo(evalreport.format_report(report, fmt), nl=False)
-    if plot:
-        path = evalreport.pareto_plot(report, plot, force=force)
-        click.echo(f"plot: {path}", err=True)
+    if as_json:   # the plot's file is part of the result
+        path = evalreport.pareto_plot(report, plot, force=force) if plot else None
+        click.echo(json.dumps({**report.to_dict(), "plot": str(path) if path else None}, indent=2, ensure_ascii=False))
+    else:         # the table first: a plot that fails leaves it printed
+        click.echo(evalreport.format_report(report, "csv" if as_csv else "md"), nl=False)
+        path = evalreport.pareto_plot(report, plot, force=force) if plot else None
+        if path and not as_csv:
+            click.echo(f"wrote {path}")
     report.check_gates()

@@ -61,3 +61,7 @@ class _Size(click.ParamType):
 # Split parts and size budgets: at least a megabyte (llama-gguf-split splits in whole megabytes).
 SPLIT_SIZE = _Size(MB)
 BUDGET_SIZE = _Size(MB)
+
+# A llama.cpp context in tokens: every --ctx and --imatrix-ctx (small enough contexts stay usable for
+# the tiny test models; a million tokens is past any model this runs).
+CTX = click.IntRange(16, 1 << 20)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from apex_orch.cli.options import json_option
 from apex_orch.core.errors import ProfileError
 from apex_orch.core.outputs import check_new_output, write_output
 from apex_orch.plan.profile_import import check_importable, dump_profile, import_tensor_type_file
@@ -20,7 +21,8 @@ def profile() -> None:
 
 
 @profile.command("list")
-def list_cmd() -> None:
+@json_option
+def list_cmd(as_json: bool) -> None:
     """List profiles with their tier, base type, imatrix need and where each comes from
     (built-in, or a folder from --profiles-dir / $APEX_ORCH_PROFILES)."""
     sources = profile_sources()
@@ -29,6 +31,16 @@ def list_cmd() -> None:
         raise ProfileError(f"no profiles found; searched: {searched}",
                            hint="reinstall apex-orch (the built-in profiles ship with it), or point "
                                 "--profiles-dir / APEX_ORCH_PROFILES at a folder of NAME.yaml files")
+    if as_json:
+        rows = []
+        for src in sources:
+            p = load_profile(src.path)
+            rows.append({"name": src.name, "tier": p.tier, "base_ftype": p.base_ftype,
+                         "imatrix_required": p.imatrix_required, "corpus": p.corpus, "best_for": p.best_for,
+                         "source": src.source, "shadows_builtin": src.shadows_builtin, "path": str(src.path),
+                         "chain": [_link(q) for q in p.chain_paths]})
+        click.echo(json.dumps(rows, indent=2))
+        return
     for src in sources:
         p = load_profile(src.path)
         im = f"imatrix ({p.corpus or 'any'})" if p.imatrix_required else "no imatrix"
@@ -49,6 +61,12 @@ def _shadowing_links(p) -> list[str]:
     return out
 
 
+def _link(path: Path) -> dict:
+    """One link of a profile's extends chain: its file and where it comes from."""
+    label, shadows = source_of(path)
+    return {"path": str(path), "source": label, "shadows_builtin": shadows}
+
+
 def _chain_text(p) -> str:
     links = []
     for path in p.chain_paths:
@@ -66,8 +84,7 @@ def show(name: str, as_json: bool) -> None:
     p = load_profile(name)
     if as_json:
         click.echo(json.dumps({"name": p.name, "tier": p.tier, "sha256": p.sha256, "chain": p.chain,
-                               "chain_sources": [dict(zip(("source", "shadows_builtin"), source_of(q)), path=str(q))
-                                                 for q in p.chain_paths],
+                               "chain_sources": [_link(q) for q in p.chain_paths],
                                **p.raw}, indent=2, default=str))
         return
     click.echo(f"profile    {p.name}  (from {p.path})")
@@ -95,8 +112,9 @@ def show(name: str, as_json: bool) -> None:
 @click.option("--base-ftype", default="Q4_K_M", show_default=True, help="llama-quantize FTYPE the file was used with.")
 @click.option("--tier", default=None, help="Tier name for the new profile.")
 @click.option("--force", is_flag=True, help="Replace an existing --output (never the input itself).")
+@json_option
 def import_cmd(file: str, output: str | None, model: str | None, blocks: int, base_ftype: str,
-               tier: str | None, force: bool) -> None:
+               tier: str | None, force: bool, as_json: bool) -> None:
     """Turn an upstream apex-quant tensor-type file (PATTERN=TYPE lines) into a YAML profile,
     and report the lines it did not understand."""
     out = None
@@ -112,10 +130,16 @@ def import_cmd(file: str, output: str | None, model: str | None, blocks: int, ba
     text = dump_profile(rep.profile)
     if out is not None:
         write_output(out, text, force=force)
+    problems = (("not understood", rep.not_understood), ("substring accidents", rep.accidental),
+                ("matched nothing", rep.unused))
+    if as_json:
+        click.echo(json.dumps({"profile": rep.profile, "yaml": text, "output": str(out) if out else None,
+                               "not_understood": list(rep.not_understood), "accidental": list(rep.accidental),
+                               "unused": list(rep.unused)}, indent=2, default=str))
+    elif out is not None:
         click.echo(f"wrote {out}")
     else:
         click.echo(text, nl=False)
-    for title, items in (("not understood", rep.not_understood), ("substring accidents", rep.accidental),
-                         ("matched nothing", rep.unused)):
+    for title, items in problems:
         for item in items:
             click.echo(f"warning: {title}: {item}", err=True)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
 
 from apex_orch.cli.errors import UsageError
-from apex_orch.cli.params import COUNT, JOBS, SECONDS, SPLIT_SIZE, THREADS
+from apex_orch.cli.options import json_option, quiet_option
+from apex_orch.cli.params import CTX, COUNT, JOBS, SECONDS, SPLIT_SIZE, THREADS
 from apex_orch.cli.progress import Progress
-from apex_orch.cli.quantize_eval import print_eval_table
+from apex_orch.cli.quantize_eval import eval_outputs
 from apex_orch.plan.profile_search import list_profiles
 from apex_orch.quantize.request import QuantizeRequest, plan_request, prepare_imatrix
 from apex_orch.quantize.run import run_many, share_threads
@@ -29,7 +31,7 @@ from apex_orch.quantize.run import run_many, share_threads
 @click.option("--corpus", default=None,
               help="Build (or reuse from cache) the imatrix from this corpus; default for I-profiles: "
                    "the profile's corpus.")
-@click.option("--imatrix-ctx", type=int, default=None,
+@click.option("--imatrix-ctx", type=CTX, default=None,
               help="Context for a built imatrix (default 512; 256 with --demo).")
 @click.option("--imatrix-chunks", type=COUNT, default=None,
               help="Chunks for a built imatrix (default: the whole corpus; 16 with --demo).")
@@ -38,7 +40,10 @@ from apex_orch.quantize.run import run_many, share_threads
 @click.option("--split-max-size", type=SPLIT_SIZE, default=None,
               help="Split outputs into parts of at most this size: 48G = 48GB = 48e9 bytes (K/M/G/T are decimal, "
                    "as llama-gguf-split reads them; KiB/MiB/GiB/TiB binary), at least 1M.")
-@click.option("--force", is_flag=True, help="Redo and replace existing outputs (replaced only once verified).")
+@click.option("--force", is_flag=True,
+              help="Replace outputs that exist and are not up to date (replaced only once the new file is verified); "
+                   "up-to-date outputs are kept.")
+@click.option("--redo", is_flag=True, help="Quantize again even when an output is up to date (replaced once verified).")
 @click.option("--dry-run", is_flag=True, help="Print what would run (outputs, sizes, commands) and stop.")
 @click.option("--timeout", type=SECONDS, default=None, help="Stop llama-quantize after this many seconds.")
 @click.option("--eval/--no-eval", "do_eval", default=None,
@@ -50,10 +55,11 @@ from apex_orch.quantize.run import run_many, share_threads
 @click.option("--allow-requantize", is_flag=True,
               help="Accept an already-quantized MODEL (refused by default: quantizing twice compounds both "
                    "rounding errors); passes llama-quantize's own --allow-requantize.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@quiet_option
+@json_option
 def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix, corpus, imatrix_ctx,
-             imatrix_chunks, threads, jobs,
-             split_max_size, force, dry_run, timeout, do_eval, trust_tool_plan, allow_requantize, quiet) -> None:
+             imatrix_chunks, threads, jobs, split_max_size, force, redo, dry_run, timeout, do_eval, trust_tool_plan,
+             allow_requantize, quiet, as_json) -> None:
     """Quantize MODEL with one or more APEX profiles into verified GGUF files.
 
     Outputs go to OUT_DIR/<ModelName>-APEX-<Tier>.gguf, written under a temporary name,
@@ -84,11 +90,22 @@ def quantize(profiles, all_profiles, model, demo, output, out_dir, name, imatrix
     for warning in setup.warnings:   # loud, never silent: fallbacks to the mixture, partial imatrix coverage...
         click.echo(f"warning: {warning}", err=True)
     if dry_run:
-        share_threads(setup.jobs, jobs)   # the threads each tier's tool gets, as the run gives them
-        click.echo(setup.describe())
+        if setup.jobs:   # the threads each tier's tool gets, as the run gives them
+            share_threads(setup.jobs, jobs)
+        click.echo(json.dumps(setup.to_dict(), indent=2) if as_json else setup.describe())
         return
-    results = run_many(setup.jobs, parallel=jobs, force=force, progress=progress, timeout=timeout)
+    results = run_many(setup.jobs, parallel=jobs, force=redo, replace_stale=force, progress=progress, timeout=timeout)
+    outputs = [f for r in results for f in r.files[:1]]
+    table = eval_outputs(setup.model_path, outputs, progress, "json" if as_json else "md") \
+        if setup.evaluate and outputs else None
+    if as_json:
+        click.echo(json.dumps({"model": str(setup.model_path), "tiers": [
+            {"tier": r.job.profile.tier, "profile": r.job.profile.name, "output": str(r.job.output),
+             "files": [str(f) for f in r.files], "status": "up to date" if r.skipped else "written",
+             "seconds": round(r.seconds, 3), "message": r.message} for r in results],
+            "eval": json.loads(table) if table else None}, indent=2))
+        return
     for r in results:
         click.echo(f"{r.job.profile.tier}: {r.message}")
-    if setup.evaluate:
-        print_eval_table(setup.model_path, [f for r in results for f in r.files[:1]], progress)
+    if table:
+        click.echo(table)

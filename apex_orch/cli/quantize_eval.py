@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import click
-
 from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.settings import cache_root
 
@@ -25,16 +23,14 @@ def demo_eval_text() -> Path:
     return path
 
 
-def print_eval_table(source: Path, outputs: list[Path], progress: Callable[[str], None]) -> None:
+def eval_outputs(source: Path, outputs: list[Path], progress: Callable[[str], None], fmt: str = "md") -> str:
+    """The table `quantize --eval` ends with (md), or its JSON (`quantize --json`)."""
     from apex_orch.evaluation.compare import eval_table
     from apex_orch.evaluation.inputs import EvalSettings
 
-    if not outputs:
-        return
     settings = EvalSettings(n_ctx=DEMO_CTX, chunks=DEMO_CHUNKS)
     progress(f"eval: {len(outputs)} file(s) against {source.name} "
              f"(ctx {DEMO_CTX}, {DEMO_CHUNKS} chunks, bindings, flash attention on; "
              f"llama-bench speed, {DEMO_SPEED_REPS} repetition)")
-    table = eval_table(source, outputs, text=demo_eval_text(), settings=settings, speed=True, fmt="md",
-                       progress=progress, speed_repetitions=DEMO_SPEED_REPS)
-    click.echo(table)
+    return eval_table(source, outputs, text=demo_eval_text(), settings=settings, speed=True, fmt=fmt,
+                      progress=progress, speed_repetitions=DEMO_SPEED_REPS)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from apex_orch.cli.errors import UsageError
+from apex_orch.cli.options import Renamed, quiet_option, renamed
 from apex_orch.cli.params import JOBS
 from apex_orch.cli.progress import Progress
 from apex_orch.cli.release_preview import format_preview
@@ -17,15 +18,17 @@ from apex_orch.release.executor import parse_executor
 from apex_orch.release.runner import PHASES, format_reports, run_release, select_phases
 
 
+@renamed(Renamed(("--from",), "--from-phase", "from_phase", type=str))
 @click.command("release")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("--dry-run", is_flag=True,
               help="Print the plan (tiers, predicted sizes, disk needed, commands) and stop; writes nothing.")
 @click.option("--json", "as_json", is_flag=True,
-              help="With --dry-run: print the plan as JSON (schema in docs/release.md).")
+              help="Print the result as JSON on stdout: the phases' reports, or with --dry-run the plan (schemas in "
+                   "docs/cli.md and docs/release.md).")
 @click.option("--only", default=None, metavar="PHASE[,PHASE]", help=f"Run only these phases ({', '.join(PHASES)}).")
 @click.option("--skip", default=None, metavar="PHASE[,PHASE]", help="Run every phase except these.")
-@click.option("--from", "from_phase", default=None, metavar="PHASE", help="Start at this phase.")
+@click.option("--from-phase", default=None, metavar="PHASE", help="Start at this phase.")
 @click.option("--push", is_flag=True,
               help="Upload to the config's Hugging Face repo (token from HF_TOKEN or `hf auth login`). "
                    "Every GGUF is hashed in full first and refused unless it is the one its manifest and "
@@ -45,7 +48,7 @@ from apex_orch.release.runner import PHASES, format_reports, run_release, select
                    "RAY_ADDRESS names, else the one `ray start` started on this machine) or `ray://HOST:PORT` "
                    "(Ray Client). Ray needs `pip install 'apex-orch[ray]'` and storage every worker sees at the "
                    "same paths; see docs/distributed.md.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@quiet_option
 def release(config, dry_run, as_json, only, skip, from_phase, push, jobs, source, out_dir, force, executor,
             quiet) -> None:
     """Build (and with --push publish) a model's complete APEX release from CONFIG.
@@ -62,8 +65,6 @@ def release(config, dry_run, as_json, only, skip, from_phase, push, jobs, source
     data; a changed stat means a full sha256 (~3 min per 240 GB, once). The source
     is keyed by its full sha256 (~3 min per 240 GB, once, then remembered).
     """
-    if as_json and not dry_run:
-        raise UsageError("--json prints the plan of --dry-run; give both")
     parse_executor(executor)
     cfg = load_release(config)
     phases = select_phases(only, skip, from_phase)
@@ -77,4 +78,16 @@ def release(config, dry_run, as_json, only, skip, from_phase, push, jobs, source
         return
     result = run_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src,
                          progress=Progress(quiet, interval=10.0), force=force, executor=executor)
-    click.echo(format_reports(result))
+    if as_json:
+        click.echo(json.dumps(_result_dict(result), indent=2))
+    else:
+        click.echo(format_reports(result))
+
+
+def _result_dict(result) -> dict:
+    """`release --json`: the run's phase reports and the tasks the executor ran."""
+    return {"release_folder": str(result.state.out_dir), "seconds": round(result.seconds, 3),
+            "phases": [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 3), "detail": r.detail}
+                       for r in result.reports],
+            "tasks": [{"phase": t.phase, "target": t.target, "worker": t.worker, "seconds": round(t.seconds, 3),
+                       "attempts": t.attempts} for t in result.state.executor.records]}

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import click
 
-from apex_orch.cli.params import COUNT, THREADS
+from apex_orch.cli.errors import UsageError
+from apex_orch.cli.options import json_option, quiet_option
+from apex_orch.cli.params import COUNT, CTX, THREADS
+from apex_orch.cli.progress import Progress
 from apex_orch.evaluation.speculative import (DEFAULT_PROMPT, check_result, format_result, plan_speculative,
                                               run_speculative)
 
@@ -25,17 +28,19 @@ from apex_orch.evaluation.speculative import (DEFAULT_PROMPT, check_result, form
               help="Tokens to generate.")
 @click.option("--draft-max", default=3, show_default=True, type=COUNT,
               help="Tokens the head drafts per step (llama.cpp's --spec-draft-n-max).")
-@click.option("-c", "--ctx", default=1024, show_default=True, type=COUNT, help="Context size.")
+@click.option("-c", "--ctx", default=1024, show_default=True, type=CTX, help="Context size.")
 @click.option("-t", "--threads", default=None, type=THREADS, help="CPU threads (default: all cores).")
 @click.option("--repack/--no-repack", default=False, show_default=True,
               help="llama.cpp extra buffer types (CPU repack/AMX kernels); off by default, as for eval "
                    "(MLA models crash with them on AMX CPUs in the pinned build).")
 @click.option("--log-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the tool's logs here (default: a temporary folder, removed unless the run fails).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option
 @click.option("--dry-run", is_flag=True, help="Print both command lines and stop.")
+@quiet_option
 def speculate(model: str, draft: str | None, prompt: str, n_predict: int, draft_max: int, ctx: int,
-              threads: int | None, repack: bool, log_dir: str | None, as_json: bool, dry_run: bool) -> None:
+              threads: int | None, repack: bool, log_dir: str | None, as_json: bool, dry_run: bool,
+              quiet: bool) -> None:
     """Speculative decoding with MODEL's MTP head (or --draft): llama-speculative-simple generates
     greedily with the head drafting (--spec-type draft-mtp) and without speculation, and reports
     drafted and accepted tokens, the acceptance rate and decode tokens/s of both runs.
@@ -44,10 +49,13 @@ def speculate(model: str, draft: str | None, prompt: str, n_predict: int, draft_
     decoding must not change a token)."""
     plan = plan_speculative(model, draft=draft, prompt=prompt, n_predict=n_predict, draft_max=draft_max,
                             ctx=ctx, threads=threads, repack=repack)
+    if dry_run and as_json:
+        raise UsageError("--json prints the result; the dry run (--dry-run) prints its commands as text")
     if dry_run:
         click.echo(plan.describe())
         return
     logs = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="apex-orch-speculate-"))
+    Progress(quiet)(f"speculate: llama-speculative-simple with the MTP head drafting, then without (logs: {logs})")
     result = run_speculative(plan, logs)
     click.echo(result.to_json() if as_json else format_result(result))
     check_result(result)

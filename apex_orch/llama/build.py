@@ -37,8 +37,13 @@ from apex_orch.llama.tools import capture_tool, run_tool
 REPO_ROOT = settings.PACKAGE_DIR.parent
 
 
+# Progress lines go to stderr (stdout is for results); `apex-orch build -q` silences them for one build.
+_QUIET: list[bool] = [False]
+
+
 def log(msg: str) -> None:
-    print(f"[apex-orch build] {msg}", flush=True)
+    if not _QUIET[-1]:
+        print(f"[apex-orch build] {msg}", file=sys.stderr, flush=True)
 
 
 def run(args: list[str], *, log_file: Path, env: dict | None = None) -> None:
@@ -216,16 +221,21 @@ def extra_cmake_args_from_env() -> tuple[str, ...]:
 TARGETS = ("llama", "bindings", "all")
 
 
-def build(what: str = "all", extra_args: tuple[str, ...] = ()) -> None:
-    """The one set-up path: `make llama`/`make bindings` and `apex-orch build` all call this."""
+def build(what: str = "all", extra_args: tuple[str, ...] = (), *, quiet: bool = False) -> None:
+    """The one set-up path: `make llama`/`make bindings` and `apex-orch build` all call this
+    (`quiet`: no progress lines)."""
     if what not in TARGETS:
         raise RequestError(f"unknown build target {what!r}; one of {', '.join(TARGETS)}", fields=("what",))
-    if what in ("llama", "all"):
-        unpack(fetch_sdist())
-        build_tools(extra_args)
-        link_vendor()
-    if what in ("bindings", "all"):
-        install_bindings()
+    _QUIET.append(quiet)
+    try:
+        if what in ("llama", "all"):
+            unpack(fetch_sdist())
+            build_tools(extra_args)
+            link_vendor()
+        if what in ("bindings", "all"):
+            install_bindings()
+    finally:
+        _QUIET.pop()
 
 
 def main(argv: list[str]) -> int:

@@ -95,6 +95,24 @@ class QuantizeSetup:
                          f"{plan.bpw:.3f} bpw; imatrix from corpus {self.build.corpus} will be built first)")
         return "\n".join(lines)
 
+    def to_dict(self) -> dict:
+        """The dry run as data (`quantize --dry-run --json`): what describe() prints."""
+        tiers = []
+        for job in self.jobs:
+            tiers.append({"tier": job.profile.tier, "profile": job.profile.name, "output": str(job.output),
+                          "predicted_bytes": job.predicted_size, "bpw": round(job.plan.bpw, 4),
+                          "argv": job.argv(job.output, job.rules_path), "waits_for_imatrix": False})
+        if not self.jobs:
+            for p in self.profiles:
+                plan = make_plan(self.model, p, has_imatrix=True)
+                tiers.append({"tier": p.tier, "profile": p.name, "output": str(_output_for(self, p)),
+                              "predicted_bytes": plan.total_bytes, "bpw": round(plan.bpw, 4), "argv": None,
+                              "waits_for_imatrix": True})
+        build = self.build
+        return {"model": str(self.model_path), "tiers": tiers,
+                "imatrix_to_build": {"corpus": build.corpus, "ctx": build.ctx, "chunks": build.chunks} if build else None,
+                "warnings": self.warnings}
+
 
 def _display_name(req: QuantizeRequest, model: ModelInfo) -> str:
     return safe_model_name(req.name) if req.name is not None else model_display_name(model)

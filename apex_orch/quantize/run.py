@@ -50,7 +50,9 @@ def _split_parts_pattern(final: Path) -> str:
 
 
 def run_quantize(job: QuantizeJob, *, force: bool = False, progress: Progress | None = None,
-                 timeout: float | None = None) -> QuantizeResult:
+                 timeout: float | None = None, replace_stale: bool = False) -> QuantizeResult:
+    """Quantize one tier. An output that exists and is up to date is kept (`force` makes it again);
+    one that is not up to date is an OutputExistsError unless `replace_stale` (or `force`) replaces it."""
     emit = progress or (lambda _m: None)
     start = time.monotonic()
     finals = [job.output]
@@ -63,13 +65,15 @@ def run_quantize(job: QuantizeJob, *, force: bool = False, progress: Progress | 
     if not force and all(f.exists() for f in finals):
         fresh, why = up_to_date(finals, job.key)   # a damaged manifest raises ManifestError: never trusted
         if fresh:
-            emit(f"{job.output.name}: up to date (manifest matches inputs); a forced run redoes it")
+            emit(f"{job.output.name}: up to date (manifest matches inputs), kept")
             return QuantizeResult(job, finals, True, 0.0, "up to date")
-        raise OutputExistsError(f"{finals[0]} already exists and is not up to date ({why})",
-                                hint="ask to replace it (it is kept until the new file is complete and verified)",
-                                options=("force",))
+        if not replace_stale:
+            raise OutputExistsError(f"{finals[0]} already exists and is not up to date ({why})",
+                                    hint="ask to replace it (it is kept until the new file is complete and verified)",
+                                    options=("force",))
+        emit(f"{job.output.name}: not up to date ({why}): made again, replaced once verified")
     try:
-        return _run_guarded(job, force, emit, timeout, start, existing_parts)
+        return _run_guarded(job, force or replace_stale, emit, timeout, start, existing_parts)
     except OSError as exc:   # disk full, read-only, quota... while writing our own files
         raise translate_os_error(exc) from None
 
@@ -235,17 +239,20 @@ def share_threads(jobs: list[QuantizeJob], parallel: int | None) -> int:
 
 
 def run_many(jobs: list[QuantizeJob], *, parallel: int | None = None, force: bool = False,
-             progress: Progress | None = None, timeout: float | None = None) -> list[QuantizeResult]:
-    """Run several tiers with bounded parallelism; the first failure cancels the rest."""
+             progress: Progress | None = None, timeout: float | None = None,
+             replace_stale: bool = False) -> list[QuantizeResult]:
+    """Run several tiers with bounded parallelism (run_quantize's options); the first failure cancels the rest."""
     if not jobs:
         return []
     check_distinct_outputs([(j.profile.tier, j.output) for j in jobs])
     n = share_threads(jobs, parallel)
     if n <= 1:
-        return [run_quantize(j, force=force, progress=progress, timeout=timeout) for j in jobs]
+        return [run_quantize(j, force=force, progress=progress, timeout=timeout, replace_stale=replace_stale)
+                for j in jobs]
     results: list[QuantizeResult] = []
     with cf.ThreadPoolExecutor(max_workers=n) as pool:
-        futures = {pool.submit(run_quantize, j, force=force, progress=progress, timeout=timeout): j for j in jobs}
+        futures = {pool.submit(run_quantize, j, force=force, progress=progress, timeout=timeout,
+                               replace_stale=replace_stale): j for j in jobs}
         try:
             for fut in cf.as_completed(futures):
                 results.append(fut.result())
