@@ -46,7 +46,7 @@ def bench_model(src: Path, repeat: int, threads: int, work: Path, warm: bool = T
     raw_out = work / "raw.gguf"
     raw_argv = job.argv(raw_out, rules)
     apex_argv = [sys.executable, "-m", "apex_orch.cli", "quantize", "-p", "compact", str(src), "--out-dir",
-                 str(work / "apex"), "--force", "--no-eval", "-q", "-t", str(threads)]
+                 str(work / "apex"), "--redo", "--no-eval", "-q", "-t", str(threads)]
     raw_t, apex_t, inner_t = [], [], []
     if warm:
         subprocess.run(raw_argv, check=True, capture_output=True)     # warm the page cache once

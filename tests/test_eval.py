@@ -268,7 +268,7 @@ def test_cli_compare_json_and_eval_dry_run(q4: Path, mistral4_split: Path, eval_
                                            tmp_path: Path) -> None:
     ours, _ = kld_pair
     res = CliRunner().invoke(main, ["compare", str(q4), "--base", str(mistral4_split), "--text", str(eval_text),
-                                    *CLI_SETTINGS, "--no-speed", "--format", "json", "-q",
+                                    *CLI_SETTINGS, "--no-speed", "--json", "-q",
                                     "--plot", str(tmp_path / "p.png")])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)

@@ -91,7 +91,7 @@ def test_splice_refuses_a_donor_of_another_model(small_moe, mistral4_split, tmp_
 @pytest.fixture(scope="module")
 def measured(small_moe, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("sens") / "sens.json"
-    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "--types", "Q4_K,Q8_0",
+    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--eval-corpus", "wikipedia", "--types", "Q4_K,Q8_0",
                                   "--chunks", "2", "-c", "128", "-t", "2", "-o", str(out)])
     assert r.exit_code == 0, r.output
     return out, r.output
@@ -123,7 +123,7 @@ def test_sensitivity_measures_every_group_at_every_type(measured, small_moe):
 @pytest.mark.slow
 def test_sensitivity_rerun_is_a_cache_hit(measured, small_moe, tmp_path):
     path, _ = measured
-    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "--types", "Q8_0,Q4_K",
+    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--eval-corpus", "wikipedia", "--types", "Q8_0,Q4_K",
                                   "--chunks", "2", "-c", "128", "-o", str(tmp_path / "again.json")])
     assert r.exit_code == 0, r.output
     assert "cache hit" in r.output
@@ -131,13 +131,13 @@ def test_sensitivity_rerun_is_a_cache_hit(measured, small_moe, tmp_path):
 
 
 @pytest.mark.parametrize("args, code, message", [
-    ([], 2, "--text / --text-corpus: give the held-out text the output is measured on"),
-    (["--text-corpus", "wikipedia", "--types", "IQ2_S"], 2, "needs an importance matrix"),
-    (["--text-corpus", "wikipedia", "--types", "F16"], 2, "not a quantized ggml type"),
-    (["--text-corpus", "wikipedia", "--types", "Q4_K,IQ2_XXS"], 2, "aborts writing token_embd/output"),
-    (["--text-corpus", "wikipedia", "--types", "Q9_K"], 2, "not a quantized ggml type"),
-    (["--text-corpus", "wikipedia", "--imatrix", "x.dat", "--corpus", "diverse"], 2, "not both"),
-    (["--text-corpus", "wikipedia", "--chunks", "0"], 2, "0"),
+    ([], 2, "--text / --eval-corpus: give the held-out text the output is measured on"),
+    (["--eval-corpus", "wikipedia", "--types", "IQ2_S"], 2, "needs an importance matrix"),
+    (["--eval-corpus", "wikipedia", "--types", "F16"], 2, "not a quantized ggml type"),
+    (["--eval-corpus", "wikipedia", "--types", "Q4_K,IQ2_XXS"], 2, "aborts writing token_embd/output"),
+    (["--eval-corpus", "wikipedia", "--types", "Q9_K"], 2, "not a quantized ggml type"),
+    (["--eval-corpus", "wikipedia", "--imatrix", "x.dat", "--corpus", "diverse"], 2, "not both"),
+    (["--eval-corpus", "wikipedia", "--chunks", "0"], 2, "0"),
 ])
 def test_sensitivity_refuses_bad_input(small_moe, args, code, message):
     r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--dry-run"] + args)
@@ -146,10 +146,10 @@ def test_sensitivity_refuses_bad_input(small_moe, args, code, message):
 
 
 def test_sensitivity_refuses_its_output_as_input_and_an_existing_output(small_moe, tmp_path):
-    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "-o", str(small_moe)])
+    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--eval-corpus", "wikipedia", "-o", str(small_moe)])
     assert r.exit_code == 2 and "same file" in r.output
     (tmp_path / "s.json").write_text("{}")
-    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "-o",
+    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--eval-corpus", "wikipedia", "-o",
                                   str(tmp_path / "s.json")])
     assert r.exit_code == 9 and "--force" in r.output
     assert (tmp_path / "s.json").read_text() == "{}"
@@ -158,7 +158,7 @@ def test_sensitivity_refuses_its_output_as_input_and_an_existing_output(small_mo
 def test_sensitivity_refuses_a_quantized_source(small_moe, tmp_path, require_tools):
     require_tools("llama-quantize")
     q = quantize_with(small_moe, Path("profiles/compact.yaml").resolve(), tmp_path / "q.gguf")
-    r = CliRunner().invoke(main, ["sensitivity", str(q), "--text-corpus", "wikipedia", "--dry-run"])
+    r = CliRunner().invoke(main, ["sensitivity", str(q), "--eval-corpus", "wikipedia", "--dry-run"])
     assert r.exit_code != 0 and "quantized" in r.output
 
 
@@ -295,7 +295,7 @@ def test_fit_refuses_a_sensitivity_that_does_not_cover_the_model(mistral4_dense_
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(bad), "--size", "48GB"])
     assert r.exit_code == ResultFileError.exit_code and "output at Q8_0" in r.output
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(sens), "--size", "48GB",
-                                  "--from", "compact"])
+                                  "--base-profile", "compact"])
     assert r.exit_code == 0, r.output   # compact keeps APEX's bands: the same groups
 
 
@@ -346,7 +346,7 @@ def test_proxy_is_recorded_and_a_calibrated_proxy_run_evaluates_nothing(measured
     for key, by_type in data["proxy"].items():
         assert 0 < by_type["Q8_0"] < by_type["Q4_K"], key
     out = tmp_path / "proxy.json"
-    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "--types", "Q4_K,Q8_0",
+    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--eval-corpus", "wikipedia", "--types", "Q4_K,Q8_0",
                                   "--chunks", "2", "-c", "128", "--method", "proxy", "--calibration", str(path),
                                   "-o", str(out)])
     assert r.exit_code == 0, r.output
@@ -375,10 +375,10 @@ def test_calibrate_scales_each_role_by_its_exact_over_proxy_ratio():
 def test_calibration_needs_the_proxy_method(small_moe, tmp_path, replica_sens):
     sens = tmp_path / "s.json"
     sens.write_text(replica_sens.to_json())
-    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "--dry-run",
+    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--eval-corpus", "wikipedia", "--dry-run",
                                   "--calibration", str(sens)])
     assert r.exit_code == 2 and "--calibration / --method: a calibration is an exact result" in r.output
-    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--text-corpus", "wikipedia", "--dry-run",
+    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--eval-corpus", "wikipedia", "--dry-run",
                                   "--method", "proxy", "--calibration", str(tmp_path / "missing.json")])
     assert r.exit_code == ResultFileError.exit_code == 19 and "not found" in r.output
 

@@ -48,8 +48,8 @@ def cache(tmp_path_factory):
 def agentic_run(cache, mistral4_split, tmp_path_factory):
     """One real run: --corpus agentic on the synthetic mistral4 model."""
     out = tmp_path_factory.mktemp("imx") / "agentic.imatrix.gguf"
-    res = CliRunner().invoke(main, ["imatrix", str(mistral4_split), "--corpus", "agentic", "-c", str(CTX),
-                                    "--chunks", str(CHUNKS), "-t", str(THREADS), "-o", str(out)])
+    res = CliRunner().invoke(main, ["imatrix", str(mistral4_split), "--corpus", "agentic", "--imatrix-ctx", str(CTX),
+                                    "--imatrix-chunks", str(CHUNKS), "-t", str(THREADS), "-o", str(out)])
     assert res.exit_code == 0, res.output
     return out, res
 
@@ -101,8 +101,8 @@ def test_rerun_is_a_cache_hit(agentic_run, mistral4_split, monkeypatch):
         raise AssertionError(f"a tool ran on a cache hit: {args}")
 
     monkeypatch.setattr(llama, "run_tool", must_not_run)
-    res = CliRunner().invoke(main, ["imatrix", str(mistral4_split), "--corpus", "agentic", "-c", str(CTX),
-                                    "--chunks", str(CHUNKS), "-t", "1", "-o", str(out)])
+    res = CliRunner().invoke(main, ["imatrix", str(mistral4_split), "--corpus", "agentic", "--imatrix-ctx", str(CTX),
+                                    "--imatrix-chunks", str(CHUNKS), "-t", "1", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "imatrix: cache hit: " in res.output
     assert out.read_bytes() == before
@@ -334,8 +334,8 @@ def test_from_q8_computes_on_a_cached_q8_copy(cache, mistral4_split):
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(cache, mistral4_split):
-    res = CliRunner().invoke(main, ["imatrix", str(mistral4_split), "--corpus", "reasoning", "-c", str(CTX),
-                                    "--chunks", "2", "-t", "1", "--dry-run"])
+    res = CliRunner().invoke(main, ["imatrix", str(mistral4_split), "--corpus", "reasoning", "--imatrix-ctx", str(CTX),
+                                    "--imatrix-chunks", "2", "-t", "1", "--dry-run"])
     assert res.exit_code == 0, res.output
     plan = I.plan_imatrix(mistral4_split, "reasoning", ctx=CTX, chunks=2, threads=1)
     assert "command:  " + " ".join(plan.argv) in res.output

@@ -206,7 +206,7 @@ def test_rule_matching_nothing_is_an_error(mistral4_split):
 
 
 def test_render_cli_formats(mistral4_split, tmp_path):
-    r = CliRunner().invoke(main, ["render", "-p", "compact", str(mistral4_split), "--format", "args"])
+    r = CliRunner().invoke(main, ["render", "-p", "compact", str(mistral4_split), "--args"])
     assert r.exit_code == 0 and r.output.startswith("--tensor-type ^")
     out = tmp_path / "rules.txt"
     r = CliRunner().invoke(main, ["render", "-p", "compact", str(mistral4_split), "-o", str(out)])

@@ -239,7 +239,7 @@ def test_gates_stop_the_release_before_card_and_publish(pipeline):
     strict = pipeline["folder"] / "strict.yaml"
     strict.write_text(yaml.safe_dump(doc, sort_keys=False))
     card_before = (pipeline["out"] / "README.md").read_bytes()
-    res = CliRunner().invoke(main, ["release", str(strict), "--out-dir", str(pipeline["out"]), "--from", "eval"])
+    res = CliRunner().invoke(main, ["release", str(strict), "--out-dir", str(pipeline["out"]), "--from-phase", "eval"])
     assert res.exit_code == GateFailedError.exit_code, res.output
     assert f"{NAME}-APEX-Compact.gguf: mean KLD" in res.output and "fails max_mean_kld 1e-09" in res.output
     assert f"{NAME}-APEX-I-Compact.gguf: mean KLD" in res.output

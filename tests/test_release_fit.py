@@ -44,7 +44,7 @@ TIER = "Compact-54MB"
 def sens_path(tmp_path_factory) -> Path:
     """`apex-orch sensitivity` on the demo model, run as a user would (a subprocess)."""
     out = tmp_path_factory.mktemp("sens") / "sens.json"
-    argv = [sys.executable, "-m", "apex_orch.cli", "sensitivity", str(demo_model_path()), "--text-corpus",
+    argv = [sys.executable, "-m", "apex_orch.cli", "sensitivity", str(demo_model_path()), "--eval-corpus",
             "wikipedia", "--types", "Q4_K,Q8_0", "--chunks", "2", "-c", "128", "-t", "2", "-o", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -412,7 +412,7 @@ def test_compare_has_a_column_per_task_set_and_llama_bench_speed(trained: Path, 
     res = CliRunner().invoke(main, ["compare", str(q8), "--base", str(trained), "--text", str(eval_text), "-c", "64",
                                     "--chunks", "4", "-t", "2", "--tasks", f"hellaswag={task_dir / 'hs.txt'}",
                                     "--tasks", f"mmlu={task_dir / 'mmlu.bin'}", "--task-ctx", "512",
-                                    "--no-speed", "--format", "json", "-q"])
+                                    "--no-speed", "--json", "-q"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert [t["accuracy"] for t in data["base_tasks"]] == [t.accuracy for t in report.base_tasks]

@@ -305,7 +305,7 @@ def test_threads_reach_every_parallel_job(tiny_moe, tmp_path):
 @pytest.fixture(scope="module")
 def imatrix_file(tmp_path_factory, tiny_moe) -> Path:
     out = tmp_path_factory.mktemp("im") / "tiny.imatrix.gguf"
-    r = cli("imatrix", tiny_moe, "--corpus", "wikipedia", "-c", "64", "--chunks", "2", "-o", out)
+    r = cli("imatrix", tiny_moe, "--corpus", "wikipedia", "--imatrix-ctx", "64", "--imatrix-chunks", "2", "-o", out)
     assert r.exit_code == 0, r.output
     return out
 

@@ -49,7 +49,7 @@ def inputs(tmp_path_factory, tiny_moe) -> dict:
     rules = folder / "rules.txt"
     rules.write_text("ffn_down_exps=q4_k\nffn_gate_exps=q4_k\nffn_up_exps=q4_k\n")
     im = folder / "im.gguf"
-    r = cli("imatrix", tiny_moe, "--corpus", "wikipedia", "-c", "64", "--chunks", "2", "-o", im)
+    r = cli("imatrix", tiny_moe, "--corpus", "wikipedia", "--imatrix-ctx", "64", "--imatrix-chunks", "2", "-o", im)
     assert r.exit_code == 0, r.output
     release = folder / "release.yaml"
     release.write_text(yaml.safe_dump({"name": "Walk", "license": "mit", "source": {"gguf": str(tiny_moe)},
@@ -91,10 +91,10 @@ CASES = {
 NAMED_CASES = {
     "profile -p": ("plan -p {F} {M}", "config"),
     "profile show": ("profile show {F}", "config"),
-    "fit --from": ("fit {M} --sensitivity {S} --size 20MB --from {F}", "config"),
+    "fit --base-profile": ("fit {M} --sensitivity {S} --size 20MB --base-profile {F}", "config"),
     "corpus show": ("corpus show {F}", "config"),
-    "eval --corpus": ("eval {M} --corpus {F} --dry-run", "config"),
-    "sensitivity --text-corpus": ("sensitivity {M} --text-corpus {F} --dry-run", "config"),
+    "eval --eval-corpus": ("eval {M} --eval-corpus {F} --dry-run", "config"),
+    "sensitivity --eval-corpus": ("sensitivity {M} --eval-corpus {F} --dry-run", "config"),
 }
 
 

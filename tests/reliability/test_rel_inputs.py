@@ -84,7 +84,7 @@ ENTRY_POINTS = {
     "plan": lambda m, tmp: cli("plan", "-p", "compact", m),
     "quantize": lambda m, tmp: cli("quantize", "-p", "compact", m, "--out-dir", tmp / "out", "--no-eval"),
     "imatrix": lambda m, tmp: cli("imatrix", m, "--corpus", "agentic"),
-    "eval": lambda m, tmp: cli("eval", m, "--corpus", "agentic", "--dry-run"),
+    "eval": lambda m, tmp: cli("eval", m, "--eval-corpus", "agentic", "--dry-run"),
     "release": lambda m, tmp: cli("release", release_config(tmp, m), "--out-dir", tmp / "rel", "--dry-run"),
 }
 

@@ -67,7 +67,7 @@ def test_signal_during_parallel_quantize(sig, tiny_moe, tmp_path):
 
 def test_sigterm_during_forced_redo_keeps_the_existing_output(tiny_moe, existing_output):
     before = snapshot(existing_output)
-    proc = start("quantize", "-p", "compact", tiny_moe, "--out-dir", existing_output, "-t", "1", "--no-eval", "--force")
+    proc = start("quantize", "-p", "compact", tiny_moe, "--out-dir", existing_output, "-t", "1", "--no-eval", "--redo")
     wait_for(lambda: partials(existing_output), "a partial output")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -175,7 +175,7 @@ def test_intact_output_rerun_is_up_to_date_and_runs_nothing(tiny_moe, existing_o
 
 # ---------------------------------------------------------------------------- imatrix and eval
 
-IMATRIX_ARGS = ("--corpus", "agentic", "-c", "128", "--chunks", "8", "-t", "1")
+IMATRIX_ARGS = ("--corpus", "agentic", "--imatrix-ctx", "128", "--imatrix-chunks", "8", "-t", "1")
 
 
 def _imatrix_dir(cache: Path) -> Path:

@@ -6,7 +6,7 @@ each such test says so. Disk-full, file-size-limit and read-only cases use the R
 llama-quantize and real kernel limits (tmpfs mounts need root; as root, chmod cannot stop a
 write, so permission bits are not used).
 
-Fault cases run with --force over an existing, verified output: it must survive untouched.
+Fault cases run with --redo over an existing, verified output: it must survive untouched.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ HANG = ("open(sys.argv[-3], 'wb').write(b'partial')\n"
 
 
 def force_run_with_fake(tmp_path, existing_output, body, *extra):
-    """quantize --force over an existing output with a FAKE llama-quantize running `body`."""
+    """quantize --redo over an existing output with a FAKE llama-quantize running `body`."""
     bindir = make_fake_bin(tmp_path / "fakebin", "llama-quantize", body)
     before = snapshot(existing_output)
     r = cli("quantize", "-p", "compact", existing_output.parent / "model.gguf",
-            "--out-dir", existing_output, "-t", "1", "--no-eval", "--force", *extra,
+            "--out-dir", existing_output, "-t", "1", "--no-eval", "--redo", *extra,
             env={"APEX_LLAMA_BIN_DIR": str(bindir), "APEX_TEST_PIDFILE": str(tmp_path / "tool.pid")})
     return r, before
 
@@ -154,7 +154,7 @@ def test_file_size_limit_reached(tiny_moe, existing_output, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
 
     r = run_cli("quantize", "-p", "compact", tiny_moe, "--out-dir", existing_output, "-t", "1", "--no-eval",
-                "--force", preexec_fn=limit)
+                "--redo", preexec_fn=limit)
     assert_failed_cleanly(r.stderr, 8, r.returncode, "llama-quantize was killed by SIGXFSZ",
                           "the file size limit (`ulimit -f`)", out_dir=existing_output, before=before)
 
@@ -168,13 +168,13 @@ def test_not_enough_free_disk_refused_before_starting(tiny_moe, tmp_path, tripwi
 
 
 def test_output_folder_read_only(tiny_moe, existing_output, tmp_path, tripwire):
-    """A read-only mount holding a finished output: --force must be refused before anything
+    """A read-only mount holding a finished output: --redo must be refused before anything
     runs, and the output stays as it was."""
     with tmpfs(tmp_path / "fs", "100m") as fs:
         shutil.copytree(existing_output, fs / "out")
         subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
         before = snapshot(fs / "out")
-        r = cli("quantize", "-p", "compact", tiny_moe, "--out-dir", fs / "out", "--no-eval", "--force")
+        r = cli("quantize", "-p", "compact", tiny_moe, "--out-dir", fs / "out", "--no-eval", "--redo")
         assert_failed_cleanly(r.output, 17, r.exit_code, f"output folder {fs / 'out'} is not writable "
                               "(read-only file system)", "choose another output folder", "[--out-dir, --output]",
                               out_dir=fs / "out", before=before)
