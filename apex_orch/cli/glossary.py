@@ -1,6 +1,6 @@
 """The CLI's glossary: what every option means, which exit codes each command can end with, what its
 `--json` prints. One table each; docs/cli.md is generated from them and the Click commands
-(`python -m apex_orch.cli.docgen`), and tests/test_cli_glossary.py walks every command against them.
+(`python tools/gen_cli_docs.py`), and tests/test_cli_glossary.py walks every command against them.
 
 The rules they keep: one flag means one thing, with one type and one short form, in every command
 that has it (a new meaning gets a new name); every command that produces a result has `--json`
