@@ -31,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "apex_orch"
 FIFO_MESSAGE = "is not a regular file (a FIFO / named pipe)"
 
 # Parameters that name outputs (the output guard's business, tests/reliability/test_rel_entrypoints.py).
-OUTPUT_PARAMS = {("compare", "plot"), ("corpus build", "out"), ("fit", "output"), ("imatrix", "out"),
+OUTPUT_PARAMS = {("compare", "plot"), ("corpus build", "output"), ("fit", "output"), ("imatrix", "output"),
                  ("profile import", "output"), ("quantize", "output"), ("render", "output"),
                  ("sensitivity", "output")}
 
@@ -77,12 +77,14 @@ CASES = {
     ("profile import", "file"): ("profile import {F}", "tensor-types"),
     ("profile import", "model"): ("profile import {R} --model {F}", "model"),
     ("quantize", "model"): ("quantize {F} -p compact --dry-run", "model"),
-    ("quantize", "imatrix_path"): ("quantize {M} -p compact --imatrix {F} --dry-run", "imatrix"),
+    ("quantize", "imatrix"): ("quantize {M} -p compact --imatrix {F} --dry-run", "imatrix"),
     ("release", "config"): ("release {F} --dry-run", "config"),
     ("release", "source"): ("release {C} --source {F} --dry-run --out-dir {D}/rel", "model"),
     ("render", "model"): ("render -p compact {F}", "model"),
     ("sensitivity", "model"): ("sensitivity {F} --text {T} --dry-run", "model"),
-    ("sensitivity", "imatrix_path"): ("sensitivity {M} --imatrix {F} --text {T} --dry-run", "imatrix"),
+    ("sensitivity", "imatrix"): ("sensitivity {M} --imatrix {F} --text {T} --dry-run", "imatrix"),
+    ("speculate", "model"): ("speculate {F} --dry-run", "model"),
+    ("speculate", "draft"): ("speculate {M} --draft {F} --dry-run", "model"),
     ("sensitivity", "text"): ("sensitivity {M} --text {F} --dry-run", "text"),
     ("sensitivity", "calibration_path"): ("sensitivity {M} --text {T} --method proxy --calibration {F} --dry-run",
                                           "sensitivity"),
