@@ -29,13 +29,13 @@ PYTEST_ARGS ?=
 # flags gets its own build folder in the cache and becomes the build apex-orch uses.
 LLAMA_CMAKE_ARGS ?=
 
-.PHONY: help venv llama bindings install install-archs install-ray bench-distributed quantize imatrix release test test-archs test-fast bench bench-quality bench-fit reference-model doctor clean
+.PHONY: help venv llama bindings install install-archs install-ray bench-distributed quantize imatrix release lint test test-archs test-fast bench bench-quality bench-fit reference-model doctor clean
 
 help:
 	@echo "make quantize PROFILE=compact [MODEL=path.gguf] [IMATRIX=file] [OUT=dir]"
 	@echo "make imatrix CORPUS=agentic [MODEL=path.gguf]"
 	@echo "make release RELEASE=releases/demo.yaml [PUSH=1] [JOBS=N]"
-	@echo "make test | make test-archs | make bench | make bench-quality | make bench-fit | make reference-model | make doctor"
+	@echo "make test | make lint | make test-archs | make bench | make bench-quality | make bench-fit | make reference-model | make doctor"
 
 $(PYTHON):
 	$(BOOT_PYTHON) -m venv $(VENV)
@@ -94,7 +94,13 @@ install-ray: install $(STAMP_DIR)/ray
 bench-distributed: install-ray
 	$(PYTHON) bench/bench_distributed.py
 
+# ruff (pyflakes + pycodestyle, 120 columns) and mypy (strict on core, model, plan); `make test` runs it first.
+lint: install
+	$(PYTHON) -m ruff check apex_orch tests bench tools
+	$(PYTHON) -m mypy
+
 test: install-archs install-ray
+	$(MAKE) --no-print-directory lint
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 test-archs: install-archs

@@ -622,6 +622,8 @@ def test_every_cli_option_is_documented():
     from apex_orch.cli.release import release
     docs = (ROOT / "docs" / "release.md").read_text()
     for param in release.params:
+        if getattr(param, "hidden", False):
+            continue   # an old spelling kept for one release (docs/cli.md lists them)
         for opt in getattr(param, "opts", []):
             if opt.startswith("-"):
                 assert opt in docs, f"{opt} is not in docs/release.md"
