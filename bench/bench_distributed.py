@@ -176,7 +176,8 @@ def markdown(doc: dict) -> str:
     ray_phases = {p["name"]: p for p in o["ray_phases"]}
     for p in o["local_phases"]:
         r = ray_phases.get(p["name"], {})
-        lines.append(f"| {p['name']} | {p['seconds']:.1f} ({p['status']}) | {r.get('seconds', 0):.1f} ({r.get('status', '')}) |")
+        lines.append(f"| {p['name']} | {p['seconds']:.1f} ({p['status']}) | {r.get('seconds', 0):.1f} "
+                     f"({r.get('status', '')}) |")
     lines += ["", "Tasks on the cluster:", "", "| phase | file | worker | s | attempts |", "|---|---|---|---|---|"]
     lines += [f"| {t['phase']} | {t['target']} | {t['worker']} | {t['seconds']:.1f} | {t['attempts']} |"
               for t in o["ray_tasks"]]

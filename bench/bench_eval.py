@@ -149,15 +149,16 @@ def write(info: dict, out: Path) -> None:
     for name in ("perplexity", "kl_divergence"):
         for b in ("bindings", "llama-perplexity"):
             lines.append(f"| {name} | {b} | {sm[name]['median_wall_s'][b]:.2f} | "
-                         f"{sm[name]['end_to_end_tokens_per_s'][b]:.1f} | {sm[name]['median_decode_tokens_per_s'][b]:.1f} |")
+                         f"{sm[name]['end_to_end_tokens_per_s'][b]:.1f} | "
+                         f"{sm[name]['median_decode_tokens_per_s'][b]:.1f} |")
     lines += ["", f"bindings / llama-perplexity throughput: perplexity {sm['perplexity']['ratio_end_to_end']:.3f}x "
               f"end-to-end, {sm['perplexity']['ratio_decode']:.3f}x decode; KL divergence "
-              f"{sm['kl_divergence']['ratio_end_to_end']:.3f}x end-to-end, {sm['kl_divergence']['ratio_decode']:.3f}x decode "
-              "(target >= 0.9x)", "",
+              f"{sm['kl_divergence']['ratio_end_to_end']:.3f}x end-to-end, {sm['kl_divergence']['ratio_decode']:.3f}x "
+              f"decode (target >= 0.9x)", "",
               f"Base log-probs for {c['scored_tokens']} scored tokens, {c['n_vocab']}-token vocabulary: ours "
               f"{c['ours_bytes'] / 2**20:.1f} MiB ({c['ours_bytes_per_token'] / 1024:.1f} KiB/token) built in "
-              f"{c['ours_build_s']:.1f} s; llama-perplexity's --kl-divergence-base file {c['tool_bytes'] / 2**20:.1f} MiB "
-              f"in {c['tool_build_s']:.1f} s. (Random synthetic weights give near-uniform distributions, so "
+              f"{c['ours_build_s']:.1f} s; llama-perplexity's --kl-divergence-base file {c['tool_bytes'] / 2**20:.1f} "
+              f"MiB in {c['tool_build_s']:.1f} s. (Random synthetic weights give near-uniform distributions, so "
               "few entries fall below the -16-nat floor: this is the worst case for our sparse storage.)", "",
               "| model | pp512 t/s | tg128 t/s | threads | ubatch | flash-attn |", "|---|---|---|---|---|---|"]
     for name, sp in info["runs"]["speed"].items():

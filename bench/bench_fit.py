@@ -90,7 +90,8 @@ def measurement_text(subject, eval_chunks: int, work: Path, ctx: int = CTX,
                 raise SystemExit(f"{d.name}: the held-out text is too short to keep the measurement text apart")
             parts.append(text[lo:])
             proof[d.name] = {"cut_at_char": lo, "tokens_before_cut": head_tokens,
-                             "scored_tokens_end_before": eval_chunks * ctx, "tail_tokens": len(bm.tokenize(text[lo:].encode()))}
+                             "scored_tokens_end_before": eval_chunks * ctx,
+                             "tail_tokens": len(bm.tokenize(text[lo:].encode()))}
     path = work / "sensitivity-text.txt"
     # interleave so that the first chunks hold both domains
     path.write_text(parts[1] + "\n" + parts[0], encoding="utf-8")   # prose first: the text is cut to chunks
@@ -169,7 +170,8 @@ def replica_fits(sens, work: Path) -> list[dict]:
         rows.append({"card_tier": label, "card_gb": gb, "file_bytes": res.file_bytes, "shortfall": res.shortfall,
                      "within_0.5%": res.within, "bpw": round(res.plan.bpw, 4), "fit_s": round(time.monotonic() - t0, 2),
                      "predicted_kld_mean_transferred": res.solution.kld_mean, "bands": bands, "yaml": res.yaml_text})
-        log(f"replica @{gb} GB: {res.file_bytes / 1e9:.3f} GB ({100 * res.shortfall:.3f}% under), {res.plan.bpw:.3f} bpw")
+        log(f"replica @{gb} GB: {res.file_bytes / 1e9:.3f} GB ({100 * res.shortfall:.3f}% under), {res.plan.bpw:.3f} "
+            f"bpw")
     src_bytes = sum(t.n_bytes for t in replica.tensors)
     return rows, src_bytes, replica
 
@@ -208,7 +210,8 @@ def proxy_check(sens, model: Path, sizes: list[tuple[str, int]]) -> dict:
         # the proxy fit's choice, scored with the exact table
         exact_of_proxy = sum(px.solution.shares[u] * d["measurements"][u[0]][t.name]["kld_mean"]
                              for u, t in px.solution.types.items())
-        fits.append({"target": label, "exact_fit_predicted": ex.solution.kld_mean, "proxy_fit_scored_exactly": exact_of_proxy,
+        fits.append({"target": label, "exact_fit_predicted": ex.solution.kld_mean,
+                     "proxy_fit_scored_exactly": exact_of_proxy,
                      "loss_given_up": exact_of_proxy / ex.solution.kld_mean - 1 if ex.solution.kld_mean else None})
     ratios = [m / p for p, m in calibrated if p > 0]
     return {"spearman_raw": spearman([p for p, _ in pairs], [m for _, m in pairs]),
@@ -256,7 +259,8 @@ def compare(domains: dict, fitted: list, fixed: list) -> list[dict]:
             vs = []
             for r in same:
                 sigma = 2 * math.hypot(r["kld_mean_err"], me["kld_mean_err"])
-                vs.append({"file": r["label"], "kind": r["kind"], "size_bytes": r["size_bytes"], "kld_mean": r["kld_mean"],
+                vs.append({"file": r["label"], "kind": r["kind"], "size_bytes": r["size_bytes"],
+                           "kld_mean": r["kld_mean"],
                            "kld_mean_err": r["kld_mean_err"], "kld_p999": r["kld_p999"],
                            "fitted_lower": me["kld_mean"] < r["kld_mean"],
                            "beyond_2_sigma": abs(me["kld_mean"] - r["kld_mean"]) > sigma})
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--rerender", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="CI: a tiny random model, 3 types, 2 tiers (numbers mean nothing)")
+    ap.add_argument("--smoke", action="store_true", help="CI: a tiny random model, 3 types, 2 tiers (numbers mean "
+                                                         "nothing)")
     args = ap.parse_args(argv)
     if args.rerender:
         import bench_fit_report
@@ -347,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                            "predicted_p999": v.fit["predicted_kld_p999"], "measured_p999": row["kld_p999"],
                            "max_kld_p999": v.fit["max_kld_p999"]})
     proxy = proxy_check(sens, subject.model, sizes)
-    log(f"proxy: Spearman {proxy['spearman_raw']:.3f} raw, {proxy['spearman_calibrated_held_out']:.3f} calibrated (held out)")
+    log(f"proxy: Spearman {proxy['spearman_raw']:.3f} raw, {proxy['spearman_calibrated_held_out']:.3f} calibrated "
+        f"(held out)")
     rows, replica_bytes, replica = replica_fits(sens, work)
     timing["total_s"] = time.monotonic() - t_start
     data = {
@@ -379,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     overlap = {d.name: bq.overlap_with_corpus(d.path.read_text(encoding="utf-8", errors="replace"), im["corpus_text"])
                for d in subject.domains}
     qdata = bq.quality_data(subject, fixed, q_domains, im_q, overlap, settings_,
-                            {"quantize_s": round(timing["quantize_fixed_s"], 1), "eval_s": round(timing["evaluate_s"], 1),
+                            {"quantize_s": round(timing["quantize_fixed_s"], 1),
+                             "eval_s": round(timing["evaluate_s"], 1),
                              "total_s": round(timing["total_s"], 1)}, "smoke" if args.smoke else "full")
     qdata["from_run"] = "bench/bench_fit.py (the APEX tiers and uniform presets of the fit benchmark's run)"
     bq.derive(qdata)

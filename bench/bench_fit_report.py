@@ -39,11 +39,12 @@ def markdown(data: dict) -> str:
                   f"{k[:-2].replace('_', ' ')} {v:.0f} s" for k, v in data["timing"].items() if k != "total_s"), ""]
     lines += ["## Measured sensitivity", "",
               f"Method `{s['method']['name']}`: {s['method']['text']}. Text: {s['text']['chunks']} chunks x "
-              f"{s['text']['ctx']} cut from the ends of both held-out texts, after every token the domains below score:",
+              f"{s['text']['ctx']} cut from the ends of both held-out texts, after every token the domains below "
+              f"score:",
               ""]
     for dname, p in data["measurement_text"].items():
-        lines.append(f"- {dname}: cut at character {p['cut_at_char']:,}; {p['tokens_before_cut']:,} tokens before the cut, "
-                     f"the evaluation scores only the first {p['scored_tokens_end_before']:,}")
+        lines.append(f"- {dname}: cut at character {p['cut_at_char']:,}; {p['tokens_before_cut']:,} tokens before the "
+                     f"cut, the evaluation scores only the first {p['scored_tokens_end_before']:,}")
     lines += ["", "Mean KLD of the model with only that group at that type (everything else F16):", ""]
     ladder = s["ladder"]
     lines.append("| group | tensors | params | " + " | ".join(ladder) + " |")
@@ -57,8 +58,9 @@ def markdown(data: dict) -> str:
     lines.append("| **sum of the groups** | | | " + " | ".join(f"{u[t]['sum_of_groups']:.5f}" for t in ladder) + " |")
     ref = c["reference"]
     lines += ["", f"Cost: {ref['total_s']:.0f} s = **{ref['as_tier_quantizations']} x one uniform quantization** "
-              f"({ref['one_tier_quantize_s']:.1f} s): {ref['ladder']} quantizations, {ref['evaluations']} evaluations of "
-              f"{s['text']['chunks']} chunks ({ref['eval_s_each']:.1f} s each), {ref['groups'] * ref['ladder']} spliced files.", ""]
+              f"({ref['one_tier_quantize_s']:.1f} s): {ref['ladder']} quantizations, {ref['evaluations']} evaluations "
+              f"of {s['text']['chunks']} chunks ({ref['eval_s_each']:.1f} s each), {ref['groups'] * ref['ladder']} "
+              f"spliced files.", ""]
     lines += additivity(data)
     lines += proxy_section(data)
     for dname, d in data["domains"].items():
@@ -77,7 +79,8 @@ def additivity(data: dict) -> list[str]:
            "plain sum.", "",
            "| all groups at | sum of the groups | measured | measured / sum (the type's factor) |", "|---|---|---|---|"]
     for t, u in a["uniform"].items():
-        out.append(f"| {t} | {u['sum_of_groups']:.6f} | {u['measured']:.6f} | {u['measured'] / u['sum_of_groups']:.2f} |")
+        out.append(f"| {t} | {u['sum_of_groups']:.6f} | {u['measured']:.6f} | "
+                   f"{u['measured'] / u['sum_of_groups']:.2f} |")
     out += ["", "| fitted | predicted (corrected) | plain sum | measured | measured / predicted | measured / plain sum "
             "| KLD 99.9% predicted / measured |", "|---|---|---|---|---|---|---|"]
     for f in a["fitted"]:
@@ -85,23 +88,28 @@ def additivity(data: dict) -> list[str]:
         tail = (f"{f['predicted_p999']:.4f} / {f['measured_p999']:.4f}" if f.get("predicted_p999") is not None
                 else f"— / {f.get('measured_p999', 0):.4f}")
         out.append(f"| {f['fitted']} | {f['predicted']:.6f} | {unc:.6f} | {f['measured']:.6f} | "
-                   f"{f['measured'] / f['predicted']:.2f} | {f['measured'] / unc:.2f} | {tail} |" if unc is not None else
-                   f"| {f['fitted']} | {f['predicted']:.6f} | — | {f['measured']:.6f} | {f['measured'] / f['predicted']:.2f} "
-                   f"| — | {tail} |")
+                   f"{f['measured'] / f['predicted']:.2f} | {f['measured'] / unc:.2f} | {tail} |"
+                   if unc is not None else
+                   f"| {f['fitted']} | {f['predicted']:.6f} | — | {f['measured']:.6f} | "
+                   f"{f['measured'] / f['predicted']:.2f} | — | {tail} |")
     ratios = [f["measured"] / f["predicted"] for f in a["fitted"] if f["predicted"]]
     if ratios:
         inside = sum(0.75 <= r <= 1.33 for r in ratios)
-        out += ["", f"Measured / predicted over the {len(ratios)} fitted profiles: {min(ratios):.2f} to {max(ratios):.2f}; "
+        out += ["", f"Measured / predicted over the {len(ratios)} fitted profiles: {min(ratios):.2f} to "
+                    f"{max(ratios):.2f}; "
                 f"{inside} of {len(ratios)} within 0.75-1.33."]
     bounded = [f for f in a["fitted"] if f.get("max_kld_p999")]
     if bounded:
         by = {f["fitted"]: f for f in a["fitted"]}
-        out += ["", "`--max-kld-99-9` (bound = 0.75 x the unbounded fit's predicted KLD 99.9%), on the measurement text:", "",
-                "| size of | unbounded: mean / 99.9% | bounded: mean / 99.9% | bound (predicted) |", "|---|---|---|---|"]
+        out += ["", "`--max-kld-99-9` (bound = 0.75 x the unbounded fit's predicted KLD 99.9%), on the measurement "
+                    "text:", "",
+                "| size of | unbounded: mean / 99.9% | bounded: mean / 99.9% | bound (predicted) |",
+                "|---|---|---|---|"]
         for f in bounded:
             base = by.get(f["fitted"].replace("+tail", ""))
             if base:
-                out.append(f"| {f['fitted'].replace('+tail', '')[4:]} | {base['measured']:.6f} / {base['measured_p999']:.4f} | "
+                out.append(f"| {f['fitted'].replace('+tail', '')[4:]} | {base['measured']:.6f} / "
+                           f"{base['measured_p999']:.4f} | "
                            f"{f['measured']:.6f} / {f['measured_p999']:.4f} | {f['max_kld_p999']:.4f} |")
     return out + [""]
 
@@ -109,8 +117,8 @@ def additivity(data: dict) -> list[str]:
 def proxy_section(data: dict) -> list[str]:
     p = data["proxy"]
     out = ["## The proxy against the exact measurements", "",
-           f"The proxy (imatrix-weighted quantization error, docs/fit.md) took {p['proxy_s']:.0f} s for the whole ladder "
-           f"(no evaluations). Rank agreement with the exact mean KLD over every (group, type): Spearman "
+           f"The proxy (imatrix-weighted quantization error, docs/fit.md) took {p['proxy_s']:.0f} s for the whole "
+           f"ladder (no evaluations). Rank agreement with the exact mean KLD over every (group, type): Spearman "
            f"{p['spearman_raw']:.3f} uncalibrated; {p['spearman_calibrated_held_out']:.3f} after scaling each role by "
            f"exact measurements at {' and '.join(p['calibration_types'])} only, on the other types (held out; median "
            f"exact / calibrated proxy {p['held_out_ratio_median']:.2f}).", "",
@@ -133,13 +141,15 @@ def pareto(rows: list[dict]) -> set[str]:
 
 def domain_table(dname: str, d: dict) -> list[str]:
     front = pareto(d["rows"])
-    out = [f"## {dname}", "", f"{d['text']['description']}; {d['chunks']} chunks, {d['scored_tokens']:,} scored tokens; "
+    out = [f"## {dname}", "", f"{d['text']['description']}; {d['chunks']} chunks, {d['scored_tokens']:,} scored "
+                              f"tokens; "
            f"F16 PPL {d['base_ppl']:.4f} ± {d['base_ppl_err']:.4f}", "",
-           "| file | kind | size MiB | bpw | KLD mean | KLD 99.9% | KLD max | same top p |", "|---|---|---|---|---|---|---|---|"]
+           "| file | kind | size MiB | bpw | KLD mean | KLD 99.9% | KLD max | same top p |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in sorted(d["rows"], key=lambda r: -r["size_bytes"]):
         name = f"**{r['label']}**" if r["kind"] == "fitted" else r["label"]
-        out.append(f"| {name}{' ◆' if r['label'] in front else ''} | {r['kind']} | {_mib(r['size_bytes'])} | {r['bpw']:.2f} | "
-                   f"{_kld(r)} | {r['kld_p999']:.4f} | {r['kld_max']:.4f} | {r['same_top_p']:.2f}% |")
+        out.append(f"| {name}{' ◆' if r['label'] in front else ''} | {r['kind']} | {_mib(r['size_bytes'])} | "
+                   f"{r['bpw']:.2f} | {_kld(r)} | {r['kld_p999']:.4f} | {r['kld_max']:.4f} | {r['same_top_p']:.2f}% |")
     return out + ["", "◆ on the Pareto front (no other file is both smaller and lower in mean KLD).", ""]
 
 
@@ -148,7 +158,8 @@ def verdict_table(data: dict) -> list[str]:
            "Each fitted profile was given the exact size of the file(s) it is compared with as its budget. "
            "'beyond 2σ': the difference exceeds twice the combined standard error of the two means "
            "(unpaired, so conservative).", "",
-           "| fitted | domain | fitted KLD | same-size file | its KLD | fitted lower | beyond 2σ | KLD 99.9% fitted / file |",
+           "| fitted | domain | fitted KLD | same-size file | its KLD | fitted lower | beyond 2σ | KLD 99.9% fitted / "
+           "file |",
            "|---|---|---|---|---|---|---|---|"]
     beaten = []
     for e in data["comparison"]:
@@ -169,8 +180,10 @@ def verdict_table(data: dict) -> list[str]:
     tails = [f"{e['fitted']} vs {v['file']} in {dname} ({d['kld_p999']:.4f} vs {v['kld_p999']:.4f})"
              for e in data["comparison"] for dname, d in e["domains"].items() for v in d["vs_same_size"]
              if d["kld_p999"] > v["kld_p999"]]
-    out += ["Where the fit loses on mean KLD to a file of its size: " + ("; ".join(losses) if losses else "nowhere") + ".", "",
-            "Where its KLD 99.9% is higher than the same-size file's: " + ("; ".join(tails) if tails else "nowhere") + ".", ""]
+    out += ["Where the fit loses on mean KLD to a file of its size: "
+            + ("; ".join(losses) if losses else "nowhere") + ".", "",
+            "Where its KLD 99.9% is higher than the same-size file's: "
+            + ("; ".join(tails) if tails else "nowhere") + ".", ""]
     return out
 
 
@@ -189,14 +202,17 @@ def replica_table(data: dict) -> list[str]:
         routed = " / ".join(",".join(b.get("routed_expert", {}).get(x, [])) for x in ("edge", "near", "middle"))
         att = " / ".join(",".join(v) for v in b.get("attention", {}).values())
         sh = " / ".join(",".join(v) for v in b.get("shared_expert", {}).values())
-        out.append(f"| {r['card_tier']} | ~{r['card_gb']} GB | {r['file_bytes'] / 1e9:.3f} GB | {100 * r['shortfall']:.3f}% | "
-                   f"{r['bpw']:.3f} | {routed} | {att} | {sh} | {r['fit_s']:.1f} s |")
+        out.append(f"| {r['card_tier']} | ~{r['card_gb']} GB | {r['file_bytes'] / 1e9:.3f} GB | "
+                   f"{100 * r['shortfall']:.3f}% | {r['bpw']:.3f} | {routed} | {att} | {sh} | {r['fit_s']:.1f} s |")
     gb = 1e9
-    out += ["", "What measuring the flagship itself with `apex-orch sensitivity` (exact) would take, from this run's rates:", "",
+    out += ["", "What measuring the flagship itself with `apex-orch sensitivity` (exact) would take, from this run's "
+                "rates:", "",
             f"- {c['uniform_quantizations']} uniform quantizations of the {c['source_bytes'] / gb:.0f} GB source: "
-            f"{c['quantize_s_at_this_rate'] / 3600:.1f} h at this machine's rate (= {c['uniform_quantizations']} tier quantizations)",
+            f"{c['quantize_s_at_this_rate'] / 3600:.1f} h at this machine's rate (= {c['uniform_quantizations']} tier "
+            f"quantizations)",
             f"- {c['evaluations']} evaluations, {c['eval_tokens']:,} tokens of forward passes in all",
-            f"- {c['spliced_bytes_written'] / 1e12:.1f} TB of spliced files written ({c['splice_s_at_this_rate'] / 3600:.1f} h at "
+            f"- {c['spliced_bytes_written'] / 1e12:.1f} TB of spliced files written "
+            f"({c['splice_s_at_this_rate'] / 3600:.1f} h at "
             "this machine's write rate): the exact method's cost is dominated by writing the whole model once per "
             "(group, type); see docs/fit.md for the proxy that avoids it", ""]
     return out

@@ -112,7 +112,10 @@ class Meter:
             for n in names:
                 originals[id(getattr(mod, n))] = (n, getattr(mod, n))
         # every apex_orch module that imported one of them by name gets the timed one too
-        import apex_orch.evaluation.evaluate, apex_orch.calibration.imatrix, apex_orch.core.manifest, apex_orch.core.outputs  # noqa: E401,F401
+        import apex_orch.calibration.imatrix  # noqa: F401
+        import apex_orch.core.manifest  # noqa: F401
+        import apex_orch.core.outputs  # noqa: F401
+        import apex_orch.evaluation.evaluate  # noqa: F401
         import apex_orch.release.publish, apex_orch.release.runner  # noqa: E401,F401
         wrapped = {key: self.wrap(n, fn) for key, (n, fn) in originals.items()}
         for mod_name, mod in list(sys.modules.items()):
@@ -237,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {
             "first_run_checks_to_tool": round(first["seconds"] / tools["total_s"], 4) if tools["total_s"] else None,
             "rerun_checks_to_tool": round(rerun["seconds"] / tools["total_s"], 6) if tools["total_s"] else None,
-            "touched_rerun_checks_to_tool": round(touched["seconds"] / tools["total_s"], 4) if tools["total_s"] else None,
+            "touched_rerun_checks_to_tool": (round(touched["seconds"] / tools["total_s"], 4)
+                                             if tools["total_s"] else None),
             "publish_hash_to_tool": round(pub["seconds"] / tools["total_s"], 4) if tools["total_s"] else None,
         },
     }
@@ -253,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| run | wall s | checks s | bytes hashed | checks / tool time |",
         "|---|---|---|---|---|",
-        f"| first run (cold) | {first['wall_s']:.2f} | {first['seconds']:.3f} | {first['bytes_hashed'] / mib:.1f} MiB | "
-        f"{r['first_run_checks_to_tool']:.2%} |",
+        f"| first run (cold) | {first['wall_s']:.2f} | {first['seconds']:.3f} | {first['bytes_hashed'] / mib:.1f} MiB "
+        f"| {r['first_run_checks_to_tool']:.2%} |",
         f"| rerun, all up to date (stat as recorded) | {rerun['wall_s']:.2f} | {rerun['seconds']:.4f} | "
         f"{rerun['bytes_hashed'] / mib:.1f} MiB | {r['rerun_checks_to_tool']:.3%} |",
         f"| rerun, every output touched (same bytes, new mtime) | {touched['wall_s']:.2f} | {touched['seconds']:.3f} | "
@@ -273,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
         "llama-quantize for such a model; the demo's ratio above is the same arithmetic at 119 MB.",
         "- A rerun whose files are unchanged reads no file data: one stat per output and one small memo file "
         "per source.",
-        f"- Checks by function, first run: " + ", ".join(f"{k} {v['seconds']:.3f} s ({v['calls']}x)"
+        "- Checks by function, first run: " + ", ".join(f"{k} {v['seconds']:.3f} s ({v['calls']}x)"
                                                         for k, v in first["by_check"].items()) + ".",
-        f"- Rerun phases: " + ", ".join(f"{k} {v}" for k, v in rerun["phases"].items()) + ".",
+        "- Rerun phases: " + ", ".join(f"{k} {v}" for k, v in rerun["phases"].items()) + ".",
     ]
     j, m = write_results("integrity", data, "\n".join(lines), args.out)
     print(f"bench-integrity: wrote {j} and {m}")

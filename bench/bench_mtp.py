@@ -16,7 +16,8 @@ Each head runs in both modes: bundled (`speculate TIER`) and as a draft file bes
 tier (`speculate BASE --draft DRAFT`), `--repeat` times, interleaved; each run is
 `apex_orch.evaluation.speculative` (llama-speculative-simple with --spec-type draft-mtp and
 without speculation, back to back in alternating order, greedy, the two outputs checked equal).
-Draft counts are deterministic; speeds are medians, the ratio is the median of per-run ratios. A 64-wide model with a 151936-token vocabulary is all overhead (output layer, sampling,
+Draft counts are deterministic; speeds are medians, the ratio is the median of per-run ratios. A
+64-wide model with a 151936-token vocabulary is all overhead (output layer, sampling,
 the hybrid model's state checkpoints on rejection), so the ratios say how llama.cpp's MTP loop
 behaves at this size, not what a real model gains.
 """

@@ -107,7 +107,7 @@ def main() -> None:
           "| profile | median | max | rules |", "|---|---|---|---|"]
     md += [f"| {k} | {v['median_ms']} ms | {v['max_ms']} ms | {v['rules']} |" for k, v in rows.items()]
     pp, tp = startup["plan_process"], startup["tool_dry_run_process"]
-    md += ["", f"## The `apex-orch plan -p compact` process vs `llama-quantize --dry-run`, same header", "",
+    md += ["", "## The `apex-orch plan -p compact` process vs `llama-quantize --dry-run`, same header", "",
            f"Medians of {cli_runs} interleaved runs of each after one untimed run (Python start-up included, from "
            "compiled bytecode; the tool given the compact plan's rules and base type, as quantize's own check runs "
            "it). No numpy and no gguf are imported by `plan` (tests/test_startup.py).", "",

@@ -414,7 +414,8 @@ def markdown(data: dict) -> str:
               f"- imatrix: corpus `{im['corpus']}`, {im['chunks']} chunks x {im['ctx']} tokens "
               f"(sha256 {im['sha256'][:12]}), llama-imatrix {im['llama_imatrix_s']} s"
               + (" (cache hit)" if im["cache_hit"] else ""),
-              f"- evaluation: apex_orch.evaluation.evaluate (llama-perplexity's statistics through the bindings), ctx {s['n_ctx']}, "
+              f"- evaluation: apex_orch.evaluation.evaluate (llama-perplexity's statistics through the bindings), ctx "
+              f"{s['n_ctx']}, "
               f"batch {s['n_batch']}, {s['n_threads']} threads, flash-attn {'on' if s['flash_attn'] else 'off'}, "
               f"repack {'on' if s['repack'] else 'off'}; KLD against the F16 model",
               f"- llama.cpp: {data['llama_cpp']}; wall time {data['timing']['total_s'] / 60:.1f} min "
@@ -429,16 +430,18 @@ def markdown(data: dict) -> str:
     lines.append("")
     for dname, d in doms.items():
         lines += [f"## {dname}", "",
-                  "| file | kind | imatrix | size MiB | bpw | PPL | PPL ratio | KLD mean | KLD 99.9% | KLD max | same top p |",
+                  "| file | kind | imatrix | size MiB | bpw | PPL | PPL ratio | KLD mean | KLD 99.9% | KLD max | same "
+                  "top p |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         front = set(pareto_labels(d["rows"]))
         for r in sorted(d["rows"], key=lambda r: -r["size_bytes"]):
             name = f"**{r['label']}**" if r["kind"] == "apex" else r["label"]
             name += " ◆" if r["label"] in front else ""
-            lines.append(f"| {name} | {'APEX' if r['kind'] == 'apex' else 'uniform'} | {'yes' if r['imatrix'] else 'no'} | "
+            lines.append(f"| {name} | {'APEX' if r['kind'] == 'apex' else 'uniform'} | "
+                         f"{'yes' if r['imatrix'] else 'no'} | "
                          f"{_mib(r['size_bytes'])} | {r['bpw']:.2f} | {r['ppl']:.4f} ± {r['ppl_err']:.4f} | "
-                         f"{r['ppl_ratio']:.4f} | {r['kld_mean']:.6f} ± {r['kld_mean_err']:.6f} | {r['kld_p999']:.4f} | "
-                         f"{r['kld_max']:.4f} | {r['same_top_p']:.2f}% |")
+                         f"{r['ppl_ratio']:.4f} | {r['kld_mean']:.6f} ± {r['kld_mean_err']:.6f} | {r['kld_p999']:.4f} "
+                         f"| {r['kld_max']:.4f} | {r['same_top_p']:.2f}% |")
         lines += ["", "◆ on the Pareto front (no other file is both smaller and lower in mean KLD).", ""]
     first = next(iter(doms.values()))
     base_types = data["model"].get("types")
@@ -458,7 +461,8 @@ def markdown(data: dict) -> str:
         lines += ["Not produced: " + "; ".join(f"{f['label']}: {f['error']}" for f in data["failed"]), ""]
     dnames = list(doms)
     lines += ["## Does a uniform preset of equal or smaller size beat each APEX tier on mean KLD?", "",
-              "| APEX tier | size MiB | " + " | ".join(f"{d}: tier KLD | {d}: best uniform ≤ size (KLD)" for d in dnames)
+              "| APEX tier | size MiB | "
+              + " | ".join(f"{d}: tier KLD | {d}: best uniform ≤ size (KLD)" for d in dnames)
               + " | beaten? | smallest uniform with ≤ KLD (" + dnames[0] + ") |",
               "|---|---|" + "---|---|" * len(dnames) + "---|---|"]
     for v in data["verdicts"]:
@@ -480,7 +484,8 @@ def markdown(data: dict) -> str:
         x0 = v["domains"][dnames[0]]
         match = (f"{x0['smallest_uniform_matching']} ({_mib(x0['smallest_uniform_matching_size_bytes'])} MiB)"
                  if x0["smallest_uniform_matching"] else "none")
-        lines.append(f"| **{v['tier']}** | {_mib(v['size_bytes'])} | " + " | ".join(cells) + f" | {verdict} | {match} |")
+        lines.append(f"| **{v['tier']}** | {_mib(v['size_bytes'])} | " + " | ".join(cells) + f" | {verdict} | {match} "
+                                                                                             f"|")
     lines += ["", "σ: the KLD-mean standard errors of the two files combined in quadrature (they are measured on "
               "the same tokens, so this is conservative).", ""]
     lines += ["## Reading the results", ""] + data["findings"] + [""]
@@ -533,7 +538,8 @@ def findings(data: dict) -> list[str]:
     for dname, d in data["domains"].items():
         by = {r["label"]: r for r in d["rows"]}
         gains = [f"{a} {by[a]['kld_mean']:.4g} → {b} {by[b]['kld_mean']:.4g} "
-                 f"({(by[b]['kld_mean'] / by[a]['kld_mean'] - 1) * 100:+.0f}%)" for a, b in pairs if a in by and b in by]
+                 f"({(by[b]['kld_mean'] / by[a]['kld_mean'] - 1) * 100:+.0f}%)"
+                 for a, b in pairs if a in by and b in by]
         if gains:
             out.append(f"- imatrix effect ({dname}, mean KLD): " + "; ".join(gains) + ".")
     return out

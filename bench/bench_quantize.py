@@ -94,7 +94,8 @@ def main() -> None:
             rows.append(bench_model(big, max(3, args.repeat // 2), args.threads, work / "big"))
     data = {"machine": machine(), "results": rows}
     md = ["# apex-orch quantize vs raw llama-quantize (same arguments, profile compact)", "",
-          "| model | source | raw median | apex-orch median | ratio | overhead | in-run overhead | in-run ratio | runs |",
+          "| model | source | raw median | apex-orch median | ratio | overhead | in-run overhead | in-run ratio | "
+          "runs |",
           "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['source_bytes'] / 1e9:.2f} GB | {r['raw_median_s']} s | {r['apex_median_s']} s | "
            f"{r['ratio']} | {r['overhead_s']} s | {r['in_run_overhead_median_s']} s | {r['in_run_ratio_median']} | "

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                        args.config.resolve().relative_to(REPO).as_posix() if args.config.resolve().is_relative_to(REPO)
                        else args.config.name),   # the project speaks of itself only: no machine paths
             "tiers": [t.profile.name for t in cfg.tiers],
-            "settings": {"imatrix": ({"corpus": cfg.imatrix.corpus, "ctx": cfg.imatrix.ctx, "chunks": cfg.imatrix.chunks}
+            "settings": {"imatrix": ({"corpus": cfg.imatrix.corpus, "ctx": cfg.imatrix.ctx,
+                                      "chunks": cfg.imatrix.chunks}
                                      if cfg.imatrix else None),
                          "eval": {"corpus": cfg.eval.corpus, "ctx": cfg.eval.ctx, "chunks": cfg.eval.chunks,
                                   "speed": cfg.eval.speed}},
@@ -218,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             "totals": {
                 "release_wall_s": round(wall, 3),
                 "raw_tools_s": round(ran_tools + eval_equiv, 3),
-                "ratio_wall_to_raw_tools": round(wall / (ran_tools + eval_equiv), 4) if ran_tools + eval_equiv else None,
-                "imatrix_quantize_phases_s": round(sum(r["seconds"] for r in rows if r["phase"] in ("imatrix", "quantize")), 3),
+                "ratio_wall_to_raw_tools": (round(wall / (ran_tools + eval_equiv), 4)
+                                            if ran_tools + eval_equiv else None),
+                "imatrix_quantize_phases_s": round(sum(r["seconds"] for r in rows
+                                                       if r["phase"] in ("imatrix", "quantize")), 3),
                 "imatrix_quantize_tools_s": ran_tools,
             },
         }
@@ -241,7 +244,8 @@ def markdown(d: dict) -> str:
     lines += [f"`apex-orch release {d['config']}`: {len(d['tiers'])} tiers ({', '.join(d['tiers'])}); imatrix "
               + (f"{im['corpus']} {im['chunks']} x {im['ctx']}" if im else "none")
               + f"; eval {ev['corpus']} {ev['chunks']} x {ev['ctx']}. Fresh APEX_ORCH_CACHE (checked empty before the "
-              f"run; created by the run: {', '.join(f'{k} ({len(v)})' for k, v in d['cold_cache']['created_by_the_run'].items())}).",
+              f"run; created by the run: "
+              f"{', '.join(f'{k} ({len(v)})' for k, v in d['cold_cache']['created_by_the_run'].items())}).",
               "",
               "| phase | status | wall s | raw tool s | tool time is | wall − tool s |",
               "|---|---|---|---|---|---|"]
@@ -250,13 +254,15 @@ def markdown(d: dict) -> str:
         over = "—" if r["overhead_s"] is None else f"{r['overhead_s']:.1f}"
         lines.append(f"| {r['phase']} | {r['status']} | {r['seconds']:.1f} | {tool} | {r['tool_kind']} | {over} |")
     lines += ["",
-              f"- Whole `apex-orch release` process: **{t['release_wall_s']:.1f} s** (phases {d['phase_sum_s']:.1f} s; the rest "
-              "is Python start-up, config and profile loading).",
-              f"- imatrix + quantize phases {t['imatrix_quantize_phases_s']:.1f} s vs {t['imatrix_quantize_tools_s']:.1f} s inside "
-              "llama-imatrix/llama-quantize (the difference: corpus build and tokenization, planning, header verification, "
-              "sha256 + manifests).",
+              f"- Whole `apex-orch release` process: **{t['release_wall_s']:.1f} s** (phases {d['phase_sum_s']:.1f} "
+              f"s; the rest is Python start-up, config and profile loading).",
+              f"- imatrix + quantize phases {t['imatrix_quantize_phases_s']:.1f} s vs "
+              f"{t['imatrix_quantize_tools_s']:.1f} s inside "
+              "llama-imatrix/llama-quantize (the difference: corpus build and tokenization, planning, header "
+              "verification, sha256 + manifests).",
               f"- Eval phase (in-process bindings, base log-probs included) vs the same work done by llama-perplexity: "
-              f"{next(r['seconds'] for r in d['phases'] if r['phase'] == 'eval'):.1f} s vs {d['eval_tool_equivalent_s']:.1f} s.",
+              f"{next(r['seconds'] for r in d['phases'] if r['phase'] == 'eval'):.1f} s vs "
+              f"{d['eval_tool_equivalent_s']:.1f} s.",
               f"- Release wall time / sum of raw tool times: {t['release_wall_s']:.1f} / {t['raw_tools_s']:.1f} s = "
               f"**{t['ratio_wall_to_raw_tools']}x**.",
               f"- The same command again (every phase finds its results): {d['rerun']['wall_s']:.1f} s, exit "

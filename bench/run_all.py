@@ -47,11 +47,13 @@ def headline(name: str, out: Path) -> str:
                     f"profile; `apex-orch plan` process {d['cli_process_median_s']} s")
         if name == "quantize":
             d = json.loads((out / "quantize-overhead.json").read_text())
-            return "quantize: " + "; ".join(f"{r['model']} apex/raw {r['ratio']} (+{r['overhead_s']} s)" for r in d["results"])
+            return "quantize: " + "; ".join(f"{r['model']} apex/raw {r['ratio']} (+{r['overhead_s']} s)"
+                                            for r in d["results"])
         if name == "eval":
             d = json.loads(max(out.glob("eval-*.json"), key=lambda p: p.stat().st_mtime).read_text())
             s = d["summary"]
-            return (f"eval: bindings/llama-perplexity end-to-end throughput {s['perplexity']['ratio_end_to_end']:.2f}x (PPL), "
+            return (f"eval: bindings/llama-perplexity end-to-end throughput "
+                    f"{s['perplexity']['ratio_end_to_end']:.2f}x (PPL), "
                     f"{s['kl_divergence']['ratio_end_to_end']:.2f}x (KLD)")
         if name == "release":
             d = json.loads((out / "release-phases.json").read_text())

@@ -29,7 +29,8 @@ HELLASWAG = [
                   ("goes for a swim.", "reads a bedtime story.", "calls that method to get the length.",
                    "plants a row of tulips."), 2),
     HellaSwagTask("Python: To join the path parts portably, the program uses",
-                  ("a hammer and nails.", "a cup of coffee.", "a ladder and a rope.", "os.path.join from the os module."), 3),
+                  ("a hammer and nails.", "a cup of coffee.", "a ladder and a rope.", "os.path.join from the os "
+                                                                                      "module."), 3),
     HellaSwagTask("Documentation: The return value is None if the function",
                   ("reaches the end without a return statement.", "flies to the moon.", "paints a portrait.",
                    "sleeps in the hammock."), 0),
@@ -45,10 +46,12 @@ HELLASWAG = [
 
 WINOGRANDE = [
     WinograndeTask("The list did not fit in the tuple because _ was too long.", ("the list", "the tuple"), 1),
-    WinograndeTask("The function called the helper because _ needed the parsed value.", ("the function", "the helper"), 1),
+    WinograndeTask("The function called the helper because _ needed the parsed value.",
+                   ("the function", "the helper"), 1),
     WinograndeTask("The string was shorter than the buffer, so _ had room to spare.", ("the string", "the buffer"), 2),
     WinograndeTask("The parser rejected the file because _ was malformed.", ("the parser", "the file"), 2),
-    WinograndeTask("The thread waited for the lock, because _ was held by another thread.", ("the thread", "the lock"), 2),
+    WinograndeTask("The thread waited for the lock, because _ was held by another thread.",
+                   ("the thread", "the lock"), 2),
     WinograndeTask("The module imported the package, so _ was loaded first.", ("the module", "the package"), 2),
     WinograndeTask("The test passed but the build failed, so _ needs a fix.", ("the test", "the build"), 2),
     WinograndeTask("The server answered the client quickly because _ was idle.", ("the server", "the client"), 1),
@@ -72,6 +75,7 @@ CHOICES = [
     ChoiceTask("What does import do with a module that is already loaded?",
                ("reuses it", "loads it again", "deletes it", "renames it"), 0),
     ChoiceTask("Which exception does int('x') raise?", ("KeyError", "ValueError", "IndexError"), 1),
-    ChoiceTask("What does the yield keyword make of a function?", ("a class", "a module", "a generator", "a string"), 2),
+    ChoiceTask("What does the yield keyword make of a function?",
+               ("a class", "a module", "a generator", "a string"), 2),
     ChoiceTask("Which built-in gives the number of items?", ("sum", "max", "min", "len", "abs", "any"), 3),
 ]

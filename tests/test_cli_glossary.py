@@ -74,7 +74,8 @@ def test_one_flag_one_meaning_one_type_one_short_form():
                 if flag in param.opts:
                     shorts.setdefault(flag, set()).add(tuple(docgen.short_flags(param)))
             for short in docgen.short_flags(param):
-                assert SHORT.get(short) in param.opts, f"{name}: {short} is {SHORT.get(short)} everywhere, not {param.opts}"
+                assert SHORT.get(short) in param.opts, \
+                    f"{name}: {short} is {SHORT.get(short)} everywhere, not {param.opts}"
     assert missing == [], "add a row to apex_orch.cli.glossary.TERMS for each"
     assert {f: t for f, t in types.items() if len(t) > 1} == {}, "one flag, one type"
     assert {f: s for f, s in shorts.items() if len(s) > 1} == {}, "one flag, one short form (or none) everywhere"
@@ -225,4 +226,5 @@ def test_quantize_dry_run_json(mistral4_split, tmp_path):
     assert doc["imatrix_to_build"] == {"corpus": "diverse", "ctx": 512, "chunks": None}
     r = invoke("quantize", "-p", "compact", mistral4_split, "--out-dir", tmp_path, "--dry-run", "--json")
     (tier,) = json.loads(r.stdout)["tiers"]
-    assert tier["argv"][0].endswith("llama-quantize") and tier["output"] == str(tmp_path / tier["output"].rsplit("/")[-1])
+    assert tier["argv"][0].endswith("llama-quantize")
+    assert tier["output"] == str(tmp_path / tier["output"].rsplit("/")[-1])

@@ -206,7 +206,8 @@ def test_templates_see_a_fixed_date_and_cannot_change_the_messages():
 def test_plain_format_renders_tool_calls_and_results():
     msgs = [{"role": "user", "content": "Weather in Oslo?"},
             {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "abcdefghi", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+                {"id": "abcdefghi", "type": "function",
+                 "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
             {"role": "tool", "tool_call_id": "abcdefghi", "name": "get_weather", "content": "{\"temp\": 3}"},
             {"role": "assistant", "content": "3 °C."}]
     tools = [{"type": "function", "function": {"name": "get_weather"}}]
@@ -226,7 +227,8 @@ def test_local_sources_folders_globs_and_formats(tmp_path):
     write(root / "data" / "notes" / ".hidden.txt", "never read")
     write(root / "data" / "notes" / "sub" / "b.md", "Markdown file.\n")
     jsonl(root / "data" / "rows.jsonl", [{"body": "row one"}, {"body": "row two"}])
-    jsonl(root / "data" / "share.jsonl", [{"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}])
+    jsonl(root / "data" / "share.jsonl",
+          [{"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}]}])
     write(root / "local.yaml", """
         description: local files
         shuffle: false
@@ -262,9 +264,11 @@ def test_local_sources_folders_globs_and_formats(tmp_path):
 
 def test_budget_weights_dedupe_and_seeded_shuffle(tmp_path):
     folder = tmp_path / "mix"
-    jsonl(folder / "a.jsonl", [{"text": f"alpha document number {i:03d} " + "a" * 374} for i in range(40)])  # 400 bytes: 100 tokens each
+    # 400 bytes: 100 tokens each
+    jsonl(folder / "a.jsonl", [{"text": f"alpha document number {i:03d} " + "a" * 374} for i in range(40)])
     jsonl(folder / "b.jsonl", [{"text": f"beta document number {i:03d} " + "b" * 375} for i in range(40)]
-          + [{"text": "alpha   document number 000 " + "a" * 374}])                                  # a duplicate (whitespace differs)
+          # a duplicate (whitespace differs)
+          + [{"text": "alpha   document number 000 " + "a" * 374}])
     spec = """
         description: weighted mix
         seed: {seed}
@@ -365,7 +369,8 @@ def test_hf_source_uses_the_pinned_revision_and_the_cache(tmp_path, monkeypatch)
     ("description: d\nsources:\n  - builtin: chat\n    wieght: 2\n", 4, "unknown key 'sources[0].wieght'"),
     ("description: d\nsources:\n  - hf:\n      repo: a/b\n      revision: main\n      files: [x.jsonl]\n", 5,
      "full 40-hex commit"),
-    ("description: d\nsources:\n  - hf:\n      repo: a/b\n      revison: x\n", 5, "unknown key 'sources[0].hf.revison'"),
+    ("description: d\nsources:\n  - hf:\n      repo: a/b\n      revison: x\n", 5,
+     "unknown key 'sources[0].hf.revison'"),
     ("description: d\nsources:\n  - builtin: chat\n    weight: -1\n", 4, "'weight' must be a positive number"),
     ("description: d\nsources:\n  - builtin: chat\n    weight: 2\n", 3, "has no effect without budget_tokens"),
     ("description: d\nsources:\n  - builtin: chat\n    path: x.txt\n", 3, "exactly one of"),
@@ -375,9 +380,11 @@ def test_hf_source_uses_the_pinned_revision_and_the_cache(tmp_path, monkeypatch)
     ("description: d\nsources: []\n", 2, "non-empty list"),
     ("description: d\nsources:\n  - corpus: ../chat\n", 3, "path separators"),
     ("description: d\nsources:\n  - path: nothing/*.txt\n", 3, "matches no files"),
-    ("description: d\nbudget_tokens: many\nsources:\n  - builtin: chat\n", 2, "'budget_tokens' must be a positive integer"),
+    ("description: d\nbudget_tokens: many\nsources:\n  - builtin: chat\n", 2, "'budget_tokens' must be a positive "
+                                                                              "integer"),
     ("description: d\nsources:\n  - builtin: [chat\n", 4, "invalid YAML"),
-    ("description: d\nsources:\n  - hf:\n      repo: a/b\n      revision: " + "a" * 40 + "\n      files: [t.parquet]\n", 6,
+    ("description: d\nsources:\n  - hf:\n      repo: a/b\n      revision: " + "a" * 40
+     + "\n      files: [t.parquet]\n", 6,
      "parquet files are not supported"),
 ])
 def test_schema_errors_name_file_line_and_key(tmp_path, body, line, needle):

@@ -197,7 +197,8 @@ def test_resources_section(tmp_path):
     ("resources: {cpus: 0}", "resources.cpus: expected an integer >= 1, got 0"),
     ("resources: {gpus: -1}", "resources.gpus: expected a number >= 0, got -1"),
     ("resources: {memory: lots}", "resources.memory: 'lots' is not a size such as 48G, 48GB, 45GiB, 48e9 or 500M "
-                                  "(K/M/G/T and KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, a plain number is bytes)"),
+                                  "(K/M/G/T and KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, a "
+                                  "plain number is bytes)"),
     ("resources: {memory: 10K}", "resources.memory: 10K is too small: at least 1 MB"),
     ("resources: {memory: 1.5GiB}", None),
     ("resources: {disk: 1T}", "unknown key 'resources.disk'"),

@@ -142,7 +142,8 @@ def test_the_cli_exits_only_through_the_wrapper_and_doctor():
     found = []
     for p in sorted((ROOT / "apex_orch" / "cli").glob("*.py")):
         src = p.read_text(encoding="utf-8")
-        found += [f"{p.name}: {m.group(0)}" for m in re.finditer(r"(ctx\.exit|sys\.exit|SystemExit|os\._exit)\([^)]*\)", src)]
+        found += [f"{p.name}: {m.group(0)}"
+                  for m in re.finditer(r"(ctx\.exit|sys\.exit|SystemExit|os\._exit)\([^)]*\)", src)]
     assert sorted(found) == sorted([
         *["__init__.py: ctx.exit(err.exit_code)"] * 2,
         "__init__.py: ctx.exit(err.exit_code if err.exit_code in exit_codes()",

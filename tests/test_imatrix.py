@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -190,7 +189,8 @@ def test_report_counts_equal_what_the_file_holds(agentic_run, mistral4_split):
     assert sorted(n for g in report["experts"].values() for n in g["tensors"]) == routed_expert_tensors(mistral4_split)
 
     model = read_model(mistral4_split)
-    expected = [t.name for t in model.tensors if len(t.shape) >= 2 and t.name not in ("token_embd.weight", "output.weight")
+    expected = [t.name for t in model.tensors
+                if len(t.shape) >= 2 and t.name not in ("token_embd.weight", "output.weight")
                 and "ffn_gate_inp" not in t.name]
     assert report["model"]["expected"] == len(expected) == 144
     assert report["model"]["covered"] == sum(1 for n in expected if n in counts and any(counts[n]))

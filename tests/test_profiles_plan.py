@@ -13,10 +13,10 @@ from apex_orch.cli import main
 from apex_orch.core.errors import DenseModelError, ProfileError, RenderError
 from apex_orch.model.info import read_model
 from apex_orch.plan.planner import make_plan
-from apex_orch.plan.render import build_rules, render_file
+from apex_orch.plan.render import render_file
 from apex_orch.plan.profiles import Bands, load_profile
 from apex_orch.plan.profile_import import import_tensor_type_file
-from apex_orch.model.roles import Role, classify, classify_name
+from apex_orch.model.roles import Role, classify_name
 
 
 # ------------------------------------------------------------------ profiles
@@ -190,11 +190,11 @@ def test_rendered_rules_are_anchored_and_disjoint(ms4_replica):
         assert not re.search(r"\\[SDWB]", pattern)
     # blk\.1\. must never reach blk.10-19: simulate llama-quantize's search on every name
     names = [t.name for t in plan.tensors]
-    rules = [(re.compile(l.split("=")[0]), l) for l in text.splitlines()]
+    rules = [(re.compile(ln.split("=")[0]), ln) for ln in text.splitlines()]
     for n in names:
-        hits = [l for rx, l in rules if rx.search(n)]
+        hits = [ln for rx, ln in rules if rx.search(n)]
         assert len(hits) <= 1, (n, hits)
-    edge_rule = next(l for l in text.splitlines() if "ffn_down_exps" in l and l.endswith("=q3_k"))
+    edge_rule = next(ln for ln in text.splitlines() if "ffn_down_exps" in ln and ln.endswith("=q3_k"))
     assert "(0|1|2|3|4|5|6|7|8|9|26|27|28|29|30|31|32|33|34|35)" in edge_rule
 
 

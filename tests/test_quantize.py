@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -107,7 +106,7 @@ def _drop_shexp_down_rule(monkeypatch):
 
     def drop_one(plan):
         lines = real(plan).splitlines(keepends=True)
-        return "".join(l for l in lines if "ffn_down_shexp" not in l)
+        return "".join(ln for ln in lines if "ffn_down_shexp" not in ln)
 
     monkeypatch.setattr(qrun, "render_file", drop_one)
 
@@ -118,7 +117,8 @@ def test_dropped_rule_is_caught_by_the_tool_dry_run_before_writing(mistral4_spli
     from apex_orch.core.errors import ToolPlanMismatchError
     _drop_shexp_down_rule(monkeypatch)
     job = q.plan_quantize(mistral4_split, "quality", out_dir=tmp_path)
-    with pytest.raises(ToolPlanMismatchError, match=r"blk\.0\.ffn_down_shexp\.weight: planned Q8_0, the tool's dry-run"):
+    with pytest.raises(ToolPlanMismatchError,
+                       match=r"blk\.0\.ffn_down_shexp\.weight: planned Q8_0, the tool's dry-run"):
         qrun.run_quantize(job)
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".log")] == []
 
@@ -228,7 +228,8 @@ def test_the_request_decides_the_imatrix_and_the_jobs(mistral4_split, model_imat
     setup = plan_request(QuantizeRequest(["i-compact", "compact"], model=mistral4_split, out_dir=out, threads=3))
     assert setup.build == ImatrixToBuild("diverse", 512, None) and setup.jobs == [] and not setup.evaluate
     assert setup.describe().splitlines()[0].startswith(f"I-Compact: {out}/")
-    assert all(line.endswith("imatrix from corpus diverse will be built first)") for line in setup.describe().splitlines())
+    assert all(line.endswith("imatrix from corpus diverse will be built first)")
+               for line in setup.describe().splitlines())
     given = plan_request(QuantizeRequest(["i-compact", "compact"], model=mistral4_split, out_dir=out, threads=3,
                                          imatrix=model_imatrix, split_max_size=12_000_000))
     assert given.build is None and [j.profile.tier for j in given.jobs] == ["I-Compact", "Compact"]

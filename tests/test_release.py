@@ -96,7 +96,7 @@ def invoke(*args: str):
 
 
 def phase_row(output: str, phase: str) -> list[str]:
-    line = next(l for l in output.splitlines() if re.match(rf"^{phase}\s+\S", l) and "  " in l)
+    line = next(ln for ln in output.splitlines() if re.match(rf"^{phase}\s+\S", ln) and "  " in ln)
     return re.split(r"\s{2,}", line.strip())
 
 
@@ -195,7 +195,8 @@ def test_card_is_the_render_of_the_release_and_states_real_facts(pipeline):
     sizes = {p.name: p.stat().st_size for p in out.glob("*.gguf")}
     assert (f"| {NAME}-APEX-Compact.gguf | Compact | {hub_size(sizes[f'{NAME}-APEX-Compact.gguf'])} "
             f"| Multi-GPU setups |") in text
-    assert f"| mmproj.gguf | Vision projector | {hub_size(sizes['mmproj.gguf'])} | Required for image understanding |" in text
+    assert (f"| mmproj.gguf | Vision projector | {hub_size(sizes['mmproj.gguf'])} | "
+            "Required for image understanding |") in text
     assert "- **Vision**: Pixtral encoder, shipped as a separate projector (mmproj.gguf, F16)" in text
     assert f"local-ai run apex-test/Demo-Release-APEX-GGUF@{NAME}-APEX-Compact.gguf" in text
     # eval numbers come from the eval records, one shared base-logits cache for both tiers
@@ -380,7 +381,8 @@ def demo_card_facts(tmp_path: Path) -> card.CardFacts:
     for i, job in enumerate(state.jobs):
         state.evals[job.profile.tier] = {
             "tier": job.profile.tier, "file": job.output.name, "size": job.predicted_size, "text": "corpus wikipedia",
-            "summary": {"ppl": 12.0 + 0.25 * i, "ppl_err": 0.125, "kld_mean": 0.01 * (i + 1), "same_top_p": 95.0 - 2 * i,
+            "summary": {"ppl": 12.0 + 0.25 * i, "ppl_err": 0.125, "kld_mean": 0.01 * (i + 1),
+                        "same_top_p": 95.0 - 2 * i,
                         "n_chunks": 4, "n_ctx": 128}}
     state.base_eval = {"type": "F16", "size": state.model.file_size, "ppl": 11.5, "ppl_err": 0.12}
 
@@ -404,8 +406,8 @@ def test_demo_card_brief_shape(tmp_path):
                            "tags:\n- gguf\n- moe\n- apex\n- quantized\n- mistral4\n---\n")
     assert "\n# APEX-Demo-MoE APEX GGUF\n" in text
     assert "| File | Profile | Size | Best For |" in text
-    tiers = [l.split(" | ")[1] for l in text.splitlines() if l.startswith("| APEX-Demo-MoE-APEX-") and " | " in l
-             and l.count("|") == 5]
+    tiers = [ln.split(" | ")[1] for ln in text.splitlines() if ln.startswith("| APEX-Demo-MoE-APEX-") and " | " in ln
+             and ln.count("|") == 5]
     assert tiers == ["I-Balanced", "I-Quality", "Quality", "Balanced", "I-Compact", "Compact", "I-Mini"]
     assert "- **APEX config**: 2+2 symmetric edge gradient across 12 layers, MLA-aware tensor mapping" in text
     assert "- **Experts**: 16 routed + 1 shared, 2 routed active per token" in text
@@ -486,9 +488,10 @@ def test_dry_run_of_a_converted_source_shows_the_pinned_converter(tmp_path, monk
     res = invoke("release", str(cfg), "--dry-run", "--out-dir", str(tmp_path / "out"))
     assert res.exit_code == 0, res.output
     script = str(converter_script())
-    lines = [l for l in res.output.splitlines() if l.startswith("convert   $ ")]
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("convert   $ ")]
     assert lines == [
-        f"convert   $ {sys.executable} {script} '<snapshot>' --outfile {tmp_path}/out/.apex-release/source/Conv-BF16.gguf "
+        f"convert   $ {sys.executable} {script} '<snapshot>' --outfile "
+        f"{tmp_path}/out/.apex-release/source/Conv-BF16.gguf "
         "--outtype bf16 --mistral-format --model-name Conv",
         f"convert   $ {sys.executable} {script} '<snapshot>' --outfile {tmp_path}/out/mmproj.gguf --outtype q8_0 "
         "--mmproj --mistral-format"]

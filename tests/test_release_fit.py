@@ -155,7 +155,7 @@ def test_dry_run_shows_the_fit_tier_and_writes_nothing(released, expected_fit, t
     tier = next(t for t in preview.tiers if t.tier == TIER)
     assert (tier.file, tier.size, tier.bpw, tier.parts, tier.present) == (
         f"{NAME}-APEX-{TIER}.gguf", job.predicted_size, job.plan.bpw, 1, False)
-    row = next(l for l in text.splitlines() if l.startswith(f"{TIER} "))
+    row = next(ln for ln in text.splitlines() if ln.startswith(f"{TIER} "))
     assert re.split(r"\s{2,}", row.strip()) == [
         TIER, f"{NAME}-APEX-{TIER}.gguf", disk_size(job.predicted_size), f"{job.predicted_size / 2**30:.2f}",
         f"{job.plan.bpw:.3f}", "1", "missing"]
@@ -233,7 +233,8 @@ def fit_config(tmp_path: Path, tiers: str) -> Path:
      "tiers[0].fit: give exactly one of size or bpw (got size and bpw)"),
     ("  - fit: {sensitivity: s.json}\n    tier: F\n", 5, "tiers[0].fit: give exactly one of size or bpw (got neither)"),
     ("  - fit:\n      size: 55 parsecs\n      sensitivity: s.json\n    tier: F\n", 6,
-     "tiers[0].fit.size: '55 parsecs' is not a size such as 48G, 48GB, 45GiB, 48e9 or 500M (K/M/G/T and KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, a plain number is bytes)"),
+     "tiers[0].fit.size: '55 parsecs' is not a size such as 48G, 48GB, 45GiB, 48e9 or 500M (K/M/G/T and KB/MB/GB/TB "
+     "are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, a plain number is bytes)"),
     ("  - fit:\n      size: 0.5MB\n      sensitivity: s.json\n    tier: F\n", 6,
      "tiers[0].fit.size: 0.5MB is too small: at least 1 MB"),
     ("  - fit:\n      bpw: 40\n      sensitivity: s.json\n    tier: F\n", 6,

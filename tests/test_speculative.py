@@ -92,7 +92,8 @@ def test_a_model_without_a_head_is_refused(qwen3moe):
            "the model with its head [--draft]" in r.output
     r = CliRunner().invoke(main, ["speculate", str(qwen3moe), "--draft", str(qwen3moe)])
     assert r.exit_code == 14, r.output
-    assert "the draft is not an MTP draft file: it must hold only the MTP block(s)" in r.output and "hint: see --draft" in r.output
+    assert "the draft is not an MTP draft file: it must hold only the MTP block(s)" in r.output
+    assert "hint: see --draft" in r.output
     r = CliRunner().invoke(main, ["speculate", str(qwen3moe), "-n", "1"])
     assert r.exit_code == 2 and "-n" in r.output
     r = CliRunner().invoke(main, ["speculate", str(qwen3moe), "--prompt", "  "])

@@ -23,7 +23,7 @@ import pytest
 import task_samples as S
 from apex_orch.core.errors import TaskError
 from apex_orch.evaluation import task_data, tasks
-from apex_orch.evaluation.task_files import (ChoiceTask, HellaSwagTask, WinograndeTask, read_task_set,
+from apex_orch.evaluation.task_files import (ChoiceTask, WinograndeTask, read_task_set,
                                              write_hellaswag, write_multiple_choice, write_winogrande)
 from apex_orch.evaluation.tool_backend import run_tool_logged
 from apex_orch.llama.tools import find_tool
@@ -178,7 +178,8 @@ def test_pinned_data_is_fetched_once_through_the_hub(hub, task_dir: Path, monkey
     sha = read_task_set("mmlu", task_dir / "mmlu.bin").file.sha256
     repo = task_data.SOURCES["mmlu"].repo
     commit = hub.add_file(repo, "mmlu-validation.bin", data)
-    monkeypatch.setitem(task_data.SOURCES, "mmlu", task_data.TaskSource(repo, "mmlu-validation.bin", commit, sha, "test"))
+    monkeypatch.setitem(task_data.SOURCES, "mmlu",
+                        task_data.TaskSource(repo, "mmlu-validation.bin", commit, sha, "test"))
     hub.requests.clear()
     path, source = task_data.fetch("mmlu")
     assert [r.op for r in hub.requests] == ["resolve", "resolve"]        # HEAD, GET: the real client downloaded it
@@ -222,7 +223,8 @@ def test_bad_task_inputs_are_one_message_each(mistral4_split: Path, tmp_path: Pa
         (f"mmlu={mc}", 21, f"error: {mc}: task 2 mc2 count: the file ends at byte"),
         ("hellaswag=x.txt,mmlux", 2, "Invalid value for '--tasks': unknown task 'mmlux' in 'hellaswag=x.txt,mmlux'"),
         (f"arc-easy={tmp_path / 'missing.bin'}", 21, f"error: {tmp_path / 'missing.bin'}: file not found"),
-        (f"winogrande={fifo}", 21, f"error: {fifo}: is not a regular file (a FIFO / named pipe); apex-orch reads Winogrande task files from "
+        (f"winogrande={fifo}", 21, f"error: {fifo}: is not a regular file (a FIFO / named pipe); apex-orch reads "
+                                   f"Winogrande task files from "
                                              "regular files only"),
     ]
     for spec, code, message in cases:
@@ -235,7 +237,8 @@ def test_bad_task_inputs_are_one_message_each(mistral4_split: Path, tmp_path: Pa
 
     from apex_orch.cli import main
     for args, message in [(["--task-count", "mmlu=5"], "--task-count needs --tasks"),
-                          (["--tasks", "mmlu", "--task-count", "mmlu=0"], "'mmlu=0': write NAME=N (N >= 1) or NAME=all"),
+                          (["--tasks", "mmlu", "--task-count", "mmlu=0"],
+                           "'mmlu=0': write NAME=N (N >= 1) or NAME=all"),
                           (["--tasks", f"mmlu={mc}", "--task-count", "hellaswag=5"],
                            "a count is given for hellaswag, which is not among the tasks")]:
         res = CliRunner().invoke(main, ["eval", str(mistral4_split), *args])
@@ -269,7 +272,8 @@ def _reference(model: Path, name: str, chosen_tasks: list, n_parallel: int):
 
 
 def _gold(name: str, task) -> int:
-    return {"hellaswag": lambda t: t.gold, "winogrande": lambda t: t.answer - 1, "mmlu": lambda t: t.correct}[name](task)
+    answers = {"hellaswag": lambda t: t.gold, "winogrande": lambda t: t.answer - 1, "mmlu": lambda t: t.correct}
+    return answers[name](task)
 
 
 CROSS = [("hellaswag", None), ("winogrande", None), ("winogrande", 7), ("mmlu", None), ("mmlu", 5)]

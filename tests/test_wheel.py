@@ -75,7 +75,8 @@ def test_the_wheel_carries_the_package_data(installed):
     data = {n for n in wheel.namelist() if n.startswith("apex_orch/") and not n.endswith(".py")}
     expected = {f"apex_orch/{p.relative_to(REPO / 'apex_orch').as_posix()}"
                 for p in (REPO / "apex_orch").rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
-    expected |= {f"apex_orch/{folder}/{p.name}" for folder in ("profiles", "corpora") for p in (REPO / folder).glob("*.yaml")}
+    expected |= {f"apex_orch/{folder}/{p.name}" for folder in ("profiles", "corpora")
+                 for p in (REPO / folder).glob("*.yaml")}
     assert data == expected
     assert "apex_orch/release/card.md.j2" in data and len([n for n in data if "/samples/" in n]) > 40
     for name in sorted(data):
@@ -111,7 +112,8 @@ def test_every_module_of_the_checkout_is_in_the_wheel(installed):
     assert sorted(n[:-3] for n in names if n.startswith("apex_orch/") and n.endswith(".py")) == source
     modules = [m.replace("/", ".").removesuffix(".__init__") for m in source   # samples/ is corpus data
                if not m.endswith("__main__") and "/samples/" not in m]
-    p = subprocess.run([str(installed["python"]), "-c", f"import importlib; [importlib.import_module(m) for m in {modules!r}]"],
+    p = subprocess.run([str(installed["python"]), "-c", f"import importlib; [importlib.import_module(m) for m in "
+                                                        f"{modules!r}]"],
                        cwd=installed["work"], capture_output=True, text=True, env=installed["env"])
     assert p.returncode == 0, p.stderr[-3000:]
 

@@ -741,7 +741,7 @@ def ag_ops(rng):
         {"role": "user", "content": f"Pager says {svc} is unhealthy. Please look into it."},
         assistant_calls([c1], "Plan: check the service's status, read recent logs, fix the cause if it's within what I'm allowed to do, and verify."),
         result(c1, {"service": svc, "healthy": False, "instances": 3, "healthy_instances": 1, "host": host, "p99_ms": rng.randint(2500, 9000)}),
-        assistant_calls([c2], f"Only 1 of 3 instances is healthy. Reading the logs."),
+        assistant_calls([c2], "Only 1 of 3 instances is healthy. Reading the logs."),
         result(c2, logs),
         assistant_calls([c3], f"The disk is full on {host}. Checking which volume."),
         result(c3, {"host": host, "volumes": [{"mount": "/", "used_pct": 41}, {"mount": "/var", "used_pct": used}]}),
@@ -1000,7 +1000,7 @@ def r_ages(rng):
     q = f"A parent is {k} times as old as their child. The child is {child}. In {years} years, what will the ratio of their ages be?"
     a = (f"Parent now: {k} x {child} = {parent}.\nIn {years} years: parent {parent + years}, child {child + years}.\n"
          f"Ratio: {parent + years}/{child + years} = {ratio}" + (f" ≈ {float(ratio):.3f}" if ratio.denominator != 1 else "")
-         + f".\n\nThe ratio shrinks toward 1 over time because both ages grow by the same amount.")
+         + ".\n\nThe ratio shrinks toward 1 over time because both ages grow by the same amount.")
     return q, a
 
 

@@ -24,8 +24,7 @@ def _bindings_probe(lib_dir: Path | None) -> dict:
     report which libllama it mapped. The folder to load libllama from travels as an argument
     (the child does not see this process's --llama-bin-dir); "" lets the child search itself."""
     code = (
-        "import json,sys\n"
-        "from apex_orch.llama.bindings import load_llama_cpp, loaded_libllama\n"
+        "import json,sys\nfrom apex_orch.llama.bindings import load_llama_cpp, loaded_libllama\n"
         "m = load_llama_cpp(sys.argv[1] or None)\n"
         "print(json.dumps({'version': getattr(m, '__version__', '?'), 'lib': str(loaded_libllama())}))\n"
     )
@@ -136,7 +135,8 @@ def doctor(as_json: bool) -> None:
             click.echo(f"{tool:<17}{text}")
         click.echo(f"libllama         {report['libllama'] or 'MISSING'}")
         b = report["bindings"]
-        click.echo(f"bindings         {'llama-cpp-python ' + b['version'] + ' -> ' + b['lib'] if b['ok'] else 'NOT USABLE'}")
+        bindings = f"llama-cpp-python {b['version']} -> {b['lib']}" if b['ok'] else "NOT USABLE"
+        click.echo(f"bindings         {bindings}")
         click.echo(f"one libllama     {'yes' if report['shared_libllama'] else 'NO'}")
         click.echo(f"free disk        {report['free_disk_bytes'] / 1e9:.1f} GB in {report['workdir']}")
         click.echo(f"pinned build     {'yes' if report['pinned_build'] else 'NO'}"

@@ -79,11 +79,13 @@ class _TaskCount(click.ParamType):
 def _task_options(fn):
     options = [
         click.option("--tasks", "tasks", multiple=True, type=_TaskSpecs(),
-                     help="Task accuracy by llama-perplexity's own scorers: hellaswag, winogrande, mmlu, arc-challenge, "
-                          "arc-easy, truthfulqa, each =FILE (llama.cpp's formats) or alone for the pinned data, e.g. "
-                          "--tasks hellaswag=hs.txt,winogrande=wg.csv,mmlu=mmlu.bin. See docs/eval.md."),
+                     help="Task accuracy by llama-perplexity's own scorers: hellaswag, winogrande, mmlu, "
+                          "arc-challenge, arc-easy, truthfulqa, each =FILE (llama.cpp's formats) or alone for the "
+                          "pinned data, e.g. --tasks hellaswag=hs.txt,winogrande=wg.csv,mmlu=mmlu.bin. See "
+                          "docs/eval.md."),
         click.option("--task-count", "task_counts", multiple=True, type=_TaskCount(), metavar="NAME=N|NAME=all",
-                     help="Tasks to score, NAME=N or NAME=all (defaults: hellaswag 400, winogrande 400, the others all)."),
+                     help="Tasks to score, NAME=N or NAME=all (defaults: hellaswag 400, winogrande 400, the "
+                          "others all)."),
         click.option("--task-ctx", default=4096, show_default=True, type=click.IntRange(16, 1 << 20),
                      help="The scorers' context per sequence (-c), as the APEX pipeline runs them; the tool keeps "
                           "n_parallel x this many rows of logits."),

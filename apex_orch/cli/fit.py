@@ -148,8 +148,9 @@ def fit(model, sensitivity_path, size, bpw, base_profile, tier, structure, witho
 
     Chooses a type per group (and, to land on the budget, per block, edge blocks first) that
     minimises the predicted mean KLD (the sum of the groups' measured effects, each scaled by
-    its type's measured additivity factor) under the budget, using the plan's exact bytes. Writes an ordinary profile: quantize, release and
-    the card use it like any other. The plan of the result is at most the budget and, when
+    its type's measured additivity factor) under the budget, using the plan's exact bytes. Writes an
+    ordinary profile: quantize, release and the card use it like any other. The plan of the result is at
+    most the budget and, when
     the ladder allows, within 0.5% of it (otherwise the nearest size is printed).
     """
     from apex_orch.fit.fitter import fit_profile

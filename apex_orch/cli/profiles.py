@@ -90,9 +90,11 @@ def show(name: str, as_json: bool) -> None:
     click.echo(f"profile    {p.name}  (from {p.path})")
     click.echo(f"chain      {_chain_text(p)}")
     click.echo(f"tier       {p.tier}   best for: {p.best_for}")
-    click.echo(f"base       {p.base_ftype}   imatrix: {'required, corpus ' + str(p.corpus) if p.imatrix_required else 'not required'}")
+    imatrix = 'required, corpus ' + str(p.corpus) if p.imatrix_required else 'not required'
+    click.echo(f"base       {p.base_ftype}   imatrix: {imatrix}")
     b = p.bands
-    click.echo(f"bands      edge {b.edge}, near {b.near}, attention edge {b.attention_edge} (scale: {b.scale}, reference {b.reference_blocks} blocks)")
+    click.echo(f"bands      edge {b.edge}, near {b.near}, attention edge {b.attention_edge} (scale: {b.scale}, "
+               f"reference {b.reference_blocks} blocks)")
     for role, bands in p.types.items():
         click.echo(f"  {role:<14} " + ", ".join(f"{band}={t.name}" for band, t in bands.items()))
     click.echo(f"  {'nextn':<14} {p.nextn if isinstance(p.nextn, str) else p.nextn.name}")
@@ -108,7 +110,8 @@ def show(name: str, as_json: bool) -> None:
 @click.argument("file", type=click.Path(dir_okay=False, exists=True))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the YAML here (default: stdout).")
 @click.option("--model", type=click.Path(dir_okay=False), help="Use this model's tensor names as the universe.")
-@click.option("--blocks", type=int, default=36, show_default=True, help="Blocks of the canonical layout (without --model).")
+@click.option("--blocks", type=int, default=36, show_default=True,
+              help="Blocks of the canonical layout (without --model).")
 @click.option("--base-ftype", default="Q4_K_M", show_default=True, help="llama-quantize FTYPE the file was used with.")
 @click.option("--tier", default=None, help="Tier name for the new profile.")
 @click.option("--force", is_flag=True, help="Replace an existing --output (never the input itself).")

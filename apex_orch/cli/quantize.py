@@ -35,7 +35,8 @@ from apex_orch.quantize.run import run_many, share_threads
               help="Context for a built imatrix (default 512; 256 with --demo).")
 @click.option("--imatrix-chunks", type=COUNT, default=None,
               help="Chunks for a built imatrix (default: the whole corpus; 16 with --demo).")
-@click.option("-t", "--threads", type=THREADS, default=None, help="Threads per llama-quantize (default: all cores / jobs).")
+@click.option("-t", "--threads", type=THREADS, default=None,
+              help="Threads per llama-quantize (default: all cores / jobs).")
 @click.option("-j", "--jobs", type=JOBS, default=None, help="Tiers in parallel (default: from cores and free memory).")
 @click.option("--split-max-size", type=SPLIT_SIZE, default=None,
               help="Split outputs into parts of at most this size: 48G = 48GB = 48e9 bytes (K/M/G/T are decimal, "

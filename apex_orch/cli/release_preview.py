@@ -67,7 +67,8 @@ def format_preview(p: ReleasePreview) -> str:
                      f"chunks {e.chunks or 'all'}, one base-logits cache; speed {'yes' if e.speed else 'no'}; "
                      f"gates: {gates}")
         if e.text_tokens is not None:
-            lines.append(f"          the text holds {e.text_tokens:,} tokens: {e.text_chunks} chunk(s) of {e.ctx} evaluated")
+            lines.append(f"          the text holds {e.text_tokens:,} tokens: {e.text_chunks} chunk(s) of {e.ctx} "
+                         "evaluated")
         elif e.text_note:
             lines.append(f"          {e.text_note}")
     else:

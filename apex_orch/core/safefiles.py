@@ -2,7 +2,8 @@
 
 Every file apex-orch creates goes through this module, so that every one is whole or absent:
 
-- `write_atomic(path, data)` (and `copy_atomic(src, path)`, streamed) — files written whole (manifests, rules, cards, LocalAI entries,
+- `write_atomic(path, data)` (and `copy_atomic(src, path)`, streamed) — files written whole (manifests,
+  rules, cards, LocalAI entries,
   records, cache sidecars): written to a fresh temporary made with O_CREAT|O_EXCL in the same
   folder (never an existing name, never through a link), fsynced, then renamed over `path`.
   A rename replaces whatever name is at `path` — a planted link included — never the file a

@@ -50,7 +50,8 @@ WRITE_FAILURES: dict[int, _WriteFailure] = {
     errno.EACCES: _NO_PERMISSION,
     errno.EPERM: _NO_PERMISSION,
     errno.ENAMETOOLONG: _WriteFailure(FileSystemError, "{verb} {where}: {reason} (file systems allow 255 bytes "
-                                      "per name)", "use a shorter name (a tier, the model's, the output file or folder)",
+                                      "per name)",
+                                      "use a shorter name (a tier, the model's, the output file or folder)",
                                       ("name", "out", "out_dir")),
 }
 

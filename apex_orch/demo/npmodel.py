@@ -108,7 +108,8 @@ def numerics(dtype, exact: bool | None = None) -> Numerics:
     return Numerics(is64 if exact is None else exact)
 
 
-def rope_tables(n_rot: int, seq_len: int, dtype=np.float64, nm: Numerics | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(n_rot: int, seq_len: int, dtype=np.float64,
+                nm: Numerics | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [seq_len, n_rot/2] as ggml_rope_ext computes them (freq_scale 1, no YaRN)."""
     nm = nm or numerics(dtype)
     inv = nm.exp(np.arange(0, n_rot, 2, dtype=np.float64) * (-nm.log(np.array(ROPE_FREQ_BASE)) / n_rot))
@@ -406,7 +407,8 @@ def log_softmax(x: np.ndarray, nm: Numerics | None = None) -> np.ndarray:
 
 
 def loss_and_grads(params: Params, spec: SyntheticSpec, inputs: np.ndarray, targets: np.ndarray,
-                   aux_coef: float, *, exact: bool | None = None) -> tuple[float, float, dict[str, np.ndarray], Forward]:
+                   aux_coef: float, *,
+                   exact: bool | None = None) -> tuple[float, float, dict[str, np.ndarray], Forward]:
     """The training loss lm + aux_coef * aux of one batch and its gradient.
 
     inputs, targets [B, T]; lm is the mean cross-entropy of targets. Returns (lm, aux, grads

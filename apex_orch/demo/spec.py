@@ -16,7 +16,8 @@ ARCHES = ("mistral4", "qwen3moe", "llama")
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    arch: str = "mistral4"          # "mistral4" (MLA, deepseek2 loader) | "qwen3moe" (GQA, no shared expert) | "llama" (dense)
+    # "mistral4" (MLA, deepseek2 loader) | "qwen3moe" (GQA, no shared expert) | "llama" (dense)
+    arch: str = "mistral4"
     n_layer: int = 12
     n_embd: int = 256
     n_expert: int = 16               # ignored for "llama"

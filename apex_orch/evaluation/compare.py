@@ -65,7 +65,8 @@ def _task_cells(results: list[TaskResult]) -> dict:
 
 def _speed_fields(sp: SpeedResult | None) -> dict:
     spread = sp is not None and sp.repetitions > 1      # one run has no standard deviation to show
-    return {"pp_tokens_per_s": sp.pp_tokens_per_s if sp else None, "tg_tokens_per_s": sp.tg_tokens_per_s if sp else None,
+    return {"pp_tokens_per_s": sp.pp_tokens_per_s if sp else None,
+            "tg_tokens_per_s": sp.tg_tokens_per_s if sp else None,
             "pp_tokens_per_s_sd": sp.pp_tokens_per_s_sd if spread else None,
             "tg_tokens_per_s_sd": sp.tg_tokens_per_s_sd if spread else None}
 
@@ -190,7 +191,8 @@ def _cells(r: CompareRow, task_names: Sequence[str], speed: bool) -> list[str]:
              _num(r.same_top_p, ".2f") + ("%" if r.same_top_p is not None else "")]
     cells += [_task_cell(r.tasks.get(n)) for n in task_names]
     if speed:
-        cells += [_speed_cell(r.pp_tokens_per_s, r.pp_tokens_per_s_sd), _speed_cell(r.tg_tokens_per_s, r.tg_tokens_per_s_sd)]
+        cells += [_speed_cell(r.pp_tokens_per_s, r.pp_tokens_per_s_sd),
+                  _speed_cell(r.tg_tokens_per_s, r.tg_tokens_per_s_sd)]
     return cells
 
 

@@ -143,7 +143,8 @@ def format_result(result: EvalResult) -> str:
     if result.tasks:
         s = result.tasks[0].settings
         out += ["", f"tasks:    llama-perplexity (ctx {s['n_ctx']} per sequence, batch {s['n_batch']}, "
-                    f"ubatch {s['n_ubatch']}, threads {s['n_threads']}, flash-attn {'on' if s['flash_attn'] else 'off'}, "
+                    f"ubatch {s['n_ubatch']}, threads {s['n_threads']}, "
+                    f"flash-attn {'on' if s['flash_attn'] else 'off'}, "
                     f"repack {'on' if s.get('repack') else 'off'})"]
         for t in result.tasks:
             spread = (f" +/- {t.error!r}" if t.error is not None else

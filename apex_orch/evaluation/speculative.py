@@ -199,7 +199,8 @@ def plan_speculative(model: str | Path, *, draft: str | Path | None = None, prom
             raise EvalError(
                 f"the draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks "
                 f"are {theirs[0]}/{theirs[1]}/{theirs[2]}/{theirs[3]}, the model's {'/'.join(map(str, mine))}",
-                where=str(d.path), hint="use the draft converted (convert_hf_to_gguf.py --mtp) from the same checkpoint as the model",
+                where=str(d.path),
+                hint="use the draft converted (convert_hf_to_gguf.py --mtp) from the same checkpoint as the model",
                 options=("draft",))
         head = f"draft file {d.path.name}: blk.{', blk.'.join(map(str, d.structure['nextn_blocks']))}"
         draft_path = d.path

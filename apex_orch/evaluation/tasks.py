@@ -229,7 +229,8 @@ class TaskPlan:
             if cost:
                 c = task_cost(self.model.path, t.set, t.n_tasks, s)
                 fits = c.longest <= s.parallel(f.scorer, f.max_answers) * s.n_ctx
-                lines.append(f"    cost: ~{c.tokens:,} tokens decoded, ~{c.logit_rows:,} log-softmax rows of {c.n_vocab:,}; "
+                lines.append(f"    cost: ~{c.tokens:,} tokens decoded, ~{c.logit_rows:,} log-softmax rows of "
+                             f"{c.n_vocab:,}; "
                              f"the tool's logits buffer {c.logits_buffer_bytes / 2**30:.2f} GiB; largest task "
                              f"{c.longest} tokens{'' if fits else ' (does NOT fit: raise the task context)'}")
             lines += [f"    note: {n}" for n in f.notes]
@@ -305,7 +306,8 @@ def _parse(lines: list[str], planned: PlannedTask, n_tasks: int, model: str, set
     loaded = next((int(m.group(1)) for m in map(_LOADED[kind.scorer].search, lines) if m), None)
     if loaded != f.n_tasks:
         raise EvalError(f"{kind.title}: llama-perplexity read {loaded} tasks from the file, apex-orch's reader "
-                        f"{f.n_tasks}", where=f.label, hint="a bug in apex-orch's reader of this format: please report it")
+                        f"{f.n_tasks}", where=f.label,
+                        hint="a bug in apex-orch's reader of this format: please report it")
     rows = _task_lines(lines, kind.scorer)
     if [int(m.group(1)) for m in rows] != list(range(1, n_tasks + 1)):
         raise EvalError(f"{kind.title}: llama-perplexity printed {len(rows)} task lines, expected 1..{n_tasks}",
@@ -316,7 +318,8 @@ def _parse(lines: list[str], planned: PlannedTask, n_tasks: int, model: str, set
         counts = [round(float(m.group(2)) * (i + 1) / 100.0) for i, m in enumerate(rows)]
         steps = [c - p for c, p in zip(counts, [0] + counts[:-1])]
         if any(d not in (0, 1) for d in steps):
-            raise EvalError(f"{kind.title}: the running accuracies llama-perplexity printed are inconsistent", where=model)
+            raise EvalError(f"{kind.title}: the running accuracies llama-perplexity printed are inconsistent",
+                            where=model)
         outcomes = "".join(map(str, steps))
     last = rows[-1]
     accuracy, error, ci95, chance = float(last.group(2)), None, None, None

@@ -31,7 +31,8 @@ from apex_orch.plan.profiles import BANDED_ROLES, SINGLE_ROLES, TARGET_TYPES, Pr
 
 # The candidate types, cheapest first. With an importance matrix the IQ types below 3 bits are
 # allowed (llama-quantize refuses them without one) except IQ2_XXS/IQ2_XS/IQ1_S, which abort on
-# token_embd/output (no imatrix data for them: llama_rules.ABORT_WITHOUT_IMATRIX_DATA); Q3_K stands for the 3.4-bit class (IQ3_S
+# token_embd/output (no imatrix data for them: llama_rules.ABORT_WITHOUT_IMATRIX_DATA); Q3_K stands for
+# the 3.4-bit class (IQ3_S
 # has the same size) and IQ4_XS/Q4_K both stay because their 6% size step is a useful fill.
 LADDER_IMATRIX = (T.IQ1_M, T.IQ2_S, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)
 LADDER_PLAIN = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0)

@@ -136,8 +136,9 @@ class SensitivityPlan:
                  f"{self.settings.n_ctx}",
                  f"ladder    {', '.join(t.name for t in self.ladder)}",
                  f"groups    {len(self.groups)}: {', '.join(g.key for g in self.groups)}",
-                 f"method    {self.method}" + (f" (calibrated by {self.calibration.key[:12]})" if self.calibration
-                                                   else " (uncalibrated: proxy units)" if self.method == "proxy" else ""),
+                 f"method    {self.method}"
+                 + (f" (calibrated by {self.calibration.key[:12]})" if self.calibration
+                    else " (uncalibrated: proxy units)" if self.method == "proxy" else ""),
                  f"work      {len(self.ladder)} uniform quantizations + {self.n_measurements} evaluations",
                  f"tokens    {self.n_text_tokens:,} in the text: {self.n_chunks} chunk(s) of {self.settings.n_ctx} "
                  f"measured, {self.n_chunks * self.settings.scored_per_chunk:,} tokens scored per measurement"
@@ -429,7 +430,8 @@ def _result(plan: SensitivityPlan, rows: dict, uniform_rows: dict, cost: dict, p
                    "calibration": plan.calibration.key if plan.calibration else None},
         "model": {"name": m.name, "file": plan.model_path.name, "arch": m.arch, "blocks": m.block_count,
                   "sha256": plan.key_material["model"]},
-        "bands_from": plan.bands_from.name if plan.bands_from.name != "apex-bands" else None, "bands": plan.bands_from.raw.get("bands"),
+        "bands_from": plan.bands_from.name if plan.bands_from.name != "apex-bands" else None,
+        "bands": plan.bands_from.raw.get("bands"),
         # `corpus` is a corpus name (or None: an imatrix given as a file); the text it read is `dataset`
         "imatrix": ({"file": plan.imatrix.path.name, "sha256": plan.imatrix.sha256,
                      "corpus": plan.imatrix_corpus, "dataset": plan.imatrix.corpus}

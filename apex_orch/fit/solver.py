@@ -65,7 +65,8 @@ class Problem:
         missing = [g.key for g in table.groups if g.key not in sens.group_keys]
         if missing:
             raise ResultFileError(f"the sensitivity result has no measurement for group(s) {', '.join(missing)}",
-                             hint="measure this model (or one with the same roles and bands) with apex-orch sensitivity")
+                             hint="measure this model (or one with the same roles and bands) with apex-orch "
+                                  "sensitivity")
         self.groups: dict[str, Group] = {g.key: g for g in table.groups}
         self.units: dict[str, list[Unit]] = {}
         self.unit_bytes: dict[Unit, dict[T, int]] = {}

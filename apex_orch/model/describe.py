@@ -67,7 +67,8 @@ def format_inspect(d: dict) -> str:
         f"experts          {e['routed']} routed, {e['used']} used per token, {e['shared']} shared",
         f"attention        {att}",
         f"context          {d['context_length']}   rope: {rope}",
-        f"parameters       {human_count(d['total_parameters'])} total, {human_count(d['active_parameters'])} active per token",
+        f"parameters       {human_count(d['total_parameters'])} total, "
+        f"{human_count(d['active_parameters'])} active per token",
         "",
     ]
     rows = [[role, str(r["tensors"]), human_count(r["params"]), gib(r["bytes"])]

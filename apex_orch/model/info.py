@@ -139,8 +139,9 @@ class ModelInfo:
                 and not self.is_mtp_draft:   # a draft holds no trunk block to count
             n = s["leading_dense_blocks"]
             out.append(f"{self.arch}.leading_dense_block_count is {key} but the tensors show {n} leading "
-                       f"block(s) without experts" + (f" (blk.0{f'-{n - 1}' if n > 1 else ''} without ffn_*_exps)" if n else
-                                                       f" (blk.0 has ffn_*_exps)") + "; apex-orch uses the tensors")
+                       "block(s) without experts"
+                       + (f" (blk.0{f'-{n - 1}' if n > 1 else ''} without ffn_*_exps)" if n else
+                          " (blk.0 has ffn_*_exps)") + "; apex-orch uses the tensors")
         key_nextn = self.arch_kv("nextn_predict_layers")
         n_tensors = len(s["nextn_blocks"])
         if n_tensors and key_nextn != n_tensors:

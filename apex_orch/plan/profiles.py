@@ -326,7 +326,8 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
     # is allowed only in the longer texts, which are escaped where they are shown).
     for key, allowed in (("tier", ""), ("best_for", "\n\t"), ("description", "\n\t")):
         text = data.get(key)
-        bad = next((ch for ch in text if _is_control(ch) and ch not in allowed), None) if isinstance(text, str) else None
+        bad = (next((ch for ch in text if _is_control(ch) and ch not in allowed), None)
+               if isinstance(text, str) else None)
         if bad is not None:
             raise ProfileError(f"{key}: contains a control character (U+{ord(bad):04X})", where=_where(docs, (key,)),
                                hint=f"{key} is display text; remove the escape or control character")

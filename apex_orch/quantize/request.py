@@ -110,7 +110,8 @@ class QuantizeSetup:
                               "waits_for_imatrix": True})
         build = self.build
         return {"model": str(self.model_path), "tiers": tiers,
-                "imatrix_to_build": {"corpus": build.corpus, "ctx": build.ctx, "chunks": build.chunks} if build else None,
+                "imatrix_to_build": ({"corpus": build.corpus, "ctx": build.ctx, "chunks": build.chunks}
+                                     if build else None),
                 "warnings": self.warnings}
 
 

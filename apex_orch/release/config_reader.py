@@ -173,7 +173,8 @@ def load_release(path: str | os.PathLike) -> ReleaseConfig:
 
     source = _parse_source(r, data["source"])
     tiers = _parse_tiers(r, data["tiers"])
-    for i in range(len(tiers)):   # two tiers mapping to one file name: refused, naming both (one would overwrite the other)
+    # two tiers mapping to one file name: refused, naming both (one would overwrite the other)
+    for i in range(len(tiers)):
         check_distinct_outputs([(t.profile.tier, Path(output_name(name, t.profile.tier))) for t in tiers[:i + 1]],
                                error=ConfigError, where=tiers[i].where)
     imatrix = _parse_imatrix(r, data.get("imatrix"), tiers)

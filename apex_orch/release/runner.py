@@ -157,7 +157,8 @@ def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push:
                 report.seconds = time.monotonic() - t0
                 state.reports.append(report)
                 if run:
-                    log(f"{name}: {report.status} in {report.seconds:.1f} s" + (f" ({report.detail})" if report.detail else ""))
+                    log(f"{name}: {report.status} in {report.seconds:.1f} s"
+                        + (f" ({report.detail})" if report.detail else ""))
             _write_run_record(state, selected)
         finally:
             try:

@@ -442,7 +442,8 @@ def _vocab_label(rec: dict) -> str:
     v = rec.get("vocabulary", {"kind": "llama-spm"})
     if v["kind"] == "bpe":
         agree = sum(n for k, n in v["identical_encoding_tokens"].items() if k.startswith("heldout/"))
-        return (f"byte-level BPE trained on the training text, {rec['model']['n_vocab']} tokens (llama.cpp `gpt2`/`gpt-2`); "
+        return (f"byte-level BPE trained on the training text, {rec['model']['n_vocab']} tokens (llama.cpp "
+                f"`gpt2`/`gpt-2`); "
                 f"llama.cpp and tokenizers {v['tokenizers']} encode all {agree:,} held-out tokens identically")
     return f"llama-spm, {rec['model']['n_vocab']} tokens"
 
@@ -468,8 +469,8 @@ def results_markdown(rec: dict) -> str:
         f"{cfg['qk_nope']} / {cfg['qk_rope']} / {cfg['v_head']} |",
         f"| expert FFN | {cfg['expert_ff']} |",
         f"| vocabulary | {_vocab_label(rec)} |",
-        f"| parameters in the GGUF, total / active per token | {par['total'] / 1e6:.2f} M / {par['active'] / 1e6:.2f} M "
-        f"({par['active_without_token_embd'] / 1e6:.2f} M without token_embd) |",
+        f"| parameters in the GGUF, total / active per token | {par['total'] / 1e6:.2f} M / {par['active'] / 1e6:.2f} "
+        f"M ({par['active_without_token_embd'] / 1e6:.2f} M without token_embd) |",
         f"| GGUF | {rec['model']['size_bytes'] / 2**20:.1f} MiB, {rec['model']['file_type']} |",
         f"| training text | {rec['data']['train_tokens']['code']:,} code + {rec['data']['train_tokens']['prose']:,} "
         f"prose tokens (Python {rec['data']['python']} stdlib sources + pydoc topics) |",
@@ -509,8 +510,8 @@ def results_markdown(rec: dict) -> str:
                      f"{r['max_abs_target_logp']:.4f} | {r['ambiguous_routing_positions']} | "
                      f"{r['max_abs_target_logp_clear']:.4f} | {r['max_abs_logit']:.4f} |")
     lines += [
-        f"| tolerance | | <= {tol['mean_kld']} | | >= {tol['top1_agreement_min']} | | <= {tol['p999_abs_target_logp']} | "
-        f"<= {tol['max_abs_target_logp']} | | | |",
+        f"| tolerance | | <= {tol['mean_kld']} | | >= {tol['top1_agreement_min']} | | <= "
+        f"{tol['p999_abs_target_logp']} | <= {tol['max_abs_target_logp']} | | | |",
         "",
         f"Held-out PPL from llama.cpp must be within {tol['ppl_rel']:.1%} of torch's, and llama-perplexity's within "
         f"{tol['llama_perplexity_vs_bindings_rel']:.2%} of the bindings'. dlog p(next) is the difference of the "
@@ -539,7 +540,7 @@ def _shape_markdown(rec: dict) -> list[str]:
     lines += [f"| total | {par['total']:,} | |", ""]
     val = rec["validation"]["domains"]
     if all("expert_token_fraction_min" in r for r in val.values()):
-        lines += [f"Routing spread on held-out text: the least-used expert of any block is chosen for "
+        lines += ["Routing spread on held-out text: the least-used expert of any block is chosen for "
                   + ", ".join(f"{r['expert_token_fraction_min']:.2%} of the {d} positions" for d, r in val.items())
                   + f" (uniform: {cfg['n_expert_used'] / cfg['n_expert']:.1%}; required: at least 0.5%).", ""]
     share = rec.get("expert_share")

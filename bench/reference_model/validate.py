@@ -175,7 +175,8 @@ class DomainReport:
             (self.max_abs_target_logp <= TOL_MAX_TARGET_LOGP,
              f"max |delta log p(next)| {self.max_abs_target_logp:.3g} > {TOL_MAX_TARGET_LOGP}"),
             (abs(self.ppl_llama / self.ppl_torch - 1) <= TOL_PPL_REL,
-             f"PPL llama.cpp {self.ppl_llama:.4f} vs torch {self.ppl_torch:.4f} differs by more than {TOL_PPL_REL:.1%}"),
+             f"PPL llama.cpp {self.ppl_llama:.4f} vs torch {self.ppl_torch:.4f} differs by more than "
+             f"{TOL_PPL_REL:.1%}"),
         ]
         if self.ppl_llama_perplexity_tool is not None:
             checks.append((abs(self.ppl_llama_perplexity_tool / self.ppl_llama - 1) <= TOL_TOOL_REL,

@@ -571,7 +571,8 @@ def _add_mtp_layers(spec: ArchSpec, config, folder: Path) -> None:
             extra[f"mtp.{norm}.weight"] = final_norm.clone()
     elif spec.mtp == "nemotron":
         kinds = spec.config["layers_block_type"]
-        attn, moe = max(i for i, t in enumerate(kinds) if t == "attention"), max(i for i, t in enumerate(kinds) if t == "moe")
+        attn = max(i for i, t in enumerate(kinds) if t == "attention")
+        moe = max(i for i, t in enumerate(kinds) if t == "moe")
         extra.update(layer(attn, "mtp.layers.0."))
         extra.update(layer(moe, "mtp.layers.1."))
         extra["mtp.layers.0.eh_proj.weight"] = proj()

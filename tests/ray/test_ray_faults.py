@@ -32,7 +32,7 @@ def stat_of(path: Path) -> tuple[int, int]:
 
 
 def file_cap(pid: int) -> str:
-    line = next(l for l in Path(f"/proc/{pid}/limits").read_text().splitlines() if l.startswith("Max file size"))
+    line = next(ln for ln in Path(f"/proc/{pid}/limits").read_text().splitlines() if ln.startswith("Max file size"))
     return line.split()[3]
 
 

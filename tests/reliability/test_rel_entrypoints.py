@@ -154,7 +154,8 @@ def test_a_damaged_partial_result_is_discarded_with_a_notice(tiny_moe, text, tmp
     partial.write_text('{"format": "apex-orch-sensitivity-partial/v2", "key": "x", "measurements": {')
     r = cli("sensitivity", tiny_moe, "--text", t, *PROXY)
     assert r.exit_code == 0, r.output
-    assert f"notice: the partial result {partial} is damaged (not a partial sensitivity result: JSONDecodeError" in r.output
+    assert (f"notice: the partial result {partial} is damaged (not a partial sensitivity result: "
+            "JSONDecodeError") in r.output
     assert not partial.exists()
 
 
@@ -217,7 +218,8 @@ def test_profile_import_refuses_its_own_input_as_output(tmp_path):
     rules.write_text("ffn_down_exps=q4_k\nffn_gate_exps=q3_k\nffn_up_exps=q3_k\n")
     before = rules.read_bytes()
     r = cli("profile", "import", rules, "-o", rules, "--force")
-    assert_one_error(r.output, 2, r.exit_code, f"output {rules} is the input {rules}", "(asking to replace outputs does not change that)")
+    assert_one_error(r.output, 2, r.exit_code, f"output {rules} is the input {rules}", "(asking to replace outputs "
+                                                                                       "does not change that)")
     assert rules.read_bytes() == before
 
 
@@ -266,7 +268,7 @@ def test_a_user_base_that_changes_every_built_in_is_shown(tmp_path):
                                          "types: {routed_expert: Q8_0}\n")
     r = cli("--profiles-dir", tmp_path, "profile", "list")
     assert r.exit_code == 0, r.output
-    line = next(l for l in r.output.splitlines() if l.startswith("quality "))
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("quality "))
     assert line.endswith(f"[built-in; extends _apex from user {tmp_path} (shadows the built-in)]")
     r = cli("--profiles-dir", tmp_path, "profile", "show", "quality")
     assert f"chain      quality [built-in] <- _apex [user {tmp_path}, shadows the built-in]" in r.output.splitlines()
@@ -370,7 +372,8 @@ def test_too_few_scored_tokens_are_refused_before_any_tool(tiny_moe, text, comma
 def test_a_short_text_is_blamed_on_the_text(tiny_moe, tmp_path, command):
     short = tmp_path / "short.txt"
     short.write_text(demo_text()[:400])
-    args = ["sensitivity", tiny_moe, "--text", short] if command == "sensitivity" else ["eval", tiny_moe, "--text", short]
+    args = (["sensitivity", tiny_moe, "--text", short] if command == "sensitivity"
+            else ["eval", tiny_moe, "--text", short])
     r = cli(*args, "-c", "128", "--dry-run")
     assert_one_error(r.output, 14, r.exit_code, f"{short}: the evaluation text is too short: ",
                      "tokens, but a context of 128 needs at least 256")
@@ -402,7 +405,8 @@ def test_a_split_size_below_the_largest_tensor_is_refused_up_front(tiny_moe, tmp
                                        "publish": {"repo": "apex-test/Split"}}))
         r = cli("release", cfg, "--dry-run", "--out-dir", tmp_path / "out")
     named = "--split-max-size: " if where == "quantize" else ""   # the release's comes from its config
-    assert_one_error(r.output, 2, r.exit_code, f"error: {named}parts of 1,000,000 bytes: the tensor output.weight alone is ",
+    assert_one_error(r.output, 2, r.exit_code, f"error: {named}parts of 1,000,000 bytes: the tensor output.weight "
+                                               f"alone is ",
                      "more than a part may hold (1,000,000 bytes)", "use at least 7M")
     assert not tripwire.exists() and not list(tmp_path.glob("*.gguf"))
 

@@ -16,7 +16,6 @@ from typing import Callable
 
 import gguf
 import numpy as np
-import pytest
 
 from apex_orch.calibration.imatrix_file import expected_tensors
 from apex_orch.model.info import read_model
@@ -60,7 +59,8 @@ def refused(model: Path, imatrix: Path, tmp_path: Path, tripwire: Path, *needles
 
 def test_imatrix_file_missing(mistral4_split, tmp_path, tripwire):
     refused(mistral4_split, tmp_path / "none.gguf", tmp_path, tripwire,
-            f"{tmp_path / 'none.gguf'}: imatrix file not found", "name a corpus to build one from [--imatrix, --corpus]")
+            f"{tmp_path / 'none.gguf'}: imatrix file not found", "name a corpus to build one from [--imatrix, "
+                                                                 "--corpus]")
 
 
 def test_imatrix_corrupt(mistral4_split, tmp_path, tripwire):

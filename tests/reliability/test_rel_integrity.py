@@ -279,7 +279,8 @@ def test_quantize_refuses_an_output_that_is_its_source(how, src_copy, tmp_path, 
 def test_imatrix_refuses_an_output_that_is_its_model(src_copy):
     """Finding 2: `imatrix m.gguf -o m.gguf --force` replaced the model with a 22 KB imatrix."""
     good = sha256(src_copy)
-    r = cli("imatrix", src_copy, "--corpus", "diverse", "--imatrix-ctx", "128", "--imatrix-chunks", "2", "-o", src_copy, "--force")
+    r = cli("imatrix", src_copy, "--corpus", "diverse", "--imatrix-ctx", "128", "--imatrix-chunks", "2", "-o",
+            src_copy, "--force")
     assert_one_error(r.output, 2, r.exit_code, f"output {src_copy} is the input {src_copy} (the same file)")
     assert sha256(src_copy) == good
 

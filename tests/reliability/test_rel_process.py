@@ -8,7 +8,6 @@ that hangs, so that a second run can meet the first one's lock).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -223,7 +222,8 @@ def test_second_concurrent_imatrix_run_is_refused(tiny_moe, isolated_cache, tmp_
     try:
         assert holder.stdout.readline().strip() == "locked"
         r = cli("imatrix", tiny_moe, *IMATRIX_ARGS)
-        assert_one_error(r.output, 10, r.exit_code, f"another apex-orch run (pid {holder.pid}) is computing this imatrix",
+        assert_one_error(r.output, 10, r.exit_code, f"another apex-orch run (pid {holder.pid}) is computing this "
+                                                    f"imatrix",
                          "wait for it")
         assert not cache_file.exists()
     finally:

@@ -7,7 +7,6 @@ folder is even created.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -15,12 +15,10 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from apex_orch.core.errors import DiskSpaceError
-from relkit import (TINY_NAME, assert_failed_cleanly, cli, cli_cmd, compact_output, leftovers, make_fake_bin,
+from relkit import (assert_failed_cleanly, cli, cli_cmd, compact_output, make_fake_bin,
                     process_gone, run_cli, snapshot, tmpfs, wait_for)
 
 HANG = ("open(sys.argv[-3], 'wb').write(b'partial')\n"
@@ -89,7 +87,8 @@ def test_tool_hangs_and_timeout_stops_it(model_beside, tmp_path, ignores_sigterm
     ignore = "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignores_sigterm else ""
     r, before = force_run_with_fake(tmp_path, model_beside, ignore + HANG + "time.sleep(600)\n", "--timeout", "1")
     assert_failed_cleanly(r.output, 8, r.exit_code, "llama-quantize ran past the 1 s timeout and was stopped",
-                          "allow more time, or check the log for a hang [--timeout]", out_dir=model_beside, before=before)
+                          "allow more time, or check the log for a hang [--timeout]", out_dir=model_beside,
+                          before=before)
     assert process_gone(int((tmp_path / "tool.pid").read_text()))
 
 

@@ -77,7 +77,8 @@ def _summary(result: EvalResult) -> dict:
     return {"ppl": result.ppl, "ppl_err": result.ppl_err, "base_ppl": result.base_ppl,
             "kld_mean": k.kld_mean if k else None, "kld_p999": k.kld_p999 if k else None,
             "ppl_ratio": k.mean_ppl_ratio if k else None, "same_top_p": k.same_top_p if k else None,
-            "pp_tokens_per_s": sp.pp_tokens_per_s if sp else None, "tg_tokens_per_s": sp.tg_tokens_per_s if sp else None,
+            "pp_tokens_per_s": sp.pp_tokens_per_s if sp else None,
+            "tg_tokens_per_s": sp.tg_tokens_per_s if sp else None,
             "n_chunks": result.n_chunks, "n_ctx": result.settings.get("n_ctx")}
 
 

@@ -91,4 +91,5 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
             state.files[job.profile.tier] = files
     missing = [j.profile.tier for j in state.jobs if j.profile.tier not in state.files]
     return PhaseReport("quantize", "resolved",
-                       detail=f"{len(state.files)} tiers present" + (f"; missing: {', '.join(missing)}" if missing else ""))
+                       detail=f"{len(state.files)} tiers present"
+                       + (f"; missing: {', '.join(missing)}" if missing else ""))
