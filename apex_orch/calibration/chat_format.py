@@ -31,6 +31,7 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import cast
 
 from apex_orch.calibration.chat_template import TEMPLATE_KEY, TemplateWorker
 from apex_orch.calibration.sources import Document
@@ -74,7 +75,7 @@ def chat_format_from_model(model_path: str | os.PathLike) -> ChatFormat:
         if not isinstance(template, str) or not template:
             return PLAIN
         # token ids of an integer type (a BOOL, being an int to Python, passes as it always did)
-        ids = {k: keys[k] for k in (BOS_KEY, EOS_KEY) if isinstance(keys.get(k), int)}
+        ids = cast("dict[str, int]", {k: keys[k] for k in (BOS_KEY, EOS_KEY) if isinstance(keys.get(k), int)})
         texts = read_array_items(path, TOKENS_KEY, ids.values()) if ids else {}
     except ModelError as exc:
         if not exc.message.startswith("GGUF header is"):   # not a GGUF file, unreadable: as the walker says

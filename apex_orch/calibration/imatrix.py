@@ -31,7 +31,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from apex_orch.calibration.corpus import BuiltCorpus, build_corpus, make_manifest, manifest_path_for
 from apex_orch.calibration.imatrix_file import read_imatrix
@@ -192,7 +192,7 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
     available = tokens // ctx
     effective = min(chunks, available) if chunks else available
 
-    material = {
+    material: dict[str, Any] = {
         "scheme": KEY_SCHEME,
         "model": _model_fingerprint(model),
         "corpus_sha256": built.sha256,

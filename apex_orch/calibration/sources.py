@@ -237,7 +237,8 @@ def _read_text_file(path: Path, src: SourceSpec, budget: _SourceBudget) -> list[
     elif src.split == "line":
         pieces = [(i, line) for i, line in enumerate(text.splitlines(), 1)]
     else:
-        pieces, block, start = [], [], 1
+        pieces, start = [], 1
+        block: list[str] = []
         for line_no, raw in enumerate(text.splitlines(), 1):
             if raw.strip():
                 if not block:

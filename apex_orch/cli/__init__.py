@@ -15,7 +15,7 @@ import click
 
 from apex_orch import __version__
 from apex_orch.core import settings
-from apex_orch.core.errors import InternalError, InterruptedRun, exit_codes
+from apex_orch.core.errors import ApexError, InternalError, InterruptedRun, exit_codes
 from apex_orch.core.text import printable
 
 # apex_orch.llama.tools (the runner: subprocess, threads, the pin) and the profile search are imported
@@ -60,12 +60,12 @@ class ApexGroup(click.Group):
             raise   # click's own exits (ctx.exit below, --help): already a code of the table
         except click.ClickException as exc:
             if exc.exit_code != 2:   # click's base class exits 1 (doctor's code): here it is a usage error
-                exc.exit_code = 2
+                exc.exit_code = 2    # type: ignore[misc]   # click types it per class; this one exception's
             raise   # click's usage errors: already one message
         except click.Abort:   # Ctrl-C or end of input at a prompt
             if _debug_enabled(ctx):
                 raise
-            err = InterruptedRun("interrupted", hint="rerun the same command to start again")
+            err: ApexError = InterruptedRun("interrupted", hint="rerun the same command to start again")
             click.echo(f"error: {err.render()}", err=True)
             ctx.exit(err.exit_code)
         except SystemExit as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -22,7 +23,7 @@ def corpus() -> None:
 @json_option
 def list_cmd(as_json: bool) -> None:
     """List the corpora in the repo's corpora/ folder."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in available_corpora():
         spec = load_corpus_spec(name)
         rows.append({"name": name, "description": spec.description,

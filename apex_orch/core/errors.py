@@ -17,7 +17,7 @@ in a Ray task reaches the driver as the same error, with the same message and ex
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 
 class ApexError(Exception):
@@ -57,12 +57,12 @@ class ApexError(Exception):
     def __str__(self) -> str:  # keeps pytest output and logs readable
         return self.render()
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         # Exception pickles only `args`, and subclasses' __init__ differ: rebuild from the fields.
         return _rebuild, (type(self), dict(self.__dict__))
 
 
-def _rebuild(cls: type, fields: dict) -> ApexError:
+def _rebuild(cls: type[ApexError], fields: dict[str, Any]) -> ApexError:
     err = cls.__new__(cls)
     Exception.__init__(err, fields.get("message", ""))
     err.__dict__.update(fields)
@@ -161,7 +161,7 @@ class ToolFailedError(ApexError):
     exit_code = 8
     meaning = "tool failed, was killed or timed out"
 
-    def __init__(self, message: str, *, returncode: int | None = None, log_path=None,
+    def __init__(self, message: str, *, returncode: int | None = None, log_path: Any = None,
                  log_tail: str = "", hint: str | None = None, where: str | None = None,
                  options: tuple[str, ...] | list[str] = ()):
         super().__init__(message, hint=hint, where=where, options=options)
@@ -329,8 +329,8 @@ OTHER_EXIT_CODES = {
 def exit_codes() -> dict[int, str]:
     """Every exit code apex-orch can end with -> its meaning: the classes' own, and OTHER_EXIT_CODES."""
     codes = dict(OTHER_EXIT_CODES)
-    seen: list[type] = []
-    todo: list[type] = [ApexError]
+    seen: list[type[ApexError]] = []
+    todo: list[type[ApexError]] = [ApexError]
     while todo:
         cls = todo.pop(0)
         seen.append(cls)

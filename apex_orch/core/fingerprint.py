@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from apex_orch.core.errors import ApexError
 from apex_orch.core.infiles import read_json
@@ -37,7 +38,7 @@ SAMPLES = 16
 SCHEME = "fast-v1"
 
 
-def fast_fingerprint(path: str | os.PathLike) -> str:
+def fast_fingerprint(path: str | os.PathLike[str]) -> str:
     p = Path(path)
     size = p.stat().st_size
     h = hashlib.sha256()
@@ -52,7 +53,7 @@ def fast_fingerprint(path: str | os.PathLike) -> str:
     return f"{SCHEME}:{size}:{h.hexdigest()[:32]}"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
+def sha256_file(path: str | os.PathLike[str], chunk: int = 4 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(chunk), b""):
@@ -96,7 +97,7 @@ def _memo_lookup(real: str, st: os.stat_result) -> str | None:
     return None
 
 
-def remember(path: str | os.PathLike, sha256: str) -> None:
+def remember(path: str | os.PathLike[str], sha256: str) -> None:
     """Record that the file now at `path` (as it stands now) has this sha256. Never fails a run:
     a memo that cannot be written only means hashing again next time."""
     from apex_orch.core.safefiles import write_atomic
@@ -126,7 +127,7 @@ def _prune(folder: Path) -> None:
         pass
 
 
-def source_sha256(path: str | os.PathLike) -> str:
+def source_sha256(path: str | os.PathLike[str]) -> str:
     """Full sha256 of a file's bytes, memoised by its stat identity (see the module docstring)."""
     real = os.path.realpath(path)
     before = os.stat(real)
@@ -141,14 +142,14 @@ def source_sha256(path: str | os.PathLike) -> str:
 
 # ------------------------------------------------------------------ manifest records
 
-def file_record(path: str | os.PathLike, name: str | None = None, sha256: str | None = None) -> dict:
+def file_record(path: str | os.PathLike[str], name: str | None = None, sha256: str | None = None) -> dict[str, Any]:
     """What a manifest records about one file: enough to notice a change cheaply, and the hash."""
     st = os.stat(path)
     return {"name": name or Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "inode": st.st_ino, "sha256": sha256 or sha256_file(path)}
 
 
-def check_record(path: str | os.PathLike, rec: dict) -> tuple[bool, str]:
+def check_record(path: str | os.PathLike[str], rec: dict[str, Any]) -> tuple[bool, str]:
     """(True, how) when the file's bytes are the recorded ones: size, mtime_ns and inode all as
     recorded (cheap), else a full sha256 (memoised) equal to the recorded one."""
     try:

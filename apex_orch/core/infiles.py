@@ -25,7 +25,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from apex_orch.core.errors import (ApexError, ConfigError, EvalError, ImatrixError, ManifestError, ModelError,
                                    ProfileError, ResultFileError, TaskError)
@@ -124,7 +124,7 @@ def _open_fd(path: Path, k: InputKind, error: type[ApexError]) -> tuple[int, os.
     return fd, st
 
 
-def open_checked(path: str | os.PathLike, kind: str | InputKind, *,
+def open_checked(path: str | os.PathLike[str], kind: str | InputKind, *,
                  error: type[ApexError] | None = None) -> BinaryIO:
     """The file opened for reading (binary), after the checks; the caller closes it."""
     k = _kind(kind)
@@ -133,14 +133,14 @@ def open_checked(path: str | os.PathLike, kind: str | InputKind, *,
 
 
 @contextlib.contextmanager
-def open_input(path: str | os.PathLike, kind: str | InputKind, *,
+def open_input(path: str | os.PathLike[str], kind: str | InputKind, *,
                error: type[ApexError] | None = None) -> Iterator[BinaryIO]:
     """The file opened for reading (binary), after the checks; `error` replaces the kind's class."""
     with open_checked(path, kind, error=error) as fh:
         yield fh
 
 
-def check_input(path: str | os.PathLike, kind: str | InputKind, *, error: type[ApexError] | None = None) -> int:
+def check_input(path: str | os.PathLike[str], kind: str | InputKind, *, error: type[ApexError] | None = None) -> int:
     """Only the checks (a path a llama.cpp tool opens itself): its size in bytes."""
     k = _kind(kind)
     fd, st = _open_fd(Path(path), k, error or k.error)
@@ -148,7 +148,7 @@ def check_input(path: str | os.PathLike, kind: str | InputKind, *, error: type[A
     return st.st_size
 
 
-def read_input(path: str | os.PathLike, kind: str | InputKind, *, error: type[ApexError] | None = None) -> bytes:
+def read_input(path: str | os.PathLike[str], kind: str | InputKind, *, error: type[ApexError] | None = None) -> bytes:
     """The whole file, at most the kind's bound (a file that grew past it meanwhile is refused too)."""
     k = _kind(kind)
     err = error or k.error
@@ -163,15 +163,15 @@ def read_input(path: str | os.PathLike, kind: str | InputKind, *, error: type[Ap
     return data
 
 
-def read_gguf(path: str | os.PathLike, kind: str | InputKind, *, error: type[ApexError] | None = None):
+def read_gguf(path: str | os.PathLike[str], kind: str | InputKind, *, error: type[ApexError] | None = None) -> Any:
     """gguf's GGUFReader over the file opened here (the checks first): the reader maps the open file,
     and the mapping outlives it."""
     from gguf import GGUFReader
     with open_input(path, kind, error=error) as fh:
-        return GGUFReader(fh, "r")
+        return GGUFReader(fh, "r")   # type: ignore[arg-type]   # it maps any file object (gguf types a path)
 
 
-def holds(path: str | os.PathLike, data: bytes | str) -> bool:
+def holds(path: str | os.PathLike[str], data: bytes | str) -> bool:
     """True when `path` is a regular file whose bytes are `data` (an output apex-orch would write
     again: unchanged, nothing to rewrite); anything else, a FIFO or a link included, is False."""
     want = data.encode("utf-8") if isinstance(data, str) else data
@@ -190,6 +190,7 @@ def json_depth_within(data: object, limit: int = MAX_JSON_DEPTH) -> bool:
     stack: list[tuple[object, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
+        children: Any
         if isinstance(value, dict):
             children = value.values()
         elif isinstance(value, list):
@@ -203,7 +204,7 @@ def json_depth_within(data: object, limit: int = MAX_JSON_DEPTH) -> bool:
 
 
 def parse_json(raw: bytes, where: str, error: type[ApexError], *, what: str = "JSON",
-               hint: str | None = None) -> object:
+               hint: str | None = None) -> Any:
     """JSON text -> data, with its nesting bounded; damage is one `error`, never a foreign exception."""
     try:
         data = json.loads(raw.decode("utf-8"))
@@ -218,8 +219,8 @@ def parse_json(raw: bytes, where: str, error: type[ApexError], *, what: str = "J
     return data
 
 
-def read_json(path: str | os.PathLike, kind: str | InputKind, *, error: type[ApexError] | None = None,
-              what: str = "JSON") -> object:
+def read_json(path: str | os.PathLike[str], kind: str | InputKind, *, error: type[ApexError] | None = None,
+              what: str = "JSON") -> Any:
     """A JSON file of this kind: the file checks, then `parse_json`."""
     k = _kind(kind)
     err = error or k.error

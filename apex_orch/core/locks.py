@@ -19,7 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
-from typing import IO, Callable
+from typing import Any, Callable, IO
 
 from apex_orch.core.errors import ApexError
 from apex_orch.core.safefiles import open_nofollow
@@ -33,7 +33,7 @@ class FileLock:
         self.record = record
         self.busy = busy
         self.on_wait = on_wait
-        self._fh: IO | None = None
+        self._fh: IO[Any] | None = None
 
     def __enter__(self) -> "FileLock":
         while True:
@@ -61,7 +61,7 @@ class FileLock:
         self._fh = fh
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._fh is None:
             return
         try:
@@ -72,7 +72,7 @@ class FileLock:
             self._fh.close()
             self._fh = None
 
-    def _still_at_path(self, fh: IO) -> bool:
+    def _still_at_path(self, fh: IO[Any]) -> bool:
         try:
             now = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from apex_orch.core.errors import ManifestError
 from apex_orch.core.fingerprint import check_record
@@ -27,29 +28,30 @@ def manifest_path(output: Path) -> Path:
     return output.with_name(output.name + ".manifest.json")
 
 
-def inputs_key(inputs: dict) -> str:
+def inputs_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _self_hash(doc: dict) -> str:
+def _self_hash(doc: dict[str, Any]) -> str:
     body = {k: v for k, v in doc.items() if k != "self_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def manifest_text(doc: dict) -> str:
+def manifest_text(doc: dict[str, Any]) -> str:
     """The manifest's JSON text, schema and self checksum included (for writing to a temporary)."""
     doc = {"schema": SCHEMA, **doc}
     doc["self_sha256"] = _self_hash(doc)
     return json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n"
 
 
-def write_manifest(path: Path, doc: dict) -> dict:
+def write_manifest(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
     text = manifest_text(doc)
     atomic_write_text(path, text)
-    return json.loads(text)
+    written: dict[str, Any] = json.loads(text)
+    return written
 
 
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict[str, Any]:
     if not os.path.lexists(path):
         raise FileNotFoundError(errno.ENOENT, "no manifest", str(path))
     raw = read_input(path, "record")   # core.infiles: a regular file, at most 64 MiB, never blocking

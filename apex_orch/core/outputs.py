@@ -72,7 +72,7 @@ class OutputGuard:
             raise
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.discard()
         self._release()
 
@@ -178,7 +178,7 @@ def check_free_space(folder: Path, needed: int, *, margin_fraction: float = 0.02
 MAX_NAME_BYTES = 255 - len(".") - len(PARTIAL_TAG) - 10 - len(".manifest.json")   # a temporary's and sidecars' room
 
 
-def check_new_output(path: str | os.PathLike, *, inputs: Iterable[Path | None] = (), force: bool = False,
+def check_new_output(path: str | os.PathLike[str], *, inputs: Iterable[Path | None] = (), force: bool = False,
                      option: str = "out", what: str = "output file",
                      suffixes: Iterable[str] | None = None) -> Path:
     """Up front, before any work: the checks OutputGuard makes when it writes a small output (a
@@ -205,7 +205,7 @@ def check_new_output(path: str | os.PathLike, *, inputs: Iterable[Path | None] =
     return path
 
 
-def write_output(path: str | os.PathLike, data: bytes | str | Callable[[Path], object], *,
+def write_output(path: str | os.PathLike[str], data: bytes | str | Callable[[Path], object], *,
                  force: bool = False) -> Path:
     """Write a small output the way quantize writes its files: under OutputGuard (its folder writable,
     no link planted, the lock, no overwrite without `force`), into a temporary name of this run with

@@ -35,7 +35,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import IO, Callable, Iterable
+from typing import Any, Callable, IO, Iterable
 
 from apex_orch.core.errors import OutputIsInputError, UnsafeOutputError
 
@@ -84,7 +84,7 @@ def safe_mkdir(path: Path) -> Path:
     return path
 
 
-def open_nofollow(path: Path, mode: str = "w", *, binary: bool = False, perm: int = 0o644) -> IO:
+def open_nofollow(path: Path, mode: str = "w", *, binary: bool = False, perm: int = 0o644) -> IO[Any]:
     """Open a file to write in place, never through a link: "w" (truncate), "a" (append) or
     "lock" (read/write, not truncated; for flock). Raises UnsafeOutputError for a symbolic
     link, a hard link or a non-regular file at `path`; other OSErrors pass through."""
@@ -150,18 +150,18 @@ def write_atomic(path: Path, data: bytes | str, *, perm: int = 0o644, mkdir: boo
 
 def copy_atomic(src: Path, path: Path, *, perm: int = 0o644) -> Path:
     """`write_atomic` for a file's content, streamed (an imatrix can be a GB: never read whole)."""
-    def fill(fh: IO) -> None:
+    def fill(fh: IO[Any]) -> None:
         with open(src, "rb") as source:
             shutil.copyfileobj(source, fh, 16 << 20)
     return _replace_whole(Path(path), fill, perm=perm, mkdir=True)
 
 
-def write_atomic_with(path: Path, fill: Callable[[IO], object], *, perm: int = 0o644) -> Path:
+def write_atomic_with(path: Path, fill: Callable[[IO[Any]], object], *, perm: int = 0o644) -> Path:
     """`write_atomic` for content that `fill(fh)` writes (a spliced GGUF, streamed from other files)."""
     return _replace_whole(Path(path), fill, perm=perm, mkdir=False)
 
 
-def _replace_whole(path: Path, fill: Callable[[IO], object], *, perm: int, mkdir: bool) -> Path:
+def _replace_whole(path: Path, fill: Callable[[IO[Any]], object], *, perm: int, mkdir: bool) -> Path:
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from apex_orch.core.errors import ApexError, ProfileError
 
-Where = Callable[[tuple], str]      # key path -> "file:line"
+Where = Callable[[tuple[Any, ...]], str | None]      # key path -> "file:line" (None: not known)
 
 
 @dataclass(frozen=True)
@@ -31,16 +31,16 @@ class Bounds:
     why_maximum: str | None = None          # said after "at most N" (why the bound exists)
     hint_maximum: str | None = None
     choices: tuple[str, ...] | None = None
-    pattern: re.Pattern | None = None
+    pattern: re.Pattern[str] | None = None
     what: str | None = None                 # what a value matching `pattern` is ("a corpus name")
 
 
-def bounds(**kw: Any) -> dict:
+def bounds(**kw: Any) -> dict[str, Any]:
     """Field metadata: `field(default=5, metadata=bounds(minimum=0))`."""
     return {"bounds": Bounds(**kw)}
 
 
-def key_name(key_path: Iterable) -> str:
+def key_name(key_path: Iterable[Any]) -> str:
     """('overrides', 0, 'type') -> 'overrides[0].type'."""
     out = ""
     for k in key_path:
@@ -53,7 +53,7 @@ def yaml_keys(cls: type) -> list[str]:
     return [f.metadata.get("key", f.name) for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
 
 
-def check_keys(mapping: Mapping, allowed: Iterable[str], where: Where, key_path: tuple = (),
+def check_keys(mapping: Mapping[str, Any], allowed: Iterable[str], where: Where, key_path: tuple[Any, ...] = (),
                error: type[ApexError] = ProfileError) -> None:
     """The one unknown-key check: `error` at the unknown key's line, naming its whole path."""
     allowed = sorted(allowed)
@@ -74,7 +74,7 @@ def _plain_type(annotation: Any) -> tuple[type | None, bool]:
     return (annotation if annotation in (int, float, bool, str) else None), False
 
 
-def read_section(cls: type, data: Mapping, where: Where, key_path: tuple = (),
+def read_section(cls: type, data: Mapping[str, Any], where: Where, key_path: tuple[Any, ...] = (),
                  error: type[ApexError] = ProfileError, **given: Any) -> Any:
     """`data` as a `cls` (keys, types and bounds from its fields); fields in `given` are set by the
     caller, who has read them itself."""
@@ -93,7 +93,7 @@ def read_section(cls: type, data: Mapping, where: Where, key_path: tuple = (),
     return cls(**values)
 
 
-def _check(value: Any, kind: type, b: Bounds, kp: tuple, where: Where, error: type[ApexError]) -> Any:
+def _check(value: Any, kind: type, b: Bounds, kp: tuple[Any, ...], where: Where, error: type[ApexError]) -> Any:
     name, at = key_name(kp), where(kp)
     if kind is bool:
         if not isinstance(value, bool):

@@ -19,6 +19,7 @@ import errno
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from apex_orch.core.errors import ApexError, ConfigError, DiskSpaceError, FileSystemError, OutputNotWritableError
 
@@ -61,7 +62,7 @@ def translate_os_error(exc: OSError, path: Path | str | None = None, *, creating
     actionable ApexError: WRITE_FAILURES by errno, else a FileSystemError naming the path (so every
     OSError ends with a code of the exit-code table)."""
     where = str(path or exc.filename or "")
-    failure = WRITE_FAILURES.get(exc.errno)
+    failure = WRITE_FAILURES.get(exc.errno) if exc.errno is not None else None
     if failure is not None:
         return failure.error(failure.message.format(
             verb="cannot create" if creating else "cannot write",
@@ -96,7 +97,7 @@ def translate_yaml_error(exc: Exception, path: Path, error_cls: type[ApexError])
 
 # --------------------------------------------------------------------------- Hugging Face Hub
 
-def _hub_errors():
+def _hub_errors() -> Any:
     """huggingface_hub.errors if something already imported it (then its exceptions can exist)."""
     return sys.modules.get("huggingface_hub.errors")
 

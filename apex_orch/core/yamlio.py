@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from apex_orch.core.errors import ProfileError
+from apex_orch.core.errors import ApexError, ProfileError
 from apex_orch.core.infiles import KINDS, read_input
 from apex_orch.core.translate import translate_yaml_error
 
@@ -20,13 +21,13 @@ from apex_orch.core.translate import translate_yaml_error
 @dataclass
 class YamlDoc:
     path: Path
-    data: object
-    lines: dict[tuple, int]                  # key path -> line of its key (of the item, in a list)
+    data: Any                  # plain data (dicts, lists, scalars): each reader checks it with its schema
+    lines: dict[tuple[Any, ...], int]                  # key path -> line of its key (of the item, in a list)
     # key path -> line where its value begins: a mapping written under `key:` begins on the next
     # line; () is the document's first value
-    value_lines: dict[tuple, int] = field(default_factory=dict)
+    value_lines: dict[tuple[Any, ...], int] = field(default_factory=dict)
 
-    def where(self, key_path: tuple = ()) -> str:
+    def where(self, key_path: tuple[Any, ...] = ()) -> str:
         """`file:line` for a key path, falling back to its nearest known parent."""
         kp = tuple(key_path)
         while kp and kp not in self.lines:
@@ -34,7 +35,7 @@ class YamlDoc:
         line = self.lines.get(kp, 1)
         return f"{self.path}:{line}"
 
-    def where_value(self, key_path: tuple = ()) -> str:
+    def where_value(self, key_path: tuple[Any, ...] = ()) -> str:
         """`file:line` where the value at a key path begins (line 1 when unknown)."""
         return f"{self.path}:{self.value_lines.get(tuple(key_path), 1)}"
 
@@ -46,14 +47,15 @@ ALLOWED_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in
                          ("map", "seq", "str", "int", "float", "bool", "null", "timestamp"))
 
 
-def _convert(node, path: tuple, lines: dict, value_lines: dict, src: Path, error_cls):
+def _convert(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int],
+             value_lines: dict[tuple[Any, ...], int], src: Path, error_cls: type[ApexError]) -> Any:
     value_lines[path] = node.start_mark.line + 1
     if node.tag not in ALLOWED_TAGS:
         raise error_cls(f"YAML tag {node.tag!r} is not allowed (configs are plain data: mappings, lists, "
                         "strings, numbers, booleans)", where=f"{src}:{node.start_mark.line + 1}",
                         hint="remove the tag; apex-orch loads YAML with safe loading only")
     if isinstance(node, yaml.MappingNode):
-        out: dict = {}
+        out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise error_cls("mapping keys must be plain strings",
@@ -91,7 +93,7 @@ MAX_CONFIG_BYTES = KINDS["config"].max_bytes
 MAX_YAML_VALUES = 100_000
 
 
-def read_config_text(path: Path, error_cls=ProfileError) -> str:
+def read_config_text(path: Path, error_cls: type[ApexError] = ProfileError) -> str:
     """A config file's text, refusing one larger than MAX_CONFIG_BYTES or not a regular file
     (core.infiles: the one way inputs are opened)."""
     raw = read_input(path, "config", error=error_cls)
@@ -102,12 +104,12 @@ def read_config_text(path: Path, error_cls=ProfileError) -> str:
                         where=str(path)) from None
 
 
-def check_yaml_size(node, src: Path, error_cls=ProfileError) -> None:
+def check_yaml_size(node: yaml.Node | None, src: Path, error_cls: type[ApexError] = ProfileError) -> None:
     """Refuse a document that holds more than MAX_YAML_VALUES values once aliases are expanded,
     naming the top-level key (and line) where the count runs over. Linear in the node graph."""
     memo: dict[int, int] = {}
 
-    def size(n) -> int:
+    def size(n: yaml.Node) -> int:
         key = id(n)
         if key in memo:
             return memo[key]
@@ -126,7 +128,7 @@ def check_yaml_size(node, src: Path, error_cls=ProfileError) -> None:
         memo[key] = total
         return total
 
-    def refuse(what: str, mark) -> None:
+    def refuse(what: str, mark: Any) -> None:
         raise error_cls(f"{what} expands to more than {MAX_YAML_VALUES:,} values (YAML aliases repeating "
                         "other values)", where=f"{src}:{mark.line + 1}",
                         hint="configs are small: write the values out, or use fewer nested aliases")
@@ -143,7 +145,8 @@ def check_yaml_size(node, src: Path, error_cls=ProfileError) -> None:
         refuse("the document", node.start_mark)
 
 
-def compose_config(text: str, path: Path, error_cls=ProfileError, loader_cls=yaml.SafeLoader):
+def compose_config(text: str, path: Path, error_cls: type[ApexError] = ProfileError,
+                   loader_cls: type[yaml.SafeLoader] = yaml.SafeLoader) -> yaml.Node | None:
     """yaml.compose with the size bound; deep nesting is one error, not a RecursionError."""
     loader = loader_cls(text)
     try:
@@ -156,20 +159,20 @@ def compose_config(text: str, path: Path, error_cls=ProfileError, loader_cls=yam
         loader.dispose()
 
 
-def load_yaml(path: Path, error_cls=ProfileError) -> YamlDoc:
+def load_yaml(path: Path, error_cls: type[ApexError] = ProfileError) -> YamlDoc:
     text = read_config_text(path, error_cls)
     try:
         node = compose_config(text, path, error_cls)
     except yaml.YAMLError as exc:
-        raise translate_yaml_error(exc, path, error_cls) from None
+        raise (translate_yaml_error(exc, path, error_cls) or error_cls(str(exc), where=str(path))) from None
     return node_to_doc(node, path, error_cls)
 
 
-def node_to_doc(node, path: Path, error_cls=ProfileError) -> YamlDoc:
+def node_to_doc(node: yaml.Node | None, path: Path, error_cls: type[ApexError] = ProfileError) -> YamlDoc:
     """A composed document (compose_config) as plain data with its line maps; an empty
     document is {}. Separate from load_yaml for a caller that words YAML syntax errors itself."""
-    lines: dict[tuple, int] = {}
-    value_lines: dict[tuple, int] = {}
+    lines: dict[tuple[Any, ...], int] = {}
+    value_lines: dict[tuple[Any, ...], int] = {}
     try:
         data = {} if node is None else _convert(node, (), lines, value_lines, path, error_cls)
     except RecursionError:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -267,7 +267,7 @@ def _moe(nm: Numerics, p: Params, pre: str, d: Dims, h: np.ndarray) -> tuple[np.
     wf = w.reshape(-1)[perm]
     gates, ups, downs = (p[pre + n] for n in EXPERT_WEIGHTS)
     out = np.zeros_like(h)
-    experts = []
+    experts: list[Any] = []
     start = 0
     for e in range(X):
         n = int(counts[e])

@@ -282,10 +282,10 @@ def _new_writer(tmp: Path, spec: SyntheticSpec, n_vocab: int, file_type: int, wi
     for key, value, vtype in _arch_kv(spec, n_vocab):
         writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
     if with_tokenizer:
-        for key, value, vtype, sub in (_tokenizer_kv() if tokenizer is None else tokenizer):
+        for key, value, type_id, sub in (_tokenizer_kv() if tokenizer is None else tokenizer):
             if not key.startswith("tokenizer."):
                 raise ValueError(f"tokenizer key {key!r} does not start with 'tokenizer.'")
-            writer.add_key_value(key, value, gguf.GGUFValueType(vtype),
+            writer.add_key_value(key, value, gguf.GGUFValueType(type_id),
                                  sub_type=None if sub is None else gguf.GGUFValueType(sub))
     return writer
 

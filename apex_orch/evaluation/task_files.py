@@ -40,7 +40,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from apex_orch.core.errors import TaskError
 from apex_orch.core.safefiles import write_atomic
@@ -178,7 +178,7 @@ def parse_hellaswag(data: bytes, path: str) -> tuple[list[HellaSwagTask], list[s
         if not re.fullmatch(r"[0-3]", cells[1]):
             raise TaskError(f"task {t + 1}: the gold ending's index is {cells[1]!r}, not 0, 1, 2 or 3",
                             where=f"{path}:{6 * t + 2}")
-        tasks.append(HellaSwagTask(cells[0], tuple(cells[2:6]), int(cells[1])))
+        tasks.append(HellaSwagTask(cells[0], (cells[2], cells[3], cells[4], cells[5]), int(cells[1])))
     return tasks, []
 
 
@@ -301,7 +301,9 @@ def parse_multiple_choice(data: bytes, path: str) -> tuple[list[ChoiceTask], lis
     return tasks, []
 
 
-_PARSERS = {HELLASWAG: parse_hellaswag, WINOGRANDE: parse_winogrande, MULTIPLE_CHOICE: parse_multiple_choice}
+# scorer -> its reader: (the file's bytes, its label) -> (tasks, notes)
+_PARSERS: dict[str, Any] = {HELLASWAG: parse_hellaswag, WINOGRANDE: parse_winogrande,
+                            MULTIPLE_CHOICE: parse_multiple_choice}
 
 
 def read_task_set(task: str | TaskKind, path: str | os.PathLike, *, label: str | None = None,

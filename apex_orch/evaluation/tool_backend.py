@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from apex_orch.core.errors import EvalError
 from apex_orch.core.settings import child_environment
@@ -218,7 +218,7 @@ def run_with_tool(model: ModelFacts, text: TextFacts, settings: EvalSettings, *,
             say(f"llama-perplexity: KL divergence of {Path(model.path).name}")
             lines = run_tool_logged(tool_argv(model.path, s, base_file=str(base_file), kl=True),
                                     Path(model.path).stem, work, _has_kld_block)
-            fields = parse_kld_block(lines)
+            fields: dict[str, Any] = parse_kld_block(lines)   # n_tokens among them is an int
             missing = _missing_kld_fields(fields)
             if missing:
                 raise EvalError(f"llama-perplexity printed no KL statistics (missing {', '.join(missing[:3])}); "

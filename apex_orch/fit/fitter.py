@@ -171,7 +171,7 @@ def render_yaml(problem: Problem, solution: Solution, base: Profile, *, tier: st
                     overrides.append(f"  - {{role: {ROUTED}, slot: {slot}, band: {g.band}, type: {main.name}}}")
                 overrides += _block_overrides(ROUTED, slot, per_block, main)
     b = base.bands
-    heaviest = Counter()
+    heaviest: Counter[T] = Counter()
     for u, t in solution.types.items():
         heaviest[t] += problem.unit_bytes[u][t]
     ftype = FTYPE_FOR.get(heaviest.most_common(1)[0][0], "Q4_K_M") if heaviest else "Q4_K_M"

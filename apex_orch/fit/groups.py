@@ -110,9 +110,9 @@ def groups_of(plan: Plan) -> list[Group]:
     out = []
     for (role, band, slot_class), ts in sorted(
             members.items(), key=lambda kv: (order[kv[0][0]], kv[0][2], band_order[kv[0][1]])):
-        key = ".".join(p for p in (role, slot_class, band) if p)
+        name = ".".join(p for p in (role, slot_class, band) if p)
         slots = tuple(sorted({t.slot for t in ts})) if role == ROUTED else ()
-        out.append(Group(key, role, band, slots, tuple(t.name for t in ts),
+        out.append(Group(name, role, band, slots, tuple(t.name for t in ts),
                          tuple(sorted({t.block for t in ts if t.block is not None})),
                          sum(t.n_elements for t in ts)))
     return out

@@ -159,9 +159,9 @@ def check_sensitivity(data, where: str) -> None:
             raise _fail(where, f"sensitivity result lacks {key!r}" if key not in data else
                         f"sensitivity result's {key!r} is not a {kind.__name__}")
     model, text, method = data["model"], data["text"], data["method"]
-    for k, kind in (("name", str), ("arch", str), ("blocks", int), ("sha256", str)):
-        if not isinstance(model.get(k), kind) or isinstance(model.get(k), bool):
-            raise _fail(where, f"sensitivity result's model.{k} is missing or not a {kind.__name__}")
+    for k, want in (("name", str), ("arch", str), ("blocks", int), ("sha256", str)):
+        if not isinstance(model.get(k), want) or isinstance(model.get(k), bool):
+            raise _fail(where, f"sensitivity result's model.{k} is missing or not a {want.__name__}")
     if not isinstance(method.get("name"), str) or not isinstance(text.get("label"), str):
         raise _fail(where, "sensitivity result's method.name or text.label is missing")
     for k in ("chunks", "ctx"):

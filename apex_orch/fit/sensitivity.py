@@ -181,7 +181,8 @@ def plan_sensitivity(model_path: str | os.PathLike, *, imatrix: ImatrixSource | 
         raise RequestError("give the held-out text the output is measured on: a file or a corpus name",
                            fields=("text", "text_corpus"),
                            hint="not the imatrix corpus: a text the model was not calibrated on")
-    settings = EvalSettings(n_ctx=ctx, chunks=chunks, **({"n_threads": threads} if threads else {}))
+    settings = (EvalSettings(n_ctx=ctx, chunks=chunks, n_threads=threads) if threads
+                else EvalSettings(n_ctx=ctx, chunks=chunks))
     tf = text_facts(text, text_corpus)
     calibrated_on = imatrix_texts(path, imatrix, imatrix_corpus).get(tf.sha256)
     if calibrated_on is not None:

@@ -181,7 +181,8 @@ class Problem:
             raise RequestError(f"the budget is below the smallest file this ladder can make ({floor:,} bytes of "
                                f"tensors, every group at {self.ladder[0].name})", fields=("size", "bpw"),
                                hint="give a larger size, or measure a ladder with smaller types")
-        state, steps = cheapest, []
+        state = cheapest
+        steps: list[str] = []
         for find in (self._best_upgrade, self._best_exchange, self._best_fill):
             state = self._repeat(find, state, budget, steps)
         return Solution(state, self.nbytes(state), budget, self.loss(state), steps, dict(self.unit_share),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from pathlib import Path
+from typing import Any
 
 from apex_orch.core.errors import ModelError
 from apex_orch.core.infiles import open_input
@@ -76,7 +77,7 @@ def write_spliced(source: Path, donors: dict[str, Path], out: Path) -> Path:
         for info in infos:
             fo.write(info)
         fo.write(b"\0" * (pad(fo.tell()) - fo.tell()))
-        files: dict[Path, object] = {}
+        files: dict[Path, Any] = {}
         try:
             with contextlib.ExitStack() as opened:
                 for _, _, _, path, start, n in plan:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from apex_orch.core.text import gb, gib, human_count, printable, table
 from apex_orch.model.info import ModelInfo
 from apex_orch.model.roles import Role, classify, decisions_used
 
 
-def inspect_model(info: ModelInfo) -> dict:
+def inspect_model(info: ModelInfo) -> dict[str, Any]:
     roles = classify(info)
-    per_role: dict[str, dict] = {}
+    per_role: dict[str, dict[str, Any]] = {}
     for t in info.tensors:
         r = per_role.setdefault(roles[t.name].role.value, {"tensors": 0, "params": 0, "bytes": 0})
         r["tensors"] += 1
@@ -47,7 +49,7 @@ def inspect_model(info: ModelInfo) -> dict:
     }
 
 
-def format_inspect(d: dict) -> str:
+def format_inspect(d: dict[str, Any]) -> str:
     e = d["experts"]
     a = d["attention"]
     att = a["kind"]

@@ -21,6 +21,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from apex_orch.model.gguf_tables import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
@@ -102,7 +103,7 @@ class GGUFHeader:
 
 
 class _Cursor:
-    def __init__(self, buf, path: Path):
+    def __init__(self, buf: Any, path: Path) -> None:
         self.buf = buf
         self.pos = 0
         self.path = path
@@ -117,7 +118,7 @@ class _Cursor:
                 hint="the file is incomplete (an interrupted download or copy?); fetch it again",
             )
 
-    def unpack(self, fmt: str, what: str):
+    def unpack(self, fmt: str, what: str) -> Any:
         n = struct.calcsize(fmt)
         self.need(n, what)
         value = struct.unpack_from(fmt, self.buf, self.pos)[0]
@@ -143,7 +144,7 @@ class _Cursor:
         self.pos += n
 
 
-def _value(cur: _Cursor, vtype: int, key: str, verbatim: bool = False):
+def _value(cur: _Cursor, vtype: int, key: str, verbatim: bool = False) -> tuple[Any, Any, Any]:
     """(value type, value, array element type or None) of one metadata value."""
     try:
         vt = GGUFValueType(vtype)
@@ -177,7 +178,7 @@ def _value(cur: _Cursor, vtype: int, key: str, verbatim: bool = False):
     raise ModelError(f"unsupported GGUF value type {vt!r} for {key!r}", where=str(cur.path))
 
 
-def read_header(path: str | os.PathLike, shard: int = 0, *, verbatim: bool = False) -> GGUFHeader:
+def read_header(path: str | os.PathLike[str], shard: int = 0, *, verbatim: bool = False) -> GGUFHeader:
     p = Path(path)
     with _mapped_gguf(p) as (mm, size):
         return _parse(mm, p, size, shard, verbatim)
@@ -214,7 +215,7 @@ def _preamble(cur: "_Cursor", path: Path) -> tuple[int, int, int]:
     return version, n_tensors, n_kv
 
 
-def _parse(buf, path: Path, size: int, shard: int, verbatim: bool) -> GGUFHeader:
+def _parse(buf: Any, path: Path, size: int, shard: int, verbatim: bool) -> GGUFHeader:
     cur = _Cursor(buf, path)
     version, n_tensors, n_kv = _preamble(cur, path)
     kv: dict[str, object] = {}
@@ -316,7 +317,7 @@ def _gguf_version() -> str:
 # ------------------------------------------------------------------ a few keys only
 
 @contextlib.contextmanager
-def _metadata_cursor(path: str | os.PathLike) -> Iterator[tuple[_Cursor, int]]:
+def _metadata_cursor(path: str | os.PathLike[str]) -> Iterator[tuple[_Cursor, int]]:
     """A cursor at the first metadata key of a GGUF file, and the number of keys, after
     read_header's checks (a regular file, the magic, the version, a sane key count)."""
     p = Path(path)
@@ -326,7 +327,7 @@ def _metadata_cursor(path: str | os.PathLike) -> Iterator[tuple[_Cursor, int]]:
         yield cur, n_kv
 
 
-def read_kv(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, object]:
+def read_kv(path: str | os.PathLike[str], keys: Iterable[str]) -> dict[str, object]:
     """The metadata values of `keys` that the file holds, kept as read_header keeps them (a long
     array as its ArrayInfo). Stops once every key is found; tensor infos are never read."""
     wanted = set(keys)
@@ -351,7 +352,7 @@ def _checked_value(cur: _Cursor, vtype: int, key: str) -> object:
                          where=str(cur.path), hint="the file is damaged or not a GGUF file") from None
 
 
-def read_array_items(path: str | os.PathLike, key: str, indices: Iterable[int]) -> dict[int, object]:
+def read_array_items(path: str | os.PathLike[str], key: str, indices: Iterable[int]) -> dict[int, object]:
     """The elements at `indices` of the metadata array `key` (those within its length), stepping
     over the others unread: a token's text without decoding the whole vocabulary. Empty when
     the file has no such array."""

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any, cast
 
 from apex_orch.model.gguf_tables import GGMLQuantizationType
 
@@ -63,11 +64,11 @@ class ModelInfo:
     file_size: int                 # all shards together
     header_bytes: int              # first shard's metadata + tensor infos
     alignment: int
-    kv_types: dict = field(default_factory=dict, repr=False)
-    kv_sizes: dict = field(default_factory=dict, repr=False)
+    kv_types: dict[str, Any] = field(default_factory=dict, repr=False)
+    kv_sizes: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ---- metadata helpers
-    def arch_kv(self, key: str, default=None):
+    def arch_kv(self, key: str, default: Any = None) -> Any:
         return self.kv.get(f"{self.arch}.{key}", default)
 
     @property
@@ -88,11 +89,11 @@ class ModelInfo:
 
     @property
     def embedding_length(self) -> int | None:
-        return self.arch_kv("embedding_length")
+        return cast("int | None", self.arch_kv("embedding_length"))
 
     @property
     def context_length(self) -> int | None:
-        return self.arch_kv("context_length")
+        return cast("int | None", self.arch_kv("context_length"))
 
     @property
     def expert_count(self) -> int:
@@ -110,7 +111,7 @@ class ModelInfo:
         return 1 if any("_shexp" in t.name for t in self.tensors) else 0
 
     @cached_property
-    def structure(self) -> dict:
+    def structure(self) -> dict[str, Any]:
         """Leading dense blocks, experts per block and NextN/MTP layers as the TENSORS show them
         (a converter can write keys that disagree: GLM-4.7-Flash through a newer transformers got
         leading_dense_block_count = 0 with a dense block 0). `structure_warnings` lists each
@@ -165,7 +166,7 @@ class ModelInfo:
         """Leading blocks without routed experts, from the tensors (see `structure`); the key only
         when the file has no expert tensors at all, or none of the trunk (an MTP draft)."""
         if self.structure["experts_per_block"] and not self.is_mtp_draft:
-            return self.structure["leading_dense_blocks"]
+            return int(self.structure["leading_dense_blocks"])
         explicit = self.arch_kv("leading_dense_block_count")
         return explicit if isinstance(explicit, int) else 0
 
@@ -178,18 +179,18 @@ class ModelInfo:
 
     @property
     def q_lora_rank(self) -> int | None:
-        return self.arch_kv("attention.q_lora_rank")
+        return cast("int | None", self.arch_kv("attention.q_lora_rank"))
 
     @property
     def kv_lora_rank(self) -> int | None:
-        return self.arch_kv("attention.kv_lora_rank")
+        return cast("int | None", self.arch_kv("attention.kv_lora_rank"))
 
     @property
-    def head_count(self):
+    def head_count(self) -> Any:
         return self.arch_kv("attention.head_count")
 
     @property
-    def head_count_kv(self):
+    def head_count_kv(self) -> Any:
         return self.arch_kv("attention.head_count_kv")
 
     @cached_property
@@ -203,7 +204,10 @@ class ModelInfo:
     @property
     def attention_kind(self) -> str:
         names = self.tensor_names
-        has = lambda frag: any(frag in n for n in names)  # noqa: E731
+
+        def has(frag: str) -> bool:
+            return any(frag in n for n in names)
+
         kinds = []
         if has(".attn_kv_a_mqa.") or has(".attn_q_a.") or has(".attn_k_b.") or has(".attn_kv_b."):
             kinds.append("MLA")
@@ -230,7 +234,7 @@ class ModelInfo:
         return emb.shape[1] if emb and len(emb.shape) > 1 else None
 
     @property
-    def rope_scaling(self) -> dict:
+    def rope_scaling(self) -> dict[str, Any]:
         out = {}
         for key in ("rope.scaling.type", "rope.scaling.factor", "rope.scaling.original_context_length",
                     "rope.freq_base", "rope.dimension_count"):
@@ -269,7 +273,7 @@ class ModelInfo:
         for t in self.tensors:
             if t.n_dims >= 2:
                 counts[t.ggml_type.name] = counts.get(t.ggml_type.name, 0) + t.n_elements
-        return max(counts, key=counts.get) if counts else "?"
+        return max(counts, key=lambda k: counts[k]) if counts else "?"
 
 
 def shard_paths(path: Path) -> list[Path]:
@@ -287,7 +291,7 @@ def shard_paths(path: Path) -> list[Path]:
     return paths
 
 
-def read_model(path: str | os.PathLike) -> ModelInfo:
+def read_model(path: str | os.PathLike[str]) -> ModelInfo:
     """Read a GGUF (or every shard of a split GGUF) into a ModelInfo, header only."""
     p = Path(path)
     paths = shard_paths(p)
@@ -312,8 +316,8 @@ def read_model(path: str | os.PathLike) -> ModelInfo:
                          hint="pass the full model file")
     name = first.kv.get("general.name")
     if not isinstance(name, str) or not name.strip():
-        stem = SPLIT_RE.match(p.name).group("stem") if SPLIT_RE.match(p.name) else p.stem
-        name = stem
+        split = SPLIT_RE.match(p.name)
+        name = split.group("stem") if split else p.stem
     info = ModelInfo(paths=paths, arch=arch, name=name, kv=first.kv, tensors=tensors,
                      file_size=sum(h.file_size for h in headers), header_bytes=first.header_bytes,
                      alignment=first.alignment, kv_types=first.kv_types, kv_sizes=first.kv_sizes)

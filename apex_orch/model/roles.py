@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from apex_orch.core.errors import DenseModelError, ModelError
 from apex_orch.model.info import ModelInfo, split_block_name
@@ -52,7 +53,7 @@ ATTENTION_SLOTS = ("q", "k", "v", "qkv", "output", "gate", "q_a", "q_b", "kv_a_m
 class RoleDecision:
     """One row of the roles table: a tensor kind, how its name looks, the role it gets and why."""
     kind: str
-    pattern: re.Pattern       # matched against the name after `blk.N.` (block tensors) or the whole name
+    pattern: re.Pattern[str]       # matched against the name after `blk.N.` (block tensors) or the whole name
     role: Role
     slot: str | None          # fixed slot, or None: the pattern's first group
     reason: str
@@ -182,7 +183,7 @@ def classify_name(name: str, nextn_blocks: frozenset[int] = frozenset()) -> Tens
     return TensorRole(Role.UNASSIGNED, rest.rsplit(".", 1)[0], block)
 
 
-def decisions_used(roles: dict[str, TensorRole]) -> list[dict]:
+def decisions_used(roles: dict[str, TensorRole]) -> list[dict[str, Any]]:
     """The ROLE_DECISIONS rows a model's tensors use (table order), with tensor counts."""
     counts: dict[str, int] = {}
     for tr in roles.values():

@@ -72,7 +72,8 @@ class Gates:
         """From a release config / profile dict, e.g. {max_mean_kld: 0.05, max_ppl_ratio: 1.02}: the keys
         and types of the fields below (core.schema, the checker every config uses)."""
         from apex_orch.core.schema import read_section
-        return read_section(cls, dict(data or {}), lambda _kp: where, error=ConfigError)
+        gates: Gates = read_section(cls, dict(data or {}), lambda _kp: where, error=ConfigError)
+        return gates
 
     def bounds(self) -> dict[str, float]:
         """The gates that are set, by key."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from apex_orch.model.gguf_tables import GGML_QUANT_SIZES
 from apex_orch.model.gguf_tables import GGMLQuantizationType as T
@@ -270,7 +271,7 @@ def predict_types(
     return out
 
 
-def _mixture(name, shape, new: T, ftype: F, cat: str, hp: ModelHParams, st: dict,
+def _mixture(name: str, shape: tuple[int, ...], new: T, ftype: F, cat: str, hp: ModelHParams, st: dict[str, Any],
              n_attention_wv: int, tied: bool, has_imatrix: bool) -> T:
     """llama_tensor_get_type_impl() for one tensor (mutates the counters in `st`)."""
     n_expert = max(1, hp.n_expert)

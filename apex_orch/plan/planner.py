@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from apex_orch.model.gguf_tables import GGMLQuantizationType as T
 
@@ -92,8 +93,8 @@ class Plan:
     def by_name(self) -> dict[str, PlannedTensor]:
         return {t.name: t for t in self.tensors}
 
-    def role_summary(self) -> dict[str, dict]:
-        out: dict[str, dict] = {}
+    def role_summary(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
         for t in self.tensors:
             r = out.setdefault(t.role.value, {"tensors": 0, "params": 0, "bytes": 0, "types": {}})
             r["tensors"] += 1
@@ -110,8 +111,8 @@ class Plan:
                 table[t.role.value][t.band].add(t.final_type.name)
         return table
 
-    def fallback_summary(self) -> list[dict]:
-        groups: dict[tuple[str, str], dict] = {}
+    def fallback_summary(self) -> list[dict[str, Any]]:
+        groups: dict[tuple[str, str], dict[str, Any]] = {}
         for t in self.fallbacks:
             key = ((t.requested or t.final_type).name, t.final_type.name)
             g = groups.setdefault(key, {"from": key[0], "to": key[1], "count": 0, "bytes": 0, "tensors": []})
@@ -120,7 +121,7 @@ class Plan:
             g["tensors"].append(t.name)
         return list(groups.values())
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "model": {"path": str(self.model.path), "name": self.model.name, "arch": self.model.arch,
                       "blocks": self.model.block_count},
@@ -151,7 +152,7 @@ class Plan:
 # ------------------------------------------------------------------ planning
 
 def hparams(model: ModelInfo) -> ModelHParams:
-    def first_int(value, default=0):
+    def first_int(value: Any, default: int = 0) -> int:
         if isinstance(value, list):
             value = value[0] if value else default
         return int(value) if isinstance(value, (int, float)) else default
@@ -314,5 +315,6 @@ def predict_file_size(plan: Plan, extra_kv: dict[str, object]) -> int:
         # [n_embd, 1] tensor (Qwen2-MoE's ffn_gate_inp_shexp) takes 8 header bytes fewer.
         header += 8 + len(t.name.encode()) + 4 + 8 * ggml_n_dims(t.shape) + 4 + 8
     align = m.alignment
-    pad = lambda n: (n + align - 1) // align * align  # noqa: E731
+    def pad(n: int) -> int:
+        return int((n + align - 1) // align * align)
     return pad(header) + sum(pad(t.n_bytes) for t in plan.tensors)

@@ -15,6 +15,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -37,7 +38,7 @@ CANONICAL_SUFFIXES = (
 
 @dataclass
 class ImportReport:
-    profile: dict
+    profile: dict[str, Any]
     not_understood: list[str] = field(default_factory=list)
     accidental: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
@@ -64,12 +65,12 @@ def _nested_repeat(pattern: str) -> str | None:
     try:
         import re._parser as sre_parse  # Python 3.11+
     except ImportError:  # pragma: no cover - Python 3.10
-        import sre_parse  # type: ignore[no-redef]
+        import sre_parse  # type: ignore[no-redef, unused-ignore]
     repeats = {sre_parse.MAX_REPEAT, sre_parse.MIN_REPEAT}
     if hasattr(sre_parse, "POSSESSIVE_REPEAT"):
         repeats.add(sre_parse.POSSESSIVE_REPEAT)
 
-    def children(op, av):
+    def children(op: Any, av: Any) -> list[Any]:
         if op in repeats:
             return [av[2]]
         if op == sre_parse.SUBPATTERN:
@@ -82,7 +83,7 @@ def _nested_repeat(pattern: str) -> str | None:
             return [av]
         return []
 
-    def inner_risk(sub) -> str | None:
+    def inner_risk(sub: Any) -> str | None:
         for op, av in sub:
             if op in repeats and av[1] > 1:
                 return "a repeated group that holds another repeat"
@@ -94,7 +95,7 @@ def _nested_repeat(pattern: str) -> str | None:
                     return found
         return None
 
-    def walk(sub) -> str | None:
+    def walk(sub: Any) -> str | None:
         for op, av in sub:
             if op in repeats and av[1] > 1:
                 found = inner_risk(av[2])
@@ -117,7 +118,7 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
         raise RequestError(f"{n_blocks} blocks: give 1 to {MAX_BLOCKS}", fields=("n_blocks",))
     # core.infiles: a regular file (a FIFO never blocks), at most MAX_IMPORT_BYTES
     text = read_input(path, "tensor-types").decode("utf-8", errors="replace")
-    rules: list[tuple[int, str, re.Pattern, str]] = []
+    rules: list[tuple[int, str, re.Pattern[str], str]] = []
     report = ImportReport(profile={})
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -175,8 +176,8 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
     bands = Bands().resolve(blocks_in_universe)
     per_role_band: dict[tuple[str, str], set[str]] = defaultdict(set)
     per_slot: dict[tuple[str, str, str], set[int]] = defaultdict(set)
-    band_counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
-    types: dict = {}
+    band_counts: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    types: dict[str, Any] = {}
     for name, tname in assigned.items():
         tr = classify_name(name)
         if tr.role in (Role.EMBEDDING, Role.OUTPUT):
@@ -191,7 +192,7 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
         per_role_band[(tr.role.value, band)].add(tname)
         band_counts[(tr.role.value, band)][tname] += 1
         per_slot[(tr.role.value, tr.slot, tname)].add(tr.block)
-    overrides = []
+    overrides: list[dict[str, Any]] = []
     for role, band_names in BANDED_ROLES.items():
         chosen = {}
         for band in band_names:
@@ -209,7 +210,7 @@ def import_tensor_type_file(path: Path, *, names: list[str] | None = None, n_blo
                 # typed): each band takes its most common type, a band the rules never reach its neighbour's.
                 types[role] = _complete_bands({band: band_counts[(role, band)].most_common(1)[0][0]
                                                for band in band_names if band_counts[(role, band)]}, band_names)
-    profile = {"extends": "_apex", "tier": tier or path.stem.replace("_", "-").title(),
+    profile: dict[str, Any] = {"extends": "_apex", "tier": tier or path.stem.replace("_", "-").title(),
                "description": f"Imported from {path.name} by apex-orch profile import",
                "base_ftype": base_ftype, "types": types}
     if overrides:
@@ -228,7 +229,9 @@ def _complete_bands(found: dict[str, str], names: tuple[str, ...]) -> dict[str, 
 
 
 def _ranges(blocks: list[int]) -> str:
-    out, start, prev = [], None, None
+    out: list[str] = []
+    start: int | None = None
+    prev = -2
     for b in blocks:
         if start is None:
             start = prev = b
@@ -242,11 +245,11 @@ def _ranges(blocks: list[int]) -> str:
     return ",".join(out)
 
 
-def dump_profile(profile: dict) -> str:
-    return yaml.safe_dump(profile, sort_keys=False, default_flow_style=None)
+def dump_profile(profile: dict[str, Any]) -> str:
+    return str(yaml.safe_dump(profile, sort_keys=False, default_flow_style=None))
 
 
-def check_importable(profile: dict, source: Path, model=None) -> None:
+def check_importable(profile: dict[str, Any], source: Path, model: Any = None) -> None:
     """Refuse (ProfileError) an imported profile that would not load, or, with the model given, not
     plan: `profile import` never writes a profile `plan` then rejects. Loaded from a scratch file
     beside nothing of the user's (its `extends: _apex` resolves as any profile's would)."""

@@ -44,6 +44,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from apex_orch.model.gguf_tables import GGMLQuantizationType as T
 
@@ -75,7 +76,7 @@ NEVER_TYPED = tuple(r.value for r in NEVER_QUANTIZED_ROLES)
 SCALES = ("auto", "fixed", "proportional")
 
 
-def _blocks(minimum: int) -> dict:
+def _blocks(minimum: int) -> dict[str, Any]:
     """A count of blocks: a size past the largest model apex-orch handles is a typo, said as such."""
     return bounds(minimum=minimum, maximum=MAX_BLOCKS, why_maximum=f"apex-orch handles models of up to {MAX_BLOCKS} "
                   "blocks", hint_maximum="band sizes count blocks from each end of the model, e.g. edge: 5")
@@ -166,14 +167,14 @@ class ProfileDoc:
     base_ftype: str | None = None
     imatrix: ImatrixSpec | None = None
     bands: Bands | None = None
-    types: dict | None = None
-    overrides: list | None = None
+    types: dict[str, Any] | None = None
+    overrides: list[Any] | None = None
     gates: Gates | None = None
-    fitted: dict | None = None     # written by `apex-orch fit`: where the types came from
+    fitted: dict[str, Any] | None = None     # written by `apex-orch fit`: where the types came from
 
 
 # The mappings of a profile whose keys are dataclass fields, by key path.
-SECTIONS: dict[tuple, type] = {("imatrix",): ImatrixSpec, ("bands",): Bands, ("gates",): Gates}
+SECTIONS: dict[tuple[Any, ...], type] = {("imatrix",): ImatrixSpec, ("bands",): Bands, ("gates",): Gates}
 TOP_KEYS = set(yaml_keys(ProfileDoc))
 OVERRIDE_KEYS = set(yaml_keys(Override))
 
@@ -195,7 +196,7 @@ class Profile:
     gates: dict[str, float]
     chain: list[str] = field(default_factory=list)   # extends chain, child first
     chain_paths: list[Path] = field(default_factory=list)   # the files of that chain, child first
-    raw: dict = field(default_factory=dict, repr=False)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
     doc: YamlDoc | None = field(default=None, repr=False)
 
     @property
@@ -224,7 +225,7 @@ class Profile:
 
 # ------------------------------------------------------------------ loading
 
-def _merge(parent: dict, child: dict) -> dict:
+def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(parent)
     for key, value in child.items():
         if key == "extends":
@@ -238,7 +239,7 @@ def _merge(parent: dict, child: dict) -> dict:
     return out
 
 
-def _load_chain(path: Path, seen: list[Path]) -> tuple[dict, list[YamlDoc]]:
+def _load_chain(path: Path, seen: list[Path]) -> tuple[dict[str, Any], list[YamlDoc]]:
     resolved = path.resolve()
     if resolved in seen:
         cycle = " -> ".join(p.name for p in seen + [resolved])
@@ -261,7 +262,7 @@ def _load_chain(path: Path, seen: list[Path]) -> tuple[dict, list[YamlDoc]]:
     return _merge(parent_data, doc.data), [doc] + docs
 
 
-def _where(docs: list[YamlDoc], kp: tuple) -> str:
+def _where(docs: list[YamlDoc], kp: tuple[Any, ...]) -> str:
     """The first document in the extends chain (child first) that defines this key path."""
     for doc in docs:
         probe = kp
@@ -272,7 +273,7 @@ def _where(docs: list[YamlDoc], kp: tuple) -> str:
     return docs[0].where(kp)
 
 
-def parse_type(value, docs: list[YamlDoc], kp: tuple, role: str | None = None) -> T:
+def parse_type(value: Any, docs: list[YamlDoc], kp: tuple[Any, ...], role: str | None = None) -> T:
     dotted = ".".join(str(k) for k in kp)
     if not isinstance(value, str):
         raise ProfileError(f"{dotted}: expected a ggml type name, got {value!r}", where=_where(docs, kp))
@@ -283,7 +284,7 @@ def parse_type(value, docs: list[YamlDoc], kp: tuple, role: str | None = None) -
     return t
 
 
-def load_profile(name_or_path: str | os.PathLike) -> Profile:
+def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
     path = resolve_profile_path(str(name_or_path))
     data, docs = _load_chain(path, [])
     return _validate(path, data, docs)
@@ -293,6 +294,8 @@ def _check_document_keys(docs: list[YamlDoc]) -> None:
     """Nested keys, each checked in the file of the extends chain that wrote it."""
     for doc in docs:
         d = doc.data
+        if not isinstance(d, dict):
+            continue   # a document that is not a mapping is refused where it is loaded
         for kp, cls in SECTIONS.items():
             if isinstance(d.get(kp[0]), dict):
                 check_keys(d[kp[0]], yaml_keys(cls), doc.where, kp)
@@ -310,14 +313,14 @@ def _check_document_keys(docs: list[YamlDoc]) -> None:
                     check_keys(bands_, BANDED_ROLES[role], doc.where, ("types", role))
 
 
-def _section(cls: type, data: dict, key: str, docs: list[YamlDoc]):
+def _section(cls: type, data: dict[str, Any], key: str, docs: list[YamlDoc]) -> Any:
     value = data.get(key) or {}
     if not isinstance(value, dict):
         raise ProfileError(f"{key} must be a mapping", where=_where(docs, (key,)))
     return read_section(cls, value, lambda kp: _where(docs, kp), (key,))
 
 
-def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
+def _validate(path: Path, data: dict[str, Any], docs: list[YamlDoc]) -> Profile:
     _check_document_keys(docs)
     tier = data.get("tier")
     if not isinstance(tier, str) or not tier.strip():
@@ -361,7 +364,7 @@ def _validate(path: Path, data: dict, docs: list[YamlDoc]) -> Profile:
                    chain_paths=[d.path for d in docs], raw=data, doc=docs[0])
 
 
-def _types(data: dict, docs: list[YamlDoc]) -> tuple[dict[str, dict[str, T]], str | T]:
+def _types(data: dict[str, Any], docs: list[YamlDoc]) -> tuple[dict[str, dict[str, T]], str | T]:
     """`types:` -> (role -> band -> type, with "all" for one type; the nextn choice)."""
     raw_types = data.get("types") or {}
     if not isinstance(raw_types, dict):
@@ -389,7 +392,7 @@ def _types(data: dict, docs: list[YamlDoc]) -> tuple[dict[str, dict[str, T]], st
     return types, nextn
 
 
-def _override(o, i: int, docs: list[YamlDoc]) -> Override:
+def _override(o: Any, i: int, docs: list[YamlDoc]) -> Override:
     kp = ("overrides", i)
     if not isinstance(o, dict):
         raise ProfileError("each override is a mapping {role, slot, band|blocks, type}", where=_where(docs, kp))
@@ -422,7 +425,7 @@ def _is_control(ch: str) -> bool:
     return ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F
 
 
-def parse_blocks(spec, docs: list[YamlDoc], kp: tuple) -> frozenset[int]:
+def parse_blocks(spec: Any, docs: list[YamlDoc], kp: tuple[Any, ...]) -> frozenset[int]:
     """"0-4,31-35" or [0, 1, 2] -> {0,...}."""
     items = spec if isinstance(spec, list) else str(spec).split(",")
     out: set[int] = set()

@@ -94,7 +94,9 @@ def check_rules(model: ModelInfo, rules: list[Rule], requested: dict[str, T]) ->
 class RuledPlan(Protocol):
     """What rendering needs of a plan (planner.Plan): its rules. A protocol, not the class, because
     planner.py imports this module to build those rules."""
-    rules: Sequence[Rule]
+
+    @property
+    def rules(self) -> Sequence[Rule]: ...
 
 
 def render_args(plan: RuledPlan) -> list[str]:

@@ -135,12 +135,11 @@ def _run_guarded(job: QuantizeJob, force: bool, emit: Progress, timeout: float |
             raise VerificationError(
                 f"{job.output.name}: {stats['file_bytes']:,} bytes written, {job.predicted_size:,} predicted",
                 hint="the header differs from the plan's prediction; check the log beside the output")
-        files = [job.output]
         if job.split_max_size and tmp.stat().st_size > job.split_max_size:
-            files = _split(job, guard, tmp, emit, timeout)
-            verify_output([guard_tmp for guard_tmp, _ in files], job.plan)
+            parts = _split(job, guard, tmp, emit, timeout)
+            verify_output([guard_tmp for guard_tmp, _ in parts], job.plan)
             guard.discard_temp(tmp)   # the parts replace the unsplit file
-            records = [(final, guard_tmp) for guard_tmp, final in files]
+            records = [(final, guard_tmp) for guard_tmp, final in parts]
         else:
             records = [(job.output, tmp)]
         # size, mtime_ns and inode survive the rename: a rerun trusts them, else re-hashes in full

@@ -230,8 +230,9 @@ def facts_from_release(state, *, file_facts: Callable | None = None) -> CardFact
     if not jobs:
         raise ValueError("no tiers planned")
     tier_cfg = {t.tier: t for t in cfg.tiers}
-    tiers = tuple(_tier_facts(tier_cfg[j.profile.tier], j, *file_facts(j, state.files.get(j.profile.tier)),
-                              state.evals.get(j.profile.tier)) for j in jobs)
+    tiers = tuple(_tier_facts(tier_cfg[j.profile.tier], j,   # type: ignore[call-arg]   # file_facts: 2 values
+                              *file_facts(j, state.files.get(j.profile.tier)), state.evals.get(j.profile.tier))
+                  for j in jobs)
     cal = None
     if state.imatrix_record:
         r = state.imatrix_record

@@ -29,7 +29,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from apex_orch import __version__
 from apex_orch.core.errors import PublishError
@@ -193,7 +193,8 @@ def _upload(plan: PublishPlan, api: HfApi, emit: Progress) -> PublishResult:
     except (RevisionNotFoundError, RemoteEntryNotFoundError):  # no commit on that revision yet
         infos = []
     remote = {info.path: info for info in infos if isinstance(info, RepoFile)}
-    changed, unchanged = [], []
+    changed: list[Any] = []
+    unchanged: list[Any] = []
     for f in plan.files:
         (unchanged if _hub_holds(remote.get(f.path_in_repo), f) else changed).append(f)
     if not changed:

@@ -209,7 +209,7 @@ class RayExecutor:
     # ---- the Executor protocol
     def imatrix(self, plan: ImatrixPlan, *, progress: Progress) -> Path:
         memory = sum(p.stat().st_size for p in shard_paths(plan.model_path))
-        call = (imatrix_work, "on_progress", (plan, self.resources.cpus), {})
+        call: tuple[Any, ...] = (imatrix_work, "on_progress", (plan, self.resources.cpus), {})
         task = self._task("imatrix", plan.cache_path.name, call, memory, gpu=True)
         return self._run([task], progress)[0]
 
@@ -232,7 +232,7 @@ class RayExecutor:
         return results
 
     def base_cache(self, base: ModelFacts, text: TextFacts, settings_: EvalSettings, *, progress: Progress) -> Path:
-        call = (ensure_base_cache, "progress", (base, text, self._threads(settings_)), {})
+        call: tuple[Any, ...] = (ensure_base_cache, "progress", (base, text, self._threads(settings_)), {})
         task = self._task("eval-base", Path(base.path).name, call, base.size_bytes, gpu=True)
         return self._run([task], progress)[0]
 

@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 from apex_orch.core.errors import RequestError
 from apex_orch.core.outputs import atomic_write_text
@@ -89,7 +89,7 @@ class _Log:
     def __init__(self, path: Path, emit: Progress):
         self.path = path
         self.emit = emit
-        self.fh = None
+        self.fh: IO[str] | None = None
 
     def open(self) -> None:
         safe_mkdir(self.path.parent)
