@@ -10,6 +10,7 @@ header-only commands and dry runs run here.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -228,3 +229,25 @@ def test_quantize_dry_run_json(mistral4_split, tmp_path):
     (tier,) = json.loads(r.stdout)["tiers"]
     assert tier["argv"][0].endswith("llama-quantize")
     assert tier["output"] == str(tmp_path / tier["output"].rsplit("/")[-1])
+
+
+def test_imatrix_dry_run_json(mistral4_split, tmp_path):
+    r = invoke("imatrix", mistral4_split, "--corpus", "reasoning", "--imatrix-ctx", "128", "--imatrix-chunks", "2",
+               "-o", tmp_path / "im.gguf", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"imatrix", "cache", "cached", "model", "corpus", "corpus_sha256", "ctx", "chunks",
+                        "available_chunks", "tokens", "key", "output", "argv", "warnings"}
+    assert (doc["imatrix"], doc["cached"], doc["corpus"], doc["ctx"], doc["chunks"]) == \
+        (None, False, "reasoning", 128, 2)
+    assert doc["output"] == str(tmp_path / "im.gguf") and not (tmp_path / "im.gguf").exists()
+
+
+def test_corpus_build_json(tmp_path):
+    out = tmp_path / "chat.txt"
+    r = invoke("corpus", "build", "chat", "-o", out, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert (doc["text"], doc["manifest"]) == (str(out), str(out) + ".manifest.json")
+    assert doc["bytes"] == out.stat().st_size and doc["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert r.stderr == ""

@@ -130,6 +130,17 @@ def test_sensitivity_rerun_is_a_cache_hit(measured, small_moe, tmp_path):
     assert json.loads((tmp_path / "again.json").read_text()) == json.loads(path.read_text())
 
 
+@pytest.mark.slow
+def test_sensitivity_json_is_the_result(measured, small_moe):
+    path, _ = measured
+    r = CliRunner().invoke(main, ["sensitivity", str(small_moe), "--eval-corpus", "wikipedia", "--types", "Q4_K,Q8_0",
+                                  "--chunks", "2", "-c", "128", "-t", "2", "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert set(doc) == {"result", "output", "data"} and doc["output"] is None
+    assert doc["data"] == json.loads(path.read_text()) and Path(doc["result"]).is_file()
+
+
 @pytest.mark.parametrize("args, code, message", [
     ([], 2, "--text / --eval-corpus: give the held-out text the output is measured on"),
     (["--eval-corpus", "wikipedia", "--types", "IQ2_S"], 2, "needs an importance matrix"),
@@ -310,6 +321,12 @@ def test_fit_writes_only_with_force(ms4_replica, replica_sens, tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 9 and out.read_text() == "mine"
     assert CliRunner().invoke(main, args + ["--force"]).exit_code == 0 and out.read_text() == first
+    r = CliRunner().invoke(main, args + ["--force", "--json", "--without-imatrix"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)   # stdout holds the JSON alone; the file written is in it
+    assert {"target", "file_bytes", "bpw", "predicted_kld_mean", "output", "profile_yaml"} <= set(doc)
+    assert doc["output"] == str(out) and out.read_text() == doc["profile_yaml"]
+    assert not any(t in doc["profile_yaml"] for t in ("IQ1", "IQ2", "IQ3_XXS"))   # the types that need an imatrix
     r = CliRunner().invoke(main, ["fit", str(ms4_replica), "--sensitivity", str(sens), "--size", "48GB",
                                   "-o", str(sens)])
     assert r.exit_code == 2 and "same file" in r.output

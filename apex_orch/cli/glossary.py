@@ -166,12 +166,15 @@ NO_JSON: dict[str, str] = {
 
 # Command -> what its --json prints (top-level keys). Where --dry-run has a JSON form, it is described too.
 RESULTS: dict[str, str] = {
-    "doctor": "an object: apex_orch, python, llama_cpp_build, cache, tools, libllama, bindings, shared_libllama, "
-              "pinned_build, free_disk_bytes, workdir, problems, warnings (and the build's details).",
-    "inspect": "an object: the model's architecture, blocks, experts, attention, context, parameters and a row "
-               "per role (the text's fields).",
-    "plan": "the whole plan: profile, model, ftype, every tensor (name, role, block, band, requested and final "
-            "type, bytes, reason), the rules, bytes per role, total bytes, bpw, warnings.",
+    "doctor": "an object: apex_orch, python, llama_cpp_build, build_info, cache, tools, tool_versions, problems, "
+             "warnings, pinned_build, libllama, bindings, shared_libllama, workdir, free_disk_bytes.",
+    "inspect": "an object: path, name, architecture, blocks, embedding_length, experts, leading_dense_blocks, "
+              "nextn_layers, mtp_draft, attention, context_length, rope, vocab_size, total_parameters, "
+              "active_parameters, active_parameters_counts, file_size, source_type, roles, role_decisions, "
+              "structure, warnings, tensor_count.",
+    "plan": "the whole plan: model, profile, bands, has_imatrix, total_bytes, predicted_file_size, bpw, "
+           "fallbacks, roles (bytes and types per role), warnings, rules, tensors (every tensor: its role, "
+           "block, band, requested and final type, bytes, reason).",
     "render": "an object: profile, model, rules (a list of {pattern, type, tensors}), text (what --tensor-type-file "
               "reads), output (the file written, or null).",
     "profile list": "a list, one object per profile: name, tier, base_ftype, imatrix_required, corpus, best_for, "
@@ -180,30 +183,35 @@ RESULTS: dict[str, str] = {
     "profile import": "an object: profile (the YAML as data), yaml, output (or null), not_understood, accidental, "
                       "unused.",
     "corpus list": "a list, one object per corpus: name, description, budget_tokens_approx, sources.",
-    "corpus show": "the corpus: name, description, definition, budget, seed, dedupe, shuffle, documents, bytes, "
-                   "approx_tokens, sources (each: id, weight, documents, bytes, tokens), warnings.",
+    "corpus show": "the corpus: name, definition, description, seed, budget_tokens_approx, dedupe, shuffle, documents, "
+                  "bytes, approx_tokens, sources (each: id, weight, documents, bytes, tokens), warnings.",
     "corpus build": "an object: text, manifest (the two files written) and the manifest's fields (sha256, bytes, "
                     "documents, tokens, tokens_method, sources, warnings...).",
     "imatrix": "an object: imatrix (the file, or null with --dry-run), cache, cached, model, corpus, corpus_sha256, "
                "ctx, chunks, available_chunks, tokens, key, output, argv, warnings.",
-    "imatrix-report": "the report: chunks, datasets, coverage, per-tensor and per-expert data; with --model the "
-                      "tensors without data; with --profile the planned low-bit tensors lacking it; problems.",
+    "imatrix-report": "the report: file, chunks, chunk_size, datasets, entries, tensors, experts and "
+                      "experts_never_routed, entries_without_data; with --model, model (name, arch, expert_count, "
+                      "expected, covered, missing, not_expected); with --profile the planned low-bit tensors "
+                      "lacking data.",
     "quantize": "an object: model, tiers (each: tier, profile, output, files, status `written` or `up to date`, "
                 "seconds, message), eval (compare's JSON of the outputs, or null). With --dry-run: model, tiers "
                 "(each: tier, profile, output, predicted_bytes, bpw, argv, or waits_for_imatrix), imatrix_to_build "
                 "(corpus, ctx, chunks, or null), warnings.",
-    "eval": "the result: model, base, settings, ppl and its error, KLD statistics, same top p, tasks, speed, "
-            "notes (what `eval` prints, every number).",
-    "compare": "an object: base, settings, rows (one per file: tier, size, bpw, PPL, KLD mean/99.9%/max, same top "
-               "p, tasks, speed, gate failures), base_row.",
+    "eval": "the result: model, backend, settings, text, n_tokens, n_chunks, n_scored, ppl, ppl_err, base, "
+           "base_ppl, base_ppl_err, kld (llama-perplexity's KL statistics), speed, tasks, seconds, llama_build, "
+           "cache, notes.",
+    "compare": "an object: backend, settings, text, base, base_ppl, base_ppl_err, base_speed, base_tasks, gates, "
+              "rows (one per file: tier, size, bpw, PPL, KLD mean/99.9%/max, same top p, tasks, speed, gate "
+              "failures), results (each file's eval result), plot (the file written, or null).",
     "sensitivity": "an object: result (the cached result file), output (the -o copy, or null), data (the result: "
                    "model, ladder, groups, measurements per group and type, uniform, cost).",
     "fit": "an object: target, budget_bytes, file_bytes, under_budget_by, within_0.5%, bpw, predicted_kld_mean, "
            "predicted_kld_p999, max_kld_p999, additivity, steps, output (or null), profile_yaml.",
     "release": "the run: release_folder, seconds, phases (each: name, status, seconds, detail), tasks (each: "
                "phase, target, worker, seconds, attempts). With --dry-run: the ReleasePreview (docs/release.md).",
-    "speculate": "the result: model, draft, prompt, tokens, drafted, accepted, acceptance, tokens/s with and "
-                 "without the draft, identical.",
+    "speculate": "the result: model, draft, head, settings, with_head and without_head (each: n_predict, n_drafted, "
+                "n_accept, decoded_tokens, decode_seconds, tokens_per_s, text), acceptance, speed_ratio, same_output, "
+                "llama_cpp.",
 }
 
 
