@@ -195,8 +195,8 @@ RESULTS: dict[str, str] = {
                       "lacking data.",
     "quantize": "an object: model, tiers (each: tier, profile, output, files, status `written` or `up to date`, "
                 "seconds, message), eval (compare's JSON of the outputs, or null). With --dry-run: model, tiers "
-                "(each: tier, profile, output, predicted_bytes, bpw, argv, or waits_for_imatrix), imatrix_to_build "
-                "(corpus, ctx, chunks, or null), warnings.",
+                "(each: tier, profile, output, predicted_bytes, bpw, argv (null while it waits for the imatrix), "
+                "waits_for_imatrix), imatrix_to_build (corpus, ctx, chunks, or null), warnings.",
     "eval": "the result: model, backend, settings, text, n_tokens, n_chunks, n_scored, ppl, ppl_err, base, "
            "base_ppl, base_ppl_err, kld (llama-perplexity's KL statistics), speed, tasks, seconds, llama_build, "
            "cache, notes.",
