@@ -43,8 +43,8 @@ def imatrix(model: str | None, demo: bool, corpus_name: str, out: str | None, ct
     if demo == bool(model):
         raise UsageError("give a MODEL path or --demo (not both)")
     if demo:
-        from apex_orch.demo.synthetic import demo_model_path
-        model = str(demo_model_path())
+        from apex_orch.demo.trained import demo_model_path
+        model = str(demo_model_path(progress=lambda m: click.echo(m, err=True)))
         click.echo(f"demo model: {model}", err=True)
     plan = imatrix_lib.plan_imatrix(model, corpus_name, ctx=ctx, chunks=chunks, ngl=ngl, threads=threads,
                                     out=out, from_q8=from_q8, force=force)

@@ -124,8 +124,8 @@ def plan_request(req: QuantizeRequest, *, progress: Progress | None = None) -> Q
     emit = progress or (lambda _m: None)
     check_request(req)
     if req.demo:
-        from apex_orch.demo.synthetic import demo_model_path
-        model_path = Path(demo_model_path())
+        from apex_orch.demo.trained import demo_model_path
+        model_path = Path(demo_model_path(progress=emit))
         emit(f"demo model: {model_path}")
     else:
         model_path = Path(req.model)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 from apex_orch.core.errors import ConfigError, ModelError, ToolNotFoundError
 from apex_orch.core.infiles import check_input
 from apex_orch.core.translate import translate_hub_download_error
-from apex_orch.demo.synthetic import demo_model_path
+from apex_orch.demo.trained import demo_model_path
 from apex_orch.release.config import ConfigPath, HFRef
 from apex_orch.release.state import PhaseReport, ReleaseState
 
