@@ -325,8 +325,9 @@ def test_an_mtp_draft_file_is_read_and_planned(tmp_path):
     }
     plan = make_plan(info, load_profile("compact"))
     types = {t.name: t.requested.name for t in plan.tensors if t.requested is not None}
-    assert types["blk.2.nextn.eh_proj.weight"] == types["blk.2.attn_q.weight"] == "Q4_K"   # edge attention
-    assert types["blk.2.ffn_down_exps.weight"] == "Q4_K"                                   # edge experts
+    # the whole head at APEX-MTP's Q8_0 (types.nextn's default): its projection and its layer
+    assert types["blk.2.nextn.eh_proj.weight"] == types["blk.2.attn_q.weight"] == "Q8_0"
+    assert types["blk.2.ffn_down_exps.weight"] == "Q8_0"
 
 
 def test_only_the_last_nextn_blocks_make_a_draft_file(tmp_path):
@@ -365,5 +366,5 @@ def test_speculate_refuses_a_draft_file_as_the_model(tmp_path):
     full = write_gguf(tmp_path / "full.gguf", "glm4moe", dict(kv, block_count=4), glm_like_tensors(4, nextn=1))
     r = CliRunner().invoke(main, ["speculate", str(full), "--draft", str(draft)])
     assert r.exit_code == 14, r.output
-    assert ("--draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks are "
+    assert ("the draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks are "
             "glm4moe/64/128/2, the model's glm4moe/64/128/3") in r.output
