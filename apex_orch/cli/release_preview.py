@@ -65,7 +65,8 @@ def format_preview(p: ReleasePreview) -> str:
     if m is not None:
         layers = "not known yet" if m.head_layers is None else f"{m.head_layers} layer(s)"
         if m.draft_file is None:
-            lines.append(f"  MTP head: {layers}; " + ("in every tier, at its profile's types.nextn"
+            costs = ", ".join(f"{tier} {disk_size(n)}" for tier, n in m.head_bytes.items())
+            lines.append(f"  MTP head: {layers}; " + (f"in every tier, at its profile's types.nextn ({costs})"
                                                        if m.head_layers else "none in any file"))
         elif m.draft_argv is None:
             lines.append(f"  MTP draft {m.draft_file} ({m.draft_type}): planned once its head is converted")

@@ -98,6 +98,7 @@ class MtpPreview:
     mode: str | None                  # bundled | draft | none; None: no `mtp:` (as the source holds it)
     what: str                         # the mode, in words
     head_layers: int | None = None    # the tiers' source's MTP layers (None: not known yet)
+    head_bytes: dict[str, int] = field(default_factory=dict)   # tier -> bytes of the head it carries
     draft_file: str | None = None     # mtp: draft: the draft file's name in the release
     draft_type: str | None = None
     draft_source: str | None = None   # the unquantized head it is made from (None: not converted yet)
@@ -313,6 +314,9 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
         preview.mtp.draft_present = bool(existing_outputs(draft))
         preview.mtp.draft_argv = draft.argv(draft.output, draft.rules_path)
         preview.mtp.head_layers = draft.model.nextn_layers
+    if preview.mtp is not None and preview.mtp.head_layers and preview.mtp.draft_file is None:
+        preview.mtp.head_bytes = {j.profile.tier: sum(t.n_bytes for t in j.plan.tensors if t.role.value == "nextn")
+                                  for j in job_list}
     total = 0
     for job in job_list:
         size = job.predicted_size

@@ -171,8 +171,8 @@ def check_draft(model: ModelInfo, draft_path: Path) -> ModelInfo:
     problem = draft_mismatch(model, draft)
     if problem is not None:
         raise ModelError(problem, where=str(draft_path),
-                         hint="give the head converted (convert_hf_to_gguf.py --mtp) from the same checkpoint as "
-                              "the source", options=("source",))
+                         hint="give as mtp.file the head converted (convert_hf_to_gguf.py --mtp) from the same "
+                              "checkpoint as the source")
     return draft
 
 

@@ -84,10 +84,11 @@ class ReleaseState:
 
     def require_all_files(self, phase: str) -> None:
         missing = [j.profile.tier for j in self.jobs if j.profile.tier not in self.files]
+        what = f"tier(s) {', '.join(missing)}" if missing else ""
         if self.config.mtp is not None and self.config.mtp.mode == "draft" and not self.mtp_files:
-            missing.append(f"the MTP draft ({draft_output_name(self.config.name)})")
-        if missing:
-            raise ModelError(f"{phase}: no up-to-date output for tier(s) {', '.join(missing)}",
+            what += (" and " if what else "") + f"the MTP draft {draft_output_name(self.config.name)}"
+        if what:
+            raise ModelError(f"{phase}: no up-to-date output for {what}",
                              hint="run the quantize phase first", options=("only", "skip", "from_phase"))
 
 
