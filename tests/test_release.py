@@ -583,6 +583,42 @@ def test_mtp_config_forms(tmp_path):
     assert (cfg.mode, cfg.type, cfg.file.resolve()) == ("draft", "Q6_K", tmp_path / "heads" / "d.gguf")
 
 
+@pytest.mark.parametrize("arch, layers, mode, flag, problem", [
+    ("MixtralForCausalLM", None, "bundled", None, "the checkpoint (MixtralForCausalLM) has no MTP head"),
+    ("MixtralForCausalLM", None, "none", None, None),                 # nothing to leave out
+    ("Qwen3NextForCausalLM", None, "draft", "--no-mtp", None),        # its converter counts the head's weights
+    ("Qwen3_5MoeForCausalLM", 0, "bundled", None, "has no MTP head"),
+    ("Qwen3_5MoeForCausalLM", 1, "none", "--no-mtp", None),
+    ("DeepseekV3ForCausalLM", 1, "bundled", None, "the pinned convert_hf_to_gguf.py drops the MTP head"),
+    ("DeepseekV3ForCausalLM", 1, "none", None, None),
+    ("Cohere2MoeForCausalLM", 1, "bundled", None, None),
+    ("Cohere2MoeForCausalLM", 1, "draft", "--no-mtp", "cannot split the MTP head of Cohere2MoeForCausalLM off"),
+    ("Cohere2MoeForCausalLM", 1, "none", None, "cannot leave the MTP head of Cohere2MoeForCausalLM out"),
+])
+def test_an_mtp_mode_against_the_checkpoint(arch, layers, mode, flag, problem):
+    """Decided from config.json before the converter runs (release.mtp); the GGUF check settles the rest."""
+    from apex_orch.release.config import MtpConfig
+    from apex_orch.release.mtp import CheckpointHead, check_checkpoint, converter_flag
+    cfg, head = MtpConfig(mode, where="r.yaml:9"), CheckpointHead(arch, layers)
+    assert converter_flag(cfg, head) == flag and converter_flag(None, head) is None
+    if problem is None:
+        check_checkpoint(cfg, head)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_checkpoint(cfg, head)
+    assert problem in err.value.message and err.value.where == "r.yaml:9"
+
+
+def test_a_checkpoints_mtp_layers_from_its_config(tmp_path):
+    from apex_orch.release.mtp import checkpoint_head
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5MoeForConditionalGeneration"],
+                                                      "text_config": {"mtp_num_hidden_layers": 1}}))
+    head = checkpoint_head(tmp_path)
+    assert (head.architecture, head.layers) == ("Qwen3_5MoeForConditionalGeneration", 1)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"]}))
+    assert checkpoint_head(tmp_path).layers is None
+
+
 def test_the_mtp_section_and_localai_options():
     """The card's MTP section and the LocalAI settings per mode (release.card_mtp; the real files:
     tests/archs/test_release_mtp.py)."""

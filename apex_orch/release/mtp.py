@@ -131,9 +131,9 @@ def check_checkpoint(cfg: MtpConfig | None, head: CheckpointHead) -> None:
             raise ConfigError(f"mtp: {cfg.mode}, but the pinned convert_hf_to_gguf.py drops the MTP head of "
                               f"{arch} checkpoints", where=cfg.where,
                               hint="release it with `mtp: none` (the files will hold no head)")
-    if cfg.mode == "draft" and arch not in MTP_EXPORT and cfg.file is None:
-        raise ConfigError(f"mtp: draft, but the pinned convert_hf_to_gguf.py cannot write the MTP head of {arch} "
-                          "as a separate file (--mtp)", where=cfg.where,
+    if cfg.mode == "draft" and arch not in MTP_EXPORT:   # the tiers' source is its --no-mtp output
+        raise ConfigError(f"mtp: draft, but the pinned convert_hf_to_gguf.py cannot split the MTP head of {arch} "
+                          "off (--mtp / --no-mtp)", where=cfg.where,
                           hint="use `mtp: bundled` (every tier carries the head)")
     if cfg.mode == "none" and (head.layers or 0) > 0 and arch not in MTP_EXPORT and arch not in HEAD_DROPPED:
         raise ConfigError(f"mtp: none, but the pinned convert_hf_to_gguf.py cannot leave the MTP head of {arch} "
