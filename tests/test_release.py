@@ -549,6 +549,21 @@ def write_cfg(tmp_path: Path, text: str) -> Path:
      "tiers[0]: unknown profile 'nosuch'"),
     ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: not-a-repo}\n", 5,
      "is not a repo id like owner/name"),
+    # `mtp:` (release.mtp): its schema is MtpConfig's fields
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: both\n", 6,
+     "mtp.mode must be one of bundled, draft, none"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp:\n  mode: draft\n"
+     "  typ: Q8_0\n", 8, "unknown key 'mtp.typ'"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: {type: Q8_0}\n", 6,
+     "mtp: missing key 'mode' (bundled, draft, none)"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp:\n  mode: draft\n"
+     "  file: d.gguf\n  type: iq2_xxs\n", 9, "mtp.type must be one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp:\n  mode: bundled\n"
+     "  type: Q6_K\n", 8, "mtp.type: only a draft has its own type (mode is bundled)"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp:\n  mode: none\n"
+     "  file: d.gguf\n", 8, "mtp.file: only a draft has its own file (mode is none)"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: draft\n", 6,
+     "mtp: a draft needs the MTP head as its own GGUF, but a demo source is not converted here"),
 ])
 def test_config_errors_name_file_and_line(tmp_path, text, line, message):
     p = write_cfg(tmp_path, text)
@@ -556,6 +571,83 @@ def test_config_errors_name_file_and_line(tmp_path, text, line, message):
         load_release(p)
     assert err.value.where == f"{p}:{line}"
     assert message in err.value.message
+
+
+def test_mtp_config_forms(tmp_path):
+    """`mtp: MODE` or a mapping; a draft's type (upper-cased, default Q8_0) and file (relative to the YAML)."""
+    head = "name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\n"
+    assert load_release(write_cfg(tmp_path, head)).mtp is None
+    cfg = load_release(write_cfg(tmp_path, head + "mtp: bundled\n")).mtp
+    assert (cfg.mode, cfg.type, cfg.file, cfg.where) == ("bundled", "Q8_0", None, f"{tmp_path / 'r.yaml'}:6")
+    cfg = load_release(write_cfg(tmp_path, head + "mtp: {mode: draft, type: q6_k, file: heads/d.gguf}\n")).mtp
+    assert (cfg.mode, cfg.type, cfg.file.resolve()) == ("draft", "Q6_K", tmp_path / "heads" / "d.gguf")
+
+
+@pytest.mark.parametrize("arch, layers, mode, flag, problem", [
+    ("MixtralForCausalLM", None, "bundled", None, "the checkpoint (MixtralForCausalLM) has no MTP head"),
+    ("MixtralForCausalLM", None, "none", None, None),                 # nothing to leave out
+    ("Qwen3NextForCausalLM", None, "draft", "--no-mtp", None),        # its converter counts the head's weights
+    ("Qwen3_5MoeForCausalLM", 0, "bundled", None, "has no MTP head"),
+    ("Qwen3_5MoeForCausalLM", 1, "none", "--no-mtp", None),
+    ("DeepseekV3ForCausalLM", 1, "bundled", None, "the pinned convert_hf_to_gguf.py drops the MTP head"),
+    ("DeepseekV3ForCausalLM", 1, "none", None, None),
+    ("Cohere2MoeForCausalLM", 1, "bundled", None, None),
+    ("Cohere2MoeForCausalLM", 1, "draft", "--no-mtp", "cannot split the MTP head of Cohere2MoeForCausalLM off"),
+    ("Cohere2MoeForCausalLM", 1, "none", None, "cannot leave the MTP head of Cohere2MoeForCausalLM out"),
+])
+def test_an_mtp_mode_against_the_checkpoint(arch, layers, mode, flag, problem):
+    """Decided from config.json before the converter runs (release.mtp); the GGUF check settles the rest."""
+    from apex_orch.release.config import MtpConfig
+    from apex_orch.release.mtp import CheckpointHead, check_checkpoint, converter_flag
+    cfg, head = MtpConfig(mode, where="r.yaml:9"), CheckpointHead(arch, layers)
+    assert converter_flag(cfg, head) == flag and converter_flag(None, head) is None
+    if problem is None:
+        check_checkpoint(cfg, head)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_checkpoint(cfg, head)
+    assert problem in err.value.message and err.value.where == "r.yaml:9"
+
+
+def test_a_checkpoints_mtp_layers_from_its_config(tmp_path):
+    from apex_orch.release.mtp import checkpoint_head
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5MoeForConditionalGeneration"],
+                                                      "text_config": {"mtp_num_hidden_layers": 1}}))
+    head = checkpoint_head(tmp_path)
+    assert (head.architecture, head.layers) == ("Qwen3_5MoeForConditionalGeneration", 1)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"]}))
+    assert checkpoint_head(tmp_path).layers is None
+
+
+def test_the_mtp_section_and_localai_options():
+    """The card's MTP section and the LocalAI settings per mode (release.card_mtp; the real files:
+    tests/archs/test_release_mtp.py)."""
+    from apex_orch.release.card import FileFacts
+    from apex_orch.release.card_mtp import MtpFacts, localai_mtp, mtp_context
+    tier, heads = "X-APEX-Compact.gguf", (("X-APEX-Compact.gguf", "Q8_0 ×11", 300_000),)
+    assert mtp_context(None, tier) is None and localai_mtp(None) == ({}, [])
+    bundled = mtp_context(MtpFacts("bundled", 1, heads), tier)
+    assert bundled["table"] == "| File | MTP head |\n|---|---|\n| X-APEX-Compact.gguf | Q8_0 ×11 (300.0 KB) |"
+    assert bundled["command"] == "llama-server -m X-APEX-Compact.gguf --spec-type draft-mtp --spec-draft-n-max 3"
+    assert localai_mtp(MtpFacts("bundled", 1, heads)) == ({"options": ["spec_type:draft-mtp"]}, ["mtp"])
+    draft = MtpFacts("draft", 1, (("X-APEX-Compact.gguf", "", 0),), FileFacts(("mtp-X.gguf",), 2_500_000, ("0" * 64,)),
+                     "Q8_0 ×13")
+    ctx = mtp_context(draft, tier)
+    assert ctx["table"].splitlines()[2:] == ["| mtp-X.gguf | Q8_0 ×13 (2.5 MB, the draft file) |",
+                                             "| X-APEX-Compact.gguf | none |"]
+    assert ctx["command"].endswith("--spec-type draft-mtp --spec-draft-n-max 3 -md mtp-X.gguf")
+    assert localai_mtp(draft) == ({"options": ["spec_type:draft-mtp"], "draft_model": "mtp-X.gguf"}, ["mtp"])
+    none = mtp_context(MtpFacts("none", 0, (("X-APEX-Compact.gguf", "", 0),)), tier)
+    assert (none["command"], none["calibration"]) == (None, None) and localai_mtp(MtpFacts("none", 0, ())) == ({}, [])
+
+
+def test_the_mtp_example_config(monkeypatch):
+    """releases/qwen3.5-35b-a3b-mtp.yaml: an APEX-MTP release from a checkpoint folder."""
+    monkeypatch.delenv("APEX_MODELS_DIR", raising=False)
+    cfg = load_release(ROOT / "releases" / "qwen3.5-35b-a3b-mtp.yaml")
+    assert (cfg.mtp.mode, cfg.source.kind, cfg.source.checkpoint.raw) == (
+        "bundled", "convert", "${APEX_MODELS_DIR}/Qwen3.5-35B-A3B")
+    assert [t.tier for t in cfg.tiers] == ["I-Balanced", "I-Quality", "I-Compact", "Compact", "I-Mini"]
 
 
 def test_config_error_through_the_cli(tmp_path):

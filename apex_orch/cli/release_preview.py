@@ -32,6 +32,8 @@ def format_preview(p: ReleasePreview) -> str:
         elif mm.path is not None:
             lines.append(f"          {mm.path} ({disk_size(mm.size or 0)})")
     lines += ["convert   $ " + shlex.join(c.argv) for c in p.converts]
+    if p.mtp is not None:
+        lines.append(f"mtp       {p.mtp.what}" + (f" -> {p.mtp.draft_file}" if p.mtp.draft_file else ""))
     if p.source_problem is not None:
         lines.append(f"          not converted yet: {p.source_problem}")
     if p.source is None:
@@ -59,6 +61,19 @@ def format_preview(p: ReleasePreview) -> str:
              "present" if t.present else "missing"] for t in p.tiers]
     lines.append(table(["tier", "file", "size", "GiB", "bpw", "parts", "state"], rows, align="llrrrrl"))
     lines += [f"  {t.tier}: $ " + shlex.join(t.argv) for t in p.tiers]
+    m = p.mtp
+    if m is not None:
+        layers = "not known yet" if m.head_layers is None else f"{m.head_layers} layer(s)"
+        if m.draft_file is None:
+            costs = ", ".join(f"{tier} {disk_size(n)}" for tier, n in m.head_bytes.items())
+            lines.append(f"  MTP head: {layers}; " + (f"in every tier, at its profile's types.nextn ({costs})"
+                                                       if m.head_layers else "none in any file"))
+        elif m.draft_argv is None:
+            lines.append(f"  MTP draft {m.draft_file} ({m.draft_type}): planned once its head is converted")
+        else:
+            lines.append(f"  MTP draft {m.draft_file} ({m.draft_type}, {layers}): {disk_size(m.draft_size or 0)}, "
+                         f"{'present' if m.draft_present else 'missing'}, from {m.draft_source}")
+            lines.append("  MTP draft: $ " + shlex.join(m.draft_argv))
     lines.append("")
     e = p.eval
     if e is not None and e.enabled:

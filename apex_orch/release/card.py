@@ -22,6 +22,7 @@ from apex_orch import __version__
 from apex_orch.core.text import hub_size, human_count, md_code, md_inline, md_table
 from apex_orch.model.roles import ROLE_ORDER
 from apex_orch.plan.llama_rules import ftype_label
+from apex_orch.release.card_mtp import mtp_context, mtp_facts
 from apex_orch.release.fit_tiers import fitted_sentence
 
 CARD_MARKER = "<!-- written by apex-orch release"
@@ -143,6 +144,7 @@ class CardFacts:
     apex_orch_version: str = __version__
     llama_build: str = ""
     extra: dict = field(default_factory=dict, compare=False)
+    mtp: object | None = None       # card_mtp.MtpFacts: where the MTP head went (None: no head, no `mtp:`)
 
 
 # =========================================================================== gathering
@@ -254,7 +256,8 @@ def facts_from_release(state, *, file_facts: Callable | None = None) -> CardFact
         name=cfg.name, title=cfg.title, repo=cfg.publish.repo, base_model=cfg.base_model, license=cfg.license,
         description=cfg.description, tags=tuple(tags), arch=_arch_facts(model, jobs[0].plan.bands), tiers=tiers,
         mmproj=_mmproj_facts(state.mmproj) if state.mmproj is not None else None, calibration=cal,
-        base_eval=base, eval_setup=setup, config_path=cfg.display_path(), llama_build=build_label())
+        base_eval=base, eval_setup=setup, config_path=cfg.display_path(), llama_build=build_label(),
+        mtp=mtp_facts(state, tiers, _manifest_files))
 
 
 # =========================================================================== formatting
@@ -421,6 +424,9 @@ def card_context(f: CardFacts) -> dict:
     """What the template is given: every value formatted and escaped for Markdown here."""
     calibration, without_imatrix = _calibration_context(f)
     files = [[file_cell(t.file), t.tier, hub_size(t.file.size), t.best_for] for t in f.tiers]
+    if f.mtp is not None and f.mtp.draft is not None:
+        files.append([file_cell(f.mtp.draft), "MTP draft", hub_size(f.mtp.draft.size),
+                      "Speculative decoding beside any tier"])
     if f.mmproj is not None:
         files.append([file_cell(f.mmproj.file), "Vision projector", hub_size(f.mmproj.file.size),
                       "Required for image understanding"])
@@ -435,6 +441,7 @@ def card_context(f: CardFacts) -> dict:
         "calibration": calibration, "without_imatrix": without_imatrix,
         "details": [_tier_detail(t) for t in f.tiers],
         "apex_orch_version": f.apex_orch_version, "llama_build": f.llama_build,
+        "mtp": mtp_context(f.mtp, f.tiers[0].file.name),
     }
 
 

@@ -36,6 +36,9 @@ path is first needed, so `--dry-run --source` works on a machine without the mod
     split_max_size: 48G                 # optional: split outputs larger than this (48G = 48GB = 48e9
                                         #   bytes; sizes as apex_orch/core/sizes.py reads them)
     output: path                        # release folder (default: out/release/<name> under the cwd)
+    mtp: bundled | draft | none         # optional: the model's MTP head in every tier, as one draft file
+                                        #   mtp-<name>.gguf beside head-less tiers, or nowhere (release.mtp);
+                                        #   or {mode: draft, type: Q8_0, file: mtp-draft.gguf}
     resources: {cpus: 8, gpus: 1, memory: 64G}   # optional, --executor ray only: what each task asks
                                         #   the cluster for (cpus: also its tools' threads, default 1;
                                         #   gpus: imatrix and eval tasks, default 0; memory: default
@@ -57,15 +60,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apex_orch.core.errors import ConfigError
+from apex_orch.core.schema import bounds
 from apex_orch.core.settings import PACKAGE_DIR, config_variable
 from apex_orch.core.sizes import Size
 from apex_orch.core.text import gb
 from apex_orch.core.yamlio import YamlDoc
-from apex_orch.plan.profiles import Profile
+from apex_orch.plan.llama_rules import ABORT_WITHOUT_IMATRIX_DATA, IMATRIX_REQUIRED, is_quantized
+from apex_orch.plan.profiles import MTP_HEAD_DEFAULT, TARGET_TYPES, Profile
 
 # The keys each section allows (the `gates` keys are plan.gates.GATE_KEYS).
 TOP_KEYS = {"name", "title", "base_model", "license", "description", "tags", "source", "tiers", "imatrix",
-            "eval", "mmproj", "publish", "split_max_size", "output", "resources"}
+            "eval", "mmproj", "publish", "split_max_size", "output", "resources", "mtp"}
 SOURCE_KINDS = ("gguf", "demo", "hf", "convert")
 HF_KEYS = {"repo", "revision", "files"}
 HF_FILE_KEYS = {"repo", "revision", "file"}
@@ -80,6 +85,10 @@ PUBLISH_KEYS = {"repo", "private"}
 RESOURCES_KEYS = {"cpus", "gpus", "memory"}
 
 CONVERT_OUTTYPES = ("bf16", "f16", "f32", "q8_0")
+MTP_MODES = ("bundled", "draft", "none")
+# A draft's type: quantized, and written without imatrix data (no imatrix covers the MTP head).
+DRAFT_TYPES = tuple(n for n, t in TARGET_TYPES.items() if is_quantized(t) and t not in IMATRIX_REQUIRED
+                    and t not in ABORT_WITHOUT_IMATRIX_DATA)
 MMPROJ_OUTTYPES = ("f16", "q8_0")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -226,6 +235,15 @@ class ResourcesConfig:
     where: str = ""
 
 
+@dataclass(frozen=True)
+class MtpConfig:
+    """`mtp:` of a release (release.mtp reads it and says what each mode means)."""
+    mode: str = field(default="bundled", metadata=bounds(choices=MTP_MODES))
+    type: str = field(default=MTP_HEAD_DEFAULT, metadata=bounds(choices=DRAFT_TYPES))   # the draft file's
+    file: ConfigPath | None = None         # draft: the head as its own GGUF (the converter's --mtp output)
+    where: str = field(default="", metadata={"yaml": False})
+
+
 @dataclass
 class ReleaseConfig:
     path: Path
@@ -246,6 +264,7 @@ class ReleaseConfig:
     warnings: list[str] = field(default_factory=list)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     doc: YamlDoc | None = field(default=None, repr=False)
+    mtp: MtpConfig | None = None                   # None: the files hold what the source holds
 
     @property
     def i_tiers(self) -> list[TierConfig]:

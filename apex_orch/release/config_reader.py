@@ -28,6 +28,7 @@ from apex_orch.release.config import (CONVERT_KEYS, CONVERT_OUTTYPES, EVAL_KEYS,
                                       MmprojConfig, PublishConfig, ReleaseConfig, ResourcesConfig, SourceConfig,
                                       TierConfig)
 from apex_orch.release.fit_tiers import parse_fit_tier
+from apex_orch.release.mtp import parse_mtp
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -190,10 +191,11 @@ def load_release(path: str | os.PathLike) -> ReleaseConfig:
         if data.get("split_max_size") is not None else None
     output = r.path(("output",), data["output"], suffix=None) if data.get("output") is not None else None
     resources = _parse_resources(r, data["resources"]) if data.get("resources") is not None else ResourcesConfig()
+    mtp = parse_mtp(r, data["mtp"], source) if data.get("mtp") is not None else None
     return ReleaseConfig(path=p, name=name, title=title, base_model=base_model, license=license_,
                          description=description, tags=tuple(tags), source=source, tiers=tiers, imatrix=imatrix,
                          eval=eval_cfg, mmproj=mmproj, publish=publish, split_max_size=split, output=output,
-                         warnings=warnings, resources=resources, doc=doc)
+                         warnings=warnings, resources=resources, doc=doc, mtp=mtp)
 
 
 def _parse_source(r: _Reader, value) -> SourceConfig:

@@ -26,13 +26,15 @@ from apex_orch.core.errors import ApexError, ModelError
 from apex_orch.core.sizes import Size
 from apex_orch.quantize.job import ImatrixSource, resolve_imatrix
 from apex_orch.quantize.run import default_jobs
+from apex_orch.quantize.job import draft_output_name
+from apex_orch.release import mtp as mtp_mode
 from apex_orch.release.config import ReleaseConfig
 from apex_orch.release.fit_tiers import resolve_fit_tiers
-from apex_orch.release.phases.convert import convert_argv, convert_source, converted_path
+from apex_orch.release.phases.convert import convert_argv, convert_source, converted_draft_path, converted_path
 from apex_orch.release.phases.fetch import fetch_mmproj, fetch_source
 from apex_orch.release.phases.evaluate import check_text_early
 from apex_orch.release.phases.imatrix import imatrix_plan
-from apex_orch.release.phases.quantize import existing_outputs, plan_jobs
+from apex_orch.release.phases.quantize import existing_outputs, plan_draft, plan_jobs
 from apex_orch.release.runner import PHASES
 from apex_orch.release.state import (CARD_NAME, LOCALAI_DIR, ReleaseState, check_out_dir, check_release_paths,
                                      default_out_dir)
@@ -89,6 +91,20 @@ class SourcePreview:
     blocks: int
     experts: int
     type: str                         # the type holding most of its weights (F16, BF16...)
+
+
+@dataclass
+class MtpPreview:
+    mode: str | None                  # bundled | draft | none; None: no `mtp:` (as the source holds it)
+    what: str                         # the mode, in words
+    head_layers: int | None = None    # the tiers' source's MTP layers (None: not known yet)
+    head_bytes: dict[str, int] = field(default_factory=dict)   # tier -> bytes of the head it carries
+    draft_file: str | None = None     # mtp: draft: the draft file's name in the release
+    draft_type: str | None = None
+    draft_source: str | None = None   # the unquantized head it is made from (None: not converted yet)
+    draft_size: int | None = None     # its predicted bytes
+    draft_present: bool = False       # its up-to-date file is already in the release folder
+    draft_argv: list[str] | None = None   # its llama-quantize command line
 
 
 @dataclass
@@ -157,6 +173,7 @@ class ReleasePreview:
     fetch: FetchPreview
     mmproj: MmprojPreview | None
     converts: list[ConvertPreview]
+    mtp: MtpPreview | None = None               # the config's `mtp:` (None: none, and no head known)
     source_problem: str | None = None           # why the source GGUF cannot be read yet
     source: SourcePreview | None = None         # None: it does not exist yet; nothing below is known
     imatrix: ImatrixPreview | None = None       # None: no I-tier
@@ -225,10 +242,26 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
             raise   # a local projector that is there but refused (not a regular file)
         except ApexError as exc:
             preview.mmproj.problem = exc.render({})   # hint included; no parameter names (a caller's words)
+    if cfg.mtp is not None:
+        preview.mtp = MtpPreview(cfg.mtp.mode, mtp_mode.describe_mode(cfg.mtp))
+        if cfg.mtp.mode == "draft":
+            preview.mtp.draft_file, preview.mtp.draft_type = draft_output_name(cfg.name), cfg.mtp.type
     if cfg.source.kind == "convert" and source is None:
         snap = state.snapshot_dir or Path("<snapshot>")
+        flag = None
+        if state.snapshot_dir is not None:   # a mode the checkpoint cannot give: refused here, as in the run
+            head = mtp_mode.checkpoint_head(state.snapshot_dir)
+            mtp_mode.check_checkpoint(cfg.mtp, head)
+            flag = mtp_mode.converter_flag(cfg.mtp, head)
+        elif cfg.mtp is not None and cfg.mtp.mode != "bundled":
+            flag = "--no-mtp"
         preview.converts.append(ConvertPreview("source", convert_argv(
-            snap, converted_path(state), cfg.source.outtype, mistral_format=cfg.source.mistral_format, name=cfg.name)))
+            snap, converted_path(state), cfg.source.outtype, mistral_format=cfg.source.mistral_format, name=cfg.name,
+            mtp_flag=flag)))
+        if cfg.mtp is not None and cfg.mtp.mode == "draft" and cfg.mtp.file is None:
+            preview.converts.append(ConvertPreview("mtp draft", convert_argv(
+                snap, converted_draft_path(state), cfg.source.outtype, mistral_format=cfg.source.mistral_format,
+                name=cfg.name, mtp_flag="--mtp")))
     if cfg.mmproj is not None and cfg.mmproj.kind == "convert":
         snap = state.mmproj_snapshot or Path("<snapshot>")
         preview.converts.append(ConvertPreview("mmproj", convert_argv(
@@ -247,6 +280,10 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
     m = state.model
     preview.source = SourcePreview(str(state.model_path), m.file_size, m.arch, m.block_count, m.expert_count,
                                    m.source_ftype_label)
+    if preview.mtp is None and m.nextn_layers:
+        preview.mtp = MtpPreview(None, mtp_mode.describe_mode(None))
+    if preview.mtp is not None and preview.mtp.mode != "draft":
+        preview.mtp.head_layers = len(mtp_mode.head_blocks(m))
     # imatrix
     im_plan = None
     if cfg.imatrix is not None:
@@ -271,6 +308,15 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
     split = cfg.split_max_size.bytes if cfg.split_max_size else None
     preview.split_max_size = cfg.split_max_size
     preview.parallel = jobs or default_jobs(job_list)
+    draft = plan_draft(state, write=False)
+    if draft is not None:
+        preview.mtp.draft_source, preview.mtp.draft_size = str(state.mtp_source), draft.predicted_size
+        preview.mtp.draft_present = bool(existing_outputs(draft))
+        preview.mtp.draft_argv = draft.argv(draft.output, draft.rules_path)
+        preview.mtp.head_layers = draft.model.nextn_layers
+    if preview.mtp is not None and preview.mtp.head_layers and preview.mtp.draft_file is None:
+        preview.mtp.head_bytes = {j.profile.tier: sum(t.n_bytes for t in j.plan.tensors if t.role.value == "nextn")
+                                  for j in job_list}
     total = 0
     for job in job_list:
         size = job.predicted_size
@@ -294,7 +340,7 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
                 preview.eval.text_note = f"the text is not checked here: {exc.message}"
     preview.card, preview.localai = str(out / CARD_NAME), str(out / LOCALAI_DIR)
     # disk
-    need = total
+    need = total + (draft.predicted_size if draft is not None else 0)
     if split:
         need += max((j.predicted_size for j in job_list if j.predicted_size > split), default=0)
     if cfg.mmproj is not None:
@@ -303,6 +349,7 @@ def describe_release(config: ReleaseConfig, *, phases: list[str] | None = None, 
     while not probe.exists():
         probe = probe.parent
     preview.disk = DiskPreview(need, total, bool(split), mmproj_size if cfg.mmproj is not None else 0,
-                               sum(f.stat().st_size for j in job_list for f in (existing_outputs(j) or [])),
+                               sum(f.stat().st_size for j in job_list + ([draft] if draft else [])
+                                   for f in (existing_outputs(j) or [])),
                                shutil.disk_usage(probe).free, str(probe))
     return preview

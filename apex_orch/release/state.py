@@ -28,7 +28,7 @@ from apex_orch.core.locks import FileLock
 from apex_orch.core.outputs import sidecars
 from apex_orch.core.safefiles import check_not_inputs, safe_mkdir
 from apex_orch.model.info import ModelInfo
-from apex_orch.quantize.job import ImatrixSource, QuantizeJob, output_name
+from apex_orch.quantize.job import ImatrixSource, QuantizeJob, draft_output_name, output_name
 from apex_orch.release.card import CARD_MARKER
 from apex_orch.release.config import ReleaseConfig
 from apex_orch.release.executor import Executor, LocalExecutor
@@ -66,6 +66,9 @@ class ReleaseState:
     model_path: Path | None = None                            # the GGUF the tiers are made from
     model: ModelInfo | None = None
     mmproj: Path | None = None                                # the projector in the release folder
+    mtp_source: Path | None = None                            # mtp: draft: the head alone, unquantized
+    mtp_job: QuantizeJob | None = None                        # ... and its quantization (the draft file)
+    mtp_files: list[Path] = field(default_factory=list)       # ... the draft file, once written
     imatrix: ImatrixSource | None = None
     imatrix_record: dict | None = None
     jobs: list[QuantizeJob] = field(default_factory=list)     # one per tier
@@ -81,8 +84,11 @@ class ReleaseState:
 
     def require_all_files(self, phase: str) -> None:
         missing = [j.profile.tier for j in self.jobs if j.profile.tier not in self.files]
-        if missing:
-            raise ModelError(f"{phase}: no up-to-date output for tier(s) {', '.join(missing)}",
+        what = f"tier(s) {', '.join(missing)}" if missing else ""
+        if self.config.mtp is not None and self.config.mtp.mode == "draft" and not self.mtp_files:
+            what += (" and " if what else "") + f"the MTP draft {draft_output_name(self.config.name)}"
+        if what:
+            raise ModelError(f"{phase}: no up-to-date output for {what}",
                              hint="run the quantize phase first", options=("only", "skip", "from_phase"))
 
 
@@ -119,6 +125,8 @@ def release_outputs(config: ReleaseConfig, out: Path) -> list[Path]:
     """Every file name a release writes in its folder that could meet an input (tiers and their
     sidecars, the projector, the card)."""
     finals = [out / output_name(config.name, t.profile.tier) for t in config.tiers]
+    if config.mtp is not None and config.mtp.mode == "draft":
+        finals.append(out / draft_output_name(config.name))
     if config.mmproj is not None:
         finals.append(out / config.mmproj.name)
     return [x for f in finals for x in (f, *sidecars(f))] + [out / CARD_NAME]
@@ -134,6 +142,8 @@ def release_inputs(config: ReleaseConfig, source: Path | None) -> list[Path]:
         refs += list(config.source.paths)
     if config.mmproj is not None and config.mmproj.kind == "file":
         refs.append(config.mmproj.path)
+    if config.mtp is not None and config.mtp.file is not None:
+        refs.append(config.mtp.file)
     if config.eval.text is not None:
         refs.append(config.eval.text)
     for ref in refs:

@@ -6,6 +6,8 @@ task) when its content-keyed cache does not hold the result yet, and sets `state
 the quantize phase hands llama-quantize) and `state.imatrix_record` (what the card says about the
 calibration). Not needed without an I-tier.
 With `run` false a missing imatrix is an error: later phases never compute it.
+An I-tier whose profile gives the MTP head a type needing imatrix data is refused first: no imatrix
+has any for the head (quantize.job.check_mtp_head_types), so none is built for it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 from apex_orch.calibration.corpus_spec import load_corpus_spec
 from apex_orch.calibration.imatrix import ImatrixPlan, plan_imatrix
 from apex_orch.core.errors import ApexError, ImatrixError
-from apex_orch.quantize.job import resolve_imatrix
+from apex_orch.plan.planner import make_plan
+from apex_orch.quantize.job import check_mtp_head_types, resolve_imatrix
 from apex_orch.release.state import PhaseReport, ReleaseState
 
 
@@ -26,6 +29,9 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     cfg = state.config
     if cfg.imatrix is None:
         return PhaseReport("imatrix", "not needed", detail="no I-tier")
+    for t in cfg.i_tiers:
+        if not t.fit_pending:   # a fit tier is checked once it is fitted (plan_quantize)
+            check_mtp_head_types(make_plan(state.model, t.profile, has_imatrix=True), None)
     plan = imatrix_plan(state)
     status = "up to date" if plan.cached else "ran"
     if not plan.cached:

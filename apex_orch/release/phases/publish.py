@@ -16,7 +16,7 @@ from apex_orch.release.state import CARD_NAME, LOCALAI_DIR, PhaseReport, Release
 
 def publish_request(state: ReleaseState) -> publish.PublishRequest:
     cfg, out = state.config, state.out_dir
-    firsts = [state.files[job.profile.tier][0] for job in state.jobs]
+    firsts = [state.files[job.profile.tier][0] for job in state.jobs] + state.mtp_files[:1]
     if state.mmproj is not None:
         firsts.append(state.mmproj)
     return publish.PublishRequest(
