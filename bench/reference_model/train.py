@@ -560,12 +560,29 @@ def _shape_markdown(rec: dict) -> list[str]:
     return lines
 
 
+def _no_machine_paths(obj, *, key: str | None = None):
+    """The committed results name no path of the machine that built them: the cache as <cache>,
+    the standard library as <python stdlib>."""
+    cache = str(settings.cache_root())
+    if isinstance(obj, dict):
+        return {k: _no_machine_paths(v, key=k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_machine_paths(v) for v in obj]
+    if isinstance(obj, str):
+        if key == "stdlib":
+            return "<python stdlib>"
+        if obj.startswith(cache + os.sep):
+            return "<cache>" + obj[len(cache):]
+    return obj
+
+
 def write_results(rec: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
     results_dir.mkdir(parents=True, exist_ok=True)
     public = {k: v for k, v in rec.items() if k != "training"}
     public["training"] = {k: v for k, v in rec["training"].items() if k != "history"}
     public["training"]["loss_curve"] = [(h["step"], h["loss"]) for h in rec["training"]["history"]]
     public["model"] = {**rec["model"], "path": "<cache>/models/" + Path(rec["model"]["path"]).name}
+    public = _no_machine_paths(public)
     jpath, mpath = results_dir / "reference-model.json", results_dir / "reference-model.md"
     _atomic_write(jpath, json.dumps(public, indent=2) + "\n")
     _atomic_write(mpath, results_markdown(rec))
