@@ -16,7 +16,7 @@ from apex_orch.core.errors import ImatrixError
 
 @click.command("imatrix")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False), required=False)
-@click.option("--demo", is_flag=True, help="Use the embedded synthetic demo model (generated on first use).")
+@click.option("--demo", is_flag=True, help="Use the demo model: a small trained MoE, trained once on first use (about two minutes).")
 @click.option("--corpus", "corpus_name", default="diverse", show_default=True,
               help="Corpus name (corpora/NAME.yaml) or path to a corpus YAML.")
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
