@@ -5,6 +5,8 @@ safetensors source converted by the pinned `convert_hf_to_gguf.py` into the work
 `state.mmproj` (the projector converted with `--mmproj`, or included as is). Each output carries a
 manifest keyed by its inputs (the repo and revision, or a local checkpoint's content; the outtype;
 the converter's build), so a rerun converts nothing. With `run` false it only finds those outputs.
+Once the source is known, every baseline file is checked to be a quantization of it
+(release.baselines.check_baselines: the same architecture, tensor names and shapes).
 The converter writes into a temporary name that is checked as a GGUF before the rename, so a torn
 output is never mistaken for a finished one.
 """
@@ -26,6 +28,7 @@ from apex_orch.llama import pin
 from apex_orch.llama.tools import build_label, run_tool
 from apex_orch.model.gguf_header import read_header
 from apex_orch.model.info import read_model
+from apex_orch.release.baselines import check_baselines
 from apex_orch.release.state import PhaseReport, Progress, ReleaseState
 
 
@@ -184,6 +187,7 @@ def convert_mmproj(state: ReleaseState, run: bool) -> str:
 
 def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     did = [d for d in (convert_source(state, run), convert_mmproj(state, run)) if d]
+    check_baselines(state)   # the source is known: a baseline of another model stops here, before any tool
     if not did:
         return PhaseReport("convert", "not needed" if run else "resolved", detail="source is already GGUF")
     if not run:
