@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 from apex_orch import __version__
 from apex_orch.evaluation.baselines import Point, closer_baselines, closer_sentence
-from apex_orch.release import card, card_results
+from apex_orch.release import card, card_facts, card_results
 from apex_orch.release import runner as rel
 from apex_orch.release.config_reader import load_release
 from apex_orch.release.dryrun import preview_imatrix
@@ -218,7 +218,7 @@ def test_card_is_the_render_of_the_release_and_states_real_facts(pipeline):
     large = max([base["ppl"]] + [r["summary"]["ppl"] for r in every]) >= 1000
 
     def cells(e: dict) -> str:
-        tasks = " | ".join(card_results.fmt_task(card.TaskCell(t["accuracy"], t["error"],
+        tasks = " | ".join(card_results.fmt_task(card_facts.TaskCell(t["accuracy"], t["error"],
                                                                tuple(t["ci95"]) if t["ci95"] else None))
                            for t in e["tasks"])
         sp = e["speed"]
@@ -237,7 +237,8 @@ def test_card_is_the_render_of_the_release_and_states_real_facts(pipeline):
         assert (s["speed"]["repetitions"], s["speed"]["pp_tokens"], s["speed"]["tg_tokens"]) == (2, 32, 8)
         assert [t["task"] for t in s["tasks"]] == ["hellaswag", "mmlu"] and all(t["n_tasks"] == 12 for t in s["tasks"])
     # rows by size, largest first; a tier is marked exactly when a baseline no larger beats it beyond the errors
-    shown = [line.split(" | ")[0][2:].removesuffix(" †") for line in text.splitlines()
+    section = text.split("## Benchmarks\n\n")[1].split("\n\n### ")[0]
+    shown = [line.split(" | ")[0][2:].removesuffix(" †") for line in section.splitlines()
              if line.startswith(("| Demo-Release-APEX-", "| baseline: "))]
     ranked = sorted(enumerate(every), key=lambda ir: (-ir[1]["size"], ir[0]))
     assert shown == [f"baseline: {r['baseline']}" if "baseline" in r else r["file"] for _, r in ranked]
@@ -248,7 +249,6 @@ def test_card_is_the_render_of_the_release_and_states_real_facts(pipeline):
     expected = ["† " + closer_sentence(t, b, hub_size) for t, b in closer_baselines(points)] or [
         "No baseline that is no larger than a tier is closer to the source than that tier beyond the error "
         "estimates (mean KLD ± its standard error)."]
-    section = text.split("## Benchmarks\n\n")[1].split("\n\n### ")[0]
     assert [p for p in section.split("\n\n")[2:] if not p.startswith("![")] == expected
     assert "![Mean KLD against file size, tiers and baselines](kld-vs-size.png)" in text
     assert (out / "kld-vs-size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -326,13 +326,22 @@ HUB_REPO = "apex-test/Demo-Release-APEX-GGUF"
 TEST_TOKEN = "hf_publishTestToken0123456789abcdef"
 
 
+CALIBRATION = ["calibration/imatrix.gguf", "calibration/calibration.txt", "calibration/calibration.json"]
+
+
 def _published_names(out: Path) -> list[str]:
     return sorted([f"{NAME}-APEX-Compact.gguf", f"{NAME}-APEX-I-Compact.gguf", "mmproj.gguf", "README.md",
-                   "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml"])
+                   "kld-vs-size.png", "localai/demo-release-apex-compact.yaml",
+                   "localai/demo-release-apex-i-compact.yaml", *CALIBRATION])
 
 
 def _published_ggufs() -> list[str]:
     return [f"{NAME}-APEX-Compact.gguf", f"{NAME}-APEX-I-Compact.gguf", "mmproj.gguf"]
+
+
+def _lfs_files() -> list[str]:
+    """What the (fake) Hub stores through LFS: the GGUFs, the imatrix and the plot (binary)."""
+    return sorted(_published_ggufs() + ["calibration/imatrix.gguf", "kld-vs-size.png"])
 
 
 def test_publish_plan_handed_to_huggingface_hub(pipeline, hub, monkeypatch):
@@ -341,22 +350,25 @@ def test_publish_plan_handed_to_huggingface_hub(pipeline, hub, monkeypatch):
     cfg = load_release(pipeline["cfg"])
     result = rel.run_release(cfg, phases=["publish"], push=True, out_dir=out)
     assert result.reports[-1].status == "ran"
-    # each GGUF: its upload mode, the LFS batch ("basic"), one PUT, the verify; then create_commit:
-    # README.md's front matter, the small files' upload mode, the NDJSON commit
-    lfs_steps = ["preupload", "lfs_batch", "lfs_upload", "lfs_verify"]
-    assert hub.ops() == ["create_repo", "paths_info", *lfs_steps * 3, "validate_yaml", "preupload", "commit"]
+    # each recorded file (GGUF, then calibration) one at a time: its upload mode, and for an LFS one the batch
+    # ("basic"), one PUT, the verify; then create_commit: README.md's front matter, the card files' upload
+    # mode, the plot's LFS upload (a binary file), the NDJSON commit
+    lfs_steps = ["lfs_batch", "lfs_upload", "lfs_verify"]
+    assert hub.ops() == ["create_repo", "paths_info", *(["preupload", *lfs_steps] * 4), "preupload", "preupload",
+                         "validate_yaml", "preupload", *lfs_steps, "commit"]
     create, paths_info = hub.requests[0], hub.requests[1]
     assert create.body == {"name": "Demo-Release-APEX-GGUF", "organization": "apex-test", "visibility": "public",
                            "type": "model"}
     assert paths_info.path == f"/api/models/{HUB_REPO}/paths-info/main"
     assert sorted(paths_info.body["paths"]) == _published_names(out)
     preuploads = [[f["path"] for f in r.body["files"]] for r in hub.requests if r.op == "preupload"]
-    assert sorted(preuploads[:3]) == sorted([g] for g in _published_ggufs())      # one LFS file at a time
-    assert sorted(preuploads[3]) == ["README.md", "localai/demo-release-apex-compact.yaml",
+    assert sorted(preuploads[:3]) == sorted([g] for g in _published_ggufs())      # one recorded file at a time
+    assert preuploads[3:6] == [[c] for c in CALIBRATION]
+    assert sorted(preuploads[6]) == ["README.md", "kld-vs-size.png", "localai/demo-release-apex-compact.yaml",
                                      "localai/demo-release-apex-i-compact.yaml"]
     digest = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in _published_names(out)}
     assert sorted(r.path for r in hub.requests if r.op == "lfs_upload") == sorted(
-        f"/lfs-objects/{digest[g]}" for g in _published_ggufs())
+        f"/lfs-objects/{digest[g]}" for g in _lfs_files())
     commit = hub.requests[-1]
     assert commit.path == f"/api/models/{HUB_REPO}/commit/main"         # a model repo, revision main
     header, *lines = commit.body
@@ -364,14 +376,15 @@ def test_publish_plan_handed_to_huggingface_hub(pipeline, hub, monkeypatch):
     assert header["value"]["summary"] == f"{NAME} APEX GGUF: 2 tiers (apex-orch {__version__}, {build_label()})"
     description = header["value"]["description"]
     assert f"apex-orch {__version__}" in description and build_label() in description
+    assert ": 3 GGUF file(s), the calibration files, the model card" in description
     assert sorted(line["value"]["path"] for line in lines) == _published_names(out)
-    assert sorted(line["value"]["path"] for line in lines if line["key"] == "lfsFile") == sorted(_published_ggufs())
-    # what arrived is the release, byte for byte, and nothing else (no manifest, log or work file)
+    assert sorted(line["value"]["path"] for line in lines if line["key"] == "lfsFile") == _lfs_files()
+    # what arrived is the release, byte for byte, and nothing else (no manifest, log, baseline or work file)
     repo = hub.repos[HUB_REPO]
     assert sorted(hub.stored(HUB_REPO)) == sorted(_published_names(out) + [".gitattributes"])
     for name in _published_names(out):
         assert hub.stored(HUB_REPO)[name] == (out / name).read_bytes(), name
-    assert {g: repo.files[g].lfs_sha256 for g in _published_ggufs()} == {g: digest[g] for g in _published_ggufs()}
+    assert {g: repo.files[g].lfs_sha256 for g in _lfs_files()} == {g: digest[g] for g in _lfs_files()}
     record = json.loads((out / WORK_DIR / "publish.json").read_text())
     assert record["commit_oid"] == repo.commits[-1].oid and sorted(record["uploaded"]) == _published_names(out)
     assert record["commit_url"] == f"{hub.url}/{HUB_REPO}/commit/{repo.commits[-1].oid}"

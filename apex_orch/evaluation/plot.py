@@ -88,7 +88,7 @@ def kld_size_plot(points: Sequence[PlotPoint], *, base_size: int, base_label: st
         ax.xaxis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel(f"file size ({unit})")
         ax.set_ylabel("mean KL divergence vs source (nats)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -45,7 +45,7 @@ def calibration_manifest(plan: ImatrixPlan, imatrix_sha256: str, model_path: Pat
     sources = []
     for s in built.sources:
         text = sep.join(d.rendered for d in built.documents if d.source == s.id)
-        sources.append({"id": s.id, "kind": s.kind, "weight": s.weight, "documents": s.documents_used,
+        sources.append({"id": _public_id(s.id), "kind": s.kind, "weight": s.weight, "documents": s.documents_used,
                          "bytes": len(text.encode("utf-8")), "tokens": s.tokens,
                          "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()})
     return {
@@ -60,6 +60,15 @@ def calibration_manifest(plan: ImatrixPlan, imatrix_sha256: str, model_path: Pat
                     "tokens": plan.ctx * plan.chunks},
         "apex_orch": __version__, "llama_cpp": build_label(),
     }
+
+
+def _public_id(source_id: str) -> str:
+    """A source's id without a local folder: a `path:` source given by an absolute path (or ~) is named
+    by its file name (the sha256 beside it says which bytes it gave)."""
+    kind, _, value = source_id.partition(":")
+    if kind == "path" and (value.startswith(("/", "~")) or ":\\" in value):
+        return f"path:{Path(value).name}"
+    return source_id
 
 
 def _paths(folder: Path) -> list[Path]:

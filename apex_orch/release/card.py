@@ -194,8 +194,8 @@ def render_plot(f: CardFacts) -> bytes:
     """The card's plot (PNG): mean KLD against file size, tiers and baselines (evaluation.plot)."""
     base = f.base_eval
     return kld_size_plot(plot_points(f), base_size=base.size if base else max(p.size for p in plot_points(f)),
-                         base_label=base.file_type if base else "source", title=f"{f.name}: mean KLD vs size"
-                         + (f" ({f.eval_setup})" if f.eval_setup else ""))
+                         base_label=base.file_type if base else "source", title=f"{f.name}: mean KLD vs file size"
+                         + (f"\n{f.eval_setup}" if f.eval_setup else ""))
 
 
 # =========================================================================== formatting
