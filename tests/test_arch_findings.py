@@ -130,7 +130,9 @@ KINDS = [
     ("blk.3.layer_output_scale.weight", Role.AUX),
     ("blk.3.attn_sinks.weight", Role.ATTENTION), ("blk.3.attn_gate.weight", Role.ATTENTION),
     ("blk.3.ffn_gate_inp_shexp.weight", Role.ROUTER), ("blk.3.attn_q.bias", Role.ATTENTION),
-    ("blk.3.nextn.eh_proj.weight", Role.NEXTN),
+    ("blk.3.nextn.eh_proj.weight", Role.NEXTN), ("blk.3.nextn.embed_tokens.weight", Role.NEXTN),
+    ("blk.3.nextn.shared_head_head.weight", Role.NEXTN), ("blk.3.nextn.enorm.weight", Role.NORM),
+    ("blk.3.nextn.hnorm.weight", Role.NORM), ("blk.3.nextn.shared_head_norm.weight", Role.NORM),
     ("blk.3.inp_gate.weight", Role.DENSE_FFN), ("blk.3.proj.weight", Role.DENSE_FFN),
     ("blk.3.ffn_gate_inp.scale", Role.ROUTER),
 ]
@@ -287,3 +289,81 @@ def test_release_source_convert_from_a_local_checkpoint_folder(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match="either path"):
         load_release(tmp_path / "r.yaml")
+
+
+# ---------------------------------------------------------------- MTP draft files (the converter's --mtp)
+
+def mtp_draft_tensors(n_blocks=3, **kw) -> dict[str, tuple[int, ...]]:
+    """What --mtp writes: the last block (the MTP head) and the shared embedding, norm and head."""
+    last = f"blk.{n_blocks - 1}."
+    return {n: s for n, s in glm_like_tensors(n_blocks, nextn=1, **kw).items()
+            if n.startswith(last) or not n.startswith("blk.")}
+
+
+def test_an_mtp_draft_file_is_read_and_planned(tmp_path):
+    kv = dict(GLM_KV, leading_dense_block_count=1, nextn_predict_layers=1)
+    info = read_model(write_gguf(tmp_path / "mtp.gguf", "glm4moe", kv, mtp_draft_tensors()))
+    assert (info.is_mtp_draft, info.nextn_layers, info.leading_dense_blocks) == (True, 1, 1)
+    assert info.structure_warnings == []
+    roles = classify(info)
+    assert {n: (r.role, r.slot, r.kind) for n, r in roles.items() if n.startswith("blk.2.")} == {
+        "blk.2.attn_norm.weight": (Role.NORM, "norm", "norm"),
+        "blk.2.attn_q.weight": (Role.NEXTN, "attention.q", "MTP block layer"),
+        "blk.2.attn_k.weight": (Role.NEXTN, "attention.k", "MTP block layer"),
+        "blk.2.attn_v.weight": (Role.NEXTN, "attention.v", "MTP block layer"),
+        "blk.2.attn_output.weight": (Role.NEXTN, "attention.output", "MTP block layer"),
+        "blk.2.ffn_norm.weight": (Role.NORM, "norm", "norm"),
+        "blk.2.ffn_gate_inp.weight": (Role.ROUTER, "gate_inp", "router"),
+        "blk.2.ffn_gate_exps.weight": (Role.NEXTN, "routed_expert.gate", "MTP block layer"),
+        "blk.2.ffn_up_exps.weight": (Role.NEXTN, "routed_expert.up", "MTP block layer"),
+        "blk.2.ffn_down_exps.weight": (Role.NEXTN, "routed_expert.down", "MTP block layer"),
+        "blk.2.exp_probs_b.bias": (Role.ROUTER, "exp_probs_b", "expert-probability bias"),
+        "blk.2.nextn.eh_proj.weight": (Role.NEXTN, "eh_proj", "MTP input projection"),
+        "blk.2.nextn.enorm.weight": (Role.NORM, "enorm", "MTP norms"),
+        "blk.2.nextn.hnorm.weight": (Role.NORM, "hnorm", "MTP norms"),
+        "blk.2.nextn.shared_head_norm.weight": (Role.NORM, "shared_head_norm", "MTP norms"),
+    }
+    plan = make_plan(info, load_profile("compact"))
+    types = {t.name: t.requested.name for t in plan.tensors if t.requested is not None}
+    assert types["blk.2.nextn.eh_proj.weight"] == types["blk.2.attn_q.weight"] == "Q4_K"   # edge attention
+    assert types["blk.2.ffn_down_exps.weight"] == "Q4_K"                                   # edge experts
+
+
+def test_only_the_last_nextn_blocks_make_a_draft_file(tmp_path):
+    """Blocks missing anywhere else is still a broken header, one message, nothing planned."""
+    from apex_orch.core.errors import ModelError
+    kv = dict(GLM_KV, leading_dense_block_count=1, nextn_predict_layers=1)
+    t = mtp_draft_tensors()
+    t.update({n: s for n, s in glm_like_tensors().items() if n.startswith("blk.0.")})   # block 0 too, not 1
+    with pytest.raises(ModelError, match=r"glm4moe.block_count is 3 but 1 of those blocks have no tensors \(block 1\)"):
+        read_model(write_gguf(tmp_path / "broken.gguf", "glm4moe", kv, t))
+    kv.pop("nextn_predict_layers")      # without the key nothing says which block is the head
+    with pytest.raises(ModelError, match="2 of those blocks have no tensors"):
+        read_model(write_gguf(tmp_path / "nokey.gguf", "glm4moe", kv, mtp_draft_tensors()))
+
+
+def test_inspect_names_a_draft_and_counts_trunk_blocks(tmp_path):
+    from apex_orch.model.describe import format_inspect, inspect_model
+    kv = dict(GLM_KV, leading_dense_block_count=1, nextn_predict_layers=1)
+    full = inspect_model(read_model(write_gguf(tmp_path / "g.gguf", "glm4moe", kv, glm_like_tensors(nextn=1))))
+    assert "blocks           2 (1 leading dense) + 1 MTP/nextn\n" in format_inspect(full)
+    draft = inspect_model(read_model(write_gguf(tmp_path / "mtp.gguf", "glm4moe", kv, mtp_draft_tensors())))
+    assert draft["mtp_draft"] is True
+    assert ("blocks           2 (1 leading dense) + 1 MTP/nextn  (MTP draft file: only the MTP block(s), "
+            "to load beside the full model)\n") in format_inspect(draft)
+    assert {d["kind"] for d in draft["role_decisions"]} >= {"MTP block layer", "MTP input projection", "MTP norms"}
+
+
+def test_speculate_refuses_a_draft_file_as_the_model(tmp_path):
+    from click.testing import CliRunner
+    from apex_orch.cli import main
+    kv = dict(GLM_KV, leading_dense_block_count=1, nextn_predict_layers=1)
+    draft = write_gguf(tmp_path / "mtp.gguf", "glm4moe", kv, mtp_draft_tensors())
+    r = CliRunner().invoke(main, ["speculate", str(draft)])
+    assert r.exit_code == 14, r.output
+    assert "this is an MTP draft file (only the MTP head): it drafts for a full model" in r.output
+    full = write_gguf(tmp_path / "full.gguf", "glm4moe", dict(kv, block_count=4), glm_like_tensors(4, nextn=1))
+    r = CliRunner().invoke(main, ["speculate", str(full), "--draft", str(draft)])
+    assert r.exit_code == 14, r.output
+    assert ("--draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks are "
+            "glm4moe/64/128/2, the model's glm4moe/64/128/3") in r.output

@@ -196,7 +196,7 @@ def test_pinned_data_is_fetched_once_through_the_hub(hub, task_dir: Path, monkey
     # an unpinned row and HellaSwag (no Hub source) say what to do
     with pytest.raises(TaskError, match="is not pinned yet"):
         task_data.fetch("truthfulqa")
-    with pytest.raises(TaskError, match=r"HellaSwag data has no pinned Hub source: give the file \(--tasks hellaswag=PATH\)"):
+    with pytest.raises(TaskError, match=r"HellaSwag data has no pinned Hub source: give the file \(hellaswag=PATH\)"):
         task_data.fetch("hellaswag")
 
 

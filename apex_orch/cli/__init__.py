@@ -149,6 +149,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "imatrix-report": ("apex_orch.cli.imatrix", "imatrix_report"),
     "eval": ("apex_orch.cli.eval", "eval_cmd"),
     "compare": ("apex_orch.cli.eval", "compare"),
+    "speculate": ("apex_orch.cli.speculate", "speculate"),
     "sensitivity": ("apex_orch.cli.fit", "sensitivity"),
     "fit": ("apex_orch.cli.fit", "fit"),
     "release": ("apex_orch.cli.release", "release"),

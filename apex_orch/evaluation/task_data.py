@@ -85,11 +85,11 @@ def _download(source: TaskSource, revision: str, what: str) -> str:
         state = "HF_HUB_OFFLINE=1" if hf_hub_offline() else "the Hub cannot be reached"
         error = translate_hub_download_error(
             exc, label=label, where=what, not_cached=f"{label}: {state} and the file is not in the cache",
-            not_cached_hint="run once with network access to fetch it, or give the file: --tasks NAME=PATH",
+            not_cached_hint="run once with network access to fetch it, or give the file as NAME=PATH",
             failed_hint="check the task source's repo, revision and file name")
         if error is None:
             raise
-        raise TaskError(error.message, where=error.where, hint=error.hint) from exc
+        raise TaskError(error.message, where=error.where, hint=error.hint, options=("tasks",)) from exc
 
 
 def pinned_source(name: str) -> TaskSource:
@@ -97,13 +97,15 @@ def pinned_source(name: str) -> TaskSource:
     kind = task_kind(name)
     source = SOURCES.get(kind.name)
     if source is None:
-        raise TaskError(f"{kind.title} data has no pinned Hub source: give the file (--tasks {kind.name}=PATH)",
+        raise TaskError(f"{kind.title} data has no pinned Hub source: give the file ({kind.name}=PATH)",
+                        options=("tasks",),
                         hint="llama.cpp's scripts/get-hellaswag.sh names the file (hellaswag_val_full.txt)"
                         if kind.name == "hellaswag" else None)
     if not source.pinned:
         raise TaskError(f"the {kind.title} source {source.repo}/{source.filename} is not pinned yet (no verified "
                         f"revision and sha256 in apex_orch/evaluation/task_data.py)",
-                        hint=f"give the file (--tasks {kind.name}=PATH), or pin it with "
+                        options=("tasks",),
+                        hint=f"give the file ({kind.name}=PATH), or pin it with "
                              f"`python -m apex_orch.evaluation.task_data {kind.name}` on a machine with network access")
     return source
 
@@ -116,7 +118,7 @@ def fetch(name: str, source: TaskSource | None = None) -> tuple[Path, TaskSource
     dest = cached_path(source)
     if dest.is_file() and hashlib.sha256(read_task_bytes(dest)).hexdigest() == source.sha256:
         return dest, source
-    local = _download(source, source.revision, f"--tasks {kind.name}")
+    local = _download(source, source.revision, f"task {kind.name}")
     data = read_task_bytes(local, f"downloaded {kind.title} file")
     got = hashlib.sha256(data).hexdigest()
     if got != source.sha256:

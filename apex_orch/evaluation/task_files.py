@@ -73,7 +73,7 @@ def task_kind(name: str) -> TaskKind:
     kind = TASK_KINDS.get(name.strip().lower())
     if kind is None:
         raise TaskError(f"unknown task {name!r}; known: {', '.join(TASK_KINDS)}",
-                        hint="name a task, optionally with its file: --tasks hellaswag=FILE,mmlu=FILE")
+                        hint="name a task, optionally with its file: hellaswag=FILE,mmlu=FILE", options=("tasks",))
     return kind
 
 

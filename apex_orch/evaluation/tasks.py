@@ -231,7 +231,7 @@ class TaskPlan:
                 fits = c.longest <= s.parallel(f.scorer, f.max_answers) * s.n_ctx
                 lines.append(f"    cost: ~{c.tokens:,} tokens decoded, ~{c.logit_rows:,} log-softmax rows of {c.n_vocab:,}; "
                              f"the tool's logits buffer {c.logits_buffer_bytes / 2**30:.2f} GiB; largest task "
-                             f"{c.longest} tokens{'' if fits else ' (does NOT fit: raise --task-ctx)'}")
+                             f"{c.longest} tokens{'' if fits else ' (does NOT fit: raise the task context)'}")
             lines += [f"    note: {n}" for n in f.notes]
         return "\n".join(lines)
 
@@ -254,7 +254,7 @@ def plan_tasks(model: str | os.PathLike | ModelFacts, specs: Iterable[TaskSpec],
                 tset = read_task_set(kind, cached, label=source.label, data=data)
         planned.append(PlannedTask(spec, kind, tset, source))
     if not planned:
-        raise TaskError("no tasks given", hint="--tasks hellaswag=FILE,winogrande=FILE,mmlu=FILE")
+        raise TaskError("no tasks given", hint="e.g. hellaswag=FILE,winogrande=FILE,mmlu=FILE", options=("tasks",))
     return TaskPlan(facts, settings or TaskSettings(), planned)
 
 
@@ -298,7 +298,8 @@ def _parse(lines: list[str], planned: PlannedTask, n_tasks: int, model: str, set
             n_par = settings.parallel(f.scorer, f.max_answers)
             raise TaskError(f"{kind.title}: a task needs {m.group(2)} tokens, more than the scorer's context of "
                             f"{n_par * settings.n_ctx} ({n_par} sequences x {settings.n_ctx})", where=f.label,
-                            hint="raise --task-ctx (the tool's memory grows with it) or drop that task")
+                            hint="raise the task context (the tool's memory grows with it) or drop that task",
+                            options=("task_ctx",))
         if _TOOL_ERRORS.search(line):
             raise TaskError(f"{kind.title}: llama-perplexity refused the task file: {line.strip()}", where=f.label)
     loaded = next((int(m.group(1)) for m in map(_LOADED[kind.scorer].search, lines) if m), None)

@@ -25,6 +25,7 @@ def inspect_model(info: ModelInfo) -> dict:
                     "shared": info.expert_shared_count},
         "leading_dense_blocks": info.leading_dense_blocks,
         "nextn_layers": info.nextn_layers,
+        "mtp_draft": info.is_mtp_draft,
         "attention": {"kind": info.attention_kind, "heads": info.head_count, "kv_heads": info.head_count_kv,
                       "q_lora_rank": info.q_lora_rank, "kv_lora_rank": info.kv_lora_rank,
                       "key_length_mla": info.arch_kv("attention.key_length_mla"),
@@ -58,8 +59,10 @@ def format_inspect(d: dict) -> str:
     lines = [
         f"model            {printable(d['name'])}  [{printable(d['architecture'])}]",
         f"file             {printable(', '.join(d['path']))} ({gb(d['file_size'])}, mostly {d['source_type']})",
-        f"blocks           {d['blocks']}" + (f" ({d['leading_dense_blocks']} leading dense)" if d["leading_dense_blocks"] else "")
-        + (f" + {d['nextn_layers']} MTP/nextn" if d["nextn_layers"] else ""),
+        f"blocks           {d['blocks'] - d['nextn_layers']}"
+        + (f" ({d['leading_dense_blocks']} leading dense)" if d["leading_dense_blocks"] else "")
+        + (f" + {d['nextn_layers']} MTP/nextn" if d["nextn_layers"] else "")
+        + ("  (MTP draft file: only the MTP block(s), to load beside the full model)" if d["mtp_draft"] else ""),
         f"embedding        {d['embedding_length']}   vocab {d['vocab_size']}",
         f"experts          {e['routed']} routed, {e['used']} used per token, {e['shared']} shared",
         f"attention        {att}",

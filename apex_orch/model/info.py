@@ -125,7 +125,7 @@ class ModelInfo:
             if f"blk.{t.block}.nextn." in t.name or f"blk.{t.block}.mtp." in t.name:
                 nextn.add(t.block)
         lead = 0
-        if experts:
+        if experts and not self.is_mtp_draft:   # a draft has no trunk blocks to count
             while lead < self.block_count and lead not in experts:
                 lead += 1
         return {"experts_per_block": dict(sorted(experts.items())), "leading_dense_blocks": lead,
@@ -135,7 +135,8 @@ class ModelInfo:
     def structure_warnings(self) -> list[str]:
         s, out = self.structure, []
         key = self.arch_kv("leading_dense_block_count")
-        if isinstance(key, int) and s["experts_per_block"] and key != s["leading_dense_blocks"]:
+        if isinstance(key, int) and s["experts_per_block"] and key != s["leading_dense_blocks"] \
+                and not self.is_mtp_draft:   # a draft holds no trunk block to count
             n = s["leading_dense_blocks"]
             out.append(f"{self.arch}.leading_dense_block_count is {key} but the tensors show {n} leading "
                        f"block(s) without experts" + (f" (blk.0{f'-{n - 1}' if n > 1 else ''} without ffn_*_exps)" if n else
@@ -152,10 +153,17 @@ class ModelInfo:
         return out
 
     @property
+    def is_mtp_draft(self) -> bool:
+        """A draft file (the converter's --mtp): only the MTP/NextN block(s) — the last
+        `nextn_predict_layers` of `block_count` — hold tensors, besides the shared embedding, output
+        norm and head. llama.cpp loads it as a speculative draft beside the full model (`-md`)."""
+        return _is_mtp_draft(self, {t.block for t in self.tensors if t.block is not None})
+
+    @property
     def leading_dense_blocks(self) -> int:
         """Leading blocks without routed experts, from the tensors (see `structure`); the key only
-        when the file has no expert tensors at all."""
-        if self.structure["experts_per_block"]:
+        when the file has no expert tensors at all, or none of the trunk (an MTP draft)."""
+        if self.structure["experts_per_block"] and not self.is_mtp_draft:
             return self.structure["leading_dense_blocks"]
         explicit = self.arch_kv("leading_dense_block_count")
         return explicit if isinstance(explicit, int) else 0
@@ -312,6 +320,14 @@ def read_model(path: str | os.PathLike) -> ModelInfo:
     return info
 
 
+def _is_mtp_draft(info: ModelInfo, blocks: set[int]) -> bool:
+    """Only the last `nextn_predict_layers` blocks hold tensors (the converter's --mtp output)."""
+    n_mtp, block_count = info.arch_kv("nextn_predict_layers"), info.arch_kv("block_count")
+    if not (isinstance(n_mtp, int) and isinstance(block_count, int)) or not 0 < n_mtp < block_count:
+        return False
+    return blocks == set(range(block_count - n_mtp, block_count))
+
+
 def check_consistency(info: ModelInfo) -> None:
     """The header checked against itself before anything plans or runs on it: block count,
     expert counts and the embedding width against the tensors (llama.cpp would refuse such a
@@ -340,7 +356,7 @@ def check_consistency(info: ModelInfo) -> None:
             raise ModelError(f"GGUF header is inconsistent: {info.arch}.block_count is {block_count} but "
                              f"the file has tensors of block {beyond[-1]} (blk.{beyond[-1]}.*)",
                              where=where, hint=hint)
-        if blocks:
+        if blocks and not _is_mtp_draft(info, blocks):
             empty = [b for b in range(block_count) if b not in blocks]
             if empty:
                 shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")

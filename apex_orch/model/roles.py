@@ -81,6 +81,20 @@ ROLE_DECISIONS: tuple[RoleDecision, ...] = (
        "normalisation gains/biases (1-D): llama.cpp never quantizes *_norm.weight", block=False),
     _d("per-layer projection (Gemma)", r"^(per_layer_model_proj|altup_proj|altup_unembd_proj)\.weight$",
        Role.AUX, None, "llama.cpp keeps these by name (small, precision-sensitive)", block=False),
+    # ---- the MTP/NextN head's own tensors (blk.N.nextn.*, N past the trunk; Qwen's mtp.* and
+    # Nemotron's mtp.layers.* are renamed to these by the converter). Before the generic norm row:
+    # nextn.shared_head_norm is decided here.
+    _d("MTP input projection", r"^nextn\.(eh_proj)\.weight$", Role.NEXTN, None,
+       "fuses the next token's embedding with the trunk's last hidden state ([2 n_embd -> n_embd]), the "
+       "head's one matrix of its own: role nextn (by default typed like an edge block's attention)"),
+    _d("MTP embedding copy", r"^nextn\.(embed_tokens)\.weight$", Role.NEXTN, None,
+       "the head's own token embedding (DeepSeek-V3 and GLM-4.5 ship one; llama.cpp falls back to "
+       "token_embd without it): role nextn (by default typed like `embedding`)"),
+    _d("MTP output head", r"^nextn\.(shared_head_head)\.weight$", Role.NEXTN, None,
+       "the head's own projection to the vocabulary (llama.cpp falls back to output.weight without it): "
+       "role nextn (by default typed like `output`)"),
+    _d("MTP norms", r"^nextn\.(enorm|hnorm|shared_head_norm)\.weight$", Role.NORM, None,
+       "RMS norms of the head's two inputs and of its output (1-D): never quantized"),
     # ---- experts and routing
     _d("routed expert", r"^ffn_(gate_up|gate|up|down)_exps\.weight$", Role.ROUTED_EXPERT, None,
        "the routed experts: APEX's edge/near/middle bands"),
@@ -123,10 +137,15 @@ ROLE_DECISIONS: tuple[RoleDecision, ...] = (
        "LFM2's short-convolution kernel: llama.cpp keeps shortconv.conv.weight by name"),
     _d("short-conv projection", r"^shortconv\.(in_proj|out_proj)" + _W, Role.SSM, None,
        "LFM2's short-conv in/out projections play the SSM's part in the hybrid: typed by `ssm`"),
-    # ---- multi-token prediction
-    _d("MTP / NextN", r"^(?:nextn|mtp)\.([a-z0-9_.]+?)(?:\.weight|\.bias)?$", Role.NEXTN, None,
-       "the multi-token-prediction head: typed as an edge block (or by `nextn`)"),
 )
+
+# Not matched by name: a tensor of an MTP block (blk.N, N >= the trunk's block count) that an
+# ordinary row claims (attention, experts, shared expert, dense FFN, SSM) gets this decision.
+MTP_BLOCK_LAYER = RoleDecision(
+    "MTP block layer", re.compile(r"(?!)"), Role.NEXTN, None,
+    "the MTP head's own decoder layer (attention, experts, shared expert: a full block past the trunk): "
+    "role nextn, slot <role>.<slot>, typed like an edge block of that role (or by the profile's `nextn`); "
+    "its norms and router stay never quantized")
 
 @dataclass(frozen=True)
 class TensorRole:
@@ -157,12 +176,9 @@ def classify_name(name: str, nextn_blocks: frozenset[int] = frozenset()) -> Tens
     hit = _match(rest, block=True)
     if hit:
         d, slot = hit
-        if block in nextn_blocks and d.role not in NEVER_QUANTIZED_ROLES:
-            return TensorRole(Role.NEXTN, f"{d.role.value}.{slot}" if d.role != Role.NEXTN else slot, block,
-                              d.kind)
+        if block in nextn_blocks and d.role not in NEVER_QUANTIZED_ROLES and d.role != Role.NEXTN:
+            return TensorRole(Role.NEXTN, f"{d.role.value}.{slot}", block, MTP_BLOCK_LAYER.kind)
         return TensorRole(d.role, slot, block, d.kind)
-    if block in nextn_blocks:
-        return TensorRole(Role.NEXTN, rest.rsplit(".", 1)[0], block, "MTP / NextN")
     return TensorRole(Role.UNASSIGNED, rest.rsplit(".", 1)[0], block)
 
 
@@ -173,7 +189,7 @@ def decisions_used(roles: dict[str, TensorRole]) -> list[dict]:
         if tr.kind:
             counts[tr.kind] = counts.get(tr.kind, 0) + 1
     out, seen = [], set()
-    for d in ROLE_DECISIONS:
+    for d in (*ROLE_DECISIONS, MTP_BLOCK_LAYER):
         if d.kind in counts and d.kind not in seen:
             seen.add(d.kind)
             out.append({"kind": d.kind, "role": d.role.value, "tensors": counts[d.kind], "reason": d.reason})
@@ -200,13 +216,14 @@ def require_moe(info: ModelInfo, roles: dict[str, TensorRole] | None = None) -> 
     """APEX assigns precision by expert role; refuse models without routed experts."""
     roles = roles or classify(info)
     known = [r for r in roles.values() if r.role not in (Role.UNASSIGNED,)]
-    if not any(r.role in (Role.ATTENTION, Role.ROUTED_EXPERT, Role.DENSE_FFN, Role.SSM) for r in known):
+    if not any(r.role in (Role.ATTENTION, Role.ROUTED_EXPERT, Role.DENSE_FFN, Role.SSM, Role.NEXTN) for r in known):
         raise ModelError(
             f"architecture {info.arch!r} has no tensor apex-orch recognises "
             f"(no attention, expert, FFN or SSM tensors among {len(info.tensors)})",
             where=str(info.path), hint="apex-orch knows llama.cpp's blk.N.<role> tensor names; "
                                        "is this a model GGUF (not an imatrix or mmproj)?")
-    if not any(r.role == Role.ROUTED_EXPERT for r in roles.values()):
+    if not any(r.role == Role.ROUTED_EXPERT or (r.role == Role.NEXTN and r.slot.startswith("routed_expert."))
+               for r in roles.values()):   # an MTP draft file's experts are its head's
         raise DenseModelError(
             f"{info.name} ({info.arch}) is a dense model: it has no routed expert tensors "
             "(ffn_*_exps), so there is nothing for APEX's expert-aware precision to act on",

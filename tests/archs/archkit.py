@@ -47,7 +47,12 @@ class ArchSpec:
     used: int                     # experts used per token
     shared: int = 0               # shared experts (0: none)
     leading_dense: int = 0        # leading blocks without routed experts
-    nextn: int = 0                # MTP/NextN layers the GGUF holds
+    nextn: int = 0                # MTP/NextN layers the (bundled) GGUF holds
+    mtp: str = ""                 # the MTP head the checkpoint carries, as its release lays it out (MTP_LAYOUTS)
+    mtp_layer: int = -1           # the trunk layer the head's decoder layer copies (-1: the last)
+    mtp_files: tuple[str, ...] = ()   # also converted as "draft" (--mtp: only the head) and "no-mtp" (--no-mtp)
+                                      # where the converter supports both (supports_mtp_export), or
+                                      # "mtp-refused": its --mtp must fail (a class without MTP export)
     gguf_arch: str = ""           # general.architecture the converter writes
     special_tokens: tuple[str, ...] = ()
     tokenizer: str = "gpt-2"      # "gpt-2"/"qwen35" (BPE from that vocab GGUF), "spm" (tokenizer.model),
@@ -81,6 +86,8 @@ _MOE4 = dict(moe_intermediate_size=MOE_FF, num_experts_per_tok=2)
 _HYBRID_LIN = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
                    linear_num_key_heads=2, linear_num_value_heads=4)
 
+MTP_SPLIT = ("draft", "no-mtp")
+
 ARCHS: list[ArchSpec] = [
     ArchSpec("mixtral", "Mixtral", "MixtralForCausalLM",
              _std_attn(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=MOE_FF),
@@ -96,8 +103,7 @@ ARCHS: list[ArchSpec] = [
              _std_attn(num_hidden_layers=4, num_experts=4, shared_expert_intermediate_size=MOE_FF,
                        layer_types=["linear_attention"] * 3 + ["full_attention"], decoder_sparse_step=1,
                        mlp_only_layers=[], **_MOE4, **_HYBRID_LIN),
-             routed=4, used=2, shared=1, gguf_arch="qwen3next", e2e=True, extra_args=("--no-mtp",),
-             notes="transformers' class has no MTP weights: converted with --no-mtp"),
+             routed=4, used=2, shared=1, nextn=1, gguf_arch="qwen3next", e2e=True, mtp="qwen", mtp_files=MTP_SPLIT),
     ArchSpec("qwen35moe", "Qwen3.5-MoE", "Qwen3_5MoeForCausalLM",
              _std_attn(num_hidden_layers=4, num_experts=4, shared_expert_intermediate_size=MOE_FF,
                        layer_types=["linear_attention"] * 3 + ["full_attention"], **_MOE4, **_HYBRID_LIN,
@@ -105,8 +111,7 @@ ARCHS: list[ArchSpec] = [
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
                                         "mrope_section": [1, 1, 0], "mrope_interleaved": True}),
              routed=4, used=2, shared=1, gguf_arch="qwen35moe", e2e=True, config_class="Qwen3_5MoeTextConfig",
-             tokenizer="qwen35",
-             extra_args=("--no-mtp",), notes="transformers' class has no MTP weights: converted with --no-mtp"),
+             tokenizer="qwen35", nextn=1, mtp="qwen", mtp_files=MTP_SPLIT, config_json={"mtp_num_hidden_layers": 1}),
     ArchSpec("deepseek2-lite", "DeepSeek-V2 (Lite, no q LoRA)", "DeepseekV2ForCausalLM",
              _std_attn(num_hidden_layers=26, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
                        q_lora_rank=None, topk_method="greedy", **_MLA, **_MOE4),
@@ -114,24 +119,30 @@ ARCHS: list[ArchSpec] = [
              notes="26 blocks: the pinned llama.cpp reads q_lora_rank unless n_layer is 26/27 (its V2-Lite test)"),
     ArchSpec("deepseek3", "DeepSeek-V3 (MLA)", "DeepseekV3ForCausalLM",
              _std_attn(num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
-                       q_lora_rank=32, num_nextn_predict_layers=0, **_MLA, **_MOE4),
-             routed=4, used=2, shared=1, leading_dense=1, gguf_arch="deepseek2"),
+                       q_lora_rank=32, num_nextn_predict_layers=1, **_MLA, **_MOE4),
+             routed=4, used=2, shared=1, leading_dense=1, gguf_arch="deepseek2", mtp="nextn+head",
+             mtp_files=("mtp-refused",),
+             notes="its checkpoint's MTP layer is dropped: the pinned converter skips DeepSeek-V3's NextN "
+                   "block (DeepseekV2Model.skip_mtp)"),
     ArchSpec("glm4moe", "GLM-4.5 (NextN)", "Glm4MoeForCausalLM",
              _std_attn(num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1,
                        num_nextn_predict_layers=1, use_qk_norm=True, partial_rotary_factor=0.5, n_group=1,
                        topk_group=1, **_MOE4),
              routed=4, used=2, shared=1, leading_dense=1, nextn=1, gguf_arch="glm4moe",
-             special_tokens=GLM_SPECIALS, e2e=True),
+             special_tokens=GLM_SPECIALS, e2e=True, mtp="nextn+head", mtp_files=MTP_SPLIT),
     ArchSpec("glm47flash", "GLM-4.7-Flash", "Glm4MoeLiteForCausalLM",
              _std_attn(num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, q_lora_rank=32,
                        mlp_layer_types=["dense", "sparse", "sparse"], **_MLA, **_MOE4),
-             routed=4, used=2, shared=1, leading_dense=1, gguf_arch="deepseek2", special_tokens=GLM_SPECIALS),
+             routed=4, used=2, shared=1, leading_dense=1, nextn=1, gguf_arch="deepseek2",
+             special_tokens=GLM_SPECIALS, mtp="nextn", mtp_files=MTP_SPLIT,
+             config_json={"num_nextn_predict_layers": 1}),
     ArchSpec("glm-dsa", "GLM-DSA (indexer)", "GlmMoeDsaForCausalLM",
              _std_attn(num_hidden_layers=3, n_routed_experts=4, n_shared_experts=1, q_lora_rank=32,
                        first_k_dense_replace=1, mlp_layer_types=["dense", "sparse", "sparse"],
                        layer_types=["indexed_attention"] * 3, indexer_types=["full"] * 3, index_topk=8,
                        index_head_dim=16, index_n_heads=2, **_MLA, **_MOE4),
-             routed=4, used=2, shared=1, leading_dense=1, special_tokens=GLM_SPECIALS),
+             routed=4, used=2, shared=1, leading_dense=1, nextn=1, special_tokens=GLM_SPECIALS, mtp="nextn",
+             mtp_files=MTP_SPLIT, config_json={"num_nextn_predict_layers": 1}),
     ArchSpec("gpt-oss", "gpt-oss", "GptOssForCausalLM",
              _std_attn(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=MOE_FF,
                        layer_types=["sliding_attention", "full_attention"], sliding_window=128),
@@ -216,13 +227,17 @@ ARCHS: list[ArchSpec] = [
              _std_attn(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, intermediate_size=MOE_FF,
                        layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["sparse", "sparse"],
                        sliding_window=128),
-             routed=4, used=2),
+             routed=4, used=2, nextn=1, mtp="nextn", mtp_files=("mtp-refused",),
+             config_json={"num_nextn_predict_layers": 1}),
     ArchSpec("exaone-moe", "EXAONE MoE", "ExaoneMoeForCausalLM",
              _std_attn(num_hidden_layers=3, num_experts=4, num_shared_experts=1, first_k_dense_replace=1,
                        mlp_layer_types=["dense", "sparse", "sparse"],
                        layer_types=["sliding_attention", "sliding_attention", "full_attention"], sliding_window=128,
                        scoring_func="sigmoid", **_MOE4),
-             routed=4, used=2, shared=1, leading_dense=1),
+             routed=4, used=2, shared=1, leading_dense=1, nextn=1, mtp="qwen", mtp_layer=0,
+             mtp_files=("mtp-refused",), config_json={"num_nextn_predict_layers": 1},
+             notes="its MTP layer is dense, as llama.cpp's EXAONE-MoE loader expects (the converter cannot "
+                   "map per-expert weights past the trunk)"),
     ArchSpec("laguna", "Laguna", "LagunaForCausalLM",
              _std_attn(num_hidden_layers=3, num_experts=4, shared_expert_intermediate_size=MOE_FF,
                        layer_types=["full_attention"] * 3, mlp_layer_types=["dense", "sparse", "sparse"],
@@ -238,7 +253,8 @@ ARCHS: list[ArchSpec] = [
     ArchSpec("hy-v3", "Hunyuan V3", "HYV3ForCausalLM",
              _std_attn(num_hidden_layers=3, num_experts=4, num_shared_experts=1,
                        mlp_layer_types=["dense", "sparse", "sparse"], **_MOE4),
-             routed=4, used=2, shared=1, leading_dense=1),
+             routed=4, used=2, shared=1, leading_dense=1, nextn=1, mtp="hy", mtp_files=MTP_SPLIT,
+             config_json={"num_nextn_predict_layers": 1}),
     ArchSpec("mistral-small-4", "Mistral-Small-4 (Mistral 3 path, Pixtral tower)", "Mistral3ForConditionalGeneration",
              dict(image_token_index=N_VOCAB, projector_hidden_act="gelu", spatial_merge_size=2,
                   multimodal_projector_bias=False, vision_feature_layer=-1),
@@ -258,8 +274,8 @@ ARCHS: list[ArchSpec] = [
              _std_attn(num_hidden_layers=4, layers_block_type=["mamba", "moe", "attention", "moe"],
                        n_routed_experts=4, n_shared_experts=1, moe_shared_expert_intermediate_size=MOE_FF,
                        ssm_state_size=16, mamba_num_heads=4, mamba_head_dim=32, n_groups=1, expand=2,
-                       chunk_size=64, **_MOE4),
-             routed=4, used=2, shared=1, leading_dense=1),
+                       chunk_size=64, num_nextn_predict_layers=1, **_MOE4),
+             routed=4, used=2, shared=1, leading_dense=1, nextn=1, mtp="nemotron", mtp_files=MTP_SPLIT),
 ]
 
 
@@ -303,6 +319,7 @@ def content_key(spec: ArchSpec) -> str:
     h.update(json.dumps(spec.__dict__, sort_keys=True, default=str).encode())
     h.update(f"transformers={transformers.__version__} torch={torch.__version__}".encode())
     h.update(_tree_digest([CONVERTER, LLAMA_TREE / "conversion", LLAMA_TREE / "gguf-py" / "gguf", VOCAB]).encode())
+    h.update(Path(__file__).with_name("convert_many.py").read_bytes())
     for fn in (build_checkpoint, _add_mtp_layers, write_tokenizer, write_spm_tokenizer, write_gemma4_tokenizer,
                write_tiktoken_style_tokenizer, _copy_tokenizer, _config):
         h.update(inspect.getsource(fn).encode())
@@ -466,7 +483,7 @@ def build_checkpoint(spec: ArchSpec, folder: Path) -> None:
             if p.dim() >= 2 and "norm" not in name:
                 p.normal_(0.0, 0.5 / max(1.0, p.shape[-1] ** 0.5))
     model.save_pretrained(folder, safe_serialization=True)
-    if spec.nextn:
+    if spec.mtp:
         _add_mtp_layers(spec, config, folder)
     if spec.mmproj:   # the image processor's settings the projector GGUF records (Pixtral's release values)
         (folder / "preprocessor_config.json").write_text(json.dumps({
@@ -503,25 +520,74 @@ def _copy_tokenizer(spec: ArchSpec, folder: Path) -> None:
         shutil.copyfile(f, folder / f.name)
 
 
+# The MTP/NextN heads as the release checkpoints lay them out (transformers' classes do not model
+# them). Names and shapes are the ones the pinned converter maps (its `mtp.*` remaps and
+# gguf-py's tensor_mapping `model.layers.{bid}.{eh_proj,enorm,hnorm,embed_tokens,shared_head.*}`);
+# which optional pieces a family ships follows its release (DeepSeek-V3 and GLM-4.5 carry their own
+# embed_tokens and shared_head.head, later GLMs and the others share the trunk's).
+MTP_LAYOUTS = {
+    "qwen": "mtp.{fc, pre_fc_norm_embedding, pre_fc_norm_hidden, norm} + mtp.layers.0.* (a full-attention "
+            "decoder layer)",
+    "nextn": "model.layers.<n>.{eh_proj, enorm, hnorm, shared_head.norm} + that block's decoder layer",
+    "nextn+head": "model.layers.<n>.{eh_proj, enorm, hnorm, embed_tokens, shared_head.head, shared_head.norm} "
+                  "+ that block's decoder layer",
+    "hy": "model.layers.<n>.{eh_proj, enorm, hnorm, final_layernorm} + that block's decoder layer",
+    "nemotron": "mtp.layers.0.{enorm, hnorm, eh_proj, norm, mixer.*} (attention) + mtp.layers.1.{norm, mixer.*, "
+                "final_layernorm} (MoE)",
+}
+
+
 def _add_mtp_layers(spec: ArchSpec, config, folder: Path) -> None:
-    """transformers' classes do not model the MTP/NextN layer(s) the real checkpoints ship
-    (`model.layers.N.*` past num_hidden_layers, with eh_proj/enorm/hnorm/shared_head): add them
-    as the release checkpoints lay them out, a copy of the last block plus the MTP pieces."""
+    """Add the MTP head of layout `spec.mtp` to the saved checkpoint (one more safetensors file):
+    its decoder layer(s) are copies of the checkpoint's own last layer(s) of that kind, its norms
+    copy the final norm's values (so each family's norm convention holds: Qwen's are offsets from 1),
+    its projections are random like the rest, its embedding/head copies the trunk's."""
+    import re
     import torch
     from safetensors.torch import load_file, save_file
-    n = config.num_hidden_layers
     weights = {}
     for part in sorted(folder.glob("model*.safetensors")):
         weights.update(load_file(part))
-    last = f"model.layers.{n - 1}."
+    n = len(spec.config.get("layers_block_type") or []) or config.num_hidden_layers
+    prefix = next(m.group(1) for k in weights if (m := re.match(r"^((?:model|backbone)\.layers\.)\d+\.", k)))
+    final_norm = next(v for k, v in weights.items() if re.fullmatch(r"(model|backbone)\.(norm|norm_f)\.weight", k))
     g = torch.Generator().manual_seed(1)
-    extra = {}
-    for i in range(spec.nextn):
-        p = f"model.layers.{n + i}."
-        extra.update({p + k[len(last):]: v.clone() for k, v in weights.items() if k.startswith(last)})
-        extra[p + "eh_proj.weight"] = torch.randn(H, 2 * H, generator=g) * 0.05
-        for norm in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
-            extra[p + norm] = torch.ones(H)
+
+    def layer(i: int, to: str) -> dict:
+        src = f"{prefix}{i}."
+        return {to + k[len(src):]: v.clone() for k, v in weights.items() if k.startswith(src)}
+
+    def proj() -> torch.Tensor:
+        return torch.randn(H, 2 * H, generator=g) * (0.5 / (2 * H) ** 0.5)
+
+    extra: dict = {}
+    n_mtp = 1       # every release mirrored here ships one MTP layer
+    src = spec.mtp_layer % n
+    if spec.mtp == "qwen":
+        for i in range(n_mtp):
+            extra.update(layer(src, f"mtp.layers.{i}."))
+        extra["mtp.fc.weight"] = proj()
+        for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            extra[f"mtp.{norm}.weight"] = final_norm.clone()
+    elif spec.mtp == "nemotron":
+        kinds = spec.config["layers_block_type"]
+        attn, moe = max(i for i, t in enumerate(kinds) if t == "attention"), max(i for i, t in enumerate(kinds) if t == "moe")
+        extra.update(layer(attn, "mtp.layers.0."))
+        extra.update(layer(moe, "mtp.layers.1."))
+        extra["mtp.layers.0.eh_proj.weight"] = proj()
+        for name in ("mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight", "mtp.layers.1.final_layernorm.weight"):
+            extra[name] = final_norm.clone()
+    else:   # "nextn", "nextn+head", "hy": blocks past num_hidden_layers
+        for i in range(n_mtp):
+            p = f"{prefix}{n + i}."
+            extra.update(layer(src, p))
+            extra[p + "eh_proj.weight"] = proj()
+            head_norm = "final_layernorm" if spec.mtp == "hy" else "shared_head.norm"
+            for norm in ("enorm", "hnorm", head_norm):
+                extra[f"{p}{norm}.weight"] = final_norm.clone()
+            if spec.mtp == "nextn+head":
+                extra[p + "embed_tokens.weight"] = weights["model.embed_tokens.weight"].clone()
+                extra[p + "shared_head.head.weight"] = weights["lm_head.weight"].clone()
     save_file(extra, str(folder / "model-mtp.safetensors"), metadata={"format": "pt"})
 
 
@@ -533,20 +599,94 @@ def converter_env() -> dict[str, str]:
     return env
 
 
-def convert(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(CONVERTER), str(folder), "--outfile", str(out), "--outtype", "f16", *extra]
-    return subprocess.run(args, capture_output=True, text=True, env=converter_env(), timeout=600)
+# What each spec converts, besides the default GGUF: kind -> (output file, converter arguments).
+# "mtp-refused" is a conversion expected to FAIL (the converter refuses --mtp for that class); its
+# log is kept instead of a file.
+def conversions(spec: ArchSpec) -> dict[str, tuple[str, tuple[str, ...]]]:
+    out = {"main": (f"{spec.id}.gguf", spec.extra_args)}
+    if spec.mmproj:
+        out["mmproj"] = ("mmproj.gguf", ("--mmproj",))
+    for kind in spec.mtp_files:
+        out[kind] = (f"{spec.id}.{kind}.gguf", {"draft": ("--mtp",), "no-mtp": ("--no-mtp",),
+                                                 "mtp-refused": ("--mtp",)}[kind])
+    return out
+
+
+def _log_ok(log: Path) -> bool:
+    return log.exists() and log.read_text().rstrip().endswith("exit status 0")
+
+
+def _run_conversions(jobs: list[dict]) -> float:
+    """Run converter jobs in ONE process (convert_many.py); the seconds it took."""
+    (cache_root() / "jobs.json").write_text(json.dumps(jobs))
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, str(Path(__file__).with_name("convert_many.py")),
+                    str(cache_root() / "jobs.json")], env=converter_env(), timeout=1800)
+    return time.monotonic() - t0
+
+
+def _predictable_weights(folder: Path) -> None:
+    """Scale every matrix that writes into the residual stream (attention and linear-attention
+    outputs, expert and shared-expert down projections) by 0.02, trunk and head alike, and make
+    the head's fc pass the next token's embedding through ([I | 0]: the first half of its input
+    is the normed embedding, llama.cpp's concat order)."""
+    import re
+    import torch
+    from safetensors.torch import load_file, save_file
+    for part in sorted(folder.glob("model*.safetensors")):
+        weights = load_file(part)
+        for k in weights:
+            if re.search(r"\.(o_proj|down_proj|out_proj)\.weight$", k):
+                weights[k] = weights[k] * 0.02
+        if "mtp.fc.weight" in weights:
+            fc = torch.zeros(H, 2 * H)
+            fc[:, :H] = torch.eye(H)
+            weights["mtp.fc.weight"] = fc
+        save_file(weights, str(part), metadata={"format": "pt"})
+
+
+def predictable_head(built: "Built") -> dict[str, Path]:
+    """The speculative-decoding proof's model, from a Qwen-layout MTP checkpoint of the matrix:
+    with every residual write scaled down, each position's next token is decided by its own
+    token's embedding (a near-bigram model) and the head, fed the next token's embedding, predicts
+    what the trunk will, so its drafts can be accepted (a random head's never are). Converted
+    bundled ("bundled"), as a draft ("draft", --mtp) and without the head ("no-mtp"); cached."""
+    import shutil
+    spec = built.spec
+    if spec.mtp != "qwen" or "draft" not in spec.mtp_files:
+        raise ValueError(f"{spec.id}: the predictable head is made for Qwen-layout MTP checkpoints")
+    key = hashlib.sha256((content_key(spec) + inspect.getsource(_predictable_weights)).encode()).hexdigest()[:16]
+    root = cache_root() / f"{spec.id}-predictable-{key}"
+    files = {kind: root / f"{kind}.gguf" for kind in ("bundled", "draft", "no-mtp")}
+    if (root / "built.json").exists():
+        return files
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(built.checkpoint, root / "hf")
+    _predictable_weights(root / "hf")
+    args = {"bundled": (), "draft": ("--mtp",), "no-mtp": ("--no-mtp",)}
+    _run_conversions([{"converter": str(CONVERTER), "log": str(root / f"convert-{kind}.log"),
+                       "argv": [str(root / "hf"), "--outfile", str(root / f".{kind}.gguf.part"), "--outtype", "f16",
+                                *args[kind]]} for kind in files])
+    for kind, path in files.items():
+        if not _log_ok(root / f"convert-{kind}.log"):
+            raise AssertionError(f"convert_hf_to_gguf.py {' '.join(args[kind])} failed:\n"
+                                 + (root / f"convert-{kind}.log").read_text()[-2500:])
+        os.replace(root / f".{kind}.gguf.part", path)
+    (root / "built.json").write_text("{}")
+    return files
 
 
 def get_all(specs: list[ArchSpec]) -> dict[str, "Built | str"]:
-    """Every spec's converted GGUF (or the reason it failed): missing checkpoints are built in this
-    process, then ONE converter process (convert_many.py: the converter's own main() per job)
-    converts every missing one."""
+    """Every spec's converted GGUFs (or the reason they failed): missing checkpoints are built in
+    this process, then ONE converter process (convert_many.py: the converter's own main() per job)
+    runs every missing conversion. A spec's files are published (renamed from .part) only when all
+    of its conversions did what they should."""
     out: dict[str, Built | str] = {}
-    jobs, pending = [], []
+    pending = []
+    jobs = []
     for spec in specs:
         root = cache_root() / f"{spec.id}-{content_key(spec)}"
-        if (root / f"{spec.id}.gguf").exists() and (not spec.mmproj or (root / "mmproj.gguf").exists()):
+        if (root / "built.json").exists():
             out[spec.id] = get(spec)
             continue
         root.mkdir(parents=True, exist_ok=True)
@@ -558,39 +698,33 @@ def get_all(specs: list[ArchSpec]) -> dict[str, "Built | str"]:
             out[spec.id] = f"building the checkpoint failed: {type(e).__name__}: {e}"
             continue
         pending.append((spec, root, time.monotonic() - t0))
-        jobs.append({"converter": str(CONVERTER), "log": str(root / "convert.log"),
-                     "argv": [str(root / "hf"), "--outfile", str(root / f".{spec.id}.gguf.part"),
-                              "--outtype", "f16", *spec.extra_args]})
-        if spec.mmproj:   # the projector: the same converter, its --mmproj path
-            jobs.append({"converter": str(CONVERTER), "log": str(root / "convert-mmproj.log"),
-                         "argv": [str(root / "hf"), "--outfile", str(root / ".mmproj.gguf.part"),
-                                  "--outtype", "f16", "--mmproj"]})
+        for kind, (name, args) in conversions(spec).items():
+            jobs.append({"converter": str(CONVERTER), "log": str(root / f"convert-{kind}.log"),
+                         "argv": [str(root / "hf"), "--outfile", str(root / f".{name}.part"), "--outtype", "f16",
+                                  *args]})
     if jobs:
-        (cache_root() / "jobs.json").write_text(json.dumps(jobs))
-        t0 = time.monotonic()
-        subprocess.run([sys.executable, str(Path(__file__).with_name("convert_many.py")),
-                        str(cache_root() / "jobs.json")], env=converter_env(), timeout=1800)
-        per_job = (time.monotonic() - t0) / len(jobs)
+        per_job = _run_conversions(jobs) / len(jobs)
         for spec, root, build_s in pending:
-            part, log = root / f".{spec.id}.gguf.part", (root / "convert.log")
-            text = log.read_text() if log.exists() else "(no log)"
-            if spec.mmproj:
-                mm_part, mm_log = root / ".mmproj.gguf.part", root / "convert-mmproj.log"
-                mm_text = mm_log.read_text() if mm_log.exists() else "(no log)"
-                if mm_part.exists() and mm_text.rstrip().endswith("exit status 0"):
-                    os.replace(mm_part, root / "mmproj.gguf")
-                else:
-                    mm_part.unlink(missing_ok=True)
-                    part.unlink(missing_ok=True)
-                    out[spec.id] = "convert_hf_to_gguf.py --mmproj failed:\n" + mm_text[-2500:]
-                    continue
-            if part.exists() and text.rstrip().endswith("exit status 0"):
-                os.replace(part, root / f"{spec.id}.gguf")
-                (root / "built.json").write_text(json.dumps({"seconds": build_s + per_job}))
-                out[spec.id] = get(spec)
-            else:
-                part.unlink(missing_ok=True)
-                out[spec.id] = "convert_hf_to_gguf.py failed:\n" + text[-2500:]
+            problems = []
+            for kind, (name, _args) in conversions(spec).items():
+                part, log = root / f".{name}.part", root / f"convert-{kind}.log"
+                text = log.read_text() if log.exists() else "(no log)"
+                if kind == "mtp-refused":
+                    if _log_ok(log) or part.exists():
+                        problems.append(f"convert_hf_to_gguf.py --mtp was expected to refuse, but ran:\n{text[-1500:]}")
+                elif not (part.exists() and _log_ok(log)):
+                    problems.append(f"convert_hf_to_gguf.py {' '.join(_args) or '(default)'} failed:\n{text[-2500:]}")
+            if problems:
+                for name, _args in conversions(spec).values():
+                    (root / f".{name}.part").unlink(missing_ok=True)
+                out[spec.id] = "\n".join(problems)
+                continue
+            for kind, (name, _args) in conversions(spec).items():
+                if kind != "mtp-refused":
+                    os.replace(root / f".{name}.part", root / name)
+            n_jobs = len(conversions(spec))
+            (root / "built.json").write_text(json.dumps({"seconds": round(build_s + per_job * n_jobs, 1)}))
+            out[spec.id] = get(spec)
     return out
 
 
@@ -598,40 +732,25 @@ def get_all(specs: list[ArchSpec]) -> dict[str, "Built | str"]:
 class Built:
     spec: ArchSpec
     checkpoint: Path
-    gguf: Path
+    gguf: Path                    # the default conversion (MTP head bundled where the checkpoint has one)
     seconds: float
     log: str
     mmproj: Path | None = None    # the projector GGUF (vision models: the converter's --mmproj)
+    variants: dict = field(default_factory=dict)   # "draft" / "no-mtp" -> Path; "mtp-refused" -> its log
+
+    def file(self, kind: str) -> Path:
+        return self.gguf if kind == "bundled" else self.variants[kind]
 
 
 def get(spec: ArchSpec) -> Built:
-    """The converted GGUF for `spec`, built once per content key."""
+    """The converted GGUFs of `spec` from the cache (get_all builds them)."""
     root = cache_root() / f"{spec.id}-{content_key(spec)}"
-    ckpt, out, log = root / "hf", root / f"{spec.id}.gguf", root / "convert.log"
-    if out.exists():
-        meta = json.loads((root / "built.json").read_text())
-        return Built(spec, ckpt, out, meta["seconds"], log.read_text(),
-                     root / "mmproj.gguf" if spec.mmproj else None)
-    root.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    if not (ckpt / "config.json").exists():
-        build_checkpoint(spec, ckpt)
-    tmp = root / f".{spec.id}.gguf.part"
-    r = convert(ckpt, tmp, *spec.extra_args)
-    log.write_text(r.stdout + r.stderr)
-    if r.returncode != 0:
-        raise AssertionError(f"convert_hf_to_gguf.py failed for {spec.id} (exit {r.returncode}):\n"
-                             + (r.stdout + r.stderr)[-3000:])
-    mmproj = None
-    if spec.mmproj:
-        mm_tmp, mmproj = root / ".mmproj.gguf.part", root / "mmproj.gguf"
-        r = convert(ckpt, mm_tmp, "--mmproj")
-        (root / "convert-mmproj.log").write_text(r.stdout + r.stderr)
-        if r.returncode != 0:
-            raise AssertionError(f"convert_hf_to_gguf.py --mmproj failed for {spec.id} (exit {r.returncode}):\n"
-                                 + (r.stdout + r.stderr)[-3000:])
-        os.replace(mm_tmp, mmproj)
-    os.replace(tmp, out)
-    seconds = time.monotonic() - t0
-    (root / "built.json").write_text(json.dumps({"seconds": seconds}))
-    return Built(spec, ckpt, out, seconds, log.read_text(), mmproj)
+    meta = json.loads((root / "built.json").read_text())
+    variants: dict = {}
+    for kind, (name, _args) in conversions(spec).items():
+        if kind in ("draft", "no-mtp"):
+            variants[kind] = root / name
+        elif kind == "mtp-refused":
+            variants[kind] = (root / f"convert-{kind}.log").read_text()
+    return Built(spec, root / "hf", root / f"{spec.id}.gguf", meta["seconds"], (root / "convert-main.log").read_text(),
+                 root / "mmproj.gguf" if spec.mmproj else None, variants)

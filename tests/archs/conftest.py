@@ -21,11 +21,30 @@ import archkit  # noqa: E402  (tests/archs is on sys.path, like tests/reliabilit
 RESULTS: dict[str, dict] = {}
 
 
+class _Converted(dict):
+    """id -> Built | reason; an id no selected test named is converted when first asked for."""
+
+    def __missing__(self, arch: str):
+        self.update(archkit.get_all([s for s in archkit.ARCHS if s.id == arch]))
+        return self[arch]
+
+
+def _archs_named(params: dict) -> set[str]:
+    """The matrix ids a test's parameters name: `arch`, or `file_id` ("<id>" or "<id>/<kind>")."""
+    return {str(params[k]).partition("/")[0] for k in ("arch", "file_id") if k in params}
+
+
 @pytest.fixture(scope="session")
-def converted() -> dict:
-    """Every architecture of the matrix converted once (content-keyed cache): id -> Built | reason."""
+def converted(request) -> dict:
+    """The architectures the selected tests name, converted in one batch (content-keyed cache):
+    id -> Built | reason. `-k qwen35moe` converts only that one; others on first use."""
+    wanted: set[str] = set()
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            wanted |= _archs_named(callspec.params)
     t0 = time.monotonic()
-    built = archkit.get_all(archkit.ARCHS)
+    built = _Converted(archkit.get_all([s for s in archkit.ARCHS if s.id in wanted]))
     RESULTS["_convert_seconds"] = {"seconds": round(time.monotonic() - t0, 1)}
     return built
 

@@ -6,6 +6,12 @@ converted by the pinned, unpatched convert_hf_to_gguf.py, then checked tensor by
   read from the tensors, with no disagreement warning unless the spec expects one;
 - `plan` equals `llama-quantize --dry-run` (every tensor's type, the total) for every built-in profile;
 - one model per family: quantize (compact, and i-compact with a real imatrix) + verify + eval.
+
+MTP families (their checkpoints carry the head as the release does, archkit.MTP_LAYOUTS) are
+checked as three files where the converter can write them: bundled (the default), the draft
+(`--mtp`: only the head) and the base without it (`--no-mtp`) — roles, structure and plan =
+dry-run on each, the three files' tensors byte for byte against each other, and one end-to-end
+run per family (test_mtp_matrix.py).
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.requires_tools("llama-quantize")]
 IDS = [s.id for s in archkit.ARCHS]
 SPECS = {s.id: s for s in archkit.ARCHS}
 PROFILES = [p for p in list_profiles() if not p.startswith("_")]
+# Every GGUF the matrix plans: each spec's default conversion ("<id>": the MTP head bundled where
+# the checkpoint has one) and the MTP families' draft and no-MTP conversions ("<id>/draft", ...).
+FILES = IDS + [f"{s.id}/{kind}" for s in archkit.ARCHS for kind in s.mtp_files if kind in ("draft", "no-mtp")]
 
 
 def built_model(converted, arch):
@@ -36,6 +45,13 @@ def built_model(converted, arch):
     if isinstance(b, str):
         pytest.fail(f"{arch}: {b}")
     return b
+
+
+def built_file(converted, file_id: str):
+    """(spec, the GGUF path) of a FILES entry."""
+    arch, _, kind = file_id.partition("/")
+    b = built_model(converted, arch)
+    return SPECS[arch], (b.file(kind) if kind else b.gguf)
 
 
 @pytest.mark.parametrize("arch", IDS)
@@ -48,28 +64,31 @@ def test_converts(converted, record, arch):
         assert info.arch == SPECS[arch].gguf_arch
 
 
-@pytest.mark.parametrize("arch", IDS)
-def test_every_tensor_has_a_role(converted, record, arch):
-    info = read_model(built_model(converted, arch).gguf)
+@pytest.mark.parametrize("file_id", FILES)
+def test_every_tensor_has_a_role(converted, record, file_id):
+    _spec, path = built_file(converted, file_id)
+    info = read_model(path)
     roles = classify(info)
     unassigned = sorted(n for n, r in roles.items() if r.role == Role.UNASSIGNED)
-    record(arch, "roles", sorted({r.role.value for r in roles.values()}))
+    record(file_id, "roles", sorted({r.role.value for r in roles.values()}))
     assert unassigned == []
 
 
-@pytest.mark.parametrize("arch", IDS)
-def test_structure_equals_the_config(converted, arch):
-    spec = SPECS[arch]
-    info = read_model(built_model(converted, arch).gguf)
-    got = (info.expert_count, info.expert_used_count, info.expert_shared_count, info.leading_dense_blocks,
-           info.nextn_layers)
-    assert got == (spec.routed, spec.used, spec.shared, spec.leading_dense, spec.nextn)
+@pytest.mark.parametrize("file_id", FILES)
+def test_structure_equals_the_config(converted, file_id):
+    spec, path = built_file(converted, file_id)
+    info = read_model(path)
+    draft = file_id.endswith("/draft")    # only the head: no trunk whose leading dense blocks could be counted
+    got = (info.expert_count, info.expert_used_count, info.expert_shared_count,
+           None if draft else info.leading_dense_blocks, info.nextn_layers, info.is_mtp_draft)
+    nextn = 0 if file_id.endswith("/no-mtp") else spec.nextn
+    assert got == (spec.routed, spec.used, spec.shared, None if draft else spec.leading_dense, nextn, draft)
     assert set(info.structure["experts_per_block"].values()) == {spec.routed}
 
 
-@pytest.mark.parametrize("arch", IDS)
-def test_plan_equals_dry_run_for_every_profile(converted, record, tmp_path, arch):
-    path = built_model(converted, arch).gguf
+@pytest.mark.parametrize("file_id", FILES)
+def test_plan_equals_dry_run_for_every_profile(converted, record, tmp_path, file_id):
+    _spec, path = built_file(converted, file_id)
     info = read_model(path)
     problems, planned = [], []
     for name in PROFILES:
@@ -90,7 +109,7 @@ def test_plan_equals_dry_run_for_every_profile(converted, record, tmp_path, arch
             problems.append(f"{name}: total {plan.total_bytes / 2**20:.2f} MiB vs dry-run {quant_size_mib(text)}")
         else:
             planned.append(name)
-    record(arch, "profiles_planned", planned)
+    record(file_id, "profiles_planned", planned)
     assert problems == []
 
 
