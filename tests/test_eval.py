@@ -238,7 +238,8 @@ def test_compare_holds_files_against_baselines(kld_pair, q4: Path, mistral4_spli
                                     "--text", str(eval_text), *CLI_SETTINGS, "--no-speed", "-q"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    assert lines[3].startswith("| bloated-Q8_0.gguf † ") and lines[4].startswith("| mistral4-split-Q4_K_M.gguf (baseline) ")
+    assert lines[3].startswith("| bloated-Q8_0.gguf † ")
+    assert lines[4].startswith("| mistral4-split-Q4_K_M.gguf (baseline) ")
     report = evalreport.compare([bloated], mistral4_split, baselines=[q4], text=eval_text, settings=SETTINGS,
                                 speed=False)
     _base, file_row, base_row = report.rows()
@@ -247,7 +248,8 @@ def test_compare_holds_files_against_baselines(kld_pair, q4: Path, mistral4_spli
     assert base_row.kld_mean + base_row.kld_mean_err < file_row.kld_mean - file_row.kld_mean_err
     [(t, b)] = report.closer_baselines()
     sentence = closer_sentence(t, b, binary_size)
-    assert sentence.startswith("mistral4-split-Q4_K_M.gguf is smaller and closer to the source than bloated-Q8_0.gguf: ")
+    assert sentence.startswith("mistral4-split-Q4_K_M.gguf is smaller and closer to the source than "
+                               "bloated-Q8_0.gguf: ")
     assert f"† {sentence}" in lines
     assert json.loads(evalreport.format_report(report, "json"))["closer_baselines"] == [
         {"file": "bloated-Q8_0.gguf", "baseline": "mistral4-split-Q4_K_M.gguf"}]

@@ -231,8 +231,8 @@ def test_card_is_the_render_of_the_release_and_states_real_facts(pipeline):
         s = rec["summary"]
         name = f"baseline: {rec['baseline']}" if "baseline" in rec else rec["file"]
         row = next(line for line in text.splitlines() if line.startswith(f"| {name}"))
-        assert row.endswith(f" | {hub_size(rec['size'])} | {card.fmt_kld(s['kld_mean'])} | {card.fmt_kld(s['kld_p999'])} | "
-                            f"{card.fmt_pct(s['same_top_p'])} | {cells(s)}")
+        assert row.endswith(f" | {hub_size(rec['size'])} | {card.fmt_kld(s['kld_mean'])} | "
+                            f"{card.fmt_kld(s['kld_p999'])} | {card.fmt_pct(s['same_top_p'])} | {cells(s)}")
         assert s["n_chunks"] == 2 and s["n_ctx"] == 128 and s["base_ppl"] == base["ppl"]   # one shared base cache
         assert (s["speed"]["repetitions"], s["speed"]["pp_tokens"], s["speed"]["tg_tokens"]) == (2, 32, 8)
         assert [t["task"] for t in s["tasks"]] == ["hellaswag", "mmlu"] and all(t["n_tasks"] == 12 for t in s["tasks"])
@@ -446,7 +446,7 @@ STAND_IN_SHA = "0123456789abcdef" * 4
 def _stand_in_tasks(cfg, offset: int) -> list[dict]:
     """Task rows as the eval phase records them, for the config's real task files (their names, sha256
     and counts, the settings the scorers would run with); the accuracies are stand-ins."""
-    from apex_orch.evaluation.task_files import read_task_set
+    from apex_orch.evaluation.task_files import TASK_KINDS, read_task_set
     from apex_orch.evaluation.tasks import TaskSettings
     rows = []
     settings = TaskSettings(n_ctx=cfg.eval.task_ctx, n_threads=2)
@@ -454,7 +454,7 @@ def _stand_in_tasks(cfg, offset: int) -> list[dict]:
         f = read_task_set(t.task, t.file.resolve()).file
         n = f.n_tasks if t.count is None else min(t.count, f.n_tasks)
         acc = 25.0 + 5 * i + offset
-        rows.append({"task": t.task, "title": {"hellaswag": "HellaSwag", "winogrande": "Winogrande"}.get(t.task, "MMLU"),
+        rows.append({"task": t.task, "title": TASK_KINDS[t.task].title,
                      "accuracy": acc, "error": None if t.task == "hellaswag" else 12.5,
                      "ci95": [acc - 10.0, acc + 10.0] if t.task == "hellaswag" else None, "n_tasks": n,
                      "n_available": f.n_tasks, "data": f.path, "data_sha256": f.sha256,
@@ -496,7 +496,8 @@ def demo_card_facts(tmp_path: Path) -> card.CardFacts:
         state.baseline_files[label] = [job.output]
         state.baseline_evals[label] = {
             "baseline": label, "file": job.output.name, "size": job.predicted_size, "text": "corpus wikipedia",
-            "summary": {"ppl": 11.75, "ppl_err": 0.125, "kld_mean": kld, "kld_mean_err": 0.0001 if kld < 0.01 else 0.0005,
+            "summary": {"ppl": 11.75, "ppl_err": 0.125, "kld_mean": kld,
+                        "kld_mean_err": 0.0001 if kld < 0.01 else 0.0005,
                         "kld_p999": 10 * kld, "same_top_p": 97.0, "speed": _stand_in_speed(0),
                         "tasks": _stand_in_tasks(cfg, 1), **common}}
     state.base_eval = {"type": "F16", "size": state.model.file_size, "ppl": 11.5, "ppl_err": 0.12,
@@ -532,6 +533,24 @@ def test_demo_card_brief_shape(tmp_path):
     assert "- **Experts**: 16 routed + 1 shared, 2 routed active per token" in text
     assert f"- llama.cpp build `{build_label()}`" in text
     assert "apex-orch release releases/demo.yaml" in text
+
+
+def test_card_says_when_the_calibration_is_not_published(tmp_path):
+    """--no-calibration-upload: the card links no calibration file and says why; publish sends none."""
+    import dataclasses
+    facts = demo_card_facts(tmp_path)
+    text = card.render_card(dataclasses.replace(facts, calibration_files=card.CalibrationFiles(False)))
+    section = text.split("## Calibration\n\n")[1].split("\n\n## ")[0]
+    assert section.endswith("\n\nThe calibration files (the importance matrix and its calibration text) are not "
+                            "published with this release: it was made with `--no-calibration-upload`.")
+    assert "calibration/imatrix.gguf" not in text
+    cfg = load_release(ROOT / "releases" / "demo.yaml")
+    state = ReleaseState(cfg, tmp_path / "out", lambda _m: None, calibration_upload=False)
+    state.calibration = {"files": [{"name": "imatrix.gguf", "size": 1, "sha256": STAND_IN_SHA}]}   # left from a run
+    assert card._calibration_files(state) == card.CalibrationFiles(False)
+    from apex_orch.release.phases.publish import publish_request
+    state.jobs, state.files = [], {}
+    assert publish_request(state).calibration == []
 
 
 def test_benchmarks_pending_without_eval(tmp_path):
@@ -603,7 +622,8 @@ def test_flagship_dry_run_on_the_replica(ms4_replica, monkeypatch):
     assert [(b["name"], b["kind"], b["file"], b["present"]) for b in data["baselines"]] == [
         ("Q8_0", "preset", "Mistral-Small-4-119B-Q8_0.gguf", False),
         ("Q4_K_M (imatrix)", "preset", "Mistral-Small-4-119B-Q4_K_M-imatrix.gguf", False)]
-    assert data["baselines"][0]["size"] == bsizes["Q8_0"] and "/.apex-release/baselines/" in data["baselines"][0]["path"]
+    assert data["baselines"][0]["size"] == bsizes["Q8_0"]
+    assert "/.apex-release/baselines/" in data["baselines"][0]["path"]
     # the replica has no vocabulary to build the imatrix with: the same placeholder as the I-tiers'
     assert data["baselines"][1]["argv"][1:3] == ["--imatrix", "<imatrix from phase imatrix>.gguf"] \
         == data["tiers"][0]["argv"][1:3]

@@ -48,7 +48,8 @@ def format_preview(p: ReleasePreview) -> str:
         users = f"{len(im.i_tiers)} I-tiers ({', '.join(im.i_tiers)})"
         if im.i_baselines:
             users += f" and {len(im.i_baselines)} baseline(s) ({', '.join(im.i_baselines)})"
-        lines.append(f"imatrix   corpus {im.corpus}, ctx {im.ctx}, chunks {im.chunks or 'all'}; computed once for {users}")
+        lines.append(f"imatrix   corpus {im.corpus}, ctx {im.ctx}, chunks {im.chunks or 'all'}; "
+                     f"computed once for {users}")
         if im.problem is not None:
             lines.append(f"          cannot be planned here: {im.problem}")
         else:

@@ -171,7 +171,8 @@ def check_same_model(source: ModelInfo, other: ModelInfo, b: BaselineConfig) -> 
         parts.append(f"{len(missing)} of the source's tensors missing ({', '.join(missing[:3])}"
                      f"{' ...' if len(missing) > 3 else ''})")
     if extra:
-        parts.append(f"{len(extra)} tensors the source lacks ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''})")
+        parts.append(f"{len(extra)} tensors the source lacks ({', '.join(extra[:3])}"
+                     f"{' ...' if len(extra) > 3 else ''})")
     if shapes:
         n = shapes[0]
         parts.append(f"{len(shapes)} of another shape ({n}: {list(theirs[n])}, the source's {list(mine[n])}"

@@ -15,7 +15,8 @@ leaves them out):
 `write_calibration(out, plan, imatrix_path, model_path)` writes the three (atomically) with a sidecar
 manifest keyed by their inputs (the imatrix's and the text's sha256), so a rerun writes nothing;
 `find_calibration(out, plan, imatrix_path)` reads back the record (names, sizes, sha256) when the
-files are the recorded ones, made from that imatrix and text. The imatrix phase calls both; the card and publish phases read the record.
+files are the recorded ones, made from that imatrix and text. The imatrix phase calls both; the
+card and publish phases read the record.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def _baseline_facts(state, file_facts: Callable) -> tuple[BaselineFacts, ...]:
         files = state.baseline_files.get(b.label)
         record = state.baseline_evals.get(b.label)
         ff = origin = None
-        if b.kind == "preset" and b.label in jobs and (files or file_facts is not written_files):
+        if b.kind == "preset" and b.label in jobs and files:
             ff = file_facts(jobs[b.label], files)[0]
         elif b.kind != "preset" and files:
             ff = FileFacts((files[0].name,), files[0].stat().st_size, (source_sha256(files[0]),))

@@ -139,8 +139,9 @@ def _tasks(f: CardFacts) -> dict | None:
     s = f.tasks
     rows = [[md_inline(t.title), f"`{SCORER_FLAGS.get(t.scorer, t.scorer)}`", f"{t.n_tasks:,} of {t.n_available:,}",
              md_inline(t.data), f"`{t.sha256}`"] for t in s.sets]
-    note = ("± is the binomial standard error llama-perplexity prints (Winogrande and multiple choice, from 100 "
-            "tasks); HellaSwag's [low, high] is its 95% Wilson interval. A subset is drawn by the tool's own "
+    note = ("± is the binomial standard error llama-perplexity prints (Winogrande from 100 tasks; multiple choice "
+            "unless fewer than 100 are drawn from a larger file); HellaSwag's [low, high] is its 95% Wilson "
+            "interval. A subset is drawn by the tool's own "
             f"seeded generator, the same for every file. Settings: `-c {s.ctx}` per sequence, batch {s.n_batch}, "
             f"ubatch {s.n_ubatch}, flash attention {'on' if s.flash_attn else 'off'}.")
     return {"table": "\n".join(md_table(["Task", "Scorer", "Tasks", "Data", "sha256"], rows)), "note": note}
