@@ -2,14 +2,19 @@
 
 `facts_from_release(state)` collects everything the card says from the release itself: the
 source GGUF's header (architecture), each tier's plan and its quantize manifest (file names,
-sizes, sha256, the tensor types really written), the eval records, the projector's header and
-manifest, the imatrix record, a fitted tier's `fitted:` record. `render_card(facts)` is a pure
-function of those facts: no timestamps, no absolute paths, stable ordering and number formats,
-so a rerun writes the same bytes and a golden file can pin the text.
+sizes, sha256, the tensor types really written), the eval records (PPL/KLD, task accuracies,
+llama-bench speed, the source's own), the baselines (release.baselines: what each is, its file,
+its record), the projector's header and manifest, the imatrix record and the published
+calibration files' record, a fitted tier's `fitted:` record. The values are release.card_facts'
+types. `render_card(facts)` is a pure function of those facts: no timestamps, no absolute paths,
+stable ordering and number formats, so a rerun writes the same bytes and a golden file can pin the
+text. `render_plot(facts)` is the card's plot (mean KLD against size, evaluation.plot), made when
+some tier or baseline has a KL number and matplotlib is installed.
 
-Rendering: `card_context` formats and escapes every value; the body's layout is the jinja2
-template card.md.j2 beside this module (one block per section, empty blocks where later sections
-go); the YAML front matter is huggingface_hub's ModelCardData, the whole a ModelCard.
+Rendering: `card_context` formats and escapes every value (the measured sections through
+release.card_results); the body's layout is the jinja2 template card.md.j2 beside this module (one
+block per section, empty blocks where later sections go); the YAML front matter is
+huggingface_hub's ModelCardData, the whole a ModelCard.
 """
 
 from __future__ import annotations
