@@ -46,6 +46,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "calibration": ("calibration_path",),
     "n_blocks": ("blocks",),
     "sensitivity": ("sensitivity_path",),
+    "calibration_upload": ("no_calibration_upload",),
+    "baselines": ("baseline",),
 }
 
 

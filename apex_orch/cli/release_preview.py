@@ -47,8 +47,11 @@ def format_preview(p: ReleasePreview) -> str:
         lines.append("imatrix   not needed (no I-tier)")
     else:
         im = p.imatrix
-        lines.append(f"imatrix   corpus {im.corpus}, ctx {im.ctx}, chunks {im.chunks or 'all'}; computed once for "
-                     f"{len(im.i_tiers)} I-tiers ({', '.join(im.i_tiers)})")
+        users = f"{len(im.i_tiers)} I-tiers ({', '.join(im.i_tiers)})"
+        if im.i_baselines:
+            users += f" and {len(im.i_baselines)} baseline(s) ({', '.join(im.i_baselines)})"
+        lines.append(f"imatrix   corpus {im.corpus}, ctx {im.ctx}, chunks {im.chunks or 'all'}; "
+                     f"computed once for {users}")
         if im.problem is not None:
             lines.append(f"          cannot be planned here: {im.problem}")
         else:
@@ -75,6 +78,19 @@ def format_preview(p: ReleasePreview) -> str:
                          f"{'present' if m.draft_present else 'missing'}, from {m.draft_source}")
             lines.append("  MTP draft: $ " + shlex.join(m.draft_argv))
     lines.append("")
+    if p.baselines:
+        lines.append(f"baselines {len(p.baselines)}, measured like the tiers, never published")
+        rows = [[b.name, b.kind, b.file or "?", disk_size(b.size) if b.size is not None else "?",
+                 "present" if b.present else "missing"] for b in p.baselines]
+        lines.append(table(["baseline", "kind", "file", "size", "state"], rows, align="lllrl"))
+        for b in p.baselines:
+            if b.argv:
+                lines.append(f"  {b.name}: $ " + shlex.join(b.argv))
+            else:
+                lines.append(f"  {b.name}: {b.what}" + (f" ({b.path})" if b.path else ""))
+            if b.problem:
+                lines.append("          " + _indented(b.problem))
+        lines.append("")
     e = p.eval
     if e is not None and e.enabled:
         gates = ", ".join(f"{k} {v:g}" for k, v in e.gates.items()) or "none"
@@ -85,15 +101,33 @@ def format_preview(p: ReleasePreview) -> str:
             lines.append(f"          the text holds {e.text_tokens:,} tokens: {e.text_chunks} chunk(s) of {e.ctx} evaluated")
         elif e.text_note:
             lines.append(f"          {e.text_note}")
+        if e.speed:
+            lines.append(f"          speed: llama-bench pp{e.speed_tokens[0]} / tg{e.speed_tokens[1]}, "
+                         f"{e.speed_repetitions} repetition(s) per file")
+        if e.tasks:
+            lines.append(f"          tasks: llama-perplexity's scorers on every file and the source, ctx {e.task_ctx} "
+                         "per sequence")
+        for t in e.tasks:
+            what = (f"{t.n_tasks:,} of {t.n_available:,} tasks from {t.data} (sha256 {t.sha256[:12]})"
+                    if t.n_tasks is not None else t.data)
+            cost = f"; ~{t.tokens:,} tokens decoded per file" if t.tokens is not None else ""
+            lines.append(f"            {t.title}: {what}{cost}")
+            if t.problem:
+                lines.append("              " + _indented(t.problem))
     else:
         lines.append("eval      disabled (the card says benchmarks pending)")
     lines.append(f"card      {p.card} + {len(p.tiers)} LocalAI entries in {p.localai}")
+    if p.calibration_files:
+        lines.append(f"          the calibration, published: {', '.join(p.calibration_files)}")
+    elif not p.calibration_upload:
+        lines.append("          the calibration is not published (the card says so)")
     lines.append(f"publish   {p.publish_repo} ({'private' if p.private else 'public'}); "
                  + ("runs with --push" if p.push else "not without --push"))
     d = p.disk
     if d is not None:
         lines.append("")
         lines.append(f"disk      the release needs {disk_size(d.need)} (tiers {disk_size(d.tiers)}"
+                     + (f", baselines {disk_size(d.baselines)}" if d.baselines else "")
                      + (", split scratch for the largest tier" if d.split_scratch else "")
                      + (f", projector {disk_size(d.projector)}" if d.projector else "") + ")"
                      + (f", {disk_size(d.present)} already present" if d.present else "")

@@ -54,7 +54,6 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from apex_orch.core import settings
 from apex_orch.core.errors import OutputExistsError
 from apex_orch.demo.spec import (MISTRAL_SMALL_4_SPEC, MISTRAL_SMALL_4_VOCAB, MISTRAL_SMALL_4_YARN, PRESETS,
                                  SyntheticSpec, TensorPlan, tensor_layout)

@@ -63,6 +63,7 @@ CASES = {
     ("compare", "files"): ("compare {F} --base {M} --text {T} --no-speed", "model"),
     ("compare", "base"): ("compare {M} --base {F} --text {T} --no-speed", "model"),
     ("compare", "text"): ("compare {M} --base {M} --text {F} --no-speed", "text"),
+    ("compare", "baseline"): ("compare {M} --base {M} --baseline {F} --text {T} --no-speed", "model"),
     ("corpus build", "model"): ("corpus build wikipedia --model {F} -o {D}/c.txt", "model"),
     ("eval", "model"): ("eval {F} --text {T} --dry-run", "model"),
     ("eval", "base"): ("eval {M} --base {F} --text {T} --dry-run", "model"),

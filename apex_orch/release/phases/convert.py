@@ -8,6 +8,8 @@ against the GGUF after); with `mtp: draft` the head is converted a second time o
 into `state.mtp_source`, or taken from `mtp.file`. Each output carries a
 manifest keyed by its inputs (the repo and revision, or a local checkpoint's content; the outtype;
 the converter's build), so a rerun converts nothing. With `run` false it only finds those outputs.
+Once the source is known, every baseline file is checked to be a quantization of it
+(release.baselines.check_baselines: the same architecture, tensor names and shapes).
 The converter writes into a temporary name that is checked as a GGUF before the rename, so a torn
 output is never mistaken for a finished one.
 """
@@ -31,6 +33,7 @@ from apex_orch.model.gguf_header import read_header
 from apex_orch.core.infiles import check_input
 from apex_orch.model.info import read_model
 from apex_orch.release import mtp
+from apex_orch.release.baselines import check_baselines
 from apex_orch.release.state import PhaseReport, Progress, ReleaseState
 
 
@@ -224,6 +227,7 @@ def convert_mmproj(state: ReleaseState, run: bool) -> str:
 
 def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     did = [d for d in (convert_source(state, run), convert_mmproj(state, run)) if d]
+    check_baselines(state)   # the source is known: a baseline of another model stops here, before any tool
     if not did:
         return PhaseReport("convert", "not needed" if run else "resolved", detail="source is already GGUF")
     if not run:
