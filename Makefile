@@ -29,13 +29,13 @@ PYTEST_ARGS ?=
 # flags gets its own build folder in the cache and becomes the build apex-orch uses.
 LLAMA_CMAKE_ARGS ?=
 
-.PHONY: help venv llama bindings install install-archs install-ray bench-distributed quantize imatrix release lint test test-archs test-fast bench bench-quality bench-fit reference-model doctor clean
+.PHONY: help venv llama bindings install install-archs install-ray bench-distributed quantize imatrix release lint test test-archs test-fast bench bench-quality bench-fit reference-model demo-model doctor clean
 
 help:
 	@echo "make quantize PROFILE=compact [MODEL=path.gguf] [IMATRIX=file] [OUT=dir]"
 	@echo "make imatrix CORPUS=agentic [MODEL=path.gguf]"
 	@echo "make release RELEASE=releases/demo.yaml [PUSH=1] [JOBS=N]"
-	@echo "make test | make lint | make test-archs | make bench | make bench-quality | make bench-fit | make reference-model | make doctor"
+	@echo "make test | make lint | make test-archs | make bench | make bench-quality | make bench-fit | make reference-model | make demo-model | make doctor"
 
 $(PYTHON):
 	$(BOOT_PYTHON) -m venv $(VENV)
@@ -118,6 +118,12 @@ bench-fit: install
 reference-model: install
 	$(PYTHON) -m pip install -q "torch==2.13.0"
 	$(PYTHON) bench/reference_model/train.py
+
+# The demo model's committed vocabulary and build record (apex_orch/demo/demo-tokenizer.json,
+# demo-model.json): a BPE trained with `tokenizers` (the archs extra), then one build as a first use
+# makes it (numpy). `make quantize` itself needs neither: it trains the demo from these on first use.
+demo-model: install-archs
+	$(PYTHON) -m bench.reference_model.demo
 
 clean:
 	rm -rf out .pytest_cache

@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_results, write_smoke_model  # noqa: E402
 
-from apex_orch.demo import synthetic  # noqa: E402
+from apex_orch.demo import synthetic, trained  # noqa: E402
 from apex_orch.demo.spec import SyntheticSpec  # noqa: E402
 from apex_orch.core.manifest import manifest_path  # noqa: E402
 from apex_orch.plan.render import render_file  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
             src = write_smoke_model(work / "bench-smoke-moe.gguf")
             rows.append(bench_model(src, 1, args.threads, work / "smoke", warm=False))
         else:
-            rows.append(bench_model(synthetic.demo_model_path(), args.repeat, args.threads, work / "demo"))
+            rows.append(bench_model(trained.demo_model_path(), args.repeat, args.threads, work / "demo"))
         if args.big and not args.smoke:
             big = synthetic.write_model(work / "bench-moe-1.6g.gguf", BIG)
             rows.append(bench_model(big, max(3, args.repeat // 2), args.threads, work / "big"))

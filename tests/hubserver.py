@@ -12,6 +12,7 @@ requests huggingface_hub 2.4.0 makes for what apex_orch/release/publish.py does:
   POST /<repo>.git/info/lfs/objects/verify          the LFS verify action
   POST /api/models/<repo>/commit/<rev>              the NDJSON commit
   HEAD, GET /datasets/<repo>/resolve/<rev>/<file>   hf_hub_download of a dataset file (`add_file` puts it there)
+  HEAD, GET /<repo>/resolve/<rev>/<file>            hf_hub_download of a model file (a release baseline)
   GET  /api/datasets/<repo>/revision/<rev>          HfApi.dataset_info (the commit a revision names)
 
 It keeps each repo's files (path -> bytes, and the sha256 of those stored through LFS) so a test
@@ -329,6 +330,8 @@ _ROUTES = [
     ("HEAD", re.compile(rf"^/datasets/{_REPO}/resolve/([^/]+)/(.+)$"), "resolve"),
     ("GET", re.compile(rf"^/datasets/{_REPO}/resolve/([^/]+)/(.+)$"), "resolve"),
     ("GET", re.compile(rf"^/api/datasets/{_REPO}/revision/(.+)$"), "dataset_info"),
+    ("HEAD", re.compile(rf"^/{_REPO}/resolve/([^/]+)/(.+)$"), "resolve"),
+    ("GET", re.compile(rf"^/{_REPO}/resolve/([^/]+)/(.+)$"), "resolve"),
     ("POST", re.compile(r"^/api/repos/create$"), "create_repo"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/paths-info/(.+)$"), "paths_info"),
     ("POST", re.compile(rf"^/api/models/{_REPO}/preupload/(.+)$"), "preupload"),

@@ -12,6 +12,8 @@ The real converter's output for the same architectures is tested in tests/archs/
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -325,8 +327,9 @@ def test_an_mtp_draft_file_is_read_and_planned(tmp_path):
     }
     plan = make_plan(info, load_profile("compact"))
     types = {t.name: t.requested.name for t in plan.tensors if t.requested is not None}
-    assert types["blk.2.nextn.eh_proj.weight"] == types["blk.2.attn_q.weight"] == "Q4_K"   # edge attention
-    assert types["blk.2.ffn_down_exps.weight"] == "Q4_K"                                   # edge experts
+    # the whole head at APEX-MTP's Q8_0 (types.nextn's default): its projection and its layer
+    assert types["blk.2.nextn.eh_proj.weight"] == types["blk.2.attn_q.weight"] == "Q8_0"
+    assert types["blk.2.ffn_down_exps.weight"] == "Q8_0"
 
 
 def test_only_the_last_nextn_blocks_make_a_draft_file(tmp_path):
@@ -365,5 +368,92 @@ def test_speculate_refuses_a_draft_file_as_the_model(tmp_path):
     full = write_gguf(tmp_path / "full.gguf", "glm4moe", dict(kv, block_count=4), glm_like_tensors(4, nextn=1))
     r = CliRunner().invoke(main, ["speculate", str(full), "--draft", str(draft)])
     assert r.exit_code == 14, r.output
-    assert ("--draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks are "
+    assert ("the draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks are "
             "glm4moe/64/128/2, the model's glm4moe/64/128/3") in r.output
+
+
+# ---------------------------------------------------------------- the MTP head's type (types.nextn)
+
+def mtp_model(tmp_path, ff=256):
+    """A glm4moe GGUF whose last block is the MTP head; ff 256 keeps the experts' down projection at
+    row length 256, so low-bit types are written as asked (64-wide rows fall back)."""
+    kv = dict(GLM_KV, leading_dense_block_count=1, nextn_predict_layers=1)
+    return write_gguf(tmp_path / "mtp-model.gguf", "glm4moe", kv, glm_like_tensors(nextn=1, ff=ff))
+
+
+def head_plan(tmp_path, profile_text: str | None, **kw):
+    info = read_model(mtp_model(tmp_path))
+    if profile_text is None:
+        return make_plan(info, load_profile("compact"), **kw)
+    (tmp_path / "p.yaml").write_text(profile_text)
+    return make_plan(info, load_profile(tmp_path / "p.yaml"), **kw)
+
+
+def test_the_mtp_head_defaults_to_q8_0_on_every_tier(tmp_path):
+    from apex_orch.core.schema import yaml_keys
+    from apex_orch.plan.profiles import BANDED_ROLES, SINGLE_ROLES, TypesSpec
+    assert yaml_keys(TypesSpec) == [*BANDED_ROLES, *SINGLE_ROLES, "nextn"] and TypesSpec().nextn == "Q8_0"
+    for name in ("compact", "i-nano", "micro", "quality"):
+        plan = head_plan(tmp_path, f"extends: {name}\n", has_imatrix=True)
+        head = {t.name: (t.final_type.name, t.reason) for t in plan.tensors if t.role == Role.NEXTN}
+        assert set(head) == {"blk.2.attn_q.weight", "blk.2.attn_k.weight", "blk.2.attn_v.weight",
+                             "blk.2.attn_output.weight", "blk.2.ffn_gate_exps.weight", "blk.2.ffn_up_exps.weight",
+                             "blk.2.ffn_down_exps.weight", "blk.2.nextn.eh_proj.weight"}, name
+        assert set(head.values()) == {("Q8_0", "types.nextn (default Q8_0, the MTP head as APEX-MTP keeps it)")}
+        assert not any(t.requires_imatrix for t in plan.tensors if t.role == Role.NEXTN)
+
+
+def test_the_mtp_head_type_per_profile(tmp_path):
+    from apex_orch.core.errors import ProfileError
+    plan = head_plan(tmp_path, "extends: compact\ntypes: {nextn: q6_k}\n")
+    head = {t.name: (t.requested.name, t.final_type.name, t.reason) for t in plan.tensors if t.role == Role.NEXTN}
+    assert head["blk.2.ffn_down_exps.weight"] == ("Q6_K", "Q6_K", "types.nextn")
+    assert head["blk.2.nextn.eh_proj.weight"] == ("Q6_K", "Q8_0", "types.nextn")   # 64-wide rows: the fallback
+    plan = head_plan(tmp_path, "extends: compact\ntypes: {nextn: edge}\n")   # like an edge block of its role
+    head = {t.name: (t.requested.name, t.reason) for t in plan.tensors if t.role == Role.NEXTN}
+    assert head["blk.2.nextn.eh_proj.weight"] == ("Q4_K", "types.nextn: edge -> types.attention.edge")
+    assert head["blk.2.ffn_down_exps.weight"] == ("Q4_K", "types.nextn: edge -> types.routed_expert.edge")
+    (tmp_path / "bad.yaml").write_text("extends: compact\ntypes:\n  nextn: Q9\n")
+    with pytest.raises(ProfileError) as err:
+        load_profile(tmp_path / "bad.yaml")
+    assert err.value.where == f"{tmp_path / 'bad.yaml'}:3"
+    assert err.value.message == "types.nextn: 'Q9' is neither a ggml type nor 'edge'"
+
+
+IQ_HEAD = "extends: i-compact\ntier: I-Compact-IQ-Head\ntypes: {nextn: IQ2_XXS}\n"
+
+
+def test_an_mtp_head_needing_imatrix_data_is_refused_before_the_tool(tmp_path):
+    """llama-imatrix never runs the MTP layers: with an imatrix covering every trunk tensor, the
+    head's IQ2_XXS tensors are still refused (ImatrixError, exit 6), naming them."""
+    from apex_orch.calibration.imatrix_file import ImatrixEntry, ImatrixInfo, expected_tensors
+    from apex_orch.core.errors import ImatrixError
+    from apex_orch.quantize.job import ImatrixSource, plan_quantize
+    path = mtp_model(tmp_path)
+    info = read_model(path)
+    entries = {t.name: ImatrixEntry(t.name, t.shape[0], math.prod(t.shape[2:]), (1,) * math.prod(t.shape[2:]))
+               for t in expected_tensors(info)}
+    assert not any(n.startswith("blk.2.") for n in entries)      # the head is never expected in an imatrix
+    im = ImatrixSource(tmp_path / "im.gguf", "0" * 64, "x", ImatrixInfo(tmp_path / "im.gguf", 1, 128, ("x",), entries))
+    (tmp_path / "iq-head.yaml").write_text(IQ_HEAD)
+    with pytest.raises(ImatrixError) as err:
+        plan_quantize(path, load_profile(tmp_path / "iq-head.yaml"), out_dir=tmp_path / "out", imatrix=im)
+    assert err.value.message == (
+        "profile iq-head gives 1 tensor(s) of the MTP head IQ2_XXS (types.nextn), a type llama-quantize writes only "
+        "with imatrix data, and no imatrix can have it (llama-imatrix evaluates the trunk only: the MTP/NextN layers "
+        "run in a separate graph that only speculative decoding builds, so no imatrix holds data for them): "
+        "blk.2.ffn_down_exps.weight")
+    assert err.value.where == str(tmp_path / "iq-head.yaml")
+    job = plan_quantize(path, "i-compact", out_dir=tmp_path / "out", imatrix=im)   # the default head: planned
+    assert {t.final_type.name for t in job.plan.tensors if t.role == Role.NEXTN} == {"Q8_0"}
+
+
+def test_quantize_refuses_the_head_before_building_an_imatrix(tmp_path, isolated_cache_root):
+    from click.testing import CliRunner
+    from apex_orch.cli import main
+    (tmp_path / "iq-head.yaml").write_text(IQ_HEAD)
+    r = CliRunner().invoke(main, ["quantize", str(mtp_model(tmp_path)), "-p", str(tmp_path / "iq-head.yaml"),
+                                  "--corpus", "agentic", "--out-dir", str(tmp_path / "out")])
+    assert r.exit_code == 6, r.output
+    assert r.output.startswith(f"error: {tmp_path / 'iq-head.yaml'}: profile iq-head gives 1 tensor(s) of the MTP head")
+    assert not (tmp_path / "out").exists() and not list(isolated_cache_root.glob("imatrix/*.gguf"))

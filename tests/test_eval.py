@@ -219,6 +219,48 @@ def test_compare_table_formats_and_plot(kld_pair, q4: Path, mistral4_split: Path
     assert evalreport.pareto_front([(1, 5), (2, 3), (3, 4), (4, 1)]) == [0, 1, 3]
 
 
+def test_compare_holds_files_against_baselines(kld_pair, q4: Path, mistral4_split: Path, eval_text: Path,
+                                              tmp_path: Path) -> None:
+    """A file as large as Q8_0 but with Q2_K's loss (Q2_K requantized to Q8_0) against the Q4_K_M as a
+    baseline: smaller and closer beyond the errors, so the file is marked and the sentence says so;
+    the other way round nothing is marked, and the gates hold for the files only."""
+    from click.testing import CliRunner
+
+    from apex_orch.cli import main
+    from apex_orch.evaluation.baselines import closer_sentence
+    from apex_orch.core.text import binary_size
+    tool = find_tool("llama-quantize").path
+    q2 = tmp_path / "mistral4-split-Q2_K.gguf"
+    run_tool([tool, mistral4_split, q2, "Q2_K", "2"])
+    bloated = tmp_path / "bloated-Q8_0.gguf"
+    run_tool([tool, "--allow-requantize", q2, bloated, "Q8_0", "2"])
+    res = CliRunner().invoke(main, ["compare", str(bloated), "--baseline", str(q4), "--base", str(mistral4_split),
+                                    "--text", str(eval_text), *CLI_SETTINGS, "--no-speed", "-q"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[3].startswith("| bloated-Q8_0.gguf † ")
+    assert lines[4].startswith("| mistral4-split-Q4_K_M.gguf (baseline) ")
+    report = evalreport.compare([bloated], mistral4_split, baselines=[q4], text=eval_text, settings=SETTINGS,
+                                speed=False)
+    _base, file_row, base_row = report.rows()
+    assert (file_row.is_baseline, base_row.is_baseline) == (False, True)
+    assert base_row.kld_mean == kld_pair[0].kld.kld_mean and base_row.kld_mean_err == kld_pair[0].kld.kld_mean_err
+    assert base_row.kld_mean + base_row.kld_mean_err < file_row.kld_mean - file_row.kld_mean_err
+    [(t, b)] = report.closer_baselines()
+    sentence = closer_sentence(t, b, binary_size)
+    assert sentence.startswith("mistral4-split-Q4_K_M.gguf is smaller and closer to the source than "
+                               "bloated-Q8_0.gguf: ")
+    assert f"† {sentence}" in lines
+    assert json.loads(evalreport.format_report(report, "json"))["closer_baselines"] == [
+        {"file": "bloated-Q8_0.gguf", "baseline": "mistral4-split-Q4_K_M.gguf"}]
+    # the other way round: the baseline is larger, so nothing is marked; a gate the baseline fails is not checked
+    swapped = evalreport.compare([q4], mistral4_split, baselines=[bloated], text=eval_text, settings=SETTINGS,
+                                 speed=False, gates=Gates(max_mean_kld=(file_row.kld_mean + base_row.kld_mean) / 2))
+    assert swapped.closer_baselines() == [] and "†" not in evalreport.format_report(swapped, "md")
+    swapped.check_gates()
+    assert [r.gate_failures for r in swapped.rows()] == [[], [], []]
+
+
 def test_gates(kld_pair) -> None:
     ours, tool = kld_pair
     kld = ours.kld.kld_mean

@@ -86,3 +86,16 @@ def test_export_check_passes_f16_noise_and_fails_export_bugs(tmp_path: Path) -> 
     for bug in ("routed experts 0 and 1 swapped", "ffn_gate_shexp rows reversed"):
         assert not by[bug]["passed"], bug
         assert by[bug]["mean_kld"] > validate.TOL_MEAN_KLD
+
+
+def test_the_device_is_chosen_on_purpose() -> None:
+    """`--device auto` trains on a CUDA GPU when torch sees one, else on the CPU; asking for CUDA
+    without one is an error, not a silent CPU run; a GPU-trained model gets its own cache key."""
+    from bench.reference_model.trainer import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            pick_device("cuda")
+    assert train.cache_key(SMOKE, "0" * 64, "cuda") != train.cache_key(SMOKE, "0" * 64, "cpu")

@@ -26,13 +26,15 @@ import yaml
 from click.testing import CliRunner
 
 from apex_orch import __version__
-from apex_orch.release import card
+from apex_orch.evaluation.baselines import Point, closer_baselines, closer_sentence
+from apex_orch.release import card, card_facts, card_results
 from apex_orch.release import runner as rel
 from apex_orch.release.config_reader import load_release
 from apex_orch.release.dryrun import preview_imatrix
 from apex_orch.release.phases import fetch as fetch_phase
 from apex_orch.release.phases.convert import convert_source, converter_script
 from apex_orch.release.phases.fetch import fetch_source
+from apex_orch.release.baselines import plan_baseline_jobs
 from apex_orch.release.phases.quantize import plan_jobs
 from apex_orch.release.state import WORK_DIR, ReleaseState, check_out_dir, default_out_dir
 from apex_orch.cli import main
@@ -71,10 +73,15 @@ def release_yaml(folder: Path, text: Path, **extra) -> Path:
     (folder / "corpus.yaml").write_text(
         "description: Synthetic prose for the release tests\nseed: 1\n"
         f"sources:\n  - path: {text}\n    split: paragraph\n")
+    tasks = ROOT / "releases" / "demo-tasks"
     doc = {"name": NAME, "base_model": "apex-orch/APEX-Demo-MoE", "license": "mit",
            "source": {"demo": True}, "tiers": ["compact", "i-compact"],
            "imatrix": {"corpus": "corpus.yaml", "ctx": 128, "chunks": 4},
-           "eval": {"text": str(text), "ctx": 128, "chunks": 2},
+           # llama-bench with short tests (the card's columns say pp32 / tg8) and two runs, for the sd
+           "eval": {"text": str(text), "ctx": 128, "chunks": 2, "speed": {"repetitions": 2, "prompt": 32, "gen": 8},
+                    "tasks": [{"task": "hellaswag", "file": str(tasks / "hellaswag.txt")},
+                              {"task": "mmlu", "file": str(tasks / "mmlu.bin")}], "task_ctx": 128},
+           "baselines": [{"preset": "Q4_K_M", "imatrix": True}],
            "mmproj": {"file": "projector.gguf", "name": "mmproj.gguf"},
            "publish": {"repo": "apex-test/Demo-Release-APEX-GGUF"}}
     doc.update(extra)
@@ -148,8 +155,8 @@ def test_kill_mid_quantize_then_rerun_finishes_only_what_is_missing(pipeline):
     assert list(out.glob(".*partial*")) == []                   # ...removed by the resumed run
     assert f"removed a partial file left by an interrupted run: {k['partials'][0]}" in pipeline["resumed"]
     assert pipeline["first"].stat().st_ino == k["first_inode"]  # the finished tier was not redone
-    assert phase_row(pipeline["resumed"], "quantize")[1:4:2] == ["ran", "1 written, 1 up to date"]
-    assert phase_row(pipeline["resumed"], "eval")[1:4:2] == ["ran", "2 evaluated, 0 up to date"]
+    assert phase_row(pipeline["resumed"], "quantize")[1:4:2] == ["ran", "2 written, 1 up to date (1 baseline(s))"]
+    assert phase_row(pipeline["resumed"], "eval")[1:4:2] == ["ran", "3 evaluated, 0 up to date"]
     assert phase_row(pipeline["resumed"], "imatrix")[1] in ("ran", "up to date")
 
 
@@ -181,8 +188,11 @@ def test_release_folder_contents(pipeline):
                        if p.is_file() and not p.relative_to(out).as_posix().startswith(WORK_DIR)
                        and not p.name.endswith((".manifest.json", ".log", ".tensor-types.txt")))
     assert published == ["Demo-Release-APEX-Compact.gguf", "Demo-Release-APEX-I-Compact.gguf", "README.md",
-                         "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml",
-                         "mmproj.gguf"]
+                         "calibration/calibration.json", "calibration/calibration.txt", "calibration/imatrix.gguf",
+                         "kld-vs-size.png", "localai/demo-release-apex-compact.yaml",
+                         "localai/demo-release-apex-i-compact.yaml", "mmproj.gguf"]
+    # the baseline is made in the work folder, never beside the tiers
+    assert [p.name for p in (out / WORK_DIR / "baselines").glob("*.gguf")] == [f"{NAME}-Q4_K_M-imatrix.gguf"]
     # the projector is included byte for byte, never quantized
     assert (out / "mmproj.gguf").read_bytes() == (pipeline["folder"] / "projector.gguf").read_bytes()
     # tier files are exactly what plan_quantize predicted and carry their tier's metadata
@@ -211,20 +221,75 @@ def test_card_is_the_render_of_the_release_and_states_real_facts(pipeline):
             "Required for image understanding |") in text
     assert "- **Vision**: Pixtral encoder, shipped as a separate projector (mmproj.gguf, F16)" in text
     assert f"local-ai run apex-test/Demo-Release-APEX-GGUF@{NAME}-APEX-Compact.gguf" in text
-    # eval numbers come from the eval records, one shared base-logits cache for both tiers
+    # eval numbers come from the eval records, one shared base-logits cache for the tiers and the baseline
     eval_dir = out / WORK_DIR / "eval"
     records = {r["tier"]: r for r in (json.loads((eval_dir / f"{NAME}-APEX-{t}.gguf.json").read_text())
                                       for t in ("Compact", "I-Compact"))}
+    baseline = json.loads((eval_dir / "baseline-Q4_K_M-imatrix.json").read_text())
     base = json.loads((eval_dir / "base.json").read_text())
-    large = max([base["ppl"]] + [r["summary"]["ppl"] for r in records.values()]) >= 1000
-    assert f"| source (F16) | {hub_size(base['size'])} | {card.fmt_ppl(base['ppl'], base['ppl_err'], large=large)} " \
-           f"| — | — |" in text
-    for rec in records.values():
+    every = [*records.values(), baseline]
+    large = max([base["ppl"]] + [r["summary"]["ppl"] for r in every]) >= 1000
+
+    def cells(e: dict) -> str:
+        tasks = " | ".join(card_results.fmt_task(card_facts.TaskCell(t["accuracy"], t["error"],
+                                                               tuple(t["ci95"]) if t["ci95"] else None))
+                           for t in e["tasks"])
+        sp = e["speed"]
+        return (f"{card.fmt_ppl(e['ppl'], e['ppl_err'], large=large)} | {tasks} | "
+                f"{sp['pp_tokens_per_s']:.1f} ± {sp['pp_tokens_per_s_sd']:.1f} | "
+                f"{sp['tg_tokens_per_s']:.1f} ± {sp['tg_tokens_per_s_sd']:.1f} |")
+    assert "| File | Size | Mean KLD | KLD 99.9% | Same top p | PPL | HellaSwag | MMLU | pp32 t/s | tg8 t/s |" in text
+    assert f"| source (F16) | {hub_size(base['size'])} | — | — | — | {cells(base)}" in text
+    for rec in every:
         s = rec["summary"]
-        assert f"| {rec['file']} | {hub_size(rec['size'])} | {card.fmt_ppl(s['ppl'], s['ppl_err'], large=large)} | " \
-               f"{card.fmt_kld(s['kld_mean'])} | {card.fmt_pct(s['same_top_p'])} |" in text
+        name = f"baseline: {rec['baseline']}" if "baseline" in rec else rec["file"]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name}"))
+        assert row.endswith(f" | {hub_size(rec['size'])} | {card.fmt_kld(s['kld_mean'])} | "
+                            f"{card.fmt_kld(s['kld_p999'])} | {card.fmt_pct(s['same_top_p'])} | {cells(s)}")
         assert s["n_chunks"] == 2 and s["n_ctx"] == 128 and s["base_ppl"] == base["ppl"]   # one shared base cache
-    # deterministic: no absolute paths, no dates
+        assert (s["speed"]["repetitions"], s["speed"]["pp_tokens"], s["speed"]["tg_tokens"]) == (2, 32, 8)
+        assert [t["task"] for t in s["tasks"]] == ["hellaswag", "mmlu"] and all(t["n_tasks"] == 12 for t in s["tasks"])
+    # rows by size, largest first; a tier is marked exactly when a baseline no larger beats it beyond the errors
+    section = text.split("## Benchmarks\n\n")[1].split("\n\n### ")[0]
+    shown = [line.split(" | ")[0][2:].removesuffix(" †") for line in section.splitlines()
+             if line.startswith(("| Demo-Release-APEX-", "| baseline: "))]
+    ranked = sorted(enumerate(every), key=lambda ir: (-ir[1]["size"], ir[0]))
+    assert shown == [f"baseline: {r['baseline']}" if "baseline" in r else r["file"] for _, r in ranked]
+    points = [Point(r["tier"], r["size"], r["summary"]["kld_mean"], r["summary"]["kld_mean_err"], False)
+              for r in records.values()]
+    points.append(Point("Q4_K_M (imatrix)", baseline["size"], baseline["summary"]["kld_mean"],
+                        baseline["summary"]["kld_mean_err"], True))
+    expected = ["† " + closer_sentence(t, b, hub_size) for t, b in closer_baselines(points)] or [
+        "No baseline that is no larger than a tier is closer to the source than that tier beyond the error "
+        "estimates (mean KLD ± its standard error)."]
+    assert [p for p in section.split("\n\n")[2:] if not p.startswith("![")] == expected
+    assert "![Mean KLD against file size, tiers and baselines](kld-vs-size.png)" in text
+    assert (out / "kld-vs-size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the task sets, the speed setup and the baseline, as recorded
+    assert (f"| HellaSwag | `--hellaswag` | 12 of 12 | hellaswag.txt | "
+            f"`{hashlib.sha256((ROOT / 'releases/demo-tasks/hellaswag.txt').read_bytes()).hexdigest()}` |") in text
+    assert "mean ± standard deviation of 2 repetitions after a warm-up run" in text
+    bl_file = out / WORK_DIR / "baselines" / f"{NAME}-Q4_K_M-imatrix.gguf"
+    assert (f"- **Q4_K_M (imatrix)**: llama-quantize Q4_K_M of the same source, with the release's importance "
+            f"matrix; {bl_file.name}, {hub_size(bl_file.stat().st_size)}, sha256 "
+            f"`{hashlib.sha256(bl_file.read_bytes()).hexdigest()}`.") in text
+    # the calibration files: linked with their real sha256; the manifest describes the text and the imatrix
+    cal = out / "calibration"
+    for name in ("imatrix.gguf", "calibration.txt", "calibration.json"):
+        data = (cal / name).read_bytes()
+        assert (f"| [calibration/{name}](calibration/{name}) | ") in text
+        assert f"| {hub_size(len(data))} | `{hashlib.sha256(data).hexdigest()}` |" in text
+    manifest = json.loads((cal / "calibration.json").read_text())
+    tier_manifest = json.loads((out / f"{NAME}-APEX-I-Compact.gguf.manifest.json").read_text())
+    assert manifest["imatrix"]["sha256"] == hashlib.sha256((cal / "imatrix.gguf").read_bytes()).hexdigest() \
+        == tier_manifest["imatrix"]["sha256"]
+    assert manifest["text"]["sha256"] == hashlib.sha256((cal / "calibration.txt").read_bytes()).hexdigest()
+    assert (manifest["corpus"], manifest["imatrix"]["ctx"], manifest["imatrix"]["chunks"]) == ("corpus", 128, 4)
+    assert manifest["text"]["tokens"] >= 4 * 128 and sum(x["tokens"] for x in manifest["sources"]) > 0
+    assert sum(x["documents"] for x in manifest["sources"]) == manifest["text"]["documents"]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", x["sha256"]) for x in manifest["sources"])
+    # deterministic: no absolute paths, no dates (the card, and the published calibration manifest)
+    text += (out / "calibration" / "calibration.json").read_text()
     for needle in (str(out), str(pipeline["folder"]), str(Path.home()), "/tmp/"):
         assert needle not in text
     assert not re.search(r"\d{4}-\d{2}-\d{2}", text)
@@ -274,13 +339,22 @@ HUB_REPO = "apex-test/Demo-Release-APEX-GGUF"
 TEST_TOKEN = "hf_publishTestToken0123456789abcdef"
 
 
+CALIBRATION = ["calibration/imatrix.gguf", "calibration/calibration.txt", "calibration/calibration.json"]
+
+
 def _published_names(out: Path) -> list[str]:
     return sorted([f"{NAME}-APEX-Compact.gguf", f"{NAME}-APEX-I-Compact.gguf", "mmproj.gguf", "README.md",
-                   "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml"])
+                   "kld-vs-size.png", "localai/demo-release-apex-compact.yaml",
+                   "localai/demo-release-apex-i-compact.yaml", *CALIBRATION])
 
 
 def _published_ggufs() -> list[str]:
     return [f"{NAME}-APEX-Compact.gguf", f"{NAME}-APEX-I-Compact.gguf", "mmproj.gguf"]
+
+
+def _lfs_files() -> list[str]:
+    """What the (fake) Hub stores through LFS: the GGUFs, the imatrix and the plot (binary)."""
+    return sorted(_published_ggufs() + ["calibration/imatrix.gguf", "kld-vs-size.png"])
 
 
 def test_publish_plan_handed_to_huggingface_hub(pipeline, hub, monkeypatch):
@@ -289,22 +363,25 @@ def test_publish_plan_handed_to_huggingface_hub(pipeline, hub, monkeypatch):
     cfg = load_release(pipeline["cfg"])
     result = rel.run_release(cfg, phases=["publish"], push=True, out_dir=out)
     assert result.reports[-1].status == "ran"
-    # each GGUF: its upload mode, the LFS batch ("basic"), one PUT, the verify; then create_commit:
-    # README.md's front matter, the small files' upload mode, the NDJSON commit
-    lfs_steps = ["preupload", "lfs_batch", "lfs_upload", "lfs_verify"]
-    assert hub.ops() == ["create_repo", "paths_info", *lfs_steps * 3, "validate_yaml", "preupload", "commit"]
+    # each recorded file (GGUF, then calibration) one at a time: its upload mode, and for an LFS one the batch
+    # ("basic"), one PUT, the verify; then create_commit: README.md's front matter, the card files' upload
+    # mode, the plot's LFS upload (a binary file), the NDJSON commit
+    lfs_steps = ["lfs_batch", "lfs_upload", "lfs_verify"]
+    assert hub.ops() == ["create_repo", "paths_info", *(["preupload", *lfs_steps] * 4), "preupload", "preupload",
+                         "validate_yaml", "preupload", *lfs_steps, "commit"]
     create, paths_info = hub.requests[0], hub.requests[1]
     assert create.body == {"name": "Demo-Release-APEX-GGUF", "organization": "apex-test", "visibility": "public",
                            "type": "model"}
     assert paths_info.path == f"/api/models/{HUB_REPO}/paths-info/main"
     assert sorted(paths_info.body["paths"]) == _published_names(out)
     preuploads = [[f["path"] for f in r.body["files"]] for r in hub.requests if r.op == "preupload"]
-    assert sorted(preuploads[:3]) == sorted([g] for g in _published_ggufs())      # one LFS file at a time
-    assert sorted(preuploads[3]) == ["README.md", "localai/demo-release-apex-compact.yaml",
+    assert sorted(preuploads[:3]) == sorted([g] for g in _published_ggufs())      # one recorded file at a time
+    assert preuploads[3:6] == [[c] for c in CALIBRATION]
+    assert sorted(preuploads[6]) == ["README.md", "kld-vs-size.png", "localai/demo-release-apex-compact.yaml",
                                      "localai/demo-release-apex-i-compact.yaml"]
     digest = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in _published_names(out)}
     assert sorted(r.path for r in hub.requests if r.op == "lfs_upload") == sorted(
-        f"/lfs-objects/{digest[g]}" for g in _published_ggufs())
+        f"/lfs-objects/{digest[g]}" for g in _lfs_files())
     commit = hub.requests[-1]
     assert commit.path == f"/api/models/{HUB_REPO}/commit/main"         # a model repo, revision main
     header, *lines = commit.body
@@ -312,14 +389,15 @@ def test_publish_plan_handed_to_huggingface_hub(pipeline, hub, monkeypatch):
     assert header["value"]["summary"] == f"{NAME} APEX GGUF: 2 tiers (apex-orch {__version__}, {build_label()})"
     description = header["value"]["description"]
     assert f"apex-orch {__version__}" in description and build_label() in description
+    assert ": 3 GGUF file(s), the calibration files, the model card" in description
     assert sorted(line["value"]["path"] for line in lines) == _published_names(out)
-    assert sorted(line["value"]["path"] for line in lines if line["key"] == "lfsFile") == sorted(_published_ggufs())
-    # what arrived is the release, byte for byte, and nothing else (no manifest, log or work file)
+    assert sorted(line["value"]["path"] for line in lines if line["key"] == "lfsFile") == _lfs_files()
+    # what arrived is the release, byte for byte, and nothing else (no manifest, log, baseline or work file)
     repo = hub.repos[HUB_REPO]
     assert sorted(hub.stored(HUB_REPO)) == sorted(_published_names(out) + [".gitattributes"])
     for name in _published_names(out):
         assert hub.stored(HUB_REPO)[name] == (out / name).read_bytes(), name
-    assert {g: repo.files[g].lfs_sha256 for g in _published_ggufs()} == {g: digest[g] for g in _published_ggufs()}
+    assert {g: repo.files[g].lfs_sha256 for g in _lfs_files()} == {g: digest[g] for g in _lfs_files()}
     record = json.loads((out / WORK_DIR / "publish.json").read_text())
     assert record["commit_oid"] == repo.commits[-1].oid and sorted(record["uploaded"]) == _published_names(out)
     assert record["commit_url"] == f"{hub.url}/{HUB_REPO}/commit/{repo.commits[-1].oid}"
@@ -378,25 +456,68 @@ def test_push_needs_a_token(pipeline, monkeypatch, tmp_path):
 STAND_IN_SHA = "0123456789abcdef" * 4
 
 
+def _stand_in_tasks(cfg, offset: int) -> list[dict]:
+    """Task rows as the eval phase records them, for the config's real task files (their names, sha256
+    and counts, the settings the scorers would run with); the accuracies are stand-ins."""
+    from apex_orch.evaluation.task_files import TASK_KINDS, read_task_set
+    from apex_orch.evaluation.tasks import TaskSettings
+    rows = []
+    settings = TaskSettings(n_ctx=cfg.eval.task_ctx, n_threads=2)
+    for i, t in enumerate(cfg.eval.tasks):
+        f = read_task_set(t.task, t.file.resolve()).file
+        n = f.n_tasks if t.count is None else min(t.count, f.n_tasks)
+        acc = 25.0 + 5 * i + offset
+        rows.append({"task": t.task, "title": TASK_KINDS[t.task].title,
+                     "accuracy": acc, "error": None if t.task == "hellaswag" else 12.5,
+                     "ci95": [acc - 10.0, acc + 10.0] if t.task == "hellaswag" else None, "n_tasks": n,
+                     "n_available": f.n_tasks, "data": f.path, "data_sha256": f.sha256,
+                     "settings": {**settings.numeric(f.scorer, f.max_answers), "n_threads": 2}})
+    return rows
+
+
+def _stand_in_speed(i: int) -> dict:
+    return {"pp_tokens": 512, "pp_tokens_per_s": 100.0 + 10 * i, "tg_tokens": 128, "tg_tokens_per_s": 10.0 + i,
+            "n_threads": 2, "n_batch": 2048, "n_ubatch": 512, "flash_attn": True, "repetitions": 1,
+            "pp_tokens_per_s_sd": 0.0, "tg_tokens_per_s_sd": 0.0, "repack": False, "tool": "llama-bench",
+            "build_commit": "0c1e57098", "cpu_info": "stand-in CPU", "gpu_info": None}
+
+
 def demo_card_facts(tmp_path: Path) -> card.CardFacts:
-    """The demo release's card facts from its real config, model and plans; the measured values
-    (file sha256, imatrix sha256, eval numbers) are labelled stand-ins so the text is the same on
-    every machine. Sizes are the plans' exact predictions."""
+    """The demo release's card facts from its real config, model, plans and task files; the measured
+    values (file sha256, imatrix sha256, eval numbers, task accuracies, speeds, the calibration files'
+    sizes and hashes) are labelled stand-ins so the text is the same on every machine. Sizes are the
+    plans' exact predictions. Two of the stand-in numbers make the Q4_K_M baseline beat three tiers."""
     cfg = load_release(ROOT / "releases" / "demo.yaml")
     state = ReleaseState(cfg, tmp_path / "out", lambda _m: None)
     fetch_source(state, run=False)
     convert_source(state, run=False)
-    state.jobs = plan_jobs(state, imatrix=preview_imatrix(state, None))
+    stand_in = preview_imatrix(state, None)
+    state.jobs = plan_jobs(state, imatrix=stand_in)
+    state.baseline_jobs = plan_baseline_jobs(state, stand_in)
     from apex_orch.calibration.corpus_spec import load_corpus_spec
     state.imatrix_record = {"corpus": "diverse", "description": load_corpus_spec("diverse").description,
                             "ctx": 128, "chunks": 8, "sha256": STAND_IN_SHA}
+    common = {"n_chunks": 4, "n_ctx": 128}
     for i, job in enumerate(state.jobs):
         state.evals[job.profile.tier] = {
             "tier": job.profile.tier, "file": job.output.name, "size": job.predicted_size, "text": "corpus wikipedia",
-            "summary": {"ppl": 12.0 + 0.25 * i, "ppl_err": 0.125, "kld_mean": 0.01 * (i + 1),
-                        "same_top_p": 95.0 - 2 * i,
-                        "n_chunks": 4, "n_ctx": 128}}
-    state.base_eval = {"type": "F16", "size": state.model.file_size, "ppl": 11.5, "ppl_err": 0.12}
+            "summary": {"ppl": 12.0 + 0.25 * i, "ppl_err": 0.125, "kld_mean": 0.01 * (i + 1), "kld_mean_err": 0.0005,
+                        "kld_p999": 0.1 * (i + 1), "same_top_p": 95.0 - 2 * i, "speed": _stand_in_speed(i + 1),
+                        "tasks": _stand_in_tasks(cfg, i), **common}}
+    for (label, kld), job in zip((("Q8_0", 0.002), ("Q4_K_M (imatrix)", 0.015)), state.baseline_jobs):
+        assert job.profile.tier == label
+        state.baseline_files[label] = [job.output]
+        state.baseline_evals[label] = {
+            "baseline": label, "file": job.output.name, "size": job.predicted_size, "text": "corpus wikipedia",
+            "summary": {"ppl": 11.75, "ppl_err": 0.125, "kld_mean": kld,
+                        "kld_mean_err": 0.0001 if kld < 0.01 else 0.0005,
+                        "kld_p999": 10 * kld, "same_top_p": 97.0, "speed": _stand_in_speed(0),
+                        "tasks": _stand_in_tasks(cfg, 1), **common}}
+    state.base_eval = {"type": "F16", "size": state.model.file_size, "ppl": 11.5, "ppl_err": 0.12,
+                       "speed": _stand_in_speed(0), "tasks": _stand_in_tasks(cfg, 2)}
+    state.calibration = {"files": [{"name": n, "size": 1000 * (k + 1), "sha256": STAND_IN_SHA}
+                                   for k, n in enumerate(("imatrix.gguf", "calibration.txt", "calibration.json"))],
+                         "corpus": "diverse", "tokens": 123456, "ctx": 128, "chunks": 8}
 
     def stand_in_files(job, _files):
         return (card.FileFacts((job.output.name,), job.predicted_size, (STAND_IN_SHA,)),
@@ -427,20 +548,43 @@ def test_demo_card_brief_shape(tmp_path):
     assert "apex-orch release releases/demo.yaml" in text
 
 
+def test_card_says_when_the_calibration_is_not_published(tmp_path):
+    """--no-calibration-upload: the card links no calibration file and says why; publish sends none."""
+    import dataclasses
+    facts = demo_card_facts(tmp_path)
+    text = card.render_card(dataclasses.replace(facts, calibration_files=card.CalibrationFiles(False)))
+    section = text.split("## Calibration\n\n")[1].split("\n\n## ")[0]
+    assert section.endswith("\n\nThe calibration files (the importance matrix and its calibration text) are not "
+                            "published with this release: it was made with `--no-calibration-upload`.")
+    assert "calibration/imatrix.gguf" not in text
+    cfg = load_release(ROOT / "releases" / "demo.yaml")
+    state = ReleaseState(cfg, tmp_path / "out", lambda _m: None, calibration_upload=False)
+    state.calibration = {"files": [{"name": "imatrix.gguf", "size": 1, "sha256": STAND_IN_SHA}]}   # left from a run
+    assert card._calibration_files(state) == card.CalibrationFiles(False)
+    from apex_orch.release.phases.publish import publish_request
+    state.jobs, state.files = [], {}
+    assert publish_request(state).calibration == []
+
+
 def test_benchmarks_pending_without_eval(tmp_path):
     facts = demo_card_facts(tmp_path)
     import dataclasses
     bare = dataclasses.replace(facts, tiers=tuple(dataclasses.replace(t, eval=None) for t in facts.tiers),
-                               base_eval=None, eval_setup=None)
+                               baselines=tuple(dataclasses.replace(b, eval=None) for b in facts.baselines),
+                               base_eval=None, eval_setup=None, tasks=None, speed=None, plot=None)
     text = card.render_card(bare)
     section = text.split("## Benchmarks\n\n")[1].split("\n\n##")[0]
-    assert section == "Benchmarks pending: these files have not been evaluated yet."
+    # no table, no task or speed section; the baselines are still said (what they are), without numbers
+    assert section.split("\n\n### ")[0] == "Benchmarks pending: these files have not been evaluated yet."
+    assert "### Task accuracy" not in text and "### Speed" not in text and "kld-vs-size.png" not in text
+    assert "### Baselines" in text
 
 
 # ----------------------------------------------------------------------------- dry runs
 
 def test_flagship_dry_run_on_the_replica(ms4_replica, monkeypatch):
     monkeypatch.delenv("APEX_MODELS_DIR", raising=False)
+    monkeypatch.delenv("APEX_TASKS_DIR", raising=False)
     cfg = ROOT / "releases" / "mistral-small-4-119b.yaml"
     res = invoke("release", str(cfg), "--dry-run", "--source", str(ms4_replica))
     assert res.exit_code == 0, res.output
@@ -469,12 +613,12 @@ def test_flagship_dry_run_on_the_replica(ms4_replica, monkeypatch):
     assert "publish   mudler/Mistral-Small-4-119B-2603-APEX-GGUF (public); not without --push" in res.output
     assert "mistral-small-4-119b.yaml:" in res.output and "${APEX_MODELS_DIR}, which is not set" in res.output
     assert re.search(r"^disk      the release needs [\d.]+ GB", res.output, re.M)
-    assert res.output.count("$ ") == 7                           # one llama-quantize command per tier
+    assert res.output.count("$ ") == 9                 # one llama-quantize command per tier and preset baseline
     assert not (ROOT / "out" / "release" / "Mistral-Small-4-119B").exists()   # a dry run writes nothing
     # --json: the same plan, from the same object, as data
     js = invoke("release", str(cfg), "--dry-run", "--json", "--source", str(ms4_replica))
     assert js.exit_code == 0, js.output
-    data = json.loads(js.output)
+    data = json.loads(js.stdout)
     assert (data["format"], data["format_version"]) == ("apex-orch-release-dry-run", 1)
     assert data["phases"] == data["selected"] == list(rel.PHASES) and data["push"] is False
     assert data["fetch"]["given"] == str(ms4_replica) and data["source"]["path"] == str(ms4_replica)
@@ -483,7 +627,32 @@ def test_flagship_dry_run_on_the_replica(ms4_replica, monkeypatch):
             for t in data["tiers"]} == expected
     assert all(not t["present"] and f"  {t['tier']}: $ {shlex.join(t['argv'])}" in res.output for t in data["tiers"])
     largest = max(t["size"] for t in data["tiers"])
-    assert data["disk"]["need"] == data["disk"]["tiers"] + largest == sum(t["size"] for t in data["tiers"]) + largest
+    # the baselines: uniform presets of the same source, sized by their plans, in the work folder
+    from apex_orch.release.baselines import preset_profile
+    cfg_ = load_release(cfg)
+    bsizes = {b.label: plan_quantize(ms4_replica, preset_profile(b), name="Mistral-Small-4-119B", model=info,
+                                     imatrix=None).predicted_size for b in cfg_.baselines if not b.imatrix}
+    assert [(b["name"], b["kind"], b["file"], b["present"]) for b in data["baselines"]] == [
+        ("Q8_0", "preset", "Mistral-Small-4-119B-Q8_0.gguf", False),
+        ("Q4_K_M (imatrix)", "preset", "Mistral-Small-4-119B-Q4_K_M-imatrix.gguf", False)]
+    assert data["baselines"][0]["size"] == bsizes["Q8_0"]
+    assert "/.apex-release/baselines/" in data["baselines"][0]["path"]
+    # the replica has no vocabulary to build the imatrix with: the same placeholder as the I-tiers'
+    assert data["baselines"][1]["argv"][1:3] == ["--imatrix", "<imatrix from phase imatrix>.gguf"] \
+        == data["tiers"][0]["argv"][1:3]
+    assert data["imatrix"]["i_baselines"] == ["Q4_K_M (imatrix)"]
+    baseline_bytes = sum(b["size"] for b in data["baselines"])
+    assert data["disk"]["baselines"] == baseline_bytes
+    assert data["disk"]["need"] == data["disk"]["tiers"] + largest + baseline_bytes
+    # the task sets and llama-bench, as asked; the task files live on the runner (${APEX_TASKS_DIR})
+    e = data["eval"]
+    assert (e["files"], e["speed"], e["speed_repetitions"], e["speed_tokens"], e["task_ctx"]) == \
+        (9, True, 5, [512, 128], 4096)
+    assert [t["task"] for t in e["tasks"]] == ["hellaswag", "winogrande", "mmlu", "arc-challenge", "arc-easy",
+                                               "truthfulqa"]
+    assert all("${APEX_TASKS_DIR}, which is not set" in t["problem"] for t in e["tasks"])
+    assert data["calibration_upload"] and data["calibration_files"] == [
+        "calibration/imatrix.gguf", "calibration/calibration.txt", "calibration/calibration.json"]
     assert data["publish_repo"] == "mudler/Mistral-Small-4-119B-2603-APEX-GGUF" and data["private"] is False
 
 
@@ -563,6 +732,21 @@ def write_cfg(tmp_path: Path, text: str) -> Path:
      "tiers[0]: unknown profile 'nosuch'"),
     ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: not-a-repo}\n", 5,
      "is not a repo id like owner/name"),
+    # `mtp:` (release.mtp): its schema is MtpConfig's fields
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: both\n", 6,
+     "mtp.mode must be one of bundled, draft, none"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp:\n  mode: draft\n"
+     "  typ: Q8_0\n", 8, "unknown key 'mtp.typ'"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: {type: Q8_0}\n", 6,
+     "mtp: missing key 'mode' (bundled, draft, none)"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp:\n  mode: draft\n"
+     "  file: d.gguf\n  type: iq2_xxs\n", 9, "mtp.type must be one of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp:\n  mode: bundled\n"
+     "  type: Q6_K\n", 8, "mtp.type: only a draft has its own type (mode is bundled)"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp:\n  mode: none\n"
+     "  file: d.gguf\n", 8, "mtp.file: only a draft has its own file (mode is none)"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: draft\n", 6,
+     "mtp: a draft needs the MTP head as its own GGUF, but a demo source is not converted here"),
 ])
 def test_config_errors_name_file_and_line(tmp_path, text, line, message):
     p = write_cfg(tmp_path, text)
@@ -570,6 +754,83 @@ def test_config_errors_name_file_and_line(tmp_path, text, line, message):
         load_release(p)
     assert err.value.where == f"{p}:{line}"
     assert message in err.value.message
+
+
+def test_mtp_config_forms(tmp_path):
+    """`mtp: MODE` or a mapping; a draft's type (upper-cased, default Q8_0) and file (relative to the YAML)."""
+    head = "name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\n"
+    assert load_release(write_cfg(tmp_path, head)).mtp is None
+    cfg = load_release(write_cfg(tmp_path, head + "mtp: bundled\n")).mtp
+    assert (cfg.mode, cfg.type, cfg.file, cfg.where) == ("bundled", "Q8_0", None, f"{tmp_path / 'r.yaml'}:6")
+    cfg = load_release(write_cfg(tmp_path, head + "mtp: {mode: draft, type: q6_k, file: heads/d.gguf}\n")).mtp
+    assert (cfg.mode, cfg.type, cfg.file.resolve()) == ("draft", "Q6_K", tmp_path / "heads" / "d.gguf")
+
+
+@pytest.mark.parametrize("arch, layers, mode, flag, problem", [
+    ("MixtralForCausalLM", None, "bundled", None, "the checkpoint (MixtralForCausalLM) has no MTP head"),
+    ("MixtralForCausalLM", None, "none", None, None),                 # nothing to leave out
+    ("Qwen3NextForCausalLM", None, "draft", "--no-mtp", None),        # its converter counts the head's weights
+    ("Qwen3_5MoeForCausalLM", 0, "bundled", None, "has no MTP head"),
+    ("Qwen3_5MoeForCausalLM", 1, "none", "--no-mtp", None),
+    ("DeepseekV3ForCausalLM", 1, "bundled", None, "the pinned convert_hf_to_gguf.py drops the MTP head"),
+    ("DeepseekV3ForCausalLM", 1, "none", None, None),
+    ("Cohere2MoeForCausalLM", 1, "bundled", None, None),
+    ("Cohere2MoeForCausalLM", 1, "draft", "--no-mtp", "cannot split the MTP head of Cohere2MoeForCausalLM off"),
+    ("Cohere2MoeForCausalLM", 1, "none", None, "cannot leave the MTP head of Cohere2MoeForCausalLM out"),
+])
+def test_an_mtp_mode_against_the_checkpoint(arch, layers, mode, flag, problem):
+    """Decided from config.json before the converter runs (release.mtp); the GGUF check settles the rest."""
+    from apex_orch.release.config import MtpConfig
+    from apex_orch.release.mtp import CheckpointHead, check_checkpoint, converter_flag
+    cfg, head = MtpConfig(mode, where="r.yaml:9"), CheckpointHead(arch, layers)
+    assert converter_flag(cfg, head) == flag and converter_flag(None, head) is None
+    if problem is None:
+        check_checkpoint(cfg, head)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_checkpoint(cfg, head)
+    assert problem in err.value.message and err.value.where == "r.yaml:9"
+
+
+def test_a_checkpoints_mtp_layers_from_its_config(tmp_path):
+    from apex_orch.release.mtp import checkpoint_head
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5MoeForConditionalGeneration"],
+                                                      "text_config": {"mtp_num_hidden_layers": 1}}))
+    head = checkpoint_head(tmp_path)
+    assert (head.architecture, head.layers) == ("Qwen3_5MoeForConditionalGeneration", 1)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"]}))
+    assert checkpoint_head(tmp_path).layers is None
+
+
+def test_the_mtp_section_and_localai_options():
+    """The card's MTP section and the LocalAI settings per mode (release.card_mtp; the real files:
+    tests/archs/test_release_mtp.py)."""
+    from apex_orch.release.card import FileFacts
+    from apex_orch.release.card_mtp import MtpFacts, localai_mtp, mtp_context
+    tier, heads = "X-APEX-Compact.gguf", (("X-APEX-Compact.gguf", "Q8_0 ×11", 300_000),)
+    assert mtp_context(None, tier) is None and localai_mtp(None) == ({}, [])
+    bundled = mtp_context(MtpFacts("bundled", 1, heads), tier)
+    assert bundled["table"] == "| File | MTP head |\n|---|---|\n| X-APEX-Compact.gguf | Q8_0 ×11 (300.0 KB) |"
+    assert bundled["command"] == "llama-server -m X-APEX-Compact.gguf --spec-type draft-mtp --spec-draft-n-max 3"
+    assert localai_mtp(MtpFacts("bundled", 1, heads)) == ({"options": ["spec_type:draft-mtp"]}, ["mtp"])
+    draft = MtpFacts("draft", 1, (("X-APEX-Compact.gguf", "", 0),), FileFacts(("mtp-X.gguf",), 2_500_000, ("0" * 64,)),
+                     "Q8_0 ×13")
+    ctx = mtp_context(draft, tier)
+    assert ctx["table"].splitlines()[2:] == ["| mtp-X.gguf | Q8_0 ×13 (2.5 MB, the draft file) |",
+                                             "| X-APEX-Compact.gguf | none |"]
+    assert ctx["command"].endswith("--spec-type draft-mtp --spec-draft-n-max 3 -md mtp-X.gguf")
+    assert localai_mtp(draft) == ({"options": ["spec_type:draft-mtp"], "draft_model": "mtp-X.gguf"}, ["mtp"])
+    none = mtp_context(MtpFacts("none", 0, (("X-APEX-Compact.gguf", "", 0),)), tier)
+    assert (none["command"], none["calibration"]) == (None, None) and localai_mtp(MtpFacts("none", 0, ())) == ({}, [])
+
+
+def test_the_mtp_example_config(monkeypatch):
+    """releases/qwen3.5-35b-a3b-mtp.yaml: an APEX-MTP release from a checkpoint folder."""
+    monkeypatch.delenv("APEX_MODELS_DIR", raising=False)
+    cfg = load_release(ROOT / "releases" / "qwen3.5-35b-a3b-mtp.yaml")
+    assert (cfg.mtp.mode, cfg.source.kind, cfg.source.checkpoint.raw) == (
+        "bundled", "convert", "${APEX_MODELS_DIR}/Qwen3.5-35B-A3B")
+    assert [t.tier for t in cfg.tiers] == ["I-Balanced", "I-Quality", "I-Compact", "Compact", "I-Mini"]
 
 
 def test_config_error_through_the_cli(tmp_path):

@@ -21,7 +21,7 @@ from gguf.constants import GGMLQuantizationType as T
 
 from apex_orch.core.errors import ConfigError, ResultFileError
 from apex_orch.core.text import disk_size
-from apex_orch.demo.synthetic import demo_model_path
+from apex_orch.demo.trained import demo_model_path
 from apex_orch.fit.fitter import fit_profile
 from apex_orch.fit.measurements import Sensitivity, load_sensitivity
 from apex_orch.model.gguf_header import read_header

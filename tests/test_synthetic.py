@@ -313,18 +313,6 @@ def test_invalid_specs_are_refused(change, message):
         synthetic.tensor_names(dataclasses.replace(SyntheticSpec(), **change))
 
 
-def test_demo_model_is_cached_by_spec_hash(tmp_path, monkeypatch, mistral4_split):
-    synthetic._tokenizer_kv()  # the vocab comes from the real pinned tree, loaded before the cache moves
-    monkeypatch.setenv("APEX_ORCH_CACHE", str(tmp_path))
-    path = synthetic.demo_model_path()
-    assert path.parent == tmp_path / "models"
-    assert path.name == f"apex-demo-moe-{synthetic.spec_key(synthetic.demo_spec())}.gguf"
-    assert header(path)[0]["general.name"] == "APEX-Demo-MoE"
-    assert list(tensors(path)) == list(tensors(mistral4_split))
-    mtime = path.stat().st_mtime_ns
-    assert synthetic.demo_model_path() == path and path.stat().st_mtime_ns == mtime
-
-
 def test_demo_text_is_deterministic_and_long():
     text = synthetic.demo_text(20000)
     assert text == synthetic.demo_text(20000)

@@ -25,10 +25,16 @@ from typing import Any
 from apex_orch.core.errors import ImatrixError
 from apex_orch.core.infiles import open_input, read_gguf
 from apex_orch.model.info import ModelInfo, TensorInfo
+from apex_orch.model.roles import Role, nextn_blocks
 from apex_orch.plan.llama_rules import ABORT_WITHOUT_IMATRIX_DATA, allows_quantization
 from apex_orch.plan.planner import Plan
 
 NOT_COLLECTED = ("token_embd.weight", "output.weight")   # never / only with --process-output
+# Why an imatrix holds nothing for the MTP head (read from the pinned tree: llama-imatrix evaluates
+# the model's decoder graph, which stops at the trunk; the MTP layers are built only in the
+# separate LLM_GRAPH_TYPE_DECODER_MTP graph speculative decoding runs).
+MTP_NOT_COLLECTED = ("llama-imatrix evaluates the trunk only: the MTP/NextN layers run in a separate graph "
+                     "that only speculative decoding builds, so no imatrix holds data for them")
 MAX_LISTED = 8
 
 
@@ -133,9 +139,36 @@ def read_imatrix(path: str | os.PathLike) -> ImatrixInfo:
 # =========================================================================== fit and coverage
 
 def expected_tensors(model_info: ModelInfo) -> list[TensorInfo]:
-    """Tensors an imatrix should hold: quantizable 2-D/3-D weights except token_embd/output."""
+    """Tensors an imatrix should hold: quantizable 2-D/3-D weights except token_embd/output and
+    the MTP head's (MTP_NOT_COLLECTED)."""
+    mtp = {t.name for t in mtp_tensors(model_info)}
     return [t for t in model_info.tensors
-            if allows_quantization(t.name, t.shape, model_info.arch) and t.name not in NOT_COLLECTED]
+            if allows_quantization(t.name, t.shape, model_info.arch) and t.name not in NOT_COLLECTED
+            and t.name not in mtp]
+
+
+def mtp_tensors(model_info: ModelInfo) -> list[TensorInfo]:
+    """The quantizable tensors of the MTP/NextN block(s): what no imatrix covers."""
+    blocks = nextn_blocks(model_info)
+    return [t for t in model_info.tensors if t.block in blocks
+            and allows_quantization(t.name, t.shape, model_info.arch)]
+
+
+def mtp_lacking_data(info: ImatrixInfo | None, plan: Plan) -> list[str]:
+    """Names of the MTP head's planned tensors whose type needs imatrix data (IQ1/IQ2/IQ3_XXS,
+    and the head's embedding/output copies at IQ2_XXS/IQ2_XS/IQ1_S) that `info` (None: no
+    imatrix) does not hold. llama-imatrix never collects any for them (MTP_NOT_COLLECTED), so a
+    plan that needs it is refused before llama-quantize runs, with or without an imatrix."""
+    lacking = []
+    for planned in plan.tensors:
+        if planned.role != Role.NEXTN or not planned.quantizable:
+            continue
+        if not (planned.requires_imatrix or planned.final_type in ABORT_WITHOUT_IMATRIX_DATA):
+            continue
+        entry = info.entries.get(planned.name) if info is not None else None
+        if entry is None or not entry.has_data:
+            lacking.append(planned.name)
+    return lacking
 
 
 def fit_problems(info: ImatrixInfo, model_info: ModelInfo) -> list[str]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from apex_orch.calibration.imatrix_file import (MAX_LISTED, ImatrixInfo, check_plan_coverage, expected_tensors,
-                                                fit_problems)
+from apex_orch.calibration.imatrix_file import (MAX_LISTED, MTP_NOT_COLLECTED, ImatrixInfo, check_plan_coverage,
+                                                expected_tensors, fit_problems, mtp_tensors)
 from apex_orch.model.info import ModelInfo, block_of
 from apex_orch.plan.planner import Plan
 
@@ -66,6 +66,11 @@ def build_report(info: ImatrixInfo, model_info: ModelInfo | None = None, plan: P
             "not_expected": sorted((n for n in info.entries if n not in set(expected)), key=_natural),
             "mismatches": fit_problems(info, model_info),
         }
+        mtp = [t.name for t in mtp_tensors(model_info)]
+        if mtp:   # never expected: llama-imatrix does not run the MTP layers
+            report["model"]["mtp"] = {
+                "tensors": len(mtp), "covered": sum(1 for n in mtp if n in info.entries and info.entries[n].has_data),
+                "why": MTP_NOT_COLLECTED}
     if plan is not None:
         needing = [p.name for p in plan.tensors if p.requires_imatrix]
         report["profile"] = {
@@ -123,6 +128,10 @@ def format_report(report: dict) -> str:
         if model["not_expected"]:
             lines.append(f"  entries beyond the expected set ({len(model['not_expected'])}): "
                          f"{_names(model['not_expected'])}")
+        mtp = model.get("mtp")
+        if mtp:
+            lines.append(f"  MTP head: {mtp['covered']} of {mtp['tensors']} tensors have data ({mtp['why']}); "
+                         "they need types that use none (types.nextn: Q8_0 by default)")
         if model["mismatches"]:
             lines.append(f"  DOES NOT FIT the model ({len(model['mismatches'])} entries):")
             lines.extend(f"    {m}" for m in model["mismatches"][:MAX_LISTED])

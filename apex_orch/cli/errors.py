@@ -53,6 +53,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "text_corpus": ("eval_corpus",),
     "base": ("base_profile",),
     "bands_from": ("base_profile",),
+    "calibration_upload": ("no_calibration_upload",),
+    "baselines": ("baseline",),
 }
 
 

@@ -176,6 +176,10 @@ def _format_choice(value: str) -> dict:
 @click.option("--base", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Reference model (the F16/BF16 source); its log-probs are computed once and shared, keyed "
                    "by its full sha256 (~3 min once for 240 GB, then remembered by stat).")
+@click.option("--baseline", "baseline", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A file to hold FILES against (repeatable): measured the same way, marked as a baseline, no "
+                   "gates; a file that a baseline no larger than it beats on mean KLD beyond the error estimates "
+                   "is marked † and named in a sentence under the table.")
 @_settings_options
 @_task_options
 @click.option("--speed/--no-speed", default=True, show_default=True,
@@ -187,14 +191,14 @@ def _format_choice(value: str) -> dict:
                    "(checked before the evaluation; an existing file only with --force).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot.")
 @quiet_option
-def compare(files: tuple[str, ...], base: str, text: str | None, eval_corpus: str | None, ctx: int,
-            chunks: int | None, batch: int | None, ubatch: int, threads: int | None, flash_attn: bool,
+def compare(files: tuple[str, ...], base: str, baseline: tuple[str, ...], text: str | None, eval_corpus: str | None,
+            ctx: int, chunks: int | None, batch: int | None, ubatch: int, threads: int | None, flash_attn: bool,
             repack: bool, backend: str, tasks: tuple[str, ...], task_counts: tuple[tuple[str, int], ...],
             task_ctx: int, speed_reps: int, speed: bool, as_json: bool, as_csv: bool, plot: str | None, force: bool,
             quiet: bool, **bounds: float | None) -> None:
-    """One table for FILES against --base: tier, size, bpw, PPL, KLD mean/99.9%/max, same top p,
-    a column per --tasks set, llama-bench speed. Exits 15 (after printing the table) when a gate
-    fails for any file."""
+    """One table for FILES (and each --baseline) against --base: tier, size, bpw, PPL, KLD
+    mean/99.9%/max, same top p, a column per --tasks set, llama-bench speed. Exits 15 (after
+    printing the table) when a gate fails for any of FILES."""
     from apex_orch.evaluation import compare as evalreport
     from apex_orch.evaluation.tasks import TaskSettings
 
@@ -207,12 +211,12 @@ def compare(files: tuple[str, ...], base: str, text: str | None, eval_corpus: st
         from pathlib import Path
 
         from apex_orch.core.outputs import check_new_output
-        check_new_output(plot, inputs=[Path(f) for f in (*files, base, text) if f], force=force, option="plot",
-                         what="plot file", suffixes=evalreport.PLOT_SUFFIXES)
+        check_new_output(plot, inputs=[Path(f) for f in (*files, *baseline, base, text) if f], force=force,
+                         option="plot", what="plot file", suffixes=evalreport.PLOT_SUFFIXES)
     report = evalreport.compare(list(files), base, text=text, corpus=eval_corpus, settings=settings,
                                 backend=backend, speed=speed, gates=gates, progress=Progress(quiet), tasks=specs,
                                 task_settings=TaskSettings.from_eval(settings, n_ctx=task_ctx),
-                                speed_repetitions=speed_reps)
+                                speed_repetitions=speed_reps, baselines=list(baseline))
     if as_json:   # the plot's file is part of the result
         path = evalreport.pareto_plot(report, plot, force=force) if plot else None
         click.echo(json.dumps({**report.to_dict(), "plot": str(path) if path else None}, indent=2, ensure_ascii=False))

@@ -33,6 +33,8 @@ TERMS: dict[str, str] = {
     "--csv": "Print the result as CSV on stdout.",
     "--args": "Print llama-quantize's --tensor-type arguments instead of the file --tensor-type-file reads.",
     "--plot": "Write a plot (.png, .svg or .pdf) of the result to this file.",
+    "--baseline": "A file to hold the others against (repeatable): measured the same way, marked as a baseline, "
+                  "no gates.",
     # what is quantized, and how
     "--profile": "APEX profile: a name (built-in or from --profiles-dir) or a .yaml path; quantize takes several, "
                  "comma-separated.",
@@ -99,6 +101,8 @@ TERMS: dict[str, str] = {
     "--skip": "Run every phase except these (comma-separated).",
     "--from-phase": "Start at this phase (the earlier ones' results are found, never recomputed).",
     "--push": "Upload the release to its Hugging Face repo.",
+    "--no-calibration-upload": "Leave the calibration (imatrix, its text and manifest) out of the release folder "
+                               "and the upload.",
     "--source": "Use this local GGUF instead of the config's source.",
     "--executor": "Where the heavy work runs: local, ray (a Ray cluster) or ray://HOST:PORT.",
     # build
@@ -151,7 +155,7 @@ EXITS: dict[str, tuple[type[e.ApexError], ...]] = {
     "fit": (e.ProfileError, e.ModelError, e.PlanError, e.ResultFileError, *_WRITES),
     "release": (e.ConfigError, e.ModelError, e.PlanError, e.ImatrixError, e.ToolNotFoundError, e.ToolFailedError,
                 e.LockedError, e.DiskSpaceError, e.VerificationError, e.ManifestError, e.EvalError, e.GateFailedError,
-                e.PublishError, e.ExecutorError, e.ResultFileError, e.TaskError, *_WRITES),
+                e.PublishError, e.ExecutorError, e.ResultFileError, e.TaskError, e.BaselineError, *_WRITES),
     "speculate": (e.ModelError, e.ToolNotFoundError, e.ToolFailedError, e.EvalError, e.OutputNotWritableError),
 }
 

@@ -20,7 +20,8 @@ from apex_orch.core.errors import ImatrixError
          Renamed(("--chunks",), "--imatrix-chunks", "imatrix_chunks", type=COUNT))
 @click.command("imatrix")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False), required=False)
-@click.option("--demo", is_flag=True, help="Use the embedded synthetic demo model (generated on first use).")
+@click.option("--demo", is_flag=True,
+              help="Use the demo model: a small trained MoE, trained once on first use (about two minutes).")
 @click.option("--corpus", default="diverse", show_default=True,
               help="Corpus name (corpora/NAME.yaml) or path to a corpus YAML.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
@@ -51,8 +52,8 @@ def imatrix(model: str | None, demo: bool, corpus: str, output: str | None, imat
         raise UsageError("give a MODEL path or --demo (not both)")
     progress = Progress(quiet)
     if demo:
-        from apex_orch.demo.synthetic import demo_model_path
-        model = str(demo_model_path())
+        from apex_orch.demo.trained import demo_model_path
+        model = str(demo_model_path(progress=progress))
         progress(f"demo model: {model}")
     plan = imatrix_lib.plan_imatrix(model, corpus, ctx=imatrix_ctx, chunks=imatrix_chunks, ngl=ngl, threads=threads,
                                     out=output, from_q8=from_q8, force=force)

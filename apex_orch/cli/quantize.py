@@ -22,7 +22,8 @@ from apex_orch.quantize.run import run_many, share_threads
               help="Profile name(s) or .yaml path(s), comma-separated (e.g. quality,balanced).")
 @click.option("--all", "all_profiles", is_flag=True, help="Every profile in profiles/.")
 @click.argument("model", type=click.Path(dir_okay=False), required=False)
-@click.option("--demo", is_flag=True, help="Use the embedded synthetic demo model (generated on first use).")
+@click.option("--demo", is_flag=True, help="Use the demo model: a small trained MoE, trained once on first use (about "
+                                           "two minutes).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (one profile only).")
 @click.option("--out-dir", type=click.Path(file_okay=False), default="out", show_default=True,
               help="Folder for <ModelName>-APEX-<Tier>.gguf outputs.")

@@ -48,9 +48,12 @@ from apex_orch.release.runner import PHASES, format_reports, run_release, select
                    "RAY_ADDRESS names, else the one `ray start` started on this machine) or `ray://HOST:PORT` "
                    "(Ray Client). Ray needs `pip install 'apex-orch[ray]'` and storage every worker sees at the "
                    "same paths; see docs/distributed.md.")
+@click.option("--no-calibration-upload", "no_calibration_upload", is_flag=True,
+              help="Leave the calibration (the imatrix, its calibration text and manifest) out of the release "
+                   "folder and the upload; the card says it is not published.")
 @quiet_option
 def release(config, dry_run, as_json, only, skip, from_phase, push, jobs, source, out_dir, force, executor,
-            quiet) -> None:
+            no_calibration_upload, quiet) -> None:
     """Build (and with --push publish) a model's complete APEX release from CONFIG.
 
     \b
@@ -73,11 +76,13 @@ def release(config, dry_run, as_json, only, skip, from_phase, push, jobs, source
     out = Path(out_dir) if out_dir else None
     src = Path(source) if source else None
     if dry_run:
-        preview = describe_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src)
+        preview = describe_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src,
+                                   calibration_upload=not no_calibration_upload)
         click.echo(json.dumps(preview.to_dict(), indent=2) if as_json else format_preview(preview))
         return
     result = run_release(cfg, phases=phases, push=push, jobs=jobs, out_dir=out, source=src,
-                         progress=Progress(quiet, interval=10.0), force=force, executor=executor)
+                         progress=Progress(quiet, interval=10.0), force=force, executor=executor,
+                         calibration_upload=not no_calibration_upload)
     if as_json:
         click.echo(json.dumps(_result_dict(result), indent=2))
     else:

@@ -259,6 +259,15 @@ class TaskError(EvalError):
                "not the pinned sha256, a task the tool could not score)")
 
 
+class BaselineError(ApexError):
+    """A release baseline is not a quantization of the release's source model: another architecture,
+    other tensor names or other shapes (read from the headers, before anything is measured)."""
+
+    exit_code = 22
+    meaning = ("a release baseline is not a quantization of the release's source model (another architecture, "
+               "tensor names or shapes)")
+
+
 class GateFailedError(ApexError):
     """A quality gate (max KLD, max PPL ratio...) was not met."""
 

@@ -57,6 +57,8 @@ KINDS: dict[str, InputKind] = {k.name: k for k in (
               "pass a UTF-8 text file (wikitext-2's test set is 1.3 MB); cut a larger one down"),
     InputKind("tasks", "task files", 256 * MiB, TaskError,
               "give a task file in llama.cpp's format (HellaSwag text, Winogrande CSV, multiple-choice binary)"),
+    InputKind("checkpoint-config", "Hugging Face checkpoint configs (config.json)", 1 * MiB, ModelError,
+              "point the source at a checkpoint folder whose config.json is the model's (a few KB)"),
     InputKind("sensitivity", "sensitivity results", 64 * MiB, ResultFileError,
               "pass the JSON `apex-orch sensitivity -o FILE` wrote (measure again if it was damaged)"),
     # Corpus data files are bounded by what they may hold once read (calibration.sources: per line,

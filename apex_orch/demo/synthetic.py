@@ -20,7 +20,6 @@ What is written (with the `gguf` package):
   tokenizer keys (llama-quantize does not need them). Good for `llama-quantize --dry-run`
   (Q4_K_M: 68808.38 MiB, 36 of 615 tensors fall back), planning and size predictions;
   not for running the model.
-- `demo_model_path()`: the embedded demo model, generated once into the user cache.
 - `demo_text()`: deterministic English-like text for perplexity/imatrix runs.
 
 Weights: norms 1.0; other tensors normal with std 1/sqrt(fan_in) (0.5/sqrt(fan_in) for
@@ -55,7 +54,6 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from apex_orch.core import settings
 from apex_orch.core.errors import OutputExistsError
 from apex_orch.demo.spec import (MISTRAL_SMALL_4_SPEC, MISTRAL_SMALL_4_VOCAB, MISTRAL_SMALL_4_YARN, PRESETS,
                                  SyntheticSpec, TensorPlan, tensor_layout)
@@ -66,8 +64,6 @@ from apex_orch.model.gguf_header import read_header
 GENERATOR_VERSION = 1
 
 VOCAB_GGUF_NAME = "ggml-vocab-llama-spm.gguf"
-DEMO_PRESET = "mistral4-split"
-DEMO_NAME = "APEX-Demo-MoE"
 
 RMS_EPS = 1e-6
 ROPE_FREQ_BASE = 10000.0
@@ -410,21 +406,6 @@ def spec_key(spec: SyntheticSpec) -> str:
     """Short stable hash of a spec and the generator version (names cached files)."""
     blob = json.dumps({"v": GENERATOR_VERSION, "spec": dataclasses.asdict(spec)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def demo_spec() -> SyntheticSpec:
-    return dataclasses.replace(PRESETS[DEMO_PRESET], name=DEMO_NAME)
-
-
-def demo_model_path() -> Path:
-    """The embedded demo model (preset mistral4-split named APEX-Demo-MoE), generated on first
-    use under <cache>/models/ and reused while the spec and generator are unchanged."""
-    spec = demo_spec()
-    path = settings.cache_root() / "models" / f"apex-demo-moe-{spec_key(spec)}.gguf"
-    if not path.is_file():
-        # Concurrent first uses each write their own temp file; os.replace keeps one whole copy.
-        write_model(path, spec, overwrite=True)
-    return path
 
 
 # ----------------------------------------------------------------------------- text

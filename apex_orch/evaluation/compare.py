@@ -6,6 +6,11 @@ once per call). The table has one row per file plus the base itself; task sets (
 column each (accuracy and llama-perplexity's error estimate, for the base too), `speed` adds
 llama-bench's pp512 / tg128 (mean ± sd).
 
+`baselines` are files measured the same way but marked as baselines (other quantizations of the
+same model to hold the files against): a file that a baseline no larger than it beats on mean KLD
+beyond the error estimates (evaluation.baselines) is marked with † and the table says so in a
+sentence ("Q4_K_M is smaller and closer to the source than ...").
+
 `eval_table(source, outputs)` is the one-call version the quantize demo prints.
 """
 
@@ -21,13 +26,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from apex_orch.core.errors import EvalError, GateFailedError, RequestError
+from apex_orch.core.errors import GateFailedError, RequestError
 from apex_orch.core.outputs import write_output
 from apex_orch.core.text import binary_size
 from apex_orch.evaluation.base_cache import BaseLogProbs
+from apex_orch.evaluation.baselines import Point, closer_baselines, closer_sentence
 from apex_orch.evaluation.evaluate import SPEED_REPETITIONS, ensure_base_cache, plan_eval, run_eval
 from apex_orch.evaluation.gates import check_gates, gate_failures
 from apex_orch.evaluation.inputs import EvalSettings, ModelFacts, Progress, TextFacts, model_facts, text_facts
+from apex_orch.evaluation.plot import FORMATS as PLOT_FORMATS
+from apex_orch.evaluation.plot import PlotPoint, kld_size_plot, pareto_front  # noqa: F401  (pareto_front: API)
 from apex_orch.evaluation.results import EvalResult, SpeedResult, TaskResult
 from apex_orch.evaluation.speed import measure_speed
 from apex_orch.evaluation.tasks import TaskPlan, TaskSettings, TaskSpec, plan_tasks, run_tasks
@@ -56,6 +64,8 @@ class CompareRow:
     pp_tokens_per_s_sd: float | None = None
     tg_tokens_per_s_sd: float | None = None
     tasks: dict = field(default_factory=dict)     # task name -> {accuracy, error, ci95} (percent)
+    is_baseline: bool = False
+    kld_mean_err: float | None = None
 
 
 def _task_cells(results: list[TaskResult]) -> dict:
@@ -83,6 +93,10 @@ class CompareReport:
     backend: str
     gates: Gates = field(default_factory=Gates)
     base_tasks: list[TaskResult] = field(default_factory=list)
+    n_baselines: int = 0                    # the last n results are baselines
+
+    def is_baseline(self, i: int) -> bool:
+        return i >= len(self.results) - self.n_baselines
 
     def task_titles(self) -> dict[str, str]:
         """Task name -> title, in the order the tasks were given."""
@@ -93,37 +107,51 @@ class CompareReport:
                           bpw=self.base.bpw, ppl=self.base_ppl, ppl_err=self.base_ppl_err, kld_mean=None,
                           kld_p999=None, kld_max=None, same_top_p=None, is_base=True,
                           tasks=_task_cells(self.base_tasks), **_speed_fields(self.base_speed))]
-        for r in self.results:
+        for i, r in enumerate(self.results):
             k = r.kld
+            baseline = self.is_baseline(i)
             out.append(CompareRow(
                 file=Path(r.model.path).name, tier=r.model.tier, size_bytes=r.model.size_bytes, bpw=r.model.bpw,
                 ppl=r.ppl, ppl_err=r.ppl_err, kld_mean=k.kld_mean if k else None,
                 kld_p999=k.kld_p999 if k else None, kld_max=k.kld_max if k else None,
-                same_top_p=k.same_top_p if k else None, gate_failures=gate_failures(r, self.gates),
-                tasks=_task_cells(r.tasks), **_speed_fields(r.speed)))
+                same_top_p=k.same_top_p if k else None,
+                gate_failures=[] if baseline else gate_failures(r, self.gates),
+                tasks=_task_cells(r.tasks), is_baseline=baseline, kld_mean_err=k.kld_mean_err if k else None,
+                **_speed_fields(r.speed)))
         return out
+
+    def closer_baselines(self) -> list[tuple[Point, Point]]:
+        """(file, baseline): each file a baseline no larger than it beats on mean KLD (evaluation.baselines)."""
+        return closer_baselines([Point(r.file, r.size_bytes, r.kld_mean, r.kld_mean_err, r.is_baseline)
+                                 for r in self.rows() if not r.is_base])
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "settings": self.settings, "text": asdict(self.text),
                 "base": asdict(self.base), "base_ppl": self.base_ppl, "base_ppl_err": self.base_ppl_err,
                 "base_speed": asdict(self.base_speed) if self.base_speed else None,
                 "base_tasks": [asdict(t) for t in self.base_tasks], "gates": asdict(self.gates),
-                "rows": [asdict(r) for r in self.rows()], "results": [r.to_dict() for r in self.results]}
+                "rows": [asdict(r) for r in self.rows()], "results": [r.to_dict() for r in self.results],
+                "closer_baselines": [{"file": t.name, "baseline": b.name} for t, b in self.closer_baselines()]}
 
     def check_gates(self) -> None:
-        check_gates(self.results, self.gates)
+        """Gates hold for the files compared, not for the baselines they are held against."""
+        check_gates([r for i, r in enumerate(self.results) if not self.is_baseline(i)], self.gates)
 
 
 def compare(files: Sequence[str | os.PathLike], base: str | os.PathLike, *,
             text: str | os.PathLike | None = None, corpus: str | None = None,
             settings: EvalSettings | None = None, backend: str = "bindings", speed: bool = True,
             gates: Gates | None = None, progress: Progress | None = None, tasks: list[TaskSpec] | None = None,
-            task_settings: TaskSettings | None = None, speed_repetitions: int = SPEED_REPETITIONS) -> CompareReport:
-    """Evaluate every file against `base` with one shared base cache (and, with `tasks`, every
-    file and the base on the same task sets; with `speed`, llama-bench on each). Gates are
-    recorded per row; call `report.check_gates()` to raise GateFailedError after printing the table."""
+            task_settings: TaskSettings | None = None, speed_repetitions: int = SPEED_REPETITIONS,
+            baselines: Sequence[str | os.PathLike] = ()) -> CompareReport:
+    """Evaluate every file (then every baseline) against `base` with one shared base cache (and,
+    with `tasks`, every file and the base on the same task sets; with `speed`, llama-bench on each).
+    Gates are recorded per row (not for baselines); call `report.check_gates()` to raise
+    GateFailedError after printing the table."""
     if not files:
         raise RequestError("compare needs at least one file besides the base", fields=("files",))
+    n_baselines = len(baselines)
+    files = [*files, *baselines]
     settings = settings or EvalSettings()
     tf = text_facts(text, corpus)
     # Read every header and task file first: a corrupt one fails before minutes of evaluation.
@@ -157,7 +185,8 @@ def compare(files: Sequence[str | os.PathLike], base: str | os.PathLike, *,
     base_speed = measure_speed(base, settings, repetitions=speed_repetitions) if speed else None
     return CompareReport(base=base_facts, base_ppl=base_ppl, base_ppl_err=base_err, base_speed=base_speed,
                          results=results, settings={**settings.to_dict(), "chunks": results[0].n_chunks},
-                         text=tf, backend=backend, gates=gates or Gates(), base_tasks=base_tasks)
+                         text=tf, backend=backend, gates=gates or Gates(), base_tasks=base_tasks,
+                         n_baselines=n_baselines)
 
 
 # --------------------------------------------------------------------------- formatting
@@ -184,8 +213,9 @@ def _speed_cell(value: float | None, sd: float | None) -> str:
     return _num(value, ".1f") + (f" ± {sd:.1f}" if value is not None and sd is not None else "")
 
 
-def _cells(r: CompareRow, task_names: Sequence[str], speed: bool) -> list[str]:
-    name = r.file + (" (base)" if r.is_base else "") + (" ✗" if r.gate_failures else "")
+def _cells(r: CompareRow, task_names: Sequence[str], speed: bool, beaten: set[str]) -> list[str]:
+    name = r.file + (" (base)" if r.is_base else " (baseline)" if r.is_baseline else "") + \
+        (" †" if r.file in beaten and not r.is_base else "") + (" ✗" if r.gate_failures else "")
     cells = [name, r.tier, binary_size(r.size_bytes), f"{r.bpw:.2f}", f"{r.ppl:.4f} ± {r.ppl_err:.4f}",
              _num(r.kld_mean, ".6f"), _num(r.kld_p999, ".6f"), _num(r.kld_max, ".6f"),
              _num(r.same_top_p, ".2f") + ("%" if r.same_top_p is not None else "")]
@@ -236,7 +266,8 @@ def format_report(report: CompareReport, fmt: str = "md") -> str:
         return buf.getvalue()
     s = report.settings
     columns = [*COLUMNS, *titles.values(), *(SPEED_COLUMNS if speed else ())]
-    table = [_cells(r, list(titles), speed) for r in rows]
+    closer = report.closer_baselines()
+    table = [_cells(r, list(titles), speed, {t.name for t, _ in closer}) for r in rows]
     widths = [max(len(columns[i]), *(len(row[i]) for row in table)) for i in range(len(columns))]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -248,6 +279,7 @@ def format_report(report: CompareReport, fmt: str = "md") -> str:
                f"KLD vs the base; {_speed_note(report)}")
     if (note := _tasks_note(report)) is not None:
         out.append(note)
+    out += ["† " + closer_sentence(t, b, binary_size) for t, b in closer]
     failures = [f for r in rows for f in r.gate_failures]
     if failures:
         out.append("gate failures: " + "; ".join(failures))
@@ -256,55 +288,20 @@ def format_report(report: CompareReport, fmt: str = "md") -> str:
 
 # --------------------------------------------------------------------------- plot
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of points no other point beats on both axes (smaller size and smaller KLD)."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
-    front, best = [], math.inf
-    for i in order:
-        if points[i][1] < best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+PLOT_SUFFIXES = tuple(f".{f}" for f in PLOT_FORMATS)
 
 
 def pareto_plot(report: CompareReport, out: str | os.PathLike, *, force: bool = False) -> Path:
-    """KLD vs size (both log scale), the Pareto front joined, the base as a vertical line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Mean KLD vs size (both log scales, evaluation.plot): baselines marked, the Pareto front
+    joined, the base as a vertical line."""
     out = Path(out)
-    unit, div = ("GiB", 2**30) if report.base.size_bytes >= 2**30 else ("MiB", 2**20)
-    pts = [(r.model.size_bytes / div, r.kld.kld_mean, r.model.tier or Path(r.model.path).stem)
-           for r in report.results if r.kld is not None and r.kld.kld_mean > 0]
-    if not pts:
-        raise EvalError("nothing to plot: no file has a positive mean KLD")
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3)
-    for x, y, label in pts:
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    front = sorted(pareto_front([(p[0], p[1]) for p in pts]), key=lambda i: pts[i][0])
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:orange", label="Pareto front")
-    ax.axvline(report.base.size_bytes / div, color="gray", linestyle=":",
-               label=f"base ({Path(report.base.path).name})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    from matplotlib.ticker import ScalarFormatter
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_xlabel(f"file size ({unit})")
-    ax.set_ylabel("mean KL divergence vs base (nats)")
-    ax.set_title(f"KLD vs size — ctx {report.settings['n_ctx']}, {report.settings['chunks']} chunks")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:   # the one way outputs are written (core.outputs: the guard, a temporary, normal permissions)
-        write_output(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lstrip(".").lower()), force=force)
-    finally:
-        plt.close(fig)
+    pts = [PlotPoint(r.model.tier or Path(r.model.path).stem, r.model.size_bytes, r.kld.kld_mean, report.is_baseline(i))
+           for i, r in enumerate(report.results) if r.kld is not None]
+    data = kld_size_plot(pts, base_size=report.base.size_bytes, base_label=Path(report.base.path).name,
+                         title=f"KLD vs size — ctx {report.settings['n_ctx']}, {report.settings['chunks']} chunks",
+                         fmt=out.suffix.lstrip(".").lower())
+    # the one way outputs are written (core.outputs: the guard, a temporary, normal permissions)
+    write_output(out, data, force=force)
     return out
 
 

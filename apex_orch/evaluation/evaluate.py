@@ -43,7 +43,7 @@ from apex_orch.evaluation.inputs import (EvalSettings, ModelFacts, Progress, Tex
                                          read_text_bytes, text_facts)
 from apex_orch.evaluation.results import EvalResult
 from apex_orch.evaluation.session import BindingsModel, check_same_vocab, chunk_logits
-from apex_orch.evaluation.speed import measure_speed
+from apex_orch.evaluation.speed import N_GEN, N_PROMPT, measure_speed
 from apex_orch.evaluation.statistics import (MIN_KLD_TOKENS, KLDRows, kld_rows, kld_stats, map_row_blocks, ppl_from_nll,
                                              ppl_rows)
 from apex_orch.evaluation.tasks import TaskPlan, TaskSettings, TaskSpec, plan_tasks, run_tasks
@@ -69,6 +69,7 @@ class EvalPlan:
     cache_hit: bool = False
     speed: bool = False
     speed_repetitions: int = SPEED_REPETITIONS
+    speed_tokens: tuple[int, int] = (N_PROMPT, N_GEN)   # llama-bench's -p / -n: pp512 / tg128
     tasks: TaskPlan | None = None
 
     def describe(self) -> str:
@@ -87,7 +88,8 @@ class EvalPlan:
         if self.tasks is not None:
             lines.append(self.tasks.describe())
         if self.speed:
-            lines.append(f"speed    llama-bench pp512/tg128, {self.speed_repetitions} repetition(s)")
+            lines.append(f"speed    llama-bench pp{self.speed_tokens[0]}/tg{self.speed_tokens[1]}, "
+                         f"{self.speed_repetitions} repetition(s)")
         return "\n".join(lines)
 
 
@@ -290,7 +292,8 @@ def run_eval(plan: EvalPlan, *, progress: Progress | None = None, tool_base: Too
     if plan.speed:
         if progress:
             progress(f"llama-bench: {Path(plan.model.path).name}")
-        result.speed = measure_speed(plan.model.path, plan.settings, repetitions=plan.speed_repetitions)
+        result.speed = measure_speed(plan.model.path, plan.settings, repetitions=plan.speed_repetitions,
+                                     n_prompt=plan.speed_tokens[0], n_gen=plan.speed_tokens[1])
     return result
 
 

@@ -36,6 +36,8 @@ class SpeedResult:
     repack: bool | None = None
     tool: str = "bindings"
     build_commit: str | None = None
+    cpu_info: str | None = None          # what llama-bench reports of the machine (its cpu_info / gpu_info)
+    gpu_info: str | None = None
 
     def describe(self) -> str:
         sd = lambda v: "" if v is None or self.repetitions < 2 else f" ± {v:.1f}"  # noqa: E731

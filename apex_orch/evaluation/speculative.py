@@ -34,7 +34,7 @@ from apex_orch.core.errors import EvalError
 from apex_orch.core.settings import child_environment
 from apex_orch.evaluation.inputs import default_threads
 from apex_orch.llama.tools import build_label, find_tool, run_tool
-from apex_orch.model.info import ModelInfo, read_model
+from apex_orch.model.info import draft_mismatch, read_model
 
 TOOL = "llama-speculative-simple"
 DEFAULT_PROMPT = ("The committee met on Tuesday to review the budget for the new library. After a long "
@@ -43,6 +43,20 @@ DEFAULT_PROMPT = ("The committee met on Tuesday to review the budget for the new
 # (llama.cpp#22142, see tool_backend): a run whose summary is missing is run again.
 ATTEMPTS = 3
 NEVER_FIRING_DRAFTER = ("--spec-type", "ngram-map-k", "--spec-ngram-map-k-min-hits", "65535")
+
+# The pinned llama.cpp's MTP drafting flags (common/arg.cpp): the same for llama-speculative-simple,
+# llama-cli and llama-server. With the head bundled in the model file no draft file is given.
+SPEC_TYPE_MTP = ("--spec-type", "draft-mtp")
+SPEC_DRAFT_MAX = "--spec-draft-n-max"
+SPEC_DRAFT_FILE = "-md"
+DEFAULT_DRAFT_MAX = 3
+
+
+def mtp_flags(draft_max: int = DEFAULT_DRAFT_MAX, draft: str | Path | None = None) -> list[str]:
+    """The flags that make a llama.cpp tool draft with the MTP head (bundled, or `draft` beside it)."""
+    argv = [*SPEC_TYPE_MTP, SPEC_DRAFT_MAX, str(draft_max)]
+    return argv + ([SPEC_DRAFT_FILE, str(draft)] if draft is not None else [])
+
 
 _SUMMARY_RE = {
     "n_predict": re.compile(r"^n_predict\s*=\s*(\d+)"),
@@ -79,10 +93,7 @@ class SpeculativePlan:
         return [*self._common(), *NEVER_FIRING_DRAFTER]
 
     def mtp_argv(self) -> list[str]:
-        argv = [*self._common(), "--spec-type", "draft-mtp", "--spec-draft-n-max", str(self.draft_max)]
-        if self.draft is not None:
-            argv += ["-md", str(self.draft)]
-        return argv
+        return [*self._common(), *mtp_flags(self.draft_max, self.draft)]
 
     def describe(self) -> str:
         return "\n".join([
@@ -161,12 +172,9 @@ class SpeculativeResult:
 
 # --------------------------------------------------------------------------- plan
 
-def _trunk_blocks(info: ModelInfo) -> int:
-    return info.block_count - info.nextn_layers
-
-
 def plan_speculative(model: str | Path, *, draft: str | Path | None = None, prompt: str = DEFAULT_PROMPT,
-                     n_predict: int = 32, draft_max: int = 3, ctx: int = 1024, threads: int | None = None,
+                     n_predict: int = 32, draft_max: int = DEFAULT_DRAFT_MAX, ctx: int = 1024,
+                     threads: int | None = None,
                      repack: bool = False) -> SpeculativePlan:
     """Check MODEL (and DRAFT) and resolve both runs. The head is MODEL's own MTP block, or DRAFT:
     an MTP draft file of the same model (same architecture, width, vocabulary and trunk depth)."""
@@ -190,18 +198,12 @@ def plan_speculative(model: str | Path, *, draft: str | Path | None = None, prom
         draft_path = None
     else:
         d = read_model(draft)
-        if not d.is_mtp_draft:
-            raise EvalError("the draft is not an MTP draft file: it must hold only the MTP block(s) (what "
-                            "convert_hf_to_gguf.py --mtp writes)", where=str(d.path), options=("draft",))
-        mine = (info.arch, info.embedding_length, info.vocab_size, _trunk_blocks(info))
-        theirs = (d.arch, d.embedding_length, d.vocab_size, _trunk_blocks(d))
-        if mine != theirs:
-            raise EvalError(
-                f"the draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks "
-                f"are {theirs[0]}/{theirs[1]}/{theirs[2]}/{theirs[3]}, the model's {'/'.join(map(str, mine))}",
-                where=str(d.path),
-                hint="use the draft converted (convert_hf_to_gguf.py --mtp) from the same checkpoint as the model",
-                options=("draft",))
+        problem = draft_mismatch(info, d)
+        if problem is not None:
+            raise EvalError(problem, where=str(d.path), options=("draft",),
+                            hint=None if not d.is_mtp_draft else
+                            "use the draft converted (convert_hf_to_gguf.py --mtp) from the same checkpoint as the "
+                            "model")
         head = f"draft file {d.path.name}: blk.{', blk.'.join(map(str, d.structure['nextn_blocks']))}"
         draft_path = d.path
     return SpeculativePlan(model=info.path, draft=draft_path, prompt=prompt, n_predict=n_predict,

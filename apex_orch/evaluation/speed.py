@@ -85,4 +85,12 @@ def measure_speed(model: str | os.PathLike, settings: EvalSettings | None = None
                        tg_tokens_per_s=float(g["avg_ts"]), n_threads=int(p["n_threads"]), n_batch=int(p["n_batch"]),
                        n_ubatch=int(p["n_ubatch"]), flash_attn=bool(p.get("flash_attn")), repetitions=repetitions,
                        pp_tokens_per_s_sd=float(p["stddev_ts"]), tg_tokens_per_s_sd=float(g["stddev_ts"]),
-                       repack=bool(p.get("repack")), tool="llama-bench", build_commit=p.get("build_commit"))
+                       repack=bool(p.get("repack")), tool="llama-bench", build_commit=p.get("build_commit"),
+                       cpu_info=_text(p.get("cpu_info")), gpu_info=_text(p.get("gpu_info")))
+
+
+def _text(value) -> str | None:
+    """A free-text field of llama-bench's record (the machine's description), kept short and plain."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return " ".join(value.split())[:200]

@@ -359,13 +359,17 @@ def cache_path(inputs: dict) -> Path:
 
 
 def _cached(path: Path, inputs: dict) -> TaskResult | None:
+    from apex_orch.core.errors import ApexError
+    from apex_orch.core.infiles import read_json
+    if not path.is_file():
+        return None
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path, "record")
         if not isinstance(doc, dict) or doc.get("inputs") != inputs:
             return None
         return replace(TaskResult.from_dict(doc["result"]), cached=True)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None                           # absent or unreadable: computed again
+    except (ApexError, ValueError, KeyError, TypeError):
+        return None                           # damaged or another entry's: computed again
 
 
 def run_task(model: ModelFacts, planned: PlannedTask, settings: TaskSettings, *, progress: Progress | None = None,

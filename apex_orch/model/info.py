@@ -325,6 +325,20 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
     return info
 
 
+def draft_mismatch(model: ModelInfo, draft: ModelInfo) -> str | None:
+    """Why `draft` cannot draft for `model` (None: it can): it must be an MTP draft file (only the
+    MTP block(s)) of the same model: architecture, width, vocabulary and trunk depth."""
+    if not draft.is_mtp_draft:
+        return ("the draft is not an MTP draft file: it must hold only the MTP block(s) (what "
+                "convert_hf_to_gguf.py --mtp writes)")
+    mine = (model.arch, model.embedding_length, model.vocab_size, model.block_count - model.nextn_layers)
+    theirs = (draft.arch, draft.embedding_length, draft.vocab_size, draft.block_count - draft.nextn_layers)
+    if mine != theirs:
+        return (f"the draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks "
+                f"are {'/'.join(map(str, theirs))}, the model's {'/'.join(map(str, mine))}")
+    return None
+
+
 def _is_mtp_draft(info: ModelInfo, blocks: set[int]) -> bool:
     """Only the last `nextn_predict_layers` blocks hold tensors (the converter's --mtp output)."""
     n_mtp, block_count = info.arch_kv("nextn_predict_layers"), info.arch_kv("block_count")

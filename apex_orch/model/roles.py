@@ -87,13 +87,14 @@ ROLE_DECISIONS: tuple[RoleDecision, ...] = (
     # nextn.shared_head_norm is decided here.
     _d("MTP input projection", r"^nextn\.(eh_proj)\.weight$", Role.NEXTN, None,
        "fuses the next token's embedding with the trunk's last hidden state ([2 n_embd -> n_embd]), the "
-       "head's one matrix of its own: role nextn (by default typed like an edge block's attention)"),
+       "head's one matrix of its own: role nextn (typed by the profile's types.nextn: Q8_0 by default, as "
+       "APEX-MTP keeps the head; `edge` types it like an edge block's attention)"),
     _d("MTP embedding copy", r"^nextn\.(embed_tokens)\.weight$", Role.NEXTN, None,
        "the head's own token embedding (DeepSeek-V3 and GLM-4.5 ship one; llama.cpp falls back to "
-       "token_embd without it): role nextn (by default typed like `embedding`)"),
+       "token_embd without it): role nextn (types.nextn: Q8_0 by default; `edge` types it like `embedding`)"),
     _d("MTP output head", r"^nextn\.(shared_head_head)\.weight$", Role.NEXTN, None,
        "the head's own projection to the vocabulary (llama.cpp falls back to output.weight without it): "
-       "role nextn (by default typed like `output`)"),
+       "role nextn (types.nextn: Q8_0 by default; `edge` types it like `output`)"),
     _d("MTP norms", r"^nextn\.(enorm|hnorm|shared_head_norm)\.weight$", Role.NORM, None,
        "RMS norms of the head's two inputs and of its output (1-D): never quantized"),
     # ---- experts and routing
@@ -145,7 +146,8 @@ ROLE_DECISIONS: tuple[RoleDecision, ...] = (
 MTP_BLOCK_LAYER = RoleDecision(
     "MTP block layer", re.compile(r"(?!)"), Role.NEXTN, None,
     "the MTP head's own decoder layer (attention, experts, shared expert: a full block past the trunk): "
-    "role nextn, slot <role>.<slot>, typed like an edge block of that role (or by the profile's `nextn`); "
+    "role nextn, slot <role>.<slot>, typed by the profile's types.nextn (Q8_0 by default; `edge`: like an "
+    "edge block of that role); "
     "its norms and router stay never quantized")
 
 @dataclass(frozen=True)

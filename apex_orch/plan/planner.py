@@ -172,7 +172,8 @@ def _band_for(role: Role, block: int | None, bands: ResolvedBands, main_blocks: 
     return None
 
 
-# The MTP head's own matrices (blk.N.nextn.*) typed like the edge-block role they stand in for.
+# With `types.nextn: edge`, the MTP head's own matrices (blk.N.nextn.*) are typed like the
+# edge-block role they stand in for.
 _NEXTN_OWN = {"eh_proj": "attention", "embed_tokens": "embedding", "shared_head_head": "output"}
 
 
@@ -184,7 +185,9 @@ def _requested(profile: Profile, role: Role, slot: str, block: int | None, band:
     eff_role, eff_band = role, band
     if role == Role.NEXTN:
         if isinstance(profile.nextn, T):
-            req, reason = profile.nextn, "types.nextn"
+            explicit = "nextn" in (profile.raw.get("types") or {})
+            req, reason = profile.nextn, "types.nextn" if explicit else \
+                f"types.nextn (default {profile.nextn.name}, the MTP head as APEX-MTP keeps it)"
         else:  # MTP block treated like an edge block of the role inside it
             sub = slot.partition(".")[0]
             try:

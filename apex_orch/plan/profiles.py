@@ -17,15 +17,21 @@ Schema (every key optional unless marked; see profiles/*.yaml and docs/profiles.
       ssm:           {edge: T, rest: T}
       embedding: T
       output: T
-      nextn: edge | T                                # MTP blocks: like an edge block, or one type
+      nextn: Q8_0 | T | edge                         # the MTP head: one type (default Q8_0, APEX-MTP's),
+                                                     #   or `edge`: typed like an edge block of each role
     overrides:                                       # applied in order after the bands; last wins
       - {role: routed_expert, slot: down, band: edge | blocks: "0-4,31-35", type: T}
     gates: {max_mean_kld: 0.05, max_ppl_ratio: 1.05, min_same_top_p: 90}
     fitted: {target: 48.00 GB, method: exact, ...}   # written by `apex-orch fit`: where the types came from
 
 The schema is the dataclasses below (ProfileDoc and the sections it holds: ImatrixSpec, Bands,
-plan.gates.Gates, Override): their fields are the keys, their annotations and `bounds` the
-checks (apex_orch.core.schema), so a new key is a new field. Every error names file:line and key.
+TypesSpec, plan.gates.Gates, Override): their fields are the keys, their annotations and `bounds`
+the checks (apex_orch.core.schema), so a new key is a new field. Every error names file:line and key.
+
+The MTP head (`types.nextn`: the blk.N.nextn.* tensors and the decoder layer of each MTP block) is
+Q8_0 on every tier unless a profile says otherwise, as the APEX-MTP releases keep it: llama-imatrix
+never runs the MTP layers, so the head must take a type that needs no importance data, and a
+drafter's quality is what decides how many of its tokens are accepted.
 
 Bands are symmetric, counted from each end of the main blocks (MTP blocks excluded).
 `scale: auto` keeps the counts when the model has room for a middle band at least as
@@ -74,6 +80,9 @@ SINGLE_ROLES = (Role.EMBEDDING.value, Role.OUTPUT.value)
 NEVER_TYPED = tuple(r.value for r in NEVER_QUANTIZED_ROLES)
 
 SCALES = ("auto", "fixed", "proportional")
+# APEX-MTP: the MTP head at Q8_0 on every tier (no imatrix data needed; llama-imatrix never runs it).
+MTP_HEAD_DEFAULT = "Q8_0"
+NEXTN_EDGE = "edge"       # `types.nextn: edge`: each MTP tensor typed like an edge block of its role
 
 
 def _blocks(minimum: int) -> dict[str, Any]:
@@ -146,6 +155,21 @@ class ResolvedBands:
 
 
 @dataclass(frozen=True)
+class TypesSpec:
+    """`types:` of a profile: a type per role, or per band of a banded role ({edge: T, ...} or one
+    type for all bands; read by _types: their shape depends on the role), and the MTP head's."""
+    routed_expert: dict[str, Any] | str | None = None
+    shared_expert: dict[str, Any] | str | None = None
+    attention: dict[str, Any] | str | None = None
+    dense_ffn: dict[str, Any] | str | None = None
+    ssm: dict[str, Any] | str | None = None
+    embedding: str | None = None
+    output: str | None = None
+    nextn: str = field(default=MTP_HEAD_DEFAULT, metadata=bounds(
+        what=f"a ggml type name or {NEXTN_EDGE!r}"))
+
+
+@dataclass(frozen=True)
 class Override:
     """One entry of `overrides:` (read by _override: its values depend on each other)."""
     role: str
@@ -167,7 +191,7 @@ class ProfileDoc:
     base_ftype: str | None = None
     imatrix: ImatrixSpec | None = None
     bands: Bands | None = None
-    types: dict[str, Any] | None = None
+    types: TypesSpec | None = None
     overrides: list[Any] | None = None
     gates: Gates | None = None
     fitted: dict[str, Any] | None = None     # written by `apex-orch fit`: where the types came from
@@ -191,7 +215,7 @@ class Profile:
     corpus: str | None
     bands: Bands
     types: dict[str, dict[str, T]]        # role -> band -> type ("all" for single-type roles)
-    nextn: str | T                        # "edge" or a type
+    nextn: str | T                        # the MTP head: a type (default Q8_0), or "edge"
     overrides: list[Override]
     gates: dict[str, float]
     chain: list[str] = field(default_factory=list)   # extends chain, child first
@@ -307,7 +331,7 @@ def _check_document_keys(docs: list[YamlDoc]) -> None:
                         f"({'ffn_gate_inp / exp_probs_b' if role == 'router' else '*_norm'}); "
                         "a type here would be silently ignored", where=doc.where(("types", role)),
                         hint=f"remove types.{role}")
-            check_keys(d["types"], set(BANDED_ROLES) | set(SINGLE_ROLES) | {"nextn"}, doc.where, ("types",))
+            check_keys(d["types"], yaml_keys(TypesSpec), doc.where, ("types",))
             for role, bands_ in d["types"].items():
                 if role in BANDED_ROLES and isinstance(bands_, dict):
                     check_keys(bands_, BANDED_ROLES[role], doc.where, ("types", role))
@@ -370,11 +394,20 @@ def _types(data: dict[str, Any], docs: list[YamlDoc]) -> tuple[dict[str, dict[st
     if not isinstance(raw_types, dict):
         raise ProfileError("types must be a mapping of role -> types", where=_where(docs, ("types",)))
     types: dict[str, dict[str, T]] = {}
-    nextn: str | T = "edge"
+    nextn: str | T = parse_type(TypesSpec.nextn, docs, ("types", "nextn"))
     for role, spec in raw_types.items():
         kp = ("types", role)
         if role == "nextn":
-            nextn = "edge" if spec == "edge" else parse_type(spec, docs, kp)
+            if spec == NEXTN_EDGE:
+                nextn = NEXTN_EDGE
+            elif isinstance(spec, str) and spec.strip().upper() in TARGET_TYPES:
+                nextn = parse_type(spec, docs, kp)
+            else:
+                raise ProfileError(f"types.nextn: {spec!r} is neither a ggml type nor {NEXTN_EDGE!r}",
+                                   where=_where(docs, kp),
+                                   hint=f"the MTP head's type: {MTP_HEAD_DEFAULT} (the default, APEX-MTP's), "
+                                        f"another type such as Q6_K, or {NEXTN_EDGE!r} to type each of its "
+                                        "tensors like an edge block of its role")
         elif role in SINGLE_ROLES or isinstance(spec, str):
             types[role] = {"all": parse_type(spec, docs, kp)}
         elif isinstance(spec, dict):

@@ -21,7 +21,8 @@ from typing import Callable
 
 from apex_orch import __version__
 from apex_orch.calibration.imatrix import plan_imatrix, run_imatrix
-from apex_orch.calibration.imatrix_file import ImatrixInfo, check_imatrix_fits, check_plan_coverage, read_imatrix
+from apex_orch.calibration.imatrix_file import (MTP_NOT_COLLECTED, ImatrixInfo, check_imatrix_fits,
+                                                check_plan_coverage, mtp_lacking_data, read_imatrix)
 from apex_orch.core.errors import ImatrixError, ModelError, RequestError
 from apex_orch.core.fingerprint import source_sha256
 from apex_orch.core.manifest import inputs_key
@@ -42,9 +43,16 @@ Progress = Callable[[str], None]
 MIN_SPLIT_SIZE = MB
 
 
-def output_name(model_name: str, tier: str) -> str:
-    """`<Model>-APEX-<Tier>.gguf`; both parts reduced to [A-Za-z0-9._-], so never a path."""
-    return f"{file_name_part(model_name, 'model')}-APEX-{file_name_part(tier, 'tier')}.gguf"
+def output_name(model_name: str, tier: str, *, mtp_draft: bool = False) -> str:
+    """`<Model>-APEX-<Tier>.gguf` (an MTP draft file: `mtp-<Model>-APEX-<Tier>.gguf`, as the
+    converter names drafts); both parts reduced to [A-Za-z0-9._-], so never a path."""
+    name = f"{file_name_part(model_name, 'model')}-APEX-{file_name_part(tier, 'tier')}.gguf"
+    return f"mtp-{name}" if mtp_draft else name
+
+
+def draft_output_name(model_name: str) -> str:
+    """A release's one MTP draft file: `mtp-<Model>.gguf` beside its tiers."""
+    return f"mtp-{file_name_part(model_name, 'model')}.gguf"
 
 
 def safe_model_name(name: str) -> str:
@@ -233,6 +241,7 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
                  "shared by every I-tier)", options=("imatrix", "corpus"))
     plan = make_plan(model, prof, has_imatrix=imatrix is not None)
     plan.warnings.extend(requantize_warnings)
+    check_mtp_head_types(plan, imatrix.info if imatrix is not None else None)
     if plan.needs_imatrix and imatrix is None:
         names = ", ".join(t.name for t in plan.needs_imatrix[:3])
         raise ImatrixError(f"{len(plan.needs_imatrix)} planned tensors use types llama-quantize refuses to "
@@ -258,7 +267,7 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
     if out:
         output = Path(out)   # an explicit file: the user chose where it goes
     else:
-        output = Path(out_dir) / output_name(display, prof.tier)
+        output = Path(out_dir) / output_name(display, prof.tier, mtp_draft=model.is_mtp_draft)
         if output.parent.resolve() != Path(out_dir).resolve():   # defence in depth: never outside out_dir
             raise RequestError(f"output name {output.name!r} would leave the output folder {out_dir}",
                                fields=("name",), hint="use a plain name without path separators")
@@ -299,6 +308,25 @@ def plan_quantize(model_path: str | os.PathLike, profile: str | Profile, *, out:
                        split_max_size=split_max_size, tool=tool, requantize=bool(requantize_warnings),
                        metadata=metadata, inputs=inputs, trust_tool_plan=trust_tool_plan,
                        predicted_size=plan.predicted_file_size(_written_kv(metadata, imatrix)))
+
+
+def check_mtp_head_types(plan: Plan, info: ImatrixInfo | None) -> None:
+    """Refuse a plan that gives the MTP head a type needing imatrix data the imatrix (`info`, None:
+    none) lacks: llama-imatrix never collects any for the head, so llama-quantize would stop at its
+    first such tensor. Called before any imatrix is built, with the plan made as if one were there."""
+    lacking = mtp_lacking_data(info, plan)
+    if not lacking:
+        return
+    by_name = plan.by_name()
+    types = sorted({by_name[n].final_type.name for n in lacking})
+    keys = sorted({by_name[n].reason for n in lacking})
+    raise ImatrixError(
+        f"profile {plan.profile.name} gives {len(lacking)} tensor(s) of the MTP head {', '.join(types)} "
+        f"({', '.join(keys)}), a type llama-quantize writes only with imatrix data, and no imatrix can have "
+        f"it ({MTP_NOT_COLLECTED}): {', '.join(lacking[:5])}{' ...' if len(lacking) > 5 else ''}",
+        where=str(plan.profile.path),
+        hint="give the head a type that needs no imatrix: `types.nextn: Q8_0` (the default, as APEX-MTP keeps "
+             "it) or e.g. Q6_K, Q4_K, IQ4_XS; or leave the head out of the model")
 
 
 def _partial_coverage(info: ImatrixInfo, plan: Plan) -> list[str]:

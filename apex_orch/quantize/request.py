@@ -28,8 +28,8 @@ from apex_orch.model.info import ModelInfo, model_display_name, read_model
 from apex_orch.plan.planner import make_plan
 from apex_orch.plan.profiles import Profile, load_profile
 from apex_orch.quantize.job import (ImatrixSource, QuantizeJob, build_imatrix_for, check_distinct_outputs,
-                                    check_source_unquantized, output_name, plan_quantize, resolve_imatrix,
-                                    safe_model_name)
+                                    check_mtp_head_types, check_source_unquantized, output_name, plan_quantize,
+                                    resolve_imatrix, safe_model_name)
 
 Progress = Callable[[str], None]
 
@@ -121,7 +121,10 @@ def _display_name(req: QuantizeRequest, model: ModelInfo) -> str:
 
 def _output_for(setup: QuantizeSetup, profile: Profile) -> Path:
     req = setup.request
-    return Path(req.out) if req.out else Path(req.out_dir) / output_name(_display_name(req, setup.model), profile.tier)
+    if req.out:
+        return Path(req.out)
+    return Path(req.out_dir) / output_name(_display_name(req, setup.model), profile.tier,
+                                           mtp_draft=setup.model.is_mtp_draft)
 
 
 def check_request(req: QuantizeRequest) -> None:
@@ -143,8 +146,8 @@ def plan_request(req: QuantizeRequest, *, progress: Progress | None = None) -> Q
     emit = progress or (lambda _m: None)
     check_request(req)
     if req.demo:
-        from apex_orch.demo.synthetic import demo_model_path
-        model_path = Path(demo_model_path())
+        from apex_orch.demo.trained import demo_model_path
+        model_path = Path(demo_model_path(progress=emit))
         emit(f"demo model: {model_path}")
     else:
         model_path = Path(req.model)
@@ -162,6 +165,8 @@ def plan_request(req: QuantizeRequest, *, progress: Progress | None = None) -> Q
             ctx = req.imatrix_ctx or (DEMO_IMATRIX_CTX if req.demo else IMATRIX_CTX)
             chunks = req.imatrix_chunks or (DEMO_IMATRIX_CHUNKS if req.demo else None)
             setup.build = ImatrixToBuild(wanted, ctx, chunks)
+            for p in profiles:   # a head no imatrix can cover is refused before one is built
+                check_mtp_head_types(make_plan(info, p, has_imatrix=True), None)
     if setup.build is None:
         setup.jobs = _plan_jobs(setup)
     return setup

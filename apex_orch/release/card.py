@@ -2,27 +2,40 @@
 
 `facts_from_release(state)` collects everything the card says from the release itself: the
 source GGUF's header (architecture), each tier's plan and its quantize manifest (file names,
-sizes, sha256, the tensor types really written), the eval records, the projector's header and
-manifest, the imatrix record, a fitted tier's `fitted:` record. `render_card(facts)` is a pure
-function of those facts: no timestamps, no absolute paths, stable ordering and number formats,
-so a rerun writes the same bytes and a golden file can pin the text.
+sizes, sha256, the tensor types really written), the eval records (PPL/KLD, task accuracies,
+llama-bench speed, the source's own), the baselines (release.baselines: what each is, its file,
+its record), the projector's header and manifest, the imatrix record and the published
+calibration files' record, a fitted tier's `fitted:` record. The values are release.card_facts'
+types. `render_card(facts)` is a pure function of those facts: no timestamps, no absolute paths,
+stable ordering and number formats, so a rerun writes the same bytes and a golden file can pin the
+text. `render_plot(facts)` is the card's plot (mean KLD against size, evaluation.plot), made when
+some tier or baseline has a KL number and matplotlib is installed.
 
-Rendering: `card_context` formats and escapes every value; the body's layout is the jinja2
-template card.md.j2 beside this module (one block per section, empty blocks where later sections
-go); the YAML front matter is huggingface_hub's ModelCardData, the whole a ModelCard.
+Rendering: `card_context` formats and escapes every value (the measured sections through
+release.card_results); the body's layout is the jinja2 template card.md.j2 beside this module (one
+block per section, empty blocks where later sections go); the YAML front matter is
+huggingface_hub's ModelCardData, the whole a ModelCard.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
-from apex_orch import __version__
 from apex_orch.core.text import hub_size, human_count, md_code, md_inline, md_table
+from apex_orch.evaluation.plot import PlotPoint, kld_size_plot, matplotlib_available
 from apex_orch.model.roles import ROLE_ORDER
 from apex_orch.plan.llama_rules import ftype_label
+from apex_orch.release.card_mtp import mtp_context, mtp_facts
+from apex_orch.release.card_facts import (ArchFacts, BaseEvalFacts, BaselineFacts, CalibrationFacts,  # noqa: F401
+                                          CalibrationFiles, CardFacts, EvalFacts, FileFacts, MmprojFacts,
+                                          PublishedFile, TierFacts, base_facts, eval_facts, speed_setup, task_setup)
+from apex_orch.release.card_results import fmt_kld, fmt_pct, fmt_ppl, results_context  # noqa: F401
 from apex_orch.release.fit_tiers import fitted_sentence
+
+PLOT_NAME = "kld-vs-size.png"      # the plot's name in the release folder and the repo
+CALIBRATION_DIR = "calibration"    # the published calibration files' folder
 
 CARD_MARKER = "<!-- written by apex-orch release"
 BASE_TAGS = ("gguf", "moe", "apex", "quantized")
@@ -32,117 +45,6 @@ ROLE_NAMES = {"routed_expert": "Routed experts", "shared_expert": "Shared expert
               "aux": "Small parameters (never quantized)", "unassigned": "Unassigned"}
 BAND_ORDER = ("edge", "near", "middle", "rest")
 ROPE_NAMES = {"yarn": "YaRN", "linear": "linear", "longrope": "LongRoPE"}
-
-
-@dataclass(frozen=True)
-class FileFacts:
-    names: tuple[str, ...]          # one file, or the parts of a split file (first part loads the rest)
-    size: int                       # bytes, all parts
-    sha256: tuple[str, ...]         # per part
-
-    @property
-    def name(self) -> str:
-        return self.names[0]
-
-
-@dataclass(frozen=True)
-class EvalFacts:
-    ppl: float
-    ppl_err: float
-    kld_mean: float | None = None
-    same_top_p: float | None = None
-    pp_tokens_per_s: float | None = None
-    tg_tokens_per_s: float | None = None
-
-
-@dataclass(frozen=True)
-class TierFacts:
-    tier: str
-    profile: str
-    best_for: str
-    imatrix: bool
-    base_ftype: str
-    bpw: float
-    file: FileFacts
-    roles: tuple[tuple[str, int, tuple[tuple[str, int], ...]], ...]   # (role, tensors, ((type, count), ...))
-    bands: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]        # (role, ((band, "T1, T2"), ...))
-    eval: EvalFacts | None = None
-    fitted: str = ""                # a `fit:` tier: how its types were chosen (release.fit_tiers)
-
-
-@dataclass(frozen=True)
-class ArchFacts:
-    model: str
-    arch: str
-    blocks: int
-    leading_dense: int
-    nextn: int
-    experts: int
-    experts_used: int
-    experts_shared: int
-    total_params: int
-    active_params: int
-    attention: str                  # MLA / GQA / MHA / hybrid ...
-    heads: int | None
-    kv_heads: int | None
-    q_lora_rank: int | None
-    kv_lora_rank: int | None
-    context: int | None
-    rope_type: str | None
-    rope_factor: float | None
-    rope_original_context: int | None
-    vocab: int | None
-    edge: int
-    near: int
-    attention_edge: int
-    band_blocks: int
-
-
-@dataclass(frozen=True)
-class MmprojFacts:
-    file: FileFacts
-    projector: str | None           # clip.projector_type, e.g. pixtral
-    ftype: str | None               # F16 / Q8_0 / ...
-
-
-@dataclass(frozen=True)
-class CalibrationFacts:
-    corpus: str
-    description: str
-    ctx: int
-    chunks: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class BaseEvalFacts:
-    file_type: str
-    size: int
-    ppl: float
-    ppl_err: float
-    pp_tokens_per_s: float | None = None
-    tg_tokens_per_s: float | None = None
-
-
-@dataclass(frozen=True)
-class CardFacts:
-    name: str
-    title: str
-    repo: str
-    base_model: str | None
-    license: str
-    description: str
-    tags: tuple[str, ...]
-    arch: ArchFacts
-    tiers: tuple[TierFacts, ...]
-    mmproj: MmprojFacts | None
-    calibration: CalibrationFacts | None
-    base_eval: BaseEvalFacts | None
-    eval_setup: str | None          # "corpus wikipedia, 4 chunks of 128 tokens" or None when not evaluated
-    config_path: str
-    apex_orch_version: str = __version__
-    llama_build: str = ""
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 # =========================================================================== gathering
@@ -197,11 +99,7 @@ def _tier_facts(tier_cfg, job, ff: FileFacts, written: dict, record: dict | None
         if role in band_table:
             cells = tuple((b, ", ".join(sorted(band_table[role][b]))) for b in BAND_ORDER if b in band_table[role])
             bands.append((role, cells))
-    ev = None
-    if record is not None:
-        s = record["summary"]
-        ev = EvalFacts(s["ppl"], s["ppl_err"], s.get("kld_mean"), s.get("same_top_p"), s.get("pp_tokens_per_s"),
-                       s.get("tg_tokens_per_s"))
+    ev = eval_facts(record["summary"]) if record is not None else None
     p = job.profile
     fitted = p.raw.get("fitted")
     return TierFacts(tier=p.tier, profile=p.name, best_for=tier_cfg.best_for, imatrix=job.imatrix is not None,
@@ -237,51 +135,77 @@ def facts_from_release(state, *, file_facts: Callable | None = None) -> CardFact
     if state.imatrix_record:
         r = state.imatrix_record
         cal = CalibrationFacts(r["corpus"], r.get("description", ""), int(r["ctx"]), int(r["chunks"]), r["sha256"])
-    base = None
-    if state.base_eval:
-        b = state.base_eval
-        base = BaseEvalFacts(b.get("type") or "source", int(b["size"]), b["ppl"], b["ppl_err"],
-                             b.get("pp_tokens_per_s"), b.get("tg_tokens_per_s"))
+    base = base_facts(state.base_eval) if state.base_eval else None
+    records = [*state.evals.values(), *state.baseline_evals.values()]
     setup = None
-    if state.evals:
-        any_rec = next(iter(state.evals.values()))
-        s = any_rec["summary"]
-        setup = f"{any_rec['text']}, {s['n_chunks']} chunks of {s['n_ctx']} tokens"
+    if records:
+        s = records[0]["summary"]
+        setup = f"{records[0]['text']}, {s['n_chunks']} chunks of {s['n_ctx']} tokens"
+    measured = records + ([state.base_eval] if state.base_eval else [])
     tags = []
     for t in (*BASE_TAGS, model.arch, *cfg.tags):
         if t not in tags:
             tags.append(t)
-    return CardFacts(
+    facts = CardFacts(
         name=cfg.name, title=cfg.title, repo=cfg.publish.repo, base_model=cfg.base_model, license=cfg.license,
         description=cfg.description, tags=tuple(tags), arch=_arch_facts(model, jobs[0].plan.bands), tiers=tiers,
         mmproj=_mmproj_facts(state.mmproj) if state.mmproj is not None else None, calibration=cal,
-        base_eval=base, eval_setup=setup, config_path=cfg.display_path(), llama_build=build_label())
+        base_eval=base, eval_setup=setup, config_path=cfg.display_path(), llama_build=build_label(),
+        baselines=_baseline_facts(state, file_facts), tasks=task_setup(measured), speed=speed_setup(measured),
+        calibration_files=_calibration_files(state), mtp=mtp_facts(state, tiers, _manifest_files))
+    return dataclasses.replace(facts, plot=PLOT_NAME if plot_points(facts) and matplotlib_available() else None)
+
+
+def _baseline_facts(state, file_facts: Callable) -> tuple[BaselineFacts, ...]:
+    """Each baseline: what it is, its file (a preset's from its quantize manifest, a fetched one's
+    own bytes) and its numbers."""
+    from apex_orch.core.fingerprint import source_sha256
+    jobs = {j.profile.tier: j for j in state.baseline_jobs}
+    out = []
+    for b in state.config.baselines:
+        files = state.baseline_files.get(b.label)
+        record = state.baseline_evals.get(b.label)
+        ff = origin = None
+        if b.kind == "preset" and b.label in jobs and files:
+            ff = file_facts(jobs[b.label], files)[0]
+        elif b.kind != "preset" and files:
+            ff = FileFacts((files[0].name,), files[0].stat().st_size, (source_sha256(files[0]),))
+        if b.kind == "hf":
+            origin = f"{b.hf.repo}@{b.hf.revision}"
+        out.append(BaselineFacts(b.label, b.kind, b.describe() if b.kind != "file" else "a GGUF of the same model",
+                                 ff, origin, eval_facts(record["summary"]) if record else None))
+    return tuple(out)
+
+
+def _calibration_files(state) -> CalibrationFiles | None:
+    """The calibration files the release publishes; None when it has no imatrix (nothing to publish)."""
+    if state.config.imatrix is None:
+        return None
+    if not state.calibration_upload or not state.calibration:
+        return CalibrationFiles(False)
+    c = state.calibration
+    return CalibrationFiles(True, tuple(PublishedFile(f"{CALIBRATION_DIR}/{r['name']}", int(r["size"]), r["sha256"])
+                                        for r in c["files"]), c.get("tokens"))
+
+
+def plot_points(f: CardFacts) -> list[PlotPoint]:
+    """The tiers and baselines with a positive mean KLD (a log scale has no 0)."""
+    pts = [PlotPoint(t.tier, t.file.size, t.eval.kld_mean) for t in f.tiers
+           if t.eval is not None and (t.eval.kld_mean or 0) > 0]
+    pts += [PlotPoint(b.label, b.file.size, b.eval.kld_mean, True) for b in f.baselines
+            if b.eval is not None and b.file is not None and (b.eval.kld_mean or 0) > 0]
+    return pts
+
+
+def render_plot(f: CardFacts) -> bytes:
+    """The card's plot (PNG): mean KLD against file size, tiers and baselines (evaluation.plot)."""
+    base = f.base_eval
+    return kld_size_plot(plot_points(f), base_size=base.size if base else max(p.size for p in plot_points(f)),
+                         base_label=base.file_type if base else "source", title=f"{f.name}: mean KLD vs file size"
+                         + (f"\n{f.eval_setup}" if f.eval_setup else ""))
 
 
 # =========================================================================== formatting
-
-def fmt_ppl(v: float, err: float | None = None, *, large: bool | None = None) -> str:
-    """4 decimals, or 1 with thousands separators when the column holds values >= 1000."""
-    large = v >= 1000 if large is None else large
-    text = f"{v:,.1f}" if large else f"{v:.4f}"
-    if err is not None:
-        text += f" ± {err:,.1f}" if large else f" ± {err:.4f}"
-    return text
-
-
-def fmt_kld(v: float | None) -> str:
-    return "—" if v is None else f"{v:.6f}" if v < 10 else f"{v:.4f}"
-
-
-def fmt_pct(v: float | None) -> str:
-    return "—" if v is None else f"{v:.2f} %"
-
-
-def fmt_speed(pp: float | None, tg: float | None) -> str:
-    if pp is None and tg is None:
-        return "—"
-    return f"{pp:.1f} / {tg:.1f}" if pp is not None and tg is not None else "—"
-
 
 def file_cell(f: FileFacts) -> str:
     if len(f.names) == 1:
@@ -363,30 +287,6 @@ def _arch_context(f: CardFacts) -> dict[str, str]:
                      f"{a.attention_edge}"}
 
 
-def _benchmarks_context(f: CardFacts) -> dict | None:
-    evaluated = [t for t in f.tiers if t.eval is not None]
-    if not evaluated:
-        return None
-    speed = any(t.eval.tg_tokens_per_s is not None for t in evaluated) or (
-        f.base_eval is not None and f.base_eval.tg_tokens_per_s is not None)
-    headers = ["File", "Size", "PPL", "Mean KLD", "Same top p"] + (["Speed (t/s)"] if speed else [])
-    rows = []
-    large = max([t.eval.ppl for t in evaluated] + ([f.base_eval.ppl] if f.base_eval else [])) >= 1000
-    if f.base_eval is not None:
-        b = f.base_eval
-        rows.append([f"source ({b.file_type})", hub_size(b.size), fmt_ppl(b.ppl, b.ppl_err, large=large), "—", "—"]
-                    + ([fmt_speed(b.pp_tokens_per_s, b.tg_tokens_per_s)] if speed else []))
-    for t in f.tiers:
-        if t.eval is None:
-            rows.append([t.file.name, hub_size(t.file.size), "pending", "pending", "pending"]
-                        + (["pending"] if speed else []))
-            continue
-        e = t.eval
-        rows.append([t.file.name, hub_size(t.file.size), fmt_ppl(e.ppl, e.ppl_err, large=large), fmt_kld(e.kld_mean),
-                     fmt_pct(e.same_top_p)] + ([fmt_speed(e.pp_tokens_per_s, e.tg_tokens_per_s)] if speed else []))
-    return {"setup": f.eval_setup, "speed": speed, "table": "\n".join(md_table(headers, rows))}
-
-
 def _calibration_context(f: CardFacts) -> tuple[str | None, str | None]:
     """(the imatrix paragraph, the without-imatrix sentence)."""
     i_tiers = [md_inline(t.tier) for t in f.tiers if t.imatrix]
@@ -422,6 +322,9 @@ def card_context(f: CardFacts) -> dict:
     """What the template is given: every value formatted and escaped for Markdown here."""
     calibration, without_imatrix = _calibration_context(f)
     files = [[file_cell(t.file), t.tier, hub_size(t.file.size), t.best_for] for t in f.tiers]
+    if f.mtp is not None and f.mtp.draft is not None:
+        files.append([file_cell(f.mtp.draft), "MTP draft", hub_size(f.mtp.draft.size),
+                      "Speculative decoding beside any tier"])
     if f.mmproj is not None:
         files.append([file_cell(f.mmproj.file), "Vision projector", hub_size(f.mmproj.file.size),
                       "Required for image understanding"])
@@ -430,12 +333,13 @@ def card_context(f: CardFacts) -> dict:
         "source": (f"[{f.base_model}](https://huggingface.co/{f.base_model})" if f.base_model
                    else f"`{md_code(f.arch.model)}`"),
         "description": f.description, "tiers": f.tiers, "mmproj": f.mmproj, "repo": f.repo,
-        "recommended": md_inline(f.tiers[0].tier), "benchmarks": _benchmarks_context(f),
+        "recommended": md_inline(f.tiers[0].tier), **results_context(f),
         "files_table": "\n".join(md_table(["File", "Profile", "Size", "Best For"], files)),
         "split": any(len(t.file.names) > 1 for t in f.tiers), "arch": _arch_context(f),
         "calibration": calibration, "without_imatrix": without_imatrix,
         "details": [_tier_detail(t) for t in f.tiers],
         "apex_orch_version": f.apex_orch_version, "llama_build": f.llama_build,
+        "mtp": mtp_context(f.mtp, f.tiers[0].file.name),
     }
 
 

@@ -26,8 +26,16 @@ path is first needed, so `--dry-run --source` works on a machine without the mod
         tier: I-Compact-48GB            #   required: its display tier (file name, card)
         best_for: TEXT                  #   optional
     imatrix: {corpus: diverse, ctx: 512, chunks: 200, from_q8: false}   # once, for every I-tier
-    eval: {enabled: true, corpus: NAME | text: path, ctx: 512, chunks: 64, speed: true,
+    eval: {enabled: true, corpus: NAME | text: path, ctx: 512, chunks: 64,
+           speed: true | {repetitions: 5, prompt: 512, gen: 128},   # llama-bench pp512 / tg128 of every file
+           tasks: [hellaswag, {task: winogrande, file: wg.csv, count: 400}, ...],   # llama-perplexity's
+           task_ctx: 4096,                          #   scorers (a name alone: the pinned Hub data)
            gates: {max_mean_kld: .., max_ppl_ratio: .., min_same_top_p: .., max_kld_99_9: ..}}
+    baselines:                          # optional: files of the same size to measure the tiers against,
+      - Q8_0                            #   in the same run; never published (release.baselines)
+      - {preset: Q4_K_M, imatrix: true, name: Q4_K_M (imatrix)}   # uniform llama-quantize presets
+      - {file: other-Q4_K_M.gguf, name: other Q4_K_M}             # an existing GGUF of this model
+      - {hf: {repo: org/name-GGUF, revision: <40-hex>, file: name-Q4_K_M.gguf}, name: org Q4_K_M}
     mmproj:                             # optional vision projector, never touched by profiles
       file: path.gguf | hf: {repo, revision, file} | convert: {outtype: f16|q8_0, repo?, revision?}
                                         #   (convert without repo: the source's repo or checkpoint folder)
@@ -36,6 +44,9 @@ path is first needed, so `--dry-run --source` works on a machine without the mod
     split_max_size: 48G                 # optional: split outputs larger than this (48G = 48GB = 48e9
                                         #   bytes; sizes as apex_orch/core/sizes.py reads them)
     output: path                        # release folder (default: out/release/<name> under the cwd)
+    mtp: bundled | draft | none         # optional: the model's MTP head in every tier, as one draft file
+                                        #   mtp-<name>.gguf beside head-less tiers, or nowhere (release.mtp);
+                                        #   or {mode: draft, type: Q8_0, file: mtp-draft.gguf}
     resources: {cpus: 8, gpus: 1, memory: 64G}   # optional, --executor ray only: what each task asks
                                         #   the cluster for (cpus: also its tools' threads, default 1;
                                         #   gpus: imatrix and eval tasks, default 0; memory: default
@@ -57,15 +68,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apex_orch.core.errors import ConfigError
+from apex_orch.core.schema import bounds
 from apex_orch.core.settings import PACKAGE_DIR, config_variable
 from apex_orch.core.sizes import Size
 from apex_orch.core.text import gb
 from apex_orch.core.yamlio import YamlDoc
-from apex_orch.plan.profiles import Profile
+from apex_orch.evaluation.task_files import TASK_KINDS
+from apex_orch.plan.llama_rules import ABORT_WITHOUT_IMATRIX_DATA, IMATRIX_REQUIRED, is_quantized
+from apex_orch.plan.profiles import MTP_HEAD_DEFAULT, TARGET_TYPES, Profile
 
 # The keys each section allows (the `gates` keys are plan.gates.GATE_KEYS).
 TOP_KEYS = {"name", "title", "base_model", "license", "description", "tags", "source", "tiers", "imatrix",
-            "eval", "mmproj", "publish", "split_max_size", "output", "resources"}
+            "eval", "baselines", "mmproj", "publish", "split_max_size", "output", "resources", "mtp"}
 SOURCE_KINDS = ("gguf", "demo", "hf", "convert")
 HF_KEYS = {"repo", "revision", "files"}
 HF_FILE_KEYS = {"repo", "revision", "file"}
@@ -75,11 +89,15 @@ MMPROJ_CONVERT_KEYS = {"repo", "revision", "outtype", "mistral_format"}
 TIER_KEYS = {"profile", "best_for", "fit", "tier"}
 FIT_KEYS = {"size", "bpw", "sensitivity", "from", "structure", "imatrix"}
 IMATRIX_KEYS = {"corpus", "ctx", "chunks", "from_q8"}
-EVAL_KEYS = {"enabled", "text", "corpus", "ctx", "chunks", "speed", "gates"}
+EVAL_KEYS = {"enabled", "text", "corpus", "ctx", "chunks", "speed", "tasks", "task_ctx", "gates"}
 PUBLISH_KEYS = {"repo", "private"}
 RESOURCES_KEYS = {"cpus", "gpus", "memory"}
 
 CONVERT_OUTTYPES = ("bf16", "f16", "f32", "q8_0")
+MTP_MODES = ("bundled", "draft", "none")
+# A draft's type: quantized, and written without imatrix data (no imatrix covers the MTP head).
+DRAFT_TYPES = tuple(n for n, t in TARGET_TYPES.items() if is_quantized(t) and t not in IMATRIX_REQUIRED
+                    and t not in ABORT_WITHOUT_IMATRIX_DATA)
 MMPROJ_OUTTYPES = ("f16", "q8_0")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -193,6 +211,30 @@ class ImatrixConfig:
 
 
 @dataclass(frozen=True)
+class SpeedDoc:
+    """`eval.speed` as a mapping (`speed: true` is these defaults)."""
+    repetitions: int = field(default=5, metadata=bounds(minimum=1, maximum=100))
+    prompt: int = field(default=512, metadata=bounds(minimum=1, maximum=65536))   # llama-bench -p: pp512
+    gen: int = field(default=128, metadata=bounds(minimum=1, maximum=65536))      # llama-bench -n: tg128
+
+
+@dataclass(frozen=True)
+class TaskDoc:
+    """One entry of `eval.tasks` as a mapping (a name alone is `{task: NAME}`)."""
+    task: str = field(default="", metadata=bounds(choices=tuple(TASK_KINDS)))
+    file: str | None = None                 # llama.cpp's task file; None: the pinned Hub data
+    count: int | None = field(default=None, metadata=bounds(minimum=1))   # None: the task's default
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    task: str                               # a TASK_KINDS name
+    file: ConfigPath | None                 # None: the pinned Hub data (evaluation.task_data)
+    count: int | None                       # tasks scored; None: the APEX pipeline's default
+    where: str = ""
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     enabled: bool = True
     text: ConfigPath | None = None
@@ -202,11 +244,49 @@ class EvalConfig:
     speed: bool = False
     gates: tuple[tuple[str, float], ...] = ()
     where: str = ""
+    speed_repetitions: int = 5              # llama-bench's -r
+    speed_tokens: tuple[int, int] = (512, 128)   # llama-bench's -p / -n (the card's pp512 / tg128)
+    tasks: tuple[TaskConfig, ...] = ()
+    task_ctx: int = 4096                    # the scorers' -c per sequence
 
     def text_label(self) -> str:
         if self.text is not None:
             return Path(self.text.raw).name
         return f"corpus {self.corpus}"
+
+
+@dataclass(frozen=True)
+class BaselineDoc:
+    """One entry of `baselines:` as a mapping (a name alone is `{preset: NAME}`); exactly one of
+    preset, file, hf. `hf` is a mapping read by the config reader ({repo, revision, file})."""
+    preset: str | None = field(default=None, metadata=bounds(pattern=re.compile(r"^[A-Za-z0-9_]{1,16}$"),
+                                                               what="a llama-quantize type such as Q4_K_M"))
+    imatrix: bool = False
+    file: str | None = None
+    hf: dict | None = None
+    name: str | None = field(default=None, metadata=bounds(pattern=re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+()-]{0,47}$"),
+                                                             what="a short name (letters, digits, space, . _ + ( ) -)"))
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """A file the tiers are measured against in the same run, never published."""
+    kind: str                      # preset | file | hf
+    label: str                     # its name in tables, the card and its eval record
+    preset: str | None = None      # preset: the llama-quantize FTYPE (Q8_0, Q4_K_M, IQ4_XS...)
+    imatrix: bool = False          # preset: quantized with the release's imatrix
+    path: ConfigPath | None = None # file
+    hf: HFRef | None = None        # hf: one file at a pinned revision
+    where: str = ""
+
+    def describe(self) -> str:
+        if self.kind == "preset":
+            return (f"llama-quantize {self.preset} of the same source, "
+                    + ("with the release's importance matrix" if self.imatrix else "without an importance matrix"))
+        if self.kind == "file":
+            return f"local GGUF {self.path.raw}"
+        assert self.hf is not None
+        return f"Hugging Face {self.hf.repo}@{self.hf.revision[:12]}: {self.hf.files[0]}"
 
 
 @dataclass(frozen=True)
@@ -224,6 +304,15 @@ class ResourcesConfig:
     gpus: float = 0                # per imatrix and eval task (a quantization never asks for one)
     memory: int | None = None      # bytes per task; None: estimated from the model (ray_executor)
     where: str = ""
+
+
+@dataclass(frozen=True)
+class MtpConfig:
+    """`mtp:` of a release (release.mtp reads it and says what each mode means)."""
+    mode: str = field(default="bundled", metadata=bounds(choices=MTP_MODES))
+    type: str = field(default=MTP_HEAD_DEFAULT, metadata=bounds(choices=DRAFT_TYPES))   # the draft file's
+    file: ConfigPath | None = None         # draft: the head as its own GGUF (the converter's --mtp output)
+    where: str = field(default="", metadata={"yaml": False})
 
 
 @dataclass
@@ -246,10 +335,16 @@ class ReleaseConfig:
     warnings: list[str] = field(default_factory=list)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     doc: YamlDoc | None = field(default=None, repr=False)
+    mtp: MtpConfig | None = None                   # None: the files hold what the source holds
+    baselines: list[BaselineConfig] = field(default_factory=list)
 
     @property
     def i_tiers(self) -> list[TierConfig]:
         return [t for t in self.tiers if t.profile.imatrix_required]
+
+    @property
+    def i_baselines(self) -> list[BaselineConfig]:
+        return [b for b in self.baselines if b.imatrix]
 
     def display_path(self) -> str:
         """The config's path for cards and messages: relative to the project when inside it."""

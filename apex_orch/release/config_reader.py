@@ -15,10 +15,12 @@ import re
 from pathlib import Path
 
 from apex_orch.core.errors import ApexError, ConfigError
-from apex_orch.core.schema import check_keys, key_name
+from apex_orch.core.schema import check_keys, key_name, read_section
 from apex_orch.core.sizes import MB, Size, SizeError, read_size
 from apex_orch.core.text import file_name_part
 from apex_orch.core.yamlio import YamlDoc, load_yaml
+from apex_orch.evaluation.task_files import TASK_KINDS
+from apex_orch.evaluation.tasks import TaskSettings
 from apex_orch.plan.gates import GATE_KEYS
 from apex_orch.plan.profiles import load_profile
 from apex_orch.quantize.job import MIN_SPLIT_SIZE, check_distinct_outputs, output_name
@@ -26,8 +28,10 @@ from apex_orch.release.config import (CONVERT_KEYS, CONVERT_OUTTYPES, EVAL_KEYS,
                                       MMPROJ_CONVERT_KEYS, MMPROJ_KEYS, MMPROJ_OUTTYPES, PUBLISH_KEYS, RESOURCES_KEYS,
                                       SOURCE_KINDS, TIER_KEYS, TOP_KEYS, ConfigPath, EvalConfig, HFRef, ImatrixConfig,
                                       MmprojConfig, PublishConfig, ReleaseConfig, ResourcesConfig, SourceConfig,
-                                      TierConfig)
+                                      SpeedDoc, TaskConfig, TaskDoc, TierConfig)
+from apex_orch.release.baselines import parse_baselines
 from apex_orch.release.fit_tiers import parse_fit_tier
+from apex_orch.release.mtp import parse_mtp
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -177,8 +181,12 @@ def load_release(path: str | os.PathLike) -> ReleaseConfig:
     for i in range(len(tiers)):
         check_distinct_outputs([(t.profile.tier, Path(output_name(name, t.profile.tier))) for t in tiers[:i + 1]],
                                error=ConfigError, where=tiers[i].where)
-    imatrix = _parse_imatrix(r, data.get("imatrix"), tiers)
+    baselines = parse_baselines(r, data["baselines"], name, tiers) if data.get("baselines") is not None else []
+    imatrix = _parse_imatrix(r, data.get("imatrix"), tiers, baselines)
     eval_cfg = _parse_eval(r, data.get("eval"))
+    if baselines and not eval_cfg.enabled:
+        raise r.fail(("baselines",), "baselines are measured by the eval phase, which this config turns off",
+                     hint="give an `eval:` section (text or corpus), or remove `baselines`")
     mmproj = _parse_mmproj(r, data["mmproj"], source) if data.get("mmproj") is not None else None
     pub = r.mapping(("publish",), data["publish"], PUBLISH_KEYS)
     if "repo" not in pub:
@@ -191,10 +199,11 @@ def load_release(path: str | os.PathLike) -> ReleaseConfig:
         if data.get("split_max_size") is not None else None
     output = r.path(("output",), data["output"], suffix=None) if data.get("output") is not None else None
     resources = _parse_resources(r, data["resources"]) if data.get("resources") is not None else ResourcesConfig()
+    mtp = parse_mtp(r, data["mtp"], source) if data.get("mtp") is not None else None
     return ReleaseConfig(path=p, name=name, title=title, base_model=base_model, license=license_,
                          description=description, tags=tuple(tags), source=source, tiers=tiers, imatrix=imatrix,
                          eval=eval_cfg, mmproj=mmproj, publish=publish, split_max_size=split, output=output,
-                         warnings=warnings, resources=resources, doc=doc)
+                         warnings=warnings, resources=resources, doc=doc, mtp=mtp, baselines=baselines)
 
 
 def _parse_source(r: _Reader, value) -> SourceConfig:
@@ -288,11 +297,11 @@ def _relative(r: _Reader, ref: str) -> str:
     return ref
 
 
-def _parse_imatrix(r: _Reader, value, tiers: list[TierConfig]) -> ImatrixConfig | None:
+def _parse_imatrix(r: _Reader, value, tiers: list[TierConfig], baselines: list) -> ImatrixConfig | None:
     kp = ("imatrix",)
     m = r.mapping(kp, value, IMATRIX_KEYS) if value is not None else {}
     needs = [t for t in tiers if t.profile.imatrix_required]
-    if not needs:
+    if not needs and not any(b.imatrix for b in baselines):
         if value is not None:
             raise r.fail(kp, "no tier needs an imatrix, so this section would do nothing",
                          hint="remove it, or add an I-tier (i-balanced, i-compact, ...)")
@@ -302,7 +311,7 @@ def _parse_imatrix(r: _Reader, value, tiers: list[TierConfig]) -> ImatrixConfig 
         if corpus.endswith((".yaml", ".yml")) and not os.path.isabs(corpus):
             corpus = str(r.doc.path.parent / corpus)
     else:
-        corpora = {t.profile.corpus or "diverse" for t in needs}
+        corpora = {t.profile.corpus or "diverse" for t in needs} or {"diverse"}
         if len(corpora) > 1:
             raise r.fail(kp, f"the I-tiers' profiles name different corpora ({', '.join(sorted(corpora))}); "
                              "one imatrix is shared by every I-tier", hint="set imatrix.corpus")
@@ -344,10 +353,35 @@ def _parse_eval(r: _Reader, value) -> EvalConfig:
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise r.fail(kp + ("gates", key), f"expected a number, got {v!r}")
                 gates.append((key, float(v)))
+    speed, sd = False, SpeedDoc()
+    if isinstance(m.get("speed"), dict):
+        speed, sd = True, read_section(SpeedDoc, m["speed"], r.where, kp + ("speed",), ConfigError)
+    elif "speed" in m:
+        speed = r.boolean(kp + ("speed",), m["speed"])
+    task_ctx = r.integer(kp + ("task_ctx",), m["task_ctx"], 16) if "task_ctx" in m else TaskSettings().n_ctx
     return EvalConfig(enabled=enabled, text=text, corpus=corpus, ctx=ctx,
                       chunks=r.integer(kp + ("chunks",), m["chunks"], 1) if m.get("chunks") is not None else None,
-                      speed=r.boolean(kp + ("speed",), m["speed"]) if "speed" in m else False,
-                      gates=tuple(gates), where=r.where(kp))
+                      speed=speed, speed_repetitions=sd.repetitions, speed_tokens=(sd.prompt, sd.gen),
+                      gates=tuple(gates), where=r.where(kp),
+                      tasks=_parse_tasks(r, m["tasks"]) if m.get("tasks") is not None else (), task_ctx=task_ctx)
+
+
+def _parse_tasks(r: _Reader, value) -> tuple[TaskConfig, ...]:
+    """`eval.tasks`: names (the pinned Hub data) or {task, file, count}; each task once."""
+    kp = ("eval", "tasks")
+    if not isinstance(value, list) or not value:
+        raise r.fail(kp, "expected a list of tasks", hint="e.g. [hellaswag, {task: mmlu, file: mmlu-validation.bin}]")
+    out: list[TaskConfig] = []
+    for i, item in enumerate(value):
+        ikp = kp + (i,)
+        doc = read_section(TaskDoc, item if isinstance(item, dict) else {"task": item}, r.where, ikp, ConfigError)
+        if not doc.task:
+            raise r.fail(ikp, "missing key 'task'", hint="one of " + ", ".join(TASK_KINDS))
+        if any(t.task == doc.task for t in out):
+            raise r.fail(ikp, f"task {doc.task} is listed twice")
+        file = r.path(ikp + ("file",), doc.file, suffix=None) if doc.file is not None else None
+        out.append(TaskConfig(doc.task, file, doc.count, r.where(ikp)))
+    return tuple(out)
 
 
 def _parse_mmproj(r: _Reader, value, source: SourceConfig) -> MmprojConfig:

@@ -1,10 +1,11 @@
 """LocalAI gallery entries: one YAML per released file, ready to append to a gallery index.
 
 Each entry is a one-item list in the shape of LocalAI's `gallery/index.yaml` entries: a
-name, the repo URLs, license, tags, `overrides` (the model file, and the projector for a
-vision model) and `files` (file name, sha256, `huggingface://` URI) so LocalAI downloads and
-verifies exactly the published bytes. A split file lists every part. Written from the same
-facts as the card (card.CardFacts), so both always agree.
+name, the repo URLs, license, tags, `overrides` (the model file, the projector for a vision
+model, and for a model with an MTP head the llama-cpp backend's `spec_type:draft-mtp` option, with
+`draft_model` naming the draft file when the head is published as one) and `files` (file name,
+sha256, `huggingface://` URI) so LocalAI downloads and verifies exactly the published bytes. A split
+file lists every part. Written from the same facts as the card (card.CardFacts), so both always agree.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import yaml
 
 from apex_orch.release.card import CardFacts, FileFacts, TierFacts
+from apex_orch.release.card_mtp import localai_mtp
 
 BASE_CONFIG_URL = "github:mudler/LocalAI/gallery/virtual.yaml@master"
 
@@ -44,6 +46,11 @@ def entry(facts: CardFacts, tier: TierFacts) -> dict:
         overrides["mmproj"] = facts.mmproj.file.name
         files += _files(facts.repo, facts.mmproj.file)
         tags.append("multimodal")
+    mtp_overrides, mtp_tags = localai_mtp(facts.mtp)   # speculative decoding with the MTP head
+    overrides.update(mtp_overrides)
+    tags += mtp_tags
+    if facts.mtp is not None and facts.mtp.draft is not None:
+        files += _files(facts.repo, facts.mtp.draft)
     return {"name": entry_name(tier.file.name), "url": BASE_CONFIG_URL, "urls": urls, "license": facts.license,
             "tags": tags, "description": description, "overrides": overrides, "files": files}
 

@@ -6,9 +6,9 @@ knows nothing of the release's state or layout. Gives a `PublishResult`, and `wr
 it in the release's work folder.
 
 `plan_publish(request)` uploads nothing: the repo id, exactly which files go up (the tier GGUFs, the
-projector, README.md and the LocalAI entries; never manifests, logs or work files, which hold
-local paths), their sizes and sha256, and the commit message naming apex-orch and llama.cpp.
-Verification means the bytes: every GGUF is hashed in full, here, with no memo or stat
+projector, the calibration files, README.md, its plot and the LocalAI entries; never manifests,
+logs, baselines or work files, which hold local paths), their sizes and sha256, and the commit message
+naming apex-orch and llama.cpp. Verification means the bytes: every GGUF is hashed in full, here, with no memo or stat
 shortcut (about 3 min per 240 GB at the sha256 speed bench/bench_integrity.py measures), and a
 file whose sha256 is not the one its manifest (and so the card) records is refused.
 `execute_publish(plan)` talks to the Hub through a `huggingface_hub.HfApi`: create_repo(exist_ok=True),
@@ -66,7 +66,8 @@ class PublishRequest:
     config_label: str               # the config as the commit description names it
     release_dir: Path               # the card files' paths in the repo are relative to it
     recorded: list[RecordedFile]    # uploaded through LFS, one at a time, if their bytes still match
-    card_files: list[Path]          # README.md, then the LocalAI entries: they go up in the commit
+    card_files: list[Path]          # README.md, the plot, the LocalAI entries: they go up in the commit
+    calibration: list[RecordedFile] = field(default_factory=list)   # checked and uploaded like `recorded`
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def recorded_files(first: Path) -> list[RecordedFile]:
 def plan_publish(request: PublishRequest) -> PublishPlan:
     """The publish plan; refuses a recorded file whose bytes are not the ones its manifest records."""
     files: list[PublishFile] = []
-    for rec in request.recorded:
+    for rec in [*request.recorded, *request.calibration]:
         p = rec.local
         if not p.is_file() or p.stat().st_size != rec.size:
             raise PublishError(f"{p.name} does not match its manifest", where=str(p),
@@ -137,8 +138,10 @@ def plan_publish(request: PublishRequest) -> PublishPlan:
     n_gguf = len(request.recorded)
     message = (f"{request.model_name} APEX GGUF: {request.tier_count} tiers "
                f"(apex-orch {__version__}, {build_label()})")
-    description = (f"Made with `apex-orch release {request.config_label}`: {n_gguf} GGUF file(s), the model card "
-                   f"and LocalAI gallery entries. apex-orch {__version__}; llama.cpp build {build_label()}.")
+    description = (f"Made with `apex-orch release {request.config_label}`: {n_gguf} GGUF file(s)"
+                   + (", the calibration files" if request.calibration else "")
+                   + f", the model card and LocalAI gallery entries. apex-orch {__version__}; "
+                     f"llama.cpp build {build_label()}.")
     return PublishPlan(request.repo_id, request.private, files, message, description)
 
 
@@ -173,12 +176,15 @@ def execute_publish(plan: PublishPlan, *, progress: Progress | None = None) -> P
 
 
 def _hub_holds(remote: RepoFile | None, f: PublishFile) -> bool:
-    """Whether the Hub's file has f's bytes: LFS files by sha256, small ones by git blob id."""
+    """Whether the Hub's file has f's bytes: by sha256 when the Hub stores it through LFS (which the
+    Hub decides: a binary card file such as the plot goes there too), else by git blob id."""
     from huggingface_hub.utils.sha import git_hash
     if remote is None:
         return False
-    if f.lfs:
-        return remote.lfs is not None and remote.lfs.sha256 == f.sha256
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == f.sha256
+    if remote.size != f.size:
+        return False
     return remote.blob_id == git_hash(read_input(f.local, "record", error=PublishError))
 
 

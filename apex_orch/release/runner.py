@@ -26,14 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable
 
-from apex_orch.core.errors import RequestError
+from apex_orch.core.errors import ApexError, ModelError, RequestError
 from apex_orch.core.outputs import atomic_write_text
 from apex_orch.core.safefiles import open_nofollow, safe_mkdir
 from apex_orch.core.text import table
 from apex_orch.release.config import ReleaseConfig
 from apex_orch.release.executor import TASK_PHASES, make_executor, parse_executor
 from apex_orch.release.phases import card, convert, evaluate, fetch, imatrix, publish, quantize
-from apex_orch.release.phases.evaluate import check_text_early
+from apex_orch.model.info import read_model
+from apex_orch.release.baselines import check_baselines
+from apex_orch.release.phases.evaluate import check_task_files, check_text_early
+from apex_orch.release.phases.fetch import fetch_baselines_local, fetch_source
 from apex_orch.release.state import (WORK_DIR, PhaseReport, Progress, ReleaseState, check_out_dir, check_release_paths,
                                      default_out_dir, release_lock)
 
@@ -109,21 +112,57 @@ class _Log:
             self.fh = None
 
 
+def check_calibration_upload(config: ReleaseConfig, calibration_upload: bool) -> None:
+    """Opting out of publishing the calibration is a request about something: a release without an
+    imatrix (no I-tier, no imatrix baseline) has none, so the request is a mistake worth saying."""
+    if not calibration_upload and config.imatrix is None:
+        raise RequestError("this release uses no importance matrix (no I-tier and no imatrix baseline), so there "
+                           "is no calibration to leave out of the upload", fields=("calibration_upload",),
+                           hint="drop the opt-out; the card of a release without an imatrix lists no calibration files")
+
+
+def preflight(config: ReleaseConfig, out: Path, source: Path | None, selected: list[str]) -> None:
+    """What the config's own files can tell before anything is written: the task files (when eval
+    runs) exist and parse, and local baseline files are quantizations of a local source. Inputs
+    that only exist later (a Hub download, a conversion) are checked by their phase, still before
+    any tool runs."""
+    if "eval" in selected and config.eval.enabled:
+        check_task_files(config)
+    if not any(b.kind == "file" for b in config.baselines):
+        return
+    probe = ReleaseState(config, out, lambda _m: None, source_override=source)
+    fetch_baselines_local(probe)       # missing, or not a regular file: refused now
+    try:
+        fetch_source(probe, run=False)
+    except ModelError:
+        raise
+    except ApexError:      # not here yet (a Hub source, an unset ${VAR}): the phases say so in order
+        return
+    if probe.snapshot_dir is None:
+        probe.model = read_model(probe.source_paths[0])
+        check_baselines(probe)
+
+
 def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push: bool = False,
                 jobs: int | None = None, out_dir: Path | None = None, source: Path | None = None,
-                progress: Progress | None = None, force: bool = False, executor: str = "local") -> ReleaseResult:
+                progress: Progress | None = None, force: bool = False, executor: str = "local",
+                calibration_upload: bool = True) -> ReleaseResult:
     """Run the selected phases; the others resolve their earlier results for the ones after them.
     `jobs`: tiers quantized in parallel (local executor). `force`: a selected phase redoes its stale
-    outputs instead of stopping on them. `executor`: "local", "ray" or "ray://HOST:PORT"."""
+    outputs instead of stopping on them. `executor`: "local", "ray" or "ray://HOST:PORT".
+    `calibration_upload`: put the imatrix and its calibration text in the release (and the upload)."""
     parse_executor(executor)   # a bad spec is refused before the folder is touched
+    check_calibration_upload(config, calibration_upload)
     selected = list(phases) if phases is not None else list(PHASES)
     out = Path(os.path.abspath(out_dir)) if out_dir else default_out_dir(config)
     check_out_dir(out, config)
-    check_release_paths(config, out, Path(os.path.abspath(source)) if source else None)
+    source = Path(os.path.abspath(source)) if source else None
+    check_release_paths(config, out, source)
+    preflight(config, out, source, selected)
     emit = progress or (lambda _m: None)
     log = _Log(out / WORK_DIR / "release.log", emit)
-    state = ReleaseState(config, out, log, source_override=Path(os.path.abspath(source)) if source else None,
-                         push=push, parallel=jobs, force=force)
+    state = ReleaseState(config, out, log, source_override=source, push=push, parallel=jobs, force=force,
+                         calibration_upload=calibration_upload)
     t_all = time.monotonic()
     with release_lock(out / WORK_DIR):
         log.open()
@@ -169,11 +208,12 @@ def run_release(config: ReleaseConfig, *, phases: list[str] | None = None, push:
 
 
 def resolve_release(config: ReleaseConfig, *, out_dir: Path | None = None, source: Path | None = None,
-                    through: str = "eval") -> ReleaseState:
+                    through: str = "eval", calibration_upload: bool = True) -> ReleaseState:
     """Find (never compute) every phase's results up to `through`, e.g. to re-render a card."""
     out = Path(os.path.abspath(out_dir)) if out_dir else default_out_dir(config)
     state = ReleaseState(config, out, lambda _m: None,
-                         source_override=Path(os.path.abspath(source)) if source else None)
+                         source_override=Path(os.path.abspath(source)) if source else None,
+                         calibration_upload=calibration_upload)
     for name in PHASES[:PHASES.index(through) + 1]:
         state.reports.append(PHASE_RUNNERS[name](state, False))
     return state

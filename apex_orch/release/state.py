@@ -28,16 +28,20 @@ from apex_orch.core.locks import FileLock
 from apex_orch.core.outputs import sidecars
 from apex_orch.core.safefiles import check_not_inputs, safe_mkdir
 from apex_orch.model.info import ModelInfo
-from apex_orch.quantize.job import ImatrixSource, QuantizeJob, output_name
-from apex_orch.release.card import CARD_MARKER
+from apex_orch.quantize.job import ImatrixSource, QuantizeJob, draft_output_name, output_name
+from apex_orch.release.baselines import baseline_output
+from apex_orch.release.calibration import IMATRIX_NAME, MANIFEST_NAME, TEXT_NAME
+from apex_orch.release.card import CALIBRATION_DIR, CARD_MARKER, PLOT_NAME  # noqa: F401  (re-exported)
 from apex_orch.release.config import ReleaseConfig
 from apex_orch.release.executor import Executor, LocalExecutor
 
 Progress = Callable[[str], None]
 
-WORK_DIR = ".apex-release"       # logs, records, the converted source: never published
+WORK_DIR = ".apex-release"       # logs, records, the converted source, baselines: never published
 CARD_NAME = "README.md"
 LOCALAI_DIR = "localai"
+# In CALIBRATION_DIR: the imatrix, the text llama-imatrix read, its manifest (release.calibration).
+CALIBRATION_FILES = (IMATRIX_NAME, TEXT_NAME, MANIFEST_NAME)
 
 
 @dataclass
@@ -66,6 +70,9 @@ class ReleaseState:
     model_path: Path | None = None                            # the GGUF the tiers are made from
     model: ModelInfo | None = None
     mmproj: Path | None = None                                # the projector in the release folder
+    mtp_source: Path | None = None                            # mtp: draft: the head alone, unquantized
+    mtp_job: QuantizeJob | None = None                        # ... and its quantization (the draft file)
+    mtp_files: list[Path] = field(default_factory=list)       # ... the draft file, once written
     imatrix: ImatrixSource | None = None
     imatrix_record: dict | None = None
     jobs: list[QuantizeJob] = field(default_factory=list)     # one per tier
@@ -74,6 +81,12 @@ class ReleaseState:
     base_eval: dict | None = None
     converted_now: bool = False
     reports: list[PhaseReport] = field(default_factory=list)
+    baseline_files: dict[str, list[Path]] = field(default_factory=dict)   # label -> its file(s)
+    baseline_jobs: list[QuantizeJob] = field(default_factory=list)        # the presets' jobs
+    baseline_evals: dict[str, dict] = field(default_factory=dict)         # label -> its eval record
+    calibration_upload: bool = True                           # publish the imatrix and its calibration text
+    calibration: dict | None = None                           # the published calibration files' record
+    plot: Path | None = None                                  # the card's plot, when the card phase made one
 
     @property
     def work(self) -> Path:
@@ -81,8 +94,11 @@ class ReleaseState:
 
     def require_all_files(self, phase: str) -> None:
         missing = [j.profile.tier for j in self.jobs if j.profile.tier not in self.files]
-        if missing:
-            raise ModelError(f"{phase}: no up-to-date output for tier(s) {', '.join(missing)}",
+        what = f"tier(s) {', '.join(missing)}" if missing else ""
+        if self.config.mtp is not None and self.config.mtp.mode == "draft" and not self.mtp_files:
+            what += (" and " if what else "") + f"the MTP draft {draft_output_name(self.config.name)}"
+        if what:
+            raise ModelError(f"{phase}: no up-to-date output for {what}",
                              hint="run the quantize phase first", options=("only", "skip", "from_phase"))
 
 
@@ -117,11 +133,15 @@ def check_out_dir(out: Path, config: ReleaseConfig) -> None:
 
 def release_outputs(config: ReleaseConfig, out: Path) -> list[Path]:
     """Every file name a release writes in its folder that could meet an input (tiers and their
-    sidecars, the projector, the card)."""
+    sidecars, the projector, the preset baselines, the card, the plot)."""
     finals = [out / output_name(config.name, t.profile.tier) for t in config.tiers]
+    if config.mtp is not None and config.mtp.mode == "draft":
+        finals.append(out / draft_output_name(config.name))
     if config.mmproj is not None:
         finals.append(out / config.mmproj.name)
-    return [x for f in finals for x in (f, *sidecars(f))] + [out / CARD_NAME]
+    finals += [baseline_output(config, out / WORK_DIR, b) for b in config.baselines if b.kind == "preset"]
+    calibration = [out / CALIBRATION_DIR / n for n in CALIBRATION_FILES] if config.imatrix is not None else []
+    return [x for f in finals for x in (f, *sidecars(f))] + calibration + [out / CARD_NAME, out / PLOT_NAME]
 
 
 def release_inputs(config: ReleaseConfig, source: Path | None) -> list[Path]:
@@ -134,8 +154,12 @@ def release_inputs(config: ReleaseConfig, source: Path | None) -> list[Path]:
         refs += list(config.source.paths)
     if config.mmproj is not None and config.mmproj.kind == "file":
         refs.append(config.mmproj.path)
+    if config.mtp is not None and config.mtp.file is not None:
+        refs.append(config.mtp.file)
     if config.eval.text is not None:
         refs.append(config.eval.text)
+    refs += [b.path for b in config.baselines if b.kind == "file"]
+    refs += [t.file for t in config.eval.tasks if t.file is not None]
     for ref in refs:
         try:
             found.append(ref.resolve())

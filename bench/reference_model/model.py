@@ -149,7 +149,7 @@ class MoE(nn.Module):
                 outs.append(F.linear(F.silu(F.linear(xe, gates[e])) * F.linear(xe, ups[e]), downs[e]))
                 start += n
         ys = torch.cat(outs).float() * w[:, None]
-        out = torch.zeros(N, shape[-1], dtype=torch.float32).index_add_(0, tok, ys)
+        out = torch.zeros(N, shape[-1], dtype=torch.float32, device=x.device).index_add_(0, tok, ys)
         shared = self.ffn_down_shexp(F.silu(self.ffn_gate_shexp(x)) * self.ffn_up_shexp(x))
         out = out + shared.float()
 

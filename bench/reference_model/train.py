@@ -67,7 +67,7 @@ def code_sha256() -> str:
     return h.hexdigest()
 
 
-def cache_key(cfg: RefConfig, corpus_sha: str) -> str:
+def cache_key(cfg: RefConfig, corpus_sha: str, device: str = "cpu") -> str:
     import torch
 
     material = {
@@ -78,6 +78,8 @@ def cache_key(cfg: RefConfig, corpus_sha: str) -> str:
         import tokenizers
 
         material["tokenizers"] = tokenizers.__version__
+    if device != "cpu":   # GPU kernels round differently: another model of the same configuration
+        material["device"] = device
     blob = json.dumps(material, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -222,7 +224,8 @@ def _vocabulary(cfg: RefConfig, corpus: data.Corpus, p: dict[str, Path], force: 
 
 def build(cfg: RefConfig = FULL, *, out_dir: Path | None = None, force: bool = False,
           run_perplexity_tool: bool = True, log: Callable[[str], None] = print,
-          corpus: data.Corpus | None = None, checkpoints: int = 0, expert_share: bool = False) -> dict:
+          corpus: data.Corpus | None = None, checkpoints: int = 0, expert_share: bool = False,
+          device: str = "cpu") -> dict:
     """Build (or find in the cache) the reference model; returns its record (see module doc).
 
     Two phases, each leaving a file behind: training writes `<stem>.unvalidated.gguf` (+ the
@@ -233,7 +236,7 @@ def build(cfg: RefConfig = FULL, *, out_dir: Path | None = None, force: bool = F
     out_dir = Path(out_dir) if out_dir else default_out_dir()
     corpus = corpus or data.collect(cfg.code_bytes, cfg.prose_bytes, heldout_bytes=cfg.heldout_bytes)
     corpus_sha = corpus.sha256()
-    key = cache_key(cfg, corpus_sha)
+    key = cache_key(cfg, corpus_sha, device)
     p = paths(out_dir, key)
     if not force and p["gguf"].is_file() and p["record"].is_file():
         log(f"reference model is cached: {p['gguf']}")
@@ -248,7 +251,7 @@ def build(cfg: RefConfig = FULL, *, out_dir: Path | None = None, force: bool = F
     bos, n_vocab = voc.bos_id(), voc.n_vocab()
 
     if force or not (p["unvalidated"].is_file() and p["training"].is_file()):
-        training = _train_and_export(cfg, corpus, p, voc, tokenizer_kv, log, checkpoints)
+        training = _train_and_export(cfg, corpus, p, voc, tokenizer_kv, log, checkpoints, device)
     else:
         training = json.loads(p["training"].read_text())
         log(f"reusing the trained, not yet validated {p['unvalidated']}")
@@ -361,7 +364,8 @@ def checkpoint_paths(p: dict[str, Path], steps: int, n: int) -> dict[int, Path]:
 
 
 def _train_and_export(cfg: RefConfig, corpus: data.Corpus, p: dict[str, Path], voc: Vocab,
-                      tokenizer_kv: list | None, log: Callable[[str], None], checkpoints: int = 0) -> dict:
+                      tokenizer_kv: list | None, log: Callable[[str], None], checkpoints: int = 0,
+                      device: str = "cpu") -> dict:
     """Tokenize, train, write <stem>.unvalidated.gguf (+ checkpoints) and <stem>.training.json."""
     from . import trainer  # torch is imported only when a build is really needed
 
@@ -377,7 +381,7 @@ def _train_and_export(cfg: RefConfig, corpus: data.Corpus, p: dict[str, Path], v
             _export(cfg, model, ckpt[step], p["staging"], tokenizer_kv)
             log(f"checkpoint after {step} steps: {ckpt[step].name}")
 
-    result = trainer.train(cfg, streams, voc.bos_id(), voc.n_vocab(), log=log, on_step=on_step)
+    result = trainer.train(cfg, streams, voc.bos_id(), voc.n_vocab(), log=log, on_step=on_step, device=device)
     log(f"trained {cfg.steps} steps in {result.seconds:.1f}s (CPU {result.cpu_seconds:.1f}s); "
         f"loss {result.loss_first:.3f} -> {result.loss_last:.3f}")
 
@@ -561,12 +565,29 @@ def _shape_markdown(rec: dict) -> list[str]:
     return lines
 
 
+def _no_machine_paths(obj, *, key: str | None = None):
+    """The committed results name no path of the machine that built them: the cache as <cache>,
+    the standard library as <python stdlib>."""
+    cache = str(settings.cache_root())
+    if isinstance(obj, dict):
+        return {k: _no_machine_paths(v, key=k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_no_machine_paths(v) for v in obj]
+    if isinstance(obj, str):
+        if key == "stdlib":
+            return "<python stdlib>"
+        if obj.startswith(cache + os.sep):
+            return "<cache>" + obj[len(cache):]
+    return obj
+
+
 def write_results(rec: dict, results_dir: Path = RESULTS_DIR) -> tuple[Path, Path]:
     results_dir.mkdir(parents=True, exist_ok=True)
     public = {k: v for k, v in rec.items() if k != "training"}
     public["training"] = {k: v for k, v in rec["training"].items() if k != "history"}
     public["training"]["loss_curve"] = [(h["step"], h["loss"]) for h in rec["training"]["history"]]
     public["model"] = {**rec["model"], "path": "<cache>/models/" + Path(rec["model"]["path"]).name}
+    public = _no_machine_paths(public)
     jpath, mpath = results_dir / "reference-model.json", results_dir / "reference-model.md"
     _atomic_write(jpath, json.dumps(public, indent=2) + "\n")
     _atomic_write(mpath, results_markdown(rec))
@@ -597,6 +618,9 @@ def _parse_overrides(items: list[str], base: RefConfig) -> RefConfig:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=tuple(CONFIGS), default="full")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
+                    help="where to train (auto: a CUDA GPU when torch sees one); a GPU-trained model has its own "
+                         "cache key")
     ap.add_argument("--checkpoints", type=int, default=None, metavar="N",
                     help="export N evenly spaced checkpoints for the expert-share curve (default 3 for full, else 0)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -616,7 +640,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = args.out_dir or default_out_dir()
     pre = data.collect(cfg.code_bytes, cfg.prose_bytes, heldout_bytes=cfg.heldout_bytes)
-    key = cache_key(cfg, pre.sha256())
+    from .trainer import pick_device
+    device = pick_device(args.device).type
+    key = cache_key(cfg, pre.sha256(), device)
     cached = paths(out_dir, key)
     if not args.force and cached["gguf"].is_file() and cached["record"].is_file():
         rec = json.loads(cached["record"].read_text())
@@ -628,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     rec = build(cfg, out_dir=out_dir, force=args.force,
                 run_perplexity_tool=not args.no_perplexity_tool, log=log, corpus=pre, checkpoints=checkpoints,
-                expert_share=not args.no_expert_share)
+                expert_share=not args.no_expert_share, device=device)
     if not args.no_results:
         for path in write_results(rec):
             log(f"wrote {path}")

@@ -189,5 +189,5 @@ def test_a_draft_from_another_model_is_refused(converted):
     draft = built(converted, "qwen3next").variants["draft"]
     r = CliRunner().invoke(main, ["speculate", str(target), "--draft", str(draft)])
     assert r.exit_code == 14, r.output
-    assert ("--draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks are "
+    assert ("the draft is the MTP head of another model: architecture, width, vocabulary and trunk blocks are "
             "qwen3next/64/50304/4, the model's qwen35moe/64/151936/4") in r.output

@@ -45,7 +45,7 @@ def module_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def demo_model(module_cache) -> Path:
-    from apex_orch.demo.synthetic import demo_model_path
+    from apex_orch.demo.trained import demo_model_path
     return demo_model_path()
 
 

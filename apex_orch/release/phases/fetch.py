@@ -1,11 +1,12 @@
-"""Phase fetch: find or download the source model and the vision projector.
+"""Phase fetch: find or download the source model, the vision projector and the baselines' files.
 
 `run_phase(state, run)` fills `state.source_paths` (GGUF sources: local files, the demo model, or
 files from the Hub at a pinned commit) or `state.snapshot_dir` (a safetensors source to convert:
 a Hub snapshot or a local checkpoint folder), and the projector's `state.mmproj_src` or
-`state.mmproj_snapshot`. With `run` false nothing is downloaded: the Hugging Face cache must
-already hold the files, which is how later phases and the dry run find them. Downloads live in the
-Hugging Face cache, so a rerun is free and works offline.
+`state.mmproj_snapshot`, and `state.baseline_files` for the baselines that are files (a local path,
+or one file of a Hub repo at a pinned commit; release.baselines). With `run` false nothing is
+downloaded: the Hugging Face cache must already hold the files, which is how later phases and the
+dry run find them. Downloads live in the Hugging Face cache, so a rerun is free and works offline.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Callable, Iterable
 
 from apex_orch.core.errors import ConfigError, ModelError, ToolNotFoundError
 from apex_orch.core.infiles import check_input
+from apex_orch.core.settings import hub_endpoint
 from apex_orch.core.translate import translate_hub_download_error
-from apex_orch.demo.synthetic import demo_model_path
+from apex_orch.demo.trained import demo_model_path
 from apex_orch.release.config import ConfigPath, HFRef
 from apex_orch.release.state import PhaseReport, ReleaseState
 
@@ -36,10 +38,12 @@ def _hf_hub():
 
 
 def hf_download(ref: HFRef, *, local_only: bool) -> list[Path]:
-    """Each file at the pinned commit (the HF cache makes a rerun free and offline)."""
+    """Each file at the pinned commit (the HF cache makes a rerun free and offline). HF_ENDPOINT is
+    passed as a value when set (huggingface_hub reads it only when first imported)."""
     hub = _hf_hub()
+    endpoint = {"endpoint": e} if (e := hub_endpoint()) else {}
     return [Path(_from_hub(lambda: hub.hf_hub_download(repo_id=ref.repo, filename=filename, revision=ref.revision,
-                                                       local_files_only=local_only),
+                                                       local_files_only=local_only, **endpoint),
                            ref, f"{ref.repo}@{ref.revision[:12]}/{filename}",
                            failed_hint="check repo, revision and file name; gated repos need `hf auth login`"))
             for filename in ref.files]
@@ -138,10 +142,36 @@ def fetch_mmproj(state: ReleaseState, run: bool) -> str:
     return f"projector snapshot of {mm.hf.repo}"
 
 
+def fetch_baselines_local(state: ReleaseState) -> None:
+    """The local baseline files, checked as inputs (missing: a ConfigError at their line; a FIFO or
+    device: refused, exit 4)."""
+    for b in state.config.baselines:
+        if b.kind == "file":
+            p = b.path.resolve()
+            if not os.path.lexists(p) or p.is_dir():
+                raise ConfigError(f"baseline {b.label!r}: file not found: {p}", where=b.where,
+                                  hint="fix the path in `baselines`, or remove the entry")
+            check_input(p, "model")
+            state.baseline_files[b.label] = [p]
+
+
+def fetch_baselines(state: ReleaseState, run: bool) -> str:
+    """Local baseline files checked, Hub ones downloaded at their pinned revision (without `run`:
+    found in the Hugging Face cache, else a ConfigError)."""
+    fetch_baselines_local(state)
+    fetched = 0
+    for b in state.config.baselines:
+        if b.kind == "hf":
+            state.baseline_files[b.label] = hf_download(b.hf, local_only=not run)
+            fetched += 1
+    return f"{fetched} baseline(s) from the Hub" if fetched and run else ""
+
+
 def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
-    did = [d for d in (fetch_source(state, run), fetch_mmproj(state, run)) if d]
+    did = [d for d in (fetch_source(state, run), fetch_mmproj(state, run), fetch_baselines(state, run)) if d]
     src, mm = state.config.source, state.config.mmproj
     remote = state.source_override is None and src.kind in ("hf", "convert") and src.checkpoint is None or (
-        mm is not None and mm.kind != "file" and mm.checkpoint is None)
+        mm is not None and mm.kind != "file" and mm.checkpoint is None) or any(
+        b.kind == "hf" for b in state.config.baselines)
     status = ("ran" if remote else "not needed") if run else "resolved"
     return PhaseReport("fetch", status, detail=", ".join(did) + ("" if remote else " (local, nothing to download)"))
