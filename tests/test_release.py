@@ -542,8 +542,8 @@ def test_demo_card_brief_shape(tmp_path):
     tiers = [ln.split(" | ")[1] for ln in text.splitlines() if ln.startswith("| APEX-Demo-MoE-APEX-") and " | " in ln
              and ln.count("|") == 5]
     assert tiers == ["I-Balanced", "I-Quality", "Quality", "Balanced", "I-Compact", "Compact", "I-Mini"]
-    assert "- **APEX config**: 2+2 symmetric edge gradient across 12 layers, MLA-aware tensor mapping" in text
-    assert "- **Experts**: 16 routed + 1 shared, 2 routed active per token" in text
+    assert "- **APEX config**: 1+1 symmetric edge gradient across 2 layers, MLA-aware tensor mapping" in text
+    assert "- **Experts**: 8 routed + 1 shared, 2 routed active per token" in text
     assert f"- llama.cpp build `{build_label()}`" in text
     assert "apex-orch release releases/demo.yaml" in text
 

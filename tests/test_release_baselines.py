@@ -112,7 +112,7 @@ def test_baselines_and_tasks_as_read(tmp_path, eval_text):
 # ----------------------------------------------------------------------------- refusals, nothing written
 
 def test_a_baseline_of_another_model_is_refused_before_anything_is_written(tmp_path, eval_text, qwen3moe,
-                                                                          mistral4_fused):
+                                                                          mistral4_split, mistral4_fused):
     out = tmp_path / "out"
     p = write_cfg(tmp_path, eval_text, baselines=[{"file": str(qwen3moe), "name": "Qwen"}])
     res = invoke("release", str(p), "--out-dir", str(out))
@@ -120,8 +120,8 @@ def test_a_baseline_of_another_model_is_refused_before_anything_is_written(tmp_p
     assert res.output.startswith(f"error: {p}:") and "baseline 'Qwen' (qwen3moe.gguf) is not a quantization of this " \
         "release's source: its architecture is qwen3moe, the source's mistral4" in res.output
     assert not out.exists()
-    # the same architecture, other tensors (fused gate_up experts): the difference is named
-    p = write_cfg(tmp_path, eval_text, baselines=[{"file": str(mistral4_fused)}])
+    # the same architecture and shape, other tensors (fused gate_up experts): the difference is named
+    p = write_cfg(tmp_path, eval_text, source={"gguf": str(mistral4_split)}, baselines=[{"file": str(mistral4_fused)}])
     res = invoke("release", str(p), "--out-dir", str(out))
     assert res.exit_code == 22, res.output
     assert ("baseline 'mistral4-fused' (mistral4-fused.gguf) is not a quantization of this release's source: 24 of "

@@ -2,7 +2,7 @@
 
 A real sensitivity is measured once on the demo model with the real tool (Q4_K and Q8_0, 2 chunks
 of 128 tokens of the wikipedia corpus, no imatrix; a few minutes on two busy cores); the release
-then fits a tier to 54 MB (between the all-Q4_K and all-Q8_0 files, about 34 and 64 MB) next to an
+then fits a tier to 3.6 MB (between the all-Q4_K and all-Q8_0 files of the trained demo) next to an
 ordinary tier, quantizes both with llama-quantize and writes the card. The config errors that come
 before the sensitivity file is read need no measurement.
 """
@@ -36,8 +36,8 @@ from apex_orch.release.state import WORK_DIR
 pytestmark = pytest.mark.requires_tools("llama-quantize")
 
 NAME = "Fit-Demo"
-SIZE = 54_000_000
-TIER = "Compact-54MB"
+SIZE = 3_600_000
+TIER = "Compact-3.6MB"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def write_config(folder: Path, sens: Path, tiers: list, **extra) -> Path:
     return path
 
 
-FIT_TIER = {"fit": {"size": "54MB", "sensitivity": "sens.json"}, "tier": TIER}
+FIT_TIER = {"fit": {"size": "3.6MB", "sensitivity": "sens.json"}, "tier": TIER}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def released(tmp_path_factory, sens_path):
 
 @pytest.fixture(scope="module")
 def expected_fit(sens_path):
-    """The fit `apex-orch fit --size 54MB --tier Compact-54MB` makes of the demo model, computed here."""
+    """The fit `apex-orch fit --size 3.6MB --tier Compact-3.6MB` makes of the demo model, computed here."""
     return fit_profile(read_model(demo_model_path()), load_sensitivity(sens_path), size=SIZE, tier=TIER)
 
 
@@ -109,7 +109,7 @@ def test_fit_tier_is_fitted_written_and_quantized_to_the_plan(released, expected
     assert job.predicted_size <= expected_fit.file_bytes <= SIZE
     assert read_header(f).kv["apex.tier"] == TIER
     line = next(m for m in released["log"] if m.startswith(f"fit: {TIER} fitted"))
-    assert line == (f"fit: {TIER} fitted to 54.00 MB: {expected_fit.file_bytes:,} bytes "
+    assert line == (f"fit: {TIER} fitted to 3.60 MB: {expected_fit.file_bytes:,} bytes "
                     f"({expected_fit.file_bytes / 1e6:.2f} MB, {expected_fit.plan.bpw:.3f} bpw), predicted mean KLD "
                     f"{expected_fit.solution.kld_mean:.5f}; profile {WORK_DIR}/fitted/{TIER}.yaml")
     assert any("nearest size" in m for m in released["log"]) == (not expected_fit.within)
@@ -122,7 +122,7 @@ def test_fit_tier_is_fitted_written_and_quantized_to_the_plan(released, expected
 def test_card_says_how_the_fit_tier_was_chosen(released, expected_fit, sens_path):
     text = (released["out"] / "README.md").read_text()
     sens = json.loads(sens_path.read_text())
-    sentence = (f"{TIER} was fitted by `apex-orch fit` to 54.00 MB from exact sensitivity measured on "
+    sentence = (f"{TIER} was fitted by `apex-orch fit` to 3.60 MB from exact sensitivity measured on "
                 f"{sens['model']['name']} ({sens['text']['label']}, sensitivity `{sens['key'][:12]}`): a type per "
                 f"group minimising the predicted mean KLD ({float(f'{expected_fit.solution.kld_mean:.6g}'):.4g}) under "
                 "the size, APEX structure kept.")
@@ -159,7 +159,7 @@ def test_dry_run_shows_the_fit_tier_and_writes_nothing(released, expected_fit, t
     assert re.split(r"\s{2,}", row.strip()) == [
         TIER, f"{NAME}-APEX-{TIER}.gguf", disk_size(job.predicted_size), f"{job.predicted_size / 2**30:.2f}",
         f"{job.plan.bpw:.3f}", "1", "missing"]
-    assert (f"note      fit: {TIER} fitted to 54.00 MB: {expected_fit.file_bytes:,} bytes "
+    assert (f"note      fit: {TIER} fitted to 3.60 MB: {expected_fit.file_bytes:,} bytes "
             f"({expected_fit.file_bytes / 1e6:.2f} MB, {expected_fit.plan.bpw:.3f} bpw), predicted mean KLD "
             f"{expected_fit.solution.kld_mean:.5f}") in text.splitlines()
     assert f"  {TIER}: $ " in text
@@ -169,14 +169,14 @@ def test_dry_run_shows_the_fit_tier_and_writes_nothing(released, expected_fit, t
 
 @pytest.mark.slow
 def test_a_fit_short_of_the_size_warns_with_the_nearest_size(tmp_path, sens_path):
-    """80 MB is more than the all-Q8_0 file: the nearest size is that file, far more than 0.5% under."""
-    cfg = load_release(write_config(tmp_path, sens_path, [{"fit": {"size": "80MB", "sensitivity": "sens.json"},
-                                                           "tier": "Q8-80MB"}]))
+    """6 MB is more than the all-Q8_0 file: the nearest size is that file, far more than 0.5% under."""
+    cfg = load_release(write_config(tmp_path, sens_path, [{"fit": {"size": "6MB", "sensitivity": "sens.json"},
+                                                           "tier": "Q8-6MB"}]))
     text = format_preview(describe_release(cfg, out_dir=tmp_path / "out"))
-    fit = fit_profile(read_model(demo_model_path()), load_sensitivity(sens_path), size=80_000_000, tier="Q8-80MB")
+    fit = fit_profile(read_model(demo_model_path()), load_sensitivity(sens_path), size=6_000_000, tier="Q8-6MB")
     assert not fit.within and set(fit.solution.types.values()) == {T.Q8_0}
-    assert (f"note      warning: fit: Q8-80MB: the nearest size the measured types reach is "
-            f"{fit.file_bytes / 1e6:.2f} MB, {100 * (1 - fit.file_bytes / 80e6):.2f}% under 80.00 MB (more than 0.5%)"
+    assert (f"note      warning: fit: Q8-6MB: the nearest size the measured types reach is "
+            f"{fit.file_bytes / 1e6:.2f} MB, {100 * (1 - fit.file_bytes / 6e6):.2f}% under 6.00 MB (more than 0.5%)"
             in text.splitlines())
     assert not (tmp_path / "out").exists()
 
@@ -202,7 +202,7 @@ def test_fit_tier_config_placeholder(tmp_path, sens_path):
     assert cfg.imatrix is None and cfg.i_tiers == []
     default = load_release(write_config(tmp_path, sens_path, [FIT_TIER])).tiers[0]
     assert (default.best_for, default.fit.size, default.fit.structure, default.fit.target) == (
-        "A file of exactly this size", SIZE, True, "54.00 MB")
+        "A file of exactly this size", SIZE, True, "3.60 MB")
 
 
 @pytest.mark.slow
@@ -212,11 +212,11 @@ def test_fit_tier_needs_the_imatrix_its_sensitivity_was_measured_with(tmp_path, 
     measured = tmp_path / "im.json"
     measured.write_text(Sensitivity(data).to_json())   # an edited result: its checksum made anew
     cfg = load_release(write_config(tmp_path, measured, [
-        {"fit": {"size": "55MB", "sensitivity": str(measured)}, "tier": "I-Fit"}, "compact"]))
+        {"fit": {"size": "3.7MB", "sensitivity": str(measured)}, "tier": "I-Fit"}, "compact"]))
     assert [t.tier for t in cfg.i_tiers] == ["I-Fit"]
     assert (cfg.tiers[0].profile.corpus, cfg.imatrix.corpus) == ("diverse", "diverse")
     off = load_release(write_config(tmp_path, measured, [
-        {"fit": {"size": "55MB", "sensitivity": str(measured), "imatrix": False}, "tier": "Fit"}]))
+        {"fit": {"size": "3.7MB", "sensitivity": str(measured), "imatrix": False}, "tier": "Fit"}]))
     assert (off.tiers[0].profile.imatrix_required, off.imatrix, off.tiers[0].fit.imatrix) == (False, None, False)
 
 

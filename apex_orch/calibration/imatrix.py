@@ -61,6 +61,9 @@ def _model_fingerprint(model_path: Path) -> str:
     return "+".join(source_sha256(p) for p in shard_paths(model_path))
 
 
+SHORT_CONV_ARCHS = frozenset({"lfm2", "lfm2moe"})   # GGUF architectures with a short-conv state
+
+
 @dataclass
 class ImatrixPlan:
     model_path: Path
@@ -86,6 +89,7 @@ class ImatrixPlan:
     corpus: BuiltCorpus = field(repr=False)    # the text in memory
     pass_chunks: bool = False     # chunks were asked for: --chunks (else the tool takes every chunk)
     no_repack: bool = False       # an MLA model: --no-repack (see plan_imatrix)
+    one_sequence: bool = False    # a short-conv model: -b = ctx, one chunk per batch (see plan_imatrix)
     q8_path: Path | None = None
     quantize_tool: Path | None = None          # llama-quantize for the Q8_0 copy (from_q8)
     # The process whose scratch names the run writes (".partial-<pid>"): the one that runs the plan.
@@ -111,6 +115,8 @@ class ImatrixPlan:
                 "-c", str(self.ctx)]
         if self.pass_chunks:
             argv += ["--chunks", str(self.chunks)]
+        if self.one_sequence:
+            argv += ["-b", str(self.ctx)]
         argv += ["-ngl", str(self.ngl), "-t", str(self.threads)]
         if self.parse_special:
             argv.append("--parse-special")
@@ -202,6 +208,12 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
         "parse_special": built.parse_special,
         "llama_cpp": tools.build_label(),
     }
+    # LFM2's short-conv state is garbage when a batch holds several chunks but not all of its
+    # sequences (pinned llama.cpp: non-finite values or GGML_ASSERT in get_rows), so those models
+    # get one chunk per batch; the batch size is part of the key only where it is set.
+    one_sequence = model_info.arch in SHORT_CONV_ARCHS
+    if one_sequence:
+        material["batch"] = ctx
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:32]
     cache_dir = _cache_dir()
     corpus_file = cache_root() / "corpora" / f"{built.name}-{built.sha256[:12]}.txt"
@@ -219,7 +231,8 @@ def plan_imatrix(model_path: str | os.PathLike, corpus_name: str, ctx: int = 512
         ngl=ngl, threads=threads, from_q8=from_q8, parse_special=built.parse_special, key=key,
         key_material=material, cache_path=cache_dir / f"{key}.gguf", log_path=cache_dir / f"{key}.log",
         out=Path(out) if out else None, force=force, tool=tools.find_tool("llama-imatrix", bin_dir).path,
-        corpus=built, pass_chunks=chunks is not None, no_repack=mla, q8_path=q8_path, quantize_tool=quantize_tool)
+        corpus=built, pass_chunks=chunks is not None, no_repack=mla, one_sequence=one_sequence,
+        q8_path=q8_path, quantize_tool=quantize_tool)
 
 
 # =========================================================================== progress

@@ -27,7 +27,7 @@ class ModelTokenizer:
 
         llama_cpp = load_llama_cpp()
         self.path = Path(model_path)
-        with tempfile.TemporaryFile(mode="w+b") as log, _stderr_to(log):
+        with tempfile.TemporaryFile(mode="w+b") as log, stderr_to(log):
             try:
                 self._llm = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False)
                 failure = None
@@ -53,16 +53,20 @@ class ModelTokenizer:
 
 
 @contextlib.contextmanager
-def _stderr_to(fh: IO[bytes]) -> Iterator[None]:
-    """Point file descriptor 2 (what libllama writes to) at `fh` for the duration."""
+def stderr_to(fh: IO[bytes]) -> Iterator[None]:
+    """Point file descriptor 2 (what libllama writes to) and sys.stderr (what the bindings' own
+    log callback prints to) at `fh` for the duration."""
     try:
         sys.stderr.flush()
     except (AttributeError, ValueError):
         pass
     saved = os.dup(2)
+    text = open(fh.fileno(), "w", encoding="utf-8", errors="replace", closefd=False)
     try:
         os.dup2(fh.fileno(), 2)
-        yield
+        with contextlib.redirect_stderr(text):
+            yield
     finally:
+        text.flush()
         os.dup2(saved, 2)
         os.close(saved)

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -125,6 +126,7 @@ def demo_model_path(progress: Progress | None = None) -> Path:
 
 def build(path: Path, inputs: dict, progress: Progress, steps: int = DEMO_STEPS) -> dict:
     """Tokenize, train, write `path` (atomically) and `<path>.json` (the build's record)."""
+    from apex_orch.calibration.tokenizer import stderr_to
     from apex_orch.llama.bindings import load_llama_cpp
 
     tok = load_tokenizer()
@@ -133,7 +135,9 @@ def build(path: Path, inputs: dict, progress: Progress, steps: int = DEMO_STEPS)
     synthetic.write_vocab_only(vocab, DEMO_SPEC, kv, overwrite=True)
     try:
         llama_cpp = load_llama_cpp()
-        lm = llama_cpp.Llama(str(vocab), vocab_only=True, verbose=False)
+        # libllama logs to descriptor 2 whatever `verbose` says: kept off the terminal
+        with tempfile.TemporaryFile(mode="w+b") as log, stderr_to(log):
+            lm = llama_cpp.Llama(str(vocab), vocab_only=True, verbose=False)
         try:
             stream = np.asarray(lm.tokenize(training_text().encode("utf-8"), add_bos=False, special=False),
                                 dtype=np.int64)

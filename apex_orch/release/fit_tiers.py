@@ -72,6 +72,9 @@ def parse_fit_tier(r, kp: tuple, m: dict) -> tuple[FitSpec, Profile]:
     resolved = sens_path.resolve()          # an unset ${VAR}: a ConfigError at this line
     if resolved.is_dir():
         raise r.fail(skp, f"{resolved}: cannot be read (Is a directory)")
+    if not resolved.exists():               # a wrong name in the config, not a damaged result
+        raise r.fail(skp, f"{resolved}: sensitivity file not found",
+                     hint="measure one first: apex-orch sensitivity MODEL -o sens.json")
     try:
         sens = load_sensitivity(resolved)
     except ResultFileError as exc:   # a damaged result keeps its own exit code, at the config's line

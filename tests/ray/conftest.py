@@ -484,7 +484,8 @@ def local_release(_ray_nodes: RayCluster, tmp_path_factory: pytest.TempPathFacto
     TIMINGS.append(f"local demo release in {time.monotonic() - t0:.1f} s")
     assert r.returncode == 0, r.stdout + r.stderr
     assert sorted(published(out)) == [tier_file(t) for t in TIERS] + [
-        "README.md", "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml"]
+        "README.md", "calibration/calibration.json", "calibration/calibration.txt", "calibration/imatrix.gguf",
+        "kld-vs-size.png", "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml"]
     return out
 
 

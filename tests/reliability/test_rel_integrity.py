@@ -2,8 +2,9 @@
 outside the output folder is touched; two tiers never share one file name.
 
 Finding 1 needs files larger than the 8 MiB head the old sampled fingerprint read in full, and a
-change between its sampled blocks: those cases use the embedded demo model (`--demo`, 119 MB,
-its Compact ~30 MB) and change bytes in the middle of the tensor data (`flip_middle`). The other
+change between its sampled blocks: those cases use the synthetic mistral4-split model (its
+Compact far above 8 MiB; the trained demo's files are smaller) and change bytes in the middle
+of the tensor data (`flip_middle`). The other
 cases use the 4-block tiny model. Real llama-quantize / llama-imatrix / bindings throughout; a
 FAKE llama-quantize (the `tripwire`) only where a case must prove that no tool was started, and
 a FAKE Hub on 127.0.0.1 (tests/hubserver.py) for publish.
@@ -26,7 +27,7 @@ from apex_orch.core import safefiles
 from apex_orch.core.errors import OutputIsInputError, PublishError, UnsafeOutputError
 from relkit import assert_one_error, cli, compact_output, snapshot
 
-DEMO = "APEX-Demo-MoE"
+BIG = "Synthetic-Mistral4-Split"   # general.name of the big model
 VICTIM_TEXT = "precious bytes outside the output folder\n"
 
 
@@ -44,27 +45,27 @@ def module_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo_model(module_cache) -> Path:
-    from apex_orch.demo.trained import demo_model_path
-    return demo_model_path()
+def big_model(module_cache, mistral4_split) -> Path:
+    """A model whose files are larger than the old fingerprint's 8 MiB head (tests/conftest.py)."""
+    return mistral4_split
 
 
 @pytest.fixture(scope="module")
-def demo_compact(tmp_path_factory, demo_model) -> Path:
-    """A finished `quantize --demo -p compact` folder (real llama-quantize)."""
-    out = tmp_path_factory.mktemp("demo-compact")
-    r = cli("quantize", "--demo", "-p", "compact", "--out-dir", out, "-t", "2", "--no-eval", "-q")
+def big_compact(tmp_path_factory, big_model) -> Path:
+    """A finished `quantize BIG -p compact` folder (real llama-quantize)."""
+    out = tmp_path_factory.mktemp("big-compact")
+    r = cli("quantize", big_model, "-p", "compact", "--out-dir", out, "-t", "2", "--no-eval", "-q")
     assert r.exit_code == 0, r.output
     return out
 
 
 @pytest.fixture(scope="module")
-def demo_release(tmp_path_factory, demo_model) -> tuple[Path, Path]:
-    """(config, folder) of a finished one-tier demo release (no imatrix, no eval)."""
-    root = tmp_path_factory.mktemp("demo-release")
+def big_release(tmp_path_factory, big_model) -> tuple[Path, Path]:
+    """(config, folder) of a finished one-tier release of the big model (no imatrix, no eval)."""
+    root = tmp_path_factory.mktemp("big-release")
     cfg = root / "cfg" / "release.yaml"
     cfg.parent.mkdir()
-    cfg.write_text("name: Demo-Integrity\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\n"
+    cfg.write_text("name: Demo-Integrity\nlicense: mit\nsource: {gguf: " + str(big_model) + "}\ntiers: [compact]\n"
                    "eval: {enabled: false}\npublish: {repo: apex-orch/Demo-Integrity-APEX-GGUF}\n")
     out = root / "release"
     r = cli("release", cfg, "--out-dir", out, "-j", "1", "-q")
@@ -110,46 +111,46 @@ def plant_link(link: Path, target: Path) -> Path:
 
 # ---------------------------------------------------------------------------- 1. the bytes
 
-def test_rerun_refuses_an_output_whose_bytes_changed(demo_compact, tmp_path):
+def test_rerun_refuses_an_output_whose_bytes_changed(big_compact, big_model, tmp_path):
     """Finding 1: 64 KiB overwritten in the middle of a finished output; the rerun said
     "Compact: up to date". Now the stat check sees the write, the full sha256 differs: refused."""
     out = tmp_path / "out"
-    shutil.copytree(demo_compact, out)
-    gguf = out / f"{DEMO}-APEX-Compact.gguf"
+    shutil.copytree(big_compact, out)
+    gguf = out / f"{BIG}-APEX-Compact.gguf"
     # untouched copy: new inodes, so the first check re-hashes in full and finds the same bytes
-    r = cli("quantize", "--demo", "-p", "compact", "--out-dir", out, "--no-eval")
+    r = cli("quantize", big_model, "-p", "compact", "--out-dir", out, "--no-eval")
     assert r.exit_code == 0, r.output
     assert f"{gguf.name}: up to date (manifest matches inputs)" in r.output
     corrupted = flip_middle(gguf, 64 << 10)
     assert corrupted > 8 << 20
     before = sha256(gguf)
-    r = cli("quantize", "--demo", "-p", "compact", "--out-dir", out, "--no-eval")
+    r = cli("quantize", big_model, "-p", "compact", "--out-dir", out, "--no-eval")
     assert_one_error(r.output, 9, r.exit_code,
                      f"{gguf} already exists and is not up to date ({gguf.name} changed since it was written)")
     assert sha256(gguf) == before              # refused, nothing replaced without --force
 
 
-def test_touched_but_identical_output_stays_up_to_date(demo_compact, tmp_path):
+def test_touched_but_identical_output_stays_up_to_date(big_compact, big_model, tmp_path):
     """A changed mtime alone is a re-hash, not a rebuild: the same bytes are still up to date."""
     out = tmp_path / "out"
-    shutil.copytree(demo_compact, out)
-    gguf = out / f"{DEMO}-APEX-Compact.gguf"
+    shutil.copytree(big_compact, out)
+    gguf = out / f"{BIG}-APEX-Compact.gguf"
     os.utime(gguf, ns=(1_000_000_000, 1_000_000_000))
-    r = cli("quantize", "--demo", "-p", "compact", "--out-dir", out, "--no-eval")
+    r = cli("quantize", big_model, "-p", "compact", "--out-dir", out, "--no-eval")
     assert r.exit_code == 0, r.output
     assert f"{gguf.name}: up to date (manifest matches inputs)" in r.output
 
 
-def test_rerun_after_the_source_bytes_changed_is_not_up_to_date(demo_model, tmp_path):
+def test_rerun_after_the_source_bytes_changed_is_not_up_to_date(big_model, tmp_path):
     """Finding 1: 2 MB of the source's weights overwritten; the rerun said "up to date". The
     manifest's source key is now the source's full sha256: the inputs changed."""
     src = tmp_path / "src.gguf"
-    shutil.copyfile(demo_model, src)
+    shutil.copyfile(big_model, src)
     out = tmp_path / "out"
     r = cli("quantize", src, "-p", "compact", "--out-dir", out, "-t", "2", "--no-eval", "-q")
     assert r.exit_code == 0, r.output
     import json
-    gguf = out / f"{DEMO}-APEX-Compact.gguf"
+    gguf = out / f"{BIG}-APEX-Compact.gguf"
     manifest = json.loads(gguf.with_name(gguf.name + ".manifest.json").read_text())
     assert manifest["inputs"]["source"] == [sha256(src)]
     rec = manifest["files"][0]
@@ -161,7 +162,7 @@ def test_rerun_after_the_source_bytes_changed_is_not_up_to_date(demo_model, tmp_
     assert_one_error(r.output, 9, r.exit_code, f"{gguf} already exists and is not up to date (inputs changed)")
 
 
-def test_cache_keys_that_name_a_source_follow_its_bytes(demo_model, tmp_path, eval_text):
+def test_cache_keys_that_name_a_source_follow_its_bytes(big_model, tmp_path, eval_text):
     """Finding 1: the imatrix cache key, the --from-q8 Q8_0 copy and the eval base log-prob cache
     were keyed by the sampled fingerprint, so 2 MB of new weights reused the old entries. Each is
     now keyed by the source's full sha256 (memoised: an unchanged source is not read again)."""
@@ -170,7 +171,7 @@ def test_cache_keys_that_name_a_source_follow_its_bytes(demo_model, tmp_path, ev
     from apex_orch.core import fingerprint
     from apex_orch.calibration import imatrix as im
     src = tmp_path / "src.gguf"
-    shutil.copyfile(demo_model, src)
+    shutil.copyfile(big_model, src)
 
     def keys():
         plan = im.plan_imatrix(src, "diverse", ctx=128, chunks=4, tokens=100_000, from_q8=True)
@@ -198,7 +199,7 @@ def hub(monkeypatch):
         yield server
 
 
-def test_publish_hashes_what_it_uploads(demo_release, hub, monkeypatch):
+def test_publish_hashes_what_it_uploads(big_release, hub, monkeypatch):
     """Finding 1: publish took the sha256 from the manifest and checked only the size. Here the
     bytes change and the mtime is set back, so even the stat check passes: publish's own full
     hash refuses the file before anything is uploaded. (Bytes restored afterwards, and then the
@@ -206,7 +207,7 @@ def test_publish_hashes_what_it_uploads(demo_release, hub, monkeypatch):
     from apex_orch.release import runner as rel
     from apex_orch.release.config_reader import load_release
     monkeypatch.setenv("HF_TOKEN", "hf_integrityTestToken0123456789abcd")
-    cfg, out = demo_release
+    cfg, out = big_release
     gguf = out / "Demo-Integrity-APEX-Compact.gguf"
     st = gguf.stat()
     good = sha256(gguf)
@@ -230,10 +231,10 @@ def test_publish_hashes_what_it_uploads(demo_release, hub, monkeypatch):
     assert hub.ops()[-1] == "commit"
 
 
-def test_card_is_not_rendered_for_changed_bytes(demo_release, tmp_path):
+def test_card_is_not_rendered_for_changed_bytes(big_release, tmp_path):
     """Finding 1: `release --only card` after the tier file changed kept the card (and its old
     sha256) "up to date". Now the tier is not up to date, so the card phase refuses."""
-    cfg, out = demo_release
+    cfg, out = big_release
     copy = tmp_path / "release"
     shutil.copytree(out, copy)
     card_before = (copy / "README.md").read_bytes()

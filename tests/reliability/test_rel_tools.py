@@ -194,4 +194,4 @@ def test_small_output_into_read_only_folder_is_one_message(tiny_moe, tmp_path):
     with tmpfs(tmp_path / "fs", "1m", read_only=True) as fs:
         r = cli("render", "-p", "compact", tiny_moe, "-o", fs / "rules.txt")
         assert_failed_cleanly(r.output, 17, r.exit_code, f"output folder {fs} is not writable (read-only file system)",
-                              "choose another --out-dir (or -o)")
+                              "hint: choose another output folder [--output]")
