@@ -13,7 +13,8 @@ from pathlib import Path
 
 from apex_orch.llama.tools import build_label
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent   # the checkout
+RESULTS = ROOT / "bench" / "results"
 
 
 def load_average() -> list[float] | None:
@@ -78,6 +79,25 @@ def results_header(name: str, mach: dict) -> str:
             f"date {mach.get('date')}; commit {mach.get('commit')}; {load_note(mach)}\n\n")
 
 
+def portable(value, roots: list[tuple[str, str]] | None = None):
+    """`value` with this machine's folders named portably in every string (committed results
+    carry no machine paths): the apex-orch cache as $APEX_ORCH_CACHE, the checkout as '.', the
+    home folder as '~'."""
+    if roots is None:
+        from apex_orch.core import settings
+        roots = [(str(settings.cache_root()), "$APEX_ORCH_CACHE"), (str(ROOT), "."), (str(Path.home()), "~")]
+    if isinstance(value, str):
+        for prefix, name in roots:
+            if value == prefix or value.startswith(prefix + "/"):
+                return name + value[len(prefix):]
+        return value
+    if isinstance(value, dict):
+        return {k: portable(v, roots) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, roots) for v in value]
+    return value
+
+
 def write_results(name: str, data: dict, markdown: str, out_dir: Path | None = None) -> tuple[Path, Path]:
     """bench/results/<name>.{json,md} (or under out_dir), both written atomically; the machine,
     date, commit and the load average at start and end go into both."""
@@ -89,7 +109,7 @@ def write_results(name: str, data: dict, markdown: str, out_dir: Path | None = N
     j = out / f"{name}.json"
     m = out / f"{name}.md"
     header = results_header(name, mach)
-    for path, text in ((j, json.dumps(data, indent=2) + "\n"), (m, header + markdown.rstrip() + "\n")):
+    for path, text in ((j, json.dumps(portable(data), indent=2) + "\n"), (m, header + markdown.rstrip() + "\n")):
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
