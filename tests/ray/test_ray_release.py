@@ -85,7 +85,8 @@ def test_files_are_the_local_release_byte_for_byte(raykit, ray_release, local_re
     """Same names, same sha256 for every GGUF, the same card and LocalAI entries."""
     ray_files, local_files = raykit.published(ray_release["out"]), raykit.published(local_release)
     assert sorted(ray_files) == [raykit.tier_file(t) for t in raykit.TIERS] + [
-        "README.md", "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml"]
+        "README.md", "calibration/calibration.json", "calibration/calibration.txt", "calibration/imatrix.gguf",
+        "kld-vs-size.png", "localai/demo-release-apex-compact.yaml", "localai/demo-release-apex-i-compact.yaml"]
     assert ray_files == local_files
     assert (ray_release["out"] / "README.md").read_bytes() == (local_release / "README.md").read_bytes()
     assert raykit.partials(ray_release["out"]) == []
@@ -121,7 +122,8 @@ def test_summary_names_two_workers_for_two_tiers_and_phase_times(raykit, ray_rel
     assert len({w[:8] for w in quantize.values()}) == 2, quantize          # one tier per worker
     rows = raykit.task_table(stdout)
     assert sorted((r[1], r[2]) for r in rows if r[0] == "quantize") == sorted(quantize.items())
-    assert all(float(r[3]) > 0 and r[4] == "1" for r in rows), rows
+    # seconds as measured (an eval of the 9 MB demo can round to 0.0), one attempt each
+    assert all(float(r[3]) >= 0 and r[4] == "1" for r in rows), rows
 
 
 def test_the_cluster_made_the_imatrix_and_base_logprobs_with_the_drivers_settings(ray_release):
