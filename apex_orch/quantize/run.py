@@ -28,6 +28,7 @@ from apex_orch.core.manifest import manifest_path, manifest_text, up_to_date
 from apex_orch.core.outputs import OutputGuard, check_free_space, sidecars
 from apex_orch.core.safefiles import clear_name, refuse_links, write_new
 from apex_orch.core.translate import translate_os_error
+from apex_orch.core.text import binary_size
 from apex_orch.llama.quantlog import progress_of
 from apex_orch.llama.tools import build_label, find_tool, run_tool, terminate_all
 from apex_orch.plan.render import render_file
@@ -178,7 +179,7 @@ def _run_guarded(job: QuantizeJob, force: bool, emit: Progress, timeout: float |
     final_files = [f for f in committed if f.suffix == ".gguf"]
     return QuantizeResult(job, final_files, False, time.monotonic() - start,
                           f"wrote {', '.join(f.name for f in final_files)} "
-                          f"({sum(f.stat().st_size for f in final_files) / 2**30:.2f} GiB, verified)")
+                          f"({binary_size(sum(f.stat().st_size for f in final_files))}, verified)")
 
 
 def _check_tool_agrees(job: QuantizeJob, out: Path, rules: Path, emit: Progress) -> None:
