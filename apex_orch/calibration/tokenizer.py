@@ -8,14 +8,12 @@ kept off the user's terminal and shown only when loading fails.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
 
 from apex_orch.core.errors import ModelError
+from apex_orch.llama.bindings import stderr_to
 
 
 class ModelTokenizer:
@@ -50,23 +48,3 @@ class ModelTokenizer:
         close = getattr(self._llm, "close", None)   # older bindings have no close()
         if close:
             close()
-
-
-@contextlib.contextmanager
-def stderr_to(fh: IO[bytes]) -> Iterator[None]:
-    """Point file descriptor 2 (what libllama writes to) and sys.stderr (what the bindings' own
-    log callback prints to) at `fh` for the duration."""
-    try:
-        sys.stderr.flush()
-    except (AttributeError, ValueError):
-        pass
-    saved = os.dup(2)
-    text = open(fh.fileno(), "w", encoding="utf-8", errors="replace", closefd=False)
-    try:
-        os.dup2(fh.fileno(), 2)
-        with contextlib.redirect_stderr(text):
-            yield
-    finally:
-        text.flush()
-        os.dup2(saved, 2)
-        os.close(saved)

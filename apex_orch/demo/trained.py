@@ -126,8 +126,7 @@ def demo_model_path(progress: Progress | None = None) -> Path:
 
 def build(path: Path, inputs: dict, progress: Progress, steps: int = DEMO_STEPS) -> dict:
     """Tokenize, train, write `path` (atomically) and `<path>.json` (the build's record)."""
-    from apex_orch.calibration.tokenizer import stderr_to
-    from apex_orch.llama.bindings import load_llama_cpp
+    from apex_orch.llama.bindings import load_llama_cpp, stderr_to
 
     tok = load_tokenizer()
     kv = bpe_tokenizer_kv(tok["tokens"], tok["merges"])

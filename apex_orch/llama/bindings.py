@@ -7,9 +7,12 @@ first import, so users never have to. libggml is found through libllama's RUNPAT
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
+from typing import IO, Iterator
 
 from apex_orch.core import settings
 from apex_orch.core.errors import ToolNotFoundError
@@ -48,3 +51,23 @@ def loaded_libllama() -> Path | None:
         if line.endswith("libllama.so") or "/libllama.so" in line:
             return Path(line.split()[-1]).resolve()
     return None
+
+
+@contextlib.contextmanager
+def stderr_to(fh: IO[bytes]) -> Iterator[None]:
+    """Point file descriptor 2 (what libllama writes to) at `fh` for the duration, and sys.stderr
+    (what the bindings' own log callback prints to) at a buffer whose text is added to `fh` after."""
+    try:
+        sys.stderr.flush()
+    except (AttributeError, ValueError):
+        pass
+    saved = os.dup(2)
+    printed = io.StringIO()
+    try:
+        os.dup2(fh.fileno(), 2)
+        with contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        fh.write(printed.getvalue().encode("utf-8", "replace"))

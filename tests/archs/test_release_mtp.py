@@ -102,13 +102,13 @@ def converted_command(out, name) -> list[str]:
 def speculate(model, draft=None) -> dict:
     r = cli("speculate", model, "-n", "6", "-t", "2", "--json", *(["--draft", draft] if draft else []))
     assert r.exit_code == 0, r.output[-3000:]
-    return json.loads(r.output)
+    return json.loads(r.stdout)
 
 
 def dry_run_json(cfg, out) -> dict:
     r = cli("release", cfg, "--out-dir", out, "--dry-run", "--json")
     assert r.exit_code == 0, r.output[-3000:]
-    return json.loads(r.output)
+    return json.loads(r.stdout)
 
 
 # ----------------------------------------------------------------------------- the three modes
@@ -249,7 +249,7 @@ def test_an_iq_type_on_the_head_is_refused_before_any_imatrix(converted, tmp_pat
     assert r.exit_code == 0, r.output[-3000:]
     r = cli("imatrix-report", imatrix, "--model", bundled, "--json")
     assert r.exit_code == 0, r.output
-    report = json.loads(r.output)
+    report = json.loads(r.stdout)
     assert report["model"]["mtp"]["tensors"] == HEAD and report["model"]["mtp"]["covered"] == 0
     assert not any(name.startswith("blk.4.") for name in report["tensors"])
     text = cli("imatrix-report", imatrix, "--model", bundled).output
