@@ -86,7 +86,7 @@ class Problem:
                 self.unit_bytes[u] = {t: table.group_bytes(g, t, None if b is None else {b}) for t in ladder}
         self._classes, self._block_pairs = self._rules() if structure else ([], [])
         # The sum of the groups' own effects mispredicts a whole profile by a factor that depends on the
-        # type (measured on the reference model: x1.14 at IQ1_M, x0.46 at Q8_0); each uniform file
+        # type (measured on the reference MoE: x0.99 at IQ1_M, x0.33 at Q8_0); each uniform file
         # measures that factor, and every group's effect at a type is scaled by it.
         self.factors = {m: {t: (sens.additivity(t, m) or 1.0) if correct_additivity else 1.0 for t in ladder}
                         for m in ("kld_mean", TAIL)}
