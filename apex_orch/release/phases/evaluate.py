@@ -20,17 +20,13 @@ and publish phases do not run; baselines have no gates.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from apex_orch.core.errors import ApexError, EvalError, TaskError
-from apex_orch.core.fingerprint import file_record, source_sha256
-from apex_orch.core.infiles import read_json
-from apex_orch.core.manifest import inputs_key, manifest_path, up_to_date, write_manifest
-from apex_orch.core.outputs import atomic_write_text
-from apex_orch.core.safefiles import safe_mkdir
+from apex_orch.core.errors import EvalError, TaskError
+from apex_orch.core.fingerprint import source_sha256
+from apex_orch.core.manifest import inputs_key
 from apex_orch.evaluation.base_cache import BaseLogProbs
 from apex_orch.evaluation.evaluate import measure_speed, plan_eval
 from apex_orch.evaluation.gates import gate_failed, summary_gate_failures
@@ -41,11 +37,12 @@ from apex_orch.evaluation.tasks import TaskPlan, TaskSettings, TaskSpec, plan_ta
 from apex_orch.llama.tools import build_label
 from apex_orch.release.baselines import record_stem
 from apex_orch.release.config import EvalConfig
+from apex_orch.release.eval_records import read_record, record_path, write_record
 from apex_orch.release.state import PhaseReport, ReleaseState
 
 
 def _record_path(state: ReleaseState, stem: str) -> Path:
-    return state.work / "eval" / f"{stem}.json"
+    return record_path(state.work, stem)
 
 
 def _settings(cfg: EvalConfig) -> EvalSettings:
@@ -146,29 +143,6 @@ def _summary(result: EvalResult) -> dict:
             "n_chunks": result.n_chunks, "n_ctx": result.settings.get("n_ctx")}
 
 
-def _read_record(path: Path, key: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        fresh, _ = up_to_date([path], key)
-    except ApexError:
-        return None
-    if not fresh:
-        return None
-    try:   # its bytes are the recorded ones (the manifest's sha256); read back the one way, bounded
-        record = read_json(path, "record")
-    except ApexError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("summary", {}), dict) else None
-
-
-def _write_record(path: Path, key: str, inputs: dict, body: dict) -> None:
-    safe_mkdir(path.parent)
-    atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
-    write_manifest(manifest_path(path), {"kind": "apex-orch release eval", "inputs": inputs, "inputs_key": key,
-                                         "files": [file_record(path)]})
-
-
 def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
     cfg = state.config
     e = cfg.eval
@@ -209,10 +183,10 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
         gates.update(dict(e.gates))
         failures += summary_gate_failures(t.record["summary"], gates, t.files[0].name)
     if state.evals or state.baseline_evals:
-        record = _read_record(base_path, base_key)
+        record = read_record(base_path, base_key)
         if record is None and run:
             record = _base_record(state, base, tf, settings, task_plan, cache)
-            _write_record(base_path, base_key, base_inputs, record)
+            write_record(base_path, base_key, base_inputs, record)
         state.base_eval = record
     if failures:
         raise gate_failed(failures, hint="the results are kept in the release folder; the card and publish phases "
@@ -257,7 +231,7 @@ def _target(state: ReleaseState, kind: str, name: str, files: list[Path], stem: 
     inputs = _file_inputs(files, common)
     key = inputs_key(inputs)
     path = _record_path(state, stem)
-    return _Target(kind, name, files, path, key, inputs, gates, _read_record(path, key))
+    return _Target(kind, name, files, path, key, inputs, gates, read_record(path, key))
 
 
 def _evaluate(state: ReleaseState, todo: list[_Target], base: ModelFacts, tf: TextFacts,
@@ -285,6 +259,6 @@ def _evaluate(state: ReleaseState, todo: list[_Target], base: ModelFacts, tf: Te
         t.record = {t.kind: t.name, "file": t.files[0].name,
                     "size": sum(f.stat().st_size for f in t.files), "summary": _summary(result),
                     "text": e.text_label(), "settings": settings.to_dict()}
-        _write_record(t.path, t.key, t.inputs, t.record)
+        write_record(t.path, t.key, t.inputs, t.record)
     state.executor.evaluate(plans, progress=state.progress, on_result=keep)
     return cache
