@@ -50,6 +50,8 @@ SPEC_TYPE_MTP = ("--spec-type", "draft-mtp")
 SPEC_DRAFT_MAX = "--spec-draft-n-max"
 SPEC_DRAFT_FILE = "-md"
 DEFAULT_DRAFT_MAX = 3
+DEFAULT_N_PREDICT = 32           # tokens each run generates
+DEFAULT_CTX = 1024
 
 
 def mtp_flags(draft_max: int = DEFAULT_DRAFT_MAX, draft: str | Path | None = None) -> list[str]:
@@ -173,7 +175,7 @@ class SpeculativeResult:
 # --------------------------------------------------------------------------- plan
 
 def plan_speculative(model: str | Path, *, draft: str | Path | None = None, prompt: str = DEFAULT_PROMPT,
-                     n_predict: int = 32, draft_max: int = DEFAULT_DRAFT_MAX, ctx: int = 1024,
+                     n_predict: int = DEFAULT_N_PREDICT, draft_max: int = DEFAULT_DRAFT_MAX, ctx: int = DEFAULT_CTX,
                      threads: int | None = None,
                      repack: bool = False) -> SpeculativePlan:
     """Check MODEL (and DRAFT) and resolve both runs. The head is MODEL's own MTP block, or DRAFT:

@@ -30,7 +30,10 @@ path is first needed, so `--dry-run --source` works on a machine without the mod
            speed: true | {repetitions: 5, prompt: 512, gen: 128},   # llama-bench pp512 / tg128 of every file
            tasks: [hellaswag, {task: winogrande, file: wg.csv, count: 400}, ...],   # llama-perplexity's
            task_ctx: 4096,                          #   scorers (a name alone: the pinned Hub data)
-           gates: {max_mean_kld: .., max_ppl_ratio: .., min_same_top_p: .., max_kld_99_9: ..}}
+           gates: {max_mean_kld: .., max_ppl_ratio: .., min_same_top_p: .., max_kld_99_9: ..},
+           speculative: true | false,               # default true with `mtp: bundled | draft`: every tier
+           speculative_tokens: 32}                  #   generates greedily with the MTP head drafting and
+                                                    #   without (evaluation.speculative; the card's numbers)
     baselines:                          # optional: files of the same size to measure the tiers against,
       - Q8_0                            #   in the same run; never published (release.baselines)
       - {preset: Q4_K_M, imatrix: true, name: Q4_K_M (imatrix)}   # uniform llama-quantize presets
@@ -73,6 +76,7 @@ from apex_orch.core.settings import PACKAGE_DIR, config_variable
 from apex_orch.core.sizes import Size
 from apex_orch.core.text import gb
 from apex_orch.core.yamlio import YamlDoc
+from apex_orch.evaluation.speculative import DEFAULT_CTX, DEFAULT_N_PREDICT
 from apex_orch.evaluation.task_files import TASK_KINDS
 from apex_orch.plan.llama_rules import ABORT_WITHOUT_IMATRIX_DATA, IMATRIX_REQUIRED, is_quantized
 from apex_orch.plan.profiles import MTP_HEAD_DEFAULT, TARGET_TYPES, Profile
@@ -89,7 +93,8 @@ MMPROJ_CONVERT_KEYS = {"repo", "revision", "outtype", "mistral_format"}
 TIER_KEYS = {"profile", "best_for", "fit", "tier"}
 FIT_KEYS = {"size", "bpw", "sensitivity", "from", "structure", "imatrix"}
 IMATRIX_KEYS = {"corpus", "ctx", "chunks", "from_q8"}
-EVAL_KEYS = {"enabled", "text", "corpus", "ctx", "chunks", "speed", "tasks", "task_ctx", "gates"}
+EVAL_KEYS = {"enabled", "text", "corpus", "ctx", "chunks", "speed", "tasks", "task_ctx", "gates", "speculative",
+             "speculative_tokens"}
 PUBLISH_KEYS = {"repo", "private"}
 RESOURCES_KEYS = {"cpus", "gpus", "memory"}
 
@@ -219,6 +224,15 @@ class SpeedDoc:
 
 
 @dataclass(frozen=True)
+class SpeculativeDoc:
+    """`eval.speculative` and `eval.speculative_tokens` (the MTP head's drafting measured per tier)."""
+    speculative: bool | None = None         # None: on when `mtp:` is bundled or draft (and eval is on)
+    speculative_tokens: int = field(default=DEFAULT_N_PREDICT, metadata=bounds(
+        minimum=2, maximum=DEFAULT_CTX // 2, why_maximum=f"the runs' context is {DEFAULT_CTX} tokens, the prompt "
+                                                          "and the drafts included"))
+
+
+@dataclass(frozen=True)
 class TaskDoc:
     """One entry of `eval.tasks` as a mapping (a name alone is `{task: NAME}`)."""
     task: str = field(default="", metadata=bounds(choices=tuple(TASK_KINDS)))
@@ -248,6 +262,8 @@ class EvalConfig:
     speed_tokens: tuple[int, int] = (512, 128)   # llama-bench's -p / -n (the card's pp512 / tg128)
     tasks: tuple[TaskConfig, ...] = ()
     task_ctx: int = 4096                    # the scorers' -c per sequence
+    speculative: bool = False               # every tier's MTP drafting measured (release.speculative)
+    speculative_tokens: int = DEFAULT_N_PREDICT   # tokens each of its runs generates
 
     def text_label(self) -> str:
         if self.text is not None:

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from apex_orch.core.errors import ApexError, ConfigError
-from apex_orch.core.schema import check_keys, key_name, read_section
+from apex_orch.core.schema import check_keys, key_name, read_section, yaml_keys
 from apex_orch.core.sizes import MB, Size, SizeError, read_size
 from apex_orch.core.text import file_name_part
 from apex_orch.core.yamlio import YamlDoc, load_yaml
@@ -27,8 +27,8 @@ from apex_orch.quantize.job import MIN_SPLIT_SIZE, check_distinct_outputs, outpu
 from apex_orch.release.config import (CONVERT_KEYS, CONVERT_OUTTYPES, EVAL_KEYS, HF_FILE_KEYS, HF_KEYS, IMATRIX_KEYS,
                                       MMPROJ_CONVERT_KEYS, MMPROJ_KEYS, MMPROJ_OUTTYPES, PUBLISH_KEYS, RESOURCES_KEYS,
                                       SOURCE_KINDS, TIER_KEYS, TOP_KEYS, ConfigPath, EvalConfig, HFRef, ImatrixConfig,
-                                      MmprojConfig, PublishConfig, ReleaseConfig, ResourcesConfig, SourceConfig,
-                                      SpeedDoc, TaskConfig, TaskDoc, TierConfig)
+                                      MmprojConfig, MtpConfig, PublishConfig, ReleaseConfig, ResourcesConfig,
+                                      SourceConfig, SpeculativeDoc, SpeedDoc, TaskConfig, TaskDoc, TierConfig)
 from apex_orch.release.baselines import parse_baselines
 from apex_orch.release.fit_tiers import parse_fit_tier
 from apex_orch.release.mtp import parse_mtp
@@ -183,7 +183,8 @@ def load_release(path: str | os.PathLike) -> ReleaseConfig:
                                error=ConfigError, where=tiers[i].where)
     baselines = parse_baselines(r, data["baselines"], name, tiers) if data.get("baselines") is not None else []
     imatrix = _parse_imatrix(r, data.get("imatrix"), tiers, baselines)
-    eval_cfg = _parse_eval(r, data.get("eval"))
+    mtp = parse_mtp(r, data["mtp"], source) if data.get("mtp") is not None else None
+    eval_cfg = _parse_eval(r, data.get("eval"), mtp)
     if baselines and not eval_cfg.enabled:
         raise r.fail(("baselines",), "baselines are measured by the eval phase, which this config turns off",
                      hint="give an `eval:` section (text or corpus), or remove `baselines`")
@@ -199,7 +200,6 @@ def load_release(path: str | os.PathLike) -> ReleaseConfig:
         if data.get("split_max_size") is not None else None
     output = r.path(("output",), data["output"], suffix=None) if data.get("output") is not None else None
     resources = _parse_resources(r, data["resources"]) if data.get("resources") is not None else ResourcesConfig()
-    mtp = parse_mtp(r, data["mtp"], source) if data.get("mtp") is not None else None
     return ReleaseConfig(path=p, name=name, title=title, base_model=base_model, license=license_,
                          description=description, tags=tuple(tags), source=source, tiers=tiers, imatrix=imatrix,
                          eval=eval_cfg, mmproj=mmproj, publish=publish, split_max_size=split, output=output,
@@ -324,7 +324,7 @@ def _parse_imatrix(r: _Reader, value, tiers: list[TierConfig], baselines: list) 
         where=r.where(kp))
 
 
-def _parse_eval(r: _Reader, value) -> EvalConfig:
+def _parse_eval(r: _Reader, value, mtp: MtpConfig | None) -> EvalConfig:
     kp = ("eval",)
     if value is None:
         return EvalConfig(enabled=False, where=r.where(()))
@@ -359,11 +359,37 @@ def _parse_eval(r: _Reader, value) -> EvalConfig:
     elif "speed" in m:
         speed = r.boolean(kp + ("speed",), m["speed"])
     task_ctx = r.integer(kp + ("task_ctx",), m["task_ctx"], 16) if "task_ctx" in m else TaskSettings().n_ctx
+    speculative, spec_tokens = _parse_speculative(r, m, enabled, mtp)
     return EvalConfig(enabled=enabled, text=text, corpus=corpus, ctx=ctx,
                       chunks=r.integer(kp + ("chunks",), m["chunks"], 1) if m.get("chunks") is not None else None,
                       speed=speed, speed_repetitions=sd.repetitions, speed_tokens=(sd.prompt, sd.gen),
                       gates=tuple(gates), where=r.where(kp),
-                      tasks=_parse_tasks(r, m["tasks"]) if m.get("tasks") is not None else (), task_ctx=task_ctx)
+                      tasks=_parse_tasks(r, m["tasks"]) if m.get("tasks") is not None else (), task_ctx=task_ctx,
+                      speculative=speculative, speculative_tokens=spec_tokens)
+
+
+def _parse_speculative(r: _Reader, m: dict, enabled: bool, mtp: MtpConfig | None) -> tuple[bool, int]:
+    """`eval.speculative` (default: on when the release has an MTP head, bundled or as a draft, and
+    eval is on) and `eval.speculative_tokens`; asked for without a head, or with eval off, refused."""
+    kp = ("eval",)
+    doc = read_section(SpeculativeDoc, {k: m[k] for k in yaml_keys(SpeculativeDoc) if k in m}, r.where, kp,
+                       ConfigError)
+    head = mtp is not None and mtp.mode in ("bundled", "draft")
+    on = (head and enabled) if doc.speculative is None else doc.speculative
+    if on and not head:
+        said = "mtp: none" if mtp is not None else "no `mtp:` in the config"
+        raise r.fail(kp + ("speculative",), f"llama.cpp's drafting with the MTP head cannot be measured: this "
+                                            f"release has no head ({said})",
+                     hint="say `mtp: bundled` or `mtp: draft` for a model with an MTP head, or remove "
+                          "eval.speculative")
+    if on and not enabled:
+        raise r.fail(kp + ("speculative",), "the eval phase measures it, and this config turns eval off "
+                                            "(eval.enabled is false)",
+                     hint="remove eval.speculative, or turn eval on")
+    if "speculative_tokens" in m and not on:
+        raise r.fail(kp + ("speculative_tokens",), "the speculative measurement is off",
+                     hint="remove it, or say `speculative: true` (with `mtp: bundled` or `mtp: draft`)")
+    return on, doc.speculative_tokens
 
 
 def _parse_tasks(r: _Reader, value) -> tuple[TaskConfig, ...]:

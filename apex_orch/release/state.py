@@ -79,6 +79,7 @@ class ReleaseState:
     files: dict[str, list[Path]] = field(default_factory=dict)
     evals: dict[str, dict] = field(default_factory=dict)
     base_eval: dict | None = None
+    speculative: dict[str, dict] = field(default_factory=dict)   # tier -> its MTP drafting record (eval)
     converted_now: bool = False
     reports: list[PhaseReport] = field(default_factory=list)
     baseline_files: dict[str, list[Path]] = field(default_factory=dict)   # label -> its file(s)

@@ -14,7 +14,9 @@ counts, and the speed's repetitions), so a rerun evaluates nothing; with `run` f
 the records that are fresh. It fills `state.evals` (per tier), `state.baseline_evals` (per baseline)
 and `state.base_eval` for the card. A tier that fails a gate (its profile's, overridden by the
 config's `eval.gates`; see plan.gates) stops the release here, after its record is kept, so the card
-and publish phases do not run; baselines have no gates.
+and publish phases do not run; baselines have no gates. With `eval.speculative` (on by default with
+`mtp: bundled | draft`), the tiers that pass are then run with their MTP head drafting and without
+(release.speculative: `state.speculative`, records `eval/speculative-<file>.json`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from apex_orch.llama.tools import build_label
 from apex_orch.release.baselines import record_stem
 from apex_orch.release.config import EvalConfig
 from apex_orch.release.eval_records import read_record, record_path, write_record
+from apex_orch.release.speculative import measure as measure_speculative
 from apex_orch.release.state import PhaseReport, ReleaseState
 
 
@@ -193,9 +196,12 @@ def run_phase(state: ReleaseState, run: bool) -> PhaseReport:
                              "did not run. Pick other tiers or relax eval.gates in the release config")
     pending = len(state.jobs) + len(cfg.baselines) - len(state.evals) - len(state.baseline_evals)
     detail = f"{ran} evaluated, {fresh} up to date" + (f", {pending} pending" if pending else "")
+    spec_ran, spec_fresh = measure_speculative(state, run)
+    if e.speculative:
+        detail += f"; MTP drafting: {spec_ran} measured, {spec_fresh} up to date"
     if not run:
         return PhaseReport("eval", "resolved", detail=detail)
-    return PhaseReport("eval", "ran" if ran else "up to date", detail=detail)
+    return PhaseReport("eval", "ran" if ran or spec_ran else "up to date", detail=detail)
 
 
 def _base_record(state: ReleaseState, base: ModelFacts, tf: TextFacts, settings: EvalSettings,
