@@ -747,6 +747,19 @@ def write_cfg(tmp_path: Path, text: str) -> Path:
      "  file: d.gguf\n", 8, "mtp.file: only a draft has its own file (mode is none)"),
     ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: draft\n", 6,
      "mtp: a draft needs the MTP head as its own GGUF, but a demo source is not converted here"),
+    # eval.speculative measures the MTP head's drafting: refused without a head, or with eval off
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: none\neval:\n"
+     "  corpus: c\n  speculative: true\n", 9, "eval.speculative: llama.cpp's drafting with the MTP head cannot be "
+     "measured: this release has no head (mtp: none)"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\neval:\n"
+     "  corpus: c\n  speculative: true\n", 8, "this release has no head (no `mtp:` in the config)"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: bundled\neval:\n"
+     "  enabled: false\n  speculative: true\n", 9, "eval.speculative: the eval phase measures it, and this config "
+     "turns eval off"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: bundled\neval:\n"
+     "  corpus: c\n  speculative_tokens: 1000\n", 9, "eval.speculative_tokens is 1,000; at most 512"),
+    ("name: X\nlicense: mit\nsource: {demo: true}\ntiers: [compact]\npublish: {repo: o/x}\nmtp: none\neval:\n"
+     "  corpus: c\n  speculative_tokens: 8\n", 9, "eval.speculative_tokens: the speculative measurement is off"),
 ])
 def test_config_errors_name_file_and_line(tmp_path, text, line, message):
     p = write_cfg(tmp_path, text)
@@ -764,6 +777,16 @@ def test_mtp_config_forms(tmp_path):
     assert (cfg.mode, cfg.type, cfg.file, cfg.where) == ("bundled", "Q8_0", None, f"{tmp_path / 'r.yaml'}:6")
     cfg = load_release(write_cfg(tmp_path, head + "mtp: {mode: draft, type: q6_k, file: heads/d.gguf}\n")).mtp
     assert (cfg.mode, cfg.type, cfg.file.resolve()) == ("draft", "Q6_K", tmp_path / "heads" / "d.gguf")
+    # eval.speculative: on by default with a head (bundled or draft) and eval on, off otherwise
+    for mtp, ev, expected in [("bundled", "{corpus: c}", (True, 32)), ("draft", "{corpus: c, speculative: false}",
+                                                                         (False, 32)),
+                              ("bundled", "{enabled: false}", (False, 32)), ("none", "{corpus: c}", (False, 32)),
+                              ("bundled", "{corpus: c, speculative_tokens: 8}", (True, 8))]:
+        src = "source: {demo: true}\n" if mtp != "draft" else "source: {convert: {path: ckpt}}\n"
+        text = head.replace("source: {demo: true}\n", src) + f"mtp: {mtp}\neval: {ev}\n"
+        e = load_release(write_cfg(tmp_path, text)).eval
+        assert (e.speculative, e.speculative_tokens) == expected, (mtp, ev)
+    assert load_release(write_cfg(tmp_path, head + "eval: {corpus: c}\n")).eval.speculative is False
 
 
 @pytest.mark.parametrize("arch, layers, mode, flag, problem", [

@@ -4,8 +4,11 @@
 types and bytes in every tier (their verified plans) and, with `mtp: draft`, the draft file (its
 manifest). `mtp_context(facts)` formats them for the template's `mtp_usage` block: which mode, the
 head's type in every file, and the pinned llama.cpp's command that drafts with it (the flags
-apex-orch's own `speculate` passes, evaluation.speculative.mtp_flags). `localai_options(facts)`
-is the same for a LocalAI entry (its llama-cpp backend's `spec_type` option and `draft_model`).
+apex-orch's own `speculate` passes, evaluation.speculative.mtp_flags). With the eval phase's
+speculative records (release.speculative), the section also shows each tier's drafting: drafted and
+accepted tokens, the acceptance rate, tokens/s with and without the head and their ratio, saying
+whose machine and build the speeds are. `localai_options(facts)` is the same for a LocalAI entry
+(its llama-cpp backend's `spec_type` option and `draft_model`).
 
 Kept apart from release.card (which builds CardFacts and renders the card) so the card module
 stays one concern; nothing here imports it back.
@@ -25,6 +28,25 @@ NOT_CALIBRATED = ("The head is not imatrix-calibrated: llama-imatrix never runs 
 
 
 @dataclass(frozen=True)
+class DraftingFacts:
+    """One tier's MTP drafting as the eval phase measured it (release.speculative's record)."""
+    file: str
+    drafted: int
+    accepted: int
+    tokens_per_s_with: float | None      # decode tokens/s with the head drafting (None: too short to time)
+    tokens_per_s_without: float | None   # ... without speculation
+    speed_ratio: float | None            # with / without
+    n_predict: int
+    draft_max: int
+    threads: int
+    build: str                           # the llama.cpp build that measured it
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted
+
+
+@dataclass(frozen=True)
 class MtpFacts:
     mode: str                                        # bundled | draft | none
     layers: int                                      # MTP layers of the model (0: none known)
@@ -32,6 +54,7 @@ class MtpFacts:
     draft: Any = None                                # card.FileFacts of the draft file (mtp: draft)
     draft_types: str = ""                            # "Q8_0 ×16": every quantized tensor of the draft
     draft_max: int = DEFAULT_DRAFT_MAX
+    drafting: tuple[DraftingFacts, ...] = ()         # per tier measured (eval.speculative), in tier order
 
 
 def _types(counts: dict[str, int]) -> str:
@@ -65,7 +88,50 @@ def mtp_facts(state, tiers, draft_facts) -> MtpFacts | None:
         draft = draft_facts(state.mtp_files[0])
         draft_types = _head(state.mtp_job.plan, whole=True)[0]
         layers = state.mtp_job.model.nextn_layers
-    return MtpFacts(mode, layers, heads, draft, draft_types or "")
+    return MtpFacts(mode, layers, heads, draft, draft_types or "", drafting=drafting_facts(state))
+
+
+def drafting_facts(state) -> tuple[DraftingFacts, ...]:
+    """The eval phase's speculative records (state.speculative), in tier order."""
+    out = []
+    for job in state.jobs:
+        r = state.speculative.get(job.profile.tier)
+        if r is None:
+            continue
+        s = r["summary"]
+        out.append(DraftingFacts(r["file"], s["drafted"], s["accepted"], s["tokens_per_s_with"],
+                                 s["tokens_per_s_without"], s["speed_ratio"], s["n_predict"], s["draft_max"],
+                                 s["threads"], r["llama_cpp"]))
+    return tuple(out)
+
+
+def _rate(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def drafting_row(d: DraftingFacts) -> list[str]:
+    """A tier's row: drafted, accepted, acceptance (as `apex-orch speculate` prints it), tokens/s
+    with and without the head, and their ratio."""
+    ratio = "-" if d.speed_ratio is None else f"{d.speed_ratio:.3f}×"
+    return [d.file, str(d.drafted), str(d.accepted), f"{100 * d.acceptance:.1f}%", _rate(d.tokens_per_s_with, ".2f"),
+            _rate(d.tokens_per_s_without, ".2f"), ratio]
+
+
+def _drafting_context(f: MtpFacts) -> dict | None:
+    if not f.drafting:
+        return None
+    def distinct(values) -> str:
+        return " / ".join(dict.fromkeys(str(v) for v in values))
+    d = f.drafting
+    intro = (f"Measured when these files were made: greedy generation of {distinct(x.n_predict for x in d)} tokens "
+             f"from a fixed prompt with the head drafting up to {distinct(x.draft_max for x in d)} tokens a step, "
+             "then the same generation without speculation; both printed the same tokens. Acceptance is the share "
+             "of drafted tokens the model kept. The speeds are the release machine's (llama.cpp build "
+             f"`{md_code(distinct(x.build for x in d))}`, {distinct(x.threads for x in d)} threads), not yours: "
+             "`apex-orch speculate FILE` measures them on your hardware.")
+    table = md_table(["File", "Drafted", "Accepted", "Acceptance", "Tokens/s with head", "Tokens/s without",
+                      "Ratio"], [drafting_row(x) for x in d])
+    return {"intro": intro, "table": "\n".join(table)}
 
 
 def _command(tier: str, f: MtpFacts) -> str:
@@ -92,7 +158,8 @@ def mtp_context(f: MtpFacts | None, recommended: str) -> dict | None:
         lead = ("These files carry no multi-token-prediction (MTP) head (`mtp: none`): llama.cpp cannot draft with "
                 "one, and they are as small as the model allows.")
     out = {"mode": f.mode, "lead": lead, "table": "\n".join(md_table(["File", "MTP head"], rows)),
-           "calibration": NOT_CALIBRATED if f.mode != "none" else None, "command": None, "after": None}
+           "calibration": NOT_CALIBRATED if f.mode != "none" else None, "command": None, "after": None,
+           "drafting": _drafting_context(f)}
     if f.mode != "none":
         out["command"] = _command(recommended, f)
         out["after"] = (f"Greedy output is the same with and without the head; drafting {f.draft_max} tokens a step "

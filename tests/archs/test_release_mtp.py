@@ -10,10 +10,12 @@ llama-quantize and llama.cpp:
 - none: --no-mtp; no file carries the head.
 
 Each checks the files, their manifests, the card's MTP section and the LocalAI entries, the dry
-run (text and JSON); bundled and draft also run llama.cpp's speculative decoding with the released
-files (greedy output unchanged, tokens drafted). Then the bad inputs, each one message, its own
-exit code and no file written: a mode on a model without a head, a draft file of another model, an
-IQ type on the head (with a real imatrix, which holds nothing for the MTP layers).
+run (text and JSON); bundled and draft also evaluate (a short eval on the tiny model) and so run
+llama.cpp's speculative decoding with the released files in the eval phase (greedy output
+unchanged, tokens drafted: release.speculative), and the card's drafting row is that record's.
+Then the bad inputs, each one message, its own exit code and no file written: a mode on a model
+without a head, a draft file of another model, an IQ type on the head (with a real imatrix, which
+holds nothing for the MTP layers).
 """
 
 from __future__ import annotations
@@ -52,10 +54,14 @@ def offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
-def write_config(folder, mtp, *, source, tiers=("compact",), **extra):
+# A short eval (the tiny model's PPL/KLD on two chunks), so the eval phase measures MTP drafting.
+EVAL = {"corpus": "agentic", "ctx": 128, "chunks": 2, "speculative_tokens": 12}
+
+
+def write_config(folder, mtp, *, source, tiers=("compact",), eval_=None, **extra):
     path = folder / "release.yaml"
     doc = {"name": NAME, "license": "apache-2.0", "source": source, "tiers": list(tiers),
-           "eval": {"enabled": False}, "publish": {"repo": REPO}, **extra}
+           "eval": eval_ or {"enabled": False}, "publish": {"repo": REPO}, **extra}
     if mtp is not None:
         doc["mtp"] = mtp
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -99,10 +105,23 @@ def converted_command(out, name) -> list[str]:
     return read_manifest(manifest_path(out / ".apex-release" / "source" / name))["command"]
 
 
-def speculate(model, draft=None) -> dict:
-    r = cli("speculate", model, "-n", "6", "-t", "2", "--json", *(["--draft", draft] if draft else []))
-    assert r.exit_code == 0, r.output[-3000:]
-    return json.loads(r.stdout)
+def drafting(out, section: str, draft=None) -> dict:
+    """The eval phase's speculative record of the tier, checked, and the card's row and caveat
+    against it: every number as the card prints it, from the record's own values."""
+    record = json.loads((out / ".apex-release" / "eval" / f"speculative-{TIER}.json").read_text())
+    s = record["summary"]
+    assert (record["file"], record["draft"]) == (TIER, draft)
+    assert s["drafted"] > 0 and 0 <= s["accepted"] <= s["drafted"] and s["same_output"] is True
+    assert (s["n_predict"], s["draft_max"]) == (EVAL["speculative_tokens"], 3)
+    rate = f"{100 * s['accepted'] / s['drafted']:.1f}%"
+    row = (f"| {TIER} | {s['drafted']} | {s['accepted']} | {rate} | {s['tokens_per_s_with']:.2f} | "
+           f"{s['tokens_per_s_without']:.2f} | {s['speed_ratio']:.3f}× |")
+    assert "| File | Drafted | Accepted | Acceptance | Tokens/s with head | Tokens/s without | Ratio |" in section
+    assert row in section.splitlines(), (row, section)
+    assert (f"The speeds are the release machine's (llama.cpp build `{record['llama_cpp']}`, {s['threads']} "
+            "threads), not yours") in section
+    assert len(list((out / ".apex-release" / "speculative" / TIER).glob("*.log"))) == 2   # both runs' logs
+    return record
 
 
 def dry_run_json(cfg, out) -> dict:
@@ -115,7 +134,7 @@ def dry_run_json(cfg, out) -> dict:
 
 def test_release_mtp_bundled(converted, tmp_path, offline):
     ckpt = built(converted, "qwen3next").checkpoint
-    cfg = write_config(tmp_path, "bundled", source={"convert": {"path": str(ckpt), "outtype": "f16"}})
+    cfg = write_config(tmp_path, "bundled", source={"convert": {"path": str(ckpt), "outtype": "f16"}}, eval_=EVAL)
     out = tmp_path / "out"
     preview = dry_run_json(cfg, out)["mtp"]
     assert (preview["mode"], preview["draft_file"]) == ("bundled", None)
@@ -135,14 +154,14 @@ def test_release_mtp_bundled(converted, tmp_path, offline):
     entry = localai(out)
     assert entry["overrides"]["options"] == ["spec_type:draft-mtp"] and "draft_model" not in entry["overrides"]
     assert "mtp" in entry["tags"] and [f["filename"] for f in entry["files"]] == [TIER]
-    # llama.cpp drafts with the released tier's head and prints what it prints without it
-    run = speculate(out / TIER)
-    assert run["with_head"]["n_drafted"] > 0 and run["same_output"] is True
+    # the eval phase: llama.cpp drafted with the released tier's head and printed what it prints without it
+    record = drafting(out, section)
+    print(f"bundled drafting: {record['summary']}")
 
 
 def test_release_mtp_draft(converted, tmp_path, offline):
     ckpt = built(converted, "qwen3next").checkpoint
-    cfg = write_config(tmp_path, "draft", source={"convert": {"path": str(ckpt), "outtype": "f16"}})
+    cfg = write_config(tmp_path, "draft", source={"convert": {"path": str(ckpt), "outtype": "f16"}}, eval_=EVAL)
     out = tmp_path / "out"
     before = cli("release", cfg, "--out-dir", out, "--dry-run")
     assert before.exit_code == 0, before.output
@@ -176,11 +195,14 @@ def test_release_mtp_draft(converted, tmp_path, offline):
     assert (preview["mode"], preview["draft_file"], preview["draft_type"], preview["draft_present"],
             preview["head_layers"]) == ("draft", DRAFT, "Q8_0", True, 1)
     assert preview["draft_size"] == (out / DRAFT).stat().st_size
-    # a rerun converts and quantizes nothing
+    # the eval phase: llama.cpp drafted with the published draft file beside the tier
+    record = drafting(out, section, draft=DRAFT)
+    print(f"draft drafting: {record['summary']}")
+    # a rerun converts, quantizes and measures nothing; the card keeps the same row
     again = release(cfg, out)
     assert "quantize  up to date" in again.output and "convert   up to date" in again.output
-    run = speculate(out / TIER, out / DRAFT)
-    assert run["with_head"]["n_drafted"] > 0 and run["same_output"] is True
+    assert "MTP drafting: 0 measured, 1 up to date" in again.output, again.output
+    assert mtp_section((out / "README.md").read_text()) == section
 
 
 def test_release_mtp_none(converted, tmp_path, offline):
@@ -194,6 +216,7 @@ def test_release_mtp_none(converted, tmp_path, offline):
     section = mtp_section((out / "README.md").read_text())
     assert section.startswith("These files carry no multi-token-prediction (MTP) head (`mtp: none`)")
     assert f"| {TIER} | none |" in section and "llama-server" not in section
+    assert "Acceptance" not in section and not (out / ".apex-release" / "speculative").exists()
     entry = localai(out)
     assert "options" not in entry["overrides"] and "mtp" not in entry["tags"]
 
@@ -211,7 +234,7 @@ def test_a_mode_on_a_model_without_a_head_is_refused_up_front(converted, tmp_pat
     """Mixtral has no MTP head: `mtp: bundled` is refused from its config.json before the converter
     runs (dry run too); a head-less GGUF source from its header."""
     ckpt = built(converted, "mixtral").checkpoint
-    cfg = write_config(tmp_path, "draft", source={"convert": {"path": str(ckpt), "outtype": "f16"}})
+    cfg = write_config(tmp_path, "draft", source={"convert": {"path": str(ckpt), "outtype": "f16"}}, eval_=EVAL)
     out = tmp_path / "out"
     message = (f"{mtp_line(cfg)}: mtp: draft, but the checkpoint (MixtralForCausalLM) has no MTP head: its "
                "config.json counts no MTP layers (num_nextn_predict_layers / mtp_num_hidden_layers)")
